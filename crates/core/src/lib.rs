@@ -1,0 +1,15 @@
+//! Boilerhouse domain types and pure logic.
+//!
+//! Nothing in this crate performs I/O: no files, no sockets, no clocks. The
+//! server, the agent and the CLI feed it values and act on what it returns,
+//! which keeps every rule here testable in microseconds.
+
+pub mod event;
+pub mod ids;
+pub mod node;
+pub mod time;
+pub mod units;
+pub mod workload;
+
+pub use ids::{BoostId, ContainerId, IdError, NodeId, PoolId, TenantId, WorkloadId};
+pub use time::Timestamp;
