@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::ids::WorkloadId;
+use crate::time::Timestamp;
 use crate::units::{parse_duration, parse_size};
 
 /// A workload file that cannot be used, and exactly why.
@@ -260,6 +261,23 @@ pub enum OnClaimError {
     Fail,
     /// The claim succeeds without the data.
     Continue,
+}
+
+/// A loaded workload: the validated spec plus where it came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkloadRecord {
+    /// The validated spec.
+    pub spec: WorkloadSpec,
+    /// `spec.spec_hash()`, kept so queries need not recompute it.
+    pub spec_hash: String,
+    /// The YAML as loaded.
+    pub yaml: String,
+    /// The file it came from.
+    pub source_path: String,
+    /// First stored.
+    pub created_at: Timestamp,
+    /// Last changed.
+    pub updated_at: Timestamp,
 }
 
 impl WorkloadSpec {

@@ -1,1 +1,75 @@
-fn main() {}
+//! boilerhoused entry point: configuration, logging, listeners, signals.
+
+use clap::Parser as _;
+use tokio::net::TcpListener;
+use tracing_subscriber::EnvFilter;
+
+use boilerhouse_server::config::{Args, Config, LogFormat};
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => tracing::info!("received SIGINT"),
+        () = terminate => tracing::info!("received SIGTERM"),
+    }
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let config = match Config::load(args) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("boilerhoused: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    init_logging(config.log_format);
+    let grpc = match TcpListener::bind(config.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(addr = %config.listen, error = %e, "cannot listen for gRPC");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let metrics = match TcpListener::bind(config.metrics_listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(addr = %config.metrics_listen, error = %e, "cannot listen for metrics");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match boilerhouse_server::server::run(config, grpc, metrics, shutdown_signal()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "boilerhoused failed");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,102 @@
+//! `request_id` handling shared by every mutating RPC.
+//!
+//! The first answer to a request id is stored with a hash of the request.
+//! A retry with the same id and the same request gets that answer again;
+//! the same id with a different request gets ALREADY_EXISTS. Requests that
+//! share an id are serialised in-process, so two concurrent retries cannot
+//! both do the work.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+
+use prost::Message;
+use sha2::{Digest, Sha256};
+
+use boilerhouse_proto::convert;
+
+use crate::error::{ApiError, ApiResult};
+use crate::store::{IdempotencyLookup, IdempotentRecord, Store, StoreError};
+
+/// One async lock per key, created on demand and dropped when unused.
+#[derive(Default)]
+pub struct KeyedLocks {
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl KeyedLocks {
+    async fn lock(&self, key: &str) -> KeyGuard<'_> {
+        let lock = {
+            let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+            locks.entry(key.to_owned()).or_default().clone()
+        };
+        let guard = lock.clone().lock_owned().await;
+        KeyGuard {
+            owner: self,
+            key: key.to_owned(),
+            _guard: guard,
+        }
+    }
+}
+
+struct KeyGuard<'a> {
+    owner: &'a KeyedLocks,
+    key: String,
+    _guard: tokio::sync::OwnedMutexGuard<()>,
+}
+
+impl Drop for KeyGuard<'_> {
+    fn drop(&mut self) {
+        let mut locks = self.owner.locks.lock().unwrap_or_else(|e| e.into_inner());
+        // Two references remain while only we hold it: the map's and ours.
+        if locks.get(&self.key).is_some_and(|l| Arc::strong_count(l) <= 2) {
+            locks.remove(&self.key);
+        }
+    }
+}
+
+/// Runs `work` at most once per `(method, request_id)`.
+pub async fn once<Req, Resp, F, Fut>(
+    store: &Store,
+    locks: &KeyedLocks,
+    method: &'static str,
+    request_id: &str,
+    request: &Req,
+    work: F,
+) -> ApiResult<Resp>
+where
+    Req: Message,
+    Resp: Message + Default,
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = ApiResult<Resp>>,
+{
+    let Some(request_id) = convert::request_id(request_id)? else {
+        return work().await;
+    };
+    let request_hash = hex::encode(Sha256::digest(request.encode_to_vec()));
+    let _guard = locks.lock(&format!("{method}\0{request_id}")).await;
+    match store.lookup_idempotent(method, request_id, &request_hash).await? {
+        IdempotencyLookup::Hit(bytes) => {
+            return Resp::decode(bytes.as_slice())
+                .map_err(|e| ApiError::Internal(format!("stored response for {method}: {e}")));
+        }
+        IdempotencyLookup::Mismatch => {
+            return Err(ApiError::AlreadyExists(format!(
+                "request_id {request_id:?} was already used for a different {method} request"
+            )));
+        }
+        IdempotencyLookup::Miss => {}
+    }
+    let response = work().await?;
+    let record = IdempotentRecord {
+        method: method.to_owned(),
+        request_id: request_id.to_owned(),
+        request_hash,
+        response: response.encode_to_vec(),
+        created_at: crate::clock::now(),
+    };
+    match store.record_idempotent(record).await {
+        Ok(()) | Err(StoreError::Conflict(_)) => Ok(response),
+        Err(e) => Err(e.into()),
+    }
+}

@@ -1,0 +1,279 @@
+//! Configuration in two stages: flags, environment variables and an
+//! optional TOML file are read into loose `Option`s, then merged (flag or
+//! environment over file over default) and validated into one [`Config`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use serde::Deserialize;
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// `boilerhoused`: the Boilerhouse control-plane server.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+pub struct Args {
+    /// TOML configuration file.
+    #[arg(long, env = "BOILERHOUSE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// gRPC listen address.
+    #[arg(long, env = "BOILERHOUSE_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Prometheus /metrics listen address.
+    #[arg(long, env = "BOILERHOUSE_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Directory for the database (and other state).
+    #[arg(long, env = "BOILERHOUSE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Database file; defaults to <data-dir>/boilerhouse.db.
+    #[arg(long, env = "BOILERHOUSE_DATABASE")]
+    pub database: Option<PathBuf>,
+    /// Directory of workload YAML files.
+    #[arg(long, env = "BOILERHOUSE_WORKLOADS_DIR")]
+    pub workloads_dir: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, env = "BOILERHOUSE_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// fsync every commit (true, the default) or rely on WAL ordering only.
+    #[arg(long, env = "BOILERHOUSE_SYNCHRONOUS_FULL")]
+    pub synchronous_full: Option<bool>,
+    /// Write the bound addresses as JSON to this file once listening; lets
+    /// scripts and tests use port 0.
+    #[arg(long, env = "BOILERHOUSE_READY_FILE")]
+    pub ready_file: Option<PathBuf>,
+}
+
+/// The TOML file: every key optional, unknown keys rejected.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    metrics_listen: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+    database: Option<PathBuf>,
+    workloads_dir: Option<PathBuf>,
+    log_format: Option<LogFormat>,
+    synchronous_full: Option<bool>,
+    #[serde(default, with = "humantime_serde")]
+    workloads_rescan_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    shutdown_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    event_retention: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    idempotency_retention: Option<Duration>,
+}
+
+/// The validated server configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// gRPC listen address. Default 127.0.0.1:7600.
+    pub listen: SocketAddr,
+    /// Prometheus listen address. Default 127.0.0.1:7601.
+    pub metrics_listen: SocketAddr,
+    /// Directory for state. Default `./data`.
+    pub data_dir: PathBuf,
+    /// The SQLite database file. Default `<data_dir>/boilerhouse.db`.
+    pub database: PathBuf,
+    /// Workload YAML directory. Default `./workloads`.
+    pub workloads_dir: PathBuf,
+    /// Log format. Default text.
+    pub log_format: LogFormat,
+    /// `synchronous=FULL` (default) or NORMAL.
+    pub synchronous_full: bool,
+    /// How often the workload directory is rescanned even without a file
+    /// notification (notifications can be lost, e.g. on network mounts).
+    /// Default 30s.
+    pub workloads_rescan_interval: Duration,
+    /// How long graceful shutdown waits for tasks and streams. Default 10s.
+    pub shutdown_timeout: Duration,
+    /// How long activity-log entries are kept. Default 7 days.
+    pub event_retention: Duration,
+    /// How long idempotency keys are honoured. Default 24 hours.
+    pub idempotency_retention: Duration,
+    /// Where to write the bound addresses once listening.
+    pub ready_file: Option<PathBuf>,
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this config.
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, with its location.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("invalid setting {field}: {reason}")]
+    Invalid {
+        /// Which setting.
+        field: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl Config {
+    /// Merges flags, environment and file into a validated config.
+    pub fn load(args: Args) -> Result<Self, ConfigError> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let data_dir = args
+            .data_dir
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from("./data"));
+        let database = args
+            .database
+            .or(file.database)
+            .unwrap_or_else(|| data_dir.join("boilerhouse.db"));
+        let config = Config {
+            listen: args
+                .listen
+                .or(file.listen)
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7600))),
+            metrics_listen: args
+                .metrics_listen
+                .or(file.metrics_listen)
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7601))),
+            data_dir,
+            database,
+            workloads_dir: args
+                .workloads_dir
+                .or(file.workloads_dir)
+                .unwrap_or_else(|| PathBuf::from("./workloads")),
+            log_format: args.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
+            synchronous_full: args.synchronous_full.or(file.synchronous_full).unwrap_or(true),
+            workloads_rescan_interval: file
+                .workloads_rescan_interval
+                .unwrap_or(Duration::from_secs(30)),
+            shutdown_timeout: file.shutdown_timeout.unwrap_or(Duration::from_secs(10)),
+            event_retention: file
+                .event_retention
+                .unwrap_or(Duration::from_secs(7 * 24 * 3600)),
+            idempotency_retention: file
+                .idempotency_retention
+                .unwrap_or(Duration::from_secs(24 * 3600)),
+            ready_file: args.ready_file,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let at_least = |field: &'static str, value: Duration, min: Duration| {
+            if value < min {
+                Err(ConfigError::Invalid {
+                    field,
+                    reason: format!("must be at least {}", humantime::format_duration(min)),
+                })
+            } else {
+                Ok(())
+            }
+        };
+        at_least(
+            "workloads_rescan_interval",
+            self.workloads_rescan_interval,
+            Duration::from_millis(100),
+        )?;
+        at_least("shutdown_timeout", self.shutdown_timeout, Duration::from_millis(100))?;
+        at_least("event_retention", self.event_retention, Duration::from_secs(60))?;
+        at_least(
+            "idempotency_retention",
+            self.idempotency_retention,
+            Duration::from_secs(60),
+        )?;
+        if self.listen == self.metrics_listen && self.listen.port() != 0 {
+            return Err(ConfigError::Invalid {
+                field: "metrics_listen",
+                reason: "must differ from listen".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> Args {
+        let mut argv = vec!["boilerhoused"];
+        argv.extend_from_slice(extra);
+        Args::parse_from(argv)
+    }
+
+    #[test]
+    fn defaults_put_state_under_data() {
+        let c = Config::load(args(&[])).unwrap();
+        assert_eq!(c.database, PathBuf::from("./data/boilerhouse.db"));
+        assert!(c.synchronous_full);
+        assert_eq!(c.listen.port(), 7600);
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "listen = \"127.0.0.1:9000\"\ndata_dir = \"/var/bh\"\nworkloads_rescan_interval = \"5s\"\n",
+        )
+        .unwrap();
+        let c = Config::load(args(&[
+            "--config",
+            file.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:9100",
+        ]))
+        .unwrap();
+        assert_eq!(c.listen.port(), 9100, "flag wins");
+        assert_eq!(c.database, PathBuf::from("/var/bh/boilerhouse.db"), "file fills the rest");
+        assert_eq!(c.workloads_rescan_interval, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn bad_files_name_the_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "listn = \"127.0.0.1:9000\"\n").unwrap();
+        let err = Config::load(args(&["--config", file.to_str().unwrap()])).unwrap_err();
+        assert!(err.to_string().contains("listn"), "{err}");
+        std::fs::write(&file, "shutdown_timeout = \"1ms\"\n").unwrap();
+        let err = Config::load(args(&["--config", file.to_str().unwrap()])).unwrap_err();
+        assert!(err.to_string().contains("shutdown_timeout"), "{err}");
+    }
+}

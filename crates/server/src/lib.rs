@@ -1,0 +1,12 @@
+//! boilerhoused: the Boilerhouse control-plane server, as a library so that
+//! tests and benchmarks can drive its parts directly.
+
+pub mod api;
+pub mod clock;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod server;
+pub mod store;
+pub mod tasks;
+pub mod workloads;

@@ -1,0 +1,110 @@
+//! Prometheus metrics, served on their own port so scraping never competes
+//! with the API and can be firewalled separately.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::store::Store;
+use crate::workloads::WorkloadDir;
+
+/// Every metric the server exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Agents with a live session.
+    pub agents_connected: Gauge,
+    workloads: Gauge,
+    workload_load_errors: Gauge,
+    store_commits: Counter,
+    store_writes: Counter,
+    store: Store,
+    workload_dir: WorkloadDir,
+}
+
+impl Metrics {
+    /// Registers the metrics. Values read from other components are sampled
+    /// at scrape time, so they are never stale.
+    pub fn new(store: Store, workload_dir: WorkloadDir) -> Self {
+        let mut registry = Registry::with_prefix("boilerhouse");
+        let agents_connected = Gauge::default();
+        registry.register("agents_connected", "Agents with a live session", agents_connected.clone());
+        let workloads = Gauge::default();
+        registry.register("workloads", "Valid workloads loaded", workloads.clone());
+        let workload_load_errors = Gauge::default();
+        registry.register(
+            "workload_load_errors",
+            "Workload files that currently fail to load",
+            workload_load_errors.clone(),
+        );
+        let store_commits = Counter::default();
+        registry.register("store_commits", "Database write transactions committed", store_commits.clone());
+        let store_writes = Counter::default();
+        registry.register(
+            "store_writes",
+            "Database write operations committed (group commit batches several per transaction)",
+            store_writes.clone(),
+        );
+        Self {
+            registry,
+            agents_connected,
+            workloads,
+            workload_load_errors,
+            store_commits,
+            store_writes,
+            store,
+            workload_dir,
+        }
+    }
+
+    async fn render(&self) -> Result<String, std::fmt::Error> {
+        let stats = self.store.writer_stats();
+        // Counters only go up: add the difference since the last scrape.
+        self.store_commits.inc_by(stats.commits.saturating_sub(self.store_commits.get()));
+        self.store_writes.inc_by(stats.operations.saturating_sub(self.store_writes.get()));
+        if let Ok(workloads) = self.store.list_workloads().await {
+            self.workloads.set(workloads.len() as i64);
+        }
+        self.workload_load_errors.set(self.workload_dir.load_errors().len() as i64);
+        let mut out = String::new();
+        encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+}
+
+async fn metrics_handler(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
+    match metrics.render().await {
+        Ok(body) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+            body,
+        )
+            .into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+/// Serves `/metrics` until `cancel` fires.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, cancel: CancellationToken) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(metrics_handler))
+        .with_state(metrics);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(cancel.cancelled_owned())
+        .await
+}
+
+/// The bound address, for logs and the ready file.
+pub fn local_addr(listener: &TcpListener) -> std::io::Result<SocketAddr> {
+    listener.local_addr()
+}

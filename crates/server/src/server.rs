@@ -1,0 +1,309 @@
+//! Assembles and runs boilerhoused, in the startup order of the design:
+//!
+//! 1. open the database and migrate;
+//! 2. load the workload directory (invalid files are skipped and reported);
+//! 3. rebuild in-memory indexes (none yet);
+//! 4. start background tasks;
+//! 5. serve the API, health, reflection and metrics;
+//! 6. on the shutdown signal: mark NOT_SERVING, stop accepting, end
+//!    long-lived streams, stop tasks, close the database. Containers are
+//!    never touched by shutdown.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use futures::future::BoxFuture;
+use notify::Watcher as _;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+
+use boilerhouse_core::event::{EventKind, NewEvent};
+use boilerhouse_proto::pb;
+
+use crate::api::{self, AppState};
+use crate::config::Config;
+use crate::metrics::{self, Metrics};
+use crate::store::{Store, StoreOptions};
+use crate::tasks::{BackgroundTask, Driver};
+use crate::workloads::{ReloadTask, WorkloadDir};
+
+/// The addresses the server actually bound, written to the ready file.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct BoundAddrs {
+    /// gRPC.
+    pub grpc: std::net::SocketAddr,
+    /// Prometheus.
+    pub metrics: std::net::SocketAddr,
+    /// The server's process id.
+    pub pid: u32,
+}
+
+/// Every gRPC service name, for health statuses.
+const SERVICES: &[&str] = &[
+    "boilerhouse.v1.WorkloadService",
+    "boilerhouse.v1.PoolService",
+    "boilerhouse.v1.ClaimService",
+    "boilerhouse.v1.AffinityService",
+    "boilerhouse.v1.ContainerService",
+    "boilerhouse.v1.NodeService",
+    "boilerhouse.v1.BoostService",
+    "boilerhouse.v1.SyncService",
+    "boilerhouse.v1.EventService",
+    "boilerhouse.v1.ReconcileService",
+    "boilerhouse.v1.AgentService",
+    "boilerhouse.v1.SystemService",
+];
+
+/// Trims the activity log and expired idempotency keys.
+struct TrimTask {
+    store: Store,
+    event_retention: Duration,
+    idempotency_retention: Duration,
+}
+
+/// The newest events are kept even when old, so a quiet system still shows
+/// its recent history.
+const EVENTS_ALWAYS_KEPT: u64 = 10_000;
+
+impl BackgroundTask for TrimTask {
+    fn activate(&mut self) -> BoxFuture<'_, anyhow::Result<serde_json::Value>> {
+        Box::pin(async move {
+            let now = crate::clock::now();
+            let events = self
+                .store
+                .trim_events(cutoff(now, self.event_retention), EVENTS_ALWAYS_KEPT)
+                .await?;
+            let keys = self
+                .store
+                .trim_idempotency_keys(cutoff(now, self.idempotency_retention))
+                .await?;
+            Ok(serde_json::json!({ "events_trimmed": events, "idempotency_keys_trimmed": keys }))
+        })
+    }
+}
+
+fn cutoff(now: boilerhouse_core::Timestamp, retention: Duration) -> boilerhouse_core::Timestamp {
+    boilerhouse_core::Timestamp::from_millis(
+        now.as_millis()
+            .saturating_sub(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX)),
+    )
+}
+
+/// Runs the server on the given listeners until `shutdown` resolves.
+pub async fn run(
+    config: Config,
+    grpc_listener: TcpListener,
+    metrics_listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let store = Store::open(
+        &config.database,
+        StoreOptions {
+            synchronous_full: config.synchronous_full,
+            ..StoreOptions::default()
+        },
+    )
+    .await
+    .with_context(|| format!("opening database {}", config.database.display()))?;
+    tracing::info!(path = %config.database.display(), "database open");
+
+    let workloads = WorkloadDir::new(config.workloads_dir.clone(), store.clone())
+        .with_context(|| format!("creating workload directory {}", config.workloads_dir.display()))?;
+    let summary = workloads.reload(crate::clock::now()).await.context("loading workloads")?;
+    tracing::info!(
+        dir = %config.workloads_dir.display(),
+        valid = summary.valid,
+        invalid = summary.invalid,
+        "workloads loaded"
+    );
+
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let driver = Driver::new(cancel.child_token(), tracker.clone());
+    let reload_workloads = driver.register(
+        "workload_loader",
+        config.workloads_rescan_interval,
+        Some(Duration::from_millis(200)),
+        ReloadTask { dir: workloads.clone() },
+    );
+    driver.register(
+        "activity_log_trim",
+        Duration::from_secs(3600),
+        None,
+        TrimTask {
+            store: store.clone(),
+            event_retention: config.event_retention,
+            idempotency_retention: config.idempotency_retention,
+        },
+    );
+
+    // File notifications make reloads prompt; the periodic rescan covers
+    // any that are lost. The watcher lives until run() returns.
+    let _watcher = {
+        let activator = reload_workloads.clone();
+        let watcher = notify::recommended_watcher(move |result: notify::Result<notify::Event>| {
+            // Access events are the loader's own reads; reacting to them
+            // would make every reload trigger the next.
+            if let Ok(event) = result {
+                if !matches!(event.kind, notify::EventKind::Access(_)) {
+                    activator.activate();
+                }
+            }
+        });
+        match watcher {
+            Ok(mut w) => match w.watch(&config.workloads_dir, notify::RecursiveMode::NonRecursive) {
+                Ok(()) => Some(w),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot watch the workload directory; relying on rescans");
+                    None
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "no file watcher; relying on rescans");
+                None
+            }
+        }
+    };
+
+    let state = AppState {
+        store: store.clone(),
+        workloads: workloads.clone(),
+        reload_workloads,
+        driver,
+        shutdown: cancel.child_token(),
+        idempotency: Arc::default(),
+        started_at: crate::clock::now(),
+    };
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_service_status("", ServingStatus::Serving).await;
+    for service in SERVICES {
+        health.set_service_status(*service, ServingStatus::Serving).await;
+    }
+    let reflection_v1 = reflection(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET).build_v1()?;
+    let reflection_v1alpha = reflection(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET).build_v1alpha()?;
+
+    use pb::affinity_service_server::AffinityServiceServer;
+    use pb::agent_service_server::AgentServiceServer;
+    use pb::boost_service_server::BoostServiceServer;
+    use pb::claim_service_server::ClaimServiceServer;
+    use pb::container_service_server::ContainerServiceServer;
+    use pb::event_service_server::EventServiceServer;
+    use pb::node_service_server::NodeServiceServer;
+    use pb::pool_service_server::PoolServiceServer;
+    use pb::reconcile_service_server::ReconcileServiceServer;
+    use pb::sync_service_server::SyncServiceServer;
+    use pb::system_service_server::SystemServiceServer;
+    use pb::workload_service_server::WorkloadServiceServer;
+
+    let grpc_addr = grpc_listener.local_addr()?;
+    let metrics_addr = metrics::local_addr(&metrics_listener)?;
+    let grpc = Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(WorkloadServiceServer::new(api::workloads::Workloads(state.clone())))
+        .add_service(EventServiceServer::new(api::events::Events(state.clone())))
+        .add_service(NodeServiceServer::new(api::nodes::Nodes(state.clone())))
+        .add_service(SystemServiceServer::new(api::system::System(state.clone())))
+        .add_service(PoolServiceServer::new(api::pending::Pending))
+        .add_service(ClaimServiceServer::new(api::pending::Pending))
+        .add_service(AffinityServiceServer::new(api::pending::Pending))
+        .add_service(ContainerServiceServer::new(api::pending::Pending))
+        .add_service(BoostServiceServer::new(api::pending::Pending))
+        .add_service(SyncServiceServer::new(api::pending::Pending))
+        .add_service(ReconcileServiceServer::new(api::pending::Pending))
+        .add_service(AgentServiceServer::new(api::pending::Pending))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), cancel.clone().cancelled_owned());
+    let mut grpc = tokio::spawn(grpc);
+
+    let metrics = Arc::new(Metrics::new(store.clone(), workloads.clone()));
+    let metrics_task = tokio::spawn(metrics::serve(metrics_listener, metrics, cancel.clone()));
+
+    store
+        .append_event(
+            NewEvent::new(
+                crate::clock::now(),
+                EventKind::ServerStarted,
+                format!("boilerhoused {} listening on {grpc_addr}", env!("CARGO_PKG_VERSION")),
+            )
+            .with_attribute("grpc", grpc_addr.to_string())
+            .with_attribute("metrics", metrics_addr.to_string()),
+        )
+        .await?;
+    tracing::info!(grpc = %grpc_addr, metrics = %metrics_addr, "boilerhoused serving");
+    if let Some(path) = &config.ready_file {
+        let bound = BoundAddrs {
+            grpc: grpc_addr,
+            metrics: metrics_addr,
+            pid: std::process::id(),
+        };
+        write_ready_file(path, &bound).with_context(|| format!("writing {}", path.display()))?;
+    }
+
+    let early_exit = tokio::select! {
+        // Cancel-safe: we leave the select either way and never poll again.
+        () = shutdown => None,
+        // Cancel-safe: JoinHandle can be polled again after a lost race.
+        result = &mut grpc => Some(result),
+    };
+    if let Some(result) = early_exit {
+        cancel.cancel();
+        result??;
+        anyhow::bail!("the gRPC server stopped unexpectedly");
+    }
+
+    tracing::info!("shutting down");
+    let _ = store
+        .append_event(NewEvent::new(
+            crate::clock::now(),
+            EventKind::ServerStopping,
+            "boilerhoused shutting down; containers keep running",
+        ))
+        .await;
+    for service in SERVICES {
+        health.set_service_status(*service, ServingStatus::NotServing).await;
+    }
+    health.set_service_status("", ServingStatus::NotServing).await;
+    cancel.cancel();
+    tracker.close();
+    let deadline = config.shutdown_timeout;
+    match tokio::time::timeout(deadline, &mut grpc).await {
+        Ok(result) => result??,
+        Err(_) => {
+            tracing::warn!(?deadline, "gRPC connections did not finish in time; closing them");
+            grpc.abort();
+        }
+    }
+    if tokio::time::timeout(deadline, tracker.wait()).await.is_err() {
+        tracing::warn!(?deadline, "background tasks did not stop in time");
+    }
+    let _ = metrics_task.await;
+    store.close().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// A reflection builder that knows every file a client may meet: our API,
+/// health, the google.rpc error details we attach to statuses (so grpcurl
+/// can print field violations), and the other reflection version (so that
+/// `list` shows both).
+fn reflection(other_reflection: &'static [u8]) -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(boilerhouse_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(other_reflection)
+}
+
+fn write_ready_file(path: &std::path::Path, bound: &BoundAddrs) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec(bound)?)?;
+    std::fs::rename(tmp, path)
+}

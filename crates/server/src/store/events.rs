@@ -1,0 +1,195 @@
+//! The activity log.
+
+use std::collections::BTreeMap;
+
+use futures::FutureExt as _;
+use sqlx::{QueryBuilder, Sqlite, SqliteConnection};
+
+use boilerhouse_core::Timestamp;
+use boilerhouse_core::event::{Event, EventFilter, EventSubject, NewEvent};
+
+use super::{Store, StoreError, WriteTx};
+
+/// A listing of events.
+#[derive(Debug, Clone, Default)]
+pub struct EventQuery {
+    /// Which events.
+    pub filter: EventFilter,
+    /// Only events with a larger id.
+    pub after_id: u64,
+    /// Only events at or after this time.
+    pub since: Option<Timestamp>,
+    /// At most this many, oldest first.
+    pub limit: u32,
+}
+
+#[derive(sqlx::FromRow)]
+struct EventRow {
+    id: i64,
+    at: i64,
+    kind: String,
+    severity: String,
+    message: String,
+    node_id: Option<String>,
+    workload_id: Option<String>,
+    container_id: Option<String>,
+    tenant_id: Option<String>,
+    boost_id: Option<String>,
+    attributes_json: String,
+}
+
+impl TryFrom<EventRow> for Event {
+    type Error = StoreError;
+    fn try_from(row: EventRow) -> Result<Self, StoreError> {
+        let attributes: BTreeMap<String, String> = serde_json::from_str(&row.attributes_json)
+            .map_err(|e| StoreError::Corrupt(format!("event {} attributes: {e}", row.id)))?;
+        Ok(Event {
+            id: row.id as u64,
+            event: NewEvent {
+                at: Timestamp::from_millis(row.at),
+                kind: row.kind,
+                severity: row
+                    .severity
+                    .parse()
+                    .map_err(|e| StoreError::Corrupt(format!("event {}: {e}", row.id)))?,
+                message: row.message,
+                subject: EventSubject {
+                    node_id: row.node_id,
+                    workload_id: row.workload_id,
+                    container_id: row.container_id,
+                    tenant_id: row.tenant_id,
+                    boost_id: row.boost_id,
+                },
+                attributes,
+            },
+        })
+    }
+}
+
+/// Inserts an event inside the caller's transaction. It is published to
+/// watchers only once that transaction commits.
+pub async fn insert_event(tx: &mut WriteTx, event: NewEvent) -> Result<Event, StoreError> {
+    let id = insert_event_row(&mut tx.conn, &event).await?;
+    let recorded = Event { id, event };
+    tx.new_events.push(recorded.clone());
+    Ok(recorded)
+}
+
+async fn insert_event_row(conn: &mut SqliteConnection, e: &NewEvent) -> Result<u64, StoreError> {
+    let attributes = serde_json::to_string(&e.attributes)
+        .map_err(|err| StoreError::Internal(err.to_string()))?;
+    let (id,): (i64,) = sqlx::query_as(
+        "INSERT INTO events (at, kind, severity, message, node_id, workload_id, container_id, \
+         tenant_id, boost_id, attributes_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+    )
+    .bind(e.at.as_millis())
+    .bind(&e.kind)
+    .bind(e.severity.as_str())
+    .bind(&e.message)
+    .bind(&e.subject.node_id)
+    .bind(&e.subject.workload_id)
+    .bind(&e.subject.container_id)
+    .bind(&e.subject.tenant_id)
+    .bind(&e.subject.boost_id)
+    .bind(attributes)
+    .fetch_one(conn)
+    .await?;
+    Ok(id as u64)
+}
+
+impl Store {
+    /// Records one event on its own.
+    pub async fn append_event(&self, event: NewEvent) -> Result<Event, StoreError> {
+        self.writer
+            .write(move |tx| insert_event(tx, event).boxed())
+            .await
+    }
+
+    /// Events matching `query`, oldest first.
+    pub async fn list_events(&self, query: &EventQuery) -> Result<Vec<Event>, StoreError> {
+        let mut sql: QueryBuilder<Sqlite> = QueryBuilder::new(
+            "SELECT id, at, kind, severity, message, node_id, workload_id, container_id, \
+             tenant_id, boost_id, attributes_json FROM events WHERE id > ",
+        );
+        sql.push_bind(query.after_id as i64);
+        if let Some(since) = query.since {
+            sql.push(" AND at >= ").push_bind(since.as_millis());
+        }
+        let f = &query.filter;
+        if !f.kinds.is_empty() {
+            sql.push(" AND (");
+            for (i, kind) in f.kinds.iter().enumerate() {
+                if i > 0 {
+                    sql.push(" OR ");
+                }
+                if kind.ends_with('.') {
+                    // substr() rather than LIKE: kinds may contain '_' or '%'.
+                    sql.push("substr(kind, 1, ")
+                        .push_bind(kind.len() as i64)
+                        .push(") = ")
+                        .push_bind(kind.clone());
+                } else {
+                    sql.push("kind = ").push_bind(kind.clone());
+                }
+            }
+            sql.push(")");
+        }
+        let subject = [
+            ("node_id", &f.subject.node_id),
+            ("workload_id", &f.subject.workload_id),
+            ("container_id", &f.subject.container_id),
+            ("tenant_id", &f.subject.tenant_id),
+            ("boost_id", &f.subject.boost_id),
+        ];
+        for (column, value) in subject {
+            if let Some(value) = value {
+                sql.push(format_args!(" AND {column} = ")).push_bind(value.clone());
+            }
+        }
+        if let Some(min) = f.min_severity {
+            let allowed: &[&str] = match min {
+                boilerhouse_core::event::Severity::Info => &["info", "warning", "error"],
+                boilerhouse_core::event::Severity::Warning => &["warning", "error"],
+                boilerhouse_core::event::Severity::Error => &["error"],
+            };
+            sql.push(" AND severity IN (");
+            let mut list = sql.separated(", ");
+            for s in allowed {
+                list.push_bind(*s);
+            }
+            sql.push(")");
+        }
+        sql.push(" ORDER BY id ASC LIMIT ").push_bind(i64::from(query.limit.max(1)));
+        let rows: Vec<EventRow> = sql.build_query_as().fetch_all(&self.reads).await?;
+        rows.into_iter().map(Event::try_from).collect()
+    }
+
+    /// The newest event's id, or 0.
+    pub async fn last_event_id(&self) -> Result<u64, StoreError> {
+        let (id,): (Option<i64>,) = sqlx::query_as("SELECT max(id) FROM events")
+            .fetch_one(&self.reads)
+            .await?;
+        Ok(id.unwrap_or(0) as u64)
+    }
+
+    /// Deletes events older than `before`, keeping at least `keep_newest`.
+    /// Returns how many went.
+    pub async fn trim_events(&self, before: Timestamp, keep_newest: u64) -> Result<u64, StoreError> {
+        self.writer
+            .write(move |tx| {
+                async move {
+                    let result = sqlx::query(
+                        "DELETE FROM events WHERE at < ? \
+                         AND id <= (SELECT coalesce(max(id), 0) FROM events) - ?",
+                    )
+                    .bind(before.as_millis())
+                    .bind(keep_newest as i64)
+                    .execute(tx.conn())
+                    .await?;
+                    Ok(result.rows_affected())
+                }
+                .boxed()
+            })
+            .await
+    }
+}

@@ -1,0 +1,273 @@
+//! Store tests against real SQLite files in temp directories.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use boilerhouse_core::Timestamp;
+use boilerhouse_core::event::{EventFilter, EventKind, EventSubject, NewEvent, Severity};
+use boilerhouse_core::workload::parse_workload;
+use boilerhouse_server::store::{
+    EventQuery, IdempotencyLookup, IdempotentRecord, Store, StoreError, StoreOptions,
+    WorkloadChange,
+};
+
+fn event(n: u64, kind: EventKind, workload: Option<&str>) -> NewEvent {
+    NewEvent::new(Timestamp::from_millis(1_000 + n as i64), kind, format!("event {n}")).with_subject(
+        EventSubject {
+            workload_id: workload.map(str::to_owned),
+            ..Default::default()
+        },
+    )
+}
+
+async fn open(dir: &tempfile::TempDir) -> Store {
+    Store::open(&dir.path().join("bh.db"), StoreOptions::default())
+        .await
+        .expect("open store")
+}
+
+#[tokio::test]
+async fn events_are_listed_filtered_and_resumed_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir).await;
+    let mut ids = Vec::new();
+    for n in 0..10 {
+        let kind = if n % 2 == 0 { EventKind::WorkloadLoaded } else { EventKind::NodeLost };
+        let workload = (n % 2 == 0).then_some("demo");
+        ids.push(store.append_event(event(n, kind, workload)).await.unwrap().id);
+    }
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids increase: {ids:?}");
+
+    let all = store
+        .list_events(&EventQuery { limit: 100, ..Default::default() })
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 10);
+    assert_eq!(all[3].event.message, "event 3");
+
+    let after = store
+        .list_events(&EventQuery { after_id: ids[6], limit: 100, ..Default::default() })
+        .await
+        .unwrap();
+    assert_eq!(after.iter().map(|e| e.id).collect::<Vec<_>>(), ids[7..]);
+
+    let nodes = store
+        .list_events(&EventQuery {
+            filter: EventFilter { kinds: vec!["node.".into()], ..Default::default() },
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(nodes.len(), 5);
+    assert!(nodes.iter().all(|e| e.event.kind == "node.lost"));
+
+    let errors = store
+        .list_events(&EventQuery {
+            filter: EventFilter { min_severity: Some(Severity::Error), ..Default::default() },
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(errors.len(), 5, "node.lost is an error, workload.loaded is not");
+
+    let demo = store
+        .list_events(&EventQuery {
+            filter: EventFilter {
+                subject: EventSubject { workload_id: Some("demo".into()), ..Default::default() },
+                ..Default::default()
+            },
+            limit: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(demo.len(), 2, "limit is honoured");
+    assert_eq!(store.last_event_id().await.unwrap(), ids[9]);
+}
+
+#[tokio::test]
+async fn committed_events_reach_subscribers_after_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir).await;
+    let mut feed = store.subscribe_events();
+    let recorded = store.append_event(event(1, EventKind::ServerStarted, None)).await.unwrap();
+    let seen = tokio::time::timeout(Duration::from_secs(5), feed.recv()).await.unwrap().unwrap();
+    assert_eq!(seen, recorded);
+}
+
+#[tokio::test]
+async fn concurrent_writes_share_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir).await;
+    let tasks: Vec<_> = (0..200)
+        .map(|n| {
+            let store = store.clone();
+            tokio::spawn(async move { store.append_event(event(n, EventKind::NodeJoined, None)).await })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let stats = store.writer_stats();
+    assert_eq!(stats.operations, 200);
+    assert!(
+        stats.commits < stats.operations,
+        "200 concurrent writes should not need 200 commits: {stats:?}"
+    );
+}
+
+#[tokio::test]
+async fn one_failing_write_does_not_fail_its_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir).await;
+    let record = |hash: &str| IdempotentRecord {
+        method: "m".into(),
+        request_id: "r1".into(),
+        request_hash: hash.into(),
+        response: b"first".to_vec(),
+        created_at: Timestamp::from_millis(1),
+    };
+    store.record_idempotent(record("h")).await.unwrap();
+    // Queue a duplicate key (fails) together with good writes.
+    let dup = {
+        let store = store.clone();
+        tokio::spawn(async move { store.record_idempotent(record("h")).await })
+    };
+    let goods: Vec<_> = (0..20)
+        .map(|n| {
+            let store = store.clone();
+            tokio::spawn(async move { store.append_event(event(n, EventKind::NodeJoined, None)).await })
+        })
+        .collect();
+    assert!(matches!(dup.await.unwrap(), Err(StoreError::Conflict(_))));
+    for g in goods {
+        g.await.unwrap().expect("good writes commit");
+    }
+    assert_eq!(
+        store.lookup_idempotent("m", "r1", "h").await.unwrap(),
+        IdempotencyLookup::Hit(b"first".to_vec())
+    );
+    assert_eq!(
+        store.lookup_idempotent("m", "r1", "other").await.unwrap(),
+        IdempotencyLookup::Mismatch
+    );
+    assert_eq!(store.lookup_idempotent("m", "r2", "h").await.unwrap(), IdempotencyLookup::Miss);
+}
+
+#[tokio::test]
+async fn workloads_survive_reopening_and_report_what_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = "id: demo\nimage: busybox\npool: {min_size: 2}\n";
+    let spec = parse_workload("demo.yaml", yaml).unwrap();
+    {
+        let store = open(&dir).await;
+        let now = Timestamp::from_millis(10);
+        let (_, change) = store
+            .put_workload(spec.clone(), yaml.into(), "demo.yaml".into(), now, false)
+            .await
+            .unwrap();
+        assert_eq!(change, WorkloadChange::Created);
+        let (_, change) = store
+            .put_workload(spec.clone(), yaml.into(), "demo.yaml".into(), now, false)
+            .await
+            .unwrap();
+        assert_eq!(change, WorkloadChange::Unchanged);
+        store.close().await;
+    }
+    let store = open(&dir).await;
+    let loaded = store.list_workloads().await.unwrap();
+    assert_eq!(loaded.len(), 1);
+    assert_eq!(loaded[0].spec, spec);
+    assert_eq!(loaded[0].spec_hash, spec.spec_hash());
+
+    let yaml2 = "id: demo\nimage: busybox\npool: {min_size: 3}\n";
+    let spec2 = parse_workload("demo.yaml", yaml2).unwrap();
+    let (record, change) = store
+        .put_workload(spec2, yaml2.into(), "demo.yaml".into(), Timestamp::from_millis(20), false)
+        .await
+        .unwrap();
+    assert_eq!(change, WorkloadChange::Updated);
+    assert_eq!(record.created_at, Timestamp::from_millis(10));
+    assert_eq!(record.spec.pool.min_size, 3);
+
+    let removed = store
+        .remove_workload(spec.id.clone(), "file deleted".into(), Timestamp::from_millis(30))
+        .await
+        .unwrap();
+    assert!(removed.is_some());
+    assert!(store.get_workload(&spec.id).await.unwrap().is_none());
+    let kinds: Vec<String> = store
+        .list_events(&EventQuery { limit: 10, ..Default::default() })
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.event.kind)
+        .collect();
+    assert_eq!(kinds, ["workload.loaded", "workload.updated", "workload.removed"]);
+}
+
+#[tokio::test]
+async fn the_database_is_in_wal_mode_with_full_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir).await;
+    store.append_event(event(1, EventKind::ServerStarted, None)).await.unwrap();
+    let mut raw = boilerhouse_server::store::open_raw(store.path()).await.unwrap();
+    let (mode,): (String,) = sqlx::query_as("PRAGMA journal_mode").fetch_one(&mut raw).await.unwrap();
+    assert_eq!(mode, "wal");
+    assert_eq!(store.integrity_check().await.unwrap(), "ok");
+}
+
+#[tokio::test]
+async fn kill9_in_the_middle_of_writes_loses_no_acknowledged_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("kill9.db");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_boilerhouse-store-load"))
+        .arg(&db)
+        .arg("32")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut acked = Vec::new();
+        let mut killer = Some(child);
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let mut parts = line.split_whitespace();
+            if parts.next() != Some("ack") {
+                continue;
+            }
+            let id: u64 = parts.next().unwrap().parse().unwrap();
+            let marker = parts.next().unwrap().to_owned();
+            acked.push((id, marker));
+            if acked.len() == 2_000 {
+                // SIGKILL: no destructor, no flush, no checkpoint.
+                let mut c = killer.take().unwrap();
+                c.kill().unwrap();
+                killer = Some(c);
+            }
+        }
+        let mut child = killer.unwrap();
+        let status = child.wait().unwrap();
+        (acked, status)
+    });
+    let (acked, status) = tokio::task::spawn_blocking(move || reader.join().unwrap()).await.unwrap();
+    assert!(!status.success(), "the writer was killed, not finished: {status:?}");
+    assert!(acked.len() >= 2_000, "the child acknowledged writes before the kill");
+
+    let store = Store::open(&db, StoreOptions::default()).await.unwrap();
+    assert_eq!(store.integrity_check().await.unwrap(), "ok");
+    let stored = store
+        .list_events(&EventQuery { limit: u32::MAX, ..Default::default() })
+        .await
+        .unwrap();
+    let by_id: std::collections::HashMap<u64, String> =
+        stored.into_iter().map(|e| (e.id, e.event.message)).collect();
+    for (id, marker) in &acked {
+        assert_eq!(by_id.get(id), Some(marker), "acknowledged write {id} ({marker}) is present");
+    }
+}
