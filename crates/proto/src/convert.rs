@@ -193,7 +193,10 @@ pub fn severity_from_pb(field: &str, value: i32) -> Result<Option<Severity>, Con
         Ok(pb::EventSeverity::Info) => Ok(Some(Severity::Info)),
         Ok(pb::EventSeverity::Warning) => Ok(Some(Severity::Warning)),
         Ok(pb::EventSeverity::Error) => Ok(Some(Severity::Error)),
-        Err(_) => Err(ConvertError::invalid(field, format!("unknown severity {value}"))),
+        Err(_) => Err(ConvertError::invalid(
+            field,
+            format!("unknown severity {value}"),
+        )),
     }
 }
 
@@ -223,7 +226,11 @@ impl TryFrom<&pb::Event> for Event {
         Ok(Event {
             id: e.id,
             event: boilerhouse_core::event::NewEvent {
-                at: e.at.as_ref().map(timestamp_from_pb).unwrap_or(Timestamp::EPOCH),
+                at: e
+                    .at
+                    .as_ref()
+                    .map(timestamp_from_pb)
+                    .unwrap_or(Timestamp::EPOCH),
                 kind: e.kind.clone(),
                 severity,
                 message: e.message.clone(),
@@ -249,9 +256,9 @@ pub fn event_filter_from_pb(f: Option<&pb::EventFilter>) -> Result<EventFilter, 
         for (i, kind) in f.kinds.iter().enumerate() {
             let valid = !kind.is_empty()
                 && kind.len() <= 64
-                && kind
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'_');
+                && kind.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'_'
+                });
             if !valid {
                 return Err(ConvertError::invalid(
                     format!("filter.kinds[{i}]"),
@@ -337,7 +344,10 @@ mod tests {
             let t = Timestamp::from_millis(ms);
             assert_eq!(timestamp_from_pb(&timestamp_to_pb(t)), t, "{ms}");
             let pb = timestamp_to_pb(t);
-            assert!((0..1_000_000_000).contains(&pb.nanos), "nanos normalised for {ms}");
+            assert!(
+                (0..1_000_000_000).contains(&pb.nanos),
+                "nanos normalised for {ms}"
+            );
         }
     }
 
@@ -345,7 +355,10 @@ mod tests {
     fn negative_durations_are_invalid() {
         let err = duration_from_pb(
             "acquire_timeout",
-            &prost_types::Duration { seconds: -1, nanos: 0 },
+            &prost_types::Duration {
+                seconds: -1,
+                nanos: 0,
+            },
         )
         .unwrap_err();
         assert_eq!(err.field(), "acquire_timeout");
@@ -357,8 +370,14 @@ mod tests {
 
     #[test]
     fn ids_name_their_field() {
-        assert_eq!(tenant_id("tenant_id", "").unwrap_err(), ConvertError::MissingField("tenant_id"));
-        assert_eq!(tenant_id("tenant_id", "a/b").unwrap_err().field(), "tenant_id");
+        assert_eq!(
+            tenant_id("tenant_id", "").unwrap_err(),
+            ConvertError::MissingField("tenant_id")
+        );
+        assert_eq!(
+            tenant_id("tenant_id", "a/b").unwrap_err().field(),
+            "tenant_id"
+        );
         assert_eq!(node_id("node_id", "Bad").unwrap_err().field(), "node_id");
         assert!(request_id("").unwrap().is_none());
         assert!(request_id("abc-123").unwrap().is_some());

@@ -11,11 +11,18 @@ use boilerhouse_core::Timestamp;
 use boilerhouse_core::event::{EventKind, NewEvent};
 use boilerhouse_server::store::{Store, StoreOptions};
 
-async fn run_case(writers: usize, max_batch: usize, duration: Duration) -> anyhow::Result<(u64, u64)> {
+async fn run_case(
+    writers: usize,
+    max_batch: usize,
+    duration: Duration,
+) -> anyhow::Result<(u64, u64)> {
     let dir = tempfile::tempdir()?;
     let store = Store::open(
         &dir.path().join("bench.db"),
-        StoreOptions { max_batch, ..StoreOptions::default() },
+        StoreOptions {
+            max_batch,
+            ..StoreOptions::default()
+        },
     )
     .await?;
     let deadline = Instant::now() + duration;
@@ -25,7 +32,11 @@ async fn run_case(writers: usize, max_batch: usize, duration: Duration) -> anyho
         tasks.push(tokio::spawn(async move {
             let mut acknowledged = 0u64;
             while Instant::now() < deadline {
-                let e = NewEvent::new(Timestamp::from_millis(1), EventKind::NodeJoined, format!("writer {w}"));
+                let e = NewEvent::new(
+                    Timestamp::from_millis(1),
+                    EventKind::NodeJoined,
+                    format!("writer {w}"),
+                );
                 store.append_event(e).await?;
                 acknowledged += 1;
             }
@@ -41,9 +52,15 @@ async fn run_case(writers: usize, max_batch: usize, duration: Duration) -> anyho
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let seconds: f64 = std::env::args().nth(1).map(|s| s.parse()).transpose()?.unwrap_or(3.0);
+    let seconds: f64 = std::env::args()
+        .nth(1)
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(3.0);
     let duration = Duration::from_secs_f64(seconds);
-    println!("| writers | one txn per write (writes/s) | group commit (writes/s) | writes per commit | speed-up |");
+    println!(
+        "| writers | one txn per write (writes/s) | group commit (writes/s) | writes per commit | speed-up |"
+    );
     println!("|---:|---:|---:|---:|---:|");
     for writers in [1usize, 16, 256] {
         let (single, _) = run_case(writers, 1, duration).await?;

@@ -164,8 +164,14 @@ impl Config {
                 .workloads_dir
                 .or(file.workloads_dir)
                 .unwrap_or_else(|| PathBuf::from("./workloads")),
-            log_format: args.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
-            synchronous_full: args.synchronous_full.or(file.synchronous_full).unwrap_or(true),
+            log_format: args
+                .log_format
+                .or(file.log_format)
+                .unwrap_or(LogFormat::Text),
+            synchronous_full: args
+                .synchronous_full
+                .or(file.synchronous_full)
+                .unwrap_or(true),
             workloads_rescan_interval: file
                 .workloads_rescan_interval
                 .unwrap_or(Duration::from_secs(30)),
@@ -198,8 +204,16 @@ impl Config {
             self.workloads_rescan_interval,
             Duration::from_millis(100),
         )?;
-        at_least("shutdown_timeout", self.shutdown_timeout, Duration::from_millis(100))?;
-        at_least("event_retention", self.event_retention, Duration::from_secs(60))?;
+        at_least(
+            "shutdown_timeout",
+            self.shutdown_timeout,
+            Duration::from_millis(100),
+        )?;
+        at_least(
+            "event_retention",
+            self.event_retention,
+            Duration::from_secs(60),
+        )?;
         at_least(
             "idempotency_retention",
             self.idempotency_retention,
@@ -261,7 +275,11 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!(c.listen.port(), 9100, "flag wins");
-        assert_eq!(c.database, PathBuf::from("/var/bh/boilerhouse.db"), "file fills the rest");
+        assert_eq!(
+            c.database,
+            PathBuf::from("/var/bh/boilerhouse.db"),
+            "file fills the rest"
+        );
         assert_eq!(c.workloads_rescan_interval, Duration::from_secs(5));
     }
 

@@ -83,7 +83,9 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::Unavailable(detail) => {
                 tracing::error!(error = %detail, "store unavailable");
-                ApiError::Unavailable("the database cannot take writes right now; nothing was changed".into())
+                ApiError::Unavailable(
+                    "the database cannot take writes right now; nothing was changed".into(),
+                )
             }
             StoreError::Closed => ApiError::Unavailable("the server is shutting down".into()),
             StoreError::Conflict(detail) => ApiError::AlreadyExists(detail),
@@ -104,7 +106,10 @@ impl From<ApiError> for Status {
             ApiError::NotFound { .. } => Status::not_found(e.to_string()),
             ApiError::AlreadyExists(m) => Status::already_exists(m),
             ApiError::FailedPrecondition(m) => Status::failed_precondition(m),
-            ApiError::ResourceExhausted { message, retry_after } => {
+            ApiError::ResourceExhausted {
+                message,
+                retry_after,
+            } => {
                 let mut details = ErrorDetails::new();
                 details.set_retry_info(Some(retry_after));
                 Status::with_error_details(Code::ResourceExhausted, message, details)
@@ -154,6 +159,9 @@ mod tests {
         });
         assert_eq!(status.code(), Code::ResourceExhausted);
         let details = status.get_error_details();
-        assert_eq!(details.retry_info().unwrap().retry_delay, Some(Duration::from_secs(2)));
+        assert_eq!(
+            details.retry_info().unwrap().retry_delay,
+            Some(Duration::from_secs(2))
+        );
     }
 }

@@ -38,7 +38,11 @@ impl Metrics {
     pub fn new(store: Store, workload_dir: WorkloadDir) -> Self {
         let mut registry = Registry::with_prefix("boilerhouse");
         let agents_connected = Gauge::default();
-        registry.register("agents_connected", "Agents with a live session", agents_connected.clone());
+        registry.register(
+            "agents_connected",
+            "Agents with a live session",
+            agents_connected.clone(),
+        );
         let workloads = Gauge::default();
         registry.register("workloads", "Valid workloads loaded", workloads.clone());
         let workload_load_errors = Gauge::default();
@@ -48,7 +52,11 @@ impl Metrics {
             workload_load_errors.clone(),
         );
         let store_commits = Counter::default();
-        registry.register("store_commits", "Database write transactions committed", store_commits.clone());
+        registry.register(
+            "store_commits",
+            "Database write transactions committed",
+            store_commits.clone(),
+        );
         let store_writes = Counter::default();
         registry.register(
             "store_writes",
@@ -70,12 +78,15 @@ impl Metrics {
     async fn render(&self) -> Result<String, std::fmt::Error> {
         let stats = self.store.writer_stats();
         // Counters only go up: add the difference since the last scrape.
-        self.store_commits.inc_by(stats.commits.saturating_sub(self.store_commits.get()));
-        self.store_writes.inc_by(stats.operations.saturating_sub(self.store_writes.get()));
+        self.store_commits
+            .inc_by(stats.commits.saturating_sub(self.store_commits.get()));
+        self.store_writes
+            .inc_by(stats.operations.saturating_sub(self.store_writes.get()));
         if let Ok(workloads) = self.store.list_workloads().await {
             self.workloads.set(workloads.len() as i64);
         }
-        self.workload_load_errors.set(self.workload_dir.load_errors().len() as i64);
+        self.workload_load_errors
+            .set(self.workload_dir.load_errors().len() as i64);
         let mut out = String::new();
         encode(&mut out, &self.registry)?;
         Ok(out)
@@ -86,7 +97,10 @@ async fn metrics_handler(State(metrics): State<Arc<Metrics>>) -> impl IntoRespon
     match metrics.render().await {
         Ok(body) => (
             StatusCode::OK,
-            [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
             body,
         )
             .into_response(),
@@ -95,7 +109,11 @@ async fn metrics_handler(State(metrics): State<Arc<Metrics>>) -> impl IntoRespon
 }
 
 /// Serves `/metrics` until `cancel` fires.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, cancel: CancellationToken) -> std::io::Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+) -> std::io::Result<()> {
     let app = Router::new()
         .route("/metrics", get(metrics_handler))
         .with_state(metrics);

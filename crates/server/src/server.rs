@@ -113,9 +113,17 @@ pub async fn run(
     .with_context(|| format!("opening database {}", config.database.display()))?;
     tracing::info!(path = %config.database.display(), "database open");
 
-    let workloads = WorkloadDir::new(config.workloads_dir.clone(), store.clone())
-        .with_context(|| format!("creating workload directory {}", config.workloads_dir.display()))?;
-    let summary = workloads.reload(crate::clock::now()).await.context("loading workloads")?;
+    let workloads =
+        WorkloadDir::new(config.workloads_dir.clone(), store.clone()).with_context(|| {
+            format!(
+                "creating workload directory {}",
+                config.workloads_dir.display()
+            )
+        })?;
+    let summary = workloads
+        .reload(crate::clock::now())
+        .await
+        .context("loading workloads")?;
     tracing::info!(
         dir = %config.workloads_dir.display(),
         valid = summary.valid,
@@ -130,7 +138,9 @@ pub async fn run(
         "workload_loader",
         config.workloads_rescan_interval,
         Some(Duration::from_millis(200)),
-        ReloadTask { dir: workloads.clone() },
+        ReloadTask {
+            dir: workloads.clone(),
+        },
     );
     driver.register(
         "activity_log_trim",
@@ -157,13 +167,15 @@ pub async fn run(
             }
         });
         match watcher {
-            Ok(mut w) => match w.watch(&config.workloads_dir, notify::RecursiveMode::NonRecursive) {
-                Ok(()) => Some(w),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot watch the workload directory; relying on rescans");
-                    None
+            Ok(mut w) => {
+                match w.watch(&config.workloads_dir, notify::RecursiveMode::NonRecursive) {
+                    Ok(()) => Some(w),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot watch the workload directory; relying on rescans");
+                        None
+                    }
                 }
-            },
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "no file watcher; relying on rescans");
                 None
@@ -184,10 +196,14 @@ pub async fn run(
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_service_status("", ServingStatus::Serving).await;
     for service in SERVICES {
-        health.set_service_status(*service, ServingStatus::Serving).await;
+        health
+            .set_service_status(*service, ServingStatus::Serving)
+            .await;
     }
-    let reflection_v1 = reflection(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET).build_v1()?;
-    let reflection_v1alpha = reflection(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET).build_v1alpha()?;
+    let reflection_v1 =
+        reflection(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET).build_v1()?;
+    let reflection_v1alpha =
+        reflection(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET).build_v1alpha()?;
 
     use pb::affinity_service_server::AffinityServiceServer;
     use pb::agent_service_server::AgentServiceServer;
@@ -208,7 +224,9 @@ pub async fn run(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(WorkloadServiceServer::new(api::workloads::Workloads(state.clone())))
+        .add_service(WorkloadServiceServer::new(api::workloads::Workloads(
+            state.clone(),
+        )))
         .add_service(EventServiceServer::new(api::events::Events(state.clone())))
         .add_service(NodeServiceServer::new(api::nodes::Nodes(state.clone())))
         .add_service(SystemServiceServer::new(api::system::System(state.clone())))
@@ -220,7 +238,10 @@ pub async fn run(
         .add_service(SyncServiceServer::new(api::pending::Pending))
         .add_service(ReconcileServiceServer::new(api::pending::Pending))
         .add_service(AgentServiceServer::new(api::pending::Pending))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), cancel.clone().cancelled_owned());
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(grpc_listener),
+            cancel.clone().cancelled_owned(),
+        );
     let mut grpc = tokio::spawn(grpc);
 
     let metrics = Arc::new(Metrics::new(store.clone(), workloads.clone()));
@@ -231,7 +252,10 @@ pub async fn run(
             NewEvent::new(
                 crate::clock::now(),
                 EventKind::ServerStarted,
-                format!("boilerhoused {} listening on {grpc_addr}", env!("CARGO_PKG_VERSION")),
+                format!(
+                    "boilerhoused {} listening on {grpc_addr}",
+                    env!("CARGO_PKG_VERSION")
+                ),
             )
             .with_attribute("grpc", grpc_addr.to_string())
             .with_attribute("metrics", metrics_addr.to_string()),
@@ -268,20 +292,30 @@ pub async fn run(
         ))
         .await;
     for service in SERVICES {
-        health.set_service_status(*service, ServingStatus::NotServing).await;
+        health
+            .set_service_status(*service, ServingStatus::NotServing)
+            .await;
     }
-    health.set_service_status("", ServingStatus::NotServing).await;
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
     cancel.cancel();
     tracker.close();
     let deadline = config.shutdown_timeout;
     match tokio::time::timeout(deadline, &mut grpc).await {
         Ok(result) => result??,
         Err(_) => {
-            tracing::warn!(?deadline, "gRPC connections did not finish in time; closing them");
+            tracing::warn!(
+                ?deadline,
+                "gRPC connections did not finish in time; closing them"
+            );
             grpc.abort();
         }
     }
-    if tokio::time::timeout(deadline, tracker.wait()).await.is_err() {
+    if tokio::time::timeout(deadline, tracker.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!(?deadline, "background tasks did not stop in time");
     }
     let _ = metrics_task.await;

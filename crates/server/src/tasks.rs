@@ -181,7 +181,12 @@ mod tests {
         let tracker = TaskTracker::new();
         let driver = Driver::new(cancel.clone(), tracker.clone());
         let runs = Arc::new(AtomicU64::new(0));
-        let activator = driver.register("count", Duration::from_secs(60), None, Counter(runs.clone()));
+        let activator = driver.register(
+            "count",
+            Duration::from_secs(60),
+            None,
+            Counter(runs.clone()),
+        );
 
         wait_for(&runs, 1).await;
         assert_eq!(runs.load(Ordering::SeqCst), 1, "runs once at start");
@@ -190,7 +195,13 @@ mod tests {
         wait_for(&runs, 2).await;
         let status = &driver.statuses()["count"];
         assert_eq!(status.activations, 2);
-        assert!(status.last_error.as_deref().unwrap().contains("second run fails"));
+        assert!(
+            status
+                .last_error
+                .as_deref()
+                .unwrap()
+                .contains("second run fails")
+        );
 
         tokio::time::advance(Duration::from_secs(61)).await;
         wait_for(&runs, 3).await;

@@ -170,7 +170,13 @@ impl WorkloadDir {
                         field: String::new(),
                         reason: format!("cannot read the file: {e}"),
                     };
-                    errors.insert(path.clone(), LoadError { error, observed_at: now });
+                    errors.insert(
+                        path.clone(),
+                        LoadError {
+                            error,
+                            observed_at: now,
+                        },
+                    );
                     continue;
                 }
             };
@@ -247,10 +253,9 @@ impl WorkloadDir {
                 Some(format!("{} was deleted", record.source_path))
             } else {
                 match defined_by_file.get(&source) {
-                    Some(id) if *id != record.spec.id => Some(format!(
-                        "{} now defines workload {id}",
-                        record.source_path
-                    )),
+                    Some(id) if *id != record.spec.id => {
+                        Some(format!("{} now defines workload {id}", record.source_path))
+                    }
                     _ => None,
                 }
             };
@@ -274,7 +279,11 @@ impl WorkloadDir {
         Ok(summary)
     }
 
-    async fn report_invalid(&self, error: &WorkloadError, now: Timestamp) -> Result<(), StoreError> {
+    async fn report_invalid(
+        &self,
+        error: &WorkloadError,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
         tracing::warn!(
             file = %error.file,
             field = %error.field,
@@ -340,7 +349,11 @@ impl WorkloadDir {
     }
 
     /// Deletes a workload's file and forgets it.
-    pub async fn delete(&self, id: &WorkloadId, now: Timestamp) -> Result<WorkloadRecord, EditError> {
+    pub async fn delete(
+        &self,
+        id: &WorkloadId,
+        now: Timestamp,
+    ) -> Result<WorkloadRecord, EditError> {
         let _state = self.inner.lock.lock().await;
         let record = self
             .inner
@@ -366,7 +379,10 @@ impl WorkloadDir {
 /// old file or the new one, never half of one.
 fn write_atomically(path: &Path, contents: &str) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("workload");
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("workload");
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     {
         let mut file = std::fs::File::create(&tmp)?;

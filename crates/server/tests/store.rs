@@ -13,12 +13,15 @@ use boilerhouse_server::store::{
 };
 
 fn event(n: u64, kind: EventKind, workload: Option<&str>) -> NewEvent {
-    NewEvent::new(Timestamp::from_millis(1_000 + n as i64), kind, format!("event {n}")).with_subject(
-        EventSubject {
-            workload_id: workload.map(str::to_owned),
-            ..Default::default()
-        },
+    NewEvent::new(
+        Timestamp::from_millis(1_000 + n as i64),
+        kind,
+        format!("event {n}"),
     )
+    .with_subject(EventSubject {
+        workload_id: workload.map(str::to_owned),
+        ..Default::default()
+    })
 }
 
 async fn open(dir: &tempfile::TempDir) -> Store {
@@ -33,28 +36,48 @@ async fn events_are_listed_filtered_and_resumed_in_order() {
     let store = open(&dir).await;
     let mut ids = Vec::new();
     for n in 0..10 {
-        let kind = if n % 2 == 0 { EventKind::WorkloadLoaded } else { EventKind::NodeLost };
+        let kind = if n % 2 == 0 {
+            EventKind::WorkloadLoaded
+        } else {
+            EventKind::NodeLost
+        };
         let workload = (n % 2 == 0).then_some("demo");
-        ids.push(store.append_event(event(n, kind, workload)).await.unwrap().id);
+        ids.push(
+            store
+                .append_event(event(n, kind, workload))
+                .await
+                .unwrap()
+                .id,
+        );
     }
     assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids increase: {ids:?}");
 
     let all = store
-        .list_events(&EventQuery { limit: 100, ..Default::default() })
+        .list_events(&EventQuery {
+            limit: 100,
+            ..Default::default()
+        })
         .await
         .unwrap();
     assert_eq!(all.len(), 10);
     assert_eq!(all[3].event.message, "event 3");
 
     let after = store
-        .list_events(&EventQuery { after_id: ids[6], limit: 100, ..Default::default() })
+        .list_events(&EventQuery {
+            after_id: ids[6],
+            limit: 100,
+            ..Default::default()
+        })
         .await
         .unwrap();
     assert_eq!(after.iter().map(|e| e.id).collect::<Vec<_>>(), ids[7..]);
 
     let nodes = store
         .list_events(&EventQuery {
-            filter: EventFilter { kinds: vec!["node.".into()], ..Default::default() },
+            filter: EventFilter {
+                kinds: vec!["node.".into()],
+                ..Default::default()
+            },
             limit: 100,
             ..Default::default()
         })
@@ -65,18 +88,28 @@ async fn events_are_listed_filtered_and_resumed_in_order() {
 
     let errors = store
         .list_events(&EventQuery {
-            filter: EventFilter { min_severity: Some(Severity::Error), ..Default::default() },
+            filter: EventFilter {
+                min_severity: Some(Severity::Error),
+                ..Default::default()
+            },
             limit: 100,
             ..Default::default()
         })
         .await
         .unwrap();
-    assert_eq!(errors.len(), 5, "node.lost is an error, workload.loaded is not");
+    assert_eq!(
+        errors.len(),
+        5,
+        "node.lost is an error, workload.loaded is not"
+    );
 
     let demo = store
         .list_events(&EventQuery {
             filter: EventFilter {
-                subject: EventSubject { workload_id: Some("demo".into()), ..Default::default() },
+                subject: EventSubject {
+                    workload_id: Some("demo".into()),
+                    ..Default::default()
+                },
                 ..Default::default()
             },
             limit: 2,
@@ -93,8 +126,14 @@ async fn committed_events_reach_subscribers_after_commit() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(&dir).await;
     let mut feed = store.subscribe_events();
-    let recorded = store.append_event(event(1, EventKind::ServerStarted, None)).await.unwrap();
-    let seen = tokio::time::timeout(Duration::from_secs(5), feed.recv()).await.unwrap().unwrap();
+    let recorded = store
+        .append_event(event(1, EventKind::ServerStarted, None))
+        .await
+        .unwrap();
+    let seen = tokio::time::timeout(Duration::from_secs(5), feed.recv())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(seen, recorded);
 }
 
@@ -105,7 +144,11 @@ async fn concurrent_writes_share_commits() {
     let tasks: Vec<_> = (0..200)
         .map(|n| {
             let store = store.clone();
-            tokio::spawn(async move { store.append_event(event(n, EventKind::NodeJoined, None)).await })
+            tokio::spawn(async move {
+                store
+                    .append_event(event(n, EventKind::NodeJoined, None))
+                    .await
+            })
         })
         .collect();
     for t in tasks {
@@ -139,7 +182,11 @@ async fn one_failing_write_does_not_fail_its_batch() {
     let goods: Vec<_> = (0..20)
         .map(|n| {
             let store = store.clone();
-            tokio::spawn(async move { store.append_event(event(n, EventKind::NodeJoined, None)).await })
+            tokio::spawn(async move {
+                store
+                    .append_event(event(n, EventKind::NodeJoined, None))
+                    .await
+            })
         })
         .collect();
     assert!(matches!(dup.await.unwrap(), Err(StoreError::Conflict(_))));
@@ -154,7 +201,10 @@ async fn one_failing_write_does_not_fail_its_batch() {
         store.lookup_idempotent("m", "r1", "other").await.unwrap(),
         IdempotencyLookup::Mismatch
     );
-    assert_eq!(store.lookup_idempotent("m", "r2", "h").await.unwrap(), IdempotencyLookup::Miss);
+    assert_eq!(
+        store.lookup_idempotent("m", "r2", "h").await.unwrap(),
+        IdempotencyLookup::Miss
+    );
 }
 
 #[tokio::test]
@@ -186,7 +236,13 @@ async fn workloads_survive_reopening_and_report_what_changed() {
     let yaml2 = "id: demo\nimage: busybox\npool: {min_size: 3}\n";
     let spec2 = parse_workload("demo.yaml", yaml2).unwrap();
     let (record, change) = store
-        .put_workload(spec2, yaml2.into(), "demo.yaml".into(), Timestamp::from_millis(20), false)
+        .put_workload(
+            spec2,
+            yaml2.into(),
+            "demo.yaml".into(),
+            Timestamp::from_millis(20),
+            false,
+        )
         .await
         .unwrap();
     assert_eq!(change, WorkloadChange::Updated);
@@ -194,28 +250,46 @@ async fn workloads_survive_reopening_and_report_what_changed() {
     assert_eq!(record.spec.pool.min_size, 3);
 
     let removed = store
-        .remove_workload(spec.id.clone(), "file deleted".into(), Timestamp::from_millis(30))
+        .remove_workload(
+            spec.id.clone(),
+            "file deleted".into(),
+            Timestamp::from_millis(30),
+        )
         .await
         .unwrap();
     assert!(removed.is_some());
     assert!(store.get_workload(&spec.id).await.unwrap().is_none());
     let kinds: Vec<String> = store
-        .list_events(&EventQuery { limit: 10, ..Default::default() })
+        .list_events(&EventQuery {
+            limit: 10,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_iter()
         .map(|e| e.event.kind)
         .collect();
-    assert_eq!(kinds, ["workload.loaded", "workload.updated", "workload.removed"]);
+    assert_eq!(
+        kinds,
+        ["workload.loaded", "workload.updated", "workload.removed"]
+    );
 }
 
 #[tokio::test]
 async fn the_database_is_in_wal_mode_with_full_sync() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(&dir).await;
-    store.append_event(event(1, EventKind::ServerStarted, None)).await.unwrap();
-    let mut raw = boilerhouse_server::store::open_raw(store.path()).await.unwrap();
-    let (mode,): (String,) = sqlx::query_as("PRAGMA journal_mode").fetch_one(&mut raw).await.unwrap();
+    store
+        .append_event(event(1, EventKind::ServerStarted, None))
+        .await
+        .unwrap();
+    let mut raw = boilerhouse_server::store::open_raw(store.path())
+        .await
+        .unwrap();
+    let (mode,): (String,) = sqlx::query_as("PRAGMA journal_mode")
+        .fetch_one(&mut raw)
+        .await
+        .unwrap();
     assert_eq!(mode, "wal");
     assert_eq!(store.integrity_check().await.unwrap(), "ok");
 }
@@ -255,19 +329,36 @@ async fn kill9_in_the_middle_of_writes_loses_no_acknowledged_write() {
         let status = child.wait().unwrap();
         (acked, status)
     });
-    let (acked, status) = tokio::task::spawn_blocking(move || reader.join().unwrap()).await.unwrap();
-    assert!(!status.success(), "the writer was killed, not finished: {status:?}");
-    assert!(acked.len() >= 2_000, "the child acknowledged writes before the kill");
+    let (acked, status) = tokio::task::spawn_blocking(move || reader.join().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        !status.success(),
+        "the writer was killed, not finished: {status:?}"
+    );
+    assert!(
+        acked.len() >= 2_000,
+        "the child acknowledged writes before the kill"
+    );
 
     let store = Store::open(&db, StoreOptions::default()).await.unwrap();
     assert_eq!(store.integrity_check().await.unwrap(), "ok");
     let stored = store
-        .list_events(&EventQuery { limit: u32::MAX, ..Default::default() })
+        .list_events(&EventQuery {
+            limit: u32::MAX,
+            ..Default::default()
+        })
         .await
         .unwrap();
-    let by_id: std::collections::HashMap<u64, String> =
-        stored.into_iter().map(|e| (e.id, e.event.message)).collect();
+    let by_id: std::collections::HashMap<u64, String> = stored
+        .into_iter()
+        .map(|e| (e.id, e.event.message))
+        .collect();
     for (id, marker) in &acked {
-        assert_eq!(by_id.get(id), Some(marker), "acknowledged write {id} ({marker}) is present");
+        assert_eq!(
+            by_id.get(id),
+            Some(marker),
+            "acknowledged write {id} ({marker}) is present"
+        );
     }
 }

@@ -44,7 +44,9 @@ impl EventService for Events {
         let limit = match req.limit {
             0 => DEFAULT_LIMIT,
             n if n > MAX_LIMIT => {
-                return Err(ApiError::invalid("limit", format!("must be at most {MAX_LIMIT}")).into());
+                return Err(
+                    ApiError::invalid("limit", format!("must be at most {MAX_LIMIT}")).into(),
+                );
             }
             n => n,
         };
@@ -53,8 +55,14 @@ impl EventService for Events {
             after_id: req.after_id,
             since: req.since.as_ref().map(timestamp_from_pb),
             limit,
+            latest: req.latest,
         };
-        let events = self.0.store.list_events(&query).await.map_err(ApiError::from)?;
+        let events = self
+            .0
+            .store
+            .list_events(&query)
+            .await
+            .map_err(ApiError::from)?;
         let next_after_id = events.last().map_or(req.after_id, |e| e.id);
         Ok(Response::new(pb::ListEventsResponse {
             events: events.iter().map(pb::Event::from).collect(),
@@ -62,7 +70,8 @@ impl EventService for Events {
         }))
     }
 
-    type WatchEventsStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEventsResponse, Status>> + Send>>;
+    type WatchEventsStream =
+        Pin<Box<dyn Stream<Item = Result<pb::WatchEventsResponse, Status>> + Send>>;
 
     async fn watch_events(
         &self,
@@ -104,10 +113,21 @@ async fn send(tx: &Sink, event: &Event) -> bool {
 
 /// Replays matching events after `cursor` from the database, page by page.
 /// Returns the new cursor, or None when the client has gone.
-async fn replay(store: &Store, filter: &EventFilter, mut cursor: u64, tx: &Sink) -> Result<Option<u64>, StoreError> {
+async fn replay(
+    store: &Store,
+    filter: &EventFilter,
+    mut cursor: u64,
+    tx: &Sink,
+) -> Result<Option<u64>, StoreError> {
     loop {
         let page = store
-            .list_events(&EventQuery { filter: filter.clone(), after_id: cursor, since: None, limit: REPLAY_PAGE })
+            .list_events(&EventQuery {
+                filter: filter.clone(),
+                after_id: cursor,
+                since: None,
+                limit: REPLAY_PAGE,
+                latest: false,
+            })
             .await?;
         for event in &page {
             if !send(tx, event).await {
@@ -129,7 +149,9 @@ async fn pump(
     tx: &Sink,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<(), StoreError> {
-    let Some(mut cursor) = replay(&store, &filter, cursor, tx).await? else { return Ok(()) };
+    let Some(mut cursor) = replay(&store, &filter, cursor, tx).await? else {
+        return Ok(());
+    };
     loop {
         tokio::select! {
             // Cancel-safe: observing the token loses nothing.

@@ -49,7 +49,10 @@ impl Drop for KeyGuard<'_> {
     fn drop(&mut self) {
         let mut locks = self.owner.locks.lock().unwrap_or_else(|e| e.into_inner());
         // Two references remain while only we hold it: the map's and ours.
-        if locks.get(&self.key).is_some_and(|l| Arc::strong_count(l) <= 2) {
+        if locks
+            .get(&self.key)
+            .is_some_and(|l| Arc::strong_count(l) <= 2)
+        {
             locks.remove(&self.key);
         }
     }
@@ -75,7 +78,10 @@ where
     };
     let request_hash = hex::encode(Sha256::digest(request.encode_to_vec()));
     let _guard = locks.lock(&format!("{method}\0{request_id}")).await;
-    match store.lookup_idempotent(method, request_id, &request_hash).await? {
+    match store
+        .lookup_idempotent(method, request_id, &request_hash)
+        .await?
+    {
         IdempotencyLookup::Hit(bytes) => {
             return Resp::decode(bytes.as_slice())
                 .map_err(|e| ApiError::Internal(format!("stored response for {method}: {e}")));

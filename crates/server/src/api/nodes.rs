@@ -31,7 +31,10 @@ impl NodeService for Nodes {
         }))
     }
 
-    async fn get_node(&self, request: Request<pb::GetNodeRequest>) -> Result<Response<pb::GetNodeResponse>, Status> {
+    async fn get_node(
+        &self,
+        request: Request<pb::GetNodeRequest>,
+    ) -> Result<Response<pb::GetNodeResponse>, Status> {
         let id = convert::node_id("node_id", &request.get_ref().node_id).map_err(ApiError::from)?;
         let node = self
             .0
@@ -39,8 +42,13 @@ impl NodeService for Nodes {
             .get_node(&id)
             .await
             .map_err(ApiError::from)?
-            .ok_or_else(|| ApiError::NotFound { what: "node", id: id.to_string() })?;
-        Ok(Response::new(pb::GetNodeResponse { node: Some(node_to_pb(&node, false)) }))
+            .ok_or_else(|| ApiError::NotFound {
+                what: "node",
+                id: id.to_string(),
+            })?;
+        Ok(Response::new(pb::GetNodeResponse {
+            node: Some(node_to_pb(&node, false)),
+        }))
     }
 
     async fn cordon_node(
@@ -57,7 +65,8 @@ impl NodeService for Nodes {
         Err(ApiError::Unimplemented(AGENTS).into())
     }
 
-    type DrainNodeStream = Pin<Box<dyn Stream<Item = Result<pb::DrainNodeResponse, Status>> + Send>>;
+    type DrainNodeStream =
+        Pin<Box<dyn Stream<Item = Result<pb::DrainNodeResponse, Status>> + Send>>;
 
     async fn drain_node(
         &self,

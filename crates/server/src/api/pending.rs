@@ -39,35 +39,62 @@ pub struct Pending;
 
 #[tonic::async_trait]
 impl PoolService for Pending {
-    async fn list_pools(&self, _: Request<pb::ListPoolsRequest>) -> Result<Response<pb::ListPoolsResponse>, Status> {
+    async fn list_pools(
+        &self,
+        _: Request<pb::ListPoolsRequest>,
+    ) -> Result<Response<pb::ListPoolsResponse>, Status> {
         not_yet(POOLS)
     }
-    async fn get_pool(&self, _: Request<pb::GetPoolRequest>) -> Result<Response<pb::GetPoolResponse>, Status> {
+    async fn get_pool(
+        &self,
+        _: Request<pb::GetPoolRequest>,
+    ) -> Result<Response<pb::GetPoolResponse>, Status> {
         not_yet(POOLS)
     }
-    async fn scale_pool(&self, _: Request<pb::ScalePoolRequest>) -> Result<Response<pb::ScalePoolResponse>, Status> {
+    async fn scale_pool(
+        &self,
+        _: Request<pb::ScalePoolRequest>,
+    ) -> Result<Response<pb::ScalePoolResponse>, Status> {
         not_yet(POOLS)
     }
-    async fn drain_pool(&self, _: Request<pb::DrainPoolRequest>) -> Result<Response<pb::DrainPoolResponse>, Status> {
+    async fn drain_pool(
+        &self,
+        _: Request<pb::DrainPoolRequest>,
+    ) -> Result<Response<pb::DrainPoolResponse>, Status> {
         not_yet(POOLS)
     }
 }
 
 #[tonic::async_trait]
 impl ClaimService for Pending {
-    async fn claim(&self, _: Request<pb::ClaimRequest>) -> Result<Response<pb::ClaimResponse>, Status> {
+    async fn claim(
+        &self,
+        _: Request<pb::ClaimRequest>,
+    ) -> Result<Response<pb::ClaimResponse>, Status> {
         not_yet(CLAIMS)
     }
-    async fn release(&self, _: Request<pb::ReleaseRequest>) -> Result<Response<pb::ReleaseResponse>, Status> {
+    async fn release(
+        &self,
+        _: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseResponse>, Status> {
         not_yet(CLAIMS)
     }
-    async fn touch(&self, _: Request<pb::TouchRequest>) -> Result<Response<pb::TouchResponse>, Status> {
+    async fn touch(
+        &self,
+        _: Request<pb::TouchRequest>,
+    ) -> Result<Response<pb::TouchResponse>, Status> {
         not_yet(CLAIMS)
     }
-    async fn get_claim(&self, _: Request<pb::GetClaimRequest>) -> Result<Response<pb::GetClaimResponse>, Status> {
+    async fn get_claim(
+        &self,
+        _: Request<pb::GetClaimRequest>,
+    ) -> Result<Response<pb::GetClaimResponse>, Status> {
         not_yet(CLAIMS)
     }
-    async fn list_claims(&self, _: Request<pb::ListClaimsRequest>) -> Result<Response<pb::ListClaimsResponse>, Status> {
+    async fn list_claims(
+        &self,
+        _: Request<pb::ListClaimsRequest>,
+    ) -> Result<Response<pb::ListClaimsResponse>, Status> {
         not_yet(CLAIMS)
     }
 }
@@ -102,7 +129,10 @@ impl ContainerService for Pending {
     ) -> Result<Response<pb::ListContainersResponse>, Status> {
         not_yet(CONTAINERS)
     }
-    async fn get_container(&self, _: Request<pb::GetContainerRequest>) -> Result<Response<pb::GetContainerResponse>, Status> {
+    async fn get_container(
+        &self,
+        _: Request<pb::GetContainerRequest>,
+    ) -> Result<Response<pb::GetContainerResponse>, Status> {
         not_yet(CONTAINERS)
     }
     async fn destroy_container(
@@ -115,23 +145,38 @@ impl ContainerService for Pending {
 
 #[tonic::async_trait]
 impl BoostService for Pending {
-    async fn request_boost(&self, _: Request<pb::RequestBoostRequest>) -> Result<Response<pb::RequestBoostResponse>, Status> {
+    async fn request_boost(
+        &self,
+        _: Request<pb::RequestBoostRequest>,
+    ) -> Result<Response<pb::RequestBoostResponse>, Status> {
         not_yet(BOOSTS)
     }
-    async fn get_boost(&self, _: Request<pb::GetBoostRequest>) -> Result<Response<pb::GetBoostResponse>, Status> {
+    async fn get_boost(
+        &self,
+        _: Request<pb::GetBoostRequest>,
+    ) -> Result<Response<pb::GetBoostResponse>, Status> {
         not_yet(BOOSTS)
     }
-    async fn list_boosts(&self, _: Request<pb::ListBoostsRequest>) -> Result<Response<pb::ListBoostsResponse>, Status> {
+    async fn list_boosts(
+        &self,
+        _: Request<pb::ListBoostsRequest>,
+    ) -> Result<Response<pb::ListBoostsResponse>, Status> {
         not_yet(BOOSTS)
     }
-    async fn release_boost(&self, _: Request<pb::ReleaseBoostRequest>) -> Result<Response<pb::ReleaseBoostResponse>, Status> {
+    async fn release_boost(
+        &self,
+        _: Request<pb::ReleaseBoostRequest>,
+    ) -> Result<Response<pb::ReleaseBoostResponse>, Status> {
         not_yet(BOOSTS)
     }
 }
 
 #[tonic::async_trait]
 impl SyncService for Pending {
-    async fn trigger_sync(&self, _: Request<pb::TriggerSyncRequest>) -> Result<Response<pb::TriggerSyncResponse>, Status> {
+    async fn trigger_sync(
+        &self,
+        _: Request<pb::TriggerSyncRequest>,
+    ) -> Result<Response<pb::TriggerSyncResponse>, Status> {
         not_yet(SYNC)
     }
     async fn get_sync_status(
@@ -168,7 +213,10 @@ impl ReconcileService for Pending {
 #[tonic::async_trait]
 impl AgentService for Pending {
     type ConnectStream = Stream_<pb::ConnectResponse>;
-    async fn connect(&self, _: Request<Streaming<pb::ConnectRequest>>) -> Result<Response<Self::ConnectStream>, Status> {
+    async fn connect(
+        &self,
+        _: Request<Streaming<pb::ConnectRequest>>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
         not_yet(AGENTS)
     }
 }

@@ -32,7 +32,9 @@ impl SystemService for System {
                 name: name.to_owned(),
                 period: Some(duration_to_pb(s.period)),
                 activations: s.activations,
-                last_started_at: s.last_started_at.map(|t| timestamp_to_pb(Timestamp::from_system_time(t))),
+                last_started_at: s
+                    .last_started_at
+                    .map(|t| timestamp_to_pb(Timestamp::from_system_time(t))),
                 last_duration: s.last_duration.map(duration_to_pb),
                 last_status_json: s.last_status.to_string(),
                 last_error: s.last_error.unwrap_or_default(),
@@ -46,7 +48,10 @@ impl SystemService for System {
             workload_count: workloads.len() as u32,
             workload_load_errors: state.workloads.load_errors().len() as u32,
             node_count: nodes.len() as u32,
-            nodes_ready: nodes.iter().filter(|n| n.status == NodeStatus::Ready).count() as u32,
+            nodes_ready: nodes
+                .iter()
+                .filter(|n| n.status == NodeStatus::Ready)
+                .count() as u32,
             agents_connected: 0,
             tasks,
             last_event_id,

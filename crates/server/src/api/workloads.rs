@@ -19,10 +19,17 @@ impl From<EditError> for ApiError {
     fn from(e: EditError) -> Self {
         match e {
             EditError::Invalid(err) => {
-                let field = if err.field.is_empty() { "yaml".to_owned() } else { format!("yaml.{}", err.field) };
+                let field = if err.field.is_empty() {
+                    "yaml".to_owned()
+                } else {
+                    format!("yaml.{}", err.field)
+                };
                 ApiError::invalid(field, err.reason)
             }
-            EditError::NotFound(id) => ApiError::NotFound { what: "workload", id: id.to_string() },
+            EditError::NotFound(id) => ApiError::NotFound {
+                what: "workload",
+                id: id.to_string(),
+            },
             EditError::Conflict(message) => ApiError::FailedPrecondition(message),
             EditError::Io { path, source } => {
                 tracing::error!(path = %path.display(), error = %source, "cannot write workload file");
@@ -39,7 +46,12 @@ impl WorkloadService for Workloads {
         &self,
         _request: Request<pb::ListWorkloadsRequest>,
     ) -> Result<Response<pb::ListWorkloadsResponse>, Status> {
-        let workloads = self.0.store.list_workloads().await.map_err(ApiError::from)?;
+        let workloads = self
+            .0
+            .store
+            .list_workloads()
+            .await
+            .map_err(ApiError::from)?;
         let load_errors = self
             .0
             .workloads
@@ -62,15 +74,21 @@ impl WorkloadService for Workloads {
         &self,
         request: Request<pb::GetWorkloadRequest>,
     ) -> Result<Response<pb::GetWorkloadResponse>, Status> {
-        let id = convert::workload_id("workload_id", &request.get_ref().workload_id).map_err(ApiError::from)?;
+        let id = convert::workload_id("workload_id", &request.get_ref().workload_id)
+            .map_err(ApiError::from)?;
         let record = self
             .0
             .store
             .get_workload(&id)
             .await
             .map_err(ApiError::from)?
-            .ok_or_else(|| ApiError::NotFound { what: "workload", id: id.to_string() })?;
-        Ok(Response::new(pb::GetWorkloadResponse { workload: Some(pb::Workload::from(&record)) }))
+            .ok_or_else(|| ApiError::NotFound {
+                what: "workload",
+                id: id.to_string(),
+            })?;
+        Ok(Response::new(pb::GetWorkloadResponse {
+            workload: Some(pb::Workload::from(&record)),
+        }))
     }
 
     async fn apply_workload(
@@ -89,7 +107,10 @@ impl WorkloadService for Workloads {
             &req.request_id,
             &req,
             || async {
-                let (record, change) = state.workloads.apply(&req.yaml, req.dry_run, crate::clock::now()).await?;
+                let (record, change) = state
+                    .workloads
+                    .apply(&req.yaml, req.dry_run, crate::clock::now())
+                    .await?;
                 let outcome = match change {
                     None => pb::ApplyOutcome::Valid,
                     Some(WorkloadChange::Created) => pb::ApplyOutcome::Created,
@@ -121,7 +142,9 @@ impl WorkloadService for Workloads {
             &req,
             || async {
                 let record = state.workloads.delete(&id, crate::clock::now()).await?;
-                Ok(pb::DeleteWorkloadResponse { workload: Some(pb::Workload::from(&record)) })
+                Ok(pb::DeleteWorkloadResponse {
+                    workload: Some(pb::Workload::from(&record)),
+                })
             },
         )
         .await?;

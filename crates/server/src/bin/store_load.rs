@@ -28,9 +28,15 @@ async fn main() -> anyhow::Result<()> {
         tasks.push(tokio::spawn(async move {
             for n in 0u64.. {
                 let marker = format!("w{writer}-{n}");
-                let event = NewEvent::new(Timestamp::from_millis(1), EventKind::NodeJoined, marker.clone());
+                let event = NewEvent::new(
+                    Timestamp::from_millis(1),
+                    EventKind::NodeJoined,
+                    marker.clone(),
+                );
                 let recorded = store.append_event(event).await?;
-                let mut out = out.lock().map_err(|_| anyhow::anyhow!("stdout lock poisoned"))?;
+                let mut out = out
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("stdout lock poisoned"))?;
                 writeln!(out, "ack {} {marker}", recorded.id)?;
                 out.flush()?;
             }

@@ -21,6 +21,8 @@ pub struct EventQuery {
     pub since: Option<Timestamp>,
     /// At most this many, oldest first.
     pub limit: u32,
+    /// Take the newest `limit` matches instead of the oldest.
+    pub latest: bool,
 }
 
 #[derive(sqlx::FromRow)]
@@ -143,7 +145,8 @@ impl Store {
         ];
         for (column, value) in subject {
             if let Some(value) = value {
-                sql.push(format_args!(" AND {column} = ")).push_bind(value.clone());
+                sql.push(format_args!(" AND {column} = "))
+                    .push_bind(value.clone());
             }
         }
         if let Some(min) = f.min_severity {
@@ -159,8 +162,16 @@ impl Store {
             }
             sql.push(")");
         }
-        sql.push(" ORDER BY id ASC LIMIT ").push_bind(i64::from(query.limit.max(1)));
-        let rows: Vec<EventRow> = sql.build_query_as().fetch_all(&self.reads).await?;
+        let order = if query.latest {
+            " ORDER BY id DESC LIMIT "
+        } else {
+            " ORDER BY id ASC LIMIT "
+        };
+        sql.push(order).push_bind(i64::from(query.limit.max(1)));
+        let mut rows: Vec<EventRow> = sql.build_query_as().fetch_all(&self.reads).await?;
+        if query.latest {
+            rows.reverse();
+        }
         rows.into_iter().map(Event::try_from).collect()
     }
 
@@ -174,7 +185,11 @@ impl Store {
 
     /// Deletes events older than `before`, keeping at least `keep_newest`.
     /// Returns how many went.
-    pub async fn trim_events(&self, before: Timestamp, keep_newest: u64) -> Result<u64, StoreError> {
+    pub async fn trim_events(
+        &self,
+        before: Timestamp,
+        keep_newest: u64,
+    ) -> Result<u64, StoreError> {
         self.writer
             .write(move |tx| {
                 async move {

@@ -40,7 +40,10 @@ pub struct IdempotentRecord {
 
 /// Records a response inside the caller's transaction, so the mutation and
 /// its key commit together or not at all.
-pub async fn insert_idempotent(tx: &mut WriteTx, record: &IdempotentRecord) -> Result<(), StoreError> {
+pub async fn insert_idempotent(
+    tx: &mut WriteTx,
+    record: &IdempotentRecord,
+) -> Result<(), StoreError> {
     sqlx::query(
         "INSERT INTO idempotency_keys (method, request_id, request_hash, response, created_at) \
          VALUES (?, ?, ?, ?, ?)",

@@ -59,7 +59,7 @@ use tokio::sync::broadcast;
 use boilerhouse_core::event::Event;
 
 pub use events::EventQuery;
-pub use idempotency::{IdempotentRecord, IdempotencyLookup};
+pub use idempotency::{IdempotencyLookup, IdempotentRecord};
 pub use workloads::WorkloadChange;
 pub use writer::{WriteTx, Writer, WriterStats};
 

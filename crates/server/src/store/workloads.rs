@@ -88,9 +88,8 @@ impl Store {
                     let (change, created_at, updated_at) = match &existing {
                         None => (WorkloadChange::Created, now, now),
                         Some((hash, old_yaml, old_path, created, updated)) => {
-                            let same = *hash == spec_hash
-                                && *old_yaml == yaml
-                                && *old_path == source_path;
+                            let same =
+                                *hash == spec_hash && *old_yaml == yaml && *old_path == source_path;
                             let change = if same {
                                 WorkloadChange::Unchanged
                             } else {
@@ -214,20 +213,21 @@ impl Store {
 
     /// Every stored workload, by id.
     pub async fn list_workloads(&self) -> Result<Vec<WorkloadRecord>, StoreError> {
-        let rows: Vec<WorkloadRow> =
-            sqlx::query_as(select_workload!("ORDER BY workload_id"))
-                .fetch_all(&self.reads)
-                .await?;
+        let rows: Vec<WorkloadRow> = sqlx::query_as(select_workload!("ORDER BY workload_id"))
+            .fetch_all(&self.reads)
+            .await?;
         rows.into_iter().map(WorkloadRecord::try_from).collect()
     }
 
     /// One workload.
-    pub async fn get_workload(&self, id: &WorkloadId) -> Result<Option<WorkloadRecord>, StoreError> {
-        let row: Option<WorkloadRow> =
-            sqlx::query_as(select_workload!("WHERE workload_id = ?"))
-                .bind(id.as_str())
-                .fetch_optional(&self.reads)
-                .await?;
+    pub async fn get_workload(
+        &self,
+        id: &WorkloadId,
+    ) -> Result<Option<WorkloadRecord>, StoreError> {
+        let row: Option<WorkloadRow> = sqlx::query_as(select_workload!("WHERE workload_id = ?"))
+            .bind(id.as_str())
+            .fetch_optional(&self.reads)
+            .await?;
         row.map(WorkloadRecord::try_from).transpose()
     }
 }

@@ -1,0 +1,757 @@
+//! The connection to boilerhoused and one method per command.
+
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio_stream::StreamExt as _;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+use boilerhouse_proto::pb;
+use boilerhouse_proto::pb::event_service_client::EventServiceClient;
+use boilerhouse_proto::pb::node_service_client::NodeServiceClient;
+use boilerhouse_proto::pb::system_service_client::SystemServiceClient;
+use boilerhouse_proto::pb::workload_service_client::WorkloadServiceClient;
+
+use crate::EventsArgs;
+use crate::output::{self, Format, print_structured, print_table, table};
+
+/// A failed command, in one sentence.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// The server could not be reached at all.
+    #[error(
+        "cannot reach boilerhoused at {addr}: {reason}. Is it running? Set --server or BOILERHOUSE_ADDR."
+    )]
+    Unreachable {
+        /// Where we tried.
+        addr: String,
+        /// Why it failed, briefly.
+        reason: String,
+    },
+    /// The server answered with an error.
+    #[error("{0}")]
+    Server(String),
+    /// A local input problem.
+    #[error("{0}")]
+    Input(String),
+    /// Output could not be written.
+    #[error("cannot print the result: {0}")]
+    Output(String),
+}
+
+impl CliError {
+    /// 2 for usage and input errors, 1 otherwise, like most CLIs.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Input(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+fn normalise(addr: &str) -> String {
+    if addr.contains("://") {
+        addr.to_owned()
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+/// The innermost cause, which is the part a person can act on
+/// ("Connection refused"), without the layers above it.
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    let text = cause.to_string();
+    // "Connection refused (os error 111)" -> "connection refused"
+    let text = text.split(" (os error").next().unwrap_or(&text).to_owned();
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(first) => first.to_lowercase().collect::<String>() + chars.as_str(),
+        None => text,
+    }
+}
+
+/// A connected client.
+pub struct Client {
+    channel: Channel,
+    addr: String,
+}
+
+impl Client {
+    /// Connects, or explains in one sentence why it cannot.
+    pub async fn connect(addr: &str) -> Result<Self, CliError> {
+        let addr = normalise(addr);
+        let endpoint = Endpoint::from_shared(addr.clone())
+            .map_err(|e| CliError::Input(format!("--server {addr:?} is not a valid address: {e}")))?
+            .connect_timeout(Duration::from_secs(3));
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| CliError::Unreachable {
+                addr: addr.clone(),
+                reason: root_cause(&e),
+            })?;
+        Ok(Self { channel, addr })
+    }
+
+    fn fail(&self, status: Status) -> CliError {
+        if status.code() == Code::Unavailable && status.message().contains("transport") {
+            return CliError::Unreachable {
+                addr: self.addr.clone(),
+                reason: "the connection dropped".into(),
+            };
+        }
+        use tonic_types::StatusExt as _;
+        let mut text = format!("{}: {}", code_name(status.code()), status.message());
+        if let Some(bad) = status.get_error_details().bad_request() {
+            for v in &bad.field_violations {
+                if !status.message().contains(&v.description) {
+                    text.push_str(&format!("\n  {}: {}", v.field, v.description));
+                }
+            }
+        }
+        CliError::Server(text)
+    }
+
+    pub async fn workload_list(&self, format: Format) -> Result<(), CliError> {
+        let resp = WorkloadServiceClient::new(self.channel.clone())
+            .list_workloads(pb::ListWorkloadsRequest {})
+            .await
+            .map_err(|s| self.fail(s))?
+            .into_inner();
+        let workloads: Vec<WorkloadView> = resp.workloads.iter().map(WorkloadView::from).collect();
+        let errors: Vec<LoadErrorView> = resp.load_errors.iter().map(LoadErrorView::from).collect();
+        if format != Format::Table {
+            #[derive(Serialize)]
+            struct Listing<'a> {
+                workloads: &'a [WorkloadView],
+                load_errors: &'a [LoadErrorView],
+            }
+            return print_structured(
+                format,
+                &Listing {
+                    workloads: &workloads,
+                    load_errors: &errors,
+                },
+            )
+            .map_err(CliError::Output);
+        }
+        let mut t = table(&[
+            "ID",
+            "IMAGE",
+            "MIN",
+            "MAX",
+            "IDLE TIMEOUT",
+            "AFFINITY",
+            "SOURCE",
+            "AGE",
+        ]);
+        for (w, raw) in workloads.iter().zip(&resp.workloads) {
+            t.add_row(vec![
+                w.id.clone(),
+                w.image.clone(),
+                w.min_size.to_string(),
+                w.max_size.to_string(),
+                if w.idle_timeout.is_empty() {
+                    "-".into()
+                } else {
+                    w.idle_timeout.clone()
+                },
+                w.affinity_timeout.clone(),
+                w.source.clone(),
+                output::age(raw.updated_at.as_ref()),
+            ]);
+        }
+        if workloads.is_empty() {
+            println!("No workloads.");
+        } else {
+            print_table(&t);
+        }
+        for e in &errors {
+            let field = if e.field.is_empty() {
+                String::new()
+            } else {
+                format!(" field `{}`:", e.field)
+            };
+            eprintln!("warning: {} failed to load:{field} {}", e.path, e.reason);
+        }
+        Ok(())
+    }
+
+    pub async fn workload_get(&self, id: &str, format: Format) -> Result<(), CliError> {
+        let resp = WorkloadServiceClient::new(self.channel.clone())
+            .get_workload(pb::GetWorkloadRequest {
+                workload_id: id.to_owned(),
+            })
+            .await
+            .map_err(|s| self.fail(s))?
+            .into_inner();
+        let w = resp.workload.unwrap_or_default();
+        self.print_workload(&w, format)
+    }
+
+    fn print_workload(&self, w: &pb::Workload, format: Format) -> Result<(), CliError> {
+        let view = WorkloadView::from(w);
+        if format != Format::Table {
+            return print_structured(format, &view).map_err(CliError::Output);
+        }
+        let rows = [
+            ("ID", view.id.clone()),
+            ("Name", view.name.clone()),
+            ("Image", view.image.clone()),
+            (
+                "Pool",
+                format!("min {} / max {}", view.min_size, view.max_size),
+            ),
+            (
+                "Idle timeout",
+                if view.idle_timeout.is_empty() {
+                    "none".into()
+                } else {
+                    view.idle_timeout.clone()
+                },
+            ),
+            ("Affinity timeout", view.affinity_timeout.clone()),
+            ("Source", view.source.clone()),
+            ("Spec hash", view.spec_hash.clone()),
+            ("Updated", view.updated_at.clone()),
+        ];
+        for (k, v) in rows {
+            println!("{:<17} {v}", format!("{k}:"));
+        }
+        println!("YAML:");
+        for line in w.yaml.lines() {
+            println!("  {line}");
+        }
+        Ok(())
+    }
+
+    pub async fn workload_apply(
+        &self,
+        yaml: String,
+        dry_run: bool,
+        request_id: String,
+        format: Format,
+    ) -> Result<(), CliError> {
+        let resp = WorkloadServiceClient::new(self.channel.clone())
+            .apply_workload(pb::ApplyWorkloadRequest {
+                yaml,
+                dry_run,
+                request_id,
+            })
+            .await
+            .map_err(|s| self.fail(s))?
+            .into_inner();
+        let w = resp.workload.unwrap_or_default();
+        if format != Format::Table {
+            return print_structured(format, &WorkloadView::from(&w)).map_err(CliError::Output);
+        }
+        let outcome = match pb::ApplyOutcome::try_from(resp.outcome) {
+            Ok(pb::ApplyOutcome::Created) => "created",
+            Ok(pb::ApplyOutcome::Updated) => "configured",
+            Ok(pb::ApplyOutcome::Unchanged) => "unchanged",
+            Ok(pb::ApplyOutcome::Valid) => "valid (dry run)",
+            _ => "applied",
+        };
+        println!("workload/{} {outcome}", w.id);
+        Ok(())
+    }
+
+    pub async fn workload_delete(
+        &self,
+        id: &str,
+        request_id: String,
+        format: Format,
+    ) -> Result<(), CliError> {
+        let resp = WorkloadServiceClient::new(self.channel.clone())
+            .delete_workload(pb::DeleteWorkloadRequest {
+                workload_id: id.to_owned(),
+                request_id,
+            })
+            .await
+            .map_err(|s| self.fail(s))?
+            .into_inner();
+        let w = resp.workload.unwrap_or_default();
+        if format != Format::Table {
+            return print_structured(format, &WorkloadView::from(&w)).map_err(CliError::Output);
+        }
+        println!("workload/{} deleted", w.id);
+        Ok(())
+    }
+
+    pub async fn node_list(&self, format: Format) -> Result<(), CliError> {
+        let resp = NodeServiceClient::new(self.channel.clone())
+            .list_nodes(pb::ListNodesRequest {})
+            .await
+            .map_err(|s| self.fail(s))?
+            .into_inner();
+        let nodes: Vec<NodeView> = resp.nodes.iter().map(NodeView::from).collect();
+        if format != Format::Table {
+            return print_structured(format, &nodes).map_err(CliError::Output);
+        }
+        if nodes.is_empty() {
+            println!("No nodes. Start boilerhouse-agent on a Docker host to add one.");
+            return Ok(());
+        }
+        let mut t = table(&[
+            "NAME",
+            "STATUS",
+            "CPUS",
+            "MEMORY",
+            "GPUS",
+            "AGENT",
+            "ENGINE",
+            "LAST HEARTBEAT",
+        ]);
+        for (n, raw) in nodes.iter().zip(&resp.nodes) {
+            let status = if n.cordoned {
+                format!("{},cordoned", n.status)
+            } else {
+                n.status.clone()
+            };
+            t.add_row(vec![
+                n.name.clone(),
+                status,
+                format!("{}", n.cpus),
+                boilerhouse_core::units::format_size(n.memory_bytes),
+                n.gpus.to_string(),
+                n.agent_version.clone(),
+                n.engine_version.clone(),
+                format!("{} ago", output::age(raw.last_heartbeat_at.as_ref())),
+            ]);
+        }
+        print_table(&t);
+        Ok(())
+    }
+
+    pub async fn node_get(&self, id: &str, format: Format) -> Result<(), CliError> {
+        let resp = NodeServiceClient::new(self.channel.clone())
+            .get_node(pb::GetNodeRequest {
+                node_id: id.to_owned(),
+            })
+            .await
+            .map_err(|s| self.fail(s))?
+            .into_inner();
+        let view = NodeView::from(&resp.node.unwrap_or_default());
+        if format != Format::Table {
+            return print_structured(format, &view).map_err(CliError::Output);
+        }
+        print_structured(Format::Yaml, &view).map_err(CliError::Output)
+    }
+
+    pub async fn events(&self, args: EventsArgs, format: Format) -> Result<(), CliError> {
+        let min_severity = match args.severity.as_deref() {
+            None => pb::EventSeverity::Unspecified,
+            Some("info") => pb::EventSeverity::Info,
+            Some("warning") => pb::EventSeverity::Warning,
+            Some("error") => pb::EventSeverity::Error,
+            Some(other) => {
+                return Err(CliError::Input(format!(
+                    "--severity {other:?} is not one of info, warning, error"
+                )));
+            }
+        };
+        let filter = pb::EventFilter {
+            kinds: args.kinds.clone(),
+            node_id: args.node.clone().unwrap_or_default(),
+            workload_id: args.workload.clone().unwrap_or_default(),
+            container_id: args.container.clone().unwrap_or_default(),
+            tenant_id: args.tenant.clone().unwrap_or_default(),
+            boost_id: String::new(),
+            min_severity: min_severity as i32,
+        };
+        let mut client = EventServiceClient::new(self.channel.clone());
+        let listed = client
+            .list_events(pb::ListEventsRequest {
+                filter: Some(filter.clone()),
+                after_id: 0,
+                since: None,
+                limit: args.limit.clamp(1, 1000),
+                latest: true,
+            })
+            .await
+            .map_err(|s| self.fail(s))?
+            .into_inner();
+        let views: Vec<EventView> = listed.events.iter().map(EventView::from).collect();
+        if !args.follow {
+            if format != Format::Table {
+                return print_structured(format, &views).map_err(CliError::Output);
+            }
+            if views.is_empty() {
+                println!("No events.");
+                return Ok(());
+            }
+            let mut t = table(&["ID", "TIME", "SEVERITY", "KIND", "SUBJECT", "MESSAGE"]);
+            for e in &views {
+                t.add_row(vec![
+                    e.id.to_string(),
+                    e.at.clone(),
+                    e.severity.clone(),
+                    e.kind.clone(),
+                    e.subject(),
+                    e.message.clone(),
+                ]);
+            }
+            print_table(&t);
+            return Ok(());
+        }
+
+        // Follow: print what was listed, then stream from the last id seen so
+        // nothing between the listing and the watch is missed.
+        if format == Format::Table {
+            println!(
+                "{:<8} {:<20} {:<8} {:<20} {:<24} MESSAGE",
+                "ID", "TIME", "SEVERITY", "KIND", "SUBJECT"
+            );
+        }
+        for e in &views {
+            print_event_line(e, format)?;
+        }
+        let last = listed.events.last().map(|e| e.id).unwrap_or(0);
+        let resume_token = if last == 0 {
+            String::new()
+        } else {
+            last.to_string()
+        };
+        let mut stream = client
+            .watch_events(pb::WatchEventsRequest {
+                filter: Some(filter),
+                resume_token,
+            })
+            .await
+            .map_err(|s| self.fail(s))?
+            .into_inner();
+        loop {
+            tokio::select! {
+                item = stream.next() => match item {
+                    Some(Ok(msg)) => {
+                        if let Some(e) = msg.event {
+                            print_event_line(&EventView::from(&e), format)?;
+                        }
+                    }
+                    Some(Err(status)) => return Err(self.fail(status)),
+                    None => {
+                        eprintln!("bh: the server closed the event stream (it is shutting down)");
+                        return Ok(());
+                    }
+                },
+                _ = tokio::signal::ctrl_c() => return Ok(()),
+            }
+        }
+    }
+
+    pub async fn status(&self, format: Format) -> Result<(), CliError> {
+        let s = SystemServiceClient::new(self.channel.clone())
+            .get_system_status(pb::GetSystemStatusRequest {})
+            .await
+            .map_err(|e| self.fail(e))?
+            .into_inner();
+        let view = StatusView::from(&s);
+        if format != Format::Table {
+            return print_structured(format, &view).map_err(CliError::Output);
+        }
+        println!("Server:     {} (boilerhoused {})", self.addr, s.version);
+        println!(
+            "Up since:   {} ({})",
+            output::time(s.started_at.as_ref()),
+            output::age(s.started_at.as_ref())
+        );
+        println!("Database:   {}", s.database_path);
+        println!(
+            "Workloads:  {} loaded, {} failing, from {}",
+            s.workload_count, s.workload_load_errors, s.workloads_dir
+        );
+        println!(
+            "Nodes:      {} known, {} ready, {} agents connected",
+            s.node_count, s.nodes_ready, s.agents_connected
+        );
+        println!("Last event: {}", s.last_event_id);
+        println!();
+        let mut t = table(&["TASK", "PERIOD", "RUNS", "LAST RUN", "TOOK", "RESULT"]);
+        for task in &s.tasks {
+            let result = if task.last_error.is_empty() {
+                task.last_status_json.clone()
+            } else {
+                format!("error: {}", task.last_error)
+            };
+            t.add_row(vec![
+                task.name.clone(),
+                output::duration(task.period.as_ref()),
+                task.activations.to_string(),
+                if task.last_started_at.is_some() {
+                    format!("{} ago", output::age(task.last_started_at.as_ref()))
+                } else {
+                    "never".into()
+                },
+                output::duration(task.last_duration.as_ref()),
+                result,
+            ]);
+        }
+        print_table(&t);
+        Ok(())
+    }
+}
+
+fn print_event_line(e: &EventView, format: Format) -> Result<(), CliError> {
+    match format {
+        Format::Table => {
+            println!(
+                "{:<8} {:<20} {:<8} {:<20} {:<24} {}",
+                e.id,
+                e.at,
+                e.severity,
+                e.kind,
+                e.subject(),
+                e.message
+            );
+        }
+        // One object per line, so a follow stream is valid NDJSON.
+        Format::Json => println!(
+            "{}",
+            serde_json::to_string(e).map_err(|x| CliError::Output(x.to_string()))?
+        ),
+        Format::Yaml => {
+            println!("---");
+            print_structured(Format::Yaml, e).map_err(CliError::Output)?;
+        }
+    }
+    Ok(())
+}
+
+fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::InvalidArgument => "invalid argument",
+        Code::NotFound => "not found",
+        Code::AlreadyExists => "already exists",
+        Code::FailedPrecondition => "failed precondition",
+        Code::ResourceExhausted => "resource exhausted",
+        Code::Unavailable => "unavailable",
+        Code::Unimplemented => "not implemented",
+        Code::PermissionDenied => "permission denied",
+        Code::Unauthenticated => "unauthenticated",
+        Code::DeadlineExceeded => "deadline exceeded",
+        Code::Aborted => "aborted",
+        Code::Cancelled => "cancelled",
+        _ => "error",
+    }
+}
+
+#[derive(Serialize)]
+struct WorkloadView {
+    id: String,
+    name: String,
+    image: String,
+    min_size: u32,
+    max_size: u32,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    idle_timeout: String,
+    affinity_timeout: String,
+    source: String,
+    spec_hash: String,
+    updated_at: String,
+}
+
+impl From<&pb::Workload> for WorkloadView {
+    fn from(w: &pb::Workload) -> Self {
+        let pool = w.pool.clone().unwrap_or_default();
+        Self {
+            id: w.id.clone(),
+            name: w.name.clone(),
+            image: w.image.clone(),
+            min_size: pool.min_size,
+            max_size: pool.max_size,
+            idle_timeout: output::duration(pool.idle_timeout.as_ref()),
+            affinity_timeout: output::duration(pool.affinity_timeout.as_ref()),
+            source: w.source_path.clone(),
+            spec_hash: w.spec_hash.clone(),
+            updated_at: output::time(w.updated_at.as_ref()),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct LoadErrorView {
+    path: String,
+    field: String,
+    reason: String,
+}
+
+impl From<&pb::WorkloadLoadError> for LoadErrorView {
+    fn from(e: &pb::WorkloadLoadError) -> Self {
+        Self {
+            path: e.path.clone(),
+            field: e.field.clone(),
+            reason: e.reason.clone(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct NodeView {
+    name: String,
+    status: String,
+    cordoned: bool,
+    connected: bool,
+    cpus: f64,
+    memory_bytes: u64,
+    gpus: u32,
+    agent_version: String,
+    engine_version: String,
+    labels: std::collections::BTreeMap<String, String>,
+    first_seen_at: String,
+    last_heartbeat_at: String,
+}
+
+impl From<&pb::Node> for NodeView {
+    fn from(n: &pb::Node) -> Self {
+        let status = match pb::NodeStatus::try_from(n.status) {
+            Ok(pb::NodeStatus::Ready) => "ready",
+            Ok(pb::NodeStatus::Suspect) => "suspect",
+            Ok(pb::NodeStatus::Lost) => "lost",
+            _ => "unknown",
+        };
+        let capacity = n.capacity.unwrap_or_default();
+        Self {
+            name: n.node_id.clone(),
+            status: status.to_owned(),
+            cordoned: n.cordoned,
+            connected: n.connected,
+            cpus: capacity.cpus,
+            memory_bytes: capacity.memory_bytes,
+            gpus: capacity.gpus,
+            agent_version: n.agent_version.clone(),
+            engine_version: n.engine_version.clone(),
+            labels: n.labels.clone().into_iter().collect(),
+            first_seen_at: output::time(n.first_seen_at.as_ref()),
+            last_heartbeat_at: output::time(n.last_heartbeat_at.as_ref()),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct EventView {
+    id: u64,
+    at: String,
+    severity: String,
+    kind: String,
+    message: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    node_id: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    workload_id: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    container_id: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    tenant_id: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    boost_id: String,
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    attributes: std::collections::BTreeMap<String, String>,
+}
+
+impl EventView {
+    fn subject(&self) -> String {
+        let parts = [
+            ("node", &self.node_id),
+            ("workload", &self.workload_id),
+            ("container", &self.container_id),
+            ("tenant", &self.tenant_id),
+            ("boost", &self.boost_id),
+        ];
+        let named: Vec<String> = parts
+            .iter()
+            .filter(|(_, v)| !v.is_empty())
+            .map(|(k, v)| format!("{k}/{v}"))
+            .collect();
+        if named.is_empty() {
+            "-".into()
+        } else {
+            named.join(",")
+        }
+    }
+}
+
+impl From<&pb::Event> for EventView {
+    fn from(e: &pb::Event) -> Self {
+        let severity = match pb::EventSeverity::try_from(e.severity) {
+            Ok(pb::EventSeverity::Warning) => "warning",
+            Ok(pb::EventSeverity::Error) => "error",
+            _ => "info",
+        };
+        Self {
+            id: e.id,
+            at: output::time(e.at.as_ref()),
+            severity: severity.to_owned(),
+            kind: e.kind.clone(),
+            message: e.message.clone(),
+            node_id: e.node_id.clone(),
+            workload_id: e.workload_id.clone(),
+            container_id: e.container_id.clone(),
+            tenant_id: e.tenant_id.clone(),
+            boost_id: e.boost_id.clone(),
+            attributes: e.attributes.clone().into_iter().collect(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct TaskView {
+    name: String,
+    period: String,
+    activations: u64,
+    last_started_at: String,
+    last_duration: String,
+    last_status: serde_json::Value,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    last_error: String,
+}
+
+#[derive(Serialize)]
+struct StatusView {
+    version: String,
+    started_at: String,
+    database_path: String,
+    workloads_dir: String,
+    workload_count: u32,
+    workload_load_errors: u32,
+    node_count: u32,
+    nodes_ready: u32,
+    agents_connected: u32,
+    last_event_id: u64,
+    tasks: Vec<TaskView>,
+}
+
+impl From<&pb::GetSystemStatusResponse> for StatusView {
+    fn from(s: &pb::GetSystemStatusResponse) -> Self {
+        Self {
+            version: s.version.clone(),
+            started_at: output::time(s.started_at.as_ref()),
+            database_path: s.database_path.clone(),
+            workloads_dir: s.workloads_dir.clone(),
+            workload_count: s.workload_count,
+            workload_load_errors: s.workload_load_errors,
+            node_count: s.node_count,
+            nodes_ready: s.nodes_ready,
+            agents_connected: s.agents_connected,
+            last_event_id: s.last_event_id,
+            tasks: s
+                .tasks
+                .iter()
+                .map(|t| TaskView {
+                    name: t.name.clone(),
+                    period: output::duration(t.period.as_ref()),
+                    activations: t.activations,
+                    last_started_at: output::time(t.last_started_at.as_ref()),
+                    last_duration: output::duration(t.last_duration.as_ref()),
+                    last_status: serde_json::from_str(&t.last_status_json)
+                        .unwrap_or(serde_json::Value::Null),
+                    last_error: t.last_error.clone(),
+                })
+                .collect(),
+        }
+    }
+}

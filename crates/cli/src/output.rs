@@ -1,0 +1,134 @@
+//! Output formats: aligned tables for people, JSON and YAML for programs.
+
+use std::time::{Duration, SystemTime};
+
+use comfy_table::{ContentArrangement, Table, presets};
+use serde::Serialize;
+
+/// How results are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// Aligned columns, like kubectl and nomad.
+    Table,
+    /// JSON.
+    Json,
+    /// YAML.
+    Yaml,
+}
+
+/// A kubectl-style table: header row, no borders.
+pub fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_style(presets::NOTHING)
+        .set_content_arrangement(ContentArrangement::Disabled)
+        .set_header(header.iter().copied());
+    t
+}
+
+/// Prints a table without the leading space comfy-table's preset leaves.
+pub fn print_table(t: &Table) {
+    for line in t.to_string().lines() {
+        println!("{}", line.strip_prefix(' ').unwrap_or(line).trim_end());
+    }
+}
+
+/// Prints `value` as JSON or YAML.
+pub fn print_structured<T: Serialize>(format: Format, value: &T) -> Result<(), String> {
+    match format {
+        Format::Json => {
+            let text = serde_json::to_string_pretty(value).map_err(|e| e.to_string())?;
+            println!("{text}");
+        }
+        Format::Yaml => {
+            let text = serde_saphyr::to_string(value).map_err(|e| e.to_string())?;
+            print!("{text}");
+            if !text.ends_with('\n') {
+                println!();
+            }
+        }
+        Format::Table => {}
+    }
+    Ok(())
+}
+
+/// A protobuf timestamp as RFC 3339, or empty.
+pub fn time(t: Option<&prost_types::Timestamp>) -> String {
+    match t {
+        Some(t) if t.seconds != 0 || t.nanos != 0 => {
+            let when = SystemTime::UNIX_EPOCH
+                + Duration::from_secs(t.seconds.max(0) as u64)
+                + Duration::from_nanos(t.nanos.max(0) as u64);
+            humantime::format_rfc3339_seconds(when).to_string()
+        }
+        _ => String::new(),
+    }
+}
+
+/// How long ago `t` was, the way kubectl's AGE column shows it.
+pub fn age(t: Option<&prost_types::Timestamp>) -> String {
+    let Some(t) = t else { return String::new() };
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let secs = (now - t.seconds).max(0) as u64;
+    short_duration(Duration::from_secs(secs))
+}
+
+/// `5s`, `3m`, `2h`, `4d`.
+pub fn short_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m", s / 60),
+        3600..86400 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86400),
+    }
+}
+
+/// A protobuf duration, humanly.
+pub fn duration(d: Option<&prost_types::Duration>) -> String {
+    match d {
+        Some(d) => {
+            let d = Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32);
+            if d < Duration::from_secs(1) {
+                // Sub-second durations to a tenth of a millisecond.
+                format!("{:.1}ms", d.as_secs_f64() * 1000.0)
+            } else {
+                let whole = Duration::from_millis(d.as_millis() as u64);
+                humantime::format_duration(whole)
+                    .to_string()
+                    .replace(' ', "")
+            }
+        }
+        None => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_like_kubectl_ages() {
+        assert_eq!(short_duration(Duration::from_secs(5)), "5s");
+        assert_eq!(short_duration(Duration::from_secs(180)), "3m");
+        assert_eq!(short_duration(Duration::from_secs(7200)), "2h");
+        assert_eq!(short_duration(Duration::from_secs(4 * 86400)), "4d");
+        assert_eq!(
+            duration(Some(&prost_types::Duration {
+                seconds: 300,
+                nanos: 0
+            })),
+            "5m"
+        );
+        assert_eq!(time(None), "");
+        assert_eq!(
+            duration(Some(&prost_types::Duration {
+                seconds: 0,
+                nanos: 4_213_833
+            })),
+            "4.2ms"
+        );
+    }
+}

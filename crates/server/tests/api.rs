@@ -1,0 +1,609 @@
+//! boilerhoused as a real process on loopback port 0: the API, reflection,
+//! health, workloads, events, restarts and shutdown.
+
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use tokio_stream::StreamExt as _;
+use tonic::Code;
+
+use boilerhouse_proto::pb;
+use boilerhouse_proto::pb::event_service_client::EventServiceClient;
+use boilerhouse_proto::pb::workload_service_client::WorkloadServiceClient;
+use boilerhouse_testkit::{
+    ServerOptions, ServerProcess, eventually, grpcurl_available, stderr, stdout,
+};
+
+const SERVICES: &[&str] = &[
+    "boilerhouse.v1.AffinityService",
+    "boilerhouse.v1.AgentService",
+    "boilerhouse.v1.BoostService",
+    "boilerhouse.v1.ClaimService",
+    "boilerhouse.v1.ContainerService",
+    "boilerhouse.v1.EventService",
+    "boilerhouse.v1.NodeService",
+    "boilerhouse.v1.PoolService",
+    "boilerhouse.v1.ReconcileService",
+    "boilerhouse.v1.SyncService",
+    "boilerhouse.v1.SystemService",
+    "boilerhouse.v1.WorkloadService",
+];
+
+fn copy_examples(server_root: &std::path::Path) {
+    let examples =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/workloads");
+    let dest = server_root.join("workloads");
+    std::fs::create_dir_all(&dest).unwrap();
+    for entry in std::fs::read_dir(examples).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dest.join(path.file_name().unwrap())).unwrap();
+    }
+}
+
+async fn list(server: &ServerProcess) -> pb::ListWorkloadsResponse {
+    WorkloadServiceClient::new(server.channel().await.unwrap())
+        .list_workloads(pb::ListWorkloadsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+fn ids(resp: &pb::ListWorkloadsResponse) -> Vec<String> {
+    resp.workloads.iter().map(|w| w.id.clone()).collect()
+}
+
+#[tokio::test]
+async fn grpcurl_lists_describes_and_health_checks_every_service() {
+    if !grpcurl_available() {
+        return;
+    }
+    let server = ServerProcess::start().await.unwrap();
+    let out = server.grpcurl(&["list"]).unwrap();
+    assert!(
+        out.status.success(),
+        "grpcurl list failed: {}",
+        stderr(&out)
+    );
+    let listed = stdout(&out);
+    for service in SERVICES {
+        assert!(
+            listed.lines().any(|l| l == *service),
+            "{service} missing from:\n{listed}"
+        );
+    }
+    for extra in [
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+        "grpc.reflection.v1.ServerReflection",
+    ] {
+        assert!(
+            listed.lines().any(|l| l == extra),
+            "{extra} missing from:\n{listed}"
+        );
+    }
+    for service in SERVICES {
+        let out = server.grpcurl(&["describe", service]).unwrap();
+        assert!(out.status.success(), "describe {service}: {}", stderr(&out));
+        assert!(
+            stdout(&out).contains(&format!("{service} is a service")),
+            "{}",
+            stdout(&out)
+        );
+    }
+    let out = server
+        .grpcurl(&["-d", "{}", "grpc.health.v1.Health/Check"])
+        .unwrap();
+    assert!(stdout(&out).contains("SERVING"), "{}", stdout(&out));
+    let out = server
+        .grpcurl(&[
+            "-d",
+            r#"{"service":"boilerhouse.v1.WorkloadService"}"#,
+            "grpc.health.v1.Health/Check",
+        ])
+        .unwrap();
+    assert!(stdout(&out).contains("\"SERVING\""), "{}", stdout(&out));
+
+    // A call through grpcurl, with field violations decoded via reflection.
+    let out = server
+        .grpcurl(&[
+            "-d",
+            r#"{"workload_id":"Not Valid"}"#,
+            "boilerhouse.v1.WorkloadService/GetWorkload",
+        ])
+        .unwrap();
+    let text = stderr(&out) + &stdout(&out);
+    assert!(text.contains("InvalidArgument"), "{text}");
+    assert!(
+        text.contains("fieldViolations") && text.contains("workload_id"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn reflection_v1_serves_every_service_too() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let server = ServerProcess::start().await.unwrap();
+    let mut client = ServerReflectionClient::new(server.channel().await.unwrap());
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = client
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.next().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("unexpected reflection answer: {response:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for service in SERVICES {
+        assert!(
+            names.iter().any(|n| n == service),
+            "{service} missing from {names:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn capabilities_not_built_yet_say_so_instead_of_pretending() {
+    let server = ServerProcess::start().await.unwrap();
+    let channel = server.channel().await.unwrap();
+    let err = pb::claim_service_client::ClaimServiceClient::new(channel.clone())
+        .claim(pb::ClaimRequest {
+            tenant_id: "t1".into(),
+            workload_id: "demo".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unimplemented);
+    assert!(err.message().contains("tenant claims"), "{}", err.message());
+    let err = pb::boost_service_client::BoostServiceClient::new(channel)
+        .list_boosts(pb::ListBoostsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unimplemented);
+    assert!(
+        err.message().contains("resource boosts"),
+        "{}",
+        err.message()
+    );
+}
+
+#[tokio::test]
+async fn examples_load_and_a_malformed_file_is_reported_without_stopping_the_rest() {
+    let temp = tempfile::tempdir().unwrap();
+    copy_examples(temp.path());
+    let server = ServerProcess::start_in(temp.path(), ServerOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(ids(&list(&server).await), ["agent", "notebook", "sandbox"]);
+
+    let out = server.bh(&["workload", "list"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    for id in ["agent", "notebook", "sandbox"] {
+        assert!(stdout(&out).contains(id), "{}", stdout(&out));
+    }
+
+    // Drop a broken file in while the server runs, plus a new valid one.
+    let dir = server.workloads_dir();
+    std::fs::write(
+        dir.join("broken.yaml"),
+        "id: broken\nimage: busybox\npool:\n  max_size: lots\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("extra.yaml"), "id: extra\nimage: busybox\n").unwrap();
+    let resp = eventually(
+        Duration::from_secs(20),
+        "the reload to notice both files",
+        || async {
+            let resp = list(&server).await;
+            (resp.load_errors.len() == 1 && ids(&resp).contains(&"extra".to_owned()))
+                .then_some(resp)
+        },
+    )
+    .await
+    .unwrap();
+    let error = &resp.load_errors[0];
+    assert!(error.path.ends_with("broken.yaml"), "{error:?}");
+    assert_eq!(error.field, "pool.max_size");
+    assert!(!error.reason.is_empty());
+    assert_eq!(
+        ids(&resp),
+        ["agent", "extra", "notebook", "sandbox"],
+        "the others still load"
+    );
+
+    // One clear line in the server log and one event, naming file and field.
+    let log = server.log();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("broken.yaml")).collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "exactly one log line for the broken file:\n{log}"
+    );
+    assert!(lines[0].contains("pool.max_size"), "{}", lines[0]);
+    let out = server.bh(&["events", "--kind", "workload.invalid", "-o", "json"]);
+    let events: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(events.as_array().unwrap().len(), 1, "{events}");
+    assert!(
+        events[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("broken.yaml")
+    );
+
+    // bh shows the failure too, on stderr.
+    let out = server.bh(&["workload", "list"]);
+    assert!(
+        stderr(&out).contains("broken.yaml") && stderr(&out).contains("pool.max_size"),
+        "{}",
+        stderr(&out)
+    );
+
+    // Breaking a valid file keeps its last good version in force.
+    std::fs::write(dir.join("extra.yaml"), "id: extra\nimage: [oops\n").unwrap();
+    let resp = eventually(
+        Duration::from_secs(20),
+        "the second broken file",
+        || async {
+            let resp = list(&server).await;
+            (resp.load_errors.len() == 2).then_some(resp)
+        },
+    )
+    .await
+    .unwrap();
+    assert!(
+        ids(&resp).contains(&"extra".to_owned()),
+        "a typo must not remove a workload"
+    );
+
+    // Fixing it clears the error; deleting a file removes its workload.
+    std::fs::write(dir.join("broken.yaml"), "id: broken\nimage: busybox\n").unwrap();
+    std::fs::remove_file(dir.join("extra.yaml")).unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "the fix and the removal",
+        || async {
+            let resp = list(&server).await;
+            (resp.load_errors.is_empty()
+                && ids(&resp) == ["agent", "broken", "notebook", "sandbox"])
+            .then_some(())
+        },
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn apply_writes_the_file_and_honours_request_ids() {
+    let server = ServerProcess::start().await.unwrap();
+    let mut client = WorkloadServiceClient::new(server.channel().await.unwrap());
+    let yaml = "id: web\nimage: busybox\npool: {min_size: 1, max_size: 2}\n";
+    let apply = |request_id: &str, yaml: &str| pb::ApplyWorkloadRequest {
+        yaml: yaml.into(),
+        dry_run: false,
+        request_id: request_id.into(),
+    };
+
+    let first = client
+        .apply_workload(apply("req-1", yaml))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.outcome, pb::ApplyOutcome::Created as i32);
+    let on_disk = std::fs::read_to_string(server.workloads_dir().join("web.yaml")).unwrap();
+    assert_eq!(on_disk, yaml, "the directory stays the source of truth");
+
+    // The same request id and body: the first answer, not "unchanged".
+    let again = client
+        .apply_workload(apply("req-1", yaml))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again, first);
+    // Without an id, a second apply is a real second apply.
+    let plain = client
+        .apply_workload(apply("", yaml))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(plain.outcome, pb::ApplyOutcome::Unchanged as i32);
+    // The same id for a different body is refused.
+    let err = client
+        .apply_workload(apply("req-1", "id: web\nimage: busybox:2\n"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists);
+
+    // Invalid YAML over the API: INVALID_ARGUMENT naming the field.
+    let err = client
+        .apply_workload(apply("", "id: web\nimage: busybox\npool: {min_size: -1}\n"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("pool.min_size"), "{}", err.message());
+    let err = client.apply_workload(apply("", "")).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("yaml"), "{}", err.message());
+
+    // Dry run validates without writing.
+    let dry = client
+        .apply_workload(pb::ApplyWorkloadRequest {
+            yaml: "id: dry\nimage: x\n".into(),
+            dry_run: true,
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(dry.outcome, pb::ApplyOutcome::Valid as i32);
+    assert!(!server.workloads_dir().join("dry.yaml").exists());
+
+    // Delete removes the file and the workload.
+    client
+        .delete_workload(pb::DeleteWorkloadRequest {
+            workload_id: "web".into(),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap();
+    assert!(!server.workloads_dir().join("web.yaml").exists());
+    let err = client
+        .get_workload(pb::GetWorkloadRequest {
+            workload_id: "web".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn a_restart_shows_the_same_state_and_ctrl_c_exits_cleanly() {
+    let temp = tempfile::tempdir().unwrap();
+    copy_examples(temp.path());
+    let mut server = ServerProcess::start_in(temp.path(), ServerOptions::default())
+        .await
+        .unwrap();
+    let mut workloads = WorkloadServiceClient::new(server.channel().await.unwrap());
+    workloads
+        .apply_workload(pb::ApplyWorkloadRequest {
+            yaml: "id: applied\nimage: busybox\n".into(),
+            dry_run: false,
+            request_id: "r-1".into(),
+        })
+        .await
+        .unwrap();
+    let before = list(&server).await;
+    let events_before = EventServiceClient::new(server.channel().await.unwrap())
+        .list_events(pb::ListEventsRequest {
+            limit: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+
+    // Ctrl-C: exits by itself, successfully, within seconds.
+    let status = server
+        .signal_and_wait(Signal::SIGINT, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(status.success(), "exit status {status:?}\n{}", server.log());
+
+    let server = ServerProcess::start_in(temp.path(), ServerOptions::default())
+        .await
+        .unwrap();
+    let after = list(&server).await;
+    let strip = |r: &pb::ListWorkloadsResponse| -> Vec<(String, String, String)> {
+        r.workloads
+            .iter()
+            .map(|w| (w.id.clone(), w.spec_hash.clone(), w.yaml.clone()))
+            .collect()
+    };
+    assert_eq!(strip(&after), strip(&before));
+    let created: Vec<_> = after.workloads.iter().map(|w| w.created_at).collect();
+    assert_eq!(
+        created,
+        before
+            .workloads
+            .iter()
+            .map(|w| w.created_at)
+            .collect::<Vec<_>>(),
+        "not re-created"
+    );
+
+    let mut events = EventServiceClient::new(server.channel().await.unwrap());
+    let events_after = events
+        .list_events(pb::ListEventsRequest {
+            limit: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert_eq!(
+        &events_after[..events_before.len()],
+        &events_before[..],
+        "the activity log survived"
+    );
+    let kinds: Vec<&str> = events_after[events_before.len()..]
+        .iter()
+        .map(|e| e.kind.as_str())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["server.stopping", "server.started"],
+        "no workload was reloaded as new"
+    );
+
+    // The idempotency key survived the restart as well.
+    let again = WorkloadServiceClient::new(server.channel().await.unwrap())
+        .apply_workload(pb::ApplyWorkloadRequest {
+            yaml: "id: applied\nimage: busybox\n".into(),
+            dry_run: false,
+            request_id: "r-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.outcome, pb::ApplyOutcome::Created as i32);
+}
+
+#[tokio::test]
+async fn watch_resumes_without_gaps_and_ends_at_shutdown() {
+    let mut server = ServerProcess::start().await.unwrap();
+    let channel = server.channel().await.unwrap();
+    let mut events = EventServiceClient::new(channel.clone());
+    let mut workloads = WorkloadServiceClient::new(channel);
+    let filter = pb::EventFilter {
+        kinds: vec!["workload.".into()],
+        ..Default::default()
+    };
+
+    let mut stream = events
+        .watch_events(pb::WatchEventsRequest {
+            filter: Some(filter.clone()),
+            resume_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for n in 0..3 {
+        workloads
+            .apply_workload(pb::ApplyWorkloadRequest {
+                yaml: format!("id: w{n}\nimage: busybox\n"),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let mut tokens = Vec::new();
+    for n in 0..3 {
+        let msg = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let event = msg.event.unwrap();
+        assert_eq!(event.kind, "workload.applied");
+        assert_eq!(event.workload_id, format!("w{n}"));
+        tokens.push(msg.resume_token);
+    }
+    drop(stream);
+
+    // Resume from the first token: the two later events are replayed, then
+    // new ones follow, in order, with nothing twice.
+    let mut resumed = events
+        .watch_events(pb::WatchEventsRequest {
+            filter: Some(filter),
+            resume_token: tokens[0].clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    workloads
+        .apply_workload(pb::ApplyWorkloadRequest {
+            yaml: "id: w3\nimage: busybox\n".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let msg = tokio::time::timeout(Duration::from_secs(10), resumed.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        seen.push(msg.event.unwrap().workload_id);
+    }
+    assert_eq!(seen, ["w1", "w2", "w3"]);
+
+    let err = events
+        .watch_events(pb::WatchEventsRequest {
+            filter: None,
+            resume_token: "not-a-token".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+
+    // SIGTERM: the open stream ends and the server exits on its own.
+    let status = server
+        .signal_and_wait(Signal::SIGTERM, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    let end = tokio::time::timeout(Duration::from_secs(10), resumed.next())
+        .await
+        .unwrap();
+    assert!(
+        !matches!(end, Some(Ok(_))),
+        "no event after shutdown: {end:?}"
+    );
+}
+
+#[tokio::test]
+async fn bh_speaks_in_one_sentence_when_the_server_is_down() {
+    let out = std::process::Command::new(boilerhouse_testkit::binary("bh"))
+        .args(["--server", "127.0.0.1:1", "workload", "list"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert_eq!(
+        err.trim().lines().count(),
+        1,
+        "one sentence, no trace: {err}"
+    );
+    assert!(
+        err.contains("cannot reach boilerhoused at http://127.0.0.1:1"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn bh_status_and_output_formats() {
+    let temp = tempfile::tempdir().unwrap();
+    copy_examples(temp.path());
+    let server = ServerProcess::start_in(temp.path(), ServerOptions::default())
+        .await
+        .unwrap();
+
+    let out = server.bh(&["status"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains("3 loaded")
+            && text.contains("workload_loader")
+            && text.contains("activity_log_trim"),
+        "{text}"
+    );
+
+    let out = server.bh(&["workload", "get", "sandbox", "-o", "json"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["id"], "sandbox");
+    assert_eq!(json["max_size"], 10);
+
+    let out = server.bh(&["workload", "list", "-o", "yaml"]);
+    assert!(stdout(&out).contains("- id: agent"), "{}", stdout(&out));
+
+    let out = server.bh(&["workload", "get", "nope"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("not found"), "{}", stderr(&out));
+
+    let out = server.bh(&["node", "list", "-o", "json"]);
+    assert_eq!(stdout(&out).trim(), "[]");
+
+    let out = server.bh(&["completions", "bash"]);
+    assert!(stdout(&out).contains("_bh()"), "a bash completion function");
+}
