@@ -557,7 +557,7 @@ struct WorkloadView {
 
 impl From<&pb::Workload> for WorkloadView {
     fn from(w: &pb::Workload) -> Self {
-        let pool = w.pool.clone().unwrap_or_default();
+        let pool = w.pool.unwrap_or_default();
         Self {
             id: w.id.clone(),
             name: w.name.clone(),

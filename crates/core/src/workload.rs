@@ -399,15 +399,13 @@ fn validate(file: &str, raw: raw::Workload) -> Result<WorkloadSpec, WorkloadErro
     let security = validate_security(&c, raw.security.unwrap_or_default());
 
     let user = raw.user.filter(|u| !u.trim().is_empty());
-    if security.non_root {
-        if let Some(user) = &user {
-            let name = user.split(':').next().unwrap_or_default();
-            if name == "0" || name == "root" {
-                return Err(c.err(
-                    "user",
-                    "runs as root while security.non_root is true; set security.non_root: false to allow it",
-                ));
-            }
+    if let Some(user) = user.as_ref().filter(|_| security.non_root) {
+        let name = user.split(':').next().unwrap_or_default();
+        if name == "0" || name == "root" {
+            return Err(c.err(
+                "user",
+                "runs as root while security.non_root is true; set security.non_root: false to allow it",
+            ));
         }
     }
     let user = match (user, security.non_root) {
@@ -703,10 +701,10 @@ fn validate_sync(c: &Checker<'_>, raw: raw::Sync) -> Result<SyncSpec, WorkloadEr
             if bucket.trim().is_empty() {
                 return Err(c.err("sync.sink.bucket", "is required for an s3 sink"));
             }
-            if let Some(endpoint) = &sink_raw.endpoint {
-                if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
-                    return Err(c.err("sync.sink.endpoint", "must be an http:// or https:// URL"));
-                }
+            if let Some(endpoint) = &sink_raw.endpoint
+                && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+            {
+                return Err(c.err("sync.sink.endpoint", "must be an http:// or https:// URL"));
             }
             SyncSink::S3 {
                 bucket,

@@ -160,10 +160,10 @@ pub async fn run(
         let watcher = notify::recommended_watcher(move |result: notify::Result<notify::Event>| {
             // Access events are the loader's own reads; reacting to them
             // would make every reload trigger the next.
-            if let Ok(event) = result {
-                if !matches!(event.kind, notify::EventKind::Access(_)) {
-                    activator.activate();
-                }
+            if let Ok(event) = result
+                && !matches!(event.kind, notify::EventKind::Access(_))
+            {
+                activator.activate();
             }
         });
         match watcher {

@@ -164,13 +164,14 @@ mod tests {
         }
     }
 
+    /// Polls with a deadline. Time is paused, so each sleep lets the
+    /// runtime auto-advance to the next timer instead of really waiting.
     async fn wait_for(count: &AtomicU64, at_least: u64) {
-        // Paused time: each yield lets the driver run without real waiting.
-        for _ in 0..10_000 {
+        for _ in 0..1_000 {
             if count.load(Ordering::SeqCst) >= at_least {
                 return;
             }
-            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
         panic!("task did not reach {at_least} runs");
     }
@@ -227,11 +228,12 @@ mod tests {
             Counter(runs.clone()),
         );
         wait_for(&runs, 1).await;
+        let poked_at = tokio::time::Instant::now();
         for _ in 0..5 {
             activator.activate();
         }
-        tokio::time::advance(Duration::from_millis(250)).await;
         wait_for(&runs, 2).await;
+        assert!(poked_at.elapsed() >= Duration::from_millis(200), "the run waited out the debounce");
         for _ in 0..100 {
             tokio::task::yield_now().await;
         }

@@ -262,14 +262,14 @@ impl WorkloadDir {
             let owned_elsewhere = owner_of_id
                 .get(&record.spec.id)
                 .is_some_and(|p| *p != source);
-            if let Some(reason) = reason {
-                if !owned_elsewhere {
-                    self.inner
-                        .store
-                        .remove_workload(record.spec.id.clone(), reason, now)
-                        .await?;
-                    summary.removed += 1;
-                }
+            if let Some(reason) = reason
+                && !owned_elsewhere
+            {
+                self.inner
+                    .store
+                    .remove_workload(record.spec.id.clone(), reason, now)
+                    .await?;
+                summary.removed += 1;
             }
         }
 

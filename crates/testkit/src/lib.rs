@@ -43,12 +43,12 @@ fn target_dir() -> PathBuf {
 /// the tests were built with.
 pub fn binary(name: &str) -> PathBuf {
     // The test executable lives in target/<profile>/deps.
-    if let Ok(exe) = std::env::current_exe() {
-        if let Some(profile_dir) = exe.parent().and_then(Path::parent) {
-            let candidate = profile_dir.join(name);
-            if candidate.exists() {
-                return candidate;
-            }
+    if let Ok(exe) = std::env::current_exe()
+        && let Some(profile_dir) = exe.parent().and_then(Path::parent)
+    {
+        let candidate = profile_dir.join(name);
+        if candidate.exists() {
+            return candidate;
         }
     }
     target_dir().join("debug").join(name)
