@@ -11,7 +11,11 @@ use clap::Parser;
 #[command(version, about)]
 struct Args {
     /// Address of boilerhoused.
-    #[arg(long, env = "BOILERHOUSE_ADDR", default_value = "http://127.0.0.1:7600")]
+    #[arg(
+        long,
+        env = "BOILERHOUSE_ADDR",
+        default_value = "http://127.0.0.1:7600"
+    )]
     server: String,
 }
 

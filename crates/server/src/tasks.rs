@@ -233,7 +233,10 @@ mod tests {
             activator.activate();
         }
         wait_for(&runs, 2).await;
-        assert!(poked_at.elapsed() >= Duration::from_millis(200), "the run waited out the debounce");
+        assert!(
+            poked_at.elapsed() >= Duration::from_millis(200),
+            "the run waited out the debounce"
+        );
         for _ in 0..100 {
             tokio::task::yield_now().await;
         }

@@ -607,3 +607,59 @@ async fn bh_status_and_output_formats() {
     let out = server.bh(&["completions", "bash"]);
     assert!(stdout(&out).contains("_bh()"), "a bash completion function");
 }
+
+#[tokio::test]
+async fn bh_events_follow_streams_new_events_as_ndjson() {
+    use std::io::BufRead as _;
+
+    let server = ServerProcess::start().await.unwrap();
+    let mut follow = std::process::Command::new(boilerhouse_testkit::binary("bh"))
+        .args(["events", "--follow", "--kind", "workload.", "-o", "json"])
+        .env("BOILERHOUSE_ADDR", server.url())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = follow.stdout.take().unwrap();
+    let (lines_tx, mut lines_rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+
+    // Keep applying until bh has subscribed and shows an event.
+    let mut workloads = WorkloadServiceClient::new(server.channel().await.unwrap());
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut attempt = 0;
+    let seen = loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "bh never printed the applied workload"
+        );
+        // A new spec each time: an unchanged apply records no event.
+        attempt += 1;
+        workloads
+            .apply_workload(pb::ApplyWorkloadRequest {
+                yaml: format!("id: followed\nimage: busybox:{attempt}\n"),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        if let Ok(Some(line)) =
+            tokio::time::timeout(Duration::from_millis(500), lines_rx.recv()).await
+        {
+            break line;
+        }
+    };
+    let event: serde_json::Value = serde_json::from_str(&seen).unwrap();
+    assert_eq!(event["workload_id"], "followed");
+    assert!(
+        event["kind"].as_str().unwrap().starts_with("workload."),
+        "{event}"
+    );
+    follow.kill().unwrap();
+    follow.wait().unwrap();
+}
