@@ -1,30 +1,57 @@
-//! boilerhouse-agent: runs on each Docker host, connects to boilerhoused
-//! over `AgentService.Connect` and reports what really runs.
-//!
-//! The agent protocol is the next capability to land; until then this
-//! binary refuses to start rather than pretend to manage a host.
+//! boilerhouse-agent entry point.
 
-use clap::Parser;
+use clap::Parser as _;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
 
-/// Run the Boilerhouse agent on a Docker host.
-#[derive(Debug, Parser)]
-#[command(version, about)]
-struct Args {
-    /// Address of boilerhoused.
-    #[arg(
-        long,
-        env = "BOILERHOUSE_ADDR",
-        default_value = "http://127.0.0.1:7600"
-    )]
-    server: String,
-}
+use boilerhouse_agent::config::{AgentConfig, Args};
 
-fn main() -> std::process::ExitCode {
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    eprintln!(
-        "boilerhouse-agent: the agent protocol is not implemented in this version; \
-         nothing was started (server {})",
-        args.server
-    );
-    std::process::ExitCode::FAILURE
+    let json = args.log_json;
+    let config = match AgentConfig::from_args(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("boilerhouse-agent: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
+    if json {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.init();
+    }
+
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for SIGTERM");
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("stopping; containers keep running");
+        signal.cancel();
+    });
+
+    tracing::info!(node = %config.node_id, server = %config.server, state_root = %config.state_root.display(), "boilerhouse-agent starting");
+    match boilerhouse_agent::session::run(config, shutdown).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "boilerhouse-agent failed");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

@@ -4,8 +4,10 @@
 //! server, the agent and the CLI feed it values and act on what it returns,
 //! which keeps every rule here testable in microseconds.
 
+pub mod container;
 pub mod event;
 pub mod ids;
+pub mod liveness;
 pub mod node;
 pub mod time;
 pub mod units;

@@ -1,0 +1,307 @@
+//! Carrying out the server's commands.
+//!
+//! Every command has an id and is idempotent. The agent remembers the
+//! results of recent ids and answers a repeat from memory, so a command the
+//! server resends after a reconnect is not done twice. Creation is
+//! idempotent even across agent restarts, when that memory is gone: the
+//! container's name is `bh-<container-id>`, so a repeated create finds its
+//! twin instead of making a second container.
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use boilerhouse_core::container::{ContainerSpec, ObservedContainer, StateFile};
+use boilerhouse_core::workload::Limits;
+use boilerhouse_core::{ContainerId, NodeId};
+
+use crate::runtime::{ContainerRuntime, RuntimeError};
+use crate::volumes::VolumeLayout;
+
+/// A command, decoded from the wire.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    /// Create (and maybe start) a container.
+    Create {
+        /// What to create.
+        spec: ContainerSpec,
+        /// Start it too.
+        start: bool,
+    },
+    /// Start a container.
+    Start(ContainerId),
+    /// Stop a container.
+    Stop(ContainerId, Duration),
+    /// Stop and remove a container, and maybe its directories.
+    Remove {
+        /// Which.
+        id: ContainerId,
+        /// Delete its host directories too.
+        remove_volumes: bool,
+    },
+    /// Change limits in place.
+    UpdateLimits(ContainerId, Limits),
+    /// Write the state file.
+    WriteState(ContainerId, StateFile),
+    /// Send a full report now.
+    FullReport,
+}
+
+/// What a command produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    /// Whether it succeeded.
+    pub ok: bool,
+    /// Why not.
+    pub error: String,
+    /// The container afterwards, for container commands.
+    pub container: Option<ObservedContainer>,
+}
+
+impl Outcome {
+    fn ok(container: Option<ObservedContainer>) -> Self {
+        Self {
+            ok: true,
+            error: String::new(),
+            container,
+        }
+    }
+
+    fn failed(error: impl ToString) -> Self {
+        Self {
+            ok: false,
+            error: error.to_string(),
+            container: None,
+        }
+    }
+}
+
+/// How many command results are remembered for duplicate ids.
+const REMEMBERED: usize = 4096;
+
+#[derive(Default)]
+struct Memory {
+    results: BTreeMap<String, Outcome>,
+    order: VecDeque<String>,
+    in_flight: HashSet<String>,
+}
+
+/// What to do with an incoming command id.
+pub enum Admission {
+    /// New: execute it.
+    Run,
+    /// Done before: here is the answer.
+    Answered(Outcome),
+    /// Being executed right now: its answer will follow.
+    InFlight,
+}
+
+/// Executes commands against the runtime and the host directories.
+#[derive(Clone)]
+pub struct Executor {
+    runtime: Arc<dyn ContainerRuntime>,
+    layout: VolumeLayout,
+    node: NodeId,
+    extra_labels: BTreeMap<String, String>,
+    memory: Arc<Mutex<Memory>>,
+}
+
+impl Executor {
+    /// An executor for `node`. `extra_labels` go on every created container.
+    pub fn new(
+        runtime: Arc<dyn ContainerRuntime>,
+        layout: VolumeLayout,
+        node: NodeId,
+        extra_labels: BTreeMap<String, String>,
+    ) -> Self {
+        Self {
+            runtime,
+            layout,
+            node,
+            extra_labels,
+            memory: Arc::default(),
+        }
+    }
+
+    /// Decides whether `command_id` must run, and marks it in flight if so.
+    pub fn admit(&self, command_id: &str) -> Admission {
+        let mut memory = self.memory.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(outcome) = memory.results.get(command_id) {
+            return Admission::Answered(outcome.clone());
+        }
+        if !memory.in_flight.insert(command_id.to_owned()) {
+            return Admission::InFlight;
+        }
+        Admission::Run
+    }
+
+    /// Records the outcome of an admitted command.
+    pub fn finish(&self, command_id: &str, outcome: &Outcome) {
+        let mut memory = self.memory.lock().unwrap_or_else(|e| e.into_inner());
+        memory.in_flight.remove(command_id);
+        memory
+            .results
+            .insert(command_id.to_owned(), outcome.clone());
+        memory.order.push_back(command_id.to_owned());
+        while memory.order.len() > REMEMBERED {
+            if let Some(old) = memory.order.pop_front() {
+                memory.results.remove(&old);
+            }
+        }
+    }
+
+    /// Runs one container command. `FullReport` is the session's job.
+    pub async fn execute(&self, command: Command) -> Outcome {
+        let result = match command {
+            Command::Create { spec, start } => self.create(spec, start).await,
+            Command::Start(id) => self.start(&id).await,
+            Command::Stop(id, timeout) => self.stop(&id, timeout).await,
+            Command::Remove { id, remove_volumes } => self.remove(&id, remove_volumes).await,
+            Command::UpdateLimits(id, limits) => self.update_limits(&id, &limits).await,
+            Command::WriteState(id, state) => self.write_state(&id, &state).await,
+            Command::FullReport => Err("a full report is sent by the session".to_owned()),
+        };
+        match result {
+            Ok(container) => Outcome::ok(container),
+            Err(e) => Outcome::failed(e),
+        }
+    }
+
+    async fn observe(&self, id: &ContainerId) -> Result<Option<ObservedContainer>, String> {
+        let mut observed = self
+            .runtime
+            .inspect(&id.docker_name())
+            .await
+            .map_err(|e| e.to_string())?;
+        if let Some(c) = observed.as_mut() {
+            c.state_file = self.layout.read_state(id);
+        }
+        Ok(observed)
+    }
+
+    async fn create(
+        &self,
+        mut spec: ContainerSpec,
+        start: bool,
+    ) -> Result<Option<ObservedContainer>, String> {
+        let id = spec.container_id;
+        if spec
+            .labels
+            .get(boilerhouse_core::container::labels::NODE_ID)
+            .map(String::as_str)
+            != Some(self.node.as_str())
+        {
+            return Err(format!(
+                "the spec is labelled for another node, not {}",
+                self.node
+            ));
+        }
+        for (k, v) in &self.extra_labels {
+            spec.labels.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+        let name = id.docker_name();
+        if self
+            .runtime
+            .inspect(&name)
+            .await
+            .map_err(|e| e.to_string())?
+            .is_none()
+        {
+            let binds = self
+                .layout
+                .prepare(&spec)
+                .map_err(|e| format!("cannot prepare host directories: {e}"))?;
+            match self.runtime.create(&spec, &binds).await {
+                Ok(_) => {}
+                // A concurrent or earlier create won: that container is ours.
+                Err(RuntimeError::Conflict(_)) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        if start {
+            self.runtime.start(&name).await.map_err(|e| e.to_string())?;
+        }
+        self.observe(&id).await
+    }
+
+    async fn start(&self, id: &ContainerId) -> Result<Option<ObservedContainer>, String> {
+        self.runtime
+            .start(&id.docker_name())
+            .await
+            .map_err(|e| e.to_string())?;
+        self.observe(id).await
+    }
+
+    async fn stop(
+        &self,
+        id: &ContainerId,
+        timeout: Duration,
+    ) -> Result<Option<ObservedContainer>, String> {
+        match self.runtime.stop(&id.docker_name(), timeout).await {
+            Ok(()) | Err(RuntimeError::NotFound(_)) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+        self.observe(id).await
+    }
+
+    async fn remove(
+        &self,
+        id: &ContainerId,
+        remove_volumes: bool,
+    ) -> Result<Option<ObservedContainer>, String> {
+        self.runtime
+            .remove(&id.docker_name())
+            .await
+            .map_err(|e| e.to_string())?;
+        if remove_volumes {
+            self.layout
+                .remove(id)
+                .map_err(|e| format!("cannot remove host directories: {e}"))?;
+        }
+        Ok(None)
+    }
+
+    async fn update_limits(
+        &self,
+        id: &ContainerId,
+        limits: &Limits,
+    ) -> Result<Option<ObservedContainer>, String> {
+        self.runtime
+            .update_limits(&id.docker_name(), limits)
+            .await
+            .map_err(|e| e.to_string())?;
+        // Confirm by inspecting: the answer carries the limits really in force.
+        self.observe(id).await
+    }
+
+    async fn write_state(
+        &self,
+        id: &ContainerId,
+        state: &StateFile,
+    ) -> Result<Option<ObservedContainer>, String> {
+        let layout = self.layout.clone();
+        let id_copy = *id;
+        let state = state.clone();
+        tokio::task::spawn_blocking(move || layout.write_state(&id_copy, &state))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("cannot write the state file: {e}"))?;
+        self.observe(id).await
+    }
+
+    /// Every managed container of this node, with state files.
+    pub async fn full_report(&self) -> Result<Vec<ObservedContainer>, RuntimeError> {
+        let mut containers = self.runtime.list_managed(&self.node).await?;
+        for c in &mut containers {
+            if let Some(id) = c.container_id() {
+                c.state_file = self.layout.read_state(&id);
+            }
+        }
+        Ok(containers)
+    }
+
+    /// The runtime.
+    pub fn runtime(&self) -> &Arc<dyn ContainerRuntime> {
+        &self.runtime
+    }
+}

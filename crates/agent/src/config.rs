@@ -1,0 +1,177 @@
+//! Agent configuration: flags and `BOILERHOUSE_*` environment variables,
+//! validated into one [`AgentConfig`].
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+use boilerhouse_core::NodeId;
+
+/// `boilerhouse-agent`: runs on a Docker host and reports what really runs.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+pub struct Args {
+    /// Address of boilerhoused.
+    #[arg(
+        long,
+        env = "BOILERHOUSE_ADDR",
+        default_value = "http://127.0.0.1:7600"
+    )]
+    pub server: String,
+    /// This node's name: a DNS label, stable across restarts. Defaults to
+    /// the host name.
+    #[arg(long, env = "BOILERHOUSE_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// A node label for node_selector, `key=value`; repeatable.
+    #[arg(long = "label", env = "BOILERHOUSE_NODE_LABELS", value_delimiter = ',')]
+    pub labels: Vec<String>,
+    /// Directory for containers' host volumes and state files.
+    #[arg(
+        long,
+        env = "BOILERHOUSE_STATE_ROOT",
+        default_value = "/var/lib/boilerhouse-agent"
+    )]
+    pub state_root: PathBuf,
+    /// Docker endpoint: unix:///var/run/docker.sock or tcp://host:2375.
+    /// Defaults to DOCKER_HOST or the local socket.
+    #[arg(long, env = "BOILERHOUSE_DOCKER_HOST")]
+    pub docker_host: Option<String>,
+    /// An extra label for every container this agent creates,
+    /// `key=value`; repeatable.
+    #[arg(
+        long = "container-label",
+        env = "BOILERHOUSE_CONTAINER_LABELS",
+        value_delimiter = ','
+    )]
+    pub container_labels: Vec<String>,
+    /// How often a full report is sent even without a request.
+    #[arg(long, env = "BOILERHOUSE_FULL_REPORT_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub full_report_interval: Duration,
+    /// Longest wait between reconnection attempts.
+    #[arg(long, env = "BOILERHOUSE_MAX_BACKOFF", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub max_backoff: Duration,
+    /// Log as JSON.
+    #[arg(long, env = "BOILERHOUSE_LOG_JSON")]
+    pub log_json: bool,
+}
+
+/// The validated agent configuration.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Server URL.
+    pub server: String,
+    /// This node.
+    pub node_id: NodeId,
+    /// Node labels.
+    pub labels: BTreeMap<String, String>,
+    /// Root of container directories.
+    pub state_root: PathBuf,
+    /// Docker endpoint, or the local default.
+    pub docker_host: Option<String>,
+    /// Labels added to every created container.
+    pub container_labels: BTreeMap<String, String>,
+    /// Periodic full report.
+    pub full_report_interval: Duration,
+    /// Reconnection backoff cap.
+    pub max_backoff: Duration,
+}
+
+fn parse_pairs(field: &str, items: &[String]) -> Result<BTreeMap<String, String>, String> {
+    let mut out = BTreeMap::new();
+    for item in items.iter().filter(|i| !i.is_empty()) {
+        let (k, v) = item
+            .split_once('=')
+            .ok_or_else(|| format!("{field} {item:?} must be key=value"))?;
+        if k.is_empty() {
+            return Err(format!("{field} {item:?} has an empty key"));
+        }
+        out.insert(k.to_owned(), v.to_owned());
+    }
+    Ok(out)
+}
+
+fn host_name() -> Option<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
+    Some(name.trim().to_ascii_lowercase())
+}
+
+impl AgentConfig {
+    /// Validates the arguments.
+    pub fn from_args(args: Args) -> Result<Self, String> {
+        let name = match args.node_name {
+            Some(n) => n,
+            None => host_name().ok_or("no --node-name given and the host name cannot be read")?,
+        };
+        let node_id = NodeId::new(name).map_err(|e| format!("--node-name: {e}"))?;
+        let labels = parse_pairs("--label", &args.labels)?;
+        let container_labels = parse_pairs("--container-label", &args.container_labels)?;
+        if let Some(reserved) = container_labels
+            .keys()
+            .find(|k| k.starts_with("boilerhouse.") && !k.starts_with("boilerhouse.test"))
+        {
+            return Err(format!(
+                "--container-label {reserved:?} is reserved for Boilerhouse's own labels"
+            ));
+        }
+        if args.full_report_interval < Duration::from_secs(1) {
+            return Err("--full-report-interval must be at least 1s".into());
+        }
+        Ok(Self {
+            server: args.server,
+            node_id,
+            labels,
+            state_root: args.state_root,
+            docker_host: args.docker_host,
+            container_labels,
+            full_report_interval: args.full_report_interval,
+            max_backoff: args.max_backoff.max(Duration::from_millis(100)),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(argv: &[&str]) -> Result<AgentConfig, String> {
+        let mut all = vec!["boilerhouse-agent"];
+        all.extend_from_slice(argv);
+        AgentConfig::from_args(Args::parse_from(all))
+    }
+
+    #[test]
+    fn labels_and_names_are_validated() {
+        let c = parse(&[
+            "--node-name",
+            "node-a",
+            "--label",
+            "zone=a",
+            "--label",
+            "gpu=yes",
+        ])
+        .unwrap();
+        assert_eq!(c.node_id.as_str(), "node-a");
+        assert_eq!(c.labels["zone"], "a");
+        assert!(
+            parse(&["--node-name", "Node_A"])
+                .unwrap_err()
+                .contains("--node-name")
+        );
+        assert!(
+            parse(&["--node-name", "a", "--label", "novalue"])
+                .unwrap_err()
+                .contains("key=value")
+        );
+        assert!(
+            parse(&[
+                "--node-name",
+                "a",
+                "--container-label",
+                "boilerhouse.managed=x"
+            ])
+            .is_err()
+        );
+    }
+}
