@@ -72,6 +72,16 @@ struct FileConfig {
     event_retention: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     idempotency_retention: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    heartbeat_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    suspect_after: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    lost_grace: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    restart_grace: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    full_report_interval: Option<Duration>,
 }
 
 /// The validated server configuration.
@@ -103,6 +113,17 @@ pub struct Config {
     pub idempotency_retention: Duration,
     /// Where to write the bound addresses once listening.
     pub ready_file: Option<PathBuf>,
+    /// How often agents send heartbeats. Default 2s.
+    pub heartbeat_interval: Duration,
+    /// Silence before a node is Suspect. Default 3 × heartbeat_interval.
+    pub suspect_after: Duration,
+    /// Further silence before a Suspect node is Lost. Default 30s.
+    pub lost_grace: Duration,
+    /// After a server restart, how long before any node may be declared
+    /// Lost, so agents have time to reconnect. Default 60s.
+    pub restart_grace: Duration,
+    /// How often agents send unrequested full reports. Default 30s.
+    pub full_report_interval: Duration,
 }
 
 /// A configuration that cannot be used.
@@ -149,6 +170,7 @@ impl Config {
             .database
             .or(file.database)
             .unwrap_or_else(|| data_dir.join("boilerhouse.db"));
+        let heartbeat_interval = file.heartbeat_interval.unwrap_or(Duration::from_secs(2));
         let config = Config {
             listen: args
                 .listen
@@ -183,6 +205,11 @@ impl Config {
                 .idempotency_retention
                 .unwrap_or(Duration::from_secs(24 * 3600)),
             ready_file: args.ready_file,
+            heartbeat_interval,
+            suspect_after: file.suspect_after.unwrap_or(heartbeat_interval * 3),
+            lost_grace: file.lost_grace.unwrap_or(Duration::from_secs(30)),
+            restart_grace: file.restart_grace.unwrap_or(Duration::from_secs(60)),
+            full_report_interval: file.full_report_interval.unwrap_or(Duration::from_secs(30)),
         };
         config.validate()?;
         Ok(config)
@@ -219,6 +246,22 @@ impl Config {
             self.idempotency_retention,
             Duration::from_secs(60),
         )?;
+        at_least(
+            "heartbeat_interval",
+            self.heartbeat_interval,
+            Duration::from_millis(100),
+        )?;
+        at_least(
+            "full_report_interval",
+            self.full_report_interval,
+            Duration::from_secs(1),
+        )?;
+        if self.suspect_after <= self.heartbeat_interval {
+            return Err(ConfigError::Invalid {
+                field: "suspect_after",
+                reason: "must be longer than heartbeat_interval, or every late heartbeat makes a node Suspect".into(),
+            });
+        }
         if self.listen == self.metrics_listen && self.listen.port() != 0 {
             return Err(ConfigError::Invalid {
                 field: "metrics_listen",

@@ -30,12 +30,13 @@ pub struct Metrics {
     store_writes: Counter,
     store: Store,
     workload_dir: WorkloadDir,
+    agents: crate::agents::Registry,
 }
 
 impl Metrics {
     /// Registers the metrics. Values read from other components are sampled
     /// at scrape time, so they are never stale.
-    pub fn new(store: Store, workload_dir: WorkloadDir) -> Self {
+    pub fn new(store: Store, workload_dir: WorkloadDir, agents: crate::agents::Registry) -> Self {
         let mut registry = Registry::with_prefix("boilerhouse");
         let agents_connected = Gauge::default();
         registry.register(
@@ -72,6 +73,7 @@ impl Metrics {
             store_writes,
             store,
             workload_dir,
+            agents,
         }
     }
 
@@ -87,6 +89,7 @@ impl Metrics {
         }
         self.workload_load_errors
             .set(self.workload_dir.load_errors().len() as i64);
+        self.agents_connected.set(self.agents.connected() as i64);
         let mut out = String::new();
         encode(&mut out, &self.registry)?;
         Ok(out)

@@ -24,6 +24,7 @@ use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
 use boilerhouse_core::event::{EventKind, NewEvent};
+use boilerhouse_core::liveness::LivenessConfig;
 use boilerhouse_proto::pb;
 
 use crate::api::{self, AppState};
@@ -183,6 +184,24 @@ pub async fn run(
         }
     };
 
+    let agents = crate::agents::Registry::default();
+    driver.register(
+        "node_liveness",
+        Duration::from_secs(1),
+        None,
+        crate::agents::liveness::LivenessTask {
+            store: store.clone(),
+            registry: agents.clone(),
+            config: LivenessConfig {
+                suspect_after: config.suspect_after,
+                lost_grace: config.lost_grace,
+                restart_grace: config.restart_grace,
+            },
+            started_at: crate::clock::now(),
+            persisted: Default::default(),
+        },
+    );
+
     let state = AppState {
         store: store.clone(),
         workloads: workloads.clone(),
@@ -191,6 +210,7 @@ pub async fn run(
         shutdown: cancel.child_token(),
         idempotency: Arc::default(),
         started_at: crate::clock::now(),
+        agents: agents.clone(),
     };
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -237,14 +257,26 @@ pub async fn run(
         .add_service(BoostServiceServer::new(api::pending::Pending))
         .add_service(SyncServiceServer::new(api::pending::Pending))
         .add_service(ReconcileServiceServer::new(api::pending::Pending))
-        .add_service(AgentServiceServer::new(api::pending::Pending))
+        .add_service(AgentServiceServer::new(crate::agents::service::Agents {
+            store: store.clone(),
+            registry: agents.clone(),
+            timing: crate::agents::service::AgentTiming {
+                heartbeat_interval: config.heartbeat_interval,
+                full_report_interval: config.full_report_interval,
+            },
+            shutdown: cancel.child_token(),
+        }))
         .serve_with_incoming_shutdown(
             TcpListenerStream::new(grpc_listener),
             cancel.clone().cancelled_owned(),
         );
     let mut grpc = tokio::spawn(grpc);
 
-    let metrics = Arc::new(Metrics::new(store.clone(), workloads.clone()));
+    let metrics = Arc::new(Metrics::new(
+        store.clone(),
+        workloads.clone(),
+        agents.clone(),
+    ));
     let metrics_task = tokio::spawn(metrics::serve(metrics_listener, metrics, cancel.clone()));
 
     store

@@ -34,4 +34,6 @@ pub struct AppState {
     pub idempotency: Arc<idempotency::KeyedLocks>,
     /// When the server started.
     pub started_at: boilerhouse_core::Timestamp,
+    /// Live agent sessions.
+    pub agents: crate::agents::Registry,
 }

@@ -5,11 +5,10 @@
 use std::pin::Pin;
 
 use futures::Stream;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Request, Response, Status};
 
 use boilerhouse_proto::pb;
 use boilerhouse_proto::pb::affinity_service_server::AffinityService;
-use boilerhouse_proto::pb::agent_service_server::AgentService;
 use boilerhouse_proto::pb::boost_service_server::BoostService;
 use boilerhouse_proto::pb::claim_service_server::ClaimService;
 use boilerhouse_proto::pb::container_service_server::ContainerService;
@@ -32,7 +31,6 @@ const CONTAINERS: &str = "managed containers";
 const BOOSTS: &str = "resource boosts";
 const SYNC: &str = "tenant state sync";
 const RECONCILE: &str = "reconciliation";
-const AGENTS: &str = "the agent protocol";
 
 /// Placeholder for every service not built yet.
 pub struct Pending;
@@ -207,16 +205,5 @@ impl ReconcileService for Pending {
         _: Request<pb::ApplyReconcileRequest>,
     ) -> Result<Response<pb::ApplyReconcileResponse>, Status> {
         not_yet(RECONCILE)
-    }
-}
-
-#[tonic::async_trait]
-impl AgentService for Pending {
-    type ConnectStream = Stream_<pb::ConnectResponse>;
-    async fn connect(
-        &self,
-        _: Request<Streaming<pb::ConnectRequest>>,
-    ) -> Result<Response<Self::ConnectStream>, Status> {
-        not_yet(AGENTS)
     }
 }

@@ -52,7 +52,7 @@ impl SystemService for System {
                 .iter()
                 .filter(|n| n.status == NodeStatus::Ready)
                 .count() as u32,
-            agents_connected: 0,
+            agents_connected: state.agents.connected() as u32,
             tasks,
             last_event_id,
         }))

