@@ -16,7 +16,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Endpoint;
 
-use boilerhouse_core::container::{ContainerSpec, StateFile};
+use boilerhouse_core::container::{ContainerSpec, ObservedContainer, StateFile};
 use boilerhouse_core::{ContainerId, Timestamp};
 use boilerhouse_proto::convert::{self, duration_from_pb, timestamp_to_pb};
 use boilerhouse_proto::pb;
@@ -161,9 +161,21 @@ fn now() -> Timestamp {
     Timestamp::from_system_time(std::time::SystemTime::now())
 }
 
-/// What the node's running containers reserve, from the last report.
-fn usage_of(containers: &[boilerhouse_core::container::ObservedContainer]) -> (pb::Resources, u32) {
-    let running: Vec<_> = containers.iter().filter(|c| c.is_running()).collect();
+/// The node's containers as last seen, by Docker id: replaced by each full
+/// report and kept current between reports by events and command results,
+/// so heartbeats never carry a stale picture.
+type Snapshot = std::collections::BTreeMap<String, ObservedContainer>;
+
+fn snapshot(containers: Vec<ObservedContainer>) -> Snapshot {
+    containers
+        .into_iter()
+        .map(|c| (c.docker_id.clone(), c))
+        .collect()
+}
+
+/// What the node's running containers reserve.
+fn usage_of(containers: &Snapshot) -> (pb::Resources, u32) {
+    let running: Vec<_> = containers.values().filter(|c| c.is_running()).collect();
     let usage = pb::Resources {
         cpus: running.iter().filter_map(|c| c.limits.cpus).sum(),
         memory_bytes: running.iter().filter_map(|c| c.limits.memory_bytes).sum(),
@@ -214,7 +226,7 @@ async fn session(
         "connected to the server"
     );
 
-    let mut last_report = executor.full_report().await?;
+    let mut last_report = snapshot(executor.full_report().await?);
     send_report(&out, &last_report, String::new()).await?;
 
     let mut events = executor.runtime().events(&config.node_id);
@@ -249,6 +261,7 @@ async fn session(
                         message: Some(pb::connect_request::Message::ContainerEvent(pb::ContainerEvent::from(&event))),
                     };
                     out.send(message).await?;
+                    refresh(executor, &mut last_report, &event.docker_id).await;
                 }
                 Some(Err(e)) => return Ok(SessionEnd::Welcomed(format!("docker events stream failed: {e}"))),
                 None => return Ok(SessionEnd::Welcomed("docker events stream ended".into())),
@@ -266,25 +279,48 @@ async fn session(
                 out.send(message).await?;
             }
             _ = resync.tick() => {
-                last_report = executor.full_report().await?;
+                last_report = snapshot(executor.full_report().await?);
                 send_report(&out, &last_report, String::new()).await?;
             }
             // Cancel-safe: mpsc::Receiver::recv loses nothing when dropped.
             Some((command_id, outcome)) = result_rx.recv() => {
+                if let Some(c) = &outcome.container {
+                    last_report.insert(c.docker_id.clone(), c.clone());
+                }
                 out.send(result_message(command_id, &outcome)).await?;
             }
         }
     }
 }
 
+/// Re-inspects one container after an event; a container that is gone
+/// leaves the snapshot.
+async fn refresh(executor: &Executor, snapshot: &mut Snapshot, docker_id: &str) {
+    match executor.runtime().inspect(docker_id).await {
+        Ok(Some(c)) => {
+            snapshot.insert(c.docker_id.clone(), c);
+        }
+        Ok(None) => {
+            snapshot.remove(docker_id);
+        }
+        // The engine hiccuped; the next full report corrects the picture.
+        Err(e) => {
+            tracing::debug!(docker_id, error = %e, "cannot refresh a container after an event")
+        }
+    }
+}
+
 async fn send_report(
     out: &mpsc::Sender<pb::ConnectRequest>,
-    containers: &[boilerhouse_core::container::ObservedContainer],
+    containers: &Snapshot,
     command_id: String,
 ) -> anyhow::Result<()> {
     let report = pb::FullReport {
         observed_at: Some(timestamp_to_pb(now())),
-        containers: containers.iter().map(pb::ObservedContainer::from).collect(),
+        containers: containers
+            .values()
+            .map(pb::ObservedContainer::from)
+            .collect(),
         command_id,
     };
     out.send(pb::ConnectRequest {
@@ -366,7 +402,7 @@ async fn handle_command(
     executor: &Executor,
     out: &mpsc::Sender<pb::ConnectRequest>,
     results: &mpsc::Sender<(String, Outcome)>,
-    last_report: &mut Vec<boilerhouse_core::container::ObservedContainer>,
+    last_report: &mut Snapshot,
 ) -> anyhow::Result<()> {
     let id = command.command_id.clone();
     let decoded = match decode_command(&command) {
@@ -383,7 +419,7 @@ async fn handle_command(
         }
     };
     if decoded == Command::FullReport {
-        *last_report = executor.full_report().await?;
+        *last_report = snapshot(executor.full_report().await?);
         send_report(out, last_report, id.clone()).await?;
         out.send(result_message(
             id,

@@ -343,6 +343,46 @@ impl Client {
         print_structured(Format::Yaml, &view).map_err(CliError::Output)
     }
 
+    pub async fn node_cordon(
+        &self,
+        id: &str,
+        cordon: bool,
+        format: Format,
+    ) -> Result<(), CliError> {
+        let mut client = NodeServiceClient::new(self.channel.clone());
+        let node = if cordon {
+            client
+                .cordon_node(pb::CordonNodeRequest {
+                    node_id: id.to_owned(),
+                    request_id: String::new(),
+                })
+                .await
+                .map_err(|s| self.fail(s))?
+                .into_inner()
+                .node
+        } else {
+            client
+                .uncordon_node(pb::UncordonNodeRequest {
+                    node_id: id.to_owned(),
+                    request_id: String::new(),
+                })
+                .await
+                .map_err(|s| self.fail(s))?
+                .into_inner()
+                .node
+        };
+        let view = NodeView::from(&node.unwrap_or_default());
+        if format != Format::Table {
+            return print_structured(format, &view).map_err(CliError::Output);
+        }
+        println!(
+            "node/{} {}",
+            view.name,
+            if cordon { "cordoned" } else { "uncordoned" }
+        );
+        Ok(())
+    }
+
     pub async fn events(&self, args: EventsArgs, format: Format) -> Result<(), CliError> {
         let min_severity = match args.severity.as_deref() {
             None => pb::EventSeverity::Unspecified,

@@ -96,6 +96,16 @@ enum NodeCommand {
         /// Node name.
         id: String,
     },
+    /// Keep new containers off a node.
+    Cordon {
+        /// Node name.
+        id: String,
+    },
+    /// Allow new containers on a node again.
+    Uncordon {
+        /// Node name.
+        id: String,
+    },
 }
 
 /// Show the activity log.
@@ -169,6 +179,8 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Node(cmd) => match cmd {
             NodeCommand::List => client.node_list(format).await,
             NodeCommand::Get { id } => client.node_get(&id, format).await,
+            NodeCommand::Cordon { id } => client.node_cordon(&id, true, format).await,
+            NodeCommand::Uncordon { id } => client.node_cordon(&id, false, format).await,
         },
         Command::Events(args) => client.events(args, format).await,
         Command::Status => client.status(format).await,
