@@ -153,6 +153,10 @@ fn hello(config: &AgentConfig, engine: &EngineInfo) -> pb::ConnectRequest {
                 gpus: crate::host::gpu_count(),
             }),
             labels: config.labels.clone().into_iter().collect(),
+            state_root: std::path::absolute(&config.state_root)
+                .unwrap_or_else(|_| config.state_root.clone())
+                .display()
+                .to_string(),
         })),
     }
 }

@@ -43,15 +43,10 @@ impl VolumeLayout {
         self.root.join("containers").join(id.to_string())
     }
 
-    /// The host path of one of its volumes.
+    /// The host path of one of its volumes; the layout is defined once, in
+    /// `core`, because the server computes the same paths.
     pub fn volume_dir(&self, id: &ContainerId, kind: &VolumeKind) -> PathBuf {
-        let base = self.container_dir(id);
-        match kind {
-            VolumeKind::State => base.join("state"),
-            VolumeKind::Secrets => base.join("secrets"),
-            VolumeKind::Comm => base.join("comm"),
-            VolumeKind::Custom(name) => base.join("custom").join(name),
-        }
+        PathBuf::from(boilerhouse_core::container::volume_host_path(&self.root.display().to_string(), id, kind))
     }
 
     /// Its state file.

@@ -68,6 +68,20 @@ pub struct Healthcheck {
     pub start_period: Duration,
 }
 
+/// Where a container's directories live under an agent's state root:
+/// `<root>/containers/<id>/{state,secrets,comm,custom/<name>}`. The agent
+/// creates them; the server computes the same paths to tell a claimant
+/// where its state and comm volumes are on the host.
+pub fn volume_host_path(state_root: &str, id: &ContainerId, kind: &VolumeKind) -> String {
+    let base = format!("{}/containers/{id}", state_root.trim_end_matches('/'));
+    match kind {
+        VolumeKind::State => format!("{base}/state"),
+        VolumeKind::Secrets => format!("{base}/secrets"),
+        VolumeKind::Comm => format!("{base}/comm"),
+        VolumeKind::Custom(name) => format!("{base}/custom/{name}"),
+    }
+}
+
 /// Everything an agent needs to create one container.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ContainerSpec {

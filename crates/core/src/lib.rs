@@ -9,6 +9,7 @@ pub mod event;
 pub mod ids;
 pub mod liveness;
 pub mod node;
+pub mod pool;
 pub mod time;
 pub mod units;
 pub mod workload;

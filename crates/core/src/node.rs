@@ -80,6 +80,8 @@ pub struct Node {
     pub capacity: Resources,
     /// Labels for `node_selector`.
     pub labels: BTreeMap<String, String>,
+    /// Root of the agent's container directories.
+    pub state_root: String,
     /// First contact.
     pub first_seen_at: Timestamp,
     /// Last heartbeat.

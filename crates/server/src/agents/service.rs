@@ -57,6 +57,7 @@ fn hello_from_pb(hello: &pb::Hello) -> Result<NodeHello, ApiError> {
         engine_version: hello.engine_version.clone(),
         capacity,
         labels: hello.labels.clone().into_iter().collect(),
+        state_root: hello.state_root.clone(),
     })
 }
 

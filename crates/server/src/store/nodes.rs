@@ -23,6 +23,7 @@ struct NodeRow {
     capacity_memory: i64,
     capacity_gpus: i64,
     labels_json: String,
+    state_root: String,
     first_seen_at: i64,
     last_heartbeat_at: i64,
 }
@@ -46,6 +47,7 @@ impl TryFrom<NodeRow> for Node {
                 gpus: row.capacity_gpus.clamp(0, i64::from(u32::MAX)) as u32,
             },
             labels,
+            state_root: row.state_root,
             first_seen_at: Timestamp::from_millis(row.first_seen_at),
             last_heartbeat_at: Timestamp::from_millis(row.last_heartbeat_at),
         })
@@ -56,7 +58,7 @@ macro_rules! select_node {
     ($rest:literal) => {
         concat!(
             "SELECT node_id, status, cordoned, boot_id, agent_version, engine_version, \
-             capacity_cpus, capacity_memory, capacity_gpus, labels_json, first_seen_at, \
+             capacity_cpus, capacity_memory, capacity_gpus, labels_json, state_root, first_seen_at, \
              last_heartbeat_at FROM nodes ",
             $rest
         )
@@ -97,6 +99,8 @@ pub struct NodeHello {
     pub capacity: Resources,
     /// Labels.
     pub labels: BTreeMap<String, String>,
+    /// Root of the agent's container directories.
+    pub state_root: String,
 }
 
 /// How a node arrived.
@@ -136,12 +140,13 @@ impl Store {
                     let labels = serde_json::to_string(&hello.labels).map_err(|e| StoreError::Internal(e.to_string()))?;
                     sqlx::query(
                         "INSERT INTO nodes (node_id, status, cordoned, boot_id, agent_version, engine_version, \
-                         capacity_cpus, capacity_memory, capacity_gpus, labels_json, first_seen_at, \
-                         last_heartbeat_at, updated_at) VALUES (?, 'ready', 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+                         capacity_cpus, capacity_memory, capacity_gpus, labels_json, state_root, first_seen_at, \
+                         last_heartbeat_at, updated_at) VALUES (?, 'ready', 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
                          ON CONFLICT (node_id) DO UPDATE SET status = 'ready', boot_id = excluded.boot_id, \
                          agent_version = excluded.agent_version, engine_version = excluded.engine_version, \
                          capacity_cpus = excluded.capacity_cpus, capacity_memory = excluded.capacity_memory, \
                          capacity_gpus = excluded.capacity_gpus, labels_json = excluded.labels_json, \
+                         state_root = excluded.state_root, \
                          last_heartbeat_at = excluded.last_heartbeat_at, updated_at = excluded.updated_at",
                     )
                     .bind(hello.id.as_str())
@@ -152,6 +157,7 @@ impl Store {
                     .bind(i64::try_from(hello.capacity.memory_bytes).unwrap_or(i64::MAX))
                     .bind(i64::from(hello.capacity.gpus))
                     .bind(labels)
+                    .bind(&hello.state_root)
                     .bind(now.as_millis())
                     .bind(now.as_millis())
                     .bind(now.as_millis())

@@ -1,0 +1,243 @@
+//! Pool rules: container states, how many containers to create, and where
+//! to put them. Pure functions; the pool controller does the I/O.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::NodeId;
+use crate::node::Resources;
+use crate::workload::WorkloadSpec;
+
+/// A managed container's life cycle, as the server records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ContainerState {
+    /// Created or starting; not yet healthy.
+    Warming,
+    /// Running, healthy, free to claim.
+    Idle,
+    /// Held by a tenant.
+    Claimed,
+    /// Released and kept for the same tenant until its affinity expires.
+    Reserved,
+    /// Being stopped and removed.
+    Draining,
+    /// On a node declared lost.
+    Lost,
+}
+
+impl ContainerState {
+    /// Every state.
+    pub const ALL: [ContainerState; 6] = [
+        ContainerState::Warming,
+        ContainerState::Idle,
+        ContainerState::Claimed,
+        ContainerState::Reserved,
+        ContainerState::Draining,
+        ContainerState::Lost,
+    ];
+
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ContainerState::Warming => "warming",
+            ContainerState::Idle => "idle",
+            ContainerState::Claimed => "claimed",
+            ContainerState::Reserved => "reserved",
+            ContainerState::Draining => "draining",
+            ContainerState::Lost => "lost",
+        }
+    }
+}
+
+impl fmt::Display for ContainerState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for ContainerState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        ContainerState::ALL
+            .into_iter()
+            .find(|c| c.as_str() == s)
+            .ok_or_else(|| format!("unknown container state {s:?}"))
+    }
+}
+
+/// How many containers of a pool are in each state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolCounts {
+    /// Warming, in-flight creates included.
+    pub warming: u32,
+    /// Idle.
+    pub idle: u32,
+    /// Claimed.
+    pub claimed: u32,
+    /// Reserved for a returning tenant.
+    pub reserved: u32,
+    /// Draining.
+    pub draining: u32,
+    /// On lost nodes.
+    pub lost: u32,
+}
+
+impl PoolCounts {
+    /// Adds one container in `state`.
+    pub fn add(&mut self, state: ContainerState) {
+        match state {
+            ContainerState::Warming => self.warming += 1,
+            ContainerState::Idle => self.idle += 1,
+            ContainerState::Claimed => self.claimed += 1,
+            ContainerState::Reserved => self.reserved += 1,
+            ContainerState::Draining => self.draining += 1,
+            ContainerState::Lost => self.lost += 1,
+        }
+    }
+
+    /// Containers that count toward `max_size`. Draining ones are on their
+    /// way out but still hold resources until removed, so they count.
+    pub fn total(&self) -> u32 {
+        self.warming + self.idle + self.claimed + self.reserved + self.draining + self.lost
+    }
+}
+
+/// How many containers to start creating now so the pool reaches
+/// `min_size` idle, never exceeding `max_size` in total (in-flight creates
+/// count as warming) nor `fill_concurrency` creates at once.
+pub fn to_create(counts: &PoolCounts, min_size: u32, max_size: u32, fill_concurrency: u32) -> u32 {
+    let ready_or_coming = counts.idle + counts.warming;
+    let wanted = min_size.saturating_sub(ready_or_coming);
+    let room = max_size.saturating_sub(counts.total());
+    let slots = fill_concurrency.saturating_sub(counts.warming);
+    wanted.min(room).min(slots)
+}
+
+/// A node as placement sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeCandidate {
+    /// The node.
+    pub id: NodeId,
+    /// Ready, connected, and heartbeating.
+    pub live: bool,
+    /// Kept free of new containers.
+    pub cordoned: bool,
+    /// Its labels.
+    pub labels: BTreeMap<String, String>,
+    /// What it offers (boosts drawn from or to it included).
+    pub capacity: Resources,
+    /// What its containers' limits already take.
+    pub allocated: Resources,
+}
+
+impl NodeCandidate {
+    fn free_cpus(&self) -> f64 {
+        self.capacity.cpus - self.allocated.cpus
+    }
+
+    fn free_memory(&self) -> i128 {
+        i128::from(self.capacity.memory_bytes) - i128::from(self.allocated.memory_bytes)
+    }
+}
+
+/// Where a new container of `workload` should go: a live, uncordoned node
+/// whose labels satisfy `node_selector` and that has room for the
+/// workload's limits, preferring the one with the most free memory, then
+/// CPU, then the name (so the choice is deterministic).
+pub fn choose_node<'a>(candidates: &'a [NodeCandidate], workload: &WorkloadSpec) -> Option<&'a NodeCandidate> {
+    let need_cpus = workload.limits.cpus.unwrap_or(0.0);
+    let need_memory = i128::from(workload.limits.memory_bytes.unwrap_or(0));
+    candidates
+        .iter()
+        .filter(|n| n.live && !n.cordoned)
+        .filter(|n| workload.node_selector.iter().all(|(k, v)| n.labels.get(k) == Some(v)))
+        .filter(|n| n.free_cpus() + 1e-9 >= need_cpus && n.free_memory() >= need_memory)
+        .max_by(|a, b| {
+            a.free_memory()
+                .cmp(&b.free_memory())
+                .then(a.free_cpus().total_cmp(&b.free_cpus()))
+                .then(b.id.cmp(&a.id))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::workload::parse_workload;
+    use proptest::prelude::*;
+
+    fn node(name: &str, cpus: f64, memory_gb: u64) -> NodeCandidate {
+        NodeCandidate {
+            id: NodeId::new(name).unwrap(),
+            live: true,
+            cordoned: false,
+            labels: BTreeMap::new(),
+            capacity: Resources { cpus, memory_bytes: memory_gb << 30, gpus: 0 },
+            allocated: Resources::default(),
+        }
+    }
+
+    #[test]
+    fn placement_prefers_free_capacity_and_respects_the_rules() {
+        let w = parse_workload("w", "id: w\nimage: i\ndeploy: {resources: {limits: {cpus: 1, memory: 1G}}}\n").unwrap();
+        let mut nodes = vec![node("a", 4.0, 8), node("b", 4.0, 16), node("c", 8.0, 32)];
+        assert_eq!(choose_node(&nodes, &w).unwrap().id.as_str(), "c");
+        nodes[2].cordoned = true;
+        assert_eq!(choose_node(&nodes, &w).unwrap().id.as_str(), "b", "cordoned nodes get nothing");
+        nodes[1].live = false;
+        assert_eq!(choose_node(&nodes, &w).unwrap().id.as_str(), "a", "only live nodes");
+        nodes[0].allocated = Resources { cpus: 3.5, memory_bytes: 0, gpus: 0 };
+        assert!(choose_node(&nodes, &w).is_none(), "no node has a free core");
+    }
+
+    #[test]
+    fn node_selectors_must_match_every_label() {
+        let w = parse_workload("w", "id: w\nimage: i\nnode_selector: {zone: b, gpu: 'yes'}\n").unwrap();
+        let mut a = node("a", 4.0, 64);
+        a.labels.insert("zone".into(), "b".into());
+        let mut b = node("b", 4.0, 8);
+        b.labels.insert("zone".into(), "b".into());
+        b.labels.insert("gpu".into(), "yes".into());
+        assert_eq!(choose_node(&[a, b], &w).unwrap().id.as_str(), "b");
+    }
+
+    #[test]
+    fn filling_respects_min_max_and_concurrency() {
+        let c = |idle, warming, claimed| PoolCounts { idle, warming, claimed, ..Default::default() };
+        assert_eq!(to_create(&c(0, 0, 0), 5, 10, 2), 2, "fill_concurrency caps a round");
+        assert_eq!(to_create(&c(0, 2, 0), 5, 10, 2), 0, "in-flight creates use the slots");
+        assert_eq!(to_create(&c(3, 1, 0), 5, 10, 4), 1);
+        assert_eq!(to_create(&c(5, 0, 0), 5, 10, 4), 0, "full");
+        assert_eq!(to_create(&c(0, 0, 9), 5, 10, 4), 1, "max_size counts claimed ones");
+        assert_eq!(to_create(&c(0, 0, 10), 5, 10, 4), 0);
+    }
+
+    proptest! {
+        /// Creating what to_create says never takes the pool past max_size,
+        /// past fill_concurrency in flight, or past min_size idle+warming.
+        #[test]
+        fn to_create_never_overshoots(
+            idle in 0u32..30, warming in 0u32..30, claimed in 0u32..30, reserved in 0u32..10,
+            draining in 0u32..10, min in 0u32..40, extra in 0u32..40, conc in 1u32..10,
+        ) {
+            let max = (min + extra).max(1);
+            let counts = PoolCounts { idle, warming, claimed, reserved, draining, lost: 0 };
+            let n = to_create(&counts, min, max, conc);
+            if n > 0 {
+                prop_assert!(counts.total() + n <= max);
+                prop_assert!(warming + n <= conc);
+                prop_assert!(idle + warming + n <= min);
+            }
+        }
+
+        #[test]
+        fn states_round_trip(i in 0usize..6) {
+            let s = ContainerState::ALL[i];
+            prop_assert_eq!(s.as_str().parse::<ContainerState>().unwrap(), s);
+        }
+    }
+}
