@@ -46,7 +46,11 @@ impl VolumeLayout {
     /// The host path of one of its volumes; the layout is defined once, in
     /// `core`, because the server computes the same paths.
     pub fn volume_dir(&self, id: &ContainerId, kind: &VolumeKind) -> PathBuf {
-        PathBuf::from(boilerhouse_core::container::volume_host_path(&self.root.display().to_string(), id, kind))
+        PathBuf::from(boilerhouse_core::container::volume_host_path(
+            &self.root.display().to_string(),
+            id,
+            kind,
+        ))
     }
 
     /// Its state file.

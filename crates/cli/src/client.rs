@@ -98,7 +98,13 @@ impl Client {
         Ok(Self { channel, addr })
     }
 
-    fn fail(&self, status: Status) -> CliError {
+    /// The channel, for command modules.
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
+    /// Turns a status into one sentence, with field violations.
+    pub fn fail(&self, status: Status) -> CliError {
         if status.code() == Code::Unavailable && status.message().contains("transport") {
             return CliError::Unreachable {
                 addr: self.addr.clone(),

@@ -4,6 +4,7 @@
 
 mod client;
 mod output;
+mod pools;
 
 use std::io::IsTerminal as _;
 use std::path::PathBuf;
@@ -41,6 +42,42 @@ enum Command {
     /// Docker hosts and their agents.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Warm pools, one per workload.
+    #[command(subcommand)]
+    Pool(PoolCommand),
+    /// Claim a running container of a workload for a tenant.
+    Claim {
+        /// Tenant id.
+        tenant: String,
+        /// Workload id.
+        workload: String,
+        /// How long a cold start may take, e.g. 30s.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        timeout: Option<std::time::Duration>,
+        /// Idempotency key: a retry with the same key gets the same answer.
+        #[arg(long)]
+        request_id: Option<String>,
+    },
+    /// Release a tenant's claim; the container is kept for the tenant for
+    /// the workload's affinity_timeout.
+    Release {
+        /// Tenant id.
+        tenant: String,
+        /// Workload id.
+        workload: String,
+        /// The claim's generation; defaults to the current one.
+        #[arg(long)]
+        generation: Option<u64>,
+    },
+    /// Active claims.
+    #[command(subcommand)]
+    Claims(ClaimsCommand),
+    /// Affinity reservations.
+    #[command(subcommand)]
+    Affinity(AffinityCommand),
+    /// Managed containers.
+    #[command(subcommand)]
+    Container(ContainerCommand),
     /// The activity log.
     Events(EventsArgs),
     /// Server health and background tasks.
@@ -105,6 +142,102 @@ enum NodeCommand {
     Uncordon {
         /// Node name.
         id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PoolCommand {
+    /// List pools with their counts.
+    #[command(alias = "ls")]
+    List,
+    /// Show one pool.
+    Get {
+        /// Pool (workload) id.
+        id: String,
+    },
+    /// Override a pool's sizes (and put a drained pool back in service).
+    Scale {
+        /// Pool (workload) id.
+        id: String,
+        /// Idle containers to keep.
+        #[arg(long)]
+        min: Option<u32>,
+        /// Containers in total.
+        #[arg(long)]
+        max: Option<u32>,
+    },
+    /// Destroy a pool's idle containers and stop refilling it.
+    Drain {
+        /// Pool (workload) id.
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ClaimsCommand {
+    /// List claims.
+    #[command(alias = "ls")]
+    List {
+        /// Only this workload's.
+        #[arg(long)]
+        workload: Option<String>,
+        /// Only this tenant's.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Include released and lost claims.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AffinityCommand {
+    /// List reservations.
+    #[command(alias = "ls")]
+    List,
+    /// Keep a reservation longer.
+    Extend {
+        /// Tenant id.
+        tenant: String,
+        /// Workload id.
+        workload: String,
+        /// How much longer, e.g. 10m.
+        #[arg(long = "by", value_parser = humantime::parse_duration)]
+        by: std::time::Duration,
+    },
+    /// End a reservation now; its container is destroyed.
+    Revoke {
+        /// Tenant id.
+        tenant: String,
+        /// Workload id.
+        workload: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ContainerCommand {
+    /// List containers.
+    #[command(alias = "ls")]
+    List {
+        /// Only this workload's.
+        #[arg(long)]
+        workload: Option<String>,
+        /// Only this node's.
+        #[arg(long)]
+        node: Option<String>,
+    },
+    /// Show one container.
+    Get {
+        /// Container id.
+        id: String,
+    },
+    /// Stop and remove a container.
+    Destroy {
+        /// Container id.
+        id: String,
+        /// Even if a tenant holds it (the claim becomes LOST).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -181,6 +314,58 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             NodeCommand::Get { id } => client.node_get(&id, format).await,
             NodeCommand::Cordon { id } => client.node_cordon(&id, true, format).await,
             NodeCommand::Uncordon { id } => client.node_cordon(&id, false, format).await,
+        },
+        Command::Pool(cmd) => match cmd {
+            PoolCommand::List => client.pool_list(format).await,
+            PoolCommand::Get { id } => client.pool_get(&id, format).await,
+            PoolCommand::Scale { id, min, max } => client.pool_scale(&id, min, max, format).await,
+            PoolCommand::Drain { id } => client.pool_drain(&id, format).await,
+        },
+        Command::Claim {
+            tenant,
+            workload,
+            timeout,
+            request_id,
+        } => {
+            client
+                .claim(
+                    &tenant,
+                    &workload,
+                    timeout,
+                    request_id.unwrap_or_default(),
+                    format,
+                )
+                .await
+        }
+        Command::Release {
+            tenant,
+            workload,
+            generation,
+        } => client.release(&tenant, &workload, generation, format).await,
+        Command::Claims(ClaimsCommand::List {
+            workload,
+            tenant,
+            all,
+        }) => client.claims_list(workload, tenant, all, format).await,
+        Command::Affinity(cmd) => match cmd {
+            AffinityCommand::List => client.affinity_list(format).await,
+            AffinityCommand::Extend {
+                tenant,
+                workload,
+                by,
+            } => client.affinity_extend(&tenant, &workload, by, format).await,
+            AffinityCommand::Revoke { tenant, workload } => {
+                client.affinity_revoke(&tenant, &workload, format).await
+            }
+        },
+        Command::Container(cmd) => match cmd {
+            ContainerCommand::List { workload, node } => {
+                client.container_list(workload, node, format).await
+            }
+            ContainerCommand::Get { id } => client.container_get(&id, format).await,
+            ContainerCommand::Destroy { id, force } => {
+                client.container_destroy(&id, force, format).await
+            }
         },
         Command::Events(args) => client.events(args, format).await,
         Command::Status => client.status(format).await,

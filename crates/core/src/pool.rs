@@ -148,13 +148,21 @@ impl NodeCandidate {
 /// whose labels satisfy `node_selector` and that has room for the
 /// workload's limits, preferring the one with the most free memory, then
 /// CPU, then the name (so the choice is deterministic).
-pub fn choose_node<'a>(candidates: &'a [NodeCandidate], workload: &WorkloadSpec) -> Option<&'a NodeCandidate> {
+pub fn choose_node<'a>(
+    candidates: &'a [NodeCandidate],
+    workload: &WorkloadSpec,
+) -> Option<&'a NodeCandidate> {
     let need_cpus = workload.limits.cpus.unwrap_or(0.0);
     let need_memory = i128::from(workload.limits.memory_bytes.unwrap_or(0));
     candidates
         .iter()
         .filter(|n| n.live && !n.cordoned)
-        .filter(|n| workload.node_selector.iter().all(|(k, v)| n.labels.get(k) == Some(v)))
+        .filter(|n| {
+            workload
+                .node_selector
+                .iter()
+                .all(|(k, v)| n.labels.get(k) == Some(v))
+        })
         .filter(|n| n.free_cpus() + 1e-9 >= need_cpus && n.free_memory() >= need_memory)
         .max_by(|a, b| {
             a.free_memory()
@@ -176,27 +184,51 @@ mod tests {
             live: true,
             cordoned: false,
             labels: BTreeMap::new(),
-            capacity: Resources { cpus, memory_bytes: memory_gb << 30, gpus: 0 },
+            capacity: Resources {
+                cpus,
+                memory_bytes: memory_gb << 30,
+                gpus: 0,
+            },
             allocated: Resources::default(),
         }
     }
 
     #[test]
     fn placement_prefers_free_capacity_and_respects_the_rules() {
-        let w = parse_workload("w", "id: w\nimage: i\ndeploy: {resources: {limits: {cpus: 1, memory: 1G}}}\n").unwrap();
+        let w = parse_workload(
+            "w",
+            "id: w\nimage: i\ndeploy: {resources: {limits: {cpus: 1, memory: 1G}}}\n",
+        )
+        .unwrap();
         let mut nodes = vec![node("a", 4.0, 8), node("b", 4.0, 16), node("c", 8.0, 32)];
         assert_eq!(choose_node(&nodes, &w).unwrap().id.as_str(), "c");
         nodes[2].cordoned = true;
-        assert_eq!(choose_node(&nodes, &w).unwrap().id.as_str(), "b", "cordoned nodes get nothing");
+        assert_eq!(
+            choose_node(&nodes, &w).unwrap().id.as_str(),
+            "b",
+            "cordoned nodes get nothing"
+        );
         nodes[1].live = false;
-        assert_eq!(choose_node(&nodes, &w).unwrap().id.as_str(), "a", "only live nodes");
-        nodes[0].allocated = Resources { cpus: 3.5, memory_bytes: 0, gpus: 0 };
+        assert_eq!(
+            choose_node(&nodes, &w).unwrap().id.as_str(),
+            "a",
+            "only live nodes"
+        );
+        nodes[0].allocated = Resources {
+            cpus: 3.5,
+            memory_bytes: 0,
+            gpus: 0,
+        };
         assert!(choose_node(&nodes, &w).is_none(), "no node has a free core");
     }
 
     #[test]
     fn node_selectors_must_match_every_label() {
-        let w = parse_workload("w", "id: w\nimage: i\nnode_selector: {zone: b, gpu: 'yes'}\n").unwrap();
+        let w = parse_workload(
+            "w",
+            "id: w\nimage: i\nnode_selector: {zone: b, gpu: 'yes'}\n",
+        )
+        .unwrap();
         let mut a = node("a", 4.0, 64);
         a.labels.insert("zone".into(), "b".into());
         let mut b = node("b", 4.0, 8);
@@ -207,12 +239,29 @@ mod tests {
 
     #[test]
     fn filling_respects_min_max_and_concurrency() {
-        let c = |idle, warming, claimed| PoolCounts { idle, warming, claimed, ..Default::default() };
-        assert_eq!(to_create(&c(0, 0, 0), 5, 10, 2), 2, "fill_concurrency caps a round");
-        assert_eq!(to_create(&c(0, 2, 0), 5, 10, 2), 0, "in-flight creates use the slots");
+        let c = |idle, warming, claimed| PoolCounts {
+            idle,
+            warming,
+            claimed,
+            ..Default::default()
+        };
+        assert_eq!(
+            to_create(&c(0, 0, 0), 5, 10, 2),
+            2,
+            "fill_concurrency caps a round"
+        );
+        assert_eq!(
+            to_create(&c(0, 2, 0), 5, 10, 2),
+            0,
+            "in-flight creates use the slots"
+        );
         assert_eq!(to_create(&c(3, 1, 0), 5, 10, 4), 1);
         assert_eq!(to_create(&c(5, 0, 0), 5, 10, 4), 0, "full");
-        assert_eq!(to_create(&c(0, 0, 9), 5, 10, 4), 1, "max_size counts claimed ones");
+        assert_eq!(
+            to_create(&c(0, 0, 9), 5, 10, 4),
+            1,
+            "max_size counts claimed ones"
+        );
         assert_eq!(to_create(&c(0, 0, 10), 5, 10, 4), 0);
     }
 
@@ -240,4 +289,155 @@ mod tests {
             prop_assert_eq!(s.as_str().parse::<ContainerState>().unwrap(), s);
         }
     }
+}
+
+/// Where a claimed container came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClaimSource {
+    /// The tenant's current claim.
+    Existing,
+    /// The tenant's affinity reservation.
+    Affinity,
+    /// An idle pooled container.
+    Pool,
+    /// A container created for this claim.
+    Cold,
+}
+
+impl ClaimSource {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClaimSource::Existing => "existing",
+            ClaimSource::Affinity => "affinity",
+            ClaimSource::Pool => "pool",
+            ClaimSource::Cold => "cold",
+        }
+    }
+}
+
+impl FromStr for ClaimSource {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "existing" => Ok(ClaimSource::Existing),
+            "affinity" => Ok(ClaimSource::Affinity),
+            "pool" => Ok(ClaimSource::Pool),
+            "cold" => Ok(ClaimSource::Cold),
+            other => Err(format!("unknown claim source {other:?}")),
+        }
+    }
+}
+
+/// A claim's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClaimStatus {
+    /// Held.
+    Active,
+    /// Released by the tenant, an operator or the idle reaper.
+    Released,
+    /// Its node was lost.
+    Lost,
+}
+
+impl ClaimStatus {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClaimStatus::Active => "active",
+            ClaimStatus::Released => "released",
+            ClaimStatus::Lost => "lost",
+        }
+    }
+}
+
+impl FromStr for ClaimStatus {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "active" => Ok(ClaimStatus::Active),
+            "released" => Ok(ClaimStatus::Released),
+            "lost" => Ok(ClaimStatus::Lost),
+            other => Err(format!("unknown claim status {other:?}")),
+        }
+    }
+}
+
+/// A managed container as the server records it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ContainerRecord {
+    /// Its id.
+    pub id: crate::ContainerId,
+    /// Its workload, which is also its pool.
+    pub workload_id: crate::WorkloadId,
+    /// Where it runs.
+    pub node_id: NodeId,
+    /// Docker's id, once created.
+    pub docker_id: Option<String>,
+    /// Life-cycle state.
+    pub state: ContainerState,
+    /// The spec it was built from.
+    pub spec_hash: String,
+    /// The tenant holding it.
+    pub tenant_id: Option<crate::TenantId>,
+    /// The tenant that held it last.
+    pub last_tenant_id: Option<crate::TenantId>,
+    /// Fencing generation of its current or last claim.
+    pub claim_generation: u64,
+    /// Limits in force.
+    pub limits: crate::workload::Limits,
+    /// Host path of the state volume ('' when none).
+    pub state_path: String,
+    /// Host path of the comm volume ('' when none).
+    pub comm_path: String,
+    /// Created.
+    pub created_at: crate::Timestamp,
+    /// Last changed.
+    pub updated_at: crate::Timestamp,
+}
+
+/// A claim.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClaimRecord {
+    /// Its id.
+    pub claim_id: String,
+    /// Who.
+    pub tenant_id: crate::TenantId,
+    /// Of what.
+    pub workload_id: crate::WorkloadId,
+    /// Which container.
+    pub container_id: crate::ContainerId,
+    /// On which node.
+    pub node_id: NodeId,
+    /// Fencing token.
+    pub generation: u64,
+    /// Where the container came from.
+    pub source: ClaimSource,
+    /// State.
+    pub status: ClaimStatus,
+    /// When.
+    pub claimed_at: crate::Timestamp,
+    /// Last activity.
+    pub last_activity_at: crate::Timestamp,
+    /// When it ended.
+    pub released_at: Option<crate::Timestamp>,
+}
+
+/// A released container kept for its tenant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reservation {
+    /// For whom.
+    pub tenant_id: crate::TenantId,
+    /// Of what.
+    pub workload_id: crate::WorkloadId,
+    /// Which container.
+    pub container_id: crate::ContainerId,
+    /// On which node.
+    pub node_id: NodeId,
+    /// Since when.
+    pub reserved_at: crate::Timestamp,
+    /// Until when.
+    pub expires_at: crate::Timestamp,
 }

@@ -82,6 +82,10 @@ struct FileConfig {
     restart_grace: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     full_report_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    command_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    acquire_timeout: Option<Duration>,
 }
 
 /// The validated server configuration.
@@ -124,6 +128,10 @@ pub struct Config {
     pub restart_grace: Duration,
     /// How often agents send unrequested full reports. Default 30s.
     pub full_report_interval: Duration,
+    /// How long to wait for an agent to answer a command. Default 30s.
+    pub command_timeout: Duration,
+    /// How long a cold-start claim waits by default. Default 30s.
+    pub acquire_timeout: Duration,
 }
 
 /// A configuration that cannot be used.
@@ -210,6 +218,8 @@ impl Config {
             lost_grace: file.lost_grace.unwrap_or(Duration::from_secs(30)),
             restart_grace: file.restart_grace.unwrap_or(Duration::from_secs(60)),
             full_report_interval: file.full_report_interval.unwrap_or(Duration::from_secs(30)),
+            command_timeout: file.command_timeout.unwrap_or(Duration::from_secs(30)),
+            acquire_timeout: file.acquire_timeout.unwrap_or(Duration::from_secs(30)),
         };
         config.validate()?;
         Ok(config)

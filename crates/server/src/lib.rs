@@ -7,6 +7,7 @@ pub mod clock;
 pub mod config;
 pub mod error;
 pub mod metrics;
+pub mod pools;
 pub mod server;
 pub mod store;
 pub mod tasks;

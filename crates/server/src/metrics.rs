@@ -11,7 +11,9 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -31,6 +33,7 @@ pub struct Metrics {
     store: Store,
     workload_dir: WorkloadDir,
     agents: crate::agents::Registry,
+    claim_latency: Family<Vec<(String, String)>, Histogram>,
 }
 
 impl Metrics {
@@ -64,7 +67,21 @@ impl Metrics {
             "Database write operations committed (group commit batches several per transaction)",
             store_writes.clone(),
         );
+        let claim_latency =
+            Family::<Vec<(String, String)>, Histogram>::new_with_constructor(|| {
+                // 50µs to ~26s, doubling: warm claims and cold starts both land
+                // in useful buckets.
+                Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+                    0.00005, 2.0, 20,
+                ))
+            });
+        registry.register(
+            "claim_latency_seconds",
+            "Server-side Claim latency, by source",
+            claim_latency.clone(),
+        );
         Self {
+            claim_latency,
             registry,
             agents_connected,
             workloads,
@@ -75,6 +92,17 @@ impl Metrics {
             workload_dir,
             agents,
         }
+    }
+
+    /// Records one granted claim.
+    pub fn observe_claim(
+        &self,
+        source: boilerhouse_core::pool::ClaimSource,
+        latency: std::time::Duration,
+    ) {
+        self.claim_latency
+            .get_or_create(&vec![("source".to_owned(), source.as_str().to_owned())])
+            .observe(latency.as_secs_f64());
     }
 
     async fn render(&self) -> Result<String, std::fmt::Error> {

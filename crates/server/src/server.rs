@@ -185,6 +185,62 @@ pub async fn run(
     };
 
     let agents = crate::agents::Registry::default();
+    let pools = crate::pools::Pools::load(
+        store.clone(),
+        agents.clone(),
+        crate::pools::PoolsConfig {
+            suspect_after: config.suspect_after,
+            command_timeout: config.command_timeout,
+            acquire_timeout: config.acquire_timeout,
+        },
+    )
+    .await
+    .context("rebuilding the pool index")?;
+    // Reservations that expired while the server was down end now, before
+    // anyone can claim through them.
+    let expired = pools
+        .expire_reservations()
+        .await
+        .context("expiring reservations")?;
+    if expired > 0 {
+        tracing::info!(
+            expired,
+            "dropped affinity reservations that expired during downtime"
+        );
+    }
+    let refiller = driver.register(
+        "pool_refiller",
+        Duration::from_secs(1),
+        None,
+        crate::pools::tasks::Refiller(pools.clone()),
+    );
+    {
+        // Claims and releases wake the refiller at once.
+        let pools = pools.clone();
+        let cancel = cancel.child_token();
+        tracker.spawn(async move {
+            loop {
+                tokio::select! {
+                    // Cancel-safe: observing the token loses nothing.
+                    () = cancel.cancelled() => break,
+                    // Cancel-safe: a missed wake-up is covered by the period.
+                    () = pools.refill_notify().notified() => refiller.activate(),
+                }
+            }
+        });
+    }
+    driver.register(
+        "affinity_expiry",
+        Duration::from_secs(1),
+        None,
+        crate::pools::tasks::AffinityExpiry(pools.clone()),
+    );
+    driver.register(
+        "idle_reaper",
+        Duration::from_secs(1),
+        None,
+        crate::pools::tasks::IdleReaper(pools.clone()),
+    );
     driver.register(
         "node_liveness",
         Duration::from_secs(1),
@@ -202,6 +258,11 @@ pub async fn run(
         },
     );
 
+    let metrics = Arc::new(Metrics::new(
+        store.clone(),
+        workloads.clone(),
+        agents.clone(),
+    ));
     let state = AppState {
         store: store.clone(),
         workloads: workloads.clone(),
@@ -211,6 +272,8 @@ pub async fn run(
         idempotency: Arc::default(),
         started_at: crate::clock::now(),
         agents: agents.clone(),
+        pools: pools.clone(),
+        metrics: metrics.clone(),
     };
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -250,10 +313,14 @@ pub async fn run(
         .add_service(EventServiceServer::new(api::events::Events(state.clone())))
         .add_service(NodeServiceServer::new(api::nodes::Nodes(state.clone())))
         .add_service(SystemServiceServer::new(api::system::System(state.clone())))
-        .add_service(PoolServiceServer::new(api::pending::Pending))
-        .add_service(ClaimServiceServer::new(api::pending::Pending))
-        .add_service(AffinityServiceServer::new(api::pending::Pending))
-        .add_service(ContainerServiceServer::new(api::pending::Pending))
+        .add_service(PoolServiceServer::new(api::pools::PoolsApi(state.clone())))
+        .add_service(ClaimServiceServer::new(api::pools::Claims(state.clone())))
+        .add_service(AffinityServiceServer::new(api::pools::Affinity(
+            state.clone(),
+        )))
+        .add_service(ContainerServiceServer::new(api::pools::Containers(
+            state.clone(),
+        )))
         .add_service(BoostServiceServer::new(api::pending::Pending))
         .add_service(SyncServiceServer::new(api::pending::Pending))
         .add_service(ReconcileServiceServer::new(api::pending::Pending))
@@ -265,6 +332,7 @@ pub async fn run(
                 full_report_interval: config.full_report_interval,
             },
             shutdown: cancel.child_token(),
+            pools: pools.clone(),
         }))
         .serve_with_incoming_shutdown(
             TcpListenerStream::new(grpc_listener),
@@ -272,11 +340,6 @@ pub async fn run(
         );
     let mut grpc = tokio::spawn(grpc);
 
-    let metrics = Arc::new(Metrics::new(
-        store.clone(),
-        workloads.clone(),
-        agents.clone(),
-    ));
     let metrics_task = tokio::spawn(metrics::serve(metrics_listener, metrics, cancel.clone()));
 
     store

@@ -42,6 +42,8 @@ pub struct Agents {
     pub timing: AgentTiming,
     /// Ends every session at shutdown.
     pub shutdown: CancellationToken,
+    /// Where tenant activity seen by agents goes.
+    pub pools: crate::pools::Pools,
 }
 
 fn hello_from_pb(hello: &pb::Hello) -> Result<NodeHello, ApiError> {
@@ -127,9 +129,17 @@ impl AgentService for Agents {
 
         let registry = self.registry.clone();
         let shutdown = self.shutdown.clone();
+        let pools = self.pools.clone();
         tokio::spawn(async move {
-            let reason =
-                read_loop(&node, &registry, &mut inbound, &session_cancel, &shutdown).await;
+            let reason = read_loop(
+                &node,
+                &registry,
+                &pools,
+                &mut inbound,
+                &session_cancel,
+                &shutdown,
+            )
+            .await;
             registry.detach(&node, &session_id);
             tracing::info!(node = %node, session = %session_id, reason = %reason, "agent disconnected");
         });
@@ -141,6 +151,7 @@ impl AgentService for Agents {
 async fn read_loop(
     node: &NodeId,
     registry: &Registry,
+    pools: &crate::pools::Pools,
     inbound: &mut Streaming<pb::ConnectRequest>,
     session_cancel: &CancellationToken,
     shutdown: &CancellationToken,
@@ -205,7 +216,14 @@ async fn read_loop(
             }
             pb::connect_request::Message::ContainerEvent(event) => {
                 match ContainerEvent::try_from(&event) {
-                    Ok(event) => registry.container_event(node, &event),
+                    Ok(event) => {
+                        if event.kind == boilerhouse_core::container::ContainerEventKind::Activity
+                            && let Some(id) = &event.container_id
+                        {
+                            pools.container_activity(id, event.at.min(crate::clock::now()));
+                        }
+                        registry.container_event(node, &event);
+                    }
                     Err(e) => {
                         tracing::warn!(node = %node, error = %e, "unreadable container event")
                     }

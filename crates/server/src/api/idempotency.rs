@@ -25,7 +25,8 @@ pub struct KeyedLocks {
 }
 
 impl KeyedLocks {
-    async fn lock(&self, key: &str) -> KeyGuard<'_> {
+    /// Holds the lock for `key` until the guard drops.
+    pub async fn lock(&self, key: &str) -> KeyGuard<'_> {
         let lock = {
             let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
             locks.entry(key.to_owned()).or_default().clone()
@@ -39,7 +40,8 @@ impl KeyedLocks {
     }
 }
 
-struct KeyGuard<'a> {
+/// Holds one key's lock.
+pub struct KeyGuard<'a> {
     owner: &'a KeyedLocks,
     key: String,
     _guard: tokio::sync::OwnedMutexGuard<()>,

@@ -6,6 +6,7 @@ pub mod events;
 pub mod idempotency;
 pub mod nodes;
 pub mod pending;
+pub mod pools;
 pub mod system;
 pub mod workloads;
 
@@ -36,4 +37,8 @@ pub struct AppState {
     pub started_at: boilerhouse_core::Timestamp,
     /// Live agent sessions.
     pub agents: crate::agents::Registry,
+    /// Warm pools and claims.
+    pub pools: crate::pools::Pools,
+    /// Prometheus metrics.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }

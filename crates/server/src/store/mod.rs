@@ -42,6 +42,7 @@
 mod events;
 mod idempotency;
 mod nodes;
+mod pools;
 mod workloads;
 pub mod writer;
 
@@ -61,6 +62,7 @@ use boilerhouse_core::event::Event;
 pub use events::EventQuery;
 pub use idempotency::{IdempotencyLookup, IdempotentRecord};
 pub use nodes::{Arrival, NodeHello};
+pub use pools::{PoolOverride, PoolSnapshot, PoolWrite};
 pub use workloads::WorkloadChange;
 pub use writer::{WriteTx, Writer, WriterStats};
 

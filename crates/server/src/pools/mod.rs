@@ -1,0 +1,1039 @@
+//! Warm pools and claims.
+//!
+//! The claim hot path touches no Docker call and no table scan: an
+//! in-memory index (idle containers per pool, active claims and
+//! reservations by tenant) is rebuilt from the database at startup and
+//! kept in step with it. Decisions are serialised per (tenant, workload)
+//! and on the index; each one is committed as a single [`PoolWrite`]
+//! before it is acknowledged, and the database's unique indexes (one
+//! active claim per tenant and workload, one per container) back the
+//! in-memory rules up.
+
+pub mod tasks;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use boilerhouse_core::container::{ContainerSpec, StateFile, VolumeKind, volume_host_path};
+use boilerhouse_core::event::{EventSubject, NewEvent, Severity};
+use boilerhouse_core::pool::{
+    ClaimRecord, ClaimSource, ClaimStatus, ContainerRecord, ContainerState, PoolCounts, Reservation,
+};
+use boilerhouse_core::workload::{WorkloadRecord, WorkloadSpec};
+use boilerhouse_core::{ContainerId, NodeId, TenantId, Timestamp, WorkloadId};
+use boilerhouse_proto::pb;
+
+use crate::agents::Registry;
+use crate::api::idempotency::KeyedLocks;
+use crate::store::{IdempotentRecord, PoolOverride, PoolWrite, Store, StoreError};
+
+/// Why a pool operation failed, in terms the API maps to status codes.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// No such workload.
+    #[error("workload {0} not found")]
+    UnknownWorkload(WorkloadId),
+    /// The tenant holds no active claim of that workload.
+    #[error("tenant {0} has no active claim of workload {1}")]
+    NoClaim(TenantId, WorkloadId),
+    /// A fencing token that is not the claim's current one.
+    #[error("generation {given} is stale: the claim's generation is {current}")]
+    StaleGeneration {
+        /// What the caller sent.
+        given: u64,
+        /// The claim's.
+        current: u64,
+    },
+    /// No container can be had now.
+    #[error("{0}")]
+    Exhausted(String),
+    /// A dependency failed.
+    #[error("{0}")]
+    Unavailable(String),
+    /// Not allowed in the current state.
+    #[error("{0}")]
+    Precondition(String),
+    /// No such container.
+    #[error("container {0} not found")]
+    UnknownContainer(ContainerId),
+    /// No such reservation.
+    #[error("tenant {0} has no reservation for workload {1}")]
+    NoReservation(TenantId, WorkloadId),
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A granted claim.
+#[derive(Debug, Clone)]
+pub struct Granted {
+    /// The claim.
+    pub claim: ClaimRecord,
+    /// Its container.
+    pub container: ContainerRecord,
+}
+
+/// Tunables of the pool machinery.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolsConfig {
+    /// Heartbeat silence after which a node's containers are not offered.
+    pub suspect_after: Duration,
+    /// How long to wait for an agent to answer a command.
+    pub command_timeout: Duration,
+    /// Default cold-start wait when a claim does not say.
+    pub acquire_timeout: Duration,
+}
+
+type Key = (TenantId, WorkloadId);
+
+#[derive(Default)]
+struct Index {
+    containers: HashMap<ContainerId, ContainerRecord>,
+    idle: HashMap<WorkloadId, VecDeque<ContainerId>>,
+    claims: HashMap<Key, ClaimRecord>,
+    reservations: HashMap<Key, Reservation>,
+    /// Containers with a create or remove command in flight.
+    busy: HashSet<ContainerId>,
+    /// Consecutive create failures per pool and when to try again.
+    backoff: HashMap<WorkloadId, (u32, Instant)>,
+}
+
+impl Index {
+    fn counts(&self, pool: &WorkloadId) -> PoolCounts {
+        let mut counts = PoolCounts::default();
+        for c in self.containers.values().filter(|c| &c.workload_id == pool) {
+            counts.add(c.state);
+        }
+        counts
+    }
+
+    fn set(&mut self, c: ContainerRecord) {
+        let id = c.id;
+        if c.state == ContainerState::Idle {
+            let queue = self.idle.entry(c.workload_id.clone()).or_default();
+            if !queue.contains(&id) {
+                queue.push_back(id);
+            }
+        } else if let Some(queue) = self.idle.get_mut(&c.workload_id) {
+            queue.retain(|x| *x != id);
+        }
+        self.containers.insert(id, c);
+    }
+
+    fn remove(&mut self, id: &ContainerId) -> Option<ContainerRecord> {
+        let c = self.containers.remove(id)?;
+        if let Some(queue) = self.idle.get_mut(&c.workload_id) {
+            queue.retain(|x| x != id);
+        }
+        Some(c)
+    }
+}
+
+struct Inner {
+    store: Store,
+    agents: Registry,
+    config: PoolsConfig,
+    index: Mutex<Index>,
+    tenant_locks: KeyedLocks,
+    /// Wakes the refiller when capacity was consumed or freed.
+    refill: tokio::sync::Notify,
+}
+
+/// The pool machinery. Cheap to clone.
+#[derive(Clone)]
+pub struct Pools {
+    inner: Arc<Inner>,
+}
+
+fn subject(
+    tenant: Option<&TenantId>,
+    workload: &WorkloadId,
+    container: Option<&ContainerId>,
+    node: Option<&NodeId>,
+) -> EventSubject {
+    EventSubject {
+        tenant_id: tenant.map(ToString::to_string),
+        workload_id: Some(workload.to_string()),
+        container_id: container.map(ToString::to_string),
+        node_id: node.map(ToString::to_string),
+        boost_id: None,
+    }
+}
+
+fn event(
+    now: Timestamp,
+    kind: &str,
+    severity: Severity,
+    message: String,
+    subject: EventSubject,
+) -> NewEvent {
+    NewEvent {
+        at: now,
+        kind: kind.to_owned(),
+        severity,
+        message,
+        subject,
+        attributes: Default::default(),
+    }
+}
+
+impl Pools {
+    /// Rebuilds the index from the database.
+    pub async fn load(
+        store: Store,
+        agents: Registry,
+        config: PoolsConfig,
+    ) -> Result<Self, StoreError> {
+        let snapshot = store.load_pool_snapshot().await?;
+        let mut index = Index::default();
+        for c in snapshot.containers {
+            index.set(c);
+        }
+        for claim in snapshot.claims {
+            index
+                .claims
+                .insert((claim.tenant_id.clone(), claim.workload_id.clone()), claim);
+        }
+        for r in snapshot.reservations {
+            index
+                .reservations
+                .insert((r.tenant_id.clone(), r.workload_id.clone()), r);
+        }
+        Ok(Self {
+            inner: Arc::new(Inner {
+                store,
+                agents,
+                config,
+                index: Mutex::new(index),
+                tenant_locks: KeyedLocks::default(),
+                refill: tokio::sync::Notify::new(),
+            }),
+        })
+    }
+
+    fn index(&self) -> std::sync::MutexGuard<'_, Index> {
+        self.inner.index.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether a node's containers may be offered: it has a live session
+    /// with a recent heartbeat.
+    fn node_live(&self, node: &NodeId, now: Timestamp) -> bool {
+        self.inner.agents.session(node).is_some_and(|s| {
+            now.saturating_since(s.last_heartbeat) < self.inner.config.suspect_after
+        })
+    }
+
+    /// Wakes the refiller.
+    pub fn refill_notify(&self) -> &tokio::sync::Notify {
+        &self.inner.refill
+    }
+
+    async fn workload(&self, id: &WorkloadId) -> Result<WorkloadRecord, PoolError> {
+        self.inner
+            .store
+            .get_workload(id)
+            .await?
+            .ok_or_else(|| PoolError::UnknownWorkload(id.clone()))
+    }
+
+    /// Claims a container of `workload` for `tenant`: its existing claim,
+    /// its reservation, an idle container, or a cold start, in that order.
+    /// `idempotency` turns the decision into the record stored with it.
+    pub async fn claim(
+        &self,
+        tenant: TenantId,
+        workload_id: WorkloadId,
+        acquire_timeout: Option<Duration>,
+        idempotency: impl Fn(&Granted, ClaimSource) -> Option<IdempotentRecord>,
+    ) -> Result<(Granted, ClaimSource), PoolError> {
+        let workload = self.workload(&workload_id).await?;
+        let key = (tenant.clone(), workload_id.clone());
+        let _guard = self
+            .inner
+            .tenant_locks
+            .lock(&format!("{tenant}\0{workload_id}"))
+            .await;
+        let now = crate::clock::now();
+
+        // 1 EXISTING, 2 AFFINITY, 3 POOL: decided under the index lock.
+        let decision = {
+            let mut index = self.index();
+            if let Some(claim) = index.claims.get(&key).cloned() {
+                let container = index
+                    .containers
+                    .get(&claim.container_id)
+                    .cloned()
+                    .ok_or_else(|| {
+                        PoolError::Unavailable(format!(
+                            "the container of {tenant}'s claim is being reconciled; retry shortly"
+                        ))
+                    })?;
+                Some((ClaimSource::Existing, container, None))
+            } else if let Some(r) = index
+                .reservations
+                .get(&key)
+                .filter(|r| self.node_live(&r.node_id, now))
+                .cloned()
+            {
+                index
+                    .containers
+                    .get(&r.container_id)
+                    .cloned()
+                    .map(|c| (ClaimSource::Affinity, c, Some(key.clone())))
+            } else {
+                let live: Option<ContainerId> = {
+                    let candidates: Vec<ContainerId> = index
+                        .idle
+                        .get(&workload_id)
+                        .map(|q| q.iter().copied().collect())
+                        .unwrap_or_default();
+                    candidates.into_iter().find(|id| {
+                        index
+                            .containers
+                            .get(id)
+                            .is_some_and(|c| self.node_live(&c.node_id, now))
+                    })
+                };
+                live.and_then(|id| {
+                    let mut c = index.containers.get(&id).cloned()?;
+                    // Taken now, under the lock: no other claim can have it.
+                    c.state = ContainerState::Claimed;
+                    c.tenant_id = Some(tenant.clone());
+                    index.set(c.clone());
+                    Some((ClaimSource::Pool, c, None))
+                })
+            }
+        };
+
+        let (source, container, consumed) = match decision {
+            Some(d) => d,
+            None => (
+                ClaimSource::Cold,
+                self.cold_start(&workload, &tenant, acquire_timeout, now)
+                    .await?,
+                None,
+            ),
+        };
+
+        if source == ClaimSource::Existing {
+            let claim = self
+                .index()
+                .claims
+                .get(&key)
+                .cloned()
+                .ok_or_else(|| PoolError::NoClaim(tenant.clone(), workload_id.clone()))?;
+            let granted = Granted { claim, container };
+            if let Some(record) = idempotency(&granted, source) {
+                self.inner
+                    .store
+                    .apply_pool_write(PoolWrite {
+                        idempotency: Some(record),
+                        ..Default::default()
+                    })
+                    .await?;
+            }
+            return Ok((granted, source));
+        }
+
+        let mut claimed = container.clone();
+        claimed.state = ContainerState::Claimed;
+        claimed.tenant_id = Some(tenant.clone());
+        claimed.claim_generation += 1;
+        claimed.updated_at = now;
+        let claim = ClaimRecord {
+            claim_id: boilerhouse_core::ids::Uuid::now_v7().to_string(),
+            tenant_id: tenant.clone(),
+            workload_id: workload_id.clone(),
+            container_id: claimed.id,
+            node_id: claimed.node_id.clone(),
+            generation: claimed.claim_generation,
+            source,
+            status: ClaimStatus::Active,
+            claimed_at: now,
+            last_activity_at: now,
+            released_at: None,
+        };
+        let granted = Granted {
+            claim: claim.clone(),
+            container: claimed.clone(),
+        };
+        let write = PoolWrite {
+            containers: vec![claimed.clone()],
+            claims: vec![claim.clone()],
+            removed_reservations: consumed.clone().into_iter().collect(),
+            idempotency: idempotency(&granted, source),
+            events: vec![event(
+                now,
+                "claim.created",
+                Severity::Info,
+                format!(
+                    "tenant {tenant} claimed container {} of {workload_id} ({})",
+                    claimed.id,
+                    source.as_str()
+                ),
+                subject(
+                    Some(&tenant),
+                    &workload_id,
+                    Some(&claimed.id),
+                    Some(&claimed.node_id),
+                ),
+            )],
+            ..Default::default()
+        };
+        if let Err(e) = self.inner.store.apply_pool_write(write).await {
+            // Not durable, so not granted: undo the in-memory decision.
+            let mut index = self.index();
+            if source == ClaimSource::Pool || source == ClaimSource::Cold {
+                let mut back = container;
+                back.state = if source == ClaimSource::Pool {
+                    ContainerState::Idle
+                } else {
+                    ContainerState::Draining
+                };
+                back.tenant_id = None;
+                index.set(back);
+            }
+            return Err(e.into());
+        }
+        {
+            let mut index = self.index();
+            if let Some(k) = &consumed {
+                index.reservations.remove(k);
+            }
+            index.set(claimed.clone());
+            index.claims.insert(key, claim.clone());
+        }
+        self.inner.refill.notify_one();
+        self.write_state_file(
+            &claimed,
+            StateFile {
+                tenant_id: Some(tenant),
+                last_tenant_id: claimed.last_tenant_id.clone(),
+                claimed_at: Some(now),
+                last_activity_at: Some(now),
+                claim_generation: claimed.claim_generation,
+            },
+        );
+        Ok((granted, source))
+    }
+
+    /// Creates a container for one claim and waits until it is ready.
+    async fn cold_start(
+        &self,
+        workload: &WorkloadRecord,
+        tenant: &TenantId,
+        acquire_timeout: Option<Duration>,
+        now: Timestamp,
+    ) -> Result<ContainerRecord, PoolError> {
+        let spec = &workload.spec;
+        let overrides = self.overrides(&spec.id).await?;
+        let max = overrides.max_size.unwrap_or(spec.pool.max_size);
+        let node = self.place(spec, now).await?.ok_or_else(|| {
+            PoolError::Exhausted(format!(
+                "no ready, uncordoned node can fit a container of {}",
+                spec.id
+            ))
+        })?;
+        let mut record = self.new_container(spec, &workload.spec_hash, node, now);
+        record.tenant_id = Some(tenant.clone());
+        {
+            // Check and take the slot under one lock, so concurrent cold
+            // starts can never push the pool past max_size.
+            let mut index = self.index();
+            if index.counts(&spec.id).total() >= max {
+                return Err(PoolError::Exhausted(format!(
+                    "pool {} is at max_size {max} and has no idle container; retry shortly",
+                    spec.id
+                )));
+            }
+            index.busy.insert(record.id);
+            index.set(record.clone());
+        }
+        self.inner
+            .store
+            .apply_pool_write(PoolWrite {
+                containers: vec![record.clone()],
+                ..Default::default()
+            })
+            .await?;
+        let deadline =
+            Instant::now() + acquire_timeout.unwrap_or(self.inner.config.acquire_timeout);
+        let result = self.create_and_wait(spec, record.clone(), deadline).await;
+        self.index().busy.remove(&record.id);
+        match result {
+            Ok(ready) => Ok(ready),
+            Err(e) => {
+                self.mark_draining(record.id, &format!("cold start failed: {e}"))
+                    .await;
+                Err(e)
+            }
+        }
+    }
+
+    /// A new warming container record for `spec` on `node`.
+    fn new_container(
+        &self,
+        spec: &WorkloadSpec,
+        spec_hash: &str,
+        node: (NodeId, String),
+        now: Timestamp,
+    ) -> ContainerRecord {
+        let id = ContainerId::from_uuid(boilerhouse_core::ids::Uuid::now_v7());
+        let (node_id, state_root) = node;
+        let path = |kind: VolumeKind, wanted: bool| {
+            if wanted {
+                volume_host_path(&state_root, &id, &kind)
+            } else {
+                String::new()
+            }
+        };
+        ContainerRecord {
+            id,
+            workload_id: spec.id.clone(),
+            node_id,
+            docker_id: None,
+            state: ContainerState::Warming,
+            spec_hash: spec_hash.to_owned(),
+            tenant_id: None,
+            last_tenant_id: None,
+            claim_generation: 0,
+            limits: spec.limits,
+            state_path: path(VolumeKind::State, spec.volumes.state.is_some()),
+            comm_path: path(VolumeKind::Comm, spec.volumes.comm.is_some()),
+            created_at: now,
+            updated_at: now,
+        }
+    }
+
+    /// Sends the create command, then waits until Docker reports the
+    /// container running and, with a healthcheck, healthy.
+    async fn create_and_wait(
+        &self,
+        spec: &WorkloadSpec,
+        mut record: ContainerRecord,
+        deadline: Instant,
+    ) -> Result<ContainerRecord, PoolError> {
+        let container_spec =
+            ContainerSpec::for_workload(spec, record.id, &record.node_id, record.created_at);
+        let command = pb::Command {
+            command_id: format!("create-{}", record.id),
+            generation: 0,
+            command: Some(pb::command::Command::Create(pb::CreateContainer {
+                spec: Some(pb::ContainerSpec::from(&container_spec)),
+                start: true,
+            })),
+        };
+        let timeout = deadline
+            .saturating_duration_since(Instant::now())
+            .min(self.inner.config.command_timeout);
+        let result = self
+            .inner
+            .agents
+            .send(&record.node_id, command, timeout)
+            .await
+            .map_err(|e| {
+                PoolError::Unavailable(format!("creating a container on {}: {e}", record.node_id))
+            })?;
+        let observed = result
+            .container
+            .ok_or_else(|| PoolError::Unavailable("the agent returned no container".into()))?;
+        record.docker_id = Some(observed.docker_id.clone());
+        let needs_health = spec.healthcheck.is_some();
+        let mut ready =
+            observed.docker_state == "running" && (!needs_health || observed.health == "healthy");
+        while !ready {
+            if Instant::now() >= deadline {
+                return Err(PoolError::Exhausted(format!(
+                    "container {} did not become ready in time",
+                    record.id
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let report = self.inner.agents.report(&record.node_id);
+            let seen = report
+                .as_ref()
+                .and_then(|r| r.containers.get(&observed.docker_id));
+            ready = seen.is_some_and(|c| {
+                c.is_running() && (!needs_health || c.health.as_deref() == Some("healthy"))
+            });
+        }
+        record.updated_at = crate::clock::now();
+        Ok(record)
+    }
+
+    /// The node for a new container, with its state root.
+    async fn place(
+        &self,
+        spec: &WorkloadSpec,
+        now: Timestamp,
+    ) -> Result<Option<(NodeId, String)>, PoolError> {
+        let nodes = self.inner.store.list_nodes().await?;
+        let allocated: HashMap<NodeId, boilerhouse_core::node::Resources> = {
+            let index = self.index();
+            let mut sums: HashMap<NodeId, boilerhouse_core::node::Resources> = HashMap::new();
+            for c in index.containers.values() {
+                let entry = sums.entry(c.node_id.clone()).or_default();
+                entry.cpus += c.limits.cpus.unwrap_or(0.0);
+                entry.memory_bytes += c.limits.memory_bytes.unwrap_or(0);
+            }
+            sums
+        };
+        let candidates: Vec<boilerhouse_core::pool::NodeCandidate> = nodes
+            .iter()
+            .map(|n| boilerhouse_core::pool::NodeCandidate {
+                id: n.id.clone(),
+                live: n.status == boilerhouse_core::node::NodeStatus::Ready
+                    && self.node_live(&n.id, now),
+                cordoned: n.cordoned,
+                labels: n.labels.clone(),
+                capacity: n.capacity,
+                allocated: allocated.get(&n.id).copied().unwrap_or_default(),
+            })
+            .collect();
+        let chosen = boilerhouse_core::pool::choose_node(&candidates, spec).map(|c| c.id.clone());
+        Ok(chosen.and_then(|id| {
+            nodes
+                .into_iter()
+                .find(|n| n.id == id)
+                .map(|n| (n.id, n.state_root))
+        }))
+    }
+
+    /// Records the tenant in the container's state file, in the background:
+    /// the claim is already durable and acknowledged.
+    fn write_state_file(&self, container: &ContainerRecord, state: StateFile) {
+        let agents = self.inner.agents.clone();
+        let node = container.node_id.clone();
+        let timeout = self.inner.config.command_timeout;
+        let command = pb::Command {
+            command_id: format!(
+                "state-{}-{}-{}",
+                container.id,
+                container.claim_generation,
+                state.tenant_id.is_some()
+            ),
+            generation: container.claim_generation,
+            command: Some(pb::command::Command::WriteStateFile(pb::WriteStateFile {
+                container_id: container.id.to_string(),
+                state: Some(pb::ContainerStateFile::from(&state)),
+            })),
+        };
+        tokio::spawn(async move {
+            if let Err(e) = agents.send(&node, command, timeout).await {
+                tracing::warn!(node = %node, error = %e, "state file not written yet; it stays pending for the agent");
+            }
+        });
+    }
+
+    /// Releases a claim: the container is reserved for the tenant for the
+    /// workload's affinity_timeout (or destroyed if the workload does not
+    /// reuse containers).
+    pub async fn release(
+        &self,
+        tenant: TenantId,
+        workload_id: WorkloadId,
+        generation: Option<u64>,
+        reason: &str,
+        idempotency: Option<IdempotentRecord>,
+    ) -> Result<(ClaimRecord, Option<Reservation>), PoolError> {
+        let key = (tenant.clone(), workload_id.clone());
+        let _guard = self
+            .inner
+            .tenant_locks
+            .lock(&format!("{tenant}\0{workload_id}"))
+            .await;
+        let now = crate::clock::now();
+        let (claim, container) = {
+            let index = self.index();
+            let claim = index
+                .claims
+                .get(&key)
+                .cloned()
+                .ok_or_else(|| PoolError::NoClaim(tenant.clone(), workload_id.clone()))?;
+            if let Some(given) = generation.filter(|g| *g != claim.generation) {
+                return Err(PoolError::StaleGeneration {
+                    given,
+                    current: claim.generation,
+                });
+            }
+            let container = index.containers.get(&claim.container_id).cloned();
+            (claim, container)
+        };
+        let workload = self.inner.store.get_workload(&workload_id).await?;
+        let mut ended = claim.clone();
+        ended.status = ClaimStatus::Released;
+        ended.released_at = Some(now);
+        let mut write = PoolWrite {
+            claims: vec![ended.clone()],
+            idempotency,
+            ..Default::default()
+        };
+        let mut reservation = None;
+        let mut updated = None;
+        if let Some(mut c) = container {
+            c.tenant_id = None;
+            c.last_tenant_id = Some(tenant.clone());
+            c.updated_at = now;
+            match workload.as_ref().filter(|w| w.spec.pool.reuse) {
+                Some(w) => {
+                    c.state = ContainerState::Reserved;
+                    let r = Reservation {
+                        tenant_id: tenant.clone(),
+                        workload_id: workload_id.clone(),
+                        container_id: c.id,
+                        node_id: c.node_id.clone(),
+                        reserved_at: now,
+                        expires_at: now.saturating_add(w.spec.pool.affinity_timeout),
+                    };
+                    write.reservations.push(r.clone());
+                    reservation = Some(r);
+                }
+                None => c.state = ContainerState::Draining,
+            }
+            write.containers.push(c.clone());
+            updated = Some(c);
+        }
+        write.events.push(event(
+            now,
+            "claim.released",
+            Severity::Info,
+            format!(
+                "tenant {tenant} released container {} of {workload_id} ({reason}){}",
+                claim.container_id,
+                reservation
+                    .as_ref()
+                    .map(|r| format!("; reserved until {}", r.expires_at))
+                    .unwrap_or_default()
+            ),
+            subject(
+                Some(&tenant),
+                &workload_id,
+                Some(&claim.container_id),
+                Some(&claim.node_id),
+            ),
+        ));
+        self.inner.store.apply_pool_write(write).await?;
+        {
+            let mut index = self.index();
+            index.claims.remove(&key);
+            if let Some(r) = &reservation {
+                index.reservations.insert(key, r.clone());
+            }
+            if let Some(c) = &updated {
+                index.set(c.clone());
+            }
+        }
+        if let Some(c) = &updated {
+            self.write_state_file(
+                c,
+                StateFile {
+                    tenant_id: None,
+                    last_tenant_id: Some(tenant),
+                    claimed_at: None,
+                    last_activity_at: Some(now),
+                    claim_generation: c.claim_generation,
+                },
+            );
+        }
+        self.inner.refill.notify_one();
+        Ok((ended, reservation))
+    }
+
+    /// Records activity on a claim; with a generation, checks it.
+    pub async fn touch(
+        &self,
+        tenant: &TenantId,
+        workload: &WorkloadId,
+        generation: Option<u64>,
+    ) -> Result<Timestamp, PoolError> {
+        let now = crate::clock::now();
+        let claim_id = {
+            let mut index = self.index();
+            let claim = index
+                .claims
+                .get_mut(&(tenant.clone(), workload.clone()))
+                .ok_or_else(|| PoolError::NoClaim(tenant.clone(), workload.clone()))?;
+            if let Some(given) = generation.filter(|g| *g != claim.generation) {
+                return Err(PoolError::StaleGeneration {
+                    given,
+                    current: claim.generation,
+                });
+            }
+            claim.last_activity_at = claim.last_activity_at.max(now);
+            claim.claim_id.clone()
+        };
+        self.inner.store.touch_claims(vec![(claim_id, now)]).await?;
+        Ok(now)
+    }
+
+    /// Records activity seen on a container (its state directory changed).
+    pub fn container_activity(&self, container: &ContainerId, at: Timestamp) {
+        let mut index = self.index();
+        if let Some(claim) = index
+            .claims
+            .values_mut()
+            .find(|c| &c.container_id == container)
+        {
+            claim.last_activity_at = claim.last_activity_at.max(at);
+        }
+    }
+
+    /// The tenant's active claim.
+    pub fn active_claim(&self, tenant: &TenantId, workload: &WorkloadId) -> Option<Granted> {
+        let index = self.index();
+        let claim = index
+            .claims
+            .get(&(tenant.clone(), workload.clone()))?
+            .clone();
+        let container = index.containers.get(&claim.container_id)?.clone();
+        Some(Granted { claim, container })
+    }
+
+    /// Every active claim with its container.
+    pub fn active_claims(&self) -> Vec<Granted> {
+        let index = self.index();
+        index
+            .claims
+            .values()
+            .filter_map(|claim| {
+                Some(Granted {
+                    claim: claim.clone(),
+                    container: index.containers.get(&claim.container_id)?.clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// Every reservation.
+    pub fn reservations(&self) -> Vec<Reservation> {
+        self.index().reservations.values().cloned().collect()
+    }
+
+    /// Every container.
+    pub fn containers(&self) -> Vec<ContainerRecord> {
+        self.index().containers.values().cloned().collect()
+    }
+
+    /// One container.
+    pub fn container(&self, id: &ContainerId) -> Option<ContainerRecord> {
+        self.index().containers.get(id).cloned()
+    }
+
+    /// Counts per state for one pool.
+    pub fn counts(&self, pool: &WorkloadId) -> PoolCounts {
+        self.index().counts(pool)
+    }
+
+    /// A pool's operator overrides.
+    pub async fn overrides(&self, pool: &WorkloadId) -> Result<PoolOverride, PoolError> {
+        Ok(self
+            .inner
+            .store
+            .pool_overrides()
+            .await?
+            .into_iter()
+            .find(|(id, _)| id == pool)
+            .map(|(_, o)| o)
+            .unwrap_or_default())
+    }
+
+    /// Pushes a reservation's expiry later.
+    pub async fn extend(
+        &self,
+        tenant: &TenantId,
+        workload: &WorkloadId,
+        by: Duration,
+    ) -> Result<Reservation, PoolError> {
+        let key = (tenant.clone(), workload.clone());
+        let _guard = self
+            .inner
+            .tenant_locks
+            .lock(&format!("{tenant}\0{workload}"))
+            .await;
+        let mut r = self
+            .index()
+            .reservations
+            .get(&key)
+            .cloned()
+            .ok_or_else(|| PoolError::NoReservation(tenant.clone(), workload.clone()))?;
+        let now = crate::clock::now();
+        r.expires_at = r.expires_at.saturating_add(by);
+        self.inner
+            .store
+            .apply_pool_write(PoolWrite {
+                reservations: vec![r.clone()],
+                events: vec![event(
+                    now,
+                    "affinity.extended",
+                    Severity::Info,
+                    format!(
+                        "reservation of {tenant} for {workload} extended to {}",
+                        r.expires_at
+                    ),
+                    subject(
+                        Some(tenant),
+                        workload,
+                        Some(&r.container_id),
+                        Some(&r.node_id),
+                    ),
+                )],
+                ..Default::default()
+            })
+            .await?;
+        self.index().reservations.insert(key, r.clone());
+        Ok(r)
+    }
+
+    /// Ends a reservation now, or (`expired`) because its time ran out:
+    /// its container is destroyed, never handed to anyone else.
+    pub async fn end_reservation(
+        &self,
+        tenant: &TenantId,
+        workload: &WorkloadId,
+        expired: bool,
+    ) -> Result<Reservation, PoolError> {
+        let key = (tenant.clone(), workload.clone());
+        let _guard = self
+            .inner
+            .tenant_locks
+            .lock(&format!("{tenant}\0{workload}"))
+            .await;
+        let r = self
+            .index()
+            .reservations
+            .get(&key)
+            .cloned()
+            .ok_or_else(|| PoolError::NoReservation(tenant.clone(), workload.clone()))?;
+        let now = crate::clock::now();
+        let mut write = PoolWrite {
+            removed_reservations: vec![key.clone()],
+            ..Default::default()
+        };
+        let container = self.index().containers.get(&r.container_id).cloned();
+        if let Some(mut c) = container.clone() {
+            c.state = ContainerState::Draining;
+            c.updated_at = now;
+            write.containers.push(c);
+        }
+        let (kind, why) = if expired {
+            ("affinity.expired", "expired")
+        } else {
+            ("affinity.revoked", "revoked")
+        };
+        write.events.push(event(
+            now,
+            kind,
+            Severity::Info,
+            format!(
+                "reservation of {tenant} for {workload} {why}; container {} will be destroyed",
+                r.container_id
+            ),
+            subject(
+                Some(tenant),
+                workload,
+                Some(&r.container_id),
+                Some(&r.node_id),
+            ),
+        ));
+        self.inner.store.apply_pool_write(write).await?;
+        let mut index = self.index();
+        index.reservations.remove(&key);
+        if let Some(mut c) = container {
+            c.state = ContainerState::Draining;
+            index.set(c);
+        }
+        drop(index);
+        self.inner.refill.notify_one();
+        Ok(r)
+    }
+
+    /// Marks a container for removal. A claimed one needs `force`, and its
+    /// claim becomes LOST.
+    pub async fn destroy(
+        &self,
+        id: &ContainerId,
+        force: bool,
+        reason: &str,
+    ) -> Result<ContainerRecord, PoolError> {
+        let container = self.container(id).ok_or(PoolError::UnknownContainer(*id))?;
+        if container.state == ContainerState::Claimed && !force {
+            return Err(PoolError::Precondition(format!(
+                "container {id} is claimed by {}; pass force to destroy it anyway",
+                container
+                    .tenant_id
+                    .as_ref()
+                    .map(ToString::to_string)
+                    .unwrap_or_default()
+            )));
+        }
+        if let Some(tenant) = &container.tenant_id {
+            let key = (tenant.clone(), container.workload_id.clone());
+            let _guard = self
+                .inner
+                .tenant_locks
+                .lock(&format!("{tenant}\0{}", container.workload_id))
+                .await;
+            let claim = self.index().claims.get(&key).cloned();
+            if let Some(mut claim) = claim.filter(|c| c.container_id == *id) {
+                let now = crate::clock::now();
+                claim.status = ClaimStatus::Lost;
+                claim.released_at = Some(now);
+                self.inner
+                    .store
+                    .apply_pool_write(PoolWrite {
+                        claims: vec![claim.clone()],
+                        events: vec![event(
+                            now,
+                            "claim.lost",
+                            Severity::Warning,
+                            format!("claim of {tenant} on {id} is lost: {reason}"),
+                            subject(
+                                Some(tenant),
+                                &container.workload_id,
+                                Some(id),
+                                Some(&container.node_id),
+                            ),
+                        )],
+                        ..Default::default()
+                    })
+                    .await?;
+                self.index().claims.remove(&key);
+            }
+        }
+        self.mark_draining(*id, reason).await;
+        Ok(self.container(id).unwrap_or(container))
+    }
+
+    async fn mark_draining(&self, id: ContainerId, reason: &str) {
+        let Some(mut c) = self.container(&id) else {
+            return;
+        };
+        let now = crate::clock::now();
+        c.state = ContainerState::Draining;
+        c.updated_at = now;
+        let write = PoolWrite {
+            containers: vec![c.clone()],
+            events: vec![event(
+                now,
+                "container.draining",
+                Severity::Info,
+                format!("container {id} will be destroyed: {reason}"),
+                subject(None, &c.workload_id, Some(&id), Some(&c.node_id)),
+            )],
+            ..Default::default()
+        };
+        match self.inner.store.apply_pool_write(write).await {
+            Ok(()) => {
+                let mut index = self.index();
+                // Drop any reservation that pointed at it.
+                index.reservations.retain(|_, r| r.container_id != id);
+                index.set(c);
+            }
+            Err(e) => {
+                tracing::error!(container = %id, error = %e, "cannot mark a container draining")
+            }
+        }
+        self.inner.refill.notify_one();
+    }
+}

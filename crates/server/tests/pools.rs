@@ -1,0 +1,457 @@
+//! Warm pools, claims and affinity against the real Docker engine, with
+//! boilerhoused and an agent as real processes.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use tonic::Code;
+
+use boilerhouse_proto::pb;
+use boilerhouse_proto::pb::claim_service_client::ClaimServiceClient;
+use boilerhouse_proto::pb::pool_service_client::PoolServiceClient;
+use boilerhouse_testkit::docker::{
+    containers_with, remove_node_containers, require_docker, test_image, unique_node,
+};
+use boilerhouse_testkit::{
+    AgentOptions, AgentProcess, ServerOptions, ServerProcess, eventually, stderr, stdout,
+};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+const CONFIG: &str = r#"
+heartbeat_interval = "200ms"
+suspect_after = "2s"
+"#;
+
+struct Cluster {
+    docker: bollard::Docker,
+    server: ServerProcess,
+    agent: AgentProcess,
+    node: String,
+    _root: tempfile::TempDir,
+}
+
+impl Cluster {
+    async fn start(workload_yaml: impl Fn(&str) -> String) -> Option<Self> {
+        let docker = require_docker().await?;
+        let image = test_image(&docker).await.unwrap();
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("workloads")).unwrap();
+        std::fs::write(
+            root.path().join("workloads/demo.yaml"),
+            workload_yaml(&image),
+        )
+        .unwrap();
+        let server = ServerProcess::start_in(
+            root.path(),
+            ServerOptions {
+                config_toml: Some(CONFIG.into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let node = unique_node("pool");
+        let agent = AgentProcess::start(AgentOptions::new(
+            &node,
+            server.url(),
+            root.path().join("agent"),
+        ))
+        .unwrap();
+        Some(Self {
+            docker,
+            server,
+            agent,
+            node,
+            _root: root,
+        })
+    }
+
+    async fn pool(&self) -> pb::Pool {
+        PoolServiceClient::new(self.server.channel().await.unwrap())
+            .get_pool(pb::GetPoolRequest {
+                pool_id: "demo".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .pool
+            .unwrap()
+    }
+
+    async fn wait_idle(&self, idle: u32) -> pb::Pool {
+        eventually(WAIT, &format!("{idle} idle containers"), || async {
+            let pool = self.pool().await;
+            (pool.counts.unwrap().idle == idle).then_some(pool)
+        })
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}\nserver:\n{}\nagent:\n{}",
+                self.server.log(),
+                self.agent.log()
+            )
+        })
+    }
+
+    async fn claims(&self) -> ClaimServiceClient<tonic::transport::Channel> {
+        ClaimServiceClient::new(self.server.channel().await.unwrap())
+    }
+
+    async fn docker_containers(&self) -> Vec<bollard::models::ContainerSummary> {
+        containers_with(&self.docker, "boilerhouse.node-id", &self.node)
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.agent.kill();
+        self.server.kill();
+        let docker = self.docker.clone();
+        let node = self.node.clone();
+        std::thread::spawn(move || {
+            tokio::runtime::Runtime::new()
+                .unwrap()
+                .block_on(remove_node_containers(&docker, &node));
+        })
+        .join()
+        .ok();
+    }
+}
+
+fn claim_request(tenant: &str) -> pb::ClaimRequest {
+    pb::ClaimRequest {
+        tenant_id: tenant.into(),
+        workload_id: "demo".into(),
+        ..Default::default()
+    }
+}
+
+fn workload(image: &str, pool: &str) -> String {
+    format!(
+        "id: demo\nimage: {image}\ncommand: [sleep, infinity]\nvolumes: {{state: {{target: /state}}, comm: {{target: /comm}}}}\npool: {pool}\n"
+    )
+}
+
+#[tokio::test]
+async fn the_pool_fills_and_a_claim_is_served_from_it_and_recorded_in_the_state_file() {
+    let Some(c) =
+        Cluster::start(|image| workload(image, "{min_size: 2, max_size: 6, fill_concurrency: 4}"))
+            .await
+    else {
+        return;
+    };
+    c.wait_idle(2).await;
+
+    let out = c.server.bh(&["claim", "t1", "demo", "-o", "json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let claim: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(claim["source"], "POOL");
+    assert_eq!(claim["tenant"], "t1");
+    assert_eq!(claim["generation"], 1);
+    let container = claim["container"].as_str().unwrap().to_owned();
+    let state_path = claim["state_path"].as_str().unwrap().to_owned();
+    assert!(
+        std::path::Path::new(&state_path).is_dir(),
+        "the state volume's host path exists: {state_path}"
+    );
+    assert!(claim["comm_path"].as_str().unwrap().ends_with("/comm"));
+
+    // The agent records the tenant in the container's state file.
+    let state_file = std::path::Path::new(&state_path)
+        .parent()
+        .unwrap()
+        .join("boilerhouse-state.json");
+    eventually(WAIT, "the state file to name t1", || {
+        let path = state_file.clone();
+        async move {
+            let text = std::fs::read_to_string(&path).ok()?;
+            let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+            (json["tenant_id"] == "t1").then_some(())
+        }
+    })
+    .await
+    .unwrap();
+
+    // Claiming again returns the existing claim; the pool refills.
+    let again = c
+        .claims()
+        .await
+        .claim(claim_request("t1"))
+        .await
+        .unwrap()
+        .into_inner()
+        .claim
+        .unwrap();
+    assert_eq!(again.source, pb::ClaimSource::Existing as i32);
+    assert_eq!(again.container_id, container);
+    let pool = c.wait_idle(2).await;
+    assert_eq!(pool.counts.unwrap().claimed, 1);
+
+    // The container really runs, with the claimed Docker id.
+    let docker_id = claim["docker_id"].as_str().unwrap();
+    let inspect = c.docker.inspect_container(docker_id, None).await.unwrap();
+    assert_eq!(inspect.state.unwrap().running, Some(true));
+
+    // A retried request id returns the original answer, not EXISTING.
+    let mut claims = c.claims().await;
+    let with_id = pb::ClaimRequest {
+        request_id: "claim-t2-1".into(),
+        ..claim_request("t2")
+    };
+    let first = claims.claim(with_id.clone()).await.unwrap().into_inner();
+    let retry = claims.claim(with_id).await.unwrap().into_inner();
+    assert_eq!(retry, first, "the same answer, latency included");
+    assert_eq!(first.claim.unwrap().source, pb::ClaimSource::Pool as i32);
+
+    let out = c.server.bh(&["claims", "list"]);
+    assert!(
+        stdout(&out).contains("t1") && stdout(&out).contains("t2"),
+        "{}",
+        stdout(&out)
+    );
+}
+
+#[tokio::test]
+async fn concurrent_claims_never_share_a_container() {
+    let Some(c) = Cluster::start(|image| {
+        workload(image, "{min_size: 10, max_size: 60, fill_concurrency: 8}")
+    })
+    .await
+    else {
+        return;
+    };
+    c.wait_idle(10).await;
+    let channel = c.server.channel().await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let channel = channel.clone();
+        tasks.push(tokio::spawn(async move {
+            let tenant = format!("tenant-{}", i % 50);
+            let response = ClaimServiceClient::new(channel)
+                .claim(pb::ClaimRequest {
+                    acquire_timeout: Some(prost_types::Duration {
+                        seconds: 60,
+                        nanos: 0,
+                    }),
+                    ..claim_request(&tenant)
+                })
+                .await;
+            (tenant, response)
+        }));
+    }
+    let mut by_tenant: HashMap<String, HashSet<String>> = HashMap::new();
+    for t in tasks {
+        let (tenant, response) = t.await.unwrap();
+        let claim = response
+            .unwrap_or_else(|s| panic!("{tenant}: {s:?}"))
+            .into_inner()
+            .claim
+            .unwrap();
+        by_tenant
+            .entry(tenant)
+            .or_default()
+            .insert(claim.container_id);
+    }
+    assert_eq!(by_tenant.len(), 50);
+    let mut owners: HashMap<String, String> = HashMap::new();
+    for (tenant, containers) in &by_tenant {
+        assert_eq!(containers.len(), 1, "{tenant} got {containers:?}");
+        let container = containers.iter().next().unwrap().clone();
+        if let Some(other) = owners.insert(container.clone(), tenant.clone()) {
+            panic!("container {container} went to {other} and {tenant}");
+        }
+    }
+    let claims = c
+        .claims()
+        .await
+        .list_claims(pb::ListClaimsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .claims;
+    assert_eq!(claims.len(), 50);
+}
+
+#[tokio::test]
+async fn release_reserves_for_the_tenant_then_expiry_destroys_and_the_pool_refills() {
+    let Some(c) =
+        Cluster::start(|image| workload(image, "{min_size: 1, max_size: 4, affinity_timeout: 3s}"))
+            .await
+    else {
+        return;
+    };
+    c.wait_idle(1).await;
+    let mut claims = c.claims().await;
+    let first = claims
+        .claim(claim_request("t1"))
+        .await
+        .unwrap()
+        .into_inner()
+        .claim
+        .unwrap();
+
+    let stale = claims
+        .release(pb::ReleaseRequest {
+            tenant_id: "t1".into(),
+            workload_id: "demo".into(),
+            generation: first.generation + 1,
+            request_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(stale.code(), Code::FailedPrecondition);
+
+    let released = claims
+        .release(pb::ReleaseRequest {
+            tenant_id: "t1".into(),
+            workload_id: "demo".into(),
+            generation: first.generation,
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(released.affinity_expires_at.is_some());
+    let out = c.server.bh(&["affinity", "list"]);
+    assert!(stdout(&out).contains("t1"), "{}", stdout(&out));
+
+    // Back within the TTL: the same container, source AFFINITY, a new generation.
+    let back = claims
+        .claim(claim_request("t1"))
+        .await
+        .unwrap()
+        .into_inner()
+        .claim
+        .unwrap();
+    assert_eq!(back.source, pb::ClaimSource::Affinity as i32);
+    assert_eq!(back.container_id, first.container_id);
+    assert_eq!(back.generation, first.generation + 1);
+    // Another tenant never gets it.
+    let other = claims
+        .claim(claim_request("t2"))
+        .await
+        .unwrap()
+        .into_inner()
+        .claim
+        .unwrap();
+    assert_ne!(other.container_id, first.container_id);
+
+    // Release again and let the reservation expire: the container is gone
+    // from Docker and the pool is back at min_size.
+    claims
+        .release(pb::ReleaseRequest {
+            tenant_id: "t1".into(),
+            workload_id: "demo".into(),
+            generation: back.generation,
+            request_id: String::new(),
+        })
+        .await
+        .unwrap();
+    let docker_id = first.docker_id.clone();
+    eventually(WAIT, "the expired container to be removed", || {
+        let docker = c.docker.clone();
+        let id = docker_id.clone();
+        async move {
+            docker
+                .inspect_container(&id, None)
+                .await
+                .is_err()
+                .then_some(())
+        }
+    })
+    .await
+    .unwrap();
+    c.wait_idle(1).await;
+    let fresh = claims
+        .claim(claim_request("t1"))
+        .await
+        .unwrap()
+        .into_inner()
+        .claim
+        .unwrap();
+    assert_ne!(
+        fresh.container_id, first.container_id,
+        "a container never passes on after expiry"
+    );
+    assert_eq!(fresh.source, pb::ClaimSource::Pool as i32);
+}
+
+#[tokio::test]
+async fn the_idle_timeout_releases_a_forgotten_claim() {
+    let Some(c) =
+        Cluster::start(|image| workload(image, "{min_size: 1, max_size: 3, idle_timeout: 2s}"))
+            .await
+    else {
+        return;
+    };
+    c.wait_idle(1).await;
+    let mut claims = c.claims().await;
+    claims.claim(claim_request("forgetful")).await.unwrap();
+    eventually(WAIT, "the idle reaper to release the claim", || {
+        let mut claims = claims.clone();
+        async move {
+            let err = claims
+                .get_claim(pb::GetClaimRequest {
+                    tenant_id: "forgetful".into(),
+                    workload_id: "demo".into(),
+                })
+                .await
+                .err()?;
+            (err.code() == Code::NotFound).then_some(())
+        }
+    })
+    .await
+    .unwrap();
+    let out = c
+        .server
+        .bh(&["events", "--kind", "claim.released", "-o", "json"]);
+    let events: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        events[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("idle since"),
+        "{events}"
+    );
+}
+
+#[tokio::test]
+async fn max_size_holds_under_a_burst() {
+    let Some(c) = Cluster::start(|image| workload(image, "{min_size: 1, max_size: 3}")).await
+    else {
+        return;
+    };
+    c.wait_idle(1).await;
+    let channel = c.server.channel().await.unwrap();
+    let tasks: Vec<_> = (0..12)
+        .map(|i| {
+            let channel = channel.clone();
+            tokio::spawn(async move {
+                ClaimServiceClient::new(channel)
+                    .claim(claim_request(&format!("burst-{i}")))
+                    .await
+            })
+        })
+        .collect();
+    let mut granted = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => granted += 1,
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                let details = tonic_types::StatusExt::get_error_details(&status);
+                assert!(
+                    details.retry_info().is_some(),
+                    "retry information is attached"
+                );
+            }
+        }
+    }
+    assert_eq!(granted, 3, "exactly max_size claims succeed");
+    let pool = c.pool().await;
+    assert!(pool.counts.unwrap().total <= 3, "{pool:?}");
+    assert!(c.docker_containers().await.len() <= 3);
+}
