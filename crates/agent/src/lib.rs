@@ -6,6 +6,7 @@
 //! state of its own: after a restart it lists its containers by label and
 //! reports them again, so it re-attaches to what runs and never recreates.
 
+pub mod activity;
 pub mod commands;
 pub mod config;
 pub mod docker;

@@ -98,6 +98,14 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         }
     };
     backoff.reset();
+    let (activity_tx, mut activity) = mpsc::channel(256);
+    let _watcher = match crate::activity::watch(&config.state_root, activity_tx) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch state directories; tenant activity will only come from Touch");
+            None
+        }
+    };
     let executor = Executor::new(
         runtime.clone(),
         VolumeLayout::new(&config.state_root),
@@ -117,7 +125,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
                 continue;
             }
         };
-        match session(&config, &engine, &executor, &shutdown).await {
+        match session(&config, &engine, &executor, &mut activity, &shutdown).await {
             Ok(SessionEnd::Shutdown) => return Ok(()),
             Ok(SessionEnd::Welcomed(reason)) => {
                 tracing::warn!(reason = %reason, "session ended; reconnecting");
@@ -192,6 +200,7 @@ async fn session(
     config: &AgentConfig,
     engine: &EngineInfo,
     executor: &Executor,
+    activity: &mut mpsc::Receiver<ContainerId>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<SessionEnd> {
     let endpoint = Endpoint::from_shared(config.server.clone())?
@@ -285,6 +294,26 @@ async fn session(
             _ = resync.tick() => {
                 last_report = snapshot(executor.full_report().await?);
                 send_report(&out, &last_report, String::new()).await?;
+            }
+            // Cancel-safe: mpsc::Receiver::recv loses nothing when dropped.
+            Some(container_id) = activity.recv() => {
+                let docker_id = last_report
+                    .values()
+                    .find(|c| c.container_id() == Some(container_id))
+                    .map(|c| c.docker_id.clone())
+                    .unwrap_or_default();
+                let event = boilerhouse_core::container::ContainerEvent {
+                    kind: boilerhouse_core::container::ContainerEventKind::Activity,
+                    docker_id,
+                    container_id: Some(container_id),
+                    at: now(),
+                    health: None,
+                    exit_code: None,
+                };
+                out.send(pb::ConnectRequest {
+                    message: Some(pb::connect_request::Message::ContainerEvent(pb::ContainerEvent::from(&event))),
+                })
+                .await?;
             }
             // Cancel-safe: mpsc::Receiver::recv loses nothing when dropped.
             Some((command_id, outcome)) = result_rx.recv() => {

@@ -80,16 +80,19 @@ impl Cluster {
     }
 
     async fn wait_idle(&self, idle: u32) -> pb::Pool {
+        let last = std::sync::Mutex::new(None);
         eventually(WAIT, &format!("{idle} idle containers"), || async {
             let pool = self.pool().await;
+            *last.lock().unwrap() = Some(pool.clone());
             (pool.counts.unwrap().idle == idle).then_some(pool)
         })
         .await
         .unwrap_or_else(|e| {
+            let containers = stdout(&self.server.bh(&["container", "list"]));
             panic!(
-                "{e}\nserver:\n{}\nagent:\n{}",
-                self.server.log(),
-                self.agent.log()
+                "{e}\nlast: {:?}\n{containers}\nserver:\n{}",
+                last.lock().unwrap(),
+                self.server.log()
             )
         })
     }
@@ -454,4 +457,198 @@ async fn max_size_holds_under_a_burst() {
     let pool = c.pool().await;
     assert!(pool.counts.unwrap().total <= 3, "{pool:?}");
     assert!(c.docker_containers().await.len() <= 3);
+}
+
+async fn exec(docker: &bollard::Docker, container: &str, script: &str) {
+    let exec = docker
+        .create_exec(
+            container,
+            bollard::models::ExecConfig {
+                cmd: Some(vec!["sh".into(), "-c".into(), script.into()]),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    docker.start_exec(&exec.id, None).await.unwrap();
+}
+
+#[tokio::test]
+async fn file_changes_in_the_state_directory_count_as_activity() {
+    let Some(c) =
+        Cluster::start(|image| workload(image, "{min_size: 1, max_size: 3, idle_timeout: 3s}"))
+            .await
+    else {
+        return;
+    };
+    c.wait_idle(1).await;
+    let mut claims = c.claims().await;
+    let claim = claims
+        .claim(claim_request("busy"))
+        .await
+        .unwrap()
+        .into_inner()
+        .claim
+        .unwrap();
+    let started = std::time::Instant::now();
+    // The tenant keeps writing inside its container for twice the idle
+    // timeout; the claim must survive it.
+    let mut ticks = tokio::time::interval(Duration::from_millis(500));
+    let mut n = 0;
+    while started.elapsed() < Duration::from_secs(6) {
+        ticks.tick().await;
+        n += 1;
+        exec(
+            &c.docker,
+            &claim.docker_id,
+            &format!("echo {n} > /state/work-{n}.txt"),
+        )
+        .await;
+    }
+    let still = claims
+        .get_claim(pb::GetClaimRequest {
+            tenant_id: "busy".into(),
+            workload_id: "demo".into(),
+        })
+        .await;
+    assert!(
+        still.is_ok(),
+        "an active tenant was reaped after {:?}: {still:?}",
+        started.elapsed()
+    );
+    // Once the writing stops, the idle timeout applies.
+    eventually(WAIT, "the idle claim to be released", || {
+        let mut claims = claims.clone();
+        async move {
+            claims
+                .get_claim(pb::GetClaimRequest {
+                    tenant_id: "busy".into(),
+                    workload_id: "demo".into(),
+                })
+                .await
+                .is_err()
+                .then_some(())
+        }
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn reservations_survive_a_restart_and_expired_ones_are_dropped_at_startup() {
+    let Some(mut c) =
+        Cluster::start(|image| workload(image, "{min_size: 1, max_size: 4, affinity_timeout: 4s}"))
+            .await
+    else {
+        return;
+    };
+    c.wait_idle(1).await;
+    let mut claims = c.claims().await;
+    let first = claims
+        .claim(claim_request("t1"))
+        .await
+        .unwrap()
+        .into_inner()
+        .claim
+        .unwrap();
+    claims
+        .release(pb::ReleaseRequest {
+            tenant_id: "t1".into(),
+            workload_id: "demo".into(),
+            generation: first.generation,
+            request_id: String::new(),
+        })
+        .await
+        .unwrap();
+
+    // Restart at once: the reservation is still there and still honoured.
+    let root = c.server.root.clone();
+    let listen = c.server.addrs.grpc;
+    let options = ServerOptions {
+        config_toml: Some(CONFIG.into()),
+        listen: Some(listen),
+        ..Default::default()
+    };
+    c.server
+        .signal_and_wait(nix::sys::signal::Signal::SIGTERM, WAIT)
+        .await
+        .unwrap();
+    c.server = ServerProcess::start_in(&root, options.clone())
+        .await
+        .unwrap();
+    let out = c.server.bh(&["affinity", "list", "-o", "json"]);
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed[0]["tenant"], "t1", "{listed}\n{}", c.server.log());
+    c.wait_idle(1).await;
+    let mut claims = c.claims().await;
+    let back = eventually(
+        WAIT,
+        "the agent to reconnect and the reservation to be honoured",
+        || {
+            let mut claims = claims.clone();
+            async move {
+                claims
+                    .claim(claim_request("t1"))
+                    .await
+                    .ok()
+                    .map(|r| r.into_inner().claim.unwrap())
+            }
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(back.source, pb::ClaimSource::Affinity as i32);
+    assert_eq!(back.container_id, first.container_id);
+    let released = claims
+        .release(pb::ReleaseRequest {
+            tenant_id: "t1".into(),
+            workload_id: "demo".into(),
+            generation: back.generation,
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let expires = released.affinity_expires_at.unwrap();
+
+    // Stop the server until the reservation has expired, then start it.
+    c.server
+        .signal_and_wait(nix::sys::signal::Signal::SIGTERM, WAIT)
+        .await
+        .unwrap();
+    eventually(WAIT, "the reservation's expiry to pass", || async {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        (now > expires.seconds).then_some(())
+    })
+    .await
+    .unwrap();
+    c.server = ServerProcess::start_in(&root, options).await.unwrap();
+    let out = c.server.bh(&["affinity", "list", "-o", "json"]);
+    assert_eq!(stdout(&out).trim(), "[]", "dropped at startup");
+    let out = c
+        .server
+        .bh(&["events", "--kind", "affinity.expired", "-o", "json"]);
+    let events: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(events.as_array().unwrap().len(), 1, "{events}");
+    let docker_id = first.docker_id.clone();
+    eventually(
+        WAIT,
+        "the expired container to be destroyed once the agent is back",
+        || {
+            let docker = c.docker.clone();
+            let id = docker_id.clone();
+            async move {
+                docker
+                    .inspect_container(&id, None)
+                    .await
+                    .is_err()
+                    .then_some(())
+            }
+        },
+    )
+    .await
+    .unwrap();
 }

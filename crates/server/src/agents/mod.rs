@@ -272,6 +272,9 @@ impl Registry {
         // A closed session is fine: the command is pending and goes out on
         // reconnect.
         let _ = outbound.send(Ok(message)).await;
+        // Holding the sender while waiting would keep the session's stream
+        // open after the session ends, and stall shutdown.
+        drop(outbound);
         match tokio::time::timeout(timeout, answer).await {
             Ok(Ok(result)) if result.ok => Ok(result),
             Ok(Ok(result)) => Err(CommandError::Failed(result.error)),

@@ -97,6 +97,8 @@ struct Index {
     busy: HashSet<ContainerId>,
     /// Consecutive create failures per pool and when to try again.
     backoff: HashMap<WorkloadId, (u32, Instant)>,
+    /// Activity seen since the last flush, by claim id.
+    unflushed_activity: HashMap<String, Timestamp>,
 }
 
 impl Index {
@@ -187,7 +189,13 @@ impl Pools {
     ) -> Result<Self, StoreError> {
         let snapshot = store.load_pool_snapshot().await?;
         let mut index = Index::default();
-        for c in snapshot.containers {
+        for mut c in snapshot.containers {
+            // A warming container holding a tenant is a cold start that was
+            // interrupted: no claim was acknowledged on it, so it simply
+            // joins the pool.
+            if c.state == ContainerState::Warming {
+                c.tenant_id = None;
+            }
             index.set(c);
         }
         for claim in snapshot.claims {
@@ -450,13 +458,20 @@ impl Pools {
             index.busy.insert(record.id);
             index.set(record.clone());
         }
-        self.inner
+        if let Err(e) = self
+            .inner
             .store
             .apply_pool_write(PoolWrite {
                 containers: vec![record.clone()],
                 ..Default::default()
             })
-            .await?;
+            .await
+        {
+            // Never recorded, so never created: give the slot back.
+            self.index().remove(&record.id);
+            self.index().busy.remove(&record.id);
+            return Err(e.into());
+        }
         let deadline =
             Instant::now() + acquire_timeout.unwrap_or(self.inner.config.acquire_timeout);
         let result = self.create_and_wait(spec, record.clone(), deadline).await;
@@ -770,13 +785,26 @@ impl Pools {
     /// Records activity seen on a container (its state directory changed).
     pub fn container_activity(&self, container: &ContainerId, at: Timestamp) {
         let mut index = self.index();
-        if let Some(claim) = index
+        let touched = index
             .claims
             .values_mut()
             .find(|c| &c.container_id == container)
-        {
-            claim.last_activity_at = claim.last_activity_at.max(at);
+            .map(|claim| {
+                claim.last_activity_at = claim.last_activity_at.max(at);
+                (claim.claim_id.clone(), claim.last_activity_at)
+            });
+        if let Some((claim_id, at)) = touched {
+            index.unflushed_activity.insert(claim_id, at);
         }
+    }
+
+    /// Writes activity seen on containers to the database, so a restarted
+    /// server does not reap a claim that was in use.
+    pub async fn flush_activity(&self) -> Result<usize, StoreError> {
+        let touches: Vec<(String, Timestamp)> = self.index().unflushed_activity.drain().collect();
+        let count = touches.len();
+        self.inner.store.touch_claims(touches).await?;
+        Ok(count)
     }
 
     /// The tenant's active claim.

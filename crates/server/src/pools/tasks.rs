@@ -24,11 +24,12 @@ impl BackgroundTask for Refiller {
     fn activate(&mut self) -> BoxFuture<'_, anyhow::Result<serde_json::Value>> {
         Box::pin(async move {
             let pools = &self.0;
+            let resent = pools.resend_unfinished_creates().await?;
             let promoted = pools.promote_ready().await?;
             let removing = pools.remove_draining();
             let created = pools.fill().await?;
             Ok(
-                serde_json::json!({ "promoted": promoted, "creating": created, "removing": removing }),
+                serde_json::json!({ "promoted": promoted, "creating": created, "removing": removing, "resent": resent }),
             )
         })
     }
@@ -52,13 +53,63 @@ pub struct IdleReaper(pub Pools);
 impl BackgroundTask for IdleReaper {
     fn activate(&mut self) -> BoxFuture<'_, anyhow::Result<serde_json::Value>> {
         Box::pin(async move {
+            let flushed = self.0.flush_activity().await?;
             let released = self.0.reap_idle().await?;
-            Ok(serde_json::json!({ "released": released }))
+            Ok(serde_json::json!({ "released": released, "activity_flushed": flushed }))
         })
     }
 }
 
 impl Pools {
+    /// Warming containers with no Docker id whose create is not in flight:
+    /// their command was lost with a server restart or a dropped session.
+    /// The create is sent again; it is idempotent (the agent finds the twin
+    /// by name), so a container that was made is adopted, not duplicated.
+    async fn resend_unfinished_creates(&self) -> anyhow::Result<usize> {
+        let workloads = self.inner.store.list_workloads().await?;
+        let now = crate::clock::now();
+        let stuck: Vec<_> = {
+            let mut index = self.index();
+            let stuck: Vec<_> = index
+                .containers
+                .values()
+                .filter(|c| {
+                    c.state == ContainerState::Warming
+                        && c.docker_id.is_none()
+                        && !index.busy.contains(&c.id)
+                })
+                .filter(|c| self.node_live(&c.node_id, now))
+                .cloned()
+                .collect();
+            for c in &stuck {
+                index.busy.insert(c.id);
+            }
+            stuck
+        };
+        let count = stuck.len();
+        for record in stuck {
+            let Some(spec) = workloads
+                .iter()
+                .find(|w| w.spec.id == record.workload_id)
+                .map(|w| w.spec.clone())
+            else {
+                self.index().busy.remove(&record.id);
+                self.mark_draining(record.id, "its workload was removed")
+                    .await;
+                continue;
+            };
+            let pools = self.clone();
+            tokio::spawn(async move {
+                let deadline = Instant::now() + pools.inner.config.command_timeout;
+                if let Err(e) = pools.create_only(&spec, record.clone(), deadline).await {
+                    tracing::warn!(container = %record.id, error = %e, "resending a create failed; will retry");
+                }
+                pools.index().busy.remove(&record.id);
+            });
+        }
+        Ok(count)
+    }
+
     /// Warming containers that Docker reports running (and healthy, with a
     /// healthcheck) become idle.
     async fn promote_ready(&self) -> anyhow::Result<usize> {
