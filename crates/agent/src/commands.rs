@@ -286,7 +286,8 @@ impl Executor {
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("cannot write the state file: {e}"))?;
-        self.observe(id).await
+        // The container itself did not change: no need to ask Docker.
+        Ok(None)
     }
 
     /// Every managed container of this node, with state files.

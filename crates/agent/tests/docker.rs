@@ -285,10 +285,6 @@ async fn state_files_limits_and_removal() {
         .await
         .unwrap();
     assert!(result.ok, "{result:?}");
-    assert_eq!(
-        result.container.unwrap().state_file.unwrap().tenant_id,
-        "t1"
-    );
     let cursor = h.fake.cursor();
     h.fake
         .send(

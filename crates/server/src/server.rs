@@ -211,7 +211,8 @@ pub async fn run(
     let refiller = driver.register(
         "pool_refiller",
         Duration::from_secs(1),
-        None,
+        // A burst of claims costs one refill round, not one each.
+        Some(Duration::from_millis(50)),
         crate::pools::tasks::Refiller(pools.clone()),
     );
     {

@@ -154,16 +154,16 @@ async fn reflection_v1_serves_every_service_too() {
 async fn capabilities_not_built_yet_say_so_instead_of_pretending() {
     let server = ServerProcess::start().await.unwrap();
     let channel = server.channel().await.unwrap();
-    let err = pb::claim_service_client::ClaimServiceClient::new(channel.clone())
-        .claim(pb::ClaimRequest {
-            tenant_id: "t1".into(),
-            workload_id: "demo".into(),
-            ..Default::default()
-        })
+    let err = pb::reconcile_service_client::ReconcileServiceClient::new(channel.clone())
+        .plan_reconcile(pb::PlanReconcileRequest::default())
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unimplemented);
-    assert!(err.message().contains("tenant claims"), "{}", err.message());
+    assert!(
+        err.message().contains("reconciliation"),
+        "{}",
+        err.message()
+    );
     let err = pb::boost_service_client::BoostServiceClient::new(channel)
         .list_boosts(pb::ListBoostsRequest::default())
         .await

@@ -652,3 +652,97 @@ async fn reservations_survive_a_restart_and_expired_ones_are_dropped_at_startup(
     .await
     .unwrap();
 }
+
+#[tokio::test]
+async fn operators_scale_drain_extend_revoke_and_destroy_with_bh() {
+    let Some(c) =
+        Cluster::start(|image| workload(image, "{min_size: 1, max_size: 5, affinity_timeout: 1m}"))
+            .await
+    else {
+        return;
+    };
+    c.wait_idle(1).await;
+
+    // Scale up: the pool refills to the new minimum.
+    let out = c.server.bh(&["pool", "scale", "demo", "--min", "3"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    c.wait_idle(3).await;
+    let out = c.server.bh(&["pool", "list"]);
+    assert!(
+        stdout(&out)
+            .lines()
+            .any(|l| l.starts_with("demo") && l.contains(" 3 ")),
+        "{}",
+        stdout(&out)
+    );
+    let out = c
+        .server
+        .bh(&["pool", "scale", "demo", "--min", "9", "--max", "2"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("min_size"), "{}", stderr(&out));
+
+    // Extend and revoke a reservation.
+    let out = c.server.bh(&["claim", "t1", "demo", "-o", "json"]);
+    let claim: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let out = c.server.bh(&["release", "t1", "demo"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("kept for t1"), "{}", stdout(&out));
+    let out = c
+        .server
+        .bh(&["affinity", "extend", "t1", "demo", "--by", "10m"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = c.server.bh(&["affinity", "list", "-o", "json"]);
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        listed[0]["remaining"].as_str().unwrap().ends_with('m'),
+        "{listed}"
+    );
+    let out = c.server.bh(&["affinity", "revoke", "t1", "demo"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let docker_id = claim["docker_id"].as_str().unwrap().to_owned();
+    eventually(WAIT, "the revoked reservation's container to go", || {
+        let docker = c.docker.clone();
+        let id = docker_id.clone();
+        async move {
+            docker
+                .inspect_container(&id, None)
+                .await
+                .is_err()
+                .then_some(())
+        }
+    })
+    .await
+    .unwrap();
+
+    // A claimed container needs --force; its claim is then lost.
+    let out = c.server.bh(&["claim", "t2", "demo", "-o", "json"]);
+    let claim: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = claim["container"].as_str().unwrap().to_owned();
+    let out = c.server.bh(&["container", "destroy", &id]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("force"), "{}", stderr(&out));
+    let out = c.server.bh(&["container", "destroy", &id, "--force"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = c.server.bh(&["claims", "list", "--all", "-o", "json"]);
+    let claims: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        claims
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["tenant"] == "t2" && c["status"] == "lost"),
+        "{claims}"
+    );
+
+    // Drain: idle containers go, nothing refills.
+    let out = c.server.bh(&["pool", "drain", "demo"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    eventually(WAIT, "the drained pool to empty", || async {
+        let counts = c.pool().await.counts.unwrap();
+        (counts.total == 0).then_some(())
+    })
+    .await
+    .unwrap();
+    let out = c.server.bh(&["claim", "t3", "demo"]);
+    assert!(!out.status.success(), "a drained pool serves no new claims");
+}

@@ -140,6 +140,10 @@ struct Inner {
     tenant_locks: KeyedLocks,
     /// Wakes the refiller when capacity was consumed or freed.
     refill: tokio::sync::Notify,
+    /// Workloads by id, so a claim parses no spec and reads no table.
+    /// Replaced wholesale by the refiller every second; a miss reads the
+    /// database, so a newly applied workload is claimable at once.
+    workloads: std::sync::RwLock<HashMap<WorkloadId, Arc<WorkloadRecord>>>,
 }
 
 /// The pool machinery. Cheap to clone.
@@ -216,6 +220,7 @@ impl Pools {
                 index: Mutex::new(index),
                 tenant_locks: KeyedLocks::default(),
                 refill: tokio::sync::Notify::new(),
+                workloads: std::sync::RwLock::default(),
             }),
         })
     }
@@ -237,12 +242,43 @@ impl Pools {
         &self.inner.refill
     }
 
-    async fn workload(&self, id: &WorkloadId) -> Result<WorkloadRecord, PoolError> {
+    async fn workload(&self, id: &WorkloadId) -> Result<Arc<WorkloadRecord>, PoolError> {
+        let cached = self
+            .inner
+            .workloads
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned();
+        if let Some(w) = cached {
+            return Ok(w);
+        }
+        let record = Arc::new(
+            self.inner
+                .store
+                .get_workload(id)
+                .await?
+                .ok_or_else(|| PoolError::UnknownWorkload(id.clone()))?,
+        );
         self.inner
-            .store
-            .get_workload(id)
-            .await?
-            .ok_or_else(|| PoolError::UnknownWorkload(id.clone()))
+            .workloads
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.clone(), record.clone());
+        Ok(record)
+    }
+
+    /// Replaces the workload cache with what the database holds now.
+    pub fn refresh_workloads(&self, workloads: &[WorkloadRecord]) {
+        let fresh = workloads
+            .iter()
+            .map(|w| (w.spec.id.clone(), Arc::new(w.clone())))
+            .collect();
+        *self
+            .inner
+            .workloads
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = fresh;
     }
 
     /// Claims a container of `workload` for `tenant`: its existing claim,
@@ -436,6 +472,12 @@ impl Pools {
     ) -> Result<ContainerRecord, PoolError> {
         let spec = &workload.spec;
         let overrides = self.overrides(&spec.id).await?;
+        if overrides.draining {
+            return Err(PoolError::Precondition(format!(
+                "pool {} is drained; `bh pool scale` puts it back in service",
+                spec.id
+            )));
+        }
         let max = overrides.max_size.unwrap_or(spec.pool.max_size);
         let node = self.place(spec, now).await?.ok_or_else(|| {
             PoolError::Exhausted(format!(
@@ -675,7 +717,8 @@ impl Pools {
             let container = index.containers.get(&claim.container_id).cloned();
             (claim, container)
         };
-        let workload = self.inner.store.get_workload(&workload_id).await?;
+        // A workload deleted since the claim means the container is not reused.
+        let workload = self.workload(&workload_id).await.ok();
         let mut ended = claim.clone();
         ended.status = ClaimStatus::Released;
         ended.released_at = Some(now);

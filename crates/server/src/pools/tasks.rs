@@ -236,6 +236,7 @@ impl Pools {
     /// Starts creating containers for every pool below min_size.
     async fn fill(&self) -> anyhow::Result<usize> {
         let workloads = self.inner.store.list_workloads().await?;
+        self.refresh_workloads(&workloads);
         let overrides = self.inner.store.pool_overrides().await?;
         let now = crate::clock::now();
         let mut started = 0;
