@@ -68,6 +68,18 @@ struct TrimTask {
     idempotency_retention: Duration,
 }
 
+/// Keeps the WAL short outside the write path.
+struct CheckpointTask(Store);
+
+impl BackgroundTask for CheckpointTask {
+    fn activate(&mut self) -> BoxFuture<'_, anyhow::Result<serde_json::Value>> {
+        Box::pin(async move {
+            let remaining = self.0.checkpoint().await?;
+            Ok(serde_json::json!({ "wal_pages_remaining": remaining }))
+        })
+    }
+}
+
 /// The newest events are kept even when old, so a quiet system still shows
 /// its recent history.
 const EVENTS_ALWAYS_KEPT: u64 = 10_000;
@@ -142,6 +154,12 @@ pub async fn run(
         ReloadTask {
             dir: workloads.clone(),
         },
+    );
+    driver.register(
+        "wal_checkpoint",
+        Duration::from_secs(1),
+        None,
+        CheckpointTask(store.clone()),
     );
     driver.register(
         "activity_log_trim",

@@ -362,3 +362,35 @@ async fn kill9_in_the_middle_of_writes_loses_no_acknowledged_write() {
         );
     }
 }
+
+#[tokio::test]
+async fn the_wal_is_checkpointed_outside_the_write_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir).await;
+    for n in 0..200 {
+        store
+            .append_event(event(n, EventKind::NodeJoined, None))
+            .await
+            .unwrap();
+    }
+    let wal = store.path().with_extension("db-wal");
+    assert!(
+        std::fs::metadata(&wal).unwrap().len() > 0,
+        "commits went to the WAL"
+    );
+    // Nothing checkpointed inside the commits; the checkpointer copies
+    // every committed page when asked.
+    assert_eq!(store.checkpoint().await.unwrap(), 0);
+    assert_eq!(
+        store
+            .list_events(&EventQuery {
+                limit: 1000,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .len(),
+        200
+    );
+    assert_eq!(store.integrity_check().await.unwrap(), "ok");
+}

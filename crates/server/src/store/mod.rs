@@ -133,6 +133,7 @@ pub struct Store {
     events: broadcast::Sender<Event>,
     path: PathBuf,
     stats: Arc<Mutex<WriterStats>>,
+    checkpointer: Arc<tokio::sync::Mutex<sqlx::SqliteConnection>>,
 }
 
 impl Store {
@@ -155,7 +156,15 @@ impl Store {
             .foreign_keys(true)
             .log_statements(tracing::log::LevelFilter::Trace);
 
-        let mut write_conn = base.clone().create_if_missing(true).connect().await?;
+        // The writer never checkpoints inside a commit: SQLite's automatic
+        // checkpoint would stall every write queued behind that commit.
+        // A background task checkpoints instead (see `checkpoint`).
+        let mut write_conn = base
+            .clone()
+            .create_if_missing(true)
+            .pragma("wal_autocheckpoint", "0")
+            .connect()
+            .await?;
         sqlx::migrate!("../../migrations/sqlite")
             .run(&mut write_conn)
             .await
@@ -163,9 +172,14 @@ impl Store {
 
         let reads = SqlitePoolOptions::new()
             .max_connections(options.read_connections.max(1))
-            .connect_with(base.read_only(true))
+            .connect_with(base.clone().read_only(true))
             .await?;
 
+        let checkpointer = base
+            .clone()
+            .pragma("wal_autocheckpoint", "0")
+            .connect()
+            .await?;
         let (events, _) = broadcast::channel(4096);
         let stats = Arc::new(Mutex::new(WriterStats::default()));
         let writer = Writer::spawn(write_conn, options.max_batch, events.clone(), stats.clone());
@@ -175,7 +189,20 @@ impl Store {
             events,
             path: path.to_owned(),
             stats,
+            checkpointer: Arc::new(tokio::sync::Mutex::new(checkpointer)),
         })
+    }
+
+    /// Copies committed pages from the WAL into the database file without
+    /// blocking writers (PASSIVE), so the WAL stays small. Returns the WAL
+    /// pages that remain to be checkpointed.
+    pub async fn checkpoint(&self) -> Result<i64, StoreError> {
+        let mut conn = self.checkpointer.lock().await;
+        let (_busy, log, checkpointed): (i64, i64, i64) =
+            sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
+                .fetch_one(&mut *conn)
+                .await?;
+        Ok((log - checkpointed).max(0))
     }
 
     /// Where the database file is.
