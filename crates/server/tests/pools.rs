@@ -746,3 +746,81 @@ async fn operators_scale_drain_extend_revoke_and_destroy_with_bh() {
     let out = c.server.bh(&["claim", "t3", "demo"]);
     assert!(!out.status.success(), "a drained pool serves no new claims");
 }
+
+#[tokio::test]
+async fn containers_become_idle_only_once_their_healthcheck_passes() {
+    let Some(c) = Cluster::start(|image| {
+        format!(
+            "id: demo\nimage: {image}\ncommand: [sh, -c, 'sleep 2; touch /tmp/ready; sleep infinity']\n\
+             healthcheck: {{test: [CMD, test, -f, /tmp/ready], interval: 500ms, timeout: 1s, retries: 30}}\n\
+             read_only: false\npool: {{min_size: 1, max_size: 2}}\n"
+        )
+    })
+    .await
+    else {
+        return;
+    };
+    // While the container starts, the pool shows it warming, not idle.
+    eventually(WAIT, "a warming container", || async {
+        (c.pool().await.counts.unwrap().warming == 1).then_some(())
+    })
+    .await
+    .unwrap();
+    c.wait_idle(1).await;
+    let containers = c.docker_containers().await;
+    let inspect = c
+        .docker
+        .inspect_container(containers[0].id.as_deref().unwrap(), None)
+        .await
+        .unwrap();
+    let health = inspect
+        .state
+        .unwrap()
+        .health
+        .unwrap()
+        .status
+        .unwrap()
+        .to_string();
+    assert_eq!(health, "healthy", "idle only once Docker says healthy");
+}
+
+#[tokio::test]
+async fn failing_creates_back_off_with_events_and_do_not_stop_the_server() {
+    let Some(c) = Cluster::start(|_| "id: demo\nimage: boilerhouse-test/no-such-image:missing\npool: {min_size: 2, max_size: 4}\n".to_owned()).await else { return };
+    let out = eventually(WAIT, "a pool.create_failed event", || async {
+        let out = c
+            .server
+            .bh(&["events", "--kind", "pool.create_failed", "-o", "json"]);
+        let events: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        (!events.as_array()?.is_empty()).then_some(events)
+    })
+    .await
+    .unwrap();
+    assert!(
+        out[0]["message"].as_str().unwrap().contains("backing off"),
+        "{out}"
+    );
+    // The failed containers are cleaned up and nothing stays half made.
+    eventually(WAIT, "the failed creates to be cleaned up", || async {
+        let counts = c.pool().await.counts.unwrap();
+        (counts.idle == 0 && counts.claimed == 0).then_some(())
+    })
+    .await
+    .unwrap();
+    let out = c.server.bh(&["status"]);
+    assert!(
+        out.status.success(),
+        "the server is still serving: {}",
+        stderr(&out)
+    );
+    let err = c
+        .claims()
+        .await
+        .claim(claim_request("t1"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err.code(), Code::Unavailable | Code::ResourceExhausted),
+        "{err:?}"
+    );
+}
