@@ -237,6 +237,33 @@ impl Pools {
         })
     }
 
+    /// Serialises decisions for one (tenant, workload).
+    async fn lock_tenant(
+        &self,
+        tenant: &TenantId,
+        workload: &WorkloadId,
+    ) -> crate::api::idempotency::KeyGuard<'_> {
+        self.inner
+            .tenant_locks
+            .lock(&format!("{tenant}\0{workload}"))
+            .await
+    }
+
+    /// The create command for a new container; its id makes it idempotent
+    /// across resends.
+    fn create_command(spec: &WorkloadSpec, record: &ContainerRecord) -> pb::Command {
+        let container_spec =
+            ContainerSpec::for_workload(spec, record.id, &record.node_id, record.created_at);
+        pb::Command {
+            command_id: format!("create-{}", record.id),
+            generation: 0,
+            command: Some(pb::command::Command::Create(pb::CreateContainer {
+                spec: Some(pb::ContainerSpec::from(&container_spec)),
+                start: true,
+            })),
+        }
+    }
+
     /// Wakes the refiller.
     pub fn refill_notify(&self) -> &tokio::sync::Notify {
         &self.inner.refill
@@ -293,11 +320,7 @@ impl Pools {
     ) -> Result<(Granted, ClaimSource), PoolError> {
         let workload = self.workload(&workload_id).await?;
         let key = (tenant.clone(), workload_id.clone());
-        let _guard = self
-            .inner
-            .tenant_locks
-            .lock(&format!("{tenant}\0{workload_id}"))
-            .await;
+        let _guard = self.lock_tenant(&tenant, &workload_id).await;
         let now = crate::clock::now();
 
         // 1 EXISTING, 2 AFFINITY, 3 POOL: decided under the index lock.
@@ -571,16 +594,7 @@ impl Pools {
         mut record: ContainerRecord,
         deadline: Instant,
     ) -> Result<ContainerRecord, PoolError> {
-        let container_spec =
-            ContainerSpec::for_workload(spec, record.id, &record.node_id, record.created_at);
-        let command = pb::Command {
-            command_id: format!("create-{}", record.id),
-            generation: 0,
-            command: Some(pb::command::Command::Create(pb::CreateContainer {
-                spec: Some(pb::ContainerSpec::from(&container_spec)),
-                start: true,
-            })),
-        };
+        let command = Self::create_command(spec, &record);
         let timeout = deadline
             .saturating_duration_since(Instant::now())
             .min(self.inner.config.command_timeout);
@@ -695,11 +709,7 @@ impl Pools {
         idempotency: Option<IdempotentRecord>,
     ) -> Result<(ClaimRecord, Option<Reservation>), PoolError> {
         let key = (tenant.clone(), workload_id.clone());
-        let _guard = self
-            .inner
-            .tenant_locks
-            .lock(&format!("{tenant}\0{workload_id}"))
-            .await;
+        let _guard = self.lock_tenant(&tenant, &workload_id).await;
         let now = crate::clock::now();
         let (claim, container) = {
             let index = self.index();
@@ -917,11 +927,7 @@ impl Pools {
         by: Duration,
     ) -> Result<Reservation, PoolError> {
         let key = (tenant.clone(), workload.clone());
-        let _guard = self
-            .inner
-            .tenant_locks
-            .lock(&format!("{tenant}\0{workload}"))
-            .await;
+        let _guard = self.lock_tenant(tenant, workload).await;
         let mut r = self
             .index()
             .reservations
@@ -965,11 +971,7 @@ impl Pools {
         expired: bool,
     ) -> Result<Reservation, PoolError> {
         let key = (tenant.clone(), workload.clone());
-        let _guard = self
-            .inner
-            .tenant_locks
-            .lock(&format!("{tenant}\0{workload}"))
-            .await;
+        let _guard = self.lock_tenant(tenant, workload).await;
         let r = self
             .index()
             .reservations
@@ -1040,11 +1042,7 @@ impl Pools {
         }
         if let Some(tenant) = &container.tenant_id {
             let key = (tenant.clone(), container.workload_id.clone());
-            let _guard = self
-                .inner
-                .tenant_locks
-                .lock(&format!("{tenant}\0{}", container.workload_id))
-                .await;
+            let _guard = self.lock_tenant(tenant, &container.workload_id).await;
             let claim = self.index().claims.get(&key).cloned();
             if let Some(mut claim) = claim.filter(|c| c.container_id == *id) {
                 let now = crate::clock::now();

@@ -360,20 +360,7 @@ impl Pools {
         record: boilerhouse_core::pool::ContainerRecord,
         deadline: Instant,
     ) -> Result<(), super::PoolError> {
-        let container_spec = boilerhouse_core::container::ContainerSpec::for_workload(
-            spec,
-            record.id,
-            &record.node_id,
-            record.created_at,
-        );
-        let command = pb::Command {
-            command_id: format!("create-{}", record.id),
-            generation: 0,
-            command: Some(pb::command::Command::Create(pb::CreateContainer {
-                spec: Some(pb::ContainerSpec::from(&container_spec)),
-                start: true,
-            })),
-        };
+        let command = Pools::create_command(spec, &record);
         let timeout = deadline.saturating_duration_since(Instant::now());
         let result = self
             .inner
