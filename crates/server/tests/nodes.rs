@@ -18,12 +18,15 @@ use boilerhouse_testkit::{
 
 const WAIT: Duration = Duration::from_secs(30);
 
-/// Short liveness windows so the test sees Suspect and Lost quickly.
+/// Short liveness windows so the test sees Suspect and Lost quickly, yet
+/// wide enough (15 heartbeats) that a loaded CI machine never makes a
+/// healthy node Suspect, and an agent reconnecting after a server restart
+/// (backoff up to 1s) is back well within them.
 const FAST_LIVENESS: &str = r#"
 heartbeat_interval = "200ms"
-suspect_after = "1s"
-lost_grace = "1500ms"
-restart_grace = "3s"
+suspect_after = "3s"
+lost_grace = "2s"
+restart_grace = "6s"
 "#;
 
 async fn nodes(server: &ServerProcess) -> Vec<pb::Node> {

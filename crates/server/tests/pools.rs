@@ -20,7 +20,7 @@ const WAIT: Duration = Duration::from_secs(60);
 
 const CONFIG: &str = r#"
 heartbeat_interval = "200ms"
-suspect_after = "2s"
+suspect_after = "5s"
 "#;
 
 struct Cluster {
@@ -476,7 +476,7 @@ async fn exec(docker: &bollard::Docker, container: &str, script: &str) {
 #[tokio::test]
 async fn file_changes_in_the_state_directory_count_as_activity() {
     let Some(c) =
-        Cluster::start(|image| workload(image, "{min_size: 1, max_size: 3, idle_timeout: 3s}"))
+        Cluster::start(|image| workload(image, "{min_size: 1, max_size: 3, idle_timeout: 4s}"))
             .await
     else {
         return;
@@ -495,7 +495,7 @@ async fn file_changes_in_the_state_directory_count_as_activity() {
     // timeout; the claim must survive it.
     let mut ticks = tokio::time::interval(Duration::from_millis(500));
     let mut n = 0;
-    while started.elapsed() < Duration::from_secs(6) {
+    while started.elapsed() < Duration::from_secs(8) {
         ticks.tick().await;
         n += 1;
         exec(
