@@ -10,6 +10,7 @@ pub mod ids;
 pub mod liveness;
 pub mod node;
 pub mod pool;
+pub mod reconcile;
 pub mod time;
 pub mod units;
 pub mod workload;

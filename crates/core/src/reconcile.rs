@@ -1,0 +1,228 @@
+//! The reconciliation planner: compares desired state (the database's
+//! containers and claims) with observed state (the agents' reports) and
+//! says what to do, with a reason for each action.
+//!
+//! Pure: no clock, no I/O. The server applies the plan and records every
+//! action; `ReconcileService.Plan` shows it without applying it.
+//!
+//! The rule above all others: **nothing destructive on missing evidence.**
+//! A node without a fresh full report (disconnected, never reported, or
+//! stale) gets no action at all: its containers may be running fine behind
+//! a network partition, and a lost heartbeat never reassigns a claimed
+//! container.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::container::{ObservedContainer, labels};
+use crate::ids::{ContainerId, NodeId, WorkloadId};
+use crate::pool::{ContainerRecord, ContainerState};
+use crate::time::Timestamp;
+
+/// What the agents said about one node.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Evidence {
+    /// No fresh full report: plan nothing destructive for this node.
+    Unknown,
+    /// A full report taken at `observed_at`, kept current by events.
+    Known {
+        /// When the report was taken.
+        observed_at: Timestamp,
+        /// Every managed container of the node.
+        containers: Vec<ObservedContainer>,
+    },
+}
+
+/// The planner's inputs from the database.
+#[derive(Debug, Clone, Default)]
+pub struct Desired {
+    /// Every container row.
+    pub containers: Vec<ContainerRecord>,
+    /// Configured workloads and the spec hash of each.
+    pub workloads: BTreeMap<WorkloadId, String>,
+}
+
+/// Grace periods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlanConfig {
+    /// How long a row may lack its container in fresh reports before it is
+    /// declared lost (covers creates in flight and reports racing them).
+    pub lost_grace: Duration,
+    /// How old an unknown managed container must be before it is destroyed
+    /// (covers a create whose row has not been read yet).
+    pub creation_grace: Duration,
+}
+
+/// What to do.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ActionKind {
+    /// The row's container is gone from its node: forget the row, mark its
+    /// claim LOST, and let the pool refill.
+    MarkLost {
+        /// The row.
+        container_id: ContainerId,
+    },
+    /// A managed container with no row, of a configured workload with the
+    /// current spec: take it in (its tenant comes from its state file).
+    Adopt {
+        /// What Docker reports.
+        observed: Box<ObservedContainer>,
+    },
+    /// A managed container with no row whose workload is unknown or whose
+    /// spec is stale: remove it.
+    Destroy {
+        /// Docker's id.
+        docker_id: String,
+        /// Its container id label, when valid.
+        container_id: Option<ContainerId>,
+    },
+    /// An unclaimed container of a workload that is no longer configured.
+    Drain {
+        /// The row.
+        container_id: ContainerId,
+    },
+}
+
+/// One planned action.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Action {
+    /// What.
+    pub kind: ActionKind,
+    /// Where.
+    pub node_id: NodeId,
+    /// Why, in a sentence.
+    pub reason: String,
+    /// Not to be applied before this; `None` means now.
+    pub not_before: Option<Timestamp>,
+}
+
+impl Action {
+    /// Whether the action may be applied at `now`.
+    pub fn is_due(&self, now: Timestamp) -> bool {
+        self.not_before.is_none_or(|t| t <= now)
+    }
+
+    /// The container row or container the action is about.
+    pub fn container_id(&self) -> Option<ContainerId> {
+        match &self.kind {
+            ActionKind::MarkLost { container_id } | ActionKind::Drain { container_id } => {
+                Some(*container_id)
+            }
+            ActionKind::Adopt { observed } => observed.container_id(),
+            ActionKind::Destroy { container_id, .. } => *container_id,
+        }
+    }
+}
+
+fn after(t: Timestamp, grace: Duration, now: Timestamp) -> Option<Timestamp> {
+    let due = t.saturating_add(grace);
+    (due > now).then_some(due)
+}
+
+/// The actions that make observation match intent. See the module
+/// documentation for the rules.
+pub fn plan(
+    desired: &Desired,
+    observed: &BTreeMap<NodeId, Evidence>,
+    now: Timestamp,
+    config: &PlanConfig,
+) -> Vec<Action> {
+    let mut actions = Vec::new();
+    let rows: BTreeMap<ContainerId, &ContainerRecord> =
+        desired.containers.iter().map(|c| (c.id, c)).collect();
+
+    // Workloads that are no longer configured: drain what no tenant holds.
+    for c in &desired.containers {
+        if desired.workloads.contains_key(&c.workload_id) {
+            continue;
+        }
+        if matches!(c.state, ContainerState::Idle | ContainerState::Warming) {
+            actions.push(Action {
+                kind: ActionKind::Drain { container_id: c.id },
+                node_id: c.node_id.clone(),
+                reason: format!("workload {} is no longer configured", c.workload_id),
+                not_before: None,
+            });
+        }
+    }
+
+    for (node, evidence) in observed {
+        let Evidence::Known { containers, .. } = evidence else {
+            // Missing evidence: nothing destructive, nothing at all.
+            continue;
+        };
+        let seen: BTreeSet<ContainerId> = containers
+            .iter()
+            .filter_map(ObservedContainer::container_id)
+            .collect();
+
+        // Rows whose container is gone.
+        for c in desired.containers.iter().filter(|c| &c.node_id == node) {
+            if seen.contains(&c.id) || c.state == ContainerState::Lost {
+                continue;
+            }
+            actions.push(Action {
+                kind: ActionKind::MarkLost { container_id: c.id },
+                node_id: node.clone(),
+                reason: format!(
+                    "container {} ({}, {}) is missing from node {node}'s full report",
+                    c.id, c.workload_id, c.state
+                ),
+                not_before: after(c.updated_at, config.lost_grace, now),
+            });
+        }
+
+        // Managed containers with no row.
+        for o in containers {
+            if o.node_id() != Some(node.as_str()) {
+                continue;
+            }
+            let id = o.container_id();
+            if id.is_some_and(|id| rows.contains_key(&id)) {
+                continue;
+            }
+            let created = o
+                .labels
+                .get(labels::CREATED_AT)
+                .and_then(|t| t.parse::<i64>().ok())
+                .map(Timestamp::from_millis)
+                .unwrap_or(Timestamp::EPOCH);
+            let workload = o.workload_id();
+            let current_hash = workload.as_ref().and_then(|w| desired.workloads.get(w));
+            let spec_hash = o.labels.get(labels::SPEC_HASH);
+            match (id, current_hash) {
+                (Some(_), Some(hash)) if spec_hash == Some(hash) => actions.push(Action {
+                    kind: ActionKind::Adopt { observed: Box::new(o.clone()) },
+                    node_id: node.clone(),
+                    reason: format!(
+                        "managed container {} of {} has no row; its labels name a configured pool with the current spec",
+                        o.name,
+                        workload.as_ref().map(ToString::to_string).unwrap_or_default()
+                    ),
+                    not_before: None,
+                }),
+                _ => {
+                    let why = match (&workload, current_hash) {
+                        (None, _) => "its labels name no valid workload".to_owned(),
+                        (Some(w), None) => format!("its pool {w} is not configured"),
+                        (Some(w), Some(_)) if id.is_none() => format!("it has no valid container id (pool {w})"),
+                        (Some(w), Some(_)) => format!("it was built from a stale spec of {w}"),
+                    };
+                    actions.push(Action {
+                        kind: ActionKind::Destroy { docker_id: o.docker_id.clone(), container_id: id },
+                        node_id: node.clone(),
+                        reason: format!("managed container {} has no row and {why}", o.name),
+                        not_before: after(created, config.creation_grace, now),
+                    });
+                }
+            }
+        }
+    }
+    actions
+}
+
+#[cfg(test)]
+mod tests;
