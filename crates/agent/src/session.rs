@@ -274,7 +274,10 @@ async fn session(
                         message: Some(pb::connect_request::Message::ContainerEvent(pb::ContainerEvent::from(&event))),
                     };
                     out.send(message).await?;
-                    refresh(executor, &mut last_report, &event.docker_id).await;
+                    if refresh(executor, &mut last_report, &event.docker_id).await {
+                        last_report = snapshot(executor.full_report().await?);
+                        send_report(&out, &last_report, String::new()).await?;
+                    }
                 }
                 Some(Err(e)) => return Ok(SessionEnd::Welcomed(format!("docker events stream failed: {e}"))),
                 None => return Ok(SessionEnd::Welcomed("docker events stream ended".into())),
@@ -327,18 +330,20 @@ async fn session(
 }
 
 /// Re-inspects one container after an event; a container that is gone
-/// leaves the snapshot.
-async fn refresh(executor: &Executor, snapshot: &mut Snapshot, docker_id: &str) {
+/// leaves the snapshot. Returns whether the container was new to it (made
+/// by someone other than this agent), which the server can only learn from
+/// a full report.
+async fn refresh(executor: &Executor, snapshot: &mut Snapshot, docker_id: &str) -> bool {
     match executor.runtime().inspect(docker_id).await {
-        Ok(Some(c)) => {
-            snapshot.insert(c.docker_id.clone(), c);
-        }
+        Ok(Some(c)) => snapshot.insert(c.docker_id.clone(), c).is_none(),
         Ok(None) => {
             snapshot.remove(docker_id);
+            false
         }
         // The engine hiccuped; the next full report corrects the picture.
         Err(e) => {
-            tracing::debug!(docker_id, error = %e, "cannot refresh a container after an event")
+            tracing::debug!(docker_id, error = %e, "cannot refresh a container after an event");
+            false
         }
     }
 }

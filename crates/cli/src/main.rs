@@ -78,6 +78,9 @@ enum Command {
     /// Managed containers.
     #[command(subcommand)]
     Container(ContainerCommand),
+    /// Compare the database with what agents report.
+    #[command(subcommand)]
+    Reconcile(ReconcileCommand),
     /// The activity log.
     Events(EventsArgs),
     /// Server health and background tasks.
@@ -241,6 +244,16 @@ enum ContainerCommand {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum ReconcileCommand {
+    /// Show what reconciliation would do now, and why (a dry run).
+    Plan {
+        /// Only this node.
+        #[arg(long)]
+        node: Option<String>,
+    },
+}
+
 /// Show the activity log.
 #[derive(Debug, clap::Args)]
 struct EventsArgs {
@@ -367,6 +380,9 @@ async fn run(cli: Cli) -> Result<(), CliError> {
                 client.container_destroy(&id, force, format).await
             }
         },
+        Command::Reconcile(ReconcileCommand::Plan { node }) => {
+            client.reconcile_plan(node, format).await
+        }
         Command::Events(args) => client.events(args, format).await,
         Command::Status => client.status(format).await,
         Command::Completions { .. } => Ok(()),

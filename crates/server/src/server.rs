@@ -342,7 +342,9 @@ pub async fn run(
         )))
         .add_service(BoostServiceServer::new(api::pending::Pending))
         .add_service(SyncServiceServer::new(api::pending::Pending))
-        .add_service(ReconcileServiceServer::new(api::pending::Pending))
+        .add_service(ReconcileServiceServer::new(api::reconcile::Reconcile(
+            state.clone(),
+        )))
         .add_service(AgentServiceServer::new(crate::agents::service::Agents {
             store: store.clone(),
             registry: agents.clone(),

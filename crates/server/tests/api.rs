@@ -155,7 +155,7 @@ async fn capabilities_not_built_yet_say_so_instead_of_pretending() {
     let server = ServerProcess::start().await.unwrap();
     let channel = server.channel().await.unwrap();
     let err = pb::reconcile_service_client::ReconcileServiceClient::new(channel.clone())
-        .plan_reconcile(pb::PlanReconcileRequest::default())
+        .apply_reconcile(pb::ApplyReconcileRequest::default())
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unimplemented);

@@ -824,3 +824,71 @@ async fn failing_creates_back_off_with_events_and_do_not_stop_the_server() {
         "{err:?}"
     );
 }
+
+#[tokio::test]
+async fn reconcile_plan_shows_a_stray_managed_container_as_a_pending_destroy() {
+    let Some(c) = Cluster::start(|image| workload(image, "{min_size: 1, max_size: 2}")).await
+    else {
+        return;
+    };
+    c.wait_idle(1).await;
+    // A managed container made by hand, with our labels, for an unknown pool.
+    let image = test_image(&c.docker).await.unwrap();
+    let stray = boilerhouse_core::workload::parse_workload(
+        "s.yaml",
+        &format!("id: nobody-knows\nimage: {image}\ncommand: [sleep, infinity]\n"),
+    )
+    .unwrap();
+    let mut spec = boilerhouse_core::container::ContainerSpec::for_workload(
+        &stray,
+        boilerhouse_core::ContainerId::from_uuid(uuid::Uuid::now_v7()),
+        &boilerhouse_core::NodeId::new(c.node.clone()).unwrap(),
+        boilerhouse_core::Timestamp::from_system_time(std::time::SystemTime::now()),
+    );
+    spec.labels.insert(
+        boilerhouse_testkit::docker::TEST_RUN_LABEL.into(),
+        boilerhouse_testkit::docker::test_run_id(),
+    );
+    let runtime = boilerhouse_agent::docker::DockerRuntime::connect(None)
+        .await
+        .unwrap();
+    use boilerhouse_agent::runtime::ContainerRuntime as _;
+    let docker_id = runtime.create(&spec, &[]).await.unwrap();
+    runtime.start(&docker_id).await.unwrap();
+
+    let plan = eventually(WAIT, "the stray to appear in the plan", || async {
+        let out = c.server.bh(&["reconcile", "plan", "-o", "json"]);
+        let plan: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        plan.as_array()?
+            .iter()
+            .find(|a| a["container"] == spec.container_id.to_string())
+            .cloned()
+    })
+    .await
+    .unwrap();
+    assert_eq!(plan["action"], "destroy");
+    assert!(
+        plan["reason"]
+            .as_str()
+            .unwrap()
+            .contains("nobody-knows is not configured"),
+        "{plan}"
+    );
+    assert!(
+        plan["due"].as_str().unwrap().starts_with("in "),
+        "pending until the creation grace passes: {plan}"
+    );
+    // The pool's own containers are in agreement: nothing else is planned.
+    let out = c.server.bh(&["reconcile", "plan"]);
+    assert_eq!(
+        stdout(&out)
+            .lines()
+            .filter(|l| l.starts_with("destroy")
+                || l.starts_with("mark_lost")
+                || l.starts_with("adopt"))
+            .count(),
+        1,
+        "{}",
+        stdout(&out)
+    );
+}

@@ -7,6 +7,7 @@ pub mod idempotency;
 pub mod nodes;
 pub mod pending;
 pub mod pools;
+pub mod reconcile;
 pub mod system;
 pub mod workloads;
 

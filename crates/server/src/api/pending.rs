@@ -9,7 +9,6 @@ use tonic::{Request, Response, Status};
 
 use boilerhouse_proto::pb;
 use boilerhouse_proto::pb::boost_service_server::BoostService;
-use boilerhouse_proto::pb::reconcile_service_server::ReconcileService;
 use boilerhouse_proto::pb::sync_service_server::SyncService;
 
 use crate::error::ApiError;
@@ -22,7 +21,6 @@ fn not_yet<T>(capability: &'static str) -> Result<T, Status> {
 
 const BOOSTS: &str = "resource boosts";
 const SYNC: &str = "tenant state sync";
-const RECONCILE: &str = "reconciliation";
 
 /// Placeholder for every service not built yet.
 pub struct Pending;
@@ -75,21 +73,5 @@ impl SyncService for Pending {
         _: Request<pb::WatchSyncStatusRequest>,
     ) -> Result<Response<Self::WatchSyncStatusStream>, Status> {
         not_yet(SYNC)
-    }
-}
-
-#[tonic::async_trait]
-impl ReconcileService for Pending {
-    async fn plan_reconcile(
-        &self,
-        _: Request<pb::PlanReconcileRequest>,
-    ) -> Result<Response<pb::PlanReconcileResponse>, Status> {
-        not_yet(RECONCILE)
-    }
-    async fn apply_reconcile(
-        &self,
-        _: Request<pb::ApplyReconcileRequest>,
-    ) -> Result<Response<pb::ApplyReconcileResponse>, Status> {
-        not_yet(RECONCILE)
     }
 }
