@@ -86,6 +86,12 @@ struct FileConfig {
     command_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     acquire_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    reconcile_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    reconcile_lost_grace: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    reconcile_creation_grace: Option<Duration>,
 }
 
 /// The validated server configuration.
@@ -132,6 +138,14 @@ pub struct Config {
     pub command_timeout: Duration,
     /// How long a cold-start claim waits by default. Default 30s.
     pub acquire_timeout: Duration,
+    /// How often reconciliation runs. Default 5s.
+    pub reconcile_interval: Duration,
+    /// How long a container row may be missing from fresh reports before
+    /// it is declared lost. Default 30s.
+    pub reconcile_lost_grace: Duration,
+    /// How old an unknown managed container must be before it is
+    /// destroyed. Default 60s.
+    pub reconcile_creation_grace: Duration,
 }
 
 /// A configuration that cannot be used.
@@ -220,6 +234,11 @@ impl Config {
             full_report_interval: file.full_report_interval.unwrap_or(Duration::from_secs(30)),
             command_timeout: file.command_timeout.unwrap_or(Duration::from_secs(30)),
             acquire_timeout: file.acquire_timeout.unwrap_or(Duration::from_secs(30)),
+            reconcile_interval: file.reconcile_interval.unwrap_or(Duration::from_secs(5)),
+            reconcile_lost_grace: file.reconcile_lost_grace.unwrap_or(Duration::from_secs(30)),
+            reconcile_creation_grace: file
+                .reconcile_creation_grace
+                .unwrap_or(Duration::from_secs(60)),
         };
         config.validate()?;
         Ok(config)

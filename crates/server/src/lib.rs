@@ -8,6 +8,7 @@ pub mod config;
 pub mod error;
 pub mod metrics;
 pub mod pools;
+pub mod reconcile;
 pub mod server;
 pub mod store;
 pub mod tasks;

@@ -277,6 +277,21 @@ pub async fn run(
         },
     );
 
+    let reconciler = crate::reconcile::Reconciler {
+        store: store.clone(),
+        pools: pools.clone(),
+        agents: agents.clone(),
+        config: boilerhouse_core::reconcile::PlanConfig {
+            lost_grace: config.reconcile_lost_grace,
+            creation_grace: config.reconcile_creation_grace,
+        },
+    };
+    driver.register(
+        "reconcile",
+        config.reconcile_interval,
+        None,
+        crate::reconcile::ReconcileTask(reconciler.clone()),
+    );
     let metrics = Arc::new(Metrics::new(
         store.clone(),
         workloads.clone(),
@@ -293,6 +308,7 @@ pub async fn run(
         agents: agents.clone(),
         pools: pools.clone(),
         metrics: metrics.clone(),
+        reconciler,
     };
 
     let (health, health_service) = tonic_health::server::health_reporter();

@@ -154,13 +154,17 @@ async fn reflection_v1_serves_every_service_too() {
 async fn capabilities_not_built_yet_say_so_instead_of_pretending() {
     let server = ServerProcess::start().await.unwrap();
     let channel = server.channel().await.unwrap();
-    let err = pb::reconcile_service_client::ReconcileServiceClient::new(channel.clone())
-        .apply_reconcile(pb::ApplyReconcileRequest::default())
+    let err = pb::sync_service_client::SyncServiceClient::new(channel.clone())
+        .trigger_sync(pb::TriggerSyncRequest {
+            tenant_id: "t1".into(),
+            workload_id: "demo".into(),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unimplemented);
     assert!(
-        err.message().contains("reconciliation"),
+        err.message().contains("tenant state sync"),
         "{}",
         err.message()
     );

@@ -33,6 +33,14 @@ struct Cluster {
 
 impl Cluster {
     async fn start(workload_yaml: impl Fn(&str) -> String) -> Option<Self> {
+        Self::start_with("", workload_yaml).await
+    }
+
+    /// Starts with extra server configuration appended to CONFIG.
+    async fn start_with(
+        extra_config: &str,
+        workload_yaml: impl Fn(&str) -> String,
+    ) -> Option<Self> {
         let docker = require_docker().await?;
         let image = test_image(&docker).await.unwrap();
         let root = tempfile::tempdir().unwrap();
@@ -45,7 +53,7 @@ impl Cluster {
         let server = ServerProcess::start_in(
             root.path(),
             ServerOptions {
-                config_toml: Some(CONFIG.into()),
+                config_toml: Some(format!("{CONFIG}{extra_config}")),
                 ..Default::default()
             },
         )
@@ -826,8 +834,10 @@ async fn failing_creates_back_off_with_events_and_do_not_stop_the_server() {
 }
 
 #[tokio::test]
-async fn reconcile_plan_shows_a_stray_managed_container_as_a_pending_destroy() {
-    let Some(c) = Cluster::start(|image| workload(image, "{min_size: 1, max_size: 2}")).await
+async fn a_stray_managed_container_is_shown_pending_then_destroyed_after_the_grace() {
+    let extra = "reconcile_interval = \"500ms\"\nreconcile_creation_grace = \"4s\"\n";
+    let Some(c) =
+        Cluster::start_with(extra, |image| workload(image, "{min_size: 1, max_size: 2}")).await
     else {
         return;
     };
@@ -890,5 +900,152 @@ async fn reconcile_plan_shows_a_stray_managed_container_as_a_pending_destroy() {
         1,
         "{}",
         stdout(&out)
+    );
+
+    // Once the creation grace has passed, reconciliation destroys it.
+    eventually(WAIT, "the stray to be destroyed", || {
+        let docker = c.docker.clone();
+        let id = docker_id.clone();
+        async move {
+            docker
+                .inspect_container(&id, None)
+                .await
+                .is_err()
+                .then_some(())
+        }
+    })
+    .await
+    .unwrap();
+    let out = c
+        .server
+        .bh(&["events", "--kind", "reconcile.destroyed", "-o", "json"]);
+    let events: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        events[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("nobody-knows is not configured"),
+        "{events}"
+    );
+}
+
+#[tokio::test]
+async fn after_the_database_is_deleted_every_tenant_keeps_its_container() {
+    let Some(mut c) = Cluster::start(|image| workload(image, "{min_size: 2, max_size: 6}")).await
+    else {
+        return;
+    };
+    c.wait_idle(2).await;
+    let mut claims = c.claims().await;
+    let mut before = Vec::new();
+    for tenant in ["t1", "t2"] {
+        before.push(
+            claims
+                .claim(claim_request(tenant))
+                .await
+                .unwrap()
+                .into_inner()
+                .claim
+                .unwrap(),
+        );
+    }
+    // The agent has recorded each tenant in its container's state file.
+    for claim in &before {
+        let state_file = std::path::Path::new(&claim.state_path)
+            .parent()
+            .unwrap()
+            .join("boilerhouse-state.json");
+        let tenant = claim.tenant_id.clone();
+        eventually(WAIT, "the state file", || {
+            let path = state_file.clone();
+            let tenant = tenant.clone();
+            async move {
+                let json: serde_json::Value =
+                    serde_json::from_str(&std::fs::read_to_string(&path).ok()?).ok()?;
+                (json["tenant_id"] == tenant.as_str()).then_some(())
+            }
+        })
+        .await
+        .unwrap();
+    }
+
+    // Stop, delete the database, start again on the same address.
+    let root = c.server.root.clone();
+    let listen = c.server.addrs.grpc;
+    c.server
+        .signal_and_wait(nix::sys::signal::Signal::SIGTERM, WAIT)
+        .await
+        .unwrap();
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(root.join(format!("data/boilerhouse.db{suffix}")));
+    }
+    let config = format!("{CONFIG}reconcile_interval = \"500ms\"\n");
+    c.server = ServerProcess::start_in(
+        &root,
+        ServerOptions {
+            config_toml: Some(config),
+            listen: Some(listen),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+
+    let mut claims = c.claims().await;
+    for old in &before {
+        let back = eventually(
+            WAIT,
+            &format!("{}'s claim to be rebuilt", old.tenant_id),
+            || {
+                let mut claims = claims.clone();
+                let tenant = old.tenant_id.clone();
+                async move {
+                    claims
+                        .get_claim(pb::GetClaimRequest {
+                            tenant_id: tenant,
+                            workload_id: "demo".into(),
+                        })
+                        .await
+                        .ok()
+                        .and_then(|r| r.into_inner().claim)
+                }
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.server.log()));
+        assert_eq!(back.container_id, old.container_id, "the same container");
+        assert_eq!(back.docker_id, old.docker_id);
+        assert_eq!(back.generation, old.generation);
+    }
+    // Claiming again returns the same container, not a new one.
+    let again = claims
+        .claim(claim_request("t1"))
+        .await
+        .unwrap()
+        .into_inner()
+        .claim
+        .unwrap();
+    assert_eq!(again.source, pb::ClaimSource::Existing as i32);
+    assert_eq!(again.container_id, before[0].container_id);
+    let out = c.server.bh(&["claims", "list"]);
+    assert!(
+        stdout(&out).contains("t1") && stdout(&out).contains("t2"),
+        "{}",
+        stdout(&out)
+    );
+    let out = c
+        .server
+        .bh(&["events", "--kind", "reconcile.rebuilt", "-o", "json"]);
+    let events: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        !events.as_array().unwrap().is_empty(),
+        "one event summarises the rebuild"
+    );
+    assert!(
+        events[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("2 tenant claims"),
+        "{events}"
     );
 }

@@ -42,4 +42,6 @@ pub struct AppState {
     pub pools: crate::pools::Pools,
     /// Prometheus metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Reconciliation.
+    pub reconciler: crate::reconcile::Reconciler,
 }

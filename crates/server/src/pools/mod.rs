@@ -1106,3 +1106,235 @@ impl Pools {
         self.inner.refill.notify_one();
     }
 }
+
+impl Pools {
+    /// Carries out one reconciliation action, recording it as an event.
+    pub async fn apply_action(
+        &self,
+        action: &boilerhouse_core::reconcile::Action,
+    ) -> Result<(), PoolError> {
+        use boilerhouse_core::reconcile::ActionKind;
+        let now = crate::clock::now();
+        match &action.kind {
+            ActionKind::MarkLost { container_id } => {
+                self.mark_lost(*container_id, &action.reason, now).await
+            }
+            ActionKind::Drain { container_id } => {
+                self.mark_draining(*container_id, &action.reason).await;
+                Ok(())
+            }
+            ActionKind::Destroy {
+                docker_id,
+                container_id,
+            } => {
+                let Some(id) = container_id else {
+                    return Err(PoolError::Precondition(format!(
+                        "container {docker_id} carries no container id; remove it by hand"
+                    )));
+                };
+                let command = pb::Command {
+                    command_id: format!("reconcile-remove-{id}"),
+                    generation: 0,
+                    command: Some(pb::command::Command::Remove(pb::RemoveContainer {
+                        container_id: id.to_string(),
+                        remove_volumes: true,
+                    })),
+                };
+                self.inner
+                    .agents
+                    .send(&action.node_id, command, self.inner.config.command_timeout)
+                    .await
+                    .map_err(|e| PoolError::Unavailable(e.to_string()))?;
+                self.inner
+                    .store
+                    .append_event(event(
+                        now,
+                        "reconcile.destroyed",
+                        Severity::Warning,
+                        format!(
+                            "destroyed container {id} on {}: {}",
+                            action.node_id, action.reason
+                        ),
+                        EventSubject {
+                            container_id: Some(id.to_string()),
+                            node_id: Some(action.node_id.to_string()),
+                            ..Default::default()
+                        },
+                    ))
+                    .await?;
+                Ok(())
+            }
+            ActionKind::Adopt { observed } => {
+                self.adopt(observed, &action.node_id, &action.reason, now)
+                    .await
+            }
+        }
+    }
+
+    /// A row whose container is gone: forget it; its claim becomes LOST.
+    async fn mark_lost(
+        &self,
+        id: ContainerId,
+        reason: &str,
+        now: Timestamp,
+    ) -> Result<(), PoolError> {
+        let Some(c) = self.container(&id) else {
+            return Ok(());
+        };
+        let claim = c.tenant_id.as_ref().and_then(|t| {
+            self.index()
+                .claims
+                .get(&(t.clone(), c.workload_id.clone()))
+                .cloned()
+        });
+        let mut write = PoolWrite {
+            removed_containers: vec![id],
+            ..Default::default()
+        };
+        if let Some(mut claim) = claim.clone().filter(|cl| cl.container_id == id) {
+            claim.status = ClaimStatus::Lost;
+            claim.released_at = Some(now);
+            write.claims.push(claim.clone());
+            write.events.push(event(
+                now,
+                "claim.lost",
+                Severity::Warning,
+                format!("claim of {} on {id} is lost: {reason}", claim.tenant_id),
+                subject(
+                    Some(&claim.tenant_id),
+                    &c.workload_id,
+                    Some(&id),
+                    Some(&c.node_id),
+                ),
+            ));
+        }
+        write.events.push(event(
+            now,
+            "container.lost",
+            Severity::Warning,
+            format!("container {id} of {} is gone: {reason}", c.workload_id),
+            subject(None, &c.workload_id, Some(&id), Some(&c.node_id)),
+        ));
+        self.inner.store.apply_pool_write(write).await?;
+        let mut index = self.index();
+        if let Some(claim) = claim.filter(|cl| cl.container_id == id) {
+            index.claims.remove(&(claim.tenant_id, claim.workload_id));
+        }
+        index.reservations.retain(|_, r| r.container_id != id);
+        index.remove(&id);
+        drop(index);
+        self.inner.refill.notify_one();
+        Ok(())
+    }
+
+    /// A managed container with no row: take it in. Its tenant, from the
+    /// state file, gets its claim back unless it already holds another
+    /// container of the workload, in which case this one is destroyed: a
+    /// tenant never holds two live containers of one workload.
+    async fn adopt(
+        &self,
+        o: &boilerhouse_core::container::ObservedContainer,
+        node: &NodeId,
+        reason: &str,
+        now: Timestamp,
+    ) -> Result<(), PoolError> {
+        let (Some(id), Some(workload_id)) = (o.container_id(), o.workload_id()) else {
+            return Err(PoolError::Precondition(
+                "adoption needs valid container and workload labels".into(),
+            ));
+        };
+        let workload = self.workload(&workload_id).await?;
+        let state = o.state_file.clone().unwrap_or_default();
+        let tenant = state.tenant_id.clone();
+        let created_at = o
+            .labels
+            .get(boilerhouse_core::container::labels::CREATED_AT)
+            .and_then(|t| t.parse::<i64>().ok())
+            .map(Timestamp::from_millis)
+            .unwrap_or(now);
+        let state_root = self
+            .inner
+            .store
+            .get_node(node)
+            .await?
+            .map(|n| n.state_root)
+            .unwrap_or_default();
+        let mut record = self.new_container(
+            &workload.spec,
+            &workload.spec_hash,
+            (node.clone(), state_root),
+            created_at,
+        );
+        let generated = record.id.to_string();
+        record.id = id;
+        record.state_path = record.state_path.replace(&generated, &id.to_string());
+        record.comm_path = record.comm_path.replace(&generated, &id.to_string());
+        record.docker_id = Some(o.docker_id.clone());
+        record.last_tenant_id = state.last_tenant_id.clone();
+        record.claim_generation = state.claim_generation;
+        record.limits = o.limits;
+        record.updated_at = now;
+        let _guard = match &tenant {
+            Some(t) => Some(self.lock_tenant(t, &workload_id).await),
+            None => None,
+        };
+        let holds_another = tenant.as_ref().is_some_and(|t| {
+            self.index()
+                .claims
+                .contains_key(&(t.clone(), workload_id.clone()))
+        });
+        let mut write = PoolWrite::default();
+        let mut claim_record = None;
+        match (&tenant, o.is_running()) {
+            (Some(t), true) if !holds_another => {
+                record.state = ContainerState::Claimed;
+                record.tenant_id = Some(t.clone());
+                let claim = ClaimRecord {
+                    claim_id: boilerhouse_core::ids::Uuid::now_v7().to_string(),
+                    tenant_id: t.clone(),
+                    workload_id: workload_id.clone(),
+                    container_id: id,
+                    node_id: node.clone(),
+                    generation: state.claim_generation.max(1),
+                    source: ClaimSource::Existing,
+                    status: ClaimStatus::Active,
+                    claimed_at: state.claimed_at.unwrap_or(now),
+                    last_activity_at: state.last_activity_at.unwrap_or(now).max(now),
+                    released_at: None,
+                };
+                write.claims.push(claim.clone());
+                claim_record = Some(claim);
+            }
+            (None, true) if state.last_tenant_id.is_none() => record.state = ContainerState::Idle,
+            // Stopped, used by a tenant before, or the tenant moved on: it
+            // never serves anyone else.
+            _ => record.state = ContainerState::Draining,
+        }
+        write.containers.push(record.clone());
+        write.events.push(event(
+            now,
+            "reconcile.adopted",
+            Severity::Info,
+            format!(
+                "adopted container {id} of {workload_id} on {node} as {}{}: {reason}",
+                record.state,
+                tenant
+                    .as_ref()
+                    .map(|t| format!(" for tenant {t}"))
+                    .unwrap_or_default()
+            ),
+            subject(tenant.as_ref(), &workload_id, Some(&id), Some(node)),
+        ));
+        self.inner.store.apply_pool_write(write).await?;
+        let mut index = self.index();
+        if let Some(claim) = claim_record {
+            index
+                .claims
+                .insert((claim.tenant_id.clone(), workload_id.clone()), claim);
+        }
+        index.set(record);
+        drop(index);
+        self.inner.refill.notify_one();
+        Ok(())
+    }
+}

@@ -1,0 +1,150 @@
+//! Reconciliation: build the plan from live state and apply it.
+//!
+//! The plan comes from the pure planner in `core::reconcile`; this module
+//! gathers its inputs (the pool index, the configured workloads, each
+//! node's evidence) and carries out the due actions, recording each one in
+//! the activity log. It runs every few seconds as a background task and
+//! on demand through `ReconcileService.ApplyReconcile`.
+
+use std::collections::BTreeMap;
+
+use futures::future::BoxFuture;
+
+use boilerhouse_core::event::{NewEvent, Severity};
+use boilerhouse_core::reconcile::{Action, ActionKind, Desired, Evidence, PlanConfig, plan};
+use boilerhouse_core::{NodeId, Timestamp};
+
+use crate::agents::Registry;
+use crate::pools::Pools;
+use crate::store::{Store, StoreError};
+use crate::tasks::BackgroundTask;
+
+/// Everything reconciliation needs.
+#[derive(Clone)]
+pub struct Reconciler {
+    /// The database.
+    pub store: Store,
+    /// The pool index.
+    pub pools: Pools,
+    /// Live sessions and reports.
+    pub agents: Registry,
+    /// Grace periods.
+    pub config: PlanConfig,
+}
+
+/// One applied action and how it went.
+#[derive(Debug, Clone)]
+pub struct Applied {
+    /// The action.
+    pub action: Action,
+    /// `Err` with a reason when it could not be carried out.
+    pub result: Result<(), String>,
+}
+
+impl Reconciler {
+    /// The current plan, optionally for one node.
+    pub async fn plan(
+        &self,
+        only: Option<&NodeId>,
+        now: Timestamp,
+    ) -> Result<(Vec<Action>, Desired), StoreError> {
+        let workloads = self.store.list_workloads().await?;
+        let desired = Desired {
+            containers: self.pools.containers(),
+            workloads: workloads
+                .iter()
+                .map(|w| (w.spec.id.clone(), w.spec_hash.clone()))
+                .collect(),
+        };
+        let mut observed = BTreeMap::new();
+        for node in self.store.list_nodes().await? {
+            // Evidence only from a connected agent that has sent a full
+            // report: anything else is missing evidence.
+            let evidence = match (self.agents.session(&node.id), self.agents.report(&node.id)) {
+                (Some(_), Some(report)) => match report.observed_at {
+                    Some(observed_at) => Evidence::Known {
+                        observed_at,
+                        containers: report.containers.into_values().collect(),
+                    },
+                    None => Evidence::Unknown,
+                },
+                _ => Evidence::Unknown,
+            };
+            observed.insert(node.id, evidence);
+        }
+        let actions = plan(&desired, &observed, now, &self.config)
+            .into_iter()
+            .filter(|a| only.is_none_or(|n| &a.node_id == n))
+            .collect();
+        Ok((actions, desired))
+    }
+
+    /// Plans and applies every due action.
+    pub async fn apply(&self, only: Option<&NodeId>) -> Result<Vec<Applied>, StoreError> {
+        let now = crate::clock::now();
+        let (actions, _) = self.plan(only, now).await?;
+        let mut applied = Vec::new();
+        for action in actions.into_iter().filter(|a| a.is_due(now)) {
+            let result = self
+                .pools
+                .apply_action(&action)
+                .await
+                .map_err(|e| e.to_string());
+            if let Err(e) = &result {
+                tracing::warn!(node = %action.node_id, reason = %action.reason, error = %e, "reconcile action failed");
+            }
+            applied.push(Applied { action, result });
+        }
+        // After a database loss, adoption is how state comes back: say in
+        // one event what was rebuilt from the agents' labels and state files.
+        let adopted: Vec<_> = applied
+            .iter()
+            .filter(|a| a.result.is_ok())
+            .filter_map(|a| match &a.action.kind {
+                ActionKind::Adopt { observed } => Some(observed),
+                _ => None,
+            })
+            .collect();
+        if !adopted.is_empty() {
+            let with_tenant = adopted
+                .iter()
+                .filter(|o| o.state_file.as_ref().is_some_and(|s| s.tenant_id.is_some()))
+                .count();
+            let nodes: std::collections::BTreeSet<_> = applied
+                .iter()
+                .filter(|a| matches!(a.action.kind, ActionKind::Adopt { .. }))
+                .map(|a| a.action.node_id.to_string())
+                .collect();
+            let message = format!(
+                "rebuilt {} containers and {with_tenant} tenant claims from the labels and state files on {}",
+                adopted.len(),
+                nodes.into_iter().collect::<Vec<_>>().join(", ")
+            );
+            tracing::warn!(adopted = adopted.len(), claims = with_tenant, "{message}");
+            self.store
+                .append_event(NewEvent {
+                    at: now,
+                    kind: "reconcile.rebuilt".into(),
+                    severity: Severity::Warning,
+                    message,
+                    subject: Default::default(),
+                    attributes: Default::default(),
+                })
+                .await?;
+        }
+        Ok(applied)
+    }
+}
+
+/// The periodic reconciliation.
+pub struct ReconcileTask(pub Reconciler);
+
+impl BackgroundTask for ReconcileTask {
+    fn activate(&mut self) -> BoxFuture<'_, anyhow::Result<serde_json::Value>> {
+        Box::pin(async move {
+            let applied = self.0.apply(None).await?;
+            let failed = applied.iter().filter(|a| a.result.is_err()).count();
+            Ok(serde_json::json!({ "applied": applied.len() - failed, "failed": failed }))
+        })
+    }
+}
