@@ -100,9 +100,11 @@ impl PoolCounts {
     }
 
     /// Containers that count toward `max_size`. Draining ones are on their
-    /// way out but still hold resources until removed, so they count.
+    /// way out but still hold resources until removed, so they count. Lost
+    /// ones do not: they sit on a node that is gone, and counting them
+    /// would stop the pool refilling on the nodes that remain.
     pub fn total(&self) -> u32 {
-        self.warming + self.idle + self.claimed + self.reserved + self.draining + self.lost
+        self.warming + self.idle + self.claimed + self.reserved + self.draining
     }
 }
 

@@ -84,6 +84,12 @@ pub enum ActionKind {
         /// The row.
         container_id: ContainerId,
     },
+    /// A container of a lost node is running again: give it back to its
+    /// tenant, unless the tenant claimed elsewhere meanwhile.
+    Resume {
+        /// The row.
+        container_id: ContainerId,
+    },
 }
 
 /// One planned action.
@@ -108,9 +114,9 @@ impl Action {
     /// The container row or container the action is about.
     pub fn container_id(&self) -> Option<ContainerId> {
         match &self.kind {
-            ActionKind::MarkLost { container_id } | ActionKind::Drain { container_id } => {
-                Some(*container_id)
-            }
+            ActionKind::MarkLost { container_id }
+            | ActionKind::Drain { container_id }
+            | ActionKind::Resume { container_id } => Some(*container_id),
             ActionKind::Adopt { observed } => observed.container_id(),
             ActionKind::Destroy { container_id, .. } => *container_id,
         }
@@ -161,7 +167,35 @@ pub fn plan(
 
         // Rows whose container is gone.
         for c in desired.containers.iter().filter(|c| &c.node_id == node) {
-            if seen.contains(&c.id) || c.state == ContainerState::Lost {
+            if seen.contains(&c.id) {
+                if c.state == ContainerState::Lost {
+                    let configured = desired.workloads.contains_key(&c.workload_id);
+                    // Back unclaimed for a workload that is gone: it would
+                    // only be drained next round, so drain it now.
+                    let (kind, reason) = if !configured && c.tenant_id.is_none() {
+                        (
+                            ActionKind::Drain { container_id: c.id },
+                            format!(
+                                "container {} is back but workload {} is no longer configured",
+                                c.id, c.workload_id
+                            ),
+                        )
+                    } else {
+                        (
+                            ActionKind::Resume { container_id: c.id },
+                            format!(
+                                "container {} is running again on node {node}, which was lost",
+                                c.id
+                            ),
+                        )
+                    };
+                    actions.push(Action {
+                        kind,
+                        node_id: node.clone(),
+                        reason,
+                        not_before: None,
+                    });
+                }
                 continue;
             }
             actions.push(Action {

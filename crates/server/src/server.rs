@@ -274,6 +274,7 @@ pub async fn run(
             },
             started_at: crate::clock::now(),
             persisted: Default::default(),
+            pools: pools.clone(),
         },
     );
 

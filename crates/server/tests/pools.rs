@@ -1049,3 +1049,129 @@ async fn after_the_database_is_deleted_every_tenant_keeps_its_container() {
         "{events}"
     );
 }
+
+#[tokio::test]
+async fn a_lost_nodes_claims_are_lost_then_resumed_or_replaced_when_it_returns() {
+    let extra = "lost_grace = \"2s\"\nreconcile_interval = \"500ms\"\n";
+    let Some(mut c) =
+        Cluster::start_with(extra, |image| workload(image, "{min_size: 2, max_size: 8}")).await
+    else {
+        return;
+    };
+    c.wait_idle(2).await;
+    let mut claims = c.claims().await;
+    let t1 = claims
+        .claim(claim_request("t1"))
+        .await
+        .unwrap()
+        .into_inner()
+        .claim
+        .unwrap();
+    let t2 = claims
+        .claim(claim_request("t2"))
+        .await
+        .unwrap()
+        .into_inner()
+        .claim
+        .unwrap();
+    assert_eq!(
+        (t1.node_id.as_str(), t2.node_id.as_str()),
+        (c.node.as_str(), c.node.as_str())
+    );
+
+    // A second node joins, then the first one's agent dies.
+    let other = unique_node("pool-b");
+    let _agent_b = AgentProcess::start(AgentOptions::new(
+        &other,
+        c.server.url(),
+        c.server.root.join("agent-b"),
+    ))
+    .unwrap();
+    c.agent.kill();
+    eventually(WAIT, "t1's claim to be lost with its node", || {
+        let mut claims = claims.clone();
+        async move {
+            let err = claims
+                .get_claim(pb::GetClaimRequest {
+                    tenant_id: "t1".into(),
+                    workload_id: "demo".into(),
+                })
+                .await
+                .err()?;
+            (err.code() == Code::NotFound).then_some(())
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.server.log()));
+    let out = c
+        .server
+        .bh(&["events", "--kind", "claim.lost", "-o", "json"]);
+    let events: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(events.as_array().unwrap().len(), 2, "{events}");
+
+    // The pool refills on the node that remains; t2 claims again there.
+    let t2_again = eventually(WAIT, "a container for t2 on the other node", || {
+        let mut claims = claims.clone();
+        async move {
+            claims
+                .claim(claim_request("t2"))
+                .await
+                .ok()
+                .map(|r| r.into_inner().claim.unwrap())
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(t2_again.node_id, other);
+    assert_ne!(t2_again.container_id, t2.container_id);
+
+    // The first node returns: t1 gets its container back; t2's old one is
+    // destroyed, since t2 holds another.
+    c.agent.restart().unwrap();
+    let back = eventually(WAIT, "t1's claim to resume", || {
+        let mut claims = claims.clone();
+        async move {
+            claims
+                .get_claim(pb::GetClaimRequest {
+                    tenant_id: "t1".into(),
+                    workload_id: "demo".into(),
+                })
+                .await
+                .ok()
+                .and_then(|r| r.into_inner().claim)
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.server.log()));
+    assert_eq!(back.container_id, t1.container_id, "the same container");
+    assert!(back.generation > t1.generation, "a new fencing generation");
+    let old_docker_id = t2.docker_id.clone();
+    eventually(WAIT, "t2's returning container to be destroyed", || {
+        let docker = c.docker.clone();
+        let id = old_docker_id.clone();
+        async move {
+            docker
+                .inspect_container(&id, None)
+                .await
+                .is_err()
+                .then_some(())
+        }
+    })
+    .await
+    .unwrap();
+    let current = claims
+        .get_claim(pb::GetClaimRequest {
+            tenant_id: "t2".into(),
+            workload_id: "demo".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .claim
+        .unwrap();
+    assert_eq!(
+        current.container_id, t2_again.container_id,
+        "t2 never holds two containers"
+    );
+    remove_node_containers(&c.docker, &other).await;
+}

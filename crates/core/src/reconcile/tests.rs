@@ -224,17 +224,18 @@ struct World {
 
 const NODES: [&str; 3] = ["a", "b", "c"];
 const WORKLOADS: [&str; 2] = ["demo", "gone"];
-const STATES: [ContainerState; 5] = [
+const STATES: [ContainerState; 6] = [
     ContainerState::Warming,
     ContainerState::Idle,
     ContainerState::Claimed,
     ContainerState::Reserved,
     ContainerState::Draining,
+    ContainerState::Lost,
 ];
 
 fn world() -> impl Strategy<Value = World> {
     let rows = proptest::collection::vec(
-        (0usize..3, 0usize..2, 0usize..5, 900i64..1001, any::<bool>()),
+        (0usize..3, 0usize..2, 0usize..6, 900i64..1001, any::<bool>()),
         0..12,
     );
     let strays = proptest::collection::vec(
@@ -309,6 +310,20 @@ fn apply(mut w: World, actions: &[Action]) -> World {
             ActionKind::Destroy { docker_id, .. } => {
                 if let Some(Evidence::Known { containers, .. }) = w.observed.get_mut(&a.node_id) {
                     containers.retain(|o| &o.docker_id != docker_id);
+                }
+            }
+            ActionKind::Resume { container_id } => {
+                for c in w
+                    .desired
+                    .containers
+                    .iter_mut()
+                    .filter(|c| c.id == *container_id)
+                {
+                    c.state = if c.tenant_id.is_some() {
+                        ContainerState::Claimed
+                    } else {
+                        ContainerState::Idle
+                    };
                 }
             }
             ActionKind::Adopt { observed } => {

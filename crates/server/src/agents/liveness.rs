@@ -26,6 +26,8 @@ pub struct LivenessTask {
     pub started_at: Timestamp,
     /// Heartbeats already written, so unchanged ones cost nothing.
     pub persisted: HashMap<NodeId, Timestamp>,
+    /// Claims on a lost node are marked LOST here.
+    pub pools: crate::pools::Pools,
 }
 
 impl BackgroundTask for LivenessTask {
@@ -65,8 +67,12 @@ impl BackgroundTask for LivenessTask {
                     };
                     tracing::warn!(node = %node.id, from = %node.status, to = %status, %reason, "node liveness changed");
                     self.store
-                        .set_node_status(node.id.clone(), status, reason, now)
+                        .set_node_status(node.id.clone(), status, reason.clone(), now)
                         .await?;
+                    if status == NodeStatus::Lost {
+                        let lost = self.pools.node_lost(&node.id, &reason).await?;
+                        tracing::warn!(node = %node.id, containers = lost, "claims on a lost node are lost; pools refill elsewhere");
+                    }
                 }
                 counts[match status {
                     NodeStatus::Ready => 0,

@@ -18,6 +18,7 @@ fn action_to_pb(a: &Action, desired: &Desired) -> pb::ReconcileAction {
     let (kind, docker_id, workload) = match &a.kind {
         ActionKind::MarkLost { .. } => ("mark_lost", String::new(), String::new()),
         ActionKind::Drain { .. } => ("drain", String::new(), String::new()),
+        ActionKind::Resume { .. } => ("resume", String::new(), String::new()),
         ActionKind::Adopt { observed } => (
             "adopt",
             observed.docker_id.clone(),

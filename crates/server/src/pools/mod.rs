@@ -1168,6 +1168,7 @@ impl Pools {
                 self.adopt(observed, &action.node_id, &action.reason, now)
                     .await
             }
+            ActionKind::Resume { container_id } => self.resume(*container_id, &action.reason).await,
         }
     }
 
@@ -1335,6 +1336,173 @@ impl Pools {
         index.set(record);
         drop(index);
         self.inner.refill.notify_one();
+        Ok(())
+    }
+}
+
+impl Pools {
+    /// A node was declared lost: its claims become LOST, so the tenants can
+    /// claim elsewhere, and its containers are set aside (they may come
+    /// back with the node). Reservations on it end.
+    pub async fn node_lost(&self, node: &NodeId, reason: &str) -> Result<usize, PoolError> {
+        let now = crate::clock::now();
+        let (containers, claims): (Vec<ContainerRecord>, Vec<ClaimRecord>) = {
+            let index = self.index();
+            let containers: Vec<_> = index
+                .containers
+                .values()
+                .filter(|c| {
+                    &c.node_id == node
+                        && !matches!(c.state, ContainerState::Lost | ContainerState::Draining)
+                })
+                .cloned()
+                .collect();
+            let claims = index
+                .claims
+                .values()
+                .filter(|c| &c.node_id == node)
+                .cloned()
+                .collect();
+            (containers, claims)
+        };
+        if containers.is_empty() && claims.is_empty() {
+            return Ok(0);
+        }
+        let mut write = PoolWrite::default();
+        for mut claim in claims.clone() {
+            claim.status = ClaimStatus::Lost;
+            claim.released_at = Some(now);
+            write.events.push(event(
+                now,
+                "claim.lost",
+                Severity::Warning,
+                format!(
+                    "claim of {} on {} is lost: node {node} is lost ({reason})",
+                    claim.tenant_id, claim.container_id
+                ),
+                subject(
+                    Some(&claim.tenant_id),
+                    &claim.workload_id,
+                    Some(&claim.container_id),
+                    Some(node),
+                ),
+            ));
+            write.claims.push(claim);
+        }
+        let lost: Vec<ContainerRecord> = containers
+            .into_iter()
+            .map(|mut c| {
+                c.state = ContainerState::Lost;
+                c.updated_at = now;
+                c
+            })
+            .collect();
+        write.containers = lost.clone();
+        let count = lost.len();
+        self.inner.store.apply_pool_write(write).await?;
+        let mut index = self.index();
+        for claim in claims {
+            index.claims.remove(&(claim.tenant_id, claim.workload_id));
+        }
+        index.reservations.retain(|_, r| &r.node_id != node);
+        for c in lost {
+            index.set(c);
+        }
+        drop(index);
+        self.inner.refill.notify_one();
+        Ok(count)
+    }
+
+    /// A container of a lost node runs again: its tenant gets it back,
+    /// unless the tenant claimed elsewhere meanwhile; then it is destroyed.
+    /// An unclaimed one rejoins the pool.
+    pub(crate) async fn resume(&self, id: ContainerId, reason: &str) -> Result<(), PoolError> {
+        let Some(c) = self
+            .container(&id)
+            .filter(|c| c.state == ContainerState::Lost)
+        else {
+            return Ok(());
+        };
+        let now = crate::clock::now();
+        let Some(tenant) = c.tenant_id.clone() else {
+            let mut back = c.clone();
+            back.state = ContainerState::Idle;
+            back.updated_at = now;
+            self.inner
+                .store
+                .apply_pool_write(PoolWrite {
+                    containers: vec![back.clone()],
+                    ..Default::default()
+                })
+                .await?;
+            self.index().set(back);
+            return Ok(());
+        };
+        let _guard = self.lock_tenant(&tenant, &c.workload_id).await;
+        if self
+            .index()
+            .claims
+            .contains_key(&(tenant.clone(), c.workload_id.clone()))
+        {
+            self.mark_draining(
+                id,
+                &format!(
+                    "tenant {tenant} claimed another container while node {} was lost",
+                    c.node_id
+                ),
+            )
+            .await;
+            return Ok(());
+        }
+        let mut back = c.clone();
+        back.state = ContainerState::Claimed;
+        back.claim_generation += 1;
+        back.updated_at = now;
+        let claim = ClaimRecord {
+            claim_id: boilerhouse_core::ids::Uuid::now_v7().to_string(),
+            tenant_id: tenant.clone(),
+            workload_id: c.workload_id.clone(),
+            container_id: id,
+            node_id: c.node_id.clone(),
+            generation: back.claim_generation,
+            source: ClaimSource::Existing,
+            status: ClaimStatus::Active,
+            claimed_at: now,
+            last_activity_at: now,
+            released_at: None,
+        };
+        self.inner
+            .store
+            .apply_pool_write(PoolWrite {
+                containers: vec![back.clone()],
+                claims: vec![claim.clone()],
+                events: vec![event(
+                    now,
+                    "claim.resumed",
+                    Severity::Info,
+                    format!("tenant {tenant} has container {id} back: {reason}"),
+                    subject(Some(&tenant), &c.workload_id, Some(&id), Some(&c.node_id)),
+                )],
+                ..Default::default()
+            })
+            .await?;
+        {
+            let mut index = self.index();
+            index.set(back.clone());
+            index
+                .claims
+                .insert((tenant.clone(), c.workload_id.clone()), claim);
+        }
+        self.write_state_file(
+            &back,
+            StateFile {
+                tenant_id: Some(tenant),
+                last_tenant_id: back.last_tenant_id.clone(),
+                claimed_at: Some(now),
+                last_activity_at: Some(now),
+                claim_generation: back.claim_generation,
+            },
+        );
         Ok(())
     }
 }
