@@ -252,6 +252,12 @@ enum ReconcileCommand {
         #[arg(long)]
         node: Option<String>,
     },
+    /// Carry out every due action now, each recorded in the activity log.
+    Apply {
+        /// Only this node.
+        #[arg(long)]
+        node: Option<String>,
+    },
 }
 
 /// Show the activity log.
@@ -382,6 +388,9 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         },
         Command::Reconcile(ReconcileCommand::Plan { node }) => {
             client.reconcile_plan(node, format).await
+        }
+        Command::Reconcile(ReconcileCommand::Apply { node }) => {
+            client.reconcile_apply(node, format).await
         }
         Command::Events(args) => client.events(args, format).await,
         Command::Status => client.status(format).await,

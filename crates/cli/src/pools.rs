@@ -297,6 +297,70 @@ impl Client {
         Ok(())
     }
 
+    pub async fn reconcile_apply(
+        &self,
+        node: Option<String>,
+        format: Format,
+    ) -> Result<(), CliError> {
+        let results = pb::reconcile_service_client::ReconcileServiceClient::new(self.channel())
+            .apply_reconcile(pb::ApplyReconcileRequest {
+                node_id: node.unwrap_or_default(),
+                request_id: String::new(),
+            })
+            .await
+            .map_err(|s| self.fail(s))?
+            .into_inner()
+            .results;
+        #[derive(Serialize)]
+        struct ResultView {
+            action: String,
+            node: String,
+            container: String,
+            ok: bool,
+            #[serde(skip_serializing_if = "String::is_empty")]
+            error: String,
+            reason: String,
+        }
+        let views: Vec<ResultView> = results
+            .iter()
+            .map(|r| {
+                let a = r.action.clone().unwrap_or_default();
+                ResultView {
+                    action: a.kind,
+                    node: a.node_id,
+                    container: a.container_id,
+                    ok: r.ok,
+                    error: r.error.clone(),
+                    reason: a.reason,
+                }
+            })
+            .collect();
+        if format != Format::Table {
+            return print_structured(format, &views).map_err(CliError::Output);
+        }
+        if views.is_empty() {
+            println!("Nothing was due.");
+            return Ok(());
+        }
+        let mut t = table(&["ACTION", "NODE", "CONTAINER", "RESULT", "REASON"]);
+        for v in &views {
+            let result = if v.ok {
+                "done".to_owned()
+            } else {
+                format!("failed: {}", v.error)
+            };
+            t.add_row(vec![
+                v.action.clone(),
+                v.node.clone(),
+                v.container.clone(),
+                result,
+                v.reason.clone(),
+            ]);
+        }
+        print_table(&t);
+        Ok(())
+    }
+
     pub async fn pool_list(&self, format: Format) -> Result<(), CliError> {
         let pools = PoolServiceClient::new(self.channel())
             .list_pools(pb::ListPoolsRequest {})
