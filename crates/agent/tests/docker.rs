@@ -388,20 +388,11 @@ async fn an_agent_reports_only_its_own_nodes_containers_and_restarts_without_rec
 
     // A managed container of another node on the same engine.
     let other_node = unique_node("other");
-    let workload = parse_workload(
-        "o.yaml",
-        &format!("id: o\nimage: {}\ncommand: [sleep, infinity]\n", h.image),
-    )
-    .unwrap();
-    let mut other = ContainerSpec::for_workload(
-        &workload,
-        ContainerId::from_uuid(uuid::Uuid::now_v7()),
-        &NodeId::new(other_node.clone()).unwrap(),
+    let other = boilerhouse_testkit::docker::managed_spec(
+        &h.image,
+        &other_node,
+        "o",
         Timestamp::from_millis(1),
-    );
-    other.labels.insert(
-        boilerhouse_testkit::docker::TEST_RUN_LABEL.into(),
-        boilerhouse_testkit::docker::test_run_id(),
     );
     let runtime = boilerhouse_agent::docker::DockerRuntime::connect(None)
         .await

@@ -150,20 +150,11 @@ async fn a_killed_agent_goes_suspect_then_lost_and_returns_with_its_containers()
     wait_status(&server, &name, pb::NodeStatus::Ready, Some(true)).await;
 
     // A managed container on that node, created the way the agent would.
-    let workload = boilerhouse_core::workload::parse_workload(
-        "k.yaml",
-        &format!("id: k\nimage: {image}\ncommand: [sleep, infinity]\n"),
-    )
-    .unwrap();
-    let mut spec = boilerhouse_core::container::ContainerSpec::for_workload(
-        &workload,
-        boilerhouse_core::ContainerId::from_uuid(uuid::Uuid::now_v7()),
-        &boilerhouse_core::NodeId::new(name.clone()).unwrap(),
+    let spec = boilerhouse_testkit::docker::managed_spec(
+        &image,
+        &name,
+        "k",
         boilerhouse_core::Timestamp::from_millis(1),
-    );
-    spec.labels.insert(
-        boilerhouse_testkit::docker::TEST_RUN_LABEL.into(),
-        boilerhouse_testkit::docker::test_run_id(),
     );
     let runtime = boilerhouse_agent::docker::DockerRuntime::connect(None)
         .await

@@ -105,6 +105,19 @@ impl Cluster {
         })
     }
 
+    /// Waits until Docker no longer has the container.
+    async fn wait_gone(&self, docker_id: &str, what: &str) {
+        eventually(WAIT, what, || async {
+            self.docker
+                .inspect_container(docker_id, None)
+                .await
+                .is_err()
+                .then_some(())
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\nserver:\n{}", self.server.log()));
+    }
+
     async fn claims(&self) -> ClaimServiceClient<tonic::transport::Channel> {
         ClaimServiceClient::new(self.server.channel().await.unwrap())
     }
@@ -362,19 +375,8 @@ async fn release_reserves_for_the_tenant_then_expiry_destroys_and_the_pool_refil
         .await
         .unwrap();
     let docker_id = first.docker_id.clone();
-    eventually(WAIT, "the expired container to be removed", || {
-        let docker = c.docker.clone();
-        let id = docker_id.clone();
-        async move {
-            docker
-                .inspect_container(&id, None)
-                .await
-                .is_err()
-                .then_some(())
-        }
-    })
-    .await
-    .unwrap();
+    c.wait_gone(&docker_id, "the expired container to be removed")
+        .await;
     c.wait_idle(1).await;
     let fresh = claims
         .claim(claim_request("t1"))
@@ -708,19 +710,8 @@ async fn operators_scale_drain_extend_revoke_and_destroy_with_bh() {
     let out = c.server.bh(&["affinity", "revoke", "t1", "demo"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let docker_id = claim["docker_id"].as_str().unwrap().to_owned();
-    eventually(WAIT, "the revoked reservation's container to go", || {
-        let docker = c.docker.clone();
-        let id = docker_id.clone();
-        async move {
-            docker
-                .inspect_container(&id, None)
-                .await
-                .is_err()
-                .then_some(())
-        }
-    })
-    .await
-    .unwrap();
+    c.wait_gone(&docker_id, "the revoked reservation's container to go")
+        .await;
 
     // A claimed container needs --force; its claim is then lost.
     let out = c.server.bh(&["claim", "t2", "demo", "-o", "json"]);
@@ -844,20 +835,11 @@ async fn a_stray_managed_container_is_shown_pending_then_destroyed_after_the_gra
     c.wait_idle(1).await;
     // A managed container made by hand, with our labels, for an unknown pool.
     let image = test_image(&c.docker).await.unwrap();
-    let stray = boilerhouse_core::workload::parse_workload(
-        "s.yaml",
-        &format!("id: nobody-knows\nimage: {image}\ncommand: [sleep, infinity]\n"),
-    )
-    .unwrap();
-    let mut spec = boilerhouse_core::container::ContainerSpec::for_workload(
-        &stray,
-        boilerhouse_core::ContainerId::from_uuid(uuid::Uuid::now_v7()),
-        &boilerhouse_core::NodeId::new(c.node.clone()).unwrap(),
+    let spec = boilerhouse_testkit::docker::managed_spec(
+        &image,
+        &c.node,
+        "nobody-knows",
         boilerhouse_core::Timestamp::from_system_time(std::time::SystemTime::now()),
-    );
-    spec.labels.insert(
-        boilerhouse_testkit::docker::TEST_RUN_LABEL.into(),
-        boilerhouse_testkit::docker::test_run_id(),
     );
     let runtime = boilerhouse_agent::docker::DockerRuntime::connect(None)
         .await
@@ -903,19 +885,7 @@ async fn a_stray_managed_container_is_shown_pending_then_destroyed_after_the_gra
     );
 
     // Once the creation grace has passed, reconciliation destroys it.
-    eventually(WAIT, "the stray to be destroyed", || {
-        let docker = c.docker.clone();
-        let id = docker_id.clone();
-        async move {
-            docker
-                .inspect_container(&id, None)
-                .await
-                .is_err()
-                .then_some(())
-        }
-    })
-    .await
-    .unwrap();
+    c.wait_gone(&docker_id, "the stray to be destroyed").await;
     let out = c
         .server
         .bh(&["events", "--kind", "reconcile.destroyed", "-o", "json"]);
@@ -1146,19 +1116,8 @@ async fn a_lost_nodes_claims_are_lost_then_resumed_or_replaced_when_it_returns()
     assert_eq!(back.container_id, t1.container_id, "the same container");
     assert!(back.generation > t1.generation, "a new fencing generation");
     let old_docker_id = t2.docker_id.clone();
-    eventually(WAIT, "t2's returning container to be destroyed", || {
-        let docker = c.docker.clone();
-        let id = old_docker_id.clone();
-        async move {
-            docker
-                .inspect_container(&id, None)
-                .await
-                .is_err()
-                .then_some(())
-        }
-    })
-    .await
-    .unwrap();
+    c.wait_gone(&old_docker_id, "t2's returning container to be destroyed")
+        .await;
     let current = claims
         .get_claim(pb::GetClaimRequest {
             tenant_id: "t2".into(),

@@ -231,3 +231,27 @@ pub fn temp_file(contents: &str) -> anyhow::Result<tempfile::NamedTempFile> {
     f.write_all(contents.as_bytes())?;
     Ok(f)
 }
+
+/// The spec of a managed container of workload `workload_id` on `node`,
+/// built the way the server builds one and labelled with this test run:
+/// for tests that put a container in place behind the server's back.
+pub fn managed_spec(
+    image: &str,
+    node: &str,
+    workload_id: &str,
+    created_at: boilerhouse_core::Timestamp,
+) -> boilerhouse_core::container::ContainerSpec {
+    let workload = boilerhouse_core::workload::parse_workload(
+        "test.yaml",
+        &format!("id: {workload_id}\nimage: {image}\ncommand: [sleep, infinity]\n"),
+    )
+    .expect("a valid test workload");
+    let mut spec = boilerhouse_core::container::ContainerSpec::for_workload(
+        &workload,
+        boilerhouse_core::ContainerId::from_uuid(uuid::Uuid::now_v7()),
+        &boilerhouse_core::NodeId::new(node).expect("a valid node name"),
+        created_at,
+    );
+    spec.labels.insert(TEST_RUN_LABEL.into(), test_run_id());
+    spec
+}
