@@ -118,11 +118,15 @@ impl AgentConfig {
         if args.full_report_interval < Duration::from_secs(1) {
             return Err("--full-report-interval must be at least 1s".into());
         }
+        // Docker reads a relative bind-mount source as a volume name, so
+        // the state root must be absolute.
+        let state_root = std::path::absolute(&args.state_root)
+            .map_err(|e| format!("--state-root {}: {e}", args.state_root.display()))?;
         Ok(Self {
             server: args.server,
             node_id,
             labels,
-            state_root: args.state_root,
+            state_root,
             docker_host: args.docker_host,
             container_labels,
             full_report_interval: args.full_report_interval,
@@ -172,6 +176,11 @@ mod tests {
                 "boilerhouse.managed=x"
             ])
             .is_err()
+        );
+        let relative = parse(&["--node-name", "a", "--state-root", "./data/agent"]).unwrap();
+        assert!(
+            relative.state_root.is_absolute(),
+            "bind mounts need absolute host paths"
         );
     }
 }

@@ -32,6 +32,9 @@ pub enum ApiError {
         /// Its id.
         id: String,
     },
+    /// Nothing matches, described in a sentence.
+    #[error("{0}")]
+    Missing(String),
     /// It exists already, or a request_id was reused for another request.
     #[error("{0}")]
     AlreadyExists(String),
@@ -104,6 +107,7 @@ impl From<ApiError> for Status {
                 Status::with_error_details(Code::InvalidArgument, message, details)
             }
             ApiError::NotFound { .. } => Status::not_found(e.to_string()),
+            ApiError::Missing(m) => Status::not_found(m),
             ApiError::AlreadyExists(m) => Status::already_exists(m),
             ApiError::FailedPrecondition(m) => Status::failed_precondition(m),
             ApiError::ResourceExhausted {

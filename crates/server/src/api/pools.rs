@@ -34,10 +34,9 @@ impl From<PoolError> for ApiError {
                 what: "container",
                 id: id.to_string(),
             },
-            PoolError::NoClaim(..) | PoolError::NoReservation(..) => ApiError::NotFound {
-                what: "claim",
-                id: e.to_string(),
-            },
+            PoolError::NoClaim(..) | PoolError::NoReservation(..) => {
+                ApiError::Missing(e.to_string())
+            }
             PoolError::StaleGeneration { .. } | PoolError::Precondition(_) => {
                 ApiError::FailedPrecondition(e.to_string())
             }
