@@ -919,6 +919,19 @@ impl Pools {
             .unwrap_or_default())
     }
 
+    /// The tenant's reservation for the workload.
+    fn reservation(
+        &self,
+        tenant: &TenantId,
+        workload: &WorkloadId,
+    ) -> Result<Reservation, PoolError> {
+        self.index()
+            .reservations
+            .get(&(tenant.clone(), workload.clone()))
+            .cloned()
+            .ok_or_else(|| PoolError::NoReservation(tenant.clone(), workload.clone()))
+    }
+
     /// Pushes a reservation's expiry later.
     pub async fn extend(
         &self,
@@ -928,12 +941,7 @@ impl Pools {
     ) -> Result<Reservation, PoolError> {
         let key = (tenant.clone(), workload.clone());
         let _guard = self.lock_tenant(tenant, workload).await;
-        let mut r = self
-            .index()
-            .reservations
-            .get(&key)
-            .cloned()
-            .ok_or_else(|| PoolError::NoReservation(tenant.clone(), workload.clone()))?;
+        let mut r = self.reservation(tenant, workload)?;
         let now = crate::clock::now();
         r.expires_at = r.expires_at.saturating_add(by);
         self.inner
@@ -972,12 +980,7 @@ impl Pools {
     ) -> Result<Reservation, PoolError> {
         let key = (tenant.clone(), workload.clone());
         let _guard = self.lock_tenant(tenant, workload).await;
-        let r = self
-            .index()
-            .reservations
-            .get(&key)
-            .cloned()
-            .ok_or_else(|| PoolError::NoReservation(tenant.clone(), workload.clone()))?;
+        let r = self.reservation(tenant, workload)?;
         let now = crate::clock::now();
         let mut write = PoolWrite {
             removed_reservations: vec![key.clone()],
