@@ -80,6 +80,18 @@ pub enum EventKind {
     NodeCordoned,
     /// A node was uncordoned.
     NodeUncordoned,
+    /// A boost was admitted and recorded; the host has yet to confirm it.
+    BoostRequested,
+    /// A boost is in force.
+    BoostActive,
+    /// A boost made room for a higher-priority one.
+    BoostPreempted,
+    /// A boost was released.
+    BoostReleased,
+    /// A boost's time ran out.
+    BoostExpired,
+    /// The host could not apply a boost.
+    BoostFailed,
 }
 
 impl EventKind {
@@ -98,6 +110,12 @@ impl EventKind {
         EventKind::NodeReturned,
         EventKind::NodeCordoned,
         EventKind::NodeUncordoned,
+        EventKind::BoostRequested,
+        EventKind::BoostActive,
+        EventKind::BoostPreempted,
+        EventKind::BoostReleased,
+        EventKind::BoostExpired,
+        EventKind::BoostFailed,
     ];
 
     /// The dotted name.
@@ -116,13 +134,22 @@ impl EventKind {
             EventKind::NodeReturned => "node.returned",
             EventKind::NodeCordoned => "node.cordoned",
             EventKind::NodeUncordoned => "node.uncordoned",
+            EventKind::BoostRequested => "boost.requested",
+            EventKind::BoostActive => "boost.active",
+            EventKind::BoostPreempted => "boost.preempted",
+            EventKind::BoostReleased => "boost.released",
+            EventKind::BoostExpired => "boost.expired",
+            EventKind::BoostFailed => "boost.failed",
         }
     }
 
     /// The severity this kind is recorded with.
     pub fn severity(self) -> Severity {
         match self {
-            EventKind::WorkloadInvalid | EventKind::NodeSuspect => Severity::Warning,
+            EventKind::WorkloadInvalid
+            | EventKind::NodeSuspect
+            | EventKind::BoostPreempted
+            | EventKind::BoostFailed => Severity::Warning,
             EventKind::NodeLost => Severity::Error,
             _ => Severity::Info,
         }

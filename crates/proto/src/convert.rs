@@ -6,6 +6,10 @@
 
 use std::time::Duration;
 
+use boilerhouse_core::boost::{
+    Boost, BoostPriority, BoostRequest, BoostResource, BoostStatus, BoostTarget, DEFAULT_DURATION,
+    validate_duration,
+};
 use boilerhouse_core::event::{Event, EventFilter, EventSubject, Severity};
 use boilerhouse_core::node::{Node, NodeStatus, Resources};
 use boilerhouse_core::workload::{Limits, PoolPolicy, WorkloadRecord};
@@ -127,6 +131,159 @@ fn non_empty(s: &Option<String>) -> String {
 
 fn optional(s: &str) -> Option<String> {
     (!s.is_empty()).then(|| s.to_owned())
+}
+
+// ---- boosts --------------------------------------------------------------
+
+/// A boost resource for the wire.
+pub fn boost_resource_to_pb(r: BoostResource) -> pb::ResourceKind {
+    match r {
+        BoostResource::Cpu => pb::ResourceKind::Cpu,
+        BoostResource::Memory => pb::ResourceKind::Memory,
+        BoostResource::Gpu => pb::ResourceKind::Gpu,
+    }
+}
+
+/// A required boost resource.
+pub fn boost_resource_from_pb(
+    field: &'static str,
+    value: i32,
+) -> Result<BoostResource, ConvertError> {
+    match pb::ResourceKind::try_from(value) {
+        Ok(pb::ResourceKind::Cpu) => Ok(BoostResource::Cpu),
+        Ok(pb::ResourceKind::Memory) => Ok(BoostResource::Memory),
+        Ok(pb::ResourceKind::Gpu) => Ok(BoostResource::Gpu),
+        Ok(pb::ResourceKind::Unspecified) => Err(ConvertError::MissingField(field)),
+        Err(_) => Err(ConvertError::invalid(
+            field,
+            format!("unknown resource {value}; use cpu, memory or gpu"),
+        )),
+    }
+}
+
+/// A boost priority for the wire.
+pub fn boost_priority_to_pb(p: BoostPriority) -> pb::BoostPriority {
+    match p {
+        BoostPriority::Low => pb::BoostPriority::Low,
+        BoostPriority::Normal => pb::BoostPriority::Normal,
+        BoostPriority::High => pb::BoostPriority::High,
+        BoostPriority::Critical => pb::BoostPriority::Critical,
+    }
+}
+
+/// A boost priority; unspecified means normal.
+pub fn boost_priority_from_pb(
+    field: &'static str,
+    value: i32,
+) -> Result<BoostPriority, ConvertError> {
+    match pb::BoostPriority::try_from(value) {
+        Ok(pb::BoostPriority::Unspecified | pb::BoostPriority::Normal) => Ok(BoostPriority::Normal),
+        Ok(pb::BoostPriority::Low) => Ok(BoostPriority::Low),
+        Ok(pb::BoostPriority::High) => Ok(BoostPriority::High),
+        Ok(pb::BoostPriority::Critical) => Ok(BoostPriority::Critical),
+        Err(_) => Err(ConvertError::invalid(
+            field,
+            format!("unknown priority {value}; use low, normal, high or critical"),
+        )),
+    }
+}
+
+/// A boost status for the wire.
+pub fn boost_status_to_pb(s: BoostStatus) -> pb::BoostStatus {
+    match s {
+        BoostStatus::Pending => pb::BoostStatus::Pending,
+        BoostStatus::Active => pb::BoostStatus::Active,
+        BoostStatus::Released => pb::BoostStatus::Released,
+        BoostStatus::Expired => pb::BoostStatus::Expired,
+        BoostStatus::Preempted => pb::BoostStatus::Preempted,
+        BoostStatus::Failed => pb::BoostStatus::Failed,
+    }
+}
+
+/// A boost target for the wire.
+pub fn boost_target_to_pb(t: &BoostTarget) -> pb::BoostTarget {
+    use pb::boost_target::Target;
+    let target = match t {
+        BoostTarget::Node(n) => Target::NodeId(n.to_string()),
+        BoostTarget::Container(c) => Target::ContainerId(c.to_string()),
+        BoostTarget::Tenant(tenant, workload) => Target::Tenant(pb::TenantTarget {
+            tenant_id: tenant.to_string(),
+            workload_id: workload.to_string(),
+        }),
+    };
+    pb::BoostTarget {
+        target: Some(target),
+    }
+}
+
+/// A required boost target.
+pub fn boost_target_from_pb(t: Option<&pb::BoostTarget>) -> Result<BoostTarget, ConvertError> {
+    use pb::boost_target::Target;
+    match t.and_then(|t| t.target.as_ref()) {
+        None => Err(ConvertError::MissingField("target")),
+        Some(Target::NodeId(n)) => Ok(BoostTarget::Node(node_id("target.node_id", n)?)),
+        Some(Target::ContainerId(c)) => {
+            if c.is_empty() {
+                return Err(ConvertError::MissingField("target.container_id"));
+            }
+            c.parse::<ContainerId>()
+                .map(BoostTarget::Container)
+                .map_err(|e| ConvertError::invalid("target.container_id", e.to_string()))
+        }
+        Some(Target::Tenant(t)) => Ok(BoostTarget::Tenant(
+            tenant_id("target.tenant.tenant_id", &t.tenant_id)?,
+            workload_id("target.tenant.workload_id", &t.workload_id)?,
+        )),
+    }
+}
+
+/// A boost for the wire, with its remaining time as of `now`.
+pub fn boost_to_pb(b: &Boost, now: Timestamp) -> pb::Boost {
+    pb::Boost {
+        boost_id: b.id.to_string(),
+        target: Some(boost_target_to_pb(&b.target)),
+        resource: boost_resource_to_pb(b.resource) as i32,
+        amount: b.amount,
+        priority: boost_priority_to_pb(b.priority) as i32,
+        source_node_id: b.source_node.to_string(),
+        status: boost_status_to_pb(b.status) as i32,
+        reason: b.reason.clone(),
+        requested_at: Some(timestamp_to_pb(b.requested_at)),
+        allocated_at: optional_timestamp(b.allocated_at),
+        expires_at: Some(timestamp_to_pb(b.expires_at)),
+        ended_at: optional_timestamp(b.ended_at),
+        container_id: b.container_id.map(|c| c.to_string()).unwrap_or_default(),
+        remaining: b.remaining(now).map(duration_to_pb),
+        enforced_on_host: b.raises_container_limits(),
+    }
+}
+
+/// A boost request, validated: every field is checked and named.
+pub fn boost_request_from_pb(r: &pb::RequestBoostRequest) -> Result<BoostRequest, ConvertError> {
+    let target = boost_target_from_pb(r.target.as_ref())?;
+    let resource = boost_resource_from_pb("resource", r.resource)?;
+    resource
+        .validate_amount(r.amount)
+        .map_err(|reason| ConvertError::invalid("amount", reason))?;
+    let priority = boost_priority_from_pb("priority", r.priority)?;
+    let duration = match &r.duration {
+        None => DEFAULT_DURATION,
+        Some(d) => duration_from_pb("duration", d)?,
+    };
+    validate_duration(duration).map_err(|reason| ConvertError::invalid("duration", reason))?;
+    let source = if r.source_node_id.is_empty() {
+        None
+    } else {
+        Some(node_id("source_node_id", &r.source_node_id)?)
+    };
+    Ok(BoostRequest {
+        target,
+        resource,
+        amount: r.amount,
+        priority,
+        duration,
+        source,
+    })
 }
 
 // ---- workloads -----------------------------------------------------------

@@ -49,6 +49,17 @@ pub enum ApiError {
         /// When a retry makes sense.
         retry_after: Duration,
     },
+    /// Not enough capacity; waiting will not help unless something is
+    /// released, so no retry time is given, but the shortfall is.
+    #[error("{message}")]
+    CapacityShort {
+        /// The sentence.
+        message: String,
+        /// What is short, e.g. `node/a:cpu`.
+        subject: String,
+        /// Needed, free and preemptible.
+        description: String,
+    },
     /// A dependency (database, Docker, an agent) is unavailable.
     #[error("{0}")]
     Unavailable(String),
@@ -116,6 +127,15 @@ impl From<ApiError> for Status {
             } => {
                 let mut details = ErrorDetails::new();
                 details.set_retry_info(Some(retry_after));
+                Status::with_error_details(Code::ResourceExhausted, message, details)
+            }
+            ApiError::CapacityShort {
+                message,
+                subject,
+                description,
+            } => {
+                let mut details = ErrorDetails::new();
+                details.add_quota_failure_violation(subject, description);
                 Status::with_error_details(Code::ResourceExhausted, message, details)
             }
             ApiError::Unavailable(m) => Status::unavailable(m),

@@ -3,6 +3,7 @@
 
 pub mod agents;
 pub mod api;
+pub mod boosts;
 pub mod clock;
 pub mod config;
 pub mod error;

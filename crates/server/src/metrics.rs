@@ -34,12 +34,20 @@ pub struct Metrics {
     workload_dir: WorkloadDir,
     agents: crate::agents::Registry,
     claim_latency: Family<Vec<(String, String)>, Histogram>,
+    boosts_live: Family<Vec<(String, String)>, Gauge>,
+    boost_expiry_lag: Histogram,
+    boost_ledger: crate::boosts::BoostLedger,
 }
 
 impl Metrics {
     /// Registers the metrics. Values read from other components are sampled
     /// at scrape time, so they are never stale.
-    pub fn new(store: Store, workload_dir: WorkloadDir, agents: crate::agents::Registry) -> Self {
+    pub fn new(
+        store: Store,
+        workload_dir: WorkloadDir,
+        agents: crate::agents::Registry,
+        boost_ledger: crate::boosts::BoostLedger,
+    ) -> Self {
         let mut registry = Registry::with_prefix("boilerhouse");
         let agents_connected = Gauge::default();
         registry.register(
@@ -80,7 +88,25 @@ impl Metrics {
             "Server-side Claim latency, by source",
             claim_latency.clone(),
         );
+        let boosts_live = Family::<Vec<(String, String)>, Gauge>::default();
+        registry.register(
+            "boosts_live",
+            "Pending and active boosts, by resource and status",
+            boosts_live.clone(),
+        );
+        // 1ms to ~65s, doubling.
+        let boost_expiry_lag = Histogram::new(
+            prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 17),
+        );
+        registry.register(
+            "boost_expiry_lag_seconds",
+            "How long after its deadline each boost was ended",
+            boost_expiry_lag.clone(),
+        );
         Self {
+            boosts_live,
+            boost_expiry_lag,
+            boost_ledger,
             claim_latency,
             registry,
             agents_connected,
@@ -105,6 +131,11 @@ impl Metrics {
             .observe(latency.as_secs_f64());
     }
 
+    /// Records how late a boost expiry was enforced.
+    pub fn observe_boost_expiry_lag(&self, lag: std::time::Duration) {
+        self.boost_expiry_lag.observe(lag.as_secs_f64());
+    }
+
     async fn render(&self) -> Result<String, std::fmt::Error> {
         let stats = self.store.writer_stats();
         // Counters only go up: add the difference since the last scrape.
@@ -118,6 +149,15 @@ impl Metrics {
         self.workload_load_errors
             .set(self.workload_dir.load_errors().len() as i64);
         self.agents_connected.set(self.agents.connected() as i64);
+        self.boosts_live.clear();
+        for b in self.boost_ledger.live() {
+            self.boosts_live
+                .get_or_create(&vec![
+                    ("resource".to_owned(), b.resource.as_str().to_owned()),
+                    ("status".to_owned(), b.status.as_str().to_owned()),
+                ])
+                .inc();
+        }
         let mut out = String::new();
         encode(&mut out, &self.registry)?;
         Ok(out)

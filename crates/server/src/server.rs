@@ -203,6 +203,7 @@ pub async fn run(
     };
 
     let agents = crate::agents::Registry::default();
+    let boost_ledger = crate::boosts::BoostLedger::default();
     let pools = crate::pools::Pools::load(
         store.clone(),
         agents.clone(),
@@ -211,9 +212,39 @@ pub async fn run(
             command_timeout: config.command_timeout,
             acquire_timeout: config.acquire_timeout,
         },
+        boost_ledger.clone(),
     )
     .await
     .context("rebuilding the pool index")?;
+    let metrics = Arc::new(Metrics::new(
+        store.clone(),
+        workloads.clone(),
+        agents.clone(),
+        boost_ledger.clone(),
+    ));
+    // Boosts that expired while the server was down end now, before the
+    // ledger counts them; their limits are reverted once agents report.
+    let (boosts, recovered) = crate::boosts::Boosts::load(
+        store.clone(),
+        agents.clone(),
+        pools.clone(),
+        boost_ledger.clone(),
+        crate::clock::Clock::Wall,
+        crate::boosts::BoostsConfig {
+            command_timeout: config.command_timeout,
+        },
+        Some(metrics.clone()),
+    )
+    .await
+    .context("recovering boosts")?;
+    if recovered.expired + recovered.failed > 0 {
+        tracing::info!(
+            expired = recovered.expired,
+            failed = recovered.failed,
+            live = recovered.live,
+            "ended boosts that could not survive the restart"
+        );
+    }
     // Reservations that expired while the server was down end now, before
     // anyone can claim through them.
     let expired = pools
@@ -293,10 +324,17 @@ pub async fn run(
         None,
         crate::reconcile::ReconcileTask(reconciler.clone()),
     );
-    let metrics = Arc::new(Metrics::new(
-        store.clone(),
-        workloads.clone(),
-        agents.clone(),
+    let boost_task = driver.register(
+        "boost_expiry",
+        Duration::from_secs(1),
+        None,
+        crate::boosts::BoostTask(boosts.clone()),
+    );
+    tracker.spawn(crate::boosts::expiry::wake_at_deadlines(
+        boost_ledger.clone(),
+        crate::clock::Clock::Wall,
+        move || boost_task.activate(),
+        cancel.child_token(),
     ));
     let state = AppState {
         store: store.clone(),
@@ -357,7 +395,10 @@ pub async fn run(
         .add_service(ContainerServiceServer::new(api::pools::Containers(
             state.clone(),
         )))
-        .add_service(BoostServiceServer::new(api::pending::Pending))
+        .add_service(BoostServiceServer::new(api::boosts::BoostsApi {
+            state: state.clone(),
+            boosts: boosts.clone(),
+        }))
         .add_service(SyncServiceServer::new(api::pending::Pending))
         .add_service(ReconcileServiceServer::new(api::reconcile::Reconcile(
             state.clone(),

@@ -60,6 +60,33 @@ impl Drop for KeyGuard<'_> {
     }
 }
 
+/// The hash a request id is bound to.
+pub fn request_hash(message: &impl prost::Message) -> String {
+    hex::encode(Sha256::digest(message.encode_to_vec()))
+}
+
+/// Checks a request id before doing any work: a replay returns the stored
+/// answer, a reuse for another request is refused.
+pub async fn replay<T: prost::Message + Default>(
+    store: &Store,
+    method: &str,
+    request_id: Option<&str>,
+    hash: &str,
+) -> Result<Option<T>, ApiError> {
+    let Some(id) = request_id else {
+        return Ok(None);
+    };
+    match store.lookup_idempotent(method, id, hash).await? {
+        IdempotencyLookup::Miss => Ok(None),
+        IdempotencyLookup::Hit(bytes) => T::decode(bytes.as_slice())
+            .map(Some)
+            .map_err(|e| ApiError::Internal(format!("stored response for {method}: {e}"))),
+        IdempotencyLookup::Mismatch => Err(ApiError::AlreadyExists(format!(
+            "request_id {id:?} was already used for a different {method} request"
+        ))),
+    }
+}
+
 /// Runs `work` at most once per `(method, request_id)`.
 pub async fn once<Req, Resp, F, Fut>(
     store: &Store,

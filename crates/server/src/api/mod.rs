@@ -2,6 +2,7 @@
 //! `boilerhouse_proto::convert`, calls into the server, and maps errors
 //! through [`crate::error::ApiError`].
 
+pub mod boosts;
 pub mod events;
 pub mod idempotency;
 pub mod nodes;

@@ -8,7 +8,6 @@ use futures::Stream;
 use tonic::{Request, Response, Status};
 
 use boilerhouse_proto::pb;
-use boilerhouse_proto::pb::boost_service_server::BoostService;
 use boilerhouse_proto::pb::sync_service_server::SyncService;
 
 use crate::error::ApiError;
@@ -19,39 +18,10 @@ fn not_yet<T>(capability: &'static str) -> Result<T, Status> {
     Err(ApiError::Unimplemented(capability).into())
 }
 
-const BOOSTS: &str = "resource boosts";
 const SYNC: &str = "tenant state sync";
 
 /// Placeholder for every service not built yet.
 pub struct Pending;
-
-#[tonic::async_trait]
-impl BoostService for Pending {
-    async fn request_boost(
-        &self,
-        _: Request<pb::RequestBoostRequest>,
-    ) -> Result<Response<pb::RequestBoostResponse>, Status> {
-        not_yet(BOOSTS)
-    }
-    async fn get_boost(
-        &self,
-        _: Request<pb::GetBoostRequest>,
-    ) -> Result<Response<pb::GetBoostResponse>, Status> {
-        not_yet(BOOSTS)
-    }
-    async fn list_boosts(
-        &self,
-        _: Request<pb::ListBoostsRequest>,
-    ) -> Result<Response<pb::ListBoostsResponse>, Status> {
-        not_yet(BOOSTS)
-    }
-    async fn release_boost(
-        &self,
-        _: Request<pb::ReleaseBoostRequest>,
-    ) -> Result<Response<pb::ReleaseBoostResponse>, Status> {
-        not_yet(BOOSTS)
-    }
-}
 
 #[tonic::async_trait]
 impl SyncService for Pending {

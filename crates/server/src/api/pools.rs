@@ -4,7 +4,6 @@
 use std::time::{Duration, Instant};
 
 use prost::Message as _;
-use sha2::{Digest as _, Sha256};
 use tonic::{Request, Response, Status};
 
 use boilerhouse_core::event::{EventSubject, NewEvent, Severity};
@@ -19,9 +18,10 @@ use boilerhouse_proto::convert::{
 use boilerhouse_proto::pb;
 
 use super::AppState;
+use super::idempotency::{replay, request_hash};
 use crate::error::ApiError;
 use crate::pools::{Granted, PoolError};
-use crate::store::{IdempotencyLookup, IdempotentRecord, PoolOverride};
+use crate::store::{IdempotentRecord, PoolOverride};
 
 impl From<PoolError> for ApiError {
     fn from(e: PoolError) -> Self {
@@ -140,32 +140,6 @@ fn reservation_to_pb(r: &Reservation) -> pb::Reservation {
     }
 }
 
-fn request_hash(message: &impl prost::Message) -> String {
-    hex::encode(Sha256::digest(message.encode_to_vec()))
-}
-
-/// Checks a request id before doing any work: a replay returns the stored
-/// answer, a reuse for another request is refused.
-async fn replay<T: prost::Message + Default>(
-    state: &AppState,
-    method: &str,
-    request_id: Option<&str>,
-    hash: &str,
-) -> Result<Option<T>, ApiError> {
-    let Some(id) = request_id else {
-        return Ok(None);
-    };
-    match state.store.lookup_idempotent(method, id, hash).await? {
-        IdempotencyLookup::Miss => Ok(None),
-        IdempotencyLookup::Hit(bytes) => T::decode(bytes.as_slice())
-            .map(Some)
-            .map_err(|e| ApiError::Internal(format!("stored response for {method}: {e}"))),
-        IdempotencyLookup::Mismatch => Err(ApiError::AlreadyExists(format!(
-            "request_id {id:?} was already used for a different {method} request"
-        ))),
-    }
-}
-
 /// ClaimService.
 pub struct Claims(pub AppState);
 
@@ -198,7 +172,7 @@ impl pb::claim_service_server::ClaimService for Claims {
             .map(str::to_owned);
         let hash = request_hash(&req);
         if let Some(previous) =
-            replay::<pb::ClaimResponse>(&self.0, CLAIM, request_id.as_deref(), &hash).await?
+            replay::<pb::ClaimResponse>(&self.0.store, CLAIM, request_id.as_deref(), &hash).await?
         {
             return Ok(Response::new(previous));
         }
@@ -208,7 +182,7 @@ impl pb::claim_service_server::ClaimService for Claims {
         };
         // A concurrent twin may have finished while we waited for the lock.
         if let Some(previous) =
-            replay::<pb::ClaimResponse>(&self.0, CLAIM, request_id.as_deref(), &hash).await?
+            replay::<pb::ClaimResponse>(&self.0.store, CLAIM, request_id.as_deref(), &hash).await?
         {
             return Ok(Response::new(previous));
         }
@@ -268,7 +242,8 @@ impl pb::claim_service_server::ClaimService for Claims {
             .map(str::to_owned);
         let hash = request_hash(&req);
         if let Some(previous) =
-            replay::<pb::ReleaseResponse>(&self.0, RELEASE, request_id.as_deref(), &hash).await?
+            replay::<pb::ReleaseResponse>(&self.0.store, RELEASE, request_id.as_deref(), &hash)
+                .await?
         {
             return Ok(Response::new(previous));
         }

@@ -144,6 +144,8 @@ struct Inner {
     /// Replaced wholesale by the refiller every second; a miss reads the
     /// database, so a newly applied workload is claimable at once.
     workloads: std::sync::RwLock<HashMap<WorkloadId, Arc<WorkloadRecord>>>,
+    /// Live boosts, which move schedulable capacity between nodes.
+    boosts: crate::boosts::BoostLedger,
 }
 
 /// The pool machinery. Cheap to clone.
@@ -185,11 +187,13 @@ fn event(
 }
 
 impl Pools {
-    /// Rebuilds the index from the database.
+    /// Rebuilds the index from the database. Placement counts the live
+    /// boosts in `boosts`.
     pub async fn load(
         store: Store,
         agents: Registry,
         config: PoolsConfig,
+        boosts: crate::boosts::BoostLedger,
     ) -> Result<Self, StoreError> {
         let snapshot = store.load_pool_snapshot().await?;
         let mut index = Index::default();
@@ -221,6 +225,7 @@ impl Pools {
                 tenant_locks: KeyedLocks::default(),
                 refill: tokio::sync::Notify::new(),
                 workloads: std::sync::RwLock::default(),
+                boosts,
             }),
         })
     }
@@ -640,16 +645,8 @@ impl Pools {
         now: Timestamp,
     ) -> Result<Option<(NodeId, String)>, PoolError> {
         let nodes = self.inner.store.list_nodes().await?;
-        let allocated: HashMap<NodeId, boilerhouse_core::node::Resources> = {
-            let index = self.index();
-            let mut sums: HashMap<NodeId, boilerhouse_core::node::Resources> = HashMap::new();
-            for c in index.containers.values() {
-                let entry = sums.entry(c.node_id.clone()).or_default();
-                entry.cpus += c.limits.cpus.unwrap_or(0.0);
-                entry.memory_bytes += c.limits.memory_bytes.unwrap_or(0);
-            }
-            sums
-        };
+        let allocated = self.allocations();
+        let boosts = self.inner.boosts.live();
         let candidates: Vec<boilerhouse_core::pool::NodeCandidate> = nodes
             .iter()
             .map(|n| boilerhouse_core::pool::NodeCandidate {
@@ -658,7 +655,7 @@ impl Pools {
                     && self.node_live(&n.id, now),
                 cordoned: n.cordoned,
                 labels: n.labels.clone(),
-                capacity: n.capacity,
+                capacity: boilerhouse_core::boost::effective_capacity(&n.id, n.capacity, &boosts),
                 allocated: allocated.get(&n.id).copied().unwrap_or_default(),
             })
             .collect();
@@ -858,6 +855,25 @@ impl Pools {
         let count = touches.len();
         self.inner.store.touch_claims(touches).await?;
         Ok(count)
+    }
+
+    /// What each node's containers reserve: the sum of their base limits.
+    /// (Container boosts are counted by the boost ledger, as drawn from the
+    /// node.)
+    pub fn allocations(&self) -> HashMap<NodeId, boilerhouse_core::node::Resources> {
+        let index = self.index();
+        let mut sums: HashMap<NodeId, boilerhouse_core::node::Resources> = HashMap::new();
+        for c in index.containers.values() {
+            let entry = sums.entry(c.node_id.clone()).or_default();
+            entry.cpus += c.limits.cpus.unwrap_or(0.0);
+            entry.memory_bytes += c.limits.memory_bytes.unwrap_or(0);
+        }
+        sums
+    }
+
+    /// Whether `node` has a live, heartbeating agent.
+    pub fn node_is_live(&self, node: &NodeId) -> bool {
+        self.node_live(node, crate::clock::now())
     }
 
     /// The tenant's active claim.

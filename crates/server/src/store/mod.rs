@@ -39,6 +39,7 @@
 //! everything waiting as one transaction ([`writer`]); reads go through a
 //! separate read-only pool and never wait for the writer.
 
+mod boosts;
 mod events;
 mod idempotency;
 mod nodes;
@@ -59,6 +60,7 @@ use tokio::sync::broadcast;
 
 use boilerhouse_core::event::Event;
 
+pub use boosts::BoostWrite;
 pub use events::EventQuery;
 pub use idempotency::{IdempotencyLookup, IdempotentRecord};
 pub use nodes::{Arrival, NodeHello};
