@@ -2,6 +2,7 @@
 //! nothing else: every command is one or two RPCs, so anything bh does,
 //! grpcurl or any other client can do too.
 
+mod boosts;
 mod client;
 mod output;
 mod pools;
@@ -78,6 +79,9 @@ enum Command {
     /// Managed containers.
     #[command(subcommand)]
     Container(ContainerCommand),
+    /// Resource boosts: time-boxed extra CPU, memory or GPU.
+    #[command(subcommand)]
+    Boost(BoostCommand),
     /// Compare the database with what agents report.
     #[command(subcommand)]
     Reconcile(ReconcileCommand),
@@ -89,6 +93,60 @@ enum Command {
     Completions {
         /// The shell.
         shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BoostCommand {
+    /// Grant extra CPU, memory or GPU for a while; prints the boost id.
+    ///
+    /// TARGET is node/NAME (or a bare node name), container/ID (or a bare
+    /// container id) or tenant/TENANT/WORKLOAD. AMOUNT is cores for cpu
+    /// (2, 1.5, 500m), a size for memory (512M, 2G) and whole GPUs.
+    Request {
+        /// What to raise.
+        target: String,
+        /// cpu, memory or gpu.
+        resource: String,
+        /// How much.
+        #[arg(allow_hyphen_values = true)]
+        amount: String,
+        /// low, normal, high or critical; higher preempts lower when
+        /// capacity is short.
+        #[arg(long, default_value = "normal")]
+        priority: String,
+        /// How long the boost lasts once in force.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        duration: std::time::Duration,
+        /// The node to draw capacity from; chosen when omitted.
+        #[arg(long)]
+        source: Option<String>,
+        /// Idempotency key: a retry with the same key gets the same boost.
+        #[arg(long)]
+        request_id: Option<String>,
+    },
+    /// Live boosts, with the time each has left.
+    #[command(alias = "list", alias = "ls")]
+    Status {
+        /// Only boosts drawing from or raising this node.
+        #[arg(long)]
+        node: Option<String>,
+        /// Include released, expired, preempted and failed boosts.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Show one boost.
+    Get {
+        /// Boost id.
+        id: String,
+    },
+    /// End a boost now and restore what it raised.
+    Release {
+        /// Boost id.
+        id: String,
+        /// Idempotency key.
+        #[arg(long)]
+        request_id: Option<String>,
     },
 }
 
@@ -384,6 +442,37 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             ContainerCommand::Get { id } => client.container_get(&id, format).await,
             ContainerCommand::Destroy { id, force } => {
                 client.container_destroy(&id, force, format).await
+            }
+        },
+        Command::Boost(cmd) => match cmd {
+            BoostCommand::Request {
+                target,
+                resource,
+                amount,
+                priority,
+                duration,
+                source,
+                request_id,
+            } => {
+                client
+                    .boost_request(
+                        boosts::BoostArgs {
+                            target,
+                            resource,
+                            amount,
+                            priority,
+                            duration: Some(duration),
+                            source,
+                            request_id,
+                        },
+                        format,
+                    )
+                    .await
+            }
+            BoostCommand::Status { node, all } => client.boost_status(node, all, format).await,
+            BoostCommand::Get { id } => client.boost_get(&id, format).await,
+            BoostCommand::Release { id, request_id } => {
+                client.boost_release(&id, request_id, format).await
             }
         },
         Command::Reconcile(ReconcileCommand::Plan { node }) => {
