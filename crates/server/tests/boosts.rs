@@ -669,6 +669,16 @@ async fn an_agent_restart_reapplies_live_boosts_and_reverts_ended_ones() {
         .await
         .unwrap();
     c.bh_ok(&["boost", "release", &memory]);
+    // A new container boost cannot be applied now: it fails, says so, and
+    // holds no capacity.
+    let err = c.bh_err(&["boost", "request", "tenant/t1/demo", "cpu", "0.1"]);
+    assert!(
+        err.contains("unavailable") && err.contains("failed"),
+        "{err}"
+    );
+    let all = c.bh_ok(&["boost", "status", "--all"]);
+    assert!(all.lines().any(|l| l.contains("failed")), "{all}");
+    assert!(!c.bh_ok(&["boost", "status"]).contains("0.1"));
     assert_eq!(
         c.limits(&docker_id).await,
         (BASE_NANO_CPUS, BASE_MEMORY + (32 << 20)),
