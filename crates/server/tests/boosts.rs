@@ -253,6 +253,22 @@ impl Drop for Cluster {
     }
 }
 
+fn cpu_boost(
+    target: pb::boost_target::Target,
+    amount: f64,
+    priority: pb::BoostPriority,
+) -> pb::RequestBoostRequest {
+    pb::RequestBoostRequest {
+        target: Some(pb::BoostTarget {
+            target: Some(target),
+        }),
+        resource: pb::ResourceKind::Cpu as i32,
+        amount,
+        priority: priority as i32,
+        ..Default::default()
+    }
+}
+
 fn first_line(s: &str) -> String {
     s.lines().next().unwrap_or_default().trim().to_owned()
 }
@@ -580,14 +596,12 @@ async fn a_critical_boost_preempts_a_low_one_when_capacity_is_short() {
     let mut boosts = c.boosts().await;
     let err = boosts
         .request_boost(pb::RequestBoostRequest {
-            target: Some(pb::BoostTarget {
-                target: Some(pb::boost_target::Target::NodeId(node.clone())),
-            }),
-            resource: pb::ResourceKind::Cpu as i32,
-            amount: share,
-            priority: pb::BoostPriority::Low as i32,
             source_node_id: node.clone(),
-            ..Default::default()
+            ..cpu_boost(
+                pb::boost_target::Target::NodeId(node.clone()),
+                share,
+                pb::BoostPriority::Low,
+            )
         })
         .await
         .unwrap_err();
@@ -597,15 +611,11 @@ async fn a_critical_boost_preempts_a_low_one_when_capacity_is_short() {
         "a node cannot draw from itself: {err:?}"
     );
     let err = boosts
-        .request_boost(pb::RequestBoostRequest {
-            target: Some(pb::BoostTarget {
-                target: Some(pb::boost_target::Target::ContainerId(container.clone())),
-            }),
-            resource: pb::ResourceKind::Cpu as i32,
-            amount: share,
-            priority: pb::BoostPriority::Low as i32,
-            ..Default::default()
-        })
+        .request_boost(cpu_boost(
+            pb::boost_target::Target::ContainerId(container.clone()),
+            share,
+            pb::BoostPriority::Low,
+        ))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
@@ -613,15 +623,11 @@ async fn a_critical_boost_preempts_a_low_one_when_capacity_is_short() {
     assert!(quota.violations[0].subject.contains(&node), "{quota:?}");
 
     let critical = boosts
-        .request_boost(pb::RequestBoostRequest {
-            target: Some(pb::BoostTarget {
-                target: Some(pb::boost_target::Target::ContainerId(container.clone())),
-            }),
-            resource: pb::ResourceKind::Cpu as i32,
-            amount: share,
-            priority: pb::BoostPriority::Critical as i32,
-            ..Default::default()
-        })
+        .request_boost(cpu_boost(
+            pb::boost_target::Target::ContainerId(container.clone()),
+            share,
+            pb::BoostPriority::Critical,
+        ))
         .await
         .unwrap()
         .into_inner();

@@ -186,6 +186,31 @@ fn boost_event(kind: EventKind, b: &Boost, message: String, now: Timestamp) -> N
         .with_attribute("target", b.target.to_string())
 }
 
+/// Ends `b` with `status` and `reason` as of `now`, adding it and its
+/// event to `write`.
+fn end_into(
+    write: &mut BoostWrite,
+    mut b: Boost,
+    status: BoostStatus,
+    reason: String,
+    now: Timestamp,
+) {
+    let kind = match status {
+        BoostStatus::Expired => EventKind::BoostExpired,
+        BoostStatus::Preempted => EventKind::BoostPreempted,
+        BoostStatus::Failed => EventKind::BoostFailed,
+        _ => EventKind::BoostReleased,
+    };
+    b.end(status, reason, now);
+    write.events.push(boost_event(
+        kind,
+        &b,
+        format!("{}: {}", describe(&b), b.reason),
+        now,
+    ));
+    write.boosts.push(b);
+}
+
 /// "1.5 cpu", "512M memory", "1 gpu".
 pub fn describe_amount(resource: BoostResource, amount: f64) -> String {
     match resource {
@@ -232,38 +257,15 @@ impl Boosts {
         let now = clock.now();
         let mut recovered = Recovered::default();
         let mut write = BoostWrite::default();
-        for mut b in store.live_boosts().await? {
+        for b in store.live_boosts().await? {
             if b.status == BoostStatus::Pending {
-                b.end(
-                    BoostStatus::Failed,
-                    "the server stopped before the host confirmed the boost",
-                    now,
-                );
-                write.events.push(boost_event(
-                    EventKind::BoostFailed,
-                    &b,
-                    format!(
-                        "{} failed: the server stopped before the host confirmed it",
-                        describe(&b)
-                    ),
-                    now,
-                ));
                 recovered.failed += 1;
-                write.boosts.push(b);
+                let reason = "the server stopped before the host confirmed the boost".into();
+                end_into(&mut write, b, BoostStatus::Failed, reason, now);
             } else if b.expires_at <= now {
-                b.end(
-                    BoostStatus::Expired,
-                    format!("expired at {} while the server was down", b.expires_at),
-                    now,
-                );
-                write.events.push(boost_event(
-                    EventKind::BoostExpired,
-                    &b,
-                    format!("{} expired while the server was down", describe(&b)),
-                    now,
-                ));
                 recovered.expired += 1;
-                write.boosts.push(b);
+                let reason = format!("expired at {} while the server was down", b.expires_at);
+                end_into(&mut write, b, BoostStatus::Expired, reason, now);
             } else {
                 recovered.live += 1;
                 ledger.put(b);
@@ -381,21 +383,12 @@ impl Boosts {
         }
         let mut preempted = Vec::new();
         for id in &admission.preempt {
-            let Some(mut victim) = live.iter().find(|b| &b.id == id).cloned() else {
+            let Some(victim) = live.iter().find(|b| &b.id == id).cloned() else {
                 continue;
             };
-            victim.end(
-                BoostStatus::Preempted,
-                format!("preempted by {}", describe(&boost)),
-                now,
-            );
-            write.events.push(boost_event(
-                EventKind::BoostPreempted,
-                &victim,
-                format!("{} preempted by {}", describe(&victim), describe(&boost)),
-                now,
-            ));
-            preempted.push(victim);
+            let reason = format!("preempted by {}", describe(&boost));
+            end_into(&mut write, victim, BoostStatus::Preempted, reason, now);
+            preempted.extend(write.boosts.pop());
         }
         let preempted_ids: Vec<BoostId> = preempted.iter().map(|b| b.id).collect();
         write.idempotency = idempotency(&boost, &preempted_ids);
@@ -455,13 +448,8 @@ impl Boosts {
                 ));
             }
             Err(reason) => {
-                current.end(BoostStatus::Failed, reason.clone(), now);
-                write.events.push(boost_event(
-                    EventKind::BoostFailed,
-                    &current,
-                    format!("{} failed: {reason}", describe(&current)),
-                    now,
-                ));
+                end_into(&mut write, current, BoostStatus::Failed, reason, now);
+                current = write.boosts.pop().expect("just ended");
             }
         }
         write.boosts.push(current.clone());
@@ -488,7 +476,7 @@ impl Boosts {
     pub async fn release(&self, id: &BoostId) -> Result<Boost, BoostError> {
         let inner = &self.inner;
         let guard = inner.admission.lock().await;
-        let Some(mut b) = inner.ledger.get(id) else {
+        let Some(b) = inner.ledger.get(id) else {
             return match inner.store.get_boost(id).await? {
                 Some(b) => Err(BoostError::Precondition(format!(
                     "boost {id} already ended: {} ({})",
@@ -498,20 +486,11 @@ impl Boosts {
             };
         };
         let now = self.now();
-        b.end(BoostStatus::Released, "released by an operator", now);
-        inner
-            .store
-            .apply_boost_write(BoostWrite {
-                boosts: vec![b.clone()],
-                idempotency: None,
-                events: vec![boost_event(
-                    EventKind::BoostReleased,
-                    &b,
-                    format!("{} released", describe(&b)),
-                    now,
-                )],
-            })
-            .await?;
+        let mut write = BoostWrite::default();
+        let reason = "released by an operator".into();
+        end_into(&mut write, b, BoostStatus::Released, reason, now);
+        let b = write.boosts[0].clone();
+        inner.store.apply_boost_write(write).await?;
         inner.ledger.put(b.clone());
         drop(guard);
         if b.raises_container_limits()
@@ -534,39 +513,17 @@ impl Boosts {
         let due: HashSet<BoostId> = boost::due(&live, now).into_iter().collect();
         let mut write = BoostWrite::default();
         let mut lags = Vec::new();
-        for b in &live {
-            let mut b = b.clone();
+        for b in live {
             if due.contains(&b.id) {
                 lags.push(now.saturating_since(b.expires_at));
-                b.end(
-                    BoostStatus::Expired,
-                    format!("expired after {}", format_duration(b.duration())),
-                    now,
-                );
-                write.events.push(boost_event(
-                    EventKind::BoostExpired,
-                    &b,
-                    format!("{} expired", describe(&b)),
-                    now,
-                ));
+                let reason = format!("expired after {}", format_duration(b.duration()));
+                end_into(&mut write, b, BoostStatus::Expired, reason, now);
             } else if let Some(c) = b.container_id
                 && inner.pools.container(&c).is_none()
             {
-                b.end(
-                    BoostStatus::Released,
-                    format!("container {c} was destroyed"),
-                    now,
-                );
-                write.events.push(boost_event(
-                    EventKind::BoostReleased,
-                    &b,
-                    format!("{} released: its container was destroyed", describe(&b)),
-                    now,
-                ));
-            } else {
-                continue;
+                let reason = format!("released: container {c} was destroyed");
+                end_into(&mut write, b, BoostStatus::Released, reason, now);
             }
-            write.boosts.push(b);
         }
         if write.boosts.is_empty() {
             return Ok(0);
