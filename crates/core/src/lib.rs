@@ -12,6 +12,7 @@ pub mod liveness;
 pub mod node;
 pub mod pool;
 pub mod reconcile;
+pub mod sync;
 pub mod time;
 pub mod units;
 pub mod workload;
