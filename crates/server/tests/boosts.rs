@@ -483,6 +483,25 @@ async fn bad_boost_requests_are_refused_with_the_field_and_change_nothing() {
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert!(err.message().starts_with("source_node_id"), "{err:?}");
 
+    // A workload that sets no memory limit has none to raise.
+    let image = test_image(&c.docker).await.unwrap();
+    std::fs::write(
+        c.server.workloads_dir().join("open.yaml"),
+        format!("id: open\nimage: {image}\ncommand: [sleep, infinity]\npool: {{min_size: 0, max_size: 1}}\n"),
+    )
+    .unwrap();
+    eventually(WAIT, "a claim on the unlimited workload", || async {
+        let out = c.server.bh(&["claim", "t1", "open", "--timeout", "60s"]);
+        out.status.success().then_some(())
+    })
+    .await
+    .unwrap();
+    let err = c.bh_err(&["boost", "request", "tenant/t1/open", "memory", "64M"]);
+    assert!(
+        err.contains("failed precondition") && err.contains("no memory limit to raise"),
+        "{err}"
+    );
+
     // Nothing was recorded, nothing applied.
     let all = boosts
         .list_boosts(pb::ListBoostsRequest {
