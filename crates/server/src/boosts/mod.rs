@@ -12,7 +12,7 @@
 
 pub mod expiry;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -28,7 +28,7 @@ use boilerhouse_core::node::NodeStatus;
 use boilerhouse_core::pool::{ContainerRecord, ContainerState};
 use boilerhouse_core::units::format_duration;
 use boilerhouse_core::workload::Limits;
-use boilerhouse_core::{BoostId, ContainerId, Timestamp};
+use boilerhouse_core::{BoostId, ContainerId, NodeId, Timestamp};
 use boilerhouse_proto::{convert, pb};
 
 use crate::agents::Registry;
@@ -556,18 +556,20 @@ impl Boosts {
         let inner = &self.inner;
         let live = inner.ledger.live();
         let mut started = 0;
+        // One report per node, read once: a report holds every container
+        // of its node, so reading it per container would copy it n times.
+        let mut reports: HashMap<NodeId, Option<crate::agents::NodeReport>> = HashMap::new();
         for c in inner.pools.containers().into_iter().filter(runs) {
             let Some(docker_id) = c.docker_id.as_deref() else {
                 continue;
             };
-            if inner.agents.session(&c.node_id).is_none() {
-                continue;
-            }
-            let Some(observed) = inner
-                .agents
-                .report(&c.node_id)
-                .and_then(|r| r.containers.get(docker_id).cloned())
-            else {
+            let report = reports.entry(c.node_id.clone()).or_insert_with(|| {
+                inner
+                    .agents
+                    .session(&c.node_id)
+                    .and_then(|_| inner.agents.report(&c.node_id))
+            });
+            let Some(observed) = report.as_ref().and_then(|r| r.containers.get(docker_id)) else {
                 continue;
             };
             if !observed.is_running() {
