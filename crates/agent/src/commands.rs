@@ -16,6 +16,7 @@ use boilerhouse_core::workload::Limits;
 use boilerhouse_core::{ContainerId, NodeId};
 
 use crate::runtime::{ContainerRuntime, RuntimeError};
+use crate::sync::{MappingReport, SyncJob, SyncRunner};
 use crate::volumes::VolumeLayout;
 
 /// A command, decoded from the wire.
@@ -43,6 +44,8 @@ pub enum Command {
     UpdateLimits(ContainerId, Limits),
     /// Write the state file.
     WriteState(ContainerId, StateFile),
+    /// Sync a container's state directory with the sink.
+    Sync(ContainerId, crate::sync::SyncJob),
     /// Send a full report now.
     FullReport,
 }
@@ -56,6 +59,8 @@ pub struct Outcome {
     pub error: String,
     /// The container afterwards, for container commands.
     pub container: Option<ObservedContainer>,
+    /// What a sync moved, for sync commands.
+    pub sync: Option<Vec<MappingReport>>,
 }
 
 impl Outcome {
@@ -64,6 +69,7 @@ impl Outcome {
             ok: true,
             error: String::new(),
             container,
+            sync: None,
         }
     }
 
@@ -72,6 +78,7 @@ impl Outcome {
             ok: false,
             error: error.to_string(),
             container: None,
+            sync: None,
         }
     }
 }
@@ -104,6 +111,7 @@ pub struct Executor {
     node: NodeId,
     extra_labels: BTreeMap<String, String>,
     memory: Arc<Mutex<Memory>>,
+    syncs: SyncRunner,
 }
 
 impl Executor {
@@ -113,6 +121,7 @@ impl Executor {
         layout: VolumeLayout,
         node: NodeId,
         extra_labels: BTreeMap<String, String>,
+        syncs: SyncRunner,
     ) -> Self {
         Self {
             runtime,
@@ -120,6 +129,7 @@ impl Executor {
             node,
             extra_labels,
             memory: Arc::default(),
+            syncs,
         }
     }
 
@@ -152,6 +162,9 @@ impl Executor {
 
     /// Runs one container command. `FullReport` is the session's job.
     pub async fn execute(&self, command: Command) -> Outcome {
+        if let Command::Sync(id, job) = command {
+            return self.sync(&id, &job).await;
+        }
         let result = match command {
             Command::Create { spec, start } => self.create(spec, start).await,
             Command::Start(id) => self.start(&id).await,
@@ -160,6 +173,7 @@ impl Executor {
             Command::UpdateLimits(id, limits) => self.update_limits(&id, &limits).await,
             Command::WriteState(id, state) => self.write_state(&id, &state).await,
             Command::FullReport => Err("a full report is sent by the session".to_owned()),
+            Command::Sync(..) => unreachable!("handled above"),
         };
         match result {
             Ok(container) => Outcome::ok(container),
@@ -288,6 +302,36 @@ impl Executor {
             .map_err(|e| format!("cannot write the state file: {e}"))?;
         // The container itself did not change: no need to ask Docker.
         Ok(None)
+    }
+
+    /// Runs a sync of the container's state directory. The report comes
+    /// back even when something failed, so the server can say what.
+    async fn sync(&self, id: &ContainerId, job: &SyncJob) -> Outcome {
+        let state_dir = self
+            .layout
+            .volume_dir(id, &boilerhouse_core::container::VolumeKind::State);
+        match self.syncs.run(&state_dir, job).await {
+            Ok(reports) => {
+                let failures: Vec<String> = reports
+                    .iter()
+                    .filter(|r| r.pending > 0 || !r.errors.is_empty())
+                    .map(|r| {
+                        format!(
+                            "mapping {}: {}",
+                            r.path,
+                            r.errors.first().map(String::as_str).unwrap_or("incomplete")
+                        )
+                    })
+                    .collect();
+                Outcome {
+                    ok: failures.is_empty(),
+                    error: failures.join("; "),
+                    container: None,
+                    sync: Some(reports),
+                }
+            }
+            Err(e) => Outcome::failed(e),
+        }
     }
 
     /// Every managed container of this node, with state files.

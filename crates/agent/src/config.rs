@@ -52,6 +52,10 @@ pub struct Args {
     /// Longest wait between reconnection attempts.
     #[arg(long, env = "BOILERHOUSE_MAX_BACKOFF", default_value = "10s", value_parser = humantime::parse_duration)]
     pub max_backoff: Duration,
+    /// An AWS shared credentials file for S3 sync sinks, read before the
+    /// environment (profile AWS_PROFILE or default).
+    #[arg(long, env = "BOILERHOUSE_S3_CREDENTIALS_FILE")]
+    pub s3_credentials_file: Option<PathBuf>,
     /// Log as JSON.
     #[arg(long, env = "BOILERHOUSE_LOG_JSON")]
     pub log_json: bool,
@@ -76,6 +80,8 @@ pub struct AgentConfig {
     pub full_report_interval: Duration,
     /// Reconnection backoff cap.
     pub max_backoff: Duration,
+    /// Credentials for S3 sinks.
+    pub s3_credentials_file: Option<PathBuf>,
 }
 
 fn parse_pairs(field: &str, items: &[String]) -> Result<BTreeMap<String, String>, String> {
@@ -131,6 +137,7 @@ impl AgentConfig {
             container_labels,
             full_report_interval: args.full_report_interval,
             max_backoff: args.max_backoff.max(Duration::from_millis(100)),
+            s3_credentials_file: args.s3_credentials_file,
         })
     }
 }

@@ -13,4 +13,5 @@ pub mod docker;
 pub mod host;
 pub mod runtime;
 pub mod session;
+pub mod sync;
 pub mod volumes;

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Endpoint;
 
 use boilerhouse_core::container::{ContainerSpec, ObservedContainer, StateFile};
+use boilerhouse_core::workload::SyncDirection;
 use boilerhouse_core::{ContainerId, Timestamp};
 use boilerhouse_proto::convert::{self, duration_from_pb, timestamp_to_pb};
 use boilerhouse_proto::pb;
@@ -111,6 +112,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         VolumeLayout::new(&config.state_root),
         config.node_id.clone(),
         config.container_labels.clone(),
+        crate::sync::SyncRunner::with_credentials_file(config.s3_credentials_file.clone()),
     );
 
     loop {
@@ -376,6 +378,21 @@ fn result_message(command_id: String, outcome: &Outcome) -> pb::ConnectRequest {
                 ok: outcome.ok,
                 error: outcome.error.clone(),
                 container: outcome.container.as_ref().map(pb::ObservedContainer::from),
+                sync: outcome.sync.as_ref().map(|reports| pb::SyncReport {
+                    mappings: reports
+                        .iter()
+                        .map(|r| pb::MappingSyncReport {
+                            path: r.path.clone(),
+                            uploaded: r.uploaded,
+                            downloaded: r.downloaded,
+                            deleted: r.deleted,
+                            unchanged: r.unchanged,
+                            bytes: r.bytes,
+                            pending: r.pending,
+                            errors: r.errors.clone(),
+                        })
+                        .collect(),
+                }),
             },
         )),
     }
@@ -429,8 +446,27 @@ pub fn decode_command(command: &pb::Command) -> Result<Command, String> {
             Command::WriteState(container_id(&w.container_id)?, state.unwrap_or_default())
         }
         C::RequestFullReport(_) => Command::FullReport,
-        C::RunSync(_) => {
-            return Err("tenant state sync is not implemented by this agent version".into());
+        C::RunSync(r) => {
+            let spec: boilerhouse_core::workload::SyncSpec =
+                serde_json::from_str(&r.sync_spec_json)
+                    .map_err(|e| format!("sync_spec_json: {e}"))?;
+            let force = match pb::SyncDirection::try_from(r.force_direction) {
+                Ok(pb::SyncDirection::Upload) => Some(SyncDirection::Upload),
+                Ok(pb::SyncDirection::Download) => Some(SyncDirection::Download),
+                Ok(pb::SyncDirection::Bidirectional) => Some(SyncDirection::Bidirectional),
+                Ok(pb::SyncDirection::Unspecified) => None,
+                Err(_) => return Err(format!("unknown force_direction {}", r.force_direction)),
+            };
+            Command::Sync(
+                container_id(&r.container_id)?,
+                crate::sync::SyncJob {
+                    tenant: boilerhouse_core::TenantId::new(&r.tenant_id)
+                        .map_err(|e| format!("tenant_id: {e}"))?,
+                    spec,
+                    phase: crate::sync::Phase::parse(&r.direction)?,
+                    force,
+                },
+            )
         }
     })
 }
@@ -451,6 +487,7 @@ async fn handle_command(
                 ok: false,
                 error: e,
                 container: None,
+                sync: None,
             };
             out.send(result_message(id, &outcome)).await?;
             return Ok(());
@@ -465,6 +502,7 @@ async fn handle_command(
                 ok: true,
                 error: String::new(),
                 container: None,
+                sync: None,
             },
         ))
         .await?;

@@ -729,11 +729,9 @@ fn validate_sync(c: &Checker<'_>, raw: raw::Sync) -> Result<SyncSpec, WorkloadEr
         let field = format!("sync.mappings[{i}].path");
         let path = m.path.unwrap_or_else(|| ".".to_owned());
         let trimmed = path.trim_start_matches('/');
-        if trimmed.split('/').any(|part| part == "..") {
-            return Err(c.err(
-                field,
-                format!("{path:?} must not leave the state directory"),
-            ));
+        // The agent checks again, and also refuses symlinks on the host.
+        if let Err(why) = crate::sync::safe_relative(trimmed) {
+            return Err(c.err(field, why));
         }
         let path = if trimmed.is_empty() {
             ".".to_owned()

@@ -6,6 +6,7 @@
 pub mod docker;
 pub mod fake;
 mod processes;
+pub mod s3;
 
 pub use processes::{AgentOptions, AgentProcess, ReadyFile, ServerOptions, ServerProcess};
 
