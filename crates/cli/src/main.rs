@@ -6,6 +6,7 @@ mod boosts;
 mod client;
 mod output;
 mod pools;
+mod syncs;
 
 use std::io::IsTerminal as _;
 use std::path::PathBuf;
@@ -82,6 +83,9 @@ enum Command {
     /// Resource boosts: time-boxed extra CPU, memory or GPU.
     #[command(subcommand)]
     Boost(BoostCommand),
+    /// Tenant state sync: status and manual runs.
+    #[command(subcommand)]
+    Sync(SyncCommand),
     /// Compare the database with what agents report.
     #[command(subcommand)]
     Reconcile(ReconcileCommand),
@@ -93,6 +97,39 @@ enum Command {
     Completions {
         /// The shell.
         shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SyncCommand {
+    /// Where each (tenant, workload, mapping) sync stands.
+    #[command(alias = "ls")]
+    Status {
+        /// Only this tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Only this workload.
+        #[arg(long)]
+        workload: Option<String>,
+    },
+    /// Sync a tenant's container now and wait for it.
+    Trigger {
+        /// Tenant id.
+        tenant: String,
+        /// Workload id.
+        workload: String,
+        /// upload, download or bidirectional; default: each mapping's own.
+        #[arg(long)]
+        direction: Option<String>,
+    },
+    /// Stream status changes, starting with the current statuses.
+    Watch {
+        /// Only this tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Only this workload.
+        #[arg(long)]
+        workload: Option<String>,
     },
 }
 
@@ -203,6 +240,15 @@ enum NodeCommand {
     Uncordon {
         /// Node name.
         id: String,
+    },
+    /// Cordon a node, upload its tenants' files, release its claims and
+    /// remove its containers.
+    Drain {
+        /// Node name.
+        id: String,
+        /// Give up waiting after this long (default 5m).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        deadline: Option<std::time::Duration>,
     },
 }
 
@@ -391,6 +437,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             NodeCommand::Get { id } => client.node_get(&id, format).await,
             NodeCommand::Cordon { id } => client.node_cordon(&id, true, format).await,
             NodeCommand::Uncordon { id } => client.node_cordon(&id, false, format).await,
+            NodeCommand::Drain { id, deadline } => client.node_drain(&id, deadline, format).await,
         },
         Command::Pool(cmd) => match cmd {
             PoolCommand::List => client.pool_list(format).await,
@@ -473,6 +520,23 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             BoostCommand::Get { id } => client.boost_get(&id, format).await,
             BoostCommand::Release { id, request_id } => {
                 client.boost_release(&id, request_id, format).await
+            }
+        },
+        Command::Sync(cmd) => match cmd {
+            SyncCommand::Status { tenant, workload } => {
+                client.sync_status(tenant, workload, format).await
+            }
+            SyncCommand::Trigger {
+                tenant,
+                workload,
+                direction,
+            } => {
+                client
+                    .sync_trigger(&tenant, &workload, direction.as_deref(), format)
+                    .await
+            }
+            SyncCommand::Watch { tenant, workload } => {
+                client.sync_watch(tenant, workload, format).await
             }
         },
         Command::Reconcile(ReconcileCommand::Plan { node }) => {

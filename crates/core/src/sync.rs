@@ -158,6 +158,130 @@ pub fn plan(
     steps
 }
 
+/// Where a (tenant, workload, mapping) sync stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncState {
+    /// Never ran.
+    Idle,
+    /// Due, or waiting to be retried.
+    Pending,
+    /// Running now.
+    Running,
+    /// The last run moved everything it had to.
+    Ok,
+    /// The last run failed or left files behind.
+    Error,
+}
+
+impl SyncState {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SyncState::Idle => "idle",
+            SyncState::Pending => "pending",
+            SyncState::Running => "running",
+            SyncState::Ok => "ok",
+            SyncState::Error => "error",
+        }
+    }
+}
+
+impl std::str::FromStr for SyncState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "idle" => SyncState::Idle,
+            "pending" => SyncState::Pending,
+            "running" => SyncState::Running,
+            "ok" => SyncState::Ok,
+            "error" => SyncState::Error,
+            other => return Err(format!("unknown sync state {other:?}")),
+        })
+    }
+}
+
+/// One recorded sync error.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncErrorEntry {
+    /// When.
+    pub at: crate::Timestamp,
+    /// The mapping's path.
+    pub mapping: String,
+    /// What went wrong.
+    pub message: String,
+}
+
+/// Errors kept per (tenant, workload, mapping).
+pub const ERROR_HISTORY: usize = 20;
+
+/// The status of one (tenant, workload, mapping): the `sync_id` is the
+/// mapping's path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncStatus {
+    /// Whose.
+    pub tenant_id: TenantId,
+    /// Which workload.
+    pub workload_id: crate::WorkloadId,
+    /// The mapping's path.
+    pub sync_id: String,
+    /// Where it stands.
+    pub state: SyncState,
+    /// The last run that completed without errors, either way.
+    pub last_sync_at: Option<crate::Timestamp>,
+    /// The last complete upload: what periodic syncs and catch-up count from.
+    pub last_upload_at: Option<crate::Timestamp>,
+    /// Files the last run should have moved and did not.
+    pub pending_count: u32,
+    /// Bytes moved, over all runs.
+    pub bytes_transferred: u64,
+    /// Newest last; at most [`ERROR_HISTORY`].
+    pub recent_errors: Vec<SyncErrorEntry>,
+}
+
+impl SyncStatus {
+    /// A status that has never run.
+    pub fn new(tenant_id: TenantId, workload_id: crate::WorkloadId, sync_id: String) -> Self {
+        Self {
+            tenant_id,
+            workload_id,
+            sync_id,
+            state: SyncState::Idle,
+            last_sync_at: None,
+            last_upload_at: None,
+            pending_count: 0,
+            bytes_transferred: 0,
+            recent_errors: Vec::new(),
+        }
+    }
+
+    /// Records an error, forgetting the oldest beyond the bound.
+    pub fn push_error(&mut self, entry: SyncErrorEntry) {
+        self.recent_errors.push(entry);
+        let excess = self.recent_errors.len().saturating_sub(ERROR_HISTORY);
+        self.recent_errors.drain(..excess);
+    }
+}
+
+/// When a claimed container's next periodic upload is due: one interval
+/// after its last complete upload, or after the claim if none happened
+/// since. A due time in the past is a catch-up: it runs at once.
+pub fn periodic_due(
+    interval: std::time::Duration,
+    claimed_at: crate::Timestamp,
+    last_upload_at: Option<crate::Timestamp>,
+) -> crate::Timestamp {
+    let base = last_upload_at.map_or(claimed_at, |u| u.max(claimed_at));
+    base.saturating_add(interval)
+}
+
+/// How long an upload that failed `attempts` times in a row waits before
+/// the next try: doubling from 1 s, capped at 5 minutes.
+pub fn retry_delay(attempts: u32) -> std::time::Duration {
+    let secs = 1u64 << attempts.saturating_sub(1).min(9);
+    std::time::Duration::from_secs(secs.min(300))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -319,5 +443,58 @@ mod tests {
             }
             prop_assert!(plan(direction, mode, &l, &r).is_empty());
         }
+    }
+
+    #[test]
+    fn periodic_uploads_count_from_the_last_upload_or_the_claim() {
+        let interval = std::time::Duration::from_secs(60);
+        let claimed = crate::Timestamp::from_millis(1_000);
+        assert_eq!(
+            periodic_due(interval, claimed, None),
+            crate::Timestamp::from_millis(61_000)
+        );
+        assert_eq!(
+            periodic_due(
+                interval,
+                claimed,
+                Some(crate::Timestamp::from_millis(30_000))
+            ),
+            crate::Timestamp::from_millis(90_000)
+        );
+        // An upload from an earlier claim does not count for this one.
+        assert_eq!(
+            periodic_due(interval, claimed, Some(crate::Timestamp::from_millis(5))),
+            crate::Timestamp::from_millis(61_000)
+        );
+    }
+
+    #[test]
+    fn retries_back_off_and_cap() {
+        assert_eq!(retry_delay(1), std::time::Duration::from_secs(1));
+        assert_eq!(retry_delay(2), std::time::Duration::from_secs(2));
+        assert_eq!(retry_delay(5), std::time::Duration::from_secs(16));
+        assert_eq!(retry_delay(40), std::time::Duration::from_secs(300));
+    }
+
+    #[test]
+    fn the_error_history_is_bounded_and_keeps_the_newest() {
+        let mut s = SyncStatus::new(
+            TenantId::new("t").unwrap(),
+            crate::WorkloadId::new("w").unwrap(),
+            ".".into(),
+        );
+        for i in 0..(ERROR_HISTORY + 5) {
+            s.push_error(SyncErrorEntry {
+                at: crate::Timestamp::from_millis(i as i64),
+                mapping: ".".into(),
+                message: format!("e{i}"),
+            });
+        }
+        assert_eq!(s.recent_errors.len(), ERROR_HISTORY);
+        assert_eq!(
+            s.recent_errors.last().unwrap().message,
+            format!("e{}", ERROR_HISTORY + 4)
+        );
+        assert_eq!(s.recent_errors[0].message, "e5");
     }
 }

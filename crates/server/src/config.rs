@@ -92,6 +92,10 @@ struct FileConfig {
     reconcile_lost_grace: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     reconcile_creation_grace: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    sync_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    final_sync_deadline: Option<Duration>,
 }
 
 /// The validated server configuration.
@@ -138,6 +142,11 @@ pub struct Config {
     pub command_timeout: Duration,
     /// How long a cold-start claim waits by default. Default 30s.
     pub acquire_timeout: Duration,
+    /// How long one tenant state sync may take on the agent. Default 10m.
+    pub sync_timeout: Duration,
+    /// How long graceful shutdown waits for the final uploads of claimed
+    /// containers, all together. Default 30s.
+    pub final_sync_deadline: Duration,
     /// How often reconciliation runs. Default 5s.
     pub reconcile_interval: Duration,
     /// How long a container row may be missing from fresh reports before
@@ -239,6 +248,8 @@ impl Config {
             reconcile_creation_grace: file
                 .reconcile_creation_grace
                 .unwrap_or(Duration::from_secs(60)),
+            sync_timeout: file.sync_timeout.unwrap_or(Duration::from_secs(600)),
+            final_sync_deadline: file.final_sync_deadline.unwrap_or(Duration::from_secs(30)),
         };
         config.validate()?;
         Ok(config)
@@ -260,6 +271,7 @@ impl Config {
             self.workloads_rescan_interval,
             Duration::from_millis(100),
         )?;
+        at_least("sync_timeout", self.sync_timeout, Duration::from_secs(1))?;
         at_least(
             "shutdown_timeout",
             self.shutdown_timeout,

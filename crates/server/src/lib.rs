@@ -12,5 +12,6 @@ pub mod pools;
 pub mod reconcile;
 pub mod server;
 pub mod store;
+pub mod syncs;
 pub mod tasks;
 pub mod workloads;

@@ -37,6 +37,11 @@ pub struct Metrics {
     boosts_live: Family<Vec<(String, String)>, Gauge>,
     boost_expiry_lag: Histogram,
     boost_ledger: crate::boosts::BoostLedger,
+    syncs: crate::syncs::Syncs,
+    sync_lag: Gauge<f64, std::sync::atomic::AtomicU64>,
+    sync_runs: Family<Vec<(String, String)>, Counter>,
+    sync_bytes: Counter,
+    sync_owed_uploads: Gauge,
 }
 
 impl Metrics {
@@ -47,6 +52,7 @@ impl Metrics {
         workload_dir: WorkloadDir,
         agents: crate::agents::Registry,
         boost_ledger: crate::boosts::BoostLedger,
+        syncs: crate::syncs::Syncs,
     ) -> Self {
         let mut registry = Registry::with_prefix("boilerhouse");
         let agents_connected = Gauge::default();
@@ -103,7 +109,36 @@ impl Metrics {
             "How long after its deadline each boost was ended",
             boost_expiry_lag.clone(),
         );
+        let sync_lag = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "sync_lag_seconds",
+            "Largest time since a claimed container's files last reached the sink (periodic syncs)",
+            sync_lag.clone(),
+        );
+        let sync_runs = Family::<Vec<(String, String)>, Counter>::default();
+        registry.register(
+            "sync_runs",
+            "Tenant state syncs, by result",
+            sync_runs.clone(),
+        );
+        let sync_bytes = Counter::default();
+        registry.register(
+            "sync_transferred_bytes",
+            "Bytes moved by tenant state syncs",
+            sync_bytes.clone(),
+        );
+        let sync_owed_uploads = Gauge::default();
+        registry.register(
+            "sync_owed_uploads",
+            "Released containers whose upload failed and is being retried",
+            sync_owed_uploads.clone(),
+        );
         Self {
+            syncs,
+            sync_lag,
+            sync_runs,
+            sync_bytes,
+            sync_owed_uploads,
             boosts_live,
             boost_expiry_lag,
             boost_ledger,
@@ -158,6 +193,23 @@ impl Metrics {
                 ])
                 .inc();
         }
+        let counters = self.syncs.counters();
+        let ordering = std::sync::atomic::Ordering::Relaxed;
+        self.sync_lag
+            .set(counters.max_lag_ms.load(ordering) as f64 / 1000.0);
+        for (result, value) in [("ok", &counters.ok), ("failed", &counters.failed)] {
+            let counter = self
+                .sync_runs
+                .get_or_create(&vec![("result".to_owned(), result.to_owned())]);
+            counter.inc_by(value.load(ordering).saturating_sub(counter.get()));
+        }
+        self.sync_bytes.inc_by(
+            counters
+                .bytes
+                .load(ordering)
+                .saturating_sub(self.sync_bytes.get()),
+        );
+        self.sync_owed_uploads.set(self.syncs.owed().len() as i64);
         let mut out = String::new();
         encode(&mut out, &self.registry)?;
         Ok(out)

@@ -145,6 +145,7 @@ pub async fn run(
     );
 
     let cancel = CancellationToken::new();
+    let stop_accepting = CancellationToken::new();
     let tracker = TaskTracker::new();
     let driver = Driver::new(cancel.child_token(), tracker.clone());
     let reload_workloads = driver.register(
@@ -204,6 +205,15 @@ pub async fn run(
 
     let agents = crate::agents::Registry::default();
     let boost_ledger = crate::boosts::BoostLedger::default();
+    let syncs = crate::syncs::Syncs::load(
+        store.clone(),
+        agents.clone(),
+        crate::syncs::SyncsConfig {
+            sync_timeout: config.sync_timeout,
+        },
+    )
+    .await
+    .context("loading sync statuses")?;
     let pools = crate::pools::Pools::load(
         store.clone(),
         agents.clone(),
@@ -213,6 +223,7 @@ pub async fn run(
             acquire_timeout: config.acquire_timeout,
         },
         boost_ledger.clone(),
+        syncs.clone(),
     )
     .await
     .context("rebuilding the pool index")?;
@@ -221,6 +232,7 @@ pub async fn run(
         workloads.clone(),
         agents.clone(),
         boost_ledger.clone(),
+        syncs.clone(),
     ));
     // Boosts that expired while the server was down end now, before the
     // ledger counts them; their limits are reverted once agents report.
@@ -336,6 +348,15 @@ pub async fn run(
         move || boost_task.activate(),
         cancel.child_token(),
     ));
+    // Periodic syncs, and at its first pass the catch-up of those whose
+    // interval passed while the server was down; owed uploads on release
+    // are retried here too.
+    driver.register(
+        "sync_scheduler",
+        Duration::from_secs(1),
+        None,
+        crate::syncs::task::SyncScheduler::new(syncs.clone(), pools.clone(), crate::clock::now()),
+    );
     let state = AppState {
         store: store.clone(),
         workloads: workloads.clone(),
@@ -348,6 +369,7 @@ pub async fn run(
         pools: pools.clone(),
         metrics: metrics.clone(),
         reconciler,
+        syncs: syncs.clone(),
     };
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -399,7 +421,7 @@ pub async fn run(
             state: state.clone(),
             boosts: boosts.clone(),
         }))
-        .add_service(SyncServiceServer::new(api::pending::Pending))
+        .add_service(SyncServiceServer::new(api::syncs::SyncApi(state.clone())))
         .add_service(ReconcileServiceServer::new(api::reconcile::Reconcile(
             state.clone(),
         )))
@@ -413,9 +435,11 @@ pub async fn run(
             shutdown: cancel.child_token(),
             pools: pools.clone(),
         }))
+        // Its own token: shutdown stops new RPCs first, while the agents'
+        // streams stay open for the final uploads.
         .serve_with_incoming_shutdown(
             incoming_nodelay(grpc_listener),
-            cancel.clone().cancelled_owned(),
+            stop_accepting.clone().cancelled_owned(),
         );
     let mut grpc = tokio::spawn(grpc);
 
@@ -452,6 +476,7 @@ pub async fn run(
         result = &mut grpc => Some(result),
     };
     if let Some(result) = early_exit {
+        stop_accepting.cancel();
         cancel.cancel();
         result??;
         anyhow::bail!("the gRPC server stopped unexpectedly");
@@ -473,6 +498,25 @@ pub async fn run(
     health
         .set_service_status("", ServingStatus::NotServing)
         .await;
+    // 1. stop accepting RPCs; 2. no new periodic syncs; 3. final uploads
+    // over the still-open agent streams, within their deadline; 4. close
+    // the streams and everything else.
+    stop_accepting.cancel();
+    syncs.begin_shutdown();
+    let finals = crate::syncs::final_uploads(
+        &syncs,
+        &pools,
+        crate::syncs::SyncReason::Shutdown,
+        None,
+        config.final_sync_deadline,
+    )
+    .await;
+    tracing::info!(
+        uploaded = finals.ok,
+        failed = finals.failed,
+        unfinished = finals.unfinished,
+        "final uploads done"
+    );
     cancel.cancel();
     tracker.close();
     let deadline = config.shutdown_timeout;

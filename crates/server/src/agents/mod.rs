@@ -282,6 +282,49 @@ impl Registry {
         }
     }
 
+    /// Sends `command` and returns the agent's answer, failed or not.
+    /// Unlike [`Registry::send`], a command unanswered within `timeout` is
+    /// forgotten, not resent on reconnect: for syncs, a late run of an old
+    /// request could move files the caller already gave up on.
+    pub async fn send_once(
+        &self,
+        node: &NodeId,
+        command: pb::Command,
+        timeout: Duration,
+    ) -> Result<pb::CommandResult, CommandError> {
+        let id = command.command_id.clone();
+        let (reply, answer) = oneshot::channel();
+        let outbound = {
+            let mut inner = self.lock();
+            let Some(session) = inner.sessions.get(node) else {
+                return Err(CommandError::NotConnected(node.clone()));
+            };
+            let outbound = session.outbound.clone();
+            inner.pending.entry(node.clone()).or_default().insert(
+                id.clone(),
+                PendingCommand {
+                    command: command.clone(),
+                    reply: Some(reply),
+                },
+            );
+            outbound
+        };
+        let message = pb::ConnectResponse {
+            message: Some(pb::connect_response::Message::Command(command)),
+        };
+        let _ = outbound.send(Ok(message)).await;
+        drop(outbound);
+        match tokio::time::timeout(timeout, answer).await {
+            Ok(Ok(result)) => Ok(result),
+            Ok(Err(_)) | Err(_) => {
+                if let Some(pending) = self.lock().pending.get_mut(node) {
+                    pending.remove(&id);
+                }
+                Err(CommandError::Timeout(node.clone(), timeout))
+            }
+        }
+    }
+
     /// The live session of `node`, if any.
     pub fn session(&self, node: &NodeId) -> Option<SessionInfo> {
         self.lock().sessions.get(node).map(|s| SessionInfo {

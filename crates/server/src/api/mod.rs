@@ -6,9 +6,9 @@ pub mod boosts;
 pub mod events;
 pub mod idempotency;
 pub mod nodes;
-pub mod pending;
 pub mod pools;
 pub mod reconcile;
+pub mod syncs;
 pub mod system;
 pub mod workloads;
 
@@ -45,4 +45,6 @@ pub struct AppState {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Reconciliation.
     pub reconciler: crate::reconcile::Reconciler,
+    /// Tenant state sync.
+    pub syncs: crate::syncs::Syncs,
 }

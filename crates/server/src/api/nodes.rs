@@ -133,13 +133,194 @@ impl NodeService for Nodes {
     type DrainNodeStream =
         Pin<Box<dyn Stream<Item = Result<pb::DrainNodeResponse, Status>> + Send>>;
 
+    /// Drains a node, as `kubectl drain` or a Nomad drain would: cordon
+    /// it, upload every claimed container's files (the final upload),
+    /// release those claims so their tenants' next claim lands elsewhere
+    /// with their files, end its reservations and remove its idle
+    /// containers. Progress streams until the node holds no container or
+    /// the deadline (default 5 minutes) passes. A container whose upload
+    /// fails is kept, never destroyed, and reported as remaining.
     async fn drain_node(
         &self,
-        _request: Request<pb::DrainNodeRequest>,
+        request: Request<pb::DrainNodeRequest>,
     ) -> Result<Response<Self::DrainNodeStream>, Status> {
-        Err(
-            ApiError::Unimplemented("node drain (it moves claims, which arrive with warm pools)")
-                .into(),
-        )
+        let req = request.into_inner();
+        let id = convert::node_id("node_id", &req.node_id).map_err(ApiError::from)?;
+        let now = crate::clock::now();
+        let deadline = match &req.deadline {
+            Some(t) => {
+                let at = convert::timestamp_from_pb(t);
+                if at <= now {
+                    return Err(ApiError::invalid("deadline", "is in the past").into());
+                }
+                at.saturating_since(now)
+            }
+            None => std::time::Duration::from_secs(300),
+        };
+        self.0
+            .store
+            .set_cordoned(id.clone(), true, now)
+            .await
+            .map_err(ApiError::from)?
+            .ok_or_else(|| ApiError::NotFound {
+                what: "node",
+                id: id.to_string(),
+            })?;
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let state = self.0.clone();
+        tokio::spawn(async move {
+            drain(state, id, deadline, tx).await;
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}
+
+type DrainSink = tokio::sync::mpsc::Sender<Result<pb::DrainNodeResponse, Status>>;
+
+/// What remains on `node`: containers, and of them the claimed ones.
+fn remaining(state: &AppState, node: &boilerhouse_core::NodeId) -> (u32, u32) {
+    let containers: Vec<_> = state
+        .pools
+        .containers()
+        .into_iter()
+        .filter(|c| &c.node_id == node)
+        .collect();
+    let claims = containers
+        .iter()
+        .filter(|c| c.state == boilerhouse_core::pool::ContainerState::Claimed)
+        .count();
+    (containers.len() as u32, claims as u32)
+}
+
+async fn progress(
+    state: &AppState,
+    node: &boilerhouse_core::NodeId,
+    tx: &DrainSink,
+    message: String,
+    done: bool,
+) -> bool {
+    let (containers_remaining, claims_remaining) = remaining(state, node);
+    tx.send(Ok(pb::DrainNodeResponse {
+        containers_remaining,
+        claims_remaining,
+        message,
+        done,
+    }))
+    .await
+    .is_ok()
+}
+
+async fn drain(
+    state: AppState,
+    node: boilerhouse_core::NodeId,
+    deadline: std::time::Duration,
+    tx: DrainSink,
+) {
+    use boilerhouse_core::pool::ContainerState;
+    let started = std::time::Instant::now();
+    if !progress(&state, &node, &tx, format!("cordoned {node}"), false).await {
+        return;
+    }
+    let finals = crate::syncs::final_uploads(
+        &state.syncs,
+        &state.pools,
+        crate::syncs::SyncReason::Drain,
+        Some(&node),
+        deadline,
+    )
+    .await;
+    let message = format!(
+        "final uploads: {} done, {} failed, {} unfinished",
+        finals.ok, finals.failed, finals.unfinished
+    );
+    if !progress(&state, &node, &tx, message, false).await {
+        return;
+    }
+    for g in state
+        .pools
+        .active_claims()
+        .into_iter()
+        .filter(|g| g.container.node_id == node)
+    {
+        // Release runs the upload on release again (incremental: only what
+        // changed since the final upload moves); if it fails the container
+        // is kept for its tenant and the upload retried.
+        let outcome = state
+            .pools
+            .release(
+                g.claim.tenant_id.clone(),
+                g.claim.workload_id.clone(),
+                None,
+                &format!("node {node} drained"),
+                None,
+            )
+            .await;
+        let message = match outcome {
+            Ok(_) => format!(
+                "released {}'s claim of {}",
+                g.claim.tenant_id, g.claim.workload_id
+            ),
+            Err(e) => format!(
+                "cannot release {}'s claim of {}: {e}",
+                g.claim.tenant_id, g.claim.workload_id
+            ),
+        };
+        if !progress(&state, &node, &tx, message, false).await {
+            return;
+        }
+    }
+    for r in state
+        .pools
+        .reservations()
+        .into_iter()
+        .filter(|r| r.node_id == node)
+    {
+        if state.syncs.release_upload_owed(&r.container_id) {
+            continue;
+        }
+        if let Err(e) = state
+            .pools
+            .end_reservation(&r.tenant_id, &r.workload_id, false)
+            .await
+        {
+            tracing::warn!(error = %e, "drain: cannot end a reservation");
+        }
+    }
+    for c in state.pools.containers().into_iter().filter(|c| {
+        c.node_id == node && matches!(c.state, ContainerState::Idle | ContainerState::Warming)
+    }) {
+        if let Err(e) = state
+            .pools
+            .destroy(&c.id, false, &format!("node {node} drained"))
+            .await
+        {
+            tracing::warn!(error = %e, "drain: cannot remove an idle container");
+        }
+    }
+    loop {
+        let (containers, _) = remaining(&state, &node);
+        if containers == 0 {
+            let _ = progress(&state, &node, &tx, format!("node {node} is drained"), true).await;
+            return;
+        }
+        if started.elapsed() >= deadline {
+            let _ = progress(
+                &state,
+                &node,
+                &tx,
+                format!("deadline passed with {containers} containers left on {node} (owed uploads keep theirs)"),
+                true,
+            )
+            .await;
+            return;
+        }
+        tokio::select! {
+            // Cancel-safe: closed() only watches the receiver.
+            () = tx.closed() => return,
+            // Cancel-safe: a sleep has no state to lose.
+            () = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+        }
     }
 }

@@ -50,6 +50,16 @@ impl From<PoolError> for ApiError {
     }
 }
 
+/// The wire source of a claim whose tenant files were restored.
+fn with_data(s: ClaimSource) -> pb::ClaimSource {
+    match s {
+        ClaimSource::Existing => pb::ClaimSource::ExistingWithData,
+        ClaimSource::Affinity => pb::ClaimSource::AffinityWithData,
+        ClaimSource::Pool => pb::ClaimSource::PoolWithData,
+        ClaimSource::Cold => pb::ClaimSource::ColdWithData,
+    }
+}
+
 fn source_to_pb(s: ClaimSource) -> pb::ClaimSource {
     match s {
         ClaimSource::Existing => pb::ClaimSource::Existing,
@@ -186,17 +196,23 @@ impl pb::claim_service_server::ClaimService for Claims {
         {
             return Ok(Response::new(previous));
         }
-        let respond = |g: &Granted, source: ClaimSource| pb::ClaimResponse {
-            claim: Some(claim_info(&g.claim, Some(&g.container), source)),
-            server_latency: Some(duration_to_pb(started.elapsed())),
+        let respond = |g: &Granted, source: ClaimSource, restored: bool| {
+            let mut info = claim_info(&g.claim, Some(&g.container), source);
+            if restored {
+                info.source = with_data(source) as i32;
+            }
+            pb::ClaimResponse {
+                claim: Some(info),
+                server_latency: Some(duration_to_pb(started.elapsed())),
+            }
         };
         // With a request id, the response is fixed when the decision is
         // made and stored with it; the first caller gets that very answer,
         // so a retry's answer is identical to the byte.
         let stored: std::sync::Mutex<Option<pb::ClaimResponse>> = std::sync::Mutex::new(None);
-        let record = |g: &Granted, source: ClaimSource| {
+        let record = |g: &Granted, source: ClaimSource, restored: bool| {
             request_id.as_ref().map(|id| {
-                let response = respond(g, source);
+                let response = respond(g, source, restored);
                 let bytes = response.encode_to_vec();
                 *stored.lock().unwrap_or_else(|e| e.into_inner()) = Some(response);
                 IdempotentRecord {
@@ -208,7 +224,7 @@ impl pb::claim_service_server::ClaimService for Claims {
                 }
             })
         };
-        let (granted, source) = self
+        let (granted, source, restored) = self
             .0
             .pools
             .claim(tenant, workload, acquire_timeout, record)
@@ -217,7 +233,7 @@ impl pb::claim_service_server::ClaimService for Claims {
         let response = stored
             .into_inner()
             .unwrap_or_else(|e| e.into_inner())
-            .unwrap_or_else(|| respond(&granted, source));
+            .unwrap_or_else(|| respond(&granted, source, restored));
         self.0.metrics.observe_claim(source, started.elapsed());
         Ok(Response::new(response))
     }

@@ -146,6 +146,8 @@ struct Inner {
     workloads: std::sync::RwLock<HashMap<WorkloadId, Arc<WorkloadRecord>>>,
     /// Live boosts, which move schedulable capacity between nodes.
     boosts: crate::boosts::BoostLedger,
+    /// Tenant state sync: downloads on claim, uploads on release.
+    syncs: crate::syncs::Syncs,
 }
 
 /// The pool machinery. Cheap to clone.
@@ -194,6 +196,7 @@ impl Pools {
         agents: Registry,
         config: PoolsConfig,
         boosts: crate::boosts::BoostLedger,
+        syncs: crate::syncs::Syncs,
     ) -> Result<Self, StoreError> {
         let snapshot = store.load_pool_snapshot().await?;
         let mut index = Index::default();
@@ -226,6 +229,7 @@ impl Pools {
                 refill: tokio::sync::Notify::new(),
                 workloads: std::sync::RwLock::default(),
                 boosts,
+                syncs,
             }),
         })
     }
@@ -300,6 +304,11 @@ impl Pools {
         Ok(record)
     }
 
+    /// A workload as the pools see it (cached).
+    pub async fn workload_record(&self, id: &WorkloadId) -> Result<Arc<WorkloadRecord>, PoolError> {
+        self.workload(id).await
+    }
+
     /// Replaces the workload cache with what the database holds now.
     pub fn refresh_workloads(&self, workloads: &[WorkloadRecord]) {
         let fresh = workloads
@@ -321,8 +330,8 @@ impl Pools {
         tenant: TenantId,
         workload_id: WorkloadId,
         acquire_timeout: Option<Duration>,
-        idempotency: impl Fn(&Granted, ClaimSource) -> Option<IdempotentRecord>,
-    ) -> Result<(Granted, ClaimSource), PoolError> {
+        idempotency: impl Fn(&Granted, ClaimSource, bool) -> Option<IdempotentRecord>,
+    ) -> Result<(Granted, ClaimSource, bool), PoolError> {
         let workload = self.workload(&workload_id).await?;
         let key = (tenant.clone(), workload_id.clone());
         let _guard = self.lock_tenant(&tenant, &workload_id).await;
@@ -396,7 +405,7 @@ impl Pools {
                 .cloned()
                 .ok_or_else(|| PoolError::NoClaim(tenant.clone(), workload_id.clone()))?;
             let granted = Granted { claim, container };
-            if let Some(record) = idempotency(&granted, source) {
+            if let Some(record) = idempotency(&granted, source, false) {
                 self.inner
                     .store
                     .apply_pool_write(PoolWrite {
@@ -405,8 +414,14 @@ impl Pools {
                     })
                     .await?;
             }
-            return Ok((granted, source));
+            return Ok((granted, source, false));
         }
+        // With a download to run first, the answer (and the request id's
+        // record of it) waits for the download: a claim whose restore fails
+        // is not granted, and a retry must not replay it as granted.
+        let restore = workload.spec.sync.as_ref().is_some_and(|s| {
+            s.policy.on_claim && crate::syncs::runs_in(s, crate::syncs::Phase::Download)
+        });
 
         let mut claimed = container.clone();
         claimed.state = ContainerState::Claimed;
@@ -434,7 +449,11 @@ impl Pools {
             containers: vec![claimed.clone()],
             claims: vec![claim.clone()],
             removed_reservations: consumed.clone().into_iter().collect(),
-            idempotency: idempotency(&granted, source),
+            idempotency: if restore {
+                None
+            } else {
+                idempotency(&granted, source, false)
+            },
             events: vec![event(
                 now,
                 "claim.created",
@@ -480,14 +499,70 @@ impl Pools {
         self.write_state_file(
             &claimed,
             StateFile {
-                tenant_id: Some(tenant),
+                tenant_id: Some(tenant.clone()),
                 last_tenant_id: claimed.last_tenant_id.clone(),
                 claimed_at: Some(now),
                 last_activity_at: Some(now),
                 claim_generation: claimed.claim_generation,
             },
         );
-        Ok((granted, source))
+        if consumed.is_some() && self.inner.syncs.release_upload_owed(&claimed.id) {
+            // Its tenant has it back: the files are in use again and go up
+            // with the next release.
+            self.inner
+                .syncs
+                .settle_release_upload(claimed.id, "no longer owed: claimed again by its tenant")
+                .await?;
+        }
+        if !restore {
+            return Ok((granted, source, false));
+        }
+        let policy = workload.spec.sync.as_ref().map(|s| s.policy.on_claim_error);
+        let run = self
+            .inner
+            .syncs
+            .run(
+                &tenant,
+                &workload,
+                &claimed,
+                crate::syncs::Phase::Download,
+                None,
+                crate::syncs::SyncReason::Claim,
+            )
+            .await;
+        let with_data = run.ok();
+        if let Some(e) = run.error
+            && policy != Some(boilerhouse_core::workload::OnClaimError::Continue)
+        {
+            // Not granted. The container keeps no one else's data and is
+            // kept for this tenant, so a retry lands on it (AFFINITY) and
+            // tries the restore again; nothing is uploaded from it, since
+            // it lacks the tenant's files.
+            self.release_locked(
+                &tenant,
+                &workload_id,
+                None,
+                "restoring the tenant's files failed",
+                None,
+                false,
+            )
+            .await?;
+            return Err(PoolError::Unavailable(format!(
+                "cannot restore {tenant}'s files for {workload_id} into container {}: {e}; \
+                 the claim was not granted (retry, or set sync.policy.on_claim_error: continue to claim without them)",
+                claimed.id
+            )));
+        }
+        if let Some(record) = idempotency(&granted, source, with_data) {
+            self.inner
+                .store
+                .apply_pool_write(PoolWrite {
+                    idempotency: Some(record),
+                    ..Default::default()
+                })
+                .await?;
+        }
+        Ok((granted, source, with_data))
     }
 
     /// Creates a container for one claim and waits until it is ready.
@@ -705,9 +780,27 @@ impl Pools {
         reason: &str,
         idempotency: Option<IdempotentRecord>,
     ) -> Result<(ClaimRecord, Option<Reservation>), PoolError> {
-        let key = (tenant.clone(), workload_id.clone());
         let _guard = self.lock_tenant(&tenant, &workload_id).await;
-        let now = crate::clock::now();
+        self.release_locked(&tenant, &workload_id, generation, reason, idempotency, true)
+            .await
+    }
+
+    /// Releases with the tenant's lock held. `upload` runs the workload's
+    /// upload on release first; if it fails, the container is kept for the
+    /// tenant (whatever `reuse` says) and the upload is retried until it
+    /// succeeds, so the tenant's newest files are never destroyed.
+    async fn release_locked(
+        &self,
+        tenant: &TenantId,
+        workload_id: &WorkloadId,
+        generation: Option<u64>,
+        reason: &str,
+        idempotency: Option<IdempotentRecord>,
+        upload: bool,
+    ) -> Result<(ClaimRecord, Option<Reservation>), PoolError> {
+        let tenant = tenant.clone();
+        let workload_id = workload_id.clone();
+        let key = (tenant.clone(), workload_id.clone());
         let (claim, container) = {
             let index = self.index();
             let claim = index
@@ -726,6 +819,37 @@ impl Pools {
         };
         // A workload deleted since the claim means the container is not reused.
         let workload = self.workload(&workload_id).await.ok();
+        let mut owed = false;
+        if upload
+            && let (Some(w), Some(c)) = (&workload, &container)
+            && w.spec.sync.as_ref().is_some_and(|s| {
+                s.policy.on_release && crate::syncs::runs_in(s, crate::syncs::Phase::Upload)
+            })
+        {
+            let run = self
+                .inner
+                .syncs
+                .run(
+                    &tenant,
+                    w,
+                    c,
+                    crate::syncs::Phase::Upload,
+                    None,
+                    crate::syncs::SyncReason::Release,
+                )
+                .await;
+            if let Some(e) = run.error {
+                // Recorded before the release commits: a crash in between
+                // leaves an owed upload on a claimed container, which is
+                // harmless, never a released container nobody will upload.
+                self.inner
+                    .syncs
+                    .owe_release_upload(&tenant, &workload_id, c, &e)
+                    .await?;
+                owed = true;
+            }
+        }
+        let now = crate::clock::now();
         let mut ended = claim.clone();
         ended.status = ClaimStatus::Released;
         ended.released_at = Some(now);
@@ -740,7 +864,7 @@ impl Pools {
             c.tenant_id = None;
             c.last_tenant_id = Some(tenant.clone());
             c.updated_at = now;
-            match workload.as_ref().filter(|w| w.spec.pool.reuse) {
+            match workload.as_ref().filter(|w| w.spec.pool.reuse || owed) {
                 Some(w) => {
                     c.state = ContainerState::Reserved;
                     let r = Reservation {
@@ -997,6 +1121,23 @@ impl Pools {
         let key = (tenant.clone(), workload.clone());
         let _guard = self.lock_tenant(tenant, workload).await;
         let r = self.reservation(tenant, workload)?;
+        if self.inner.syncs.release_upload_owed(&r.container_id) {
+            if expired {
+                return Err(PoolError::Precondition(format!(
+                    "container {} holds {tenant}'s files whose upload is still owed",
+                    r.container_id
+                )));
+            }
+            // An operator's revoke is the operator acting: the owed files
+            // are given up, and the event says so.
+            self.inner
+                .syncs
+                .settle_release_upload(
+                    r.container_id,
+                    "abandoned: the reservation was revoked by an operator",
+                )
+                .await?;
+        }
         let now = crate::clock::now();
         let mut write = PoolWrite {
             removed_reservations: vec![key.clone()],
@@ -1089,8 +1230,70 @@ impl Pools {
                 self.index().claims.remove(&key);
             }
         }
+        if self.inner.syncs.release_upload_owed(id) {
+            self.inner
+                .syncs
+                .settle_release_upload(
+                    *id,
+                    &format!("abandoned: the container was destroyed ({reason})"),
+                )
+                .await?;
+        }
         self.mark_draining(*id, reason).await;
         Ok(self.container(id).unwrap_or(container))
+    }
+
+    /// An owed upload on release finally succeeded: the reservation begins
+    /// now (its full affinity_timeout), or ends at once for a workload that
+    /// does not reuse containers.
+    pub async fn release_upload_done(
+        &self,
+        owed: &crate::store::PendingReleaseUpload,
+        container: &ContainerRecord,
+    ) -> Result<(), PoolError> {
+        let tenant = &owed.tenant_id;
+        let workload = &owed.workload_id;
+        self.inner
+            .syncs
+            .settle_release_upload(
+                container.id,
+                &format!("uploaded after {} failed attempts", owed.attempts),
+            )
+            .await?;
+        let reuse = self
+            .workload(workload)
+            .await
+            .map(|w| (w.spec.pool.reuse, w.spec.pool.affinity_timeout));
+        let reservation = self
+            .index()
+            .reservations
+            .get(&(tenant.clone(), workload.clone()))
+            .filter(|r| r.container_id == container.id)
+            .cloned();
+        let Some(mut r) = reservation else {
+            return Ok(());
+        };
+        match reuse {
+            Ok((true, timeout)) => {
+                let _guard = self.lock_tenant(tenant, workload).await;
+                r.reserved_at = crate::clock::now();
+                r.expires_at = r.reserved_at.saturating_add(timeout);
+                self.inner
+                    .store
+                    .apply_pool_write(PoolWrite {
+                        reservations: vec![r.clone()],
+                        ..Default::default()
+                    })
+                    .await?;
+                self.index()
+                    .reservations
+                    .insert((tenant.clone(), workload.clone()), r);
+            }
+            _ => {
+                self.end_reservation(tenant, workload, true).await?;
+            }
+        }
+        Ok(())
     }
 
     async fn mark_draining(&self, id: ContainerId, reason: &str) {

@@ -397,6 +397,9 @@ impl Pools {
             .reservations()
             .into_iter()
             .filter(|r| r.expires_at <= now)
+            // Its container holds files whose upload is still owed: it
+            // must outlive the reservation until the upload succeeds.
+            .filter(|r| !self.inner.syncs.release_upload_owed(&r.container_id))
             .collect();
         for r in &expired {
             self.end_reservation(&r.tenant_id, &r.workload_id, true)

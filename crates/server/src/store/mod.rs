@@ -24,8 +24,11 @@
 //! - **boosts**: requested, active and ended resource boosts. Keeping them
 //!   here is what lets `bh boost request`, `status` and `release` run as
 //!   separate processes, the bug the original tool had.
-//! - **sync_status / sync_errors**: last sync time per tenant and mapping
-//!   (catch-up after a restart needs it) and recent errors.
+//! - **sync_status / sync_errors**: last sync and upload time per tenant
+//!   and mapping (catch-up after a restart needs it) and recent errors.
+//! - **sync_release_pending**: containers whose upload on release failed.
+//!   They hold the tenant's only up-to-date copy, so they must never be
+//!   destroyed before the retried upload succeeds, even across restarts.
 //! - **events**: the activity log, with ids that double as resume tokens.
 //! - **idempotency_keys**: the first answer to each mutating request_id.
 //!
@@ -44,6 +47,7 @@ mod events;
 mod idempotency;
 mod nodes;
 mod pools;
+mod sync;
 mod workloads;
 pub mod writer;
 
@@ -65,6 +69,7 @@ pub use events::EventQuery;
 pub use idempotency::{IdempotencyLookup, IdempotentRecord};
 pub use nodes::{Arrival, NodeHello};
 pub use pools::{PoolOverride, PoolSnapshot, PoolWrite};
+pub use sync::PendingReleaseUpload;
 pub use workloads::WorkloadChange;
 pub use writer::{WriteTx, Writer, WriterStats};
 
