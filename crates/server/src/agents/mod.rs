@@ -413,6 +413,7 @@ mod tests {
                 ok: true,
                 error: String::new(),
                 container: None,
+                sync: None,
             },
         );
         let result = pending.await.unwrap().unwrap();
