@@ -151,10 +151,32 @@ async fn reflection_v1_serves_every_service_too() {
 }
 
 #[tokio::test]
-async fn capabilities_not_built_yet_say_so_instead_of_pretending() {
+async fn sync_requests_name_the_bad_field_and_unknown_workloads() {
     let server = ServerProcess::start().await.unwrap();
-    let channel = server.channel().await.unwrap();
-    let err = pb::sync_service_client::SyncServiceClient::new(channel)
+    let mut syncs =
+        pb::sync_service_client::SyncServiceClient::new(server.channel().await.unwrap());
+    let err = syncs
+        .trigger_sync(pb::TriggerSyncRequest {
+            tenant_id: "not a tenant".into(),
+            workload_id: "demo".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("tenant_id"), "{}", err.message());
+    let err = syncs
+        .trigger_sync(pb::TriggerSyncRequest {
+            tenant_id: "t1".into(),
+            workload_id: "demo".into(),
+            direction: 42,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("direction"), "{}", err.message());
+    let err = syncs
         .trigger_sync(pb::TriggerSyncRequest {
             tenant_id: "t1".into(),
             workload_id: "demo".into(),
@@ -162,12 +184,14 @@ async fn capabilities_not_built_yet_say_so_instead_of_pretending() {
         })
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::Unimplemented);
-    assert!(
-        err.message().contains("tenant state sync"),
-        "{}",
-        err.message()
-    );
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    let statuses = syncs
+        .get_sync_status(pb::GetSyncStatusRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .statuses;
+    assert!(statuses.is_empty(), "{statuses:?}");
 }
 
 #[tokio::test]
