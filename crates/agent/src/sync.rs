@@ -42,38 +42,7 @@ const MAX_ERRORS: usize = 16;
 /// Prefix of the agent's temporary files; never synced.
 const TEMP_PREFIX: &str = ".boilerhouse-";
 
-/// Which mappings a sync runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
-    /// Mappings that upload or are bidirectional.
-    Upload,
-    /// Mappings that download or are bidirectional.
-    Download,
-    /// Every mapping.
-    All,
-}
-
-impl Phase {
-    /// From the wire.
-    pub fn parse(s: &str) -> Result<Self, String> {
-        match s {
-            "upload" => Ok(Self::Upload),
-            "download" => Ok(Self::Download),
-            "all" | "" => Ok(Self::All),
-            other => Err(format!(
-                "unknown sync direction {other:?}; expected upload, download or all"
-            )),
-        }
-    }
-
-    fn selects(self, direction: SyncDirection) -> bool {
-        match self {
-            Self::All => true,
-            Self::Upload => direction != SyncDirection::Download,
-            Self::Download => direction != SyncDirection::Upload,
-        }
-    }
-}
+pub use boilerhouse_core::sync::SyncPhase as Phase;
 
 /// One sync to run.
 #[derive(Debug, Clone, PartialEq)]

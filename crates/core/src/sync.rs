@@ -158,6 +158,50 @@ pub fn plan(
     steps
 }
 
+/// Which of a workload's mappings one sync runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncPhase {
+    /// Mappings that upload or are bidirectional: release, periodic and
+    /// final syncs.
+    Upload,
+    /// Mappings that download or are bidirectional: claims.
+    Download,
+    /// Every mapping.
+    All,
+}
+
+impl SyncPhase {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SyncPhase::Upload => "upload",
+            SyncPhase::Download => "download",
+            SyncPhase::All => "all",
+        }
+    }
+
+    /// From the wire name; empty is `All`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "upload" => Ok(Self::Upload),
+            "download" => Ok(Self::Download),
+            "all" | "" => Ok(Self::All),
+            other => Err(format!(
+                "unknown sync direction {other:?}; expected upload, download or all"
+            )),
+        }
+    }
+
+    /// Whether a mapping moving `direction` runs in this phase.
+    pub fn selects(self, direction: SyncDirection) -> bool {
+        match self {
+            SyncPhase::All => true,
+            SyncPhase::Upload => direction != SyncDirection::Download,
+            SyncPhase::Download => direction != SyncDirection::Upload,
+        }
+    }
+}
+
 /// Where a (tenant, workload, mapping) sync stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -250,6 +250,21 @@ impl Registry {
         command: pb::Command,
         timeout: Duration,
     ) -> Result<pb::CommandResult, CommandError> {
+        let answer = self.dispatch(node, command).await?;
+        match tokio::time::timeout(timeout, answer).await {
+            Ok(Ok(result)) if result.ok => Ok(result),
+            Ok(Ok(result)) => Err(CommandError::Failed(result.error)),
+            Ok(Err(_)) | Err(_) => Err(CommandError::Timeout(node.clone(), timeout)),
+        }
+    }
+
+    /// Records `command` as pending for `node` and sends it; the receiver
+    /// gets the agent's answer.
+    async fn dispatch(
+        &self,
+        node: &NodeId,
+        command: pb::Command,
+    ) -> Result<oneshot::Receiver<pb::CommandResult>, CommandError> {
         let (reply, answer) = oneshot::channel();
         let outbound = {
             let mut inner = self.lock();
@@ -270,16 +285,11 @@ impl Registry {
             message: Some(pb::connect_response::Message::Command(command)),
         };
         // A closed session is fine: the command is pending and goes out on
-        // reconnect.
+        // reconnect. The sender is dropped here: holding it while waiting
+        // would keep the session's stream open after the session ends, and
+        // stall shutdown.
         let _ = outbound.send(Ok(message)).await;
-        // Holding the sender while waiting would keep the session's stream
-        // open after the session ends, and stall shutdown.
-        drop(outbound);
-        match tokio::time::timeout(timeout, answer).await {
-            Ok(Ok(result)) if result.ok => Ok(result),
-            Ok(Ok(result)) => Err(CommandError::Failed(result.error)),
-            Ok(Err(_)) | Err(_) => Err(CommandError::Timeout(node.clone(), timeout)),
-        }
+        Ok(answer)
     }
 
     /// Sends `command` and returns the agent's answer, failed or not.
@@ -293,27 +303,7 @@ impl Registry {
         timeout: Duration,
     ) -> Result<pb::CommandResult, CommandError> {
         let id = command.command_id.clone();
-        let (reply, answer) = oneshot::channel();
-        let outbound = {
-            let mut inner = self.lock();
-            let Some(session) = inner.sessions.get(node) else {
-                return Err(CommandError::NotConnected(node.clone()));
-            };
-            let outbound = session.outbound.clone();
-            inner.pending.entry(node.clone()).or_default().insert(
-                id.clone(),
-                PendingCommand {
-                    command: command.clone(),
-                    reply: Some(reply),
-                },
-            );
-            outbound
-        };
-        let message = pb::ConnectResponse {
-            message: Some(pb::connect_response::Message::Command(command)),
-        };
-        let _ = outbound.send(Ok(message)).await;
-        drop(outbound);
+        let answer = self.dispatch(node, command).await?;
         match tokio::time::timeout(timeout, answer).await {
             Ok(Ok(result)) => Ok(result),
             Ok(Err(_)) | Err(_) => {

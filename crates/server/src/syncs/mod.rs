@@ -35,34 +35,7 @@ use crate::agents::Registry;
 use crate::api::idempotency::KeyedLocks;
 use crate::store::{PendingReleaseUpload, Store, StoreError};
 
-/// Which mappings a sync runs (the agent's phases).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
-    /// Mappings that upload or are bidirectional.
-    Upload,
-    /// Mappings that download or are bidirectional.
-    Download,
-    /// Every mapping.
-    All,
-}
-
-impl Phase {
-    fn as_str(self) -> &'static str {
-        match self {
-            Phase::Upload => "upload",
-            Phase::Download => "download",
-            Phase::All => "all",
-        }
-    }
-
-    fn selects(self, direction: SyncDirection) -> bool {
-        match self {
-            Phase::All => true,
-            Phase::Upload => direction != SyncDirection::Download,
-            Phase::Download => direction != SyncDirection::Upload,
-        }
-    }
-}
+pub use boilerhouse_core::sync::SyncPhase as Phase;
 
 /// Why a sync runs; recorded in events and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
