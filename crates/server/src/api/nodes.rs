@@ -319,7 +319,9 @@ async fn drain(
         tokio::select! {
             // Cancel-safe: closed() only watches the receiver.
             () = tx.closed() => return,
-            // Cancel-safe: a sleep has no state to lose.
+            // The poll period of the progress stream: removals are the
+            // refiller's and the agent's, and report no completion of their
+            // own. Cancel-safe: a sleep has no state to lose.
             () = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
         }
     }

@@ -37,12 +37,7 @@ impl SyncApi {
     /// while the tenant holds a claim or is owed an upload; zero otherwise.
     fn to_pb(&self, s: &SyncStatus, now: Timestamp) -> pb::SyncStatus {
         let claim = self.0.pools.active_claim(&s.tenant_id, &s.workload_id);
-        let owed = self
-            .0
-            .syncs
-            .owed()
-            .into_iter()
-            .any(|o| o.tenant_id == s.tenant_id && o.workload_id == s.workload_id);
+        let owed = self.0.syncs.owes(&s.tenant_id, &s.workload_id);
         let lag = match (&claim, s.last_upload_at) {
             (Some(g), last) => {
                 let base = last.map_or(g.claim.claimed_at, |l| l.max(g.claim.claimed_at));

@@ -570,6 +570,13 @@ impl Syncs {
         Ok(())
     }
 
+    /// Whether any container of `tenant`'s `workload` is owed an upload.
+    pub fn owes(&self, tenant: &TenantId, workload: &WorkloadId) -> bool {
+        self.owed_lock()
+            .values()
+            .any(|(p, _)| &p.tenant_id == tenant && &p.workload_id == workload)
+    }
+
     /// Owed uploads whose retry time has come.
     pub fn owed_due(&self) -> Vec<PendingReleaseUpload> {
         let now = Instant::now();

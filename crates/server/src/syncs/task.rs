@@ -1,7 +1,7 @@
 //! The sync scheduler: periodic uploads of claimed containers (with
 //! catch-up after a restart), and retries of owed uploads on release.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -19,10 +19,10 @@ use crate::tasks::BackgroundTask;
 /// What runs now or waits after failing, per (tenant, workload).
 #[derive(Default)]
 struct Schedule {
-    running: HashMap<(TenantId, WorkloadId), ()>,
+    running: HashSet<(TenantId, WorkloadId)>,
     /// Consecutive failures and when to try again.
     failures: HashMap<(TenantId, WorkloadId), (u32, Instant)>,
-    retrying: HashMap<ContainerId, ()>,
+    retrying: HashSet<ContainerId>,
 }
 
 /// The `sync_scheduler` background task.
@@ -82,7 +82,7 @@ impl SyncScheduler {
             let key = (tenant.clone(), workload_id.clone());
             {
                 let mut schedule = self.schedule();
-                if schedule.running.contains_key(&key)
+                if schedule.running.contains(&key)
                     || schedule
                         .failures
                         .get(&key)
@@ -90,7 +90,7 @@ impl SyncScheduler {
                 {
                     continue;
                 }
-                schedule.running.insert(key.clone(), ());
+                schedule.running.insert(key.clone());
             }
             // Due before this server started: the interval passed while
             // it was down.
@@ -126,7 +126,7 @@ impl SyncScheduler {
 
         let mut retried = 0;
         for owed in self.syncs.owed_due() {
-            if self.schedule().retrying.contains_key(&owed.container_id) {
+            if self.schedule().retrying.contains(&owed.container_id) {
                 continue;
             }
             let Some(container) = self.pools.container(&owed.container_id) else {
@@ -157,7 +157,7 @@ impl SyncScheduler {
             let Ok(workload) = self.pools.workload_record(&owed.workload_id).await else {
                 continue;
             };
-            self.schedule().retrying.insert(owed.container_id, ());
+            self.schedule().retrying.insert(owed.container_id);
             retried += 1;
             let syncs = self.syncs.clone();
             let pools = self.pools.clone();
