@@ -92,6 +92,44 @@ pub enum EventKind {
     BoostExpired,
     /// The host could not apply a boost.
     BoostFailed,
+    /// A pool's operator overrides changed (scale, drain).
+    PoolUpdated,
+    /// Creating a pool container failed; the pool backs off.
+    PoolCreateFailed,
+    /// A tenant claimed a container.
+    ClaimCreated,
+    /// A tenant's claim was released.
+    ClaimReleased,
+    /// A claim ended because its container or node is gone.
+    ClaimLost,
+    /// A tenant got back the container of a claim that was lost.
+    ClaimResumed,
+    /// A container will be removed.
+    ContainerDraining,
+    /// A container was removed.
+    ContainerDestroyed,
+    /// A container is gone from its node.
+    ContainerLost,
+    /// A reservation was extended.
+    AffinityExtended,
+    /// A reservation ran out.
+    AffinityExpired,
+    /// An operator ended a reservation.
+    AffinityRevoked,
+    /// Reconciliation took in a managed container that had no row.
+    ReconcileAdopted,
+    /// Reconciliation removed a managed container that had no row.
+    ReconcileDestroyed,
+    /// Reconciliation rebuilt state from the agents' labels and state files.
+    ReconcileRebuilt,
+    /// A tenant state sync moved every file.
+    SyncCompleted,
+    /// A tenant state sync did not move every file.
+    SyncFailed,
+    /// An upload on release failed; the container is kept and it is retried.
+    SyncReleasePending,
+    /// An owed upload on release was settled (done or given up).
+    SyncReleaseSettled,
 }
 
 impl EventKind {
@@ -116,6 +154,25 @@ impl EventKind {
         EventKind::BoostReleased,
         EventKind::BoostExpired,
         EventKind::BoostFailed,
+        EventKind::PoolUpdated,
+        EventKind::PoolCreateFailed,
+        EventKind::ClaimCreated,
+        EventKind::ClaimReleased,
+        EventKind::ClaimLost,
+        EventKind::ClaimResumed,
+        EventKind::ContainerDraining,
+        EventKind::ContainerDestroyed,
+        EventKind::ContainerLost,
+        EventKind::AffinityExtended,
+        EventKind::AffinityExpired,
+        EventKind::AffinityRevoked,
+        EventKind::ReconcileAdopted,
+        EventKind::ReconcileDestroyed,
+        EventKind::ReconcileRebuilt,
+        EventKind::SyncCompleted,
+        EventKind::SyncFailed,
+        EventKind::SyncReleasePending,
+        EventKind::SyncReleaseSettled,
     ];
 
     /// The dotted name.
@@ -140,6 +197,25 @@ impl EventKind {
             EventKind::BoostReleased => "boost.released",
             EventKind::BoostExpired => "boost.expired",
             EventKind::BoostFailed => "boost.failed",
+            EventKind::PoolUpdated => "pool.updated",
+            EventKind::PoolCreateFailed => "pool.create_failed",
+            EventKind::ClaimCreated => "claim.created",
+            EventKind::ClaimReleased => "claim.released",
+            EventKind::ClaimLost => "claim.lost",
+            EventKind::ClaimResumed => "claim.resumed",
+            EventKind::ContainerDraining => "container.draining",
+            EventKind::ContainerDestroyed => "container.destroyed",
+            EventKind::ContainerLost => "container.lost",
+            EventKind::AffinityExtended => "affinity.extended",
+            EventKind::AffinityExpired => "affinity.expired",
+            EventKind::AffinityRevoked => "affinity.revoked",
+            EventKind::ReconcileAdopted => "reconcile.adopted",
+            EventKind::ReconcileDestroyed => "reconcile.destroyed",
+            EventKind::ReconcileRebuilt => "reconcile.rebuilt",
+            EventKind::SyncCompleted => "sync.completed",
+            EventKind::SyncFailed => "sync.failed",
+            EventKind::SyncReleasePending => "sync.release_pending",
+            EventKind::SyncReleaseSettled => "sync.release_settled",
         }
     }
 
@@ -149,7 +225,14 @@ impl EventKind {
             EventKind::WorkloadInvalid
             | EventKind::NodeSuspect
             | EventKind::BoostPreempted
-            | EventKind::BoostFailed => Severity::Warning,
+            | EventKind::BoostFailed
+            | EventKind::PoolCreateFailed
+            | EventKind::ClaimLost
+            | EventKind::ContainerLost
+            | EventKind::ReconcileDestroyed
+            | EventKind::ReconcileRebuilt
+            | EventKind::SyncFailed
+            | EventKind::SyncReleasePending => Severity::Warning,
             EventKind::NodeLost => Severity::Error,
             _ => Severity::Info,
         }

@@ -7,6 +7,7 @@
 pub mod boost;
 pub mod container;
 pub mod event;
+pub mod idempotency;
 pub mod ids;
 pub mod liveness;
 pub mod node;

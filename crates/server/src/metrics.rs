@@ -166,12 +166,10 @@ impl Metrics {
             .observe(latency.as_secs_f64());
     }
 
-    /// Records how late a boost expiry was enforced.
-    pub fn observe_boost_expiry_lag(&self, lag: std::time::Duration) {
-        self.boost_expiry_lag.observe(lag.as_secs_f64());
-    }
-
     async fn render(&self) -> Result<String, std::fmt::Error> {
+        for lag in self.boost_ledger.take_expiry_lags() {
+            self.boost_expiry_lag.observe(lag.as_secs_f64());
+        }
         let stats = self.store.writer_stats();
         // Counters only go up: add the difference since the last scrape.
         self.store_commits

@@ -222,11 +222,15 @@ pub async fn run(
             command_timeout: config.command_timeout,
             acquire_timeout: config.acquire_timeout,
         },
-        boost_ledger.clone(),
-        syncs.clone(),
+        Arc::new(boost_ledger.clone()),
+        Arc::new(syncs.clone()),
     )
     .await
     .context("rebuilding the pool index")?;
+    let tenancy = crate::tenancy::Tenancy {
+        pools: pools.clone(),
+        syncs: syncs.clone(),
+    };
     let metrics = Arc::new(Metrics::new(
         store.clone(),
         workloads.clone(),
@@ -245,7 +249,6 @@ pub async fn run(
         crate::boosts::BoostsConfig {
             command_timeout: config.command_timeout,
         },
-        Some(metrics.clone()),
     )
     .await
     .context("recovering boosts")?;
@@ -301,8 +304,16 @@ pub async fn run(
         "idle_reaper",
         Duration::from_secs(1),
         None,
-        crate::pools::tasks::IdleReaper(pools.clone()),
+        crate::tenancy::IdleReaper(tenancy.clone()),
     );
+    driver.register(
+        "node_loss",
+        Duration::from_secs(2),
+        None,
+        crate::pools::recovery::NodeLoss(pools.clone()),
+    );
+    // Agent sessions publish activity, engine destroys and node loss.
+    tracker.spawn(pools.clone().follow_signals(cancel.child_token()));
     driver.register(
         "node_liveness",
         Duration::from_secs(1),
@@ -317,7 +328,6 @@ pub async fn run(
             },
             started_at: crate::clock::now(),
             persisted: Default::default(),
-            pools: pools.clone(),
         },
     );
 
@@ -329,6 +339,7 @@ pub async fn run(
             lost_grace: config.reconcile_lost_grace,
             creation_grace: config.reconcile_creation_grace,
         },
+        command_timeout: config.command_timeout,
     };
     driver.register(
         "reconcile",
@@ -370,6 +381,7 @@ pub async fn run(
         metrics: metrics.clone(),
         reconciler,
         syncs: syncs.clone(),
+        tenancy,
     };
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -400,6 +412,8 @@ pub async fn run(
     let grpc_addr = grpc_listener.local_addr()?;
     let metrics_addr = metrics::local_addr(&metrics_listener)?;
     let grpc = Server::builder()
+        // Handlers run to completion even when their client goes away.
+        .layer(api::completion::RunToCompletionLayer)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -433,7 +447,6 @@ pub async fn run(
                 full_report_interval: config.full_report_interval,
             },
             shutdown: cancel.child_token(),
-            pools: pools.clone(),
         }))
         // Its own token: shutdown stops new RPCs first, while the agents'
         // streams stay open for the final uploads.

@@ -43,6 +43,7 @@ fn row(
             .then(|| TenantId::new(format!("t{n}")).unwrap()),
         last_tenant_id: None,
         claim_generation: 1,
+        revision: 0,
         limits: Limits::default(),
         state_path: String::new(),
         comm_path: String::new(),

@@ -1,6 +1,6 @@
 //! The node liveness task: applies `core::liveness` to every node once a
-//! second, persists heartbeats, and records each status change as an
-//! event.
+//! second, persists heartbeats, records each status change as an event,
+//! and publishes node loss for the pools.
 
 use std::collections::HashMap;
 
@@ -26,8 +26,6 @@ pub struct LivenessTask {
     pub started_at: Timestamp,
     /// Heartbeats already written, so unchanged ones cost nothing.
     pub persisted: HashMap<NodeId, Timestamp>,
-    /// Claims on a lost node are marked LOST here.
-    pub pools: crate::pools::Pools,
 }
 
 impl BackgroundTask for LivenessTask {
@@ -70,8 +68,13 @@ impl BackgroundTask for LivenessTask {
                         .set_node_status(node.id.clone(), status, reason.clone(), now)
                         .await?;
                     if status == NodeStatus::Lost {
-                        let lost = self.pools.node_lost(&node.id, &reason).await?;
-                        tracing::warn!(node = %node.id, containers = lost, "claims on a lost node are lost; pools refill elsewhere");
+                        // The pools end the node's claims; they also find
+                        // lost nodes on their own, so a missed signal (or
+                        // a crash right here) only delays that.
+                        self.registry.publish(super::NodeSignal::NodeLost {
+                            node: node.id.clone(),
+                            reason: reason.clone(),
+                        });
                     }
                 }
                 counts[match status {

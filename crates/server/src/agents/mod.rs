@@ -13,13 +13,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
 use boilerhouse_core::container::{ContainerEvent, ContainerEventKind, ObservedContainer};
 use boilerhouse_core::node::Resources;
-use boilerhouse_core::{NodeId, Timestamp};
+use boilerhouse_core::{ContainerId, NodeId, Timestamp};
 use boilerhouse_proto::pb;
 
 /// The outbound half of a session.
@@ -70,11 +70,55 @@ pub enum CommandError {
     Failed(String),
 }
 
+/// What agent sessions and node liveness tell the rest of the server.
+/// They publish; whoever cares subscribes. The agents module sits below
+/// the pools and never calls into them.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NodeSignal {
+    /// Files changed in a container's state directory: tenant activity.
+    Activity {
+        /// The container.
+        container: ContainerId,
+        /// When.
+        at: Timestamp,
+    },
+    /// The engine destroyed a container that a node's agent watches: the
+    /// engine's word is evidence enough to act at once.
+    ContainerGone {
+        /// The node.
+        node: NodeId,
+        /// Docker's id.
+        docker_id: String,
+        /// Its container id label, when valid.
+        container: Option<ContainerId>,
+    },
+    /// A node was declared lost.
+    NodeLost {
+        /// The node.
+        node: NodeId,
+        /// Why.
+        reason: String,
+    },
+}
+
 /// Live agent sessions and their nodes' reports.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Registry {
     inner: Arc<Mutex<Inner>>,
     on_change: Arc<tokio::sync::Notify>,
+    signals: broadcast::Sender<NodeSignal>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self {
+            inner: Arc::default(),
+            on_change: Arc::default(),
+            // Signals are hints: a subscriber that falls behind by this
+            // many loses the oldest, and its periodic pass covers them.
+            signals: broadcast::channel(4096).0,
+        }
+    }
 }
 
 /// A live session's view, for NodeService and metrics.
@@ -93,6 +137,16 @@ pub struct SessionInfo {
 impl Registry {
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Tells subscribers. Nobody listening is fine.
+    pub fn publish(&self, signal: NodeSignal) {
+        let _ = self.signals.send(signal);
+    }
+
+    /// Every signal from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<NodeSignal> {
+        self.signals.subscribe()
     }
 
     /// Registers a new session for `node`, replacing (and ending) any

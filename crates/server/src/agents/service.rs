@@ -9,14 +9,14 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
-use boilerhouse_core::container::{ContainerEvent, ObservedContainer};
+use boilerhouse_core::container::{ContainerEvent, ContainerEventKind, ObservedContainer};
 use boilerhouse_core::node::Resources;
 use boilerhouse_core::{NodeId, Timestamp};
 use boilerhouse_proto::convert::{self, duration_to_pb, timestamp_from_pb};
 use boilerhouse_proto::pb;
 use boilerhouse_proto::pb::agent_service_server::AgentService;
 
-use super::Registry;
+use super::{NodeSignal, Registry};
 use crate::error::ApiError;
 use crate::store::{Arrival, NodeHello, Store};
 
@@ -42,8 +42,6 @@ pub struct Agents {
     pub timing: AgentTiming,
     /// Ends every session at shutdown.
     pub shutdown: CancellationToken,
-    /// Where tenant activity seen by agents goes.
-    pub pools: crate::pools::Pools,
 }
 
 fn hello_from_pb(hello: &pb::Hello) -> Result<NodeHello, ApiError> {
@@ -129,17 +127,9 @@ impl AgentService for Agents {
 
         let registry = self.registry.clone();
         let shutdown = self.shutdown.clone();
-        let pools = self.pools.clone();
         tokio::spawn(async move {
-            let reason = read_loop(
-                &node,
-                &registry,
-                &pools,
-                &mut inbound,
-                &session_cancel,
-                &shutdown,
-            )
-            .await;
+            let reason =
+                read_loop(&node, &registry, &mut inbound, &session_cancel, &shutdown).await;
             registry.detach(&node, &session_id);
             tracing::info!(node = %node, session = %session_id, reason = %reason, "agent disconnected");
         });
@@ -151,7 +141,6 @@ impl AgentService for Agents {
 async fn read_loop(
     node: &NodeId,
     registry: &Registry,
-    pools: &crate::pools::Pools,
     inbound: &mut Streaming<pb::ConnectRequest>,
     session_cancel: &CancellationToken,
     shutdown: &CancellationToken,
@@ -217,12 +206,25 @@ async fn read_loop(
             pb::connect_request::Message::ContainerEvent(event) => {
                 match ContainerEvent::try_from(&event) {
                     Ok(event) => {
-                        if event.kind == boilerhouse_core::container::ContainerEventKind::Activity
-                            && let Some(id) = &event.container_id
-                        {
-                            pools.container_activity(id, event.at.min(crate::clock::now()));
-                        }
                         registry.container_event(node, &event);
+                        match event.kind {
+                            ContainerEventKind::Activity => {
+                                if let Some(container) = event.container_id {
+                                    registry.publish(NodeSignal::Activity {
+                                        container,
+                                        at: event.at.min(crate::clock::now()),
+                                    });
+                                }
+                            }
+                            ContainerEventKind::Destroy => {
+                                registry.publish(NodeSignal::ContainerGone {
+                                    node: node.clone(),
+                                    docker_id: event.docker_id.clone(),
+                                    container: event.container_id,
+                                })
+                            }
+                            _ => {}
+                        }
                     }
                     Err(e) => {
                         tracing::warn!(node = %node, error = %e, "unreadable container event")

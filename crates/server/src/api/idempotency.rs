@@ -6,9 +6,7 @@
 //! share an id are serialised in-process, so two concurrent retries cannot
 //! both do the work.
 
-use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
 
 use prost::Message;
 use sha2::{Digest, Sha256};
@@ -16,49 +14,8 @@ use sha2::{Digest, Sha256};
 use boilerhouse_proto::convert;
 
 use crate::error::{ApiError, ApiResult};
+use crate::locks::KeyedLocks;
 use crate::store::{IdempotencyLookup, IdempotentRecord, Store, StoreError};
-
-/// One async lock per key, created on demand and dropped when unused.
-#[derive(Default)]
-pub struct KeyedLocks {
-    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-}
-
-impl KeyedLocks {
-    /// Holds the lock for `key` until the guard drops.
-    pub async fn lock(&self, key: &str) -> KeyGuard<'_> {
-        let lock = {
-            let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
-            locks.entry(key.to_owned()).or_default().clone()
-        };
-        let guard = lock.clone().lock_owned().await;
-        KeyGuard {
-            owner: self,
-            key: key.to_owned(),
-            _guard: guard,
-        }
-    }
-}
-
-/// Holds one key's lock.
-pub struct KeyGuard<'a> {
-    owner: &'a KeyedLocks,
-    key: String,
-    _guard: tokio::sync::OwnedMutexGuard<()>,
-}
-
-impl Drop for KeyGuard<'_> {
-    fn drop(&mut self) {
-        let mut locks = self.owner.locks.lock().unwrap_or_else(|e| e.into_inner());
-        // Two references remain while only we hold it: the map's and ours.
-        if locks
-            .get(&self.key)
-            .is_some_and(|l| Arc::strong_count(l) <= 2)
-        {
-            locks.remove(&self.key);
-        }
-    }
-}
 
 /// The hash a request id is bound to.
 pub fn request_hash(message: &impl prost::Message) -> String {

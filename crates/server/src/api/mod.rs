@@ -3,6 +3,7 @@
 //! through [`crate::error::ApiError`].
 
 pub mod boosts;
+pub mod completion;
 pub mod events;
 pub mod idempotency;
 pub mod nodes;
@@ -34,7 +35,7 @@ pub struct AppState {
     /// Fires when shutdown starts; long-lived streams end on it.
     pub shutdown: CancellationToken,
     /// Serialises requests that share a request_id.
-    pub idempotency: Arc<idempotency::KeyedLocks>,
+    pub idempotency: Arc<crate::locks::KeyedLocks>,
     /// When the server started.
     pub started_at: boilerhouse_core::Timestamp,
     /// Live agent sessions.
@@ -47,4 +48,6 @@ pub struct AppState {
     pub reconciler: crate::reconcile::Reconciler,
     /// Tenant state sync.
     pub syncs: crate::syncs::Syncs,
+    /// Claims and releases with the tenant's files.
+    pub tenancy: crate::tenancy::Tenancy,
 }

@@ -248,11 +248,11 @@ async fn drain(
         // changed since the final upload moves); if it fails the container
         // is kept for its tenant and the upload retried.
         let outcome = state
-            .pools
+            .tenancy
             .release(
-                g.claim.tenant_id.clone(),
-                g.claim.workload_id.clone(),
-                None,
+                &g.claim.tenant_id,
+                &g.claim.workload_id,
+                Some(g.claim.generation),
                 &format!("node {node} drained"),
                 None,
             )
@@ -282,7 +282,11 @@ async fn drain(
         }
         if let Err(e) = state
             .pools
-            .end_reservation(&r.tenant_id, &r.workload_id, false)
+            .end_reservation(
+                &r.tenant_id,
+                &r.workload_id,
+                boilerhouse_core::pool::decide::ReservationEnd::Revoked,
+            )
             .await
         {
             tracing::warn!(error = %e, "drain: cannot end a reservation");
@@ -293,7 +297,11 @@ async fn drain(
     }) {
         if let Err(e) = state
             .pools
-            .destroy(&c.id, false, &format!("node {node} drained"))
+            .drain(
+                &c.id,
+                boilerhouse_core::pool::decide::DrainScope::Unowned,
+                &format!("node {node} drained"),
+            )
             .await
         {
             tracing::warn!(error = %e, "drain: cannot remove an idle container");

@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 use prost::Message as _;
 use tonic::{Request, Response, Status};
 
-use boilerhouse_core::event::{EventSubject, NewEvent, Severity};
+use boilerhouse_core::event::{EventKind, EventSubject, NewEvent};
+use boilerhouse_core::pool::decide::Refusal;
 use boilerhouse_core::pool::{
     ClaimRecord, ClaimSource, ClaimStatus, ContainerRecord, ContainerState, Reservation,
 };
@@ -30,16 +31,17 @@ impl From<PoolError> for ApiError {
                 what: "workload",
                 id: id.to_string(),
             },
-            PoolError::UnknownContainer(id) => ApiError::NotFound {
+            PoolError::Refused(Refusal::UnknownContainer(id)) => ApiError::NotFound {
                 what: "container",
                 id: id.to_string(),
             },
-            PoolError::NoClaim(..) | PoolError::NoReservation(..) => {
-                ApiError::Missing(e.to_string())
+            PoolError::Refused(r @ (Refusal::NoClaim(..) | Refusal::NoReservation(..))) => {
+                ApiError::Missing(r.to_string())
             }
-            PoolError::StaleGeneration { .. } | PoolError::Precondition(_) => {
-                ApiError::FailedPrecondition(e.to_string())
-            }
+            PoolError::Refused(
+                r @ (Refusal::StaleGeneration { .. } | Refusal::Precondition(_)),
+            ) => ApiError::FailedPrecondition(r.to_string()),
+            PoolError::Refused(Refusal::Busy(m)) => ApiError::Unavailable(m),
             PoolError::Exhausted(message) => ApiError::ResourceExhausted {
                 message,
                 retry_after: Duration::from_secs(1),
@@ -226,8 +228,8 @@ impl pb::claim_service_server::ClaimService for Claims {
         };
         let (granted, source, restored) = self
             .0
-            .pools
-            .claim(tenant, workload, acquire_timeout, record)
+            .tenancy
+            .claim(&tenant, &workload, acquire_timeout, &record)
             .await
             .map_err(ApiError::from)?;
         let response = stored
@@ -291,10 +293,10 @@ impl pb::claim_service_server::ClaimService for Claims {
         };
         let (claim, reservation) = self
             .0
-            .pools
+            .tenancy
             .release(
-                tenant,
-                workload,
+                &tenant,
+                &workload,
                 Some(req.generation),
                 "released by the tenant",
                 record,
@@ -339,7 +341,7 @@ impl pb::claim_service_server::ClaimService for Claims {
             .0
             .pools
             .active_claim(&tenant, &workload)
-            .ok_or_else(|| ApiError::from(PoolError::NoClaim(tenant, workload)))?;
+            .ok_or_else(|| ApiError::from(PoolError::from(Refusal::NoClaim(tenant, workload))))?;
         Ok(Response::new(pb::GetClaimResponse {
             claim: Some(claim_info(
                 &granted.claim,
@@ -432,17 +434,11 @@ impl PoolsApi {
         message: String,
     ) -> Result<pb::Pool, ApiError> {
         let now = crate::clock::now();
-        let event = NewEvent {
-            at: now,
-            kind: "pool.updated".into(),
-            severity: Severity::Info,
-            message,
-            subject: EventSubject {
+        let event =
+            NewEvent::new(now, EventKind::PoolUpdated, message).with_subject(EventSubject {
                 workload_id: Some(id.to_string()),
                 ..Default::default()
-            },
-            attributes: Default::default(),
-        };
+            });
         self.0
             .store
             .set_pool_override(id.clone(), value, event, now)
@@ -621,10 +617,7 @@ impl pb::affinity_service_server::AffinityService for Affinity {
             &req.request_id,
             &req,
             || async {
-                let r = state
-                    .pools
-                    .end_reservation(&tenant, &workload, false)
-                    .await?;
+                let r = state.tenancy.revoke(&tenant, &workload).await?;
                 Ok(pb::RevokeReservationResponse {
                     reservation: Some(reservation_to_pb(&r)),
                 })
@@ -682,7 +675,7 @@ impl pb::container_service_server::ContainerService for Containers {
             .0
             .pools
             .container(&id)
-            .ok_or_else(|| ApiError::from(PoolError::UnknownContainer(id)))?;
+            .ok_or_else(|| ApiError::from(PoolError::from(Refusal::UnknownContainer(id))))?;
         Ok(Response::new(pb::GetContainerResponse {
             container: Some(container_to_pb(&c)),
         }))
@@ -708,7 +701,7 @@ impl pb::container_service_server::ContainerService for Containers {
             &req,
             || async {
                 let c = state
-                    .pools
+                    .tenancy
                     .destroy(&id, req.force, "destroyed by an operator")
                     .await?;
                 Ok(pb::DestroyContainerResponse {

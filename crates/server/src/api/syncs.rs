@@ -163,11 +163,9 @@ impl SyncService for SyncApi {
         if let Some(owed) = owed
             && force != Some(SyncDirection::Download)
         {
-            state
-                .pools
-                .release_upload_done(&owed, &container)
+            crate::syncs::task::upload_done(&state.syncs, &state.pools, &owed, &workload)
                 .await
-                .map_err(ApiError::from)?;
+                .map_err(|e| ApiError::Unavailable(format!("{e:#}")))?;
         }
         let now = crate::clock::now();
         Ok(Response::new(pb::TriggerSyncResponse {

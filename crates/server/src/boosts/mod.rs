@@ -32,8 +32,8 @@ use boilerhouse_core::{BoostId, ContainerId, NodeId, Timestamp};
 use boilerhouse_proto::{convert, pb};
 
 use crate::agents::Registry;
-use crate::api::idempotency::KeyedLocks;
 use crate::clock::Clock;
+use crate::locks::KeyedLocks;
 use crate::pools::Pools;
 use crate::store::{BoostWrite, IdempotentRecord, Store, StoreError};
 use crate::tasks::BackgroundTask;
@@ -44,6 +44,19 @@ use crate::tasks::BackgroundTask;
 pub struct BoostLedger {
     live: Arc<RwLock<BTreeMap<BoostId, Boost>>>,
     changed: Arc<Notify>,
+    /// How late each expiry was enforced, until /metrics takes them.
+    expiry_lags: Arc<Mutex<Vec<std::time::Duration>>>,
+}
+
+/// Placement counts what node boosts move between nodes.
+impl crate::pools::CapacityView for BoostLedger {
+    fn effective(
+        &self,
+        node: &boilerhouse_core::NodeId,
+        base: boilerhouse_core::node::Resources,
+    ) -> boilerhouse_core::node::Resources {
+        boost::effective_capacity(node, base, &self.live())
+    }
 }
 
 impl BoostLedger {
@@ -73,6 +86,19 @@ impl BoostLedger {
     /// When the next active boost expires.
     pub fn next_expiry(&self) -> Option<Timestamp> {
         boost::next_expiry(&self.live())
+    }
+
+    /// Expiry lags recorded since the last call (metrics pull them).
+    pub fn take_expiry_lags(&self) -> Vec<std::time::Duration> {
+        std::mem::take(&mut *self.expiry_lags.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn record_expiry_lags(&self, lags: impl IntoIterator<Item = std::time::Duration>) {
+        let mut kept = self.expiry_lags.lock().unwrap_or_else(|e| e.into_inner());
+        kept.extend(lags);
+        // Unscraped, keep the newest only: a histogram, not a log.
+        let excess = kept.len().saturating_sub(10_000);
+        kept.drain(..excess);
     }
 
     /// Notified whenever a boost changes.
@@ -156,7 +182,6 @@ struct Inner {
     container_locks: KeyedLocks,
     /// Containers with an update in flight from the periodic pass.
     enforcing: Mutex<HashSet<ContainerId>>,
-    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 /// The boost machinery. Cheap to clone.
@@ -252,7 +277,6 @@ impl Boosts {
         ledger: BoostLedger,
         clock: Clock,
         config: BoostsConfig,
-        metrics: Option<Arc<crate::metrics::Metrics>>,
     ) -> Result<(Self, Recovered), StoreError> {
         let now = clock.now();
         let mut recovered = Recovered::default();
@@ -285,7 +309,6 @@ impl Boosts {
                 admission: tokio::sync::Mutex::new(()),
                 container_locks: KeyedLocks::default(),
                 enforcing: Mutex::default(),
-                metrics,
             }),
         };
         Ok((boosts, recovered))
@@ -534,11 +557,7 @@ impl Boosts {
             inner.ledger.put(b.clone());
         }
         drop(guard);
-        if let Some(metrics) = &inner.metrics {
-            for lag in lags {
-                metrics.observe_boost_expiry_lag(lag);
-            }
-        }
+        inner.ledger.record_expiry_lags(lags);
         for b in ended.iter().filter(|b| b.raises_container_limits()) {
             if let Some(c) = b.container_id
                 && inner.pools.container(&c).is_some()

@@ -23,20 +23,7 @@ pub enum IdempotencyLookup {
     Mismatch,
 }
 
-/// A response to remember.
-#[derive(Debug, Clone)]
-pub struct IdempotentRecord {
-    /// The RPC's full name.
-    pub method: String,
-    /// The client's key.
-    pub request_id: String,
-    /// Hash of the encoded request.
-    pub request_hash: String,
-    /// The encoded response.
-    pub response: Vec<u8>,
-    /// When.
-    pub created_at: Timestamp,
-}
+pub use boilerhouse_core::idempotency::IdempotentRecord;
 
 /// Records a response inside the caller's transaction, so the mutation and
 /// its key commit together or not at all.

@@ -68,7 +68,7 @@ pub use boosts::BoostWrite;
 pub use events::EventQuery;
 pub use idempotency::{IdempotencyLookup, IdempotentRecord};
 pub use nodes::{Arrival, NodeHello};
-pub use pools::{PoolOverride, PoolSnapshot, PoolWrite};
+pub use pools::{PoolOverride, PoolSnapshot};
 pub use sync::PendingReleaseUpload;
 pub use workloads::WorkloadChange;
 pub use writer::{WriteTx, Writer, WriterStats};

@@ -4,12 +4,20 @@
 //! idempotency key and its events, committed in one transaction. A claim is
 //! therefore either entirely durable (claim row, container row, consumed
 //! reservation, request id, event) or not there at all.
+//!
+//! Every row change is conditional: an update or delete names the state it
+//! expects to replace in its `WHERE`, and touching no row is a conflict
+//! that rolls the whole write back. A decision made on a stale view can
+//! therefore never overwrite what happened meanwhile.
 
 use std::str::FromStr;
 
 use futures::FutureExt as _;
 
-use boilerhouse_core::event::{Event, NewEvent};
+use boilerhouse_core::event::NewEvent;
+use boilerhouse_core::pool::write::{
+    ClaimChange, ContainerChange, Expected, PoolWrite, ReservationChange,
+};
 use boilerhouse_core::pool::{
     ClaimRecord, ClaimSource, ClaimStatus, ContainerRecord, ContainerState, Reservation,
 };
@@ -18,26 +26,7 @@ use boilerhouse_core::{ContainerId, NodeId, TenantId, Timestamp, WorkloadId};
 
 use super::events::insert_event;
 use super::idempotency::insert_idempotent;
-use super::{IdempotentRecord, Store, StoreError, WriteTx};
-
-/// One atomic change to pool state.
-#[derive(Debug, Default)]
-pub struct PoolWrite {
-    /// Containers to insert or update.
-    pub containers: Vec<ContainerRecord>,
-    /// Containers to forget.
-    pub removed_containers: Vec<ContainerId>,
-    /// Claims to insert or update.
-    pub claims: Vec<ClaimRecord>,
-    /// Reservations to insert or update.
-    pub reservations: Vec<Reservation>,
-    /// Reservations to delete, by (tenant, workload).
-    pub removed_reservations: Vec<(TenantId, WorkloadId)>,
-    /// The request id this write answers.
-    pub idempotency: Option<IdempotentRecord>,
-    /// Events to record with it.
-    pub events: Vec<NewEvent>,
-}
+use super::{Store, StoreError, WriteTx};
 
 /// Operator overrides of a pool.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -81,6 +70,7 @@ struct ContainerRow {
     tenant_id: Option<String>,
     last_tenant_id: Option<String>,
     claim_generation: i64,
+    revision: i64,
     limits_cpus: Option<f64>,
     limits_memory: Option<i64>,
     state_path: String,
@@ -102,6 +92,7 @@ impl TryFrom<ContainerRow> for ContainerRecord {
             tenant_id: opt_tenant(r.tenant_id)?,
             last_tenant_id: opt_tenant(r.last_tenant_id)?,
             claim_generation: r.claim_generation.max(0) as u64,
+            revision: r.revision.max(0) as u64,
             limits: Limits {
                 cpus: r.limits_cpus,
                 memory_bytes: r.limits_memory.map(|m| m.max(0) as u64),
@@ -174,109 +165,273 @@ impl TryFrom<ReservationRow> for Reservation {
     }
 }
 
-async fn apply(tx: &mut WriteTx, write: PoolWrite) -> Result<Vec<Event>, StoreError> {
-    // Deletions of reservations come first: an affinity claim consumes the
-    // reservation before the container changes state.
-    for (tenant, workload) in &write.removed_reservations {
-        sqlx::query("DELETE FROM affinity_reservations WHERE tenant_id = ? AND workload_id = ?")
-            .bind(tenant.as_str())
-            .bind(workload.as_str())
+fn conflict(what: String) -> StoreError {
+    StoreError::Conflict(what)
+}
+
+/// The `WHERE` of a conditional container change: the row is as the
+/// decision saw it. Bound by [`bind_expected`], in this order.
+macro_rules! container_is {
+    () => {
+        "container_id = ? AND revision = ? AND state = ? AND tenant_id IS ? AND claim_generation = ?"
+    };
+}
+
+fn bind_expected<'q>(
+    query: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>,
+    id: &ContainerId,
+    e: &'q Expected,
+) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments> {
+    query
+        .bind(id.to_string())
+        .bind(e.revision as i64)
+        .bind(e.state.as_str())
+        .bind(e.tenant_id.as_ref().map(TenantId::as_str))
+        .bind(e.claim_generation as i64)
+}
+
+async fn apply_reservation(tx: &mut WriteTx, change: &ReservationChange) -> Result<(), StoreError> {
+    let touched = match change {
+        ReservationChange::Insert(r) => {
+            sqlx::query(
+                "INSERT INTO affinity_reservations (tenant_id, workload_id, container_id, node_id, reserved_at, \
+                 expires_at) VALUES (?, ?, ?, ?, ?, ?)",
+            )
+            .bind(r.tenant_id.as_str())
+            .bind(r.workload_id.as_str())
+            .bind(r.container_id.to_string())
+            .bind(r.node_id.as_str())
+            .bind(r.reserved_at.as_millis())
+            .bind(r.expires_at.as_millis())
+            .execute(tx.conn())
+            .await?
+        }
+        ReservationChange::Update { expected, new } => {
+            sqlx::query(
+                "UPDATE affinity_reservations SET node_id = ?, reserved_at = ?, expires_at = ? \
+                 WHERE tenant_id = ? AND workload_id = ? AND container_id = ? AND expires_at = ?",
+            )
+            .bind(new.node_id.as_str())
+            .bind(new.reserved_at.as_millis())
+            .bind(new.expires_at.as_millis())
+            .bind(expected.tenant_id.as_str())
+            .bind(expected.workload_id.as_str())
+            .bind(expected.container_id.to_string())
+            .bind(expected.expires_at.as_millis())
+            .execute(tx.conn())
+            .await?
+        }
+        ReservationChange::Remove { expected } => {
+            sqlx::query(
+                "DELETE FROM affinity_reservations \
+                 WHERE tenant_id = ? AND workload_id = ? AND container_id = ? AND expires_at = ?",
+            )
+            .bind(expected.tenant_id.as_str())
+            .bind(expected.workload_id.as_str())
+            .bind(expected.container_id.to_string())
+            .bind(expected.expires_at.as_millis())
+            .execute(tx.conn())
+            .await?
+        }
+    };
+    if touched.rows_affected() == 0 {
+        return Err(conflict(format!(
+            "the reservation changed since it was read ({change:?})"
+        )));
+    }
+    Ok(())
+}
+
+async fn apply_container(tx: &mut WriteTx, change: &ContainerChange) -> Result<(), StoreError> {
+    let touched = match change {
+        ContainerChange::Insert(c) => {
+            sqlx::query(
+                "INSERT INTO containers (container_id, pool_id, workload_id, node_id, docker_id, state, spec_hash, \
+                 tenant_id, last_tenant_id, claim_generation, revision, limits_cpus, limits_memory, state_path, \
+                 comm_path, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(c.id.to_string())
+            .bind(c.workload_id.as_str())
+            .bind(c.workload_id.as_str())
+            .bind(c.node_id.as_str())
+            .bind(&c.docker_id)
+            .bind(c.state.as_str())
+            .bind(&c.spec_hash)
+            .bind(c.tenant_id.as_ref().map(TenantId::as_str))
+            .bind(c.last_tenant_id.as_ref().map(TenantId::as_str))
+            .bind(c.claim_generation as i64)
+            .bind(c.revision as i64)
+            .bind(c.limits.cpus)
+            .bind(c.limits.memory_bytes.map(|m| m as i64))
+            .bind(&c.state_path)
+            .bind(&c.comm_path)
+            .bind(c.created_at.as_millis())
+            .bind(c.updated_at.as_millis())
+            .execute(tx.conn())
+            .await?
+        }
+        ContainerChange::Update { expected, record: c } => {
+            let query = sqlx::query(concat!(
+                "UPDATE containers SET docker_id = ?, state = ?, tenant_id = ?, last_tenant_id = ?, ",
+                "claim_generation = ?, revision = ?, limits_cpus = ?, limits_memory = ?, state_path = ?, ",
+                "comm_path = ?, updated_at = ? WHERE ",
+                container_is!()
+            ))
+            .bind(&c.docker_id)
+            .bind(c.state.as_str())
+            .bind(c.tenant_id.as_ref().map(TenantId::as_str))
+            .bind(c.last_tenant_id.as_ref().map(TenantId::as_str))
+            .bind(c.claim_generation as i64)
+            .bind(c.revision as i64)
+            .bind(c.limits.cpus)
+            .bind(c.limits.memory_bytes.map(|m| m as i64))
+            .bind(&c.state_path)
+            .bind(&c.comm_path)
+            .bind(c.updated_at.as_millis());
+            bind_expected(query, &c.id, expected)
+                .execute(tx.conn())
+                .await?
+        }
+        ContainerChange::Remove { id, expected } => {
+            let query = sqlx::query(concat!("DELETE FROM containers WHERE ", container_is!()));
+            bind_expected(query, id, expected)
+                .execute(tx.conn())
+                .await?
+        }
+    };
+    if touched.rows_affected() == 0 {
+        return Err(conflict(format!(
+            "container {} changed since it was read",
+            change.id()
+        )));
+    }
+    Ok(())
+}
+
+async fn apply_claim(tx: &mut WriteTx, change: &ClaimChange) -> Result<(), StoreError> {
+    match change {
+        ClaimChange::Insert(c) => {
+            sqlx::query(
+                "INSERT INTO claims (claim_id, tenant_id, workload_id, container_id, node_id, generation, source, \
+                 status, claimed_at, last_activity_at, released_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(&c.claim_id)
+            .bind(c.tenant_id.as_str())
+            .bind(c.workload_id.as_str())
+            .bind(c.container_id.to_string())
+            .bind(c.node_id.as_str())
+            .bind(c.generation as i64)
+            .bind(c.source.as_str())
+            .bind(c.status.as_str())
+            .bind(c.claimed_at.as_millis())
+            .bind(c.last_activity_at.as_millis())
+            .bind(c.released_at.map(|t| t.as_millis()))
             .execute(tx.conn())
             .await?;
-    }
-    for id in &write.removed_containers {
-        sqlx::query("DELETE FROM affinity_reservations WHERE container_id = ?")
-            .bind(id.to_string())
+        }
+        ClaimChange::End(c) => {
+            let touched = sqlx::query(
+                "UPDATE claims SET status = ?, released_at = ? \
+                 WHERE claim_id = ? AND status = 'active' AND generation = ?",
+            )
+            .bind(c.status.as_str())
+            .bind(c.released_at.map(|t| t.as_millis()))
+            .bind(&c.claim_id)
+            .bind(c.generation as i64)
             .execute(tx.conn())
             .await?;
-        sqlx::query("DELETE FROM containers WHERE container_id = ?")
-            .bind(id.to_string())
+            if touched.rows_affected() == 0 {
+                return Err(conflict(format!(
+                    "claim {} of {} is no longer active at generation {}",
+                    c.claim_id, c.tenant_id, c.generation
+                )));
+            }
+        }
+        ClaimChange::Touch { claim_id, at } => {
+            sqlx::query(
+                "UPDATE claims SET last_activity_at = max(last_activity_at, ?) WHERE claim_id = ?",
+            )
+            .bind(at.as_millis())
+            .bind(claim_id)
             .execute(tx.conn())
             .await?;
+        }
     }
-    for c in &write.containers {
-        sqlx::query(
-            "INSERT INTO containers (container_id, pool_id, workload_id, node_id, docker_id, state, spec_hash, \
-             tenant_id, last_tenant_id, claim_generation, limits_cpus, limits_memory, state_path, comm_path, \
-             created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
-             ON CONFLICT (container_id) DO UPDATE SET docker_id = excluded.docker_id, state = excluded.state, \
-             tenant_id = excluded.tenant_id, last_tenant_id = excluded.last_tenant_id, \
-             claim_generation = excluded.claim_generation, limits_cpus = excluded.limits_cpus, \
-             limits_memory = excluded.limits_memory, state_path = excluded.state_path, \
-             comm_path = excluded.comm_path, updated_at = excluded.updated_at",
-        )
-        .bind(c.id.to_string())
-        .bind(c.workload_id.as_str())
-        .bind(c.workload_id.as_str())
-        .bind(c.node_id.as_str())
-        .bind(&c.docker_id)
-        .bind(c.state.as_str())
-        .bind(&c.spec_hash)
-        .bind(c.tenant_id.as_ref().map(TenantId::as_str))
-        .bind(c.last_tenant_id.as_ref().map(TenantId::as_str))
-        .bind(c.claim_generation as i64)
-        .bind(c.limits.cpus)
-        .bind(c.limits.memory_bytes.map(|m| m as i64))
-        .bind(&c.state_path)
-        .bind(&c.comm_path)
-        .bind(c.created_at.as_millis())
-        .bind(c.updated_at.as_millis())
-        .execute(tx.conn())
-        .await?;
+    Ok(())
+}
+
+async fn apply(tx: &mut WriteTx, write: &PoolWrite) -> Result<(), StoreError> {
+    for change in &write.reservations {
+        apply_reservation(tx, change).await?;
     }
-    for c in &write.claims {
-        sqlx::query(
-            "INSERT INTO claims (claim_id, tenant_id, workload_id, container_id, node_id, generation, source, \
-             status, claimed_at, last_activity_at, released_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
-             ON CONFLICT (claim_id) DO UPDATE SET status = excluded.status, \
-             last_activity_at = excluded.last_activity_at, released_at = excluded.released_at",
-        )
-        .bind(&c.claim_id)
-        .bind(c.tenant_id.as_str())
-        .bind(c.workload_id.as_str())
-        .bind(c.container_id.to_string())
-        .bind(c.node_id.as_str())
-        .bind(c.generation as i64)
-        .bind(c.source.as_str())
-        .bind(c.status.as_str())
-        .bind(c.claimed_at.as_millis())
-        .bind(c.last_activity_at.as_millis())
-        .bind(c.released_at.map(|t| t.as_millis()))
-        .execute(tx.conn())
-        .await?;
+    for change in &write.containers {
+        apply_container(tx, change).await?;
     }
-    for r in &write.reservations {
-        sqlx::query(
-            "INSERT INTO affinity_reservations (tenant_id, workload_id, container_id, node_id, reserved_at, \
-             expires_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (tenant_id, workload_id) DO UPDATE SET \
-             container_id = excluded.container_id, node_id = excluded.node_id, \
-             reserved_at = excluded.reserved_at, expires_at = excluded.expires_at",
-        )
-        .bind(r.tenant_id.as_str())
-        .bind(r.workload_id.as_str())
-        .bind(r.container_id.to_string())
-        .bind(r.node_id.as_str())
-        .bind(r.reserved_at.as_millis())
-        .bind(r.expires_at.as_millis())
-        .execute(tx.conn())
-        .await?;
+    for change in &write.claims {
+        apply_claim(tx, change).await?;
     }
     if let Some(record) = &write.idempotency {
         insert_idempotent(tx, record).await?;
     }
-    let mut recorded = Vec::with_capacity(write.events.len());
-    for event in write.events {
-        recorded.push(insert_event(tx, event).await?);
+    for event in &write.events {
+        insert_event(tx, event.clone()).await?;
     }
-    Ok(recorded)
+    Ok(())
 }
 
 impl Store {
-    /// Commits one pool decision atomically.
-    pub async fn apply_pool_write(&self, write: PoolWrite) -> Result<(), StoreError> {
+    /// Commits one pool decision atomically, or refuses it whole with
+    /// [`StoreError::Conflict`] when a row is not as the decision saw it.
+    /// `on_commit` gets the write once it committed, on the writer task and
+    /// in commit order (see [`super::writer`]): the pool index applies it
+    /// there, so memory follows every commit even if the caller is gone.
+    pub async fn commit_pool_write(
+        &self,
+        write: PoolWrite,
+        on_commit: impl FnOnce(&PoolWrite) + Send + 'static,
+    ) -> Result<(), StoreError> {
+        let write = std::sync::Arc::new(write);
+        let committed = write.clone();
         self.writer
-            .write(move |tx| async move { apply(tx, write).await.map(|_| ()) }.boxed())
+            .write_then(
+                move |tx| async move { apply(tx, &write).await }.boxed(),
+                move || on_commit(&committed),
+            )
             .await
+    }
+
+    /// The tenant of the claims the database has on a container, and the
+    /// highest generation among them: evidence that outlives the
+    /// container's row (adoption reads it).
+    pub async fn claim_history(
+        &self,
+        container: &ContainerId,
+    ) -> Result<Option<(TenantId, u64)>, StoreError> {
+        let row: Option<(String, i64)> = sqlx::query_as(
+            "SELECT tenant_id, generation FROM claims WHERE container_id = ? ORDER BY generation DESC LIMIT 1",
+        )
+        .bind(container.to_string())
+        .fetch_optional(&self.reads)
+        .await?;
+        row.map(|(t, g)| {
+            Ok((
+                TenantId::new(t).map_err(|e| corrupt("tenant id", e))?,
+                g.max(0) as u64,
+            ))
+        })
+        .transpose()
+    }
+
+    /// One claim by id, active or ended.
+    pub async fn get_claim(&self, claim_id: &str) -> Result<Option<ClaimRecord>, StoreError> {
+        let row: Option<ClaimRow> = sqlx::query_as(
+            "SELECT claim_id, tenant_id, workload_id, container_id, node_id, generation, source, status, \
+             claimed_at, last_activity_at, released_at FROM claims WHERE claim_id = ?",
+        )
+        .bind(claim_id)
+        .fetch_optional(&self.reads)
+        .await?;
+        row.map(ClaimRecord::try_from).transpose()
     }
 
     /// Every container, active claim and reservation: what the pool index
@@ -284,7 +439,7 @@ impl Store {
     pub async fn load_pool_snapshot(&self) -> Result<PoolSnapshot, StoreError> {
         let containers: Vec<ContainerRow> = sqlx::query_as(
             "SELECT container_id, workload_id, node_id, docker_id, state, spec_hash, tenant_id, last_tenant_id, \
-             claim_generation, limits_cpus, limits_memory, state_path, comm_path, created_at, updated_at \
+             claim_generation, revision, limits_cpus, limits_memory, state_path, comm_path, created_at, updated_at \
              FROM containers ORDER BY created_at",
         )
         .fetch_all(&self.reads)
@@ -332,28 +487,6 @@ impl Store {
         .fetch_all(&self.reads)
         .await?;
         rows.into_iter().map(ClaimRecord::try_from).collect()
-    }
-
-    /// Records tenant activity on claims, in one write.
-    pub async fn touch_claims(&self, touches: Vec<(String, Timestamp)>) -> Result<(), StoreError> {
-        if touches.is_empty() {
-            return Ok(());
-        }
-        self.writer
-            .write(move |tx| {
-                async move {
-                    for (claim_id, at) in touches {
-                        sqlx::query("UPDATE claims SET last_activity_at = max(last_activity_at, ?) WHERE claim_id = ?")
-                            .bind(at.as_millis())
-                            .bind(&claim_id)
-                            .execute(tx.conn())
-                            .await?;
-                    }
-                    Ok(())
-                }
-                .boxed()
-            })
-            .await
     }
 
     /// Every pool's operator overrides.

@@ -11,6 +11,12 @@
 //! Each operation runs inside its own SAVEPOINT, so one failing operation
 //! (a constraint violation, say) is rolled back alone and the rest of the
 //! batch still commits. No caller hears "ok" before the COMMIT returns.
+//!
+//! An operation may carry a commit hook. Hooks run here, in commit order,
+//! right after the COMMIT and before any caller is answered, and only for
+//! operations that committed. That is how in-memory mirrors follow the
+//! database: the pool index is changed by the same task that commits, in
+//! the same order, whether or not the caller is still waiting.
 
 use std::any::Any;
 use std::time::Duration;
@@ -40,8 +46,12 @@ impl WriteTx {
 type AnyResult = Result<Box<dyn Any + Send>, StoreError>;
 type WriteOp = Box<dyn for<'c> FnOnce(&'c mut WriteTx) -> BoxFuture<'c, AnyResult> + Send>;
 
+/// Runs after its operation committed.
+type CommitHook = Box<dyn FnOnce() + Send>;
+
 struct WriteRequest {
     op: WriteOp,
+    on_commit: Option<CommitHook>,
     reply: oneshot::Sender<AnyResult>,
 }
 
@@ -82,12 +92,37 @@ impl Writer {
         T: Send + 'static,
         F: for<'c> FnOnce(&'c mut WriteTx) -> BoxFuture<'c, Result<T, StoreError>> + Send + 'static,
     {
+        self.submit(op, None).await
+    }
+
+    /// Like [`Writer::write`], and runs `on_commit` once `op` has committed,
+    /// on the writer task, in commit order, before any reply is sent. It
+    /// runs even if the caller stopped waiting; it never runs if `op` or
+    /// its transaction failed.
+    pub async fn write_then<T, F, H>(&self, op: F, on_commit: H) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(&'c mut WriteTx) -> BoxFuture<'c, Result<T, StoreError>> + Send + 'static,
+        H: FnOnce() + Send + 'static,
+    {
+        self.submit(op, Some(Box::new(on_commit))).await
+    }
+
+    async fn submit<T, F>(&self, op: F, on_commit: Option<CommitHook>) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(&'c mut WriteTx) -> BoxFuture<'c, Result<T, StoreError>> + Send + 'static,
+    {
         let (reply, answer) = oneshot::channel();
         let op: WriteOp = Box::new(move |tx| {
             Box::pin(async move { op(tx).await.map(|v| Box::new(v) as Box<dyn Any + Send>) })
         });
         self.tx
-            .send(WriteRequest { op, reply })
+            .send(WriteRequest {
+                op,
+                on_commit,
+                reply,
+            })
             .await
             .map_err(|_| StoreError::Closed)?;
         let value = answer.await.map_err(|_| StoreError::Closed)??;
@@ -146,7 +181,8 @@ async fn commit_batch(tx: &mut WriteTx, batch: &mut Vec<WriteRequest>) -> bool {
         fail_all(batch, &e);
         return false;
     }
-    let mut results: Vec<(oneshot::Sender<AnyResult>, AnyResult)> = Vec::with_capacity(batch.len());
+    type Answer = (oneshot::Sender<AnyResult>, AnyResult, Option<CommitHook>);
+    let mut results: Vec<Answer> = Vec::with_capacity(batch.len());
     let mut pending = std::mem::take(batch).into_iter();
     while let Some(request) = pending.next() {
         let events_before = tx.new_events.len();
@@ -162,7 +198,7 @@ async fn commit_batch(tx: &mut WriteTx, batch: &mut Vec<WriteRequest>) -> bool {
                 let _ = sqlx::query("ROLLBACK").execute(&mut tx.conn).await;
                 let err = StoreError::Unavailable(message);
                 let _ = request.reply.send(Err(err.clone()));
-                for (reply, _) in results {
+                for (reply, _, _) in results {
                     let _ = reply.send(Err(err.clone()));
                 }
                 for rest in pending {
@@ -170,12 +206,27 @@ async fn commit_batch(tx: &mut WriteTx, batch: &mut Vec<WriteRequest>) -> bool {
                 }
                 return false;
             }
-            other => results.push((request.reply, other)),
+            other => {
+                let hook = request.on_commit.filter(|_| other.is_ok());
+                results.push((request.reply, other, hook));
+            }
         }
     }
     match sqlx::query("COMMIT").execute(&mut tx.conn).await {
         Ok(_) => {
-            for (reply, result) in results {
+            // Every hook first, in commit order: a caller that hears "ok"
+            // finds every mirror already up to date.
+            let mut replies = Vec::with_capacity(results.len());
+            for (reply, result, hook) in results {
+                if let Some(hook) = hook
+                    && std::panic::catch_unwind(std::panic::AssertUnwindSafe(hook)).is_err()
+                {
+                    // A bug in a mirror must not take the database with it.
+                    tracing::error!("store: a commit hook panicked");
+                }
+                replies.push((reply, result));
+            }
+            for (reply, result) in replies {
                 let _ = reply.send(result);
             }
             true
@@ -184,7 +235,7 @@ async fn commit_batch(tx: &mut WriteTx, batch: &mut Vec<WriteRequest>) -> bool {
             tracing::error!(error = %e, "store: commit failed; the batch is rolled back");
             let _ = sqlx::query("ROLLBACK").execute(&mut tx.conn).await;
             let err = StoreError::Unavailable(e.to_string());
-            for (reply, _) in results {
+            for (reply, _, _) in results {
                 let _ = reply.send(Err(err.clone()));
             }
             false

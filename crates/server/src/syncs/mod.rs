@@ -3,8 +3,9 @@
 //!
 //! The agent moves the files (`boilerhouse_agent::sync`); the server
 //! decides when, waits for the answer and keeps the record:
-//! - on claim, a download before Claim answers (in `pools`);
-//! - on release, an upload before the reservation begins (in `pools`); a
+//! - on claim, a download before Claim answers (in `crate::tenancy`);
+//! - on release, an upload before the reservation begins (in
+//!   `crate::tenancy`); a
 //!   failed one leaves the container held and is retried here with
 //!   backoff, across restarts, until it succeeds or an operator acts;
 //! - every `interval` while claimed, counted from the last complete
@@ -24,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::broadcast;
 
-use boilerhouse_core::event::{EventSubject, NewEvent, Severity};
+use boilerhouse_core::event::{EventKind, EventSubject, NewEvent};
 use boilerhouse_core::pool::ContainerRecord;
 use boilerhouse_core::sync::{SyncErrorEntry, SyncState, SyncStatus, retry_delay};
 use boilerhouse_core::workload::{SyncDirection, SyncSpec, WorkloadRecord};
@@ -32,7 +33,7 @@ use boilerhouse_core::{ContainerId, TenantId, Timestamp, WorkloadId};
 use boilerhouse_proto::pb;
 
 use crate::agents::Registry;
-use crate::api::idempotency::KeyedLocks;
+use crate::locks::KeyedLocks;
 use crate::store::{PendingReleaseUpload, Store, StoreError};
 
 pub use boilerhouse_core::sync::SyncPhase as Phase;
@@ -149,20 +150,11 @@ fn subject(tenant: &TenantId, workload: &WorkloadId, container: &ContainerRecord
     }
 }
 
-fn event(
-    at: Timestamp,
-    kind: &str,
-    severity: Severity,
-    message: String,
-    subject: EventSubject,
-) -> NewEvent {
-    NewEvent {
-        at,
-        kind: kind.to_owned(),
-        severity,
-        message,
-        subject,
-        attributes: Default::default(),
+/// A container holding files whose upload is owed outlives its
+/// reservation: the pools ask before destroying it.
+impl crate::pools::Retention for Syncs {
+    fn must_keep(&self, container: &ContainerId) -> bool {
+        self.release_upload_owed(container)
     }
 }
 
@@ -390,10 +382,9 @@ impl Syncs {
             counters.failed.fetch_add(1, Ordering::Relaxed);
         }
         let moved = run.bytes;
-        let (kind, severity, message) = match &run.error {
+        let (kind, message) = match &run.error {
             None => (
-                "sync.completed",
-                Severity::Info,
+                EventKind::SyncCompleted,
                 format!(
                     "{} sync ({}) of {tenant}'s {workload_id} files on container {} moved {moved} bytes",
                     phase.as_str(),
@@ -402,8 +393,7 @@ impl Syncs {
                 ),
             ),
             Some(e) => (
-                "sync.failed",
-                Severity::Warning,
+                EventKind::SyncFailed,
                 format!(
                     "{} sync ({}) of {tenant}'s {workload_id} files on container {} failed: {e}",
                     phase.as_str(),
@@ -417,13 +407,11 @@ impl Syncs {
         let events = if run.ok() && moved == 0 && matches!(reason, SyncReason::Periodic) {
             Vec::new()
         } else {
-            vec![event(
-                now,
-                kind,
-                severity,
-                message,
-                subject(tenant, workload_id, container),
-            )]
+            vec![NewEvent::new(now, kind, message).with_subject(subject(
+                tenant,
+                workload_id,
+                container,
+            ))]
         };
         if let Err(e) = self
             .inner
@@ -517,16 +505,17 @@ impl Syncs {
             .store
             .put_pending_release(
                 pending.clone(),
-                vec![event(
-                    now,
-                    "sync.release_pending",
-                    Severity::Warning,
-                    format!(
-                        "upload on release of {tenant}'s {workload} files failed ({error}); container {} is kept and the upload retried",
-                        container.id
-                    ),
-                    subject(tenant, workload, container),
-                )],
+                vec![
+                    NewEvent::new(
+                        now,
+                        EventKind::SyncReleasePending,
+                        format!(
+                            "upload on release of {tenant}'s {workload} files failed ({error}); container {} is kept and the upload retried",
+                            container.id
+                        ),
+                    )
+                    .with_subject(subject(tenant, workload, container)),
+                ],
             )
             .await?;
         self.owed_lock()
@@ -548,22 +537,23 @@ impl Syncs {
             .store
             .clear_pending_release(
                 container,
-                vec![event(
-                    now,
-                    "sync.release_settled",
-                    Severity::Info,
-                    format!(
-                        "owed upload of {}'s {} files from container {}: {why}",
-                        pending.tenant_id, pending.workload_id, container
-                    ),
-                    EventSubject {
+                vec![
+                    NewEvent::new(
+                        now,
+                        EventKind::SyncReleaseSettled,
+                        format!(
+                            "owed upload of {}'s {} files from container {}: {why}",
+                            pending.tenant_id, pending.workload_id, container
+                        ),
+                    )
+                    .with_subject(EventSubject {
                         tenant_id: Some(pending.tenant_id.to_string()),
                         workload_id: Some(pending.workload_id.to_string()),
                         container_id: Some(container.to_string()),
                         node_id: None,
                         boost_id: None,
-                    },
-                )],
+                    }),
+                ],
             )
             .await?;
         self.owed_lock().remove(&container);

@@ -175,7 +175,7 @@ impl SyncScheduler {
                     .await;
                 match &run.error {
                     None => {
-                        if let Err(e) = pools.release_upload_done(&owed, &container).await {
+                        if let Err(e) = upload_done(&syncs, &pools, &owed, &workload).await {
                             tracing::warn!(error = %e, container = %container.id, "cannot settle an owed upload");
                         }
                     }
@@ -195,6 +195,45 @@ impl SyncScheduler {
             "max_lag_ms": max_lag,
         }))
     }
+}
+
+/// An owed upload on release finally succeeded. The reservation begins
+/// now with its full affinity_timeout (or, for a workload that does not
+/// reuse containers, ends at the next expiry pass); then the debt is
+/// settled. In that order, so the container is never unretained with an
+/// old expiry in between.
+pub(crate) async fn upload_done(
+    syncs: &Syncs,
+    pools: &Pools,
+    owed: &crate::store::PendingReleaseUpload,
+    workload: &boilerhouse_core::workload::WorkloadRecord,
+) -> anyhow::Result<()> {
+    let timeout = if workload.spec.pool.reuse {
+        workload.spec.pool.affinity_timeout
+    } else {
+        std::time::Duration::ZERO
+    };
+    match pools
+        .restart_reservation(
+            &owed.tenant_id,
+            &owed.workload_id,
+            &owed.container_id,
+            timeout,
+        )
+        .await
+    {
+        // Claimed back or revoked meanwhile: nothing to restart.
+        Ok(_) | Err(crate::pools::PoolError::Refused(_)) => {}
+        Err(e) => return Err(e.into()),
+    }
+    syncs
+        .settle_release_upload(
+            owed.container_id,
+            &format!("uploaded after {} failed attempts", owed.attempts),
+        )
+        .await?;
+    pools.refill_notify().notify_one();
+    Ok(())
 }
 
 impl BackgroundTask for SyncScheduler {

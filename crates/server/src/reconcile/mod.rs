@@ -4,13 +4,17 @@
 //! gathers its inputs (the pool index, the configured workloads, each
 //! node's evidence) and carries out the due actions, recording each one in
 //! the activity log. It runs every few seconds as a background task and
-//! on demand through `ReconcileService.ApplyReconcile`.
+//! on demand through `ReconcileService.ApplyReconcile`. How each action
+//! changes pool state is decided in `core::pool::decide`, like every
+//! other pool transition; [`apply`] carries it out.
+
+mod apply;
 
 use std::collections::BTreeMap;
 
 use futures::future::BoxFuture;
 
-use boilerhouse_core::event::{NewEvent, Severity};
+use boilerhouse_core::event::{EventKind, NewEvent};
 use boilerhouse_core::reconcile::{Action, ActionKind, Desired, Evidence, PlanConfig, plan};
 use boilerhouse_core::{NodeId, Timestamp};
 
@@ -30,6 +34,8 @@ pub struct Reconciler {
     pub agents: Registry,
     /// Grace periods.
     pub config: PlanConfig,
+    /// How long to wait for an agent to answer a command.
+    pub command_timeout: std::time::Duration,
 }
 
 /// One applied action and how it went.
@@ -85,11 +91,7 @@ impl Reconciler {
         let (actions, _) = self.plan(only, now).await?;
         let mut applied = Vec::new();
         for action in actions.into_iter().filter(|a| a.is_due(now)) {
-            let result = self
-                .pools
-                .apply_action(&action)
-                .await
-                .map_err(|e| e.to_string());
+            let result = self.apply_action(&action).await.map_err(|e| e.to_string());
             if let Err(e) = &result {
                 tracing::warn!(node = %action.node_id, reason = %action.reason, error = %e, "reconcile action failed");
             }
@@ -122,14 +124,7 @@ impl Reconciler {
             );
             tracing::warn!(adopted = adopted.len(), claims = with_tenant, "{message}");
             self.store
-                .append_event(NewEvent {
-                    at: now,
-                    kind: "reconcile.rebuilt".into(),
-                    severity: Severity::Warning,
-                    message,
-                    subject: Default::default(),
-                    attributes: Default::default(),
-                })
+                .append_event(NewEvent::new(now, EventKind::ReconcileRebuilt, message))
                 .await?;
         }
         Ok(applied)

@@ -1,0 +1,481 @@
+//! The pool index: an in-memory mirror of the committed container,
+//! active-claim and reservation rows, with the lookups the claim hot path
+//! needs (idle containers per pool, claims by tenant and by container).
+//!
+//! It has one mutator, [`Index::apply`], called with each [`PoolWrite`]
+//! after the store committed it. Nothing else changes it, so memory is
+//! always exactly what was committed: a restart rebuilds the same value
+//! from the rows ([`Index::from_rows`]), and [`Index::check`] states the
+//! rules a committed state must satisfy. Maps are ordered so that every
+//! iteration, and with it every decision, is deterministic.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::ids::{ContainerId, NodeId, TenantId, WorkloadId};
+use crate::pool::write::{ClaimChange, ContainerChange, PoolWrite, ReservationChange};
+use crate::pool::{
+    ClaimRecord, ClaimStatus, ContainerRecord, ContainerState, PoolCounts, Reservation,
+};
+use crate::time::Timestamp;
+
+/// A claim or reservation is keyed by who holds it and of what.
+pub type TenantKey = (TenantId, WorkloadId);
+
+/// The mirror. See the module documentation.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Index {
+    containers: BTreeMap<ContainerId, ContainerRecord>,
+    /// Idle containers per pool, oldest first.
+    idle: BTreeMap<WorkloadId, BTreeSet<(Timestamp, ContainerId)>>,
+    counts: BTreeMap<WorkloadId, PoolCounts>,
+    claims: BTreeMap<TenantKey, ClaimRecord>,
+    claim_of_container: BTreeMap<ContainerId, TenantKey>,
+    claim_by_id: BTreeMap<String, TenantKey>,
+    reservations: BTreeMap<TenantKey, Reservation>,
+}
+
+/// A committed write that did not fit what memory held: the mirror had
+/// drifted from the database. Memory takes the committed value anyway (the
+/// database is the truth); the anomaly is reported so it can be found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Anomaly(pub String);
+
+impl Index {
+    /// Rebuilds the index from stored rows: every container, the active
+    /// claims and the reservations.
+    pub fn from_rows(
+        containers: impl IntoIterator<Item = ContainerRecord>,
+        claims: impl IntoIterator<Item = ClaimRecord>,
+        reservations: impl IntoIterator<Item = Reservation>,
+    ) -> Self {
+        let mut index = Index::default();
+        for c in containers {
+            index.put_container(c);
+        }
+        for claim in claims
+            .into_iter()
+            .filter(|c| c.status == ClaimStatus::Active)
+        {
+            index.put_claim(claim);
+        }
+        for r in reservations {
+            index
+                .reservations
+                .insert((r.tenant_id.clone(), r.workload_id.clone()), r);
+        }
+        index
+    }
+
+    /// Makes memory what `write` committed. The only mutator.
+    pub fn apply(&mut self, write: &PoolWrite) -> Vec<Anomaly> {
+        let mut anomalies = Vec::new();
+        let mut drift = |what: String| anomalies.push(Anomaly(what));
+        for change in &write.reservations {
+            match change {
+                ReservationChange::Insert(r) => {
+                    let key = (r.tenant_id.clone(), r.workload_id.clone());
+                    if let Some(old) = self.reservations.insert(key, r.clone()) {
+                        drift(format!("inserted reservation over {old:?}"));
+                    }
+                }
+                ReservationChange::Update { expected, new } => {
+                    let key = (new.tenant_id.clone(), new.workload_id.clone());
+                    let old = self.reservations.insert(key, new.clone());
+                    if old.as_ref() != Some(expected) {
+                        drift(format!("updated reservation {expected:?} but held {old:?}"));
+                    }
+                }
+                ReservationChange::Remove { expected } => {
+                    let key = (expected.tenant_id.clone(), expected.workload_id.clone());
+                    match self.reservations.remove(&key) {
+                        Some(r) if &r == expected => {}
+                        other => drift(format!(
+                            "removed reservation {expected:?} but held {other:?}"
+                        )),
+                    }
+                }
+            }
+        }
+        for change in &write.containers {
+            match change {
+                ContainerChange::Insert(c) => {
+                    if let Some(old) = self.put_container(c.clone()) {
+                        drift(format!("inserted container {} over {old:?}", c.id));
+                    }
+                }
+                ContainerChange::Update { expected, record } => {
+                    let before = self.put_container(record.clone());
+                    if !before.as_ref().is_some_and(|old| expected.matches(old)) {
+                        drift(format!(
+                            "container {} updated from {expected:?} but held {before:?}",
+                            record.id
+                        ));
+                    }
+                }
+                ContainerChange::Remove { id, expected } => match self.remove_container(id) {
+                    Some(old) if expected.matches(&old) => {}
+                    other => drift(format!(
+                        "removed container {id} as {expected:?} but held {other:?}"
+                    )),
+                },
+            }
+        }
+        for change in &write.claims {
+            match change {
+                ClaimChange::Insert(claim) => {
+                    if let Some(old) = self.put_claim(claim.clone()) {
+                        drift(format!(
+                            "claim {} replaced active claim {}",
+                            claim.claim_id, old.claim_id
+                        ));
+                    }
+                }
+                ClaimChange::End(claim) => {
+                    let key = (claim.tenant_id.clone(), claim.workload_id.clone());
+                    match self.claims.get(&key) {
+                        Some(held) if held.claim_id == claim.claim_id => {
+                            self.remove_claim(&key);
+                        }
+                        other => drift(format!(
+                            "ended claim {} but held {:?}",
+                            claim.claim_id,
+                            other.map(|c| &c.claim_id)
+                        )),
+                    }
+                }
+                ClaimChange::Touch { claim_id, at } => {
+                    // A touch of a claim that ended meanwhile is fine: the
+                    // store updates the ended row, memory has nothing.
+                    if let Some(key) = self.claim_by_id.get(claim_id)
+                        && let Some(claim) = self.claims.get_mut(key)
+                    {
+                        claim.last_activity_at = claim.last_activity_at.max(*at);
+                    }
+                }
+            }
+        }
+        anomalies
+    }
+
+    /// Whether the store would accept `write` on this state: the same
+    /// conditions its SQL checks, in the same order, as a model for tests
+    /// and the simulation. `Err` names the first condition that fails.
+    pub fn admit(&self, write: &PoolWrite) -> Result<(), String> {
+        let mut scratch = self.clone();
+        for change in &write.reservations {
+            let ok = match change {
+                ReservationChange::Insert(r) => {
+                    scratch.reservation(&r.tenant_id, &r.workload_id).is_none()
+                        && scratch.reservation_on(&r.container_id).is_none()
+                }
+                ReservationChange::Update { expected, new } => {
+                    scratch.reservation(&new.tenant_id, &new.workload_id) == Some(expected)
+                }
+                ReservationChange::Remove { expected } => {
+                    scratch.reservation(&expected.tenant_id, &expected.workload_id)
+                        == Some(expected)
+                }
+            };
+            if !ok {
+                return Err(format!("reservation change refused: {change:?}"));
+            }
+            scratch.apply(&PoolWrite {
+                reservations: vec![change.clone()],
+                ..Default::default()
+            });
+        }
+        for change in &write.containers {
+            let ok = match change {
+                ContainerChange::Insert(c) => scratch.container(&c.id).is_none(),
+                ContainerChange::Update { expected, record } => scratch
+                    .container(&record.id)
+                    .is_some_and(|old| expected.matches(old)),
+                ContainerChange::Remove { id, expected } => scratch
+                    .container(id)
+                    .is_some_and(|old| expected.matches(old)),
+            };
+            if !ok {
+                return Err(format!(
+                    "container {} changed since it was read",
+                    change.id()
+                ));
+            }
+            scratch.apply(&PoolWrite {
+                containers: vec![change.clone()],
+                ..Default::default()
+            });
+        }
+        for change in &write.claims {
+            let ok = match change {
+                ClaimChange::Insert(claim) => {
+                    scratch
+                        .claim(&claim.tenant_id, &claim.workload_id)
+                        .is_none()
+                        && scratch.claim_on(&claim.container_id).is_none()
+                }
+                ClaimChange::End(claim) => scratch
+                    .claim(&claim.tenant_id, &claim.workload_id)
+                    .is_some_and(|c| {
+                        c.claim_id == claim.claim_id && c.generation == claim.generation
+                    }),
+                ClaimChange::Touch { .. } => true,
+            };
+            if !ok {
+                return Err(format!("claim change refused: {change:?}"));
+            }
+            scratch.apply(&PoolWrite {
+                claims: vec![change.clone()],
+                ..Default::default()
+            });
+        }
+        Ok(())
+    }
+
+    fn put_container(&mut self, c: ContainerRecord) -> Option<ContainerRecord> {
+        let old = self.remove_container(&c.id);
+        self.counts
+            .entry(c.workload_id.clone())
+            .or_default()
+            .add(c.state);
+        if c.state == ContainerState::Idle {
+            self.idle
+                .entry(c.workload_id.clone())
+                .or_default()
+                .insert((c.created_at, c.id));
+        }
+        self.containers.insert(c.id, c);
+        old
+    }
+
+    fn remove_container(&mut self, id: &ContainerId) -> Option<ContainerRecord> {
+        let old = self.containers.remove(id)?;
+        if let Some(counts) = self.counts.get_mut(&old.workload_id) {
+            counts.remove(old.state);
+            if *counts == PoolCounts::default() {
+                self.counts.remove(&old.workload_id);
+            }
+        }
+        if old.state == ContainerState::Idle
+            && let Some(idle) = self.idle.get_mut(&old.workload_id)
+        {
+            idle.remove(&(old.created_at, old.id));
+            if idle.is_empty() {
+                self.idle.remove(&old.workload_id);
+            }
+        }
+        Some(old)
+    }
+
+    fn put_claim(&mut self, claim: ClaimRecord) -> Option<ClaimRecord> {
+        let key = (claim.tenant_id.clone(), claim.workload_id.clone());
+        let old = self.remove_claim(&key);
+        self.claim_of_container
+            .insert(claim.container_id, key.clone());
+        self.claim_by_id.insert(claim.claim_id.clone(), key.clone());
+        self.claims.insert(key, claim);
+        old
+    }
+
+    fn remove_claim(&mut self, key: &TenantKey) -> Option<ClaimRecord> {
+        let old = self.claims.remove(key)?;
+        self.claim_of_container.remove(&old.container_id);
+        self.claim_by_id.remove(&old.claim_id);
+        Some(old)
+    }
+
+    /// One container.
+    pub fn container(&self, id: &ContainerId) -> Option<&ContainerRecord> {
+        self.containers.get(id)
+    }
+
+    /// Every container, by id.
+    pub fn containers(&self) -> impl Iterator<Item = &ContainerRecord> {
+        self.containers.values()
+    }
+
+    /// The containers of `node`.
+    pub fn containers_on<'a>(
+        &'a self,
+        node: &'a NodeId,
+    ) -> impl Iterator<Item = &'a ContainerRecord> + 'a {
+        self.containers.values().filter(move |c| &c.node_id == node)
+    }
+
+    /// The tenant's active claim of the workload.
+    pub fn claim(&self, tenant: &TenantId, workload: &WorkloadId) -> Option<&ClaimRecord> {
+        self.claims.get(&(tenant.clone(), workload.clone()))
+    }
+
+    /// The active claim on a container.
+    pub fn claim_on(&self, container: &ContainerId) -> Option<&ClaimRecord> {
+        self.claims.get(self.claim_of_container.get(container)?)
+    }
+
+    /// An active claim by its id.
+    pub fn claim_by_id(&self, claim_id: &str) -> Option<&ClaimRecord> {
+        self.claims.get(self.claim_by_id.get(claim_id)?)
+    }
+
+    /// Every active claim.
+    pub fn claims(&self) -> impl Iterator<Item = &ClaimRecord> {
+        self.claims.values()
+    }
+
+    /// The tenant's reservation of the workload.
+    pub fn reservation(&self, tenant: &TenantId, workload: &WorkloadId) -> Option<&Reservation> {
+        self.reservations.get(&(tenant.clone(), workload.clone()))
+    }
+
+    /// Every reservation.
+    pub fn reservations(&self) -> impl Iterator<Item = &Reservation> {
+        self.reservations.values()
+    }
+
+    /// The reservation that holds `container`, if any.
+    pub fn reservation_on(&self, container: &ContainerId) -> Option<&Reservation> {
+        self.reservations
+            .values()
+            .find(|r| &r.container_id == container)
+    }
+
+    /// A pool's idle containers, oldest first.
+    pub fn idle(&self, pool: &WorkloadId) -> impl Iterator<Item = &ContainerRecord> {
+        self.idle
+            .get(pool)
+            .into_iter()
+            .flatten()
+            .filter_map(|(_, id)| self.containers.get(id))
+    }
+
+    /// How many containers of a pool are in each state.
+    pub fn counts(&self, pool: &WorkloadId) -> PoolCounts {
+        self.counts.get(pool).copied().unwrap_or_default()
+    }
+
+    /// Checks the rules every committed state satisfies; returns each one
+    /// broken, in words. Used by tests and the simulation after every step.
+    pub fn check(&self) -> Vec<String> {
+        let mut broken = Vec::new();
+        let mut counts: BTreeMap<WorkloadId, PoolCounts> = BTreeMap::new();
+        for c in self.containers.values() {
+            counts
+                .entry(c.workload_id.clone())
+                .or_default()
+                .add(c.state);
+            let idle_listed = self
+                .idle
+                .get(&c.workload_id)
+                .is_some_and(|s| s.contains(&(c.created_at, c.id)));
+            if idle_listed != (c.state == ContainerState::Idle) {
+                broken.push(format!(
+                    "container {} ({}) idle list says {idle_listed}",
+                    c.id, c.state
+                ));
+            }
+            let claim = self.claim_on(&c.id);
+            match c.state {
+                ContainerState::Warming | ContainerState::Idle => {
+                    if c.used() {
+                        broken.push(format!(
+                            "{} container {} was used (tenant {:?}, last {:?}, generation {})",
+                            c.state, c.id, c.tenant_id, c.last_tenant_id, c.claim_generation
+                        ));
+                    }
+                }
+                ContainerState::Claimed => match claim {
+                    Some(claim) => {
+                        if c.tenant_id.as_ref() != Some(&claim.tenant_id)
+                            || c.workload_id != claim.workload_id
+                            || c.node_id != claim.node_id
+                            || c.claim_generation != claim.generation
+                        {
+                            broken.push(format!(
+                                "claimed container {} (tenant {:?}, generation {}) disagrees with claim {} of {} (generation {})",
+                                c.id, c.tenant_id, c.claim_generation, claim.claim_id, claim.tenant_id, claim.generation
+                            ));
+                        }
+                    }
+                    None => broken.push(format!("claimed container {} has no active claim", c.id)),
+                },
+                ContainerState::Reserved => {
+                    let reservation = self.reservation_on(&c.id);
+                    let ok = reservation.is_some_and(|r| {
+                        c.tenant_id.is_none()
+                            && c.last_tenant_id.as_ref() == Some(&r.tenant_id)
+                            && c.workload_id == r.workload_id
+                    });
+                    if !ok {
+                        broken.push(format!(
+                            "reserved container {} (last tenant {:?}) has reservation {reservation:?}",
+                            c.id, c.last_tenant_id
+                        ));
+                    }
+                }
+                ContainerState::Draining | ContainerState::Lost => {}
+            }
+            if c.state != ContainerState::Claimed && claim.is_some() {
+                broken.push(format!(
+                    "{} container {} has an active claim",
+                    c.state, c.id
+                ));
+            }
+            if c.tenant_id.is_some()
+                && !matches!(
+                    c.state,
+                    ContainerState::Claimed | ContainerState::Lost | ContainerState::Draining
+                )
+            {
+                broken.push(format!(
+                    "{} container {} names tenant {:?}",
+                    c.state, c.id, c.tenant_id
+                ));
+            }
+        }
+        if counts != self.counts {
+            broken.push(format!(
+                "counts {:?} but containers give {counts:?}",
+                self.counts
+            ));
+        }
+        for claim in self.claims.values() {
+            if !self.containers.contains_key(&claim.container_id) {
+                broken.push(format!(
+                    "claim {} points at missing container {}",
+                    claim.claim_id, claim.container_id
+                ));
+            }
+        }
+        if self.claim_of_container.len() != self.claims.len()
+            || self.claim_by_id.len() != self.claims.len()
+        {
+            broken.push("claim lookups disagree with the claims".into());
+        }
+        for key in self.reservations.keys() {
+            if self.claims.contains_key(key) {
+                broken.push(format!(
+                    "{}/{} holds a claim and a reservation",
+                    key.0, key.1
+                ));
+            }
+        }
+        let mut reserved = BTreeSet::new();
+        for r in self.reservations.values() {
+            if !reserved.insert(r.container_id) {
+                broken.push(format!("container {} has two reservations", r.container_id));
+            }
+            match self.containers.get(&r.container_id) {
+                Some(c) if c.state == ContainerState::Reserved => {}
+                other => broken.push(format!(
+                    "reservation of {} points at {} in state {:?}",
+                    r.tenant_id,
+                    r.container_id,
+                    other.map(|c| c.state)
+                )),
+            }
+        }
+        broken
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,117 @@
+//! Placement and fill rules.
+
+use super::*;
+use crate::workload::parse_workload;
+use proptest::prelude::*;
+
+fn node(name: &str, cpus: f64, memory_gb: u64) -> NodeCandidate {
+    NodeCandidate {
+        id: NodeId::new(name).unwrap(),
+        live: true,
+        cordoned: false,
+        labels: BTreeMap::new(),
+        capacity: Resources {
+            cpus,
+            memory_bytes: memory_gb << 30,
+            gpus: 0,
+        },
+        allocated: Resources::default(),
+    }
+}
+
+#[test]
+fn placement_prefers_free_capacity_and_respects_the_rules() {
+    let w = parse_workload(
+        "w",
+        "id: w\nimage: i\ndeploy: {resources: {limits: {cpus: 1, memory: 1G}}}\n",
+    )
+    .unwrap();
+    let mut nodes = vec![node("a", 4.0, 8), node("b", 4.0, 16), node("c", 8.0, 32)];
+    assert_eq!(choose_node(&nodes, &w).unwrap().id.as_str(), "c");
+    nodes[2].cordoned = true;
+    assert_eq!(
+        choose_node(&nodes, &w).unwrap().id.as_str(),
+        "b",
+        "cordoned nodes get nothing"
+    );
+    nodes[1].live = false;
+    assert_eq!(
+        choose_node(&nodes, &w).unwrap().id.as_str(),
+        "a",
+        "only live nodes"
+    );
+    nodes[0].allocated = Resources {
+        cpus: 3.5,
+        memory_bytes: 0,
+        gpus: 0,
+    };
+    assert!(choose_node(&nodes, &w).is_none(), "no node has a free core");
+}
+
+#[test]
+fn node_selectors_must_match_every_label() {
+    let w = parse_workload(
+        "w",
+        "id: w\nimage: i\nnode_selector: {zone: b, gpu: 'yes'}\n",
+    )
+    .unwrap();
+    let mut a = node("a", 4.0, 64);
+    a.labels.insert("zone".into(), "b".into());
+    let mut b = node("b", 4.0, 8);
+    b.labels.insert("zone".into(), "b".into());
+    b.labels.insert("gpu".into(), "yes".into());
+    assert_eq!(choose_node(&[a, b], &w).unwrap().id.as_str(), "b");
+}
+
+#[test]
+fn filling_respects_min_max_and_concurrency() {
+    let c = |idle, warming, claimed| PoolCounts {
+        idle,
+        warming,
+        claimed,
+        ..Default::default()
+    };
+    assert_eq!(
+        to_create(&c(0, 0, 0), 5, 10, 2),
+        2,
+        "fill_concurrency caps a round"
+    );
+    assert_eq!(
+        to_create(&c(0, 2, 0), 5, 10, 2),
+        0,
+        "in-flight creates use the slots"
+    );
+    assert_eq!(to_create(&c(3, 1, 0), 5, 10, 4), 1);
+    assert_eq!(to_create(&c(5, 0, 0), 5, 10, 4), 0, "full");
+    assert_eq!(
+        to_create(&c(0, 0, 9), 5, 10, 4),
+        1,
+        "max_size counts claimed ones"
+    );
+    assert_eq!(to_create(&c(0, 0, 10), 5, 10, 4), 0);
+}
+
+proptest! {
+    /// Creating what to_create says never takes the pool past max_size,
+    /// past fill_concurrency in flight, or past min_size idle+warming.
+    #[test]
+    fn to_create_never_overshoots(
+        idle in 0u32..30, warming in 0u32..30, claimed in 0u32..30, reserved in 0u32..10,
+        draining in 0u32..10, min in 0u32..40, extra in 0u32..40, conc in 1u32..10,
+    ) {
+        let max = (min + extra).max(1);
+        let counts = PoolCounts { idle, warming, claimed, reserved, draining, lost: 0 };
+        let n = to_create(&counts, min, max, conc);
+        if n > 0 {
+            prop_assert!(counts.total() + n <= max);
+            prop_assert!(warming + n <= conc);
+            prop_assert!(idle + warming + n <= min);
+        }
+    }
+
+    #[test]
+    fn states_round_trip(i in 0usize..6) {
+        let s = ContainerState::ALL[i];
+        prop_assert_eq!(s.as_str().parse::<ContainerState>().unwrap(), s);
+    }
+}

@@ -1,0 +1,334 @@
+//! Claims at the pool level: choosing and granting a container, releasing
+//! it, and tenant activity. Restores and uploads are not done here: the
+//! claim flow in `crate::tenancy` wraps these with the tenant's files.
+
+use std::time::{Duration, Instant};
+
+use boilerhouse_core::idempotency::IdempotentRecord;
+use boilerhouse_core::pool::decide::{self, AfterRelease, Choice, Refusal};
+use boilerhouse_core::pool::write::PoolWrite;
+use boilerhouse_core::pool::{ClaimRecord, ClaimSource, Reservation};
+use boilerhouse_core::workload::WorkloadRecord;
+use boilerhouse_core::{TenantId, Timestamp, WorkloadId};
+
+use super::{Granted, PoolError, Pools, TenantGuard};
+use crate::store::StoreError;
+
+/// Builds the record of a request id from the decision it answers, so it
+/// commits with the claim.
+pub type Recorder<'a> = &'a (dyn Fn(&Granted, ClaimSource) -> Option<IdempotentRecord> + Sync);
+
+/// What a release does with the container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keep {
+    /// As the workload says: reserved for `affinity_timeout` if it reuses
+    /// containers, else destroyed.
+    AsConfigured,
+    /// Reserved whatever the workload says: the tenant's newest files are
+    /// only in it (a failed upload, or a restore that did not run).
+    Hold,
+}
+
+/// How to release a claim.
+#[derive(Debug, Clone)]
+pub struct Release<'a> {
+    /// Only the claim of this generation (a fencing token), if given.
+    pub generation: Option<u64>,
+    /// What becomes of the container.
+    pub keep: Keep,
+    /// Why, for the event.
+    pub reason: &'a str,
+    /// The request id's record, committed with the release.
+    pub idempotency: Option<IdempotentRecord>,
+}
+
+/// A claim decided on one view of the index.
+enum Decided {
+    Existing(Granted),
+    Grant(
+        (
+            PoolWrite,
+            ClaimRecord,
+            boilerhouse_core::pool::ContainerRecord,
+        ),
+        ClaimSource,
+        Option<boilerhouse_core::ContainerId>,
+    ),
+    Cold(Option<Reservation>),
+}
+
+fn claim_id() -> String {
+    boilerhouse_core::ids::Uuid::now_v7().to_string()
+}
+
+impl Pools {
+    /// Claims a container of `workload` for `tenant`: its existing claim,
+    /// its reservation, an idle container, or a cold start, in that order.
+    /// With `recorder`, the request id's record commits with the claim.
+    pub async fn claim_locked(
+        &self,
+        _lock: &TenantGuard<'_>,
+        tenant: &TenantId,
+        workload: &WorkloadRecord,
+        acquire_timeout: Option<Duration>,
+        recorder: Option<Recorder<'_>>,
+    ) -> Result<(Granted, ClaimSource), PoolError> {
+        let workload_id = &workload.spec.id;
+        let deadline =
+            Instant::now() + acquire_timeout.unwrap_or(self.inner.config.acquire_timeout);
+        // Each conflict means another change committed first; decide again
+        // on the newer state, a bounded number of times.
+        for _ in 0..8 {
+            let now = crate::clock::now();
+            // Choose and grant on one view of the index. A pool container
+            // is marked busy in the same breath, so concurrent claims pass
+            // it by instead of colliding on it.
+            let decided = {
+                let mut state = self.state();
+                let super::State {
+                    index, inflight, ..
+                } = &mut *state;
+                let offerable = |c: &boilerhouse_core::pool::ContainerRecord| {
+                    !inflight.busy.contains(&c.id) && self.node_live(&c.node_id, now)
+                };
+                match decide::choose(index, tenant, workload_id, offerable)? {
+                    Choice::Existing(claim, container) => {
+                        Decided::Existing(Granted { claim, container })
+                    }
+                    Choice::Affinity(r, c) => Decided::Grant(
+                        decide::grant(
+                            index,
+                            tenant,
+                            &c,
+                            ClaimSource::Affinity,
+                            Some(&r),
+                            None,
+                            claim_id(),
+                            now,
+                        )?,
+                        ClaimSource::Affinity,
+                        None,
+                    ),
+                    Choice::Pool(c, superseded) => {
+                        self.check_superseded(superseded.as_ref())?;
+                        let grant = decide::grant(
+                            index,
+                            tenant,
+                            &c,
+                            ClaimSource::Pool,
+                            None,
+                            superseded.as_ref(),
+                            claim_id(),
+                            now,
+                        )?;
+                        inflight.busy.insert(c.id);
+                        Decided::Grant(grant, ClaimSource::Pool, Some(c.id))
+                    }
+                    Choice::Cold(superseded) => {
+                        self.check_superseded(superseded.as_ref())?;
+                        Decided::Cold(superseded)
+                    }
+                }
+            };
+            let (grant, source, busy) = match decided {
+                Decided::Existing(granted) => {
+                    if let Some(record) = recorder.and_then(|r| r(&granted, ClaimSource::Existing))
+                    {
+                        self.record(record).await?;
+                    }
+                    return Ok((granted, ClaimSource::Existing));
+                }
+                Decided::Grant(grant, source, busy) => {
+                    let busy = busy.map(|id| super::BusyGuard {
+                        pools: self.clone(),
+                        id,
+                    });
+                    (grant, source, busy)
+                }
+                Decided::Cold(superseded) => {
+                    // The container is ours (busy) while it warms; it is
+                    // granted once ready, on the state as it then is.
+                    let (id, busy) = self.cold_start(workload, deadline).await?;
+                    let grant = {
+                        let state = self.state();
+                        state.index.container(&id).cloned().map(|c| {
+                            decide::grant(
+                                &state.index,
+                                tenant,
+                                &c,
+                                ClaimSource::Cold,
+                                None,
+                                superseded.as_ref(),
+                                claim_id(),
+                                now,
+                            )
+                        })
+                    };
+                    match grant {
+                        Some(Ok(grant)) => (grant, ClaimSource::Cold, Some(busy)),
+                        // Removed or changed while warming: start over.
+                        _ => continue,
+                    }
+                }
+            };
+            let (mut write, claim, claimed) = grant;
+            let granted = Granted {
+                claim,
+                container: claimed,
+            };
+            write.idempotency = recorder.and_then(|r| r(&granted, source));
+            let committed = self.commit(write).await;
+            drop(busy);
+            match committed {
+                Ok(()) => {
+                    self.inner.refill.notify_one();
+                    self.write_state_file(&granted.container, now);
+                    return Ok((granted, source));
+                }
+                Err(StoreError::Conflict(why)) => {
+                    tracing::debug!(tenant = %tenant, %why, "claim decided on a stale view; deciding again");
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(PoolError::Unavailable(format!(
+            "pool {workload_id} kept changing while claiming for {tenant}; retry"
+        )))
+    }
+
+    /// A tenant claiming away from a reservation on an unreachable node
+    /// ends it and destroys its container, unless that container holds the
+    /// tenant's only copy of newer files: then the claim waits.
+    fn check_superseded(&self, superseded: Option<&Reservation>) -> Result<(), PoolError> {
+        match superseded {
+            Some(r) if self.retained(&r.container_id) => Err(PoolError::Unavailable(format!(
+                "{}'s newest files are on container {} (their upload is still owed) and node {} cannot be reached; retry when it is back",
+                r.tenant_id, r.container_id, r.node_id
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Commits a request id's record on its own (a claim that was already
+    /// there, or one whose restore finished).
+    pub async fn record(&self, record: IdempotentRecord) -> Result<(), PoolError> {
+        self.commit(PoolWrite {
+            idempotency: Some(record),
+            ..Default::default()
+        })
+        .await
+        .map_err(Into::into)
+    }
+
+    /// Releases the tenant's claim: the container is kept for the tenant,
+    /// or destroyed, as `how.keep` says.
+    pub async fn release_locked(
+        &self,
+        _lock: &TenantGuard<'_>,
+        tenant: &TenantId,
+        workload_id: &WorkloadId,
+        how: Release<'_>,
+    ) -> Result<(ClaimRecord, Option<Reservation>), PoolError> {
+        let Release {
+            generation,
+            keep,
+            reason,
+            idempotency,
+        } = how;
+        // A workload deleted since the claim means the container is not
+        // reused.
+        let policy = self
+            .workload_record(workload_id)
+            .await
+            .ok()
+            .map(|w| (w.spec.pool.reuse, w.spec.pool.affinity_timeout));
+        let now = crate::clock::now();
+        let after = match (policy, keep) {
+            (Some((_, timeout)), Keep::Hold) | (Some((true, timeout)), _) => {
+                AfterRelease::Reserve {
+                    until: now.saturating_add(timeout),
+                }
+            }
+            (None, Keep::Hold) => AfterRelease::Reserve { until: now },
+            _ => AfterRelease::Destroy,
+        };
+        let released = self
+            .commit_decided(|index| {
+                let mut r =
+                    decide::release(index, tenant, workload_id, generation, after, reason, now)?;
+                r.write.idempotency = idempotency.clone();
+                Ok(Some((r.write.clone(), r)))
+            })
+            .await?
+            .ok_or_else(|| Refusal::NoClaim(tenant.clone(), workload_id.clone()))?;
+        if let Some(c) = &released.container {
+            self.write_state_file(c, now);
+        }
+        self.inner.refill.notify_one();
+        Ok((released.claim, released.reservation))
+    }
+
+    /// Records activity on a claim (a Touch); with a generation, checks it.
+    pub async fn touch(
+        &self,
+        tenant: &TenantId,
+        workload: &WorkloadId,
+        generation: Option<u64>,
+    ) -> Result<Timestamp, PoolError> {
+        let now = crate::clock::now();
+        self.commit_decided(|index| {
+            Ok(Some((
+                decide::touch(index, tenant, workload, generation, now)?,
+                (),
+            )))
+        })
+        .await?;
+        Ok(now)
+    }
+
+    /// Records activity seen on a container (its state directory changed).
+    /// Kept in memory and flushed in batches by the idle reaper; until then
+    /// it is in-flight state, not part of the mirror.
+    pub fn container_activity(&self, container: &boilerhouse_core::ContainerId, at: Timestamp) {
+        let mut state = self.state();
+        let Some(claim) = state.index.claim_on(container) else {
+            return;
+        };
+        let claim_id = claim.claim_id.clone();
+        let newest = claim.last_activity_at.max(at);
+        let seen = state.inflight.activity.entry(claim_id).or_insert(newest);
+        *seen = (*seen).max(newest);
+    }
+
+    /// Writes activity seen on containers to the database, so a restarted
+    /// server does not reap a claim that was in use.
+    pub async fn flush_activity(&self) -> Result<usize, StoreError> {
+        let touches: Vec<(String, Timestamp)> = self.state().inflight.activity.drain().collect();
+        if touches.is_empty() {
+            return Ok(0);
+        }
+        let count = touches.len();
+        let write = PoolWrite {
+            claims: touches
+                .iter()
+                .map(
+                    |(claim_id, at)| boilerhouse_core::pool::write::ClaimChange::Touch {
+                        claim_id: claim_id.clone(),
+                        at: *at,
+                    },
+                )
+                .collect(),
+            ..Default::default()
+        };
+        if let Err(e) = self.commit(write).await {
+            // Not lost: kept for the next flush (a newer sighting wins).
+            let mut state = self.state();
+            for (claim_id, at) in touches {
+                let seen = state.inflight.activity.entry(claim_id).or_insert(at);
+                *seen = (*seen).max(at);
+            }
+            return Err(e);
+        }
+        Ok(count)
+    }
+}

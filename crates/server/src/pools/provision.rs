@@ -1,0 +1,535 @@
+//! Making and unmaking containers, for cold starts and the refiller alike:
+//! placement, the create command, waiting until a container is ready,
+//! promotion to idle, and removal of draining containers.
+//!
+//! A container's row is committed (Warming) before its create is sent, so
+//! a crash in between leaves a row whose create is resent, never a
+//! container nobody knows. A create slot is taken under the index lock
+//! (`Inflight::creating`) before that commit, so concurrent creates can
+//! never push a pool past `max_size`.
+
+use std::time::{Duration, Instant};
+
+use boilerhouse_core::container::{ContainerSpec, VolumeKind, volume_host_path};
+use boilerhouse_core::event::{EventKind, EventSubject, NewEvent};
+use boilerhouse_core::pool::decide::{self, DrainScope};
+use boilerhouse_core::pool::{ContainerRecord, ContainerState, NodeCandidate, choose_node};
+use boilerhouse_core::workload::{WorkloadRecord, WorkloadSpec};
+use boilerhouse_core::{ContainerId, NodeId, Timestamp, WorkloadId};
+use boilerhouse_proto::pb;
+
+use super::{BusyGuard, PoolError, Pools};
+
+/// Longest wait between create attempts of a failing pool.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// Gives a create slot back when dropped (the row committed, or not).
+struct SlotGuard {
+    pools: Pools,
+    pool: WorkloadId,
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        let mut state = self.pools.state();
+        if let Some(n) = state.inflight.creating.get_mut(&self.pool) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                state.inflight.creating.remove(&self.pool);
+            }
+        }
+    }
+}
+
+impl Pools {
+    /// The create command for a new container; its id makes it idempotent
+    /// across resends.
+    pub(crate) fn create_command(spec: &WorkloadSpec, record: &ContainerRecord) -> pb::Command {
+        let container_spec =
+            ContainerSpec::for_workload(spec, record.id, &record.node_id, record.created_at);
+        pb::Command {
+            command_id: format!("create-{}", record.id),
+            generation: 0,
+            command: Some(pb::command::Command::Create(pb::CreateContainer {
+                spec: Some(pb::ContainerSpec::from(&container_spec)),
+                start: true,
+            })),
+        }
+    }
+
+    /// A new warming container record for `spec` on `node`.
+    pub(crate) fn new_container(
+        spec: &WorkloadSpec,
+        spec_hash: &str,
+        id: ContainerId,
+        node: (NodeId, String),
+        now: Timestamp,
+    ) -> ContainerRecord {
+        let (node_id, state_root) = node;
+        let path = |kind: VolumeKind, wanted: bool| {
+            if wanted {
+                volume_host_path(&state_root, &id, &kind)
+            } else {
+                String::new()
+            }
+        };
+        ContainerRecord {
+            id,
+            workload_id: spec.id.clone(),
+            node_id,
+            docker_id: None,
+            state: ContainerState::Warming,
+            spec_hash: spec_hash.to_owned(),
+            tenant_id: None,
+            last_tenant_id: None,
+            claim_generation: 0,
+            revision: 0,
+            limits: spec.limits,
+            state_path: path(VolumeKind::State, spec.volumes.state.is_some()),
+            comm_path: path(VolumeKind::Comm, spec.volumes.comm.is_some()),
+            created_at: now,
+            updated_at: now,
+        }
+    }
+
+    /// The node for a new container, with its state root.
+    async fn place(
+        &self,
+        spec: &WorkloadSpec,
+        now: Timestamp,
+    ) -> Result<Option<(NodeId, String)>, PoolError> {
+        let nodes = self.inner.store.list_nodes().await?;
+        let allocated = self.allocations();
+        let candidates: Vec<NodeCandidate> = nodes
+            .iter()
+            .map(|n| NodeCandidate {
+                id: n.id.clone(),
+                live: n.status == boilerhouse_core::node::NodeStatus::Ready
+                    && self.node_live(&n.id, now),
+                cordoned: n.cordoned,
+                labels: n.labels.clone(),
+                capacity: self.inner.capacity.effective(&n.id, n.capacity),
+                allocated: allocated.get(&n.id).copied().unwrap_or_default(),
+            })
+            .collect();
+        let chosen = choose_node(&candidates, spec).map(|c| c.id.clone());
+        Ok(chosen.and_then(|id| {
+            nodes
+                .into_iter()
+                .find(|n| n.id == id)
+                .map(|n| (n.id, n.state_root))
+        }))
+    }
+
+    /// Takes up to `wanted` create slots of `pool` under `max`, counting
+    /// committed containers and slots already taken.
+    fn take_slots(&self, pool: &WorkloadId, wanted: u32, max: u32) -> Vec<SlotGuard> {
+        let mut state = self.state();
+        let taken = state.inflight.creating.get(pool).copied().unwrap_or(0);
+        let total = state.index.counts(pool).total() + taken;
+        let n = wanted.min(max.saturating_sub(total));
+        if n > 0 {
+            *state.inflight.creating.entry(pool.clone()).or_default() += n;
+        }
+        drop(state);
+        (0..n)
+            .map(|_| SlotGuard {
+                pools: self.clone(),
+                pool: pool.clone(),
+            })
+            .collect()
+    }
+
+    /// Places and records a new warming container, busy for the caller.
+    async fn record_new(
+        &self,
+        workload: &WorkloadRecord,
+        slot: SlotGuard,
+        now: Timestamp,
+    ) -> Result<Option<(ContainerRecord, BusyGuard)>, PoolError> {
+        let spec = &workload.spec;
+        let Some(node) = self.place(spec, now).await? else {
+            return Ok(None);
+        };
+        let id = ContainerId::from_uuid(boilerhouse_core::ids::Uuid::now_v7());
+        let record = Self::new_container(spec, &workload.spec_hash, id, node, now);
+        let busy = self.take_busy(id).ok_or_else(|| {
+            PoolError::Unavailable(format!("container id {id} is already in use"))
+        })?;
+        self.commit(decide::insert(record.clone())).await?;
+        // Committed: the index counts it now, the slot is no longer needed.
+        drop(slot);
+        Ok(Some((record, busy)))
+    }
+
+    /// Creates a container for one claim and waits until it is ready.
+    /// Returns it still Warming and busy: the caller grants it.
+    pub(super) async fn cold_start(
+        &self,
+        workload: &WorkloadRecord,
+        deadline: Instant,
+    ) -> Result<(ContainerId, BusyGuard), PoolError> {
+        let spec = &workload.spec;
+        let overrides = self.overrides(&spec.id).await?;
+        if overrides.draining {
+            return Err(PoolError::Exhausted(format!(
+                "pool {} is drained; `bh pool scale` puts it back in service",
+                spec.id
+            )));
+        }
+        let max = overrides.max_size.unwrap_or(spec.pool.max_size);
+        let Some(slot) = self.take_slots(&spec.id, 1, max).pop() else {
+            return Err(PoolError::Exhausted(format!(
+                "pool {} is at max_size {max} and has no idle container; retry shortly",
+                spec.id
+            )));
+        };
+        let now = crate::clock::now();
+        let (record, busy) = self.record_new(workload, slot, now).await?.ok_or_else(|| {
+            PoolError::Exhausted(format!(
+                "no ready, uncordoned node can fit a container of {}",
+                spec.id
+            ))
+        })?;
+        match self.create_and_wait(spec, &record, deadline).await {
+            Ok(()) => Ok((record.id, busy)),
+            Err(e) => {
+                drop(busy);
+                if let Err(drain) = self
+                    .drain(
+                        &record.id,
+                        DrainScope::Unowned,
+                        &format!("cold start failed: {e}"),
+                    )
+                    .await
+                {
+                    tracing::warn!(container = %record.id, error = %drain, "cannot drain a failed cold start; the refiller will");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Sends the create command and records the Docker id it reports.
+    async fn create(
+        &self,
+        spec: &WorkloadSpec,
+        record: &ContainerRecord,
+        timeout: Duration,
+    ) -> Result<pb::ObservedContainer, PoolError> {
+        let command = Self::create_command(spec, record);
+        let result = self
+            .inner
+            .agents
+            .send(&record.node_id, command, timeout)
+            .await
+            .map_err(|e| {
+                PoolError::Unavailable(format!("creating a container on {}: {e}", record.node_id))
+            })?;
+        let observed = result
+            .container
+            .ok_or_else(|| PoolError::Unavailable("the agent returned no container".into()))?;
+        let now = crate::clock::now();
+        let docker_id = observed.docker_id.clone();
+        self.commit_decided(|index| {
+            Ok(decide::set_docker_id(index, &record.id, &docker_id, now).map(|w| (w, ())))
+        })
+        .await?;
+        self.inner.refill.notify_one();
+        Ok(observed)
+    }
+
+    /// Creates the container, then waits until Docker reports it running
+    /// and, with a healthcheck, healthy.
+    async fn create_and_wait(
+        &self,
+        spec: &WorkloadSpec,
+        record: &ContainerRecord,
+        deadline: Instant,
+    ) -> Result<(), PoolError> {
+        let timeout = deadline
+            .saturating_duration_since(Instant::now())
+            .min(self.inner.config.command_timeout);
+        let observed = self.create(spec, record, timeout).await?;
+        let needs_health = spec.healthcheck.is_some();
+        let mut ready =
+            observed.docker_state == "running" && (!needs_health || observed.health == "healthy");
+        while !ready {
+            if Instant::now() >= deadline {
+                return Err(PoolError::Exhausted(format!(
+                    "container {} did not become ready in time",
+                    record.id
+                )));
+            }
+            // The poll period of readiness: the agent streams state changes
+            // into the report, which has no waiter of its own.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            ready = self.reported_ready(record.node_id.clone(), &observed.docker_id, needs_health);
+        }
+        Ok(())
+    }
+
+    fn reported_ready(&self, node: NodeId, docker_id: &str, needs_health: bool) -> bool {
+        self.inner
+            .agents
+            .report(&node)
+            .and_then(|r| r.containers.get(docker_id).cloned())
+            .is_some_and(|c| {
+                c.is_running() && (!needs_health || c.health.as_deref() == Some("healthy"))
+            })
+    }
+
+    /// Warming containers with no Docker id that no operation owns: their
+    /// create was lost with a server restart or a dropped session. It is
+    /// sent again; it is idempotent (the agent finds the twin by name), so
+    /// a container that was made is adopted, not duplicated.
+    pub(super) async fn resend_unfinished_creates(
+        &self,
+        workloads: &[WorkloadRecord],
+    ) -> Result<usize, PoolError> {
+        let now = crate::clock::now();
+        let stuck: Vec<ContainerRecord> = self.read(|index| {
+            index
+                .containers()
+                .filter(|c| c.state == ContainerState::Warming && c.docker_id.is_none())
+                .filter(|c| self.node_live(&c.node_id, now))
+                .cloned()
+                .collect()
+        });
+        let mut resent = 0;
+        for record in stuck {
+            let Some(busy) = self.take_busy(record.id) else {
+                continue;
+            };
+            let Some(workload) = workloads.iter().find(|w| w.spec.id == record.workload_id) else {
+                drop(busy);
+                self.drain(&record.id, DrainScope::Unowned, "its workload was removed")
+                    .await?;
+                continue;
+            };
+            resent += 1;
+            let pools = self.clone();
+            let spec = workload.spec.clone();
+            tokio::spawn(async move {
+                let timeout = pools.inner.config.command_timeout;
+                if let Err(e) = pools.create(&spec, &record, timeout).await {
+                    tracing::warn!(container = %record.id, error = %e, "resending a create failed; will retry");
+                }
+                drop(busy);
+            });
+        }
+        Ok(resent)
+    }
+
+    /// Warming containers that Docker reports running (and healthy, with a
+    /// healthcheck) become idle.
+    pub(super) async fn promote_ready(&self, workloads: &[WorkloadRecord]) -> usize {
+        let ready: Vec<ContainerId> = {
+            let state = self.state();
+            state
+                .index
+                .containers()
+                .filter(|c| {
+                    c.state == ContainerState::Warming && !state.inflight.busy.contains(&c.id)
+                })
+                .filter(|c| {
+                    let needs_health = workloads
+                        .iter()
+                        .find(|w| w.spec.id == c.workload_id)
+                        .is_some_and(|w| w.spec.healthcheck.is_some());
+                    c.docker_id
+                        .as_deref()
+                        .is_some_and(|d| self.reported_ready(c.node_id.clone(), d, needs_health))
+                })
+                .map(|c| c.id)
+                .collect()
+        };
+        let now = crate::clock::now();
+        let mut promoted = 0;
+        for id in ready {
+            // Refused if anything changed it meanwhile: it is decided again
+            // next round, on what is then committed.
+            match self
+                .commit_decided(|index| Ok(decide::promote(index, &id, now).map(|w| (w, ()))))
+                .await
+            {
+                Ok(Some(())) => promoted += 1,
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(container = %id, error = %e, "cannot promote a ready container")
+                }
+            }
+        }
+        promoted
+    }
+
+    /// Starts removal of every draining container no operation owns.
+    pub(super) fn remove_draining(&self) -> usize {
+        let targets: Vec<ContainerRecord> = self.read(|index| {
+            index
+                .containers()
+                .filter(|c| c.state == ContainerState::Draining)
+                .cloned()
+                .collect()
+        });
+        let mut started = 0;
+        for c in targets {
+            let Some(busy) = self.take_busy(c.id) else {
+                continue;
+            };
+            started += 1;
+            let pools = self.clone();
+            tokio::spawn(async move {
+                let command = pb::Command {
+                    command_id: format!("remove-{}", c.id),
+                    generation: 0,
+                    command: Some(pb::command::Command::Remove(pb::RemoveContainer {
+                        container_id: c.id.to_string(),
+                        remove_volumes: true,
+                    })),
+                };
+                let timeout = pools.inner.config.command_timeout;
+                match pools.inner.agents.send(&c.node_id, command, timeout).await {
+                    Ok(_) => {
+                        let now = crate::clock::now();
+                        let removed = pools
+                            .commit_decided(|index| {
+                                Ok(decide::removed(index, &c.id, now).map(|w| (w, ())))
+                            })
+                            .await;
+                        if let Err(e) = removed {
+                            tracing::warn!(container = %c.id, error = %e, "removed, but the row is not forgotten yet");
+                        }
+                        pools.inner.refill.notify_one();
+                    }
+                    Err(e) => {
+                        tracing::warn!(container = %c.id, node = %c.node_id, error = %e, "removal not confirmed; will retry")
+                    }
+                }
+                drop(busy);
+            });
+        }
+        started
+    }
+
+    /// Drains idle containers of drained pools and of removed workloads,
+    /// then starts creating containers for every pool below min_size.
+    pub(super) async fn fill(&self, workloads: &[WorkloadRecord]) -> Result<usize, PoolError> {
+        let overrides = self.inner.store.pool_overrides().await?;
+        let now = crate::clock::now();
+        let orphans: Vec<ContainerId> = self.read(|index| {
+            index
+                .containers()
+                .filter(|c| matches!(c.state, ContainerState::Idle | ContainerState::Warming))
+                .filter(|c| {
+                    let drained = overrides
+                        .iter()
+                        .any(|(id, o)| id == &c.workload_id && o.draining);
+                    drained || !workloads.iter().any(|w| w.spec.id == c.workload_id)
+                })
+                .map(|c| c.id)
+                .collect()
+        });
+        for id in orphans {
+            // A claim that took it meanwhile wins: the drain is refused.
+            if self.state().inflight.busy.contains(&id) {
+                continue;
+            }
+            if let Err(e) = self
+                .drain(
+                    &id,
+                    DrainScope::Unowned,
+                    "its pool was drained or its workload removed",
+                )
+                .await
+            {
+                tracing::debug!(container = %id, error = %e, "not drained");
+            }
+        }
+        let mut started = 0;
+        for workload in workloads {
+            let spec = &workload.spec;
+            let o = overrides
+                .iter()
+                .find(|(id, _)| *id == spec.id)
+                .map(|(_, o)| o.clone())
+                .unwrap_or_default();
+            let backing_off = self
+                .state()
+                .inflight
+                .backoff
+                .get(&spec.id)
+                .is_some_and(|(_, until)| Instant::now() < *until);
+            if o.draining || backing_off {
+                continue;
+            }
+            let min = o.min_size.unwrap_or(spec.pool.min_size);
+            let max = o.max_size.unwrap_or(spec.pool.max_size);
+            let wanted = {
+                let state = self.state();
+                let mut counts = state.index.counts(&spec.id);
+                counts.warming += state.inflight.creating.get(&spec.id).copied().unwrap_or(0);
+                boilerhouse_core::pool::to_create(&counts, min, max, spec.pool.fill_concurrency)
+            };
+            for slot in self.take_slots(&spec.id, wanted, max) {
+                let Some((record, busy)) = self.record_new(workload, slot, now).await? else {
+                    tracing::debug!(pool = %spec.id, "no node can take a new container");
+                    break;
+                };
+                started += 1;
+                let pools = self.clone();
+                let workload = workload.clone();
+                tokio::spawn(async move {
+                    let timeout = pools.inner.config.command_timeout;
+                    let created = pools.create(&workload.spec, &record, timeout).await;
+                    drop(busy);
+                    match created {
+                        Ok(_) => {
+                            pools.state().inflight.backoff.remove(&workload.spec.id);
+                        }
+                        Err(e) => pools.create_failed(&workload.spec.id, &record, &e).await,
+                    }
+                });
+            }
+        }
+        Ok(started)
+    }
+
+    /// A refill create failed: back the pool off, say so, drain the row.
+    async fn create_failed(&self, pool: &WorkloadId, record: &ContainerRecord, e: &PoolError) {
+        let failures = {
+            let mut state = self.state();
+            let entry = state
+                .inflight
+                .backoff
+                .entry(pool.clone())
+                .or_insert((0, Instant::now()));
+            entry.0 += 1;
+            let wait = Duration::from_millis(500)
+                .saturating_mul(1 << entry.0.min(7))
+                .min(MAX_BACKOFF);
+            entry.1 = Instant::now() + wait;
+            entry.0
+        };
+        let event = NewEvent::new(
+            crate::clock::now(),
+            EventKind::PoolCreateFailed,
+            format!("creating a container for pool {pool} failed ({failures} in a row, backing off): {e}"),
+        )
+        .with_subject(EventSubject {
+            workload_id: Some(pool.to_string()),
+            container_id: Some(record.id.to_string()),
+            node_id: Some(record.node_id.to_string()),
+            ..Default::default()
+        });
+        if let Err(e) = self.inner.store.append_event(event).await {
+            tracing::warn!(error = %e, "cannot record a failed create");
+        }
+        if let Err(e) = self
+            .drain(&record.id, DrainScope::Unowned, "create failed")
+            .await
+        {
+            tracing::warn!(container = %record.id, error = %e, "cannot drain a failed create");
+        }
+    }
+}

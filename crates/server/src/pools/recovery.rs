@@ -1,0 +1,175 @@
+//! When hosts fail: node loss, containers the engine destroyed, containers
+//! that come back. The agents module publishes what it sees
+//! ([`NodeSignal`]); this module acts on it, and also looks for lost nodes
+//! on its own, so a missed signal only delays recovery.
+
+use boilerhouse_core::node::NodeStatus;
+use boilerhouse_core::pool::ContainerState;
+use boilerhouse_core::pool::decide;
+use boilerhouse_core::{ContainerId, NodeId};
+use futures::future::BoxFuture;
+use tokio::sync::broadcast::error::RecvError;
+use tokio_util::sync::CancellationToken;
+
+use super::{PoolError, Pools};
+use crate::agents::NodeSignal;
+use crate::tasks::BackgroundTask;
+
+impl Pools {
+    /// A node was declared lost: its claims become LOST, so the tenants can
+    /// claim elsewhere, its reservations end, and its containers are set
+    /// aside (they may come back with the node; a used one then goes back
+    /// only to its tenant). A reserved container whose tenant's files are
+    /// still owed upstream stays reserved. Returns how many containers it
+    /// set aside.
+    pub async fn node_lost(&self, node: &NodeId, reason: &str) -> Result<usize, PoolError> {
+        let now = crate::clock::now();
+        let count = self
+            .commit_decided(|index| {
+                let write = decide::node_lost(index, node, reason, |c| self.retained(c), now);
+                Ok(write.map(|w| {
+                    let n = w.containers.len();
+                    (w, n)
+                }))
+            })
+            .await?
+            .unwrap_or(0);
+        if count > 0 {
+            tracing::warn!(node = %node, containers = count, "claims on a lost node are lost; pools refill elsewhere");
+            self.inner.refill.notify_one();
+        }
+        Ok(count)
+    }
+
+    /// Applies node loss to every node the database says is lost. The
+    /// level-triggered twin of [`NodeSignal::NodeLost`]: it covers a
+    /// signal missed, or a crash between the status change and the signal.
+    pub async fn recover_lost_nodes(&self) -> Result<usize, PoolError> {
+        let mut count = 0;
+        for node in self.inner.store.list_nodes().await? {
+            if node.status == NodeStatus::Lost {
+                count += self
+                    .node_lost(&node.id, "its agent stopped heartbeating")
+                    .await?;
+            }
+        }
+        Ok(count)
+    }
+
+    /// A row whose container is gone. Its claim becomes LOST and its
+    /// reservation ends; a claimed container's row stays, as Lost with its
+    /// tenant, so that if it turns up again it goes back only to that
+    /// tenant. Anything else is forgotten.
+    pub async fn mark_lost(&self, id: &ContainerId, reason: &str) -> Result<(), PoolError> {
+        let now = crate::clock::now();
+        self.commit_decided(|index| Ok(decide::mark_lost(index, id, reason, now).map(|w| (w, ()))))
+            .await?;
+        self.inner.refill.notify_one();
+        Ok(())
+    }
+
+    /// The engine destroyed a container its node's agent watches: act at
+    /// once rather than wait for reconciliation's grace, so a claim never
+    /// points at a container that is gone. A draining container was being
+    /// removed anyway; its row is simply forgotten.
+    pub async fn container_gone(
+        &self,
+        node: &NodeId,
+        docker_id: &str,
+        container: Option<ContainerId>,
+    ) -> Result<(), PoolError> {
+        let record = self.read(|index| {
+            let matches = |c: &&boilerhouse_core::pool::ContainerRecord| {
+                &c.node_id == node && c.docker_id.as_deref() == Some(docker_id)
+            };
+            match container {
+                Some(id) => index.container(&id).filter(matches).cloned(),
+                None => index.containers_on(node).find(matches).cloned(),
+            }
+        });
+        // Not ours, or an older container of the same id (a create resent
+        // after a restart makes a twin, and the older one is removed).
+        let Some(c) = record else {
+            return Ok(());
+        };
+        let now = crate::clock::now();
+        if c.state == ContainerState::Draining {
+            self.commit_decided(|index| Ok(decide::removed(index, &c.id, now).map(|w| (w, ()))))
+                .await?;
+            return Ok(());
+        }
+        let reason = format!(
+            "the engine on {node} destroyed it (docker id {})",
+            &docker_id[..docker_id.len().min(12)]
+        );
+        self.mark_lost(&c.id, &reason).await
+    }
+
+    /// A container of a lost node runs again. Its tenant, if it had one
+    /// and holds nothing else of the workload now, gets it back with a new
+    /// generation; a container that served someone else goes; an unused
+    /// one rejoins the pool.
+    pub async fn resume(&self, id: &ContainerId, reason: &str) -> Result<(), PoolError> {
+        let now = crate::clock::now();
+        let resumed = self
+            .commit_decided(|index| {
+                let claim_id = boilerhouse_core::ids::Uuid::now_v7().to_string();
+                Ok(decide::resume(index, id, reason, claim_id, now))
+            })
+            .await?;
+        if let Some(Some(_claim)) = resumed
+            && let Some(c) = self.container(id)
+        {
+            self.write_state_file(&c, now);
+        }
+        self.inner.refill.notify_one();
+        Ok(())
+    }
+
+    /// Acts on what the agents publish until `shutdown`.
+    pub async fn follow_signals(self, shutdown: CancellationToken) {
+        let mut signals = self.inner.agents.subscribe();
+        loop {
+            let signal = tokio::select! {
+                () = shutdown.cancelled() => return,
+                s = signals.recv() => s,
+            };
+            let result = match signal {
+                Ok(NodeSignal::Activity { container, at }) => {
+                    self.container_activity(&container, at);
+                    Ok(())
+                }
+                Ok(NodeSignal::ContainerGone {
+                    node,
+                    docker_id,
+                    container,
+                }) => self.container_gone(&node, &docker_id, container).await,
+                Ok(NodeSignal::NodeLost { node, reason }) => {
+                    self.node_lost(&node, &reason).await.map(|_| ())
+                }
+                Err(RecvError::Lagged(missed)) => {
+                    // Activity is a hint and reconciliation finds removed
+                    // containers; node loss is checked again at once.
+                    tracing::warn!(missed, "fell behind the agents' signals");
+                    self.recover_lost_nodes().await.map(|_| ())
+                }
+                Err(RecvError::Closed) => return,
+            };
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "acting on an agent signal failed");
+            }
+        }
+    }
+}
+
+/// The periodic pass over lost nodes.
+pub struct NodeLoss(pub Pools);
+
+impl BackgroundTask for NodeLoss {
+    fn activate(&mut self) -> BoxFuture<'_, anyhow::Result<serde_json::Value>> {
+        Box::pin(async move {
+            let set_aside = self.0.recover_lost_nodes().await?;
+            Ok(serde_json::json!({ "set_aside": set_aside }))
+        })
+    }
+}

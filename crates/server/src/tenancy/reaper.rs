@@ -1,0 +1,61 @@
+//! The idle reaper: releases claims idle for longer than their workload's
+//! idle_timeout, with the upload a release does.
+
+use futures::future::BoxFuture;
+
+use super::Tenancy;
+use crate::tasks::BackgroundTask;
+
+/// Releases claims idle past their workload's idle_timeout.
+pub struct IdleReaper(pub Tenancy);
+
+impl Tenancy {
+    /// Releases every claim idle past its workload's idle_timeout. Each is
+    /// released with the generation it was seen at, so a claim made anew
+    /// meanwhile is never released in its place.
+    pub async fn reap_idle(&self) -> anyhow::Result<usize> {
+        let now = crate::clock::now();
+        let mut released = 0;
+        for g in self.pools.active_claims() {
+            let Ok(workload) = self.pools.workload_record(&g.claim.workload_id).await else {
+                continue;
+            };
+            let Some(timeout) = workload.spec.pool.idle_timeout else {
+                continue;
+            };
+            if now.saturating_since(g.claim.last_activity_at) < timeout {
+                continue;
+            }
+            let reason = format!("idle since {}", g.claim.last_activity_at);
+            match self
+                .release(
+                    &g.claim.tenant_id,
+                    &g.claim.workload_id,
+                    Some(g.claim.generation),
+                    &reason,
+                    None,
+                )
+                .await
+            {
+                Ok(_) => {
+                    released += 1;
+                    tracing::info!(tenant = %g.claim.tenant_id, workload = %g.claim.workload_id, "released an idle claim");
+                }
+                Err(e) => {
+                    tracing::warn!(tenant = %g.claim.tenant_id, error = %e, "cannot release an idle claim")
+                }
+            }
+        }
+        Ok(released)
+    }
+}
+
+impl BackgroundTask for IdleReaper {
+    fn activate(&mut self) -> BoxFuture<'_, anyhow::Result<serde_json::Value>> {
+        Box::pin(async move {
+            let flushed = self.0.pools.flush_activity().await?;
+            let released = self.0.reap_idle().await?;
+            Ok(serde_json::json!({ "released": released, "activity_flushed": flushed }))
+        })
+    }
+}
