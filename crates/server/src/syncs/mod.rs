@@ -15,7 +15,17 @@
 //!
 //! Syncs of one (tenant, workload) never overlap: they share a lock, so a
 //! periodic upload and a release's upload cannot race on the manifest.
+//!
+//! This module holds the shared types, the loaded statuses and their
+//! queries; the work is split by what it does:
+//! - `running`: one sync through the agent, and its record;
+//! - `owed`: uploads owed on release, and their retries;
+//! - `finals`: the final uploads of shutdown and drain;
+//! - [`task`]: the scheduler of periodic syncs and owed-upload retries.
 
+mod finals;
+mod owed;
+mod running;
 pub mod task;
 
 use std::collections::{BTreeMap, HashMap};
@@ -25,18 +35,18 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::broadcast;
 
-use boilerhouse_core::event::{EventKind, EventSubject, NewEvent};
+use boilerhouse_core::event::EventSubject;
 use boilerhouse_core::pool::ContainerRecord;
-use boilerhouse_core::sync::{SyncErrorEntry, SyncState, SyncStatus, retry_delay};
-use boilerhouse_core::workload::{SyncDirection, SyncSpec, WorkloadRecord};
+use boilerhouse_core::sync::SyncStatus;
+use boilerhouse_core::workload::SyncSpec;
 use boilerhouse_core::{ContainerId, TenantId, Timestamp, WorkloadId};
-use boilerhouse_proto::pb;
 
 use crate::agents::Registry;
 use crate::locks::KeyedLocks;
 use crate::store::{PendingReleaseUpload, Store, StoreError};
 
 pub use boilerhouse_core::sync::SyncPhase as Phase;
+pub use finals::{FinalUploads, final_uploads};
 
 /// Why a sync runs; recorded in events and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,14 +160,6 @@ fn subject(tenant: &TenantId, workload: &WorkloadId, container: &ContainerRecord
     }
 }
 
-/// A container holding files whose upload is owed outlives its
-/// reservation: the pools ask before destroying it.
-impl crate::pools::Retention for Syncs {
-    fn must_keep(&self, container: &ContainerId) -> bool {
-        self.release_upload_owed(container)
-    }
-}
-
 impl Syncs {
     /// Loads statuses and owed uploads from the database.
     pub async fn load(
@@ -211,224 +213,9 @@ impl Syncs {
             .unwrap_or_else(|e| e.into_inner())
     }
 
-    fn owed_lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<ContainerId, (PendingReleaseUpload, Instant)>> {
-        self.inner.owed.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     fn publish(&self, status: &SyncStatus) {
         // No subscriber is fine.
         let _ = self.inner.changes.send(status.clone());
-    }
-
-    /// Syncs `container`'s state directory for `tenant`. Never fails as a
-    /// call: what went wrong is in the returned run and in the statuses.
-    pub async fn run(
-        &self,
-        tenant: &TenantId,
-        workload: &WorkloadRecord,
-        container: &ContainerRecord,
-        phase: Phase,
-        force: Option<SyncDirection>,
-        reason: SyncReason,
-    ) -> SyncRun {
-        let workload_id = &workload.spec.id;
-        let Some(spec) = &workload.spec.sync else {
-            return SyncRun {
-                statuses: Vec::new(),
-                error: Some(format!("workload {workload_id} has no sync section")),
-                bytes: 0,
-            };
-        };
-        let mappings: Vec<String> = spec
-            .mappings
-            .iter()
-            .filter(|m| force.is_some() || phase.selects(m.direction))
-            .map(|m| m.path.clone())
-            .collect();
-        let _guard = self
-            .inner
-            .locks
-            .lock(&format!("{tenant}\0{workload_id}"))
-            .await;
-        let started = crate::clock::now();
-        for path in &mappings {
-            let mut statuses = self.statuses_lock();
-            let status = statuses
-                .entry((tenant.clone(), workload_id.clone(), path.clone()))
-                .or_insert_with(|| {
-                    SyncStatus::new(tenant.clone(), workload_id.clone(), path.clone())
-                });
-            status.state = SyncState::Running;
-            let snapshot = status.clone();
-            drop(statuses);
-            self.publish(&snapshot);
-        }
-        let command = pb::Command {
-            command_id: format!("sync-{}", boilerhouse_core::ids::Uuid::now_v7()),
-            generation: container.claim_generation,
-            command: Some(pb::command::Command::RunSync(pb::RunSync {
-                container_id: container.id.to_string(),
-                tenant_id: tenant.to_string(),
-                workload_id: workload_id.to_string(),
-                sync_spec_json: serde_json::to_string(spec).unwrap_or_default(),
-                direction: phase.as_str().to_owned(),
-                force_direction: match force {
-                    None => pb::SyncDirection::Unspecified,
-                    Some(SyncDirection::Upload) => pb::SyncDirection::Upload,
-                    Some(SyncDirection::Download) => pb::SyncDirection::Download,
-                    Some(SyncDirection::Bidirectional) => pb::SyncDirection::Bidirectional,
-                } as i32,
-            })),
-        };
-        let answer = self
-            .inner
-            .agents
-            .send_once(&container.node_id, command, self.inner.config.sync_timeout)
-            .await;
-        let now = crate::clock::now();
-        let uploads = |path: &str| {
-            let direction = force.or_else(|| {
-                spec.mappings
-                    .iter()
-                    .find(|m| m.path == path)
-                    .map(|m| m.direction)
-            });
-            direction != Some(SyncDirection::Download)
-        };
-        let mut run = SyncRun {
-            statuses: Vec::new(),
-            error: None,
-            bytes: 0,
-        };
-        let mut new_errors = Vec::new();
-        let (reports, whole_error): (Vec<pb::MappingSyncReport>, Option<String>) = match answer {
-            Ok(result) => {
-                let reports = result.sync.map(|s| s.mappings).unwrap_or_default();
-                let error = (!result.ok).then(|| result.error.clone());
-                (reports, error)
-            }
-            Err(e) => (Vec::new(), Some(e.to_string())),
-        };
-        {
-            let mut statuses = self.statuses_lock();
-            for path in &mappings {
-                let Some(status) =
-                    statuses.get_mut(&(tenant.clone(), workload_id.clone(), path.clone()))
-                else {
-                    continue;
-                };
-                let report = reports.iter().find(|r| &r.path == path);
-                match report {
-                    Some(r) if r.errors.is_empty() && r.pending == 0 => {
-                        status.state = SyncState::Ok;
-                        status.last_sync_at = Some(started);
-                        if uploads(path) {
-                            // Files changed after `started` are in the next
-                            // upload; counting from the start keeps lag honest.
-                            status.last_upload_at = Some(started);
-                        }
-                        status.pending_count = 0;
-                        status.bytes_transferred += r.bytes;
-                        run.bytes += r.bytes;
-                    }
-                    Some(r) => {
-                        status.state = SyncState::Error;
-                        status.pending_count = r.pending.max(1);
-                        status.bytes_transferred += r.bytes;
-                        run.bytes += r.bytes;
-                        for message in &r.errors {
-                            let entry = SyncErrorEntry {
-                                at: now,
-                                mapping: path.clone(),
-                                message: message.clone(),
-                            };
-                            status.push_error(entry.clone());
-                            new_errors.push((status.clone(), entry));
-                        }
-                    }
-                    None => {
-                        status.state = SyncState::Error;
-                        status.pending_count = status.pending_count.max(1);
-                        let entry = SyncErrorEntry {
-                            at: now,
-                            mapping: path.clone(),
-                            message: whole_error
-                                .clone()
-                                .unwrap_or_else(|| "the agent did not report this mapping".into()),
-                        };
-                        status.push_error(entry.clone());
-                        new_errors.push((status.clone(), entry));
-                    }
-                }
-                run.statuses.push(status.clone());
-            }
-        }
-        run.error = whole_error.or_else(|| {
-            run.statuses
-                .iter()
-                .any(|s| s.state != SyncState::Ok)
-                .then(|| "some files did not move".to_owned())
-        });
-        for s in &run.statuses {
-            self.publish(s);
-        }
-        let counters = &self.inner.counters;
-        counters.bytes.fetch_add(run.bytes, Ordering::Relaxed);
-        if run.ok() {
-            counters.ok.fetch_add(1, Ordering::Relaxed);
-        } else {
-            counters.failed.fetch_add(1, Ordering::Relaxed);
-        }
-        let moved = run.bytes;
-        let (kind, message) = match &run.error {
-            None => (
-                EventKind::SyncCompleted,
-                format!(
-                    "{} sync ({}) of {tenant}'s {workload_id} files on container {} moved {moved} bytes",
-                    phase.as_str(),
-                    reason.as_str(),
-                    container.id
-                ),
-            ),
-            Some(e) => (
-                EventKind::SyncFailed,
-                format!(
-                    "{} sync ({}) of {tenant}'s {workload_id} files on container {} failed: {e}",
-                    phase.as_str(),
-                    reason.as_str(),
-                    container.id
-                ),
-            ),
-        };
-        // Syncs that moved nothing are not worth an event each: periodic
-        // syncs of idle tenants would flood the log.
-        let events = if run.ok() && moved == 0 && matches!(reason, SyncReason::Periodic) {
-            Vec::new()
-        } else {
-            vec![NewEvent::new(now, kind, message).with_subject(subject(
-                tenant,
-                workload_id,
-                container,
-            ))]
-        };
-        if let Err(e) = self
-            .inner
-            .store
-            .record_sync(run.statuses.clone(), new_errors, events, now)
-            .await
-        {
-            // The sync itself happened; only its record is late. The next
-            // run records again.
-            tracing::error!(error = %e, tenant = %tenant, workload = %workload_id, "cannot record a sync");
-        }
-        tracing::info!(
-            tenant = %tenant, workload = %workload_id, container = %container.id,
-            phase = phase.as_str(), reason = reason.as_str(), bytes = moved,
-            error = run.error.as_deref().unwrap_or(""), "sync finished"
-        );
-        run
     }
 
     /// Statuses, optionally of one tenant and/or workload.
@@ -478,132 +265,6 @@ impl Syncs {
         &self.inner.counters
     }
 
-    /// Whether `container` holds files whose upload on release is owed.
-    pub fn release_upload_owed(&self, container: &ContainerId) -> bool {
-        self.owed_lock().contains_key(container)
-    }
-
-    /// Records that a release's upload failed; the container is held and
-    /// the upload retried.
-    pub async fn owe_release_upload(
-        &self,
-        tenant: &TenantId,
-        workload: &WorkloadId,
-        container: &ContainerRecord,
-        error: &str,
-    ) -> Result<(), StoreError> {
-        let now = crate::clock::now();
-        let pending = PendingReleaseUpload {
-            container_id: container.id,
-            tenant_id: tenant.clone(),
-            workload_id: workload.clone(),
-            since: now,
-            attempts: 1,
-            last_error: error.to_owned(),
-        };
-        self.inner
-            .store
-            .put_pending_release(
-                pending.clone(),
-                vec![
-                    NewEvent::new(
-                        now,
-                        EventKind::SyncReleasePending,
-                        format!(
-                            "upload on release of {tenant}'s {workload} files failed ({error}); container {} is kept and the upload retried",
-                            container.id
-                        ),
-                    )
-                    .with_subject(subject(tenant, workload, container)),
-                ],
-            )
-            .await?;
-        self.owed_lock()
-            .insert(container.id, (pending, Instant::now() + retry_delay(1)));
-        Ok(())
-    }
-
-    /// Forgets an owed upload, with an event saying why.
-    pub async fn settle_release_upload(
-        &self,
-        container: ContainerId,
-        why: &str,
-    ) -> Result<(), StoreError> {
-        let Some((pending, _)) = self.owed_lock().get(&container).cloned() else {
-            return Ok(());
-        };
-        let now = crate::clock::now();
-        self.inner
-            .store
-            .clear_pending_release(
-                container,
-                vec![
-                    NewEvent::new(
-                        now,
-                        EventKind::SyncReleaseSettled,
-                        format!(
-                            "owed upload of {}'s {} files from container {}: {why}",
-                            pending.tenant_id, pending.workload_id, container
-                        ),
-                    )
-                    .with_subject(EventSubject {
-                        tenant_id: Some(pending.tenant_id.to_string()),
-                        workload_id: Some(pending.workload_id.to_string()),
-                        container_id: Some(container.to_string()),
-                        node_id: None,
-                        boost_id: None,
-                    }),
-                ],
-            )
-            .await?;
-        self.owed_lock().remove(&container);
-        Ok(())
-    }
-
-    /// Whether any container of `tenant`'s `workload` is owed an upload.
-    pub fn owes(&self, tenant: &TenantId, workload: &WorkloadId) -> bool {
-        self.owed_lock()
-            .values()
-            .any(|(p, _)| &p.tenant_id == tenant && &p.workload_id == workload)
-    }
-
-    /// Owed uploads whose retry time has come.
-    pub fn owed_due(&self) -> Vec<PendingReleaseUpload> {
-        let now = Instant::now();
-        self.owed_lock()
-            .values()
-            .filter(|(_, next)| *next <= now)
-            .map(|(p, _)| p.clone())
-            .collect()
-    }
-
-    /// Every owed upload.
-    pub fn owed(&self) -> Vec<PendingReleaseUpload> {
-        self.owed_lock().values().map(|(p, _)| p.clone()).collect()
-    }
-
-    /// A retry failed: count it and schedule the next with backoff.
-    pub async fn retry_failed(&self, container: &ContainerId, error: &str) {
-        let updated = {
-            let mut owed = self.owed_lock();
-            let Some((pending, next)) = owed.get_mut(container) else {
-                return;
-            };
-            pending.attempts = pending.attempts.saturating_add(1);
-            pending.last_error = error.to_owned();
-            *next = Instant::now() + retry_delay(pending.attempts);
-            pending.clone()
-        };
-        if let Err(e) = self
-            .inner
-            .store
-            .put_pending_release(updated, Vec::new())
-            .await
-        {
-            tracing::warn!(error = %e, "cannot record a failed upload retry");
-        }
-    }
-
     /// Stops periodic syncs from starting: shutdown has begun.
     pub fn begin_shutdown(&self) {
         self.inner.stopping.store(true, Ordering::SeqCst);
@@ -612,79 +273,5 @@ impl Syncs {
     /// Whether shutdown has begun.
     pub fn stopping(&self) -> bool {
         self.inner.stopping.load(Ordering::SeqCst)
-    }
-}
-
-/// What a round of final uploads did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct FinalUploads {
-    /// Containers whose files all reached the sink.
-    pub ok: usize,
-    /// Containers whose upload failed.
-    pub failed: usize,
-    /// Containers still uploading at the deadline.
-    pub unfinished: usize,
-}
-
-/// Uploads the files of every claimed container (on `node`, if given)
-/// whose workload syncs, all at once, giving up at `deadline`. Used by
-/// graceful shutdown and node drain.
-pub async fn final_uploads(
-    syncs: &Syncs,
-    pools: &crate::pools::Pools,
-    reason: SyncReason,
-    node: Option<&boilerhouse_core::NodeId>,
-    deadline: Duration,
-) -> FinalUploads {
-    let mut jobs = Vec::new();
-    for granted in pools.active_claims() {
-        if node.is_some_and(|n| n != &granted.container.node_id) {
-            continue;
-        }
-        let Ok(workload) = pools.workload_record(&granted.claim.workload_id).await else {
-            continue;
-        };
-        if !workload
-            .spec
-            .sync
-            .as_ref()
-            .is_some_and(|s| runs_in(s, Phase::Upload))
-        {
-            continue;
-        }
-        let syncs = syncs.clone();
-        jobs.push(async move {
-            syncs
-                .run(
-                    &granted.claim.tenant_id,
-                    &workload,
-                    &granted.container,
-                    Phase::Upload,
-                    None,
-                    reason,
-                )
-                .await
-                .ok()
-        });
-    }
-    let total = jobs.len();
-    let done = Arc::new(Mutex::new(Vec::new()));
-    let collect = {
-        let done = done.clone();
-        futures::future::join_all(jobs.into_iter().map(move |job| {
-            let done = done.clone();
-            async move {
-                let ok = job.await;
-                done.lock().unwrap_or_else(|e| e.into_inner()).push(ok);
-            }
-        }))
-    };
-    let _ = tokio::time::timeout(deadline, collect).await;
-    let done = done.lock().unwrap_or_else(|e| e.into_inner());
-    let ok = done.iter().filter(|ok| **ok).count();
-    FinalUploads {
-        ok,
-        failed: done.len() - ok,
-        unfinished: total - done.len(),
     }
 }

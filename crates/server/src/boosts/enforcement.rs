@@ -1,0 +1,145 @@
+//! Enforcement: driving each container's limits towards "workload base
+//! plus live boosts" through its agent.
+//!
+//! One update at a time per container, each computing the wanted limits
+//! afresh under the container's lock, so updates cannot land out of
+//! order. The periodic pass compares agents' reports with the wanted
+//! limits and corrects what differs.
+
+use std::collections::HashMap;
+
+use boilerhouse_core::boost;
+use boilerhouse_core::workload::Limits;
+use boilerhouse_core::{ContainerId, NodeId};
+use boilerhouse_proto::{convert, pb};
+
+use super::{Boosts, runs};
+
+impl Boosts {
+    /// Compares every running container's reported limits with its base
+    /// plus live boosts and corrects those that differ. Returns how many
+    /// updates it started.
+    pub fn enforce_all(&self) -> usize {
+        let inner = &self.inner;
+        let live = inner.ledger.live();
+        let mut started = 0;
+        // One report per node, read once: a report holds every container
+        // of its node, so reading it per container would copy it n times.
+        let mut reports: HashMap<NodeId, Option<crate::agents::NodeReport>> = HashMap::new();
+        for c in inner.pools.containers().into_iter().filter(runs) {
+            let Some(docker_id) = c.docker_id.as_deref() else {
+                continue;
+            };
+            let report = reports.entry(c.node_id.clone()).or_insert_with(|| {
+                inner
+                    .agents
+                    .session(&c.node_id)
+                    .and_then(|_| inner.agents.report(&c.node_id))
+            });
+            let Some(observed) = report.as_ref().and_then(|r| r.containers.get(docker_id)) else {
+                continue;
+            };
+            if !observed.is_running() {
+                continue;
+            }
+            let wanted = boost::boosted_limits(&c.limits, &c.id, &live);
+            if !boost::limits_match(&observed.limits, &wanted) {
+                tracing::info!(
+                    container = %c.id,
+                    node = %c.node_id,
+                    reported = %describe_limits(&observed.limits),
+                    wanted = %describe_limits(&wanted),
+                    "container limits differ from base plus live boosts; correcting"
+                );
+                if self.spawn_enforce(c.id) {
+                    started += 1;
+                }
+            }
+        }
+        started
+    }
+
+    /// Starts a background update of a container's limits unless one is
+    /// already in flight. Returns whether it started one.
+    pub(super) fn spawn_enforce(&self, container: ContainerId) -> bool {
+        {
+            let mut enforcing = self
+                .inner
+                .enforcing
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if !enforcing.insert(container) {
+                return false;
+            }
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = this.enforce(container).await {
+                tracing::warn!(container = %container, error = %e, "cannot set container limits yet; the periodic pass retries");
+            }
+            this.inner
+                .enforcing
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&container);
+        });
+        true
+    }
+
+    /// Sets a container's limits to its base plus its live boosts through
+    /// its agent, and confirms them from the agent's inspection. Returns
+    /// the limits in force.
+    pub(super) async fn enforce(&self, container: ContainerId) -> Result<Limits, String> {
+        let inner = &self.inner;
+        let _lock = inner.container_locks.lock(&container.to_string()).await;
+        let c = inner
+            .pools
+            .container(&container)
+            .ok_or_else(|| format!("container {container} no longer exists"))?;
+        // Read after taking the lock: the newest decision wins.
+        let wanted = boost::boosted_limits(&c.limits, &c.id, &inner.ledger.live());
+        let command = pb::Command {
+            command_id: format!("limits-{}-{}", c.id, uuid::Uuid::now_v7()),
+            generation: c.claim_generation,
+            command: Some(pb::command::Command::UpdateResources(pb::UpdateResources {
+                container_id: c.id.to_string(),
+                limits: Some(convert::limits_to_pb_resources(&wanted)),
+            })),
+        };
+        let result = inner
+            .agents
+            .send(&c.node_id, command, inner.config.command_timeout)
+            .await
+            .map_err(|e| format!("node {}: {e}", c.node_id))?;
+        let observed = result
+            .container
+            .as_ref()
+            .map(|o| convert::limits_from_pb_resources(o.limits.as_ref()))
+            .ok_or_else(|| {
+                format!(
+                    "node {} did not report the container after the update",
+                    c.node_id
+                )
+            })?;
+        if !boost::limits_match(&observed, &wanted) {
+            return Err(format!(
+                "Docker reports {} after the update, not {}",
+                describe_limits(&observed),
+                describe_limits(&wanted)
+            ));
+        }
+        Ok(observed)
+    }
+}
+
+/// "0.75 cpus, 128M memory".
+pub fn describe_limits(l: &Limits) -> String {
+    let cpus = l
+        .cpus
+        .map_or_else(|| "unlimited cpus".to_owned(), |c| format!("{c} cpus"));
+    let memory = l.memory_bytes.map_or_else(
+        || "unlimited memory".to_owned(),
+        |m| format!("{} memory", boilerhouse_core::units::format_size(m)),
+    );
+    format!("{cpus}, {memory}")
+}
