@@ -228,6 +228,28 @@ impl Index {
                 ..Default::default()
             });
         }
+        // What the write leaves: a tenant holds a claim or a reservation
+        // of a workload, never both.
+        let inserted = write
+            .claims
+            .iter()
+            .filter_map(|c| match c {
+                ClaimChange::Insert(c) => Some((&c.tenant_id, &c.workload_id)),
+                _ => None,
+            })
+            .chain(write.reservations.iter().filter_map(|r| match r {
+                ReservationChange::Insert(r) => Some((&r.tenant_id, &r.workload_id)),
+                _ => None,
+            }));
+        for (tenant, workload) in inserted {
+            if scratch.claim(tenant, workload).is_some()
+                && scratch.reservation(tenant, workload).is_some()
+            {
+                return Err(format!(
+                    "{tenant}/{workload} would hold a claim and a reservation"
+                ));
+            }
+        }
         Ok(())
     }
 

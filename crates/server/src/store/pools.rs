@@ -370,6 +370,34 @@ async fn apply(tx: &mut WriteTx, write: &PoolWrite) -> Result<(), StoreError> {
     for change in &write.claims {
         apply_claim(tx, change).await?;
     }
+    // Checked on what the write leaves: a claim decided before its
+    // tenant's release (which reserved) is refused when it lands after.
+    for (tenant, workload) in write
+        .claims
+        .iter()
+        .filter_map(|c| match c {
+            ClaimChange::Insert(c) => Some((&c.tenant_id, &c.workload_id)),
+            _ => None,
+        })
+        .chain(write.reservations.iter().filter_map(|r| match r {
+            ReservationChange::Insert(r) => Some((&r.tenant_id, &r.workload_id)),
+            _ => None,
+        }))
+    {
+        let (held,): (i64,) = sqlx::query_as(
+            "SELECT (SELECT COUNT(*) FROM claims WHERE tenant_id = ?1 AND workload_id = ?2 AND status = 'active') \
+             + (SELECT COUNT(*) FROM affinity_reservations WHERE tenant_id = ?1 AND workload_id = ?2)",
+        )
+        .bind(tenant.as_str())
+        .bind(workload.as_str())
+        .fetch_one(tx.conn())
+        .await?;
+        if held > 1 {
+            return Err(conflict(format!(
+                "{tenant}/{workload} would hold a claim and a reservation"
+            )));
+        }
+    }
     if let Some(record) = &write.idempotency {
         insert_idempotent(tx, record).await?;
     }

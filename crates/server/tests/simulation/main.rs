@@ -72,7 +72,8 @@ async fn check(w: &mut World) {
     let broken = index.check();
     assert!(
         broken.is_empty(),
-        "seed {seed}: the index breaks its rules: {broken:?}"
+        "seed {seed}: the index breaks its rules: {broken:?}\n{}\nindex: {index:#?}",
+        w.trace.join("\n")
     );
     // Memory equals the committed rows.
     let rows = w

@@ -188,7 +188,7 @@ impl World {
         }
         let record = self.new_row(&workload, &node);
         if self.commit(decide::insert(record.clone())).await.is_ok() {
-            self.note(format!("cold start {} for {tenant}", record.id));
+            self.note(format!("cold start {} for {tenant}/{workload}", record.id));
             self.warming_for.insert(record.id, (tenant, workload));
         }
     }
@@ -255,7 +255,11 @@ impl World {
             )
             .ok()
         });
-        if let Some((write, _, _)) = grant {
+        if let Some((write, claim, _)) = grant {
+            self.note(format!(
+                "cold claim {tenant}/{} on {}",
+                claim.workload_id, claim.container_id
+            ));
             self.stats.claims += 1;
             let intent = Intent::Claim {
                 tenant,
@@ -303,7 +307,10 @@ impl World {
             return;
         };
         self.stats.releases += 1;
-        self.note(format!("release {tenant}/{workload} ({why})"));
+        self.note(format!(
+            "release {tenant}/{workload} on {} ({why})",
+            released.claim.container_id
+        ));
         self.submit(released.write, Intent::Other("release")).await;
     }
 

@@ -274,3 +274,45 @@ async fn a_claimed_container_missing_from_one_report_comes_back_with_one_newer_c
         "a generation was reused: {claims:?}"
     );
 }
+
+/// Found by the simulation (seed 1003044): a POOL claim decided while the
+/// tenant held nothing, committed after the tenant's other claim was made
+/// and released (leaving a reservation), left the tenant with a claim and
+/// a reservation of one workload. The store now refuses it.
+#[tokio::test]
+async fn a_claim_decided_before_the_tenants_release_is_refused_after_it() {
+    let mut w = world().await;
+    let a = idle(&mut w).await;
+    let b = idle(&mut w).await;
+    // The pool offers the oldest first; the late claim takes the other.
+    let first = w.read(|i| i.idle(&w0()).next().unwrap().id);
+    let spare = if first == a { b } else { a };
+    // Decided now, on a view where t0 holds nothing.
+    let now = w.now;
+    let claim_id = w.uuid().to_string();
+    let (late, _, _) = w.read(|i| {
+        let c = i.container(&spare).unwrap().clone();
+        decide::grant(
+            i,
+            &t("t0"),
+            &c,
+            ClaimSource::Pool,
+            None,
+            None,
+            claim_id,
+            now,
+        )
+        .unwrap()
+    });
+    // Meanwhile t0 claims another container and releases it: reserved.
+    let (other, _) = pool_claim(&mut w, &t("t0")).await;
+    assert_ne!(other, spare);
+    release(&mut w, &t("t0")).await;
+    let refused = w.commit(late).await;
+    assert!(
+        matches!(refused, Err(StoreError::Conflict(_))),
+        "{refused:?}"
+    );
+    assert_eq!(w.read(|i| i.claims().count()), 0);
+    assert_eq!(w.read(|i| i.reservations().count()), 1);
+}
