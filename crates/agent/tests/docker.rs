@@ -12,7 +12,8 @@ use boilerhouse_core::{ContainerId, NodeId, TenantId, Timestamp};
 use boilerhouse_proto::pb;
 use boilerhouse_proto::pb::connect_request::Message;
 use boilerhouse_testkit::docker::{
-    remove_node_containers, require_docker, test_image, unique_node,
+    remove_node_containers, remove_node_containers_blocking, require_docker, test_image,
+    unique_node,
 };
 use boilerhouse_testkit::fake::FakeControlPlane;
 use boilerhouse_testkit::{AgentOptions, AgentProcess, eventually};
@@ -89,16 +90,8 @@ impl Harness {
 impl Drop for Harness {
     fn drop(&mut self) {
         self.agent.kill();
-        let docker = self.docker.clone();
-        let node = self.node.clone();
         // Remove this test's containers even when an assertion failed.
-        std::thread::spawn(move || {
-            tokio::runtime::Runtime::new()
-                .unwrap()
-                .block_on(remove_node_containers(&docker, &node));
-        })
-        .join()
-        .ok();
+        remove_node_containers_blocking(&self.docker, std::slice::from_ref(&self.node));
     }
 }
 

@@ -22,10 +22,8 @@ use bollard::models::ContainerUpdateBody;
 use boilerhouse_proto::pb;
 use boilerhouse_proto::pb::boost_service_client::BoostServiceClient;
 use boilerhouse_proto::pb::claim_service_client::ClaimServiceClient;
-use boilerhouse_testkit::docker::{
-    remove_node_containers, require_docker, test_image, unique_node,
-};
-use boilerhouse_testkit::{AgentOptions, AgentProcess, ServerOptions, ServerProcess, eventually};
+use boilerhouse_testkit::cluster::Cluster;
+use boilerhouse_testkit::eventually;
 
 fn summary(name: &str, mut samples: Vec<Duration>) {
     samples.sort();
@@ -49,36 +47,22 @@ async fn main() -> anyhow::Result<()> {
         .map(|s| s.parse())
         .transpose()?
         .unwrap_or(50);
-    let docker = require_docker()
+    let cluster = Cluster::builder()
+        .config("heartbeat_interval = \"1s\"")
+        .node("boostbench")
+        .workload("bench", |image| {
+            format!(
+                "id: bench\nimage: {image}\ncommand: [sleep, infinity]\n\
+                 deploy: {{resources: {{limits: {{cpus: \"0.25\", memory: 64M}}}}}}\n\
+                 pool: {{min_size: 1, max_size: 2}}\n"
+            )
+        })
+        .start()
         .await
         .ok_or_else(|| anyhow::anyhow!("the benchmark needs Docker"))?;
-    let image = test_image(&docker).await?;
-    let root = tempfile::tempdir()?;
-    std::fs::create_dir_all(root.path().join("workloads"))?;
-    std::fs::write(
-        root.path().join("workloads/bench.yaml"),
-        format!(
-            "id: bench\nimage: {image}\ncommand: [sleep, infinity]\n\
-             deploy: {{resources: {{limits: {{cpus: \"0.25\", memory: 64M}}}}}}\n\
-             pool: {{min_size: 1, max_size: 2}}\n"
-        ),
-    )?;
-    let server = ServerProcess::start_in(
-        root.path(),
-        ServerOptions {
-            config_toml: Some("heartbeat_interval = \"1s\"\n".into()),
-            ..Default::default()
-        },
-    )
-    .await?;
-    let node = unique_node("boostbench");
-    let _agent = AgentProcess::start(AgentOptions::new(
-        &node,
-        server.url(),
-        root.path().join("agent"),
-    ))?;
-    let channel = server.channel().await?;
-    // The agent may not have joined yet: retry until a claim lands.
+    let docker = cluster.docker();
+    let channel = cluster.channel().await;
+    // The pool may not have a container yet: retry until a claim lands.
     let claim = eventually(Duration::from_secs(120), "a claim", || {
         let mut claims = ClaimServiceClient::new(channel.clone());
         async move {
@@ -149,8 +133,5 @@ async fn main() -> anyhow::Result<()> {
     summary("ReleaseBoost (reverted)", releases);
     summary("raw docker update+inspect up", raw_up);
     summary("raw docker update+inspect down", raw_down);
-    drop(_agent);
-    drop(server);
-    remove_node_containers(&docker, &node).await;
     Ok(())
 }

@@ -29,10 +29,9 @@ use bollard::query_parameters::{CreateContainerOptions, RemoveContainerOptions};
 use boilerhouse_proto::pb;
 use boilerhouse_proto::pb::claim_service_client::ClaimServiceClient;
 use boilerhouse_proto::pb::pool_service_client::PoolServiceClient;
-use boilerhouse_testkit::docker::{
-    TEST_RUN_LABEL, remove_node_containers, require_docker, test_image, test_run_id, unique_node,
-};
-use boilerhouse_testkit::{AgentOptions, AgentProcess, ServerOptions, ServerProcess, eventually};
+use boilerhouse_testkit::cluster::Cluster;
+use boilerhouse_testkit::docker::{TEST_RUN_LABEL, test_run_id};
+use boilerhouse_testkit::eventually;
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
@@ -122,34 +121,21 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or(150);
     let churn = std::env::args().nth(2).as_deref() == Some("churn");
     let max_size = if churn { pool_size * 2 } else { pool_size };
-    let docker = require_docker()
+    let cluster = Cluster::builder()
+        .config("heartbeat_interval = \"1s\"")
+        .node("bench")
+        .workload("bench", move |image| {
+            format!(
+                "id: bench\nimage: {image}\ncommand: [sleep, infinity]\nvolumes: {{state: {{target: /state}}}}\n\
+                 pool: {{min_size: {pool_size}, max_size: {max_size}, fill_concurrency: 16}}\n"
+            )
+        })
+        .start()
         .await
         .ok_or_else(|| anyhow::anyhow!("the benchmark needs Docker"))?;
-    let image = test_image(&docker).await?;
-    let root = tempfile::tempdir()?;
-    std::fs::create_dir_all(root.path().join("workloads"))?;
-    std::fs::write(
-        root.path().join("workloads/bench.yaml"),
-        format!(
-            "id: bench\nimage: {image}\ncommand: [sleep, infinity]\nvolumes: {{state: {{target: /state}}}}\n\
-             pool: {{min_size: {pool_size}, max_size: {max_size}, fill_concurrency: 16}}\n"
-        ),
-    )?;
-    let server = ServerProcess::start_in(
-        root.path(),
-        ServerOptions {
-            config_toml: Some("heartbeat_interval = \"1s\"\n".into()),
-            ..Default::default()
-        },
-    )
-    .await?;
-    let node = unique_node("bench");
-    let _agent = AgentProcess::start(AgentOptions::new(
-        &node,
-        server.url(),
-        root.path().join("agent"),
-    ))?;
-    let channel = server.channel().await?;
+    let docker = cluster.docker();
+    let image = cluster.image().to_owned();
+    let channel = cluster.channel().await;
 
     let fill_started = Instant::now();
     eventually(Duration::from_secs(900), "the pool to fill", || {
@@ -279,7 +265,5 @@ async fn main() -> anyhow::Result<()> {
         pool_run.failures,
         existing_run.failures,
     );
-    drop(_agent);
-    remove_node_containers(&docker, &node).await;
     Ok(())
 }

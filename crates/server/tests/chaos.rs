@@ -22,16 +22,13 @@ use tonic::transport::Channel;
 
 use boilerhouse_proto::pb;
 use boilerhouse_proto::pb::claim_service_client::ClaimServiceClient;
-use boilerhouse_testkit::docker::{
-    containers_with, remove_node_containers, require_docker, test_image, unique_node,
-};
-use boilerhouse_testkit::{AgentOptions, AgentProcess, ServerOptions, ServerProcess, eventually};
+use boilerhouse_testkit::cluster::Cluster;
+use boilerhouse_testkit::docker::containers_with;
+use boilerhouse_testkit::eventually;
 
 const TENANTS: usize = 12;
 
 const CONFIG: &str = r#"
-heartbeat_interval = "200ms"
-suspect_after = "5s"
 restart_grace = "10s"
 reconcile_interval = "500ms"
 reconcile_lost_grace = "5s"
@@ -135,43 +132,28 @@ async fn tenant_traffic(
 
 #[tokio::test]
 async fn chaos_kill9_server_and_agents_under_claim_traffic() {
-    let Some(docker) = require_docker().await else {
-        return;
-    };
     let iterations: usize = std::env::var("BOILERHOUSE_CHAOS_ITERATIONS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
-    let image = test_image(&docker).await.unwrap();
-    let root = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(root.path().join("workloads")).unwrap();
-    std::fs::write(
-        root.path().join("workloads/demo.yaml"),
-        format!(
-            "id: demo\nimage: {image}\ncommand: [sleep, infinity]\nvolumes: {{state: {{target: /state}}}}\n\
-             pool: {{min_size: 3, max_size: 12, affinity_timeout: 2s, fill_concurrency: 4}}\n"
-        ),
-    )
-    .unwrap();
-    let options = ServerOptions {
-        config_toml: Some(CONFIG.into()),
-        ..Default::default()
-    };
-    let mut server = ServerProcess::start_in(root.path(), options.clone())
-        .await
-        .unwrap();
-    let options = ServerOptions {
-        listen: Some(server.addrs.grpc),
-        ..options
-    };
-    let nodes = [unique_node("chaos-a"), unique_node("chaos-b")];
-    let mut agents: Vec<AgentProcess> = nodes
-        .iter()
-        .map(|n| {
-            AgentProcess::start(AgentOptions::new(n, server.url(), root.path().join(n))).unwrap()
+    let Some(mut c) = Cluster::builder()
+        .config(CONFIG)
+        .node("chaos-a")
+        .node("chaos-b")
+        .workload("demo", |image| {
+            format!(
+                "id: demo\nimage: {image}\ncommand: [sleep, infinity]\nvolumes: {{state: {{target: /state}}}}\n\
+                 pool: {{min_size: 3, max_size: 12, affinity_timeout: 2s, fill_concurrency: 4}}\n"
+            )
         })
-        .collect();
-    let channel = Channel::from_shared(server.url()).unwrap().connect_lazy();
+        .start()
+        .await
+    else {
+        return;
+    };
+    let nodes = c.node_names();
+    // Lazy, so it reconnects by itself each time the server comes back.
+    let channel = Channel::from_shared(c.url()).unwrap().connect_lazy();
 
     let history: History = Arc::default();
     let stop = tokio_util::sync::CancellationToken::new();
@@ -193,13 +175,10 @@ async fn chaos_kill9_server_and_agents_under_claim_traffic() {
         tokio::time::sleep(wait).await;
         let victim = rand::rng().random_range(0..3);
         if victim == 0 {
-            server.kill();
+            c.restart_server().await;
             server_kills += 1;
-            server = ServerProcess::start_in(root.path(), options.clone())
-                .await
-                .unwrap();
         } else {
-            agents[victim - 1].restart().unwrap();
+            c.restart_agent(victim - 1);
             agent_kills += 1;
         }
     }
@@ -235,7 +214,7 @@ async fn chaos_kill9_server_and_agents_under_claim_traffic() {
         }
     })
     .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", server.log()));
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.server().log()));
 
     let history = history.lock().unwrap().clone();
     let mut violations = Vec::new();
@@ -264,7 +243,7 @@ async fn chaos_kill9_server_and_agents_under_claim_traffic() {
         }
     }
     // ...the database...
-    let db = server.database();
+    let db = c.server().database();
     let mut conn = boilerhouse_server::store::open_raw(&db).await.unwrap();
     let shared: Vec<(String, i64)> = sqlx::query_as(
         "SELECT container_id, COUNT(DISTINCT tenant_id) FROM claims GROUP BY container_id HAVING COUNT(DISTINCT tenant_id) > 1",
@@ -278,8 +257,8 @@ async fn chaos_kill9_server_and_agents_under_claim_traffic() {
         ));
     }
     // ...and the state files.
-    for node in &nodes {
-        let dir = root.path().join(node).join("containers");
+    for i in 0..nodes.len() {
+        let dir = c.agent(i).options.state_root.join("containers");
         for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
             let container = entry.file_name().to_string_lossy().into_owned();
             let Ok(text) = std::fs::read_to_string(entry.path().join("boilerhouse-state.json"))
@@ -385,11 +364,11 @@ async fn chaos_kill9_server_and_agents_under_claim_traffic() {
             .map(|c| c.container_id)
             .collect();
     for node in &nodes {
-        for c in containers_with(&docker, "boilerhouse.node-id", node)
+        for container in containers_with(c.docker(), "boilerhouse.node-id", node)
             .await
             .unwrap()
         {
-            let id = c
+            let id = container
                 .labels
                 .unwrap_or_default()
                 .get("boilerhouse.container-id")
@@ -415,13 +394,6 @@ async fn chaos_kill9_server_and_agents_under_claim_traffic() {
          {claims_acked} claims and {releases_acked} releases acknowledged, {} violations",
         violations.len()
     );
-    server.kill();
-    for a in &mut agents {
-        a.kill();
-    }
-    for node in &nodes {
-        remove_node_containers(&docker, node).await;
-    }
     assert!(
         violations.is_empty(),
         "violations:\n{}",

@@ -4,17 +4,9 @@
 
 use std::time::Duration;
 
-use nix::sys::signal::Signal;
-
 use boilerhouse_proto::pb;
-use boilerhouse_proto::pb::event_service_client::EventServiceClient;
-use boilerhouse_proto::pb::node_service_client::NodeServiceClient;
-use boilerhouse_testkit::docker::{
-    remove_node_containers, require_docker, test_image, unique_node,
-};
-use boilerhouse_testkit::{
-    AgentOptions, AgentProcess, ServerOptions, ServerProcess, eventually, stderr, stdout,
-};
+use boilerhouse_testkit::cluster::{Cluster, ClusterBuilder};
+use boilerhouse_testkit::{stderr, stdout};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -29,36 +21,14 @@ lost_grace = "2s"
 restart_grace = "6s"
 "#;
 
-async fn nodes(server: &ServerProcess) -> Vec<pb::Node> {
-    NodeServiceClient::new(server.channel().await.unwrap())
-        .list_nodes(pb::ListNodesRequest {})
+/// A cluster whose agents all report the label `zone=test`.
+fn cluster() -> ClusterBuilder {
+    Cluster::builder().label("zone", "test").timeout(WAIT)
+}
+
+async fn node_events(c: &Cluster, id: &str) -> Vec<String> {
+    c.events()
         .await
-        .unwrap()
-        .into_inner()
-        .nodes
-}
-
-async fn node(server: &ServerProcess, id: &str) -> Option<pb::Node> {
-    nodes(server).await.into_iter().find(|n| n.node_id == id)
-}
-
-async fn wait_status(
-    server: &ServerProcess,
-    id: &str,
-    status: pb::NodeStatus,
-    connected: Option<bool>,
-) -> pb::Node {
-    eventually(WAIT, &format!("{id} to be {status:?}"), || async {
-        node(server, id)
-            .await
-            .filter(|n| n.status == status as i32 && connected.is_none_or(|c| n.connected == c))
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\nserver log:\n{}", server.log()))
-}
-
-async fn node_events(server: &ServerProcess, id: &str) -> Vec<String> {
-    EventServiceClient::new(server.channel().await.unwrap())
         .list_events(pb::ListEventsRequest {
             filter: Some(pb::EventFilter {
                 node_id: id.to_owned(),
@@ -76,25 +46,15 @@ async fn node_events(server: &ServerProcess, id: &str) -> Vec<String> {
         .collect()
 }
 
-fn agent(server_url: &str, name: &str, dir: &std::path::Path) -> AgentProcess {
-    let mut options = AgentOptions::new(name, server_url, dir.join(name));
-    options.labels.push(("zone".into(), "test".into()));
-    AgentProcess::start(options).unwrap()
-}
-
 #[tokio::test]
 async fn agents_join_and_bh_lists_them_ready_with_capacity() {
-    let Some(_docker) = require_docker().await else {
+    let Some(c) = cluster().node("node-a").node("node-b").start().await else {
         return;
     };
-    let server = ServerProcess::start().await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let (a, b) = (unique_node("node-a"), unique_node("node-b"));
-    let _agent_a = agent(&server.url(), &a, dir.path());
-    let _agent_b = agent(&server.url(), &b, dir.path());
+    let (a, b) = (c.node(0).to_owned(), c.node(1).to_owned());
 
     for id in [&a, &b] {
-        let n = wait_status(&server, id, pb::NodeStatus::Ready, Some(true)).await;
+        let n = c.wait_node(id, pb::NodeStatus::Ready, Some(true)).await;
         let capacity = n.capacity.unwrap();
         assert!(
             capacity.cpus >= 1.0 && capacity.memory_bytes > 0,
@@ -103,7 +63,7 @@ async fn agents_join_and_bh_lists_them_ready_with_capacity() {
         assert!(!n.engine_version.is_empty());
         assert_eq!(n.labels["zone"], "test");
     }
-    let out = server.bh(&["node", "list"]);
+    let out = c.bh(&["node", "list"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let table = stdout(&out);
     for id in [&a, &b] {
@@ -113,13 +73,13 @@ async fn agents_join_and_bh_lists_them_ready_with_capacity() {
             .unwrap_or_else(|| panic!("{id} not in\n{table}"));
         assert!(line.contains("ready"), "{line}");
     }
-    let out = server.bh(&["node", "get", &a, "-o", "json"]);
+    let out = c.bh(&["node", "get", &a, "-o", "json"]);
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["status"], "ready");
     assert_eq!(json["connected"], true);
-    assert_eq!(node_events(&server, &a).await, ["node.joined"]);
+    assert_eq!(node_events(&c, &a).await, ["node.joined"]);
 
-    let out = server.bh(&["status"]);
+    let out = c.bh(&["status"]);
     assert!(
         stdout(&out).contains("2 agents connected"),
         "{}",
@@ -130,28 +90,15 @@ async fn agents_join_and_bh_lists_them_ready_with_capacity() {
 
 #[tokio::test]
 async fn a_killed_agent_goes_suspect_then_lost_and_returns_with_its_containers() {
-    let Some(docker) = require_docker().await else {
+    let Some(mut c) = cluster().config(FAST_LIVENESS).node("node-k").start().await else {
         return;
     };
-    let image = test_image(&docker).await.unwrap();
-    let root = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start_in(
-        root.path(),
-        ServerOptions {
-            config_toml: Some(FAST_LIVENESS.into()),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let name = unique_node("node-k");
-    let mut agent = agent(&server.url(), &name, dir.path());
-    wait_status(&server, &name, pb::NodeStatus::Ready, Some(true)).await;
+    let name = c.node(0).to_owned();
+    c.wait_node(&name, pb::NodeStatus::Ready, Some(true)).await;
 
     // A managed container on that node, created the way the agent would.
     let spec = boilerhouse_testkit::docker::managed_spec(
-        &image,
+        c.image(),
         &name,
         "k",
         boilerhouse_core::Timestamp::from_millis(1),
@@ -162,47 +109,43 @@ async fn a_killed_agent_goes_suspect_then_lost_and_returns_with_its_containers()
     use boilerhouse_agent::runtime::ContainerRuntime as _;
     let docker_id = runtime.create(&spec, &[]).await.unwrap();
     runtime.start(&docker_id).await.unwrap();
-    let started_at = docker
+    let started_at = c
+        .docker()
         .inspect_container(&docker_id, None)
         .await
         .unwrap()
         .state
         .unwrap()
         .started_at;
-    eventually(WAIT, "the heartbeat to count the container", || async {
-        node(&server, &name)
-            .await
-            .filter(|n| n.container_count == 1)
+    c.eventually("the heartbeat to count the container", || async {
+        c.node_info(&name).await.filter(|n| n.container_count == 1)
     })
-    .await
-    .unwrap();
+    .await;
 
-    agent.kill();
-    wait_status(&server, &name, pb::NodeStatus::Suspect, Some(false)).await;
-    wait_status(&server, &name, pb::NodeStatus::Lost, Some(false)).await;
+    c.kill_agent(0);
+    c.wait_node(&name, pb::NodeStatus::Suspect, Some(false))
+        .await;
+    c.wait_node(&name, pb::NodeStatus::Lost, Some(false)).await;
     assert_eq!(
-        node_events(&server, &name).await,
+        node_events(&c, &name).await,
         ["node.joined", "node.suspect", "node.lost"]
     );
 
-    agent.restart().unwrap();
-    let back = wait_status(&server, &name, pb::NodeStatus::Ready, Some(true)).await;
+    c.restart_agent(0);
+    let back = c.wait_node(&name, pb::NodeStatus::Ready, Some(true)).await;
     assert_eq!(
-        node_events(&server, &name).await,
+        node_events(&c, &name).await,
         ["node.joined", "node.suspect", "node.lost", "node.returned"]
     );
-    eventually(
-        WAIT,
-        "the returned agent to report its container",
-        || async {
-            node(&server, &name)
-                .await
-                .filter(|n| n.container_count == 1)
-        },
-    )
-    .await
-    .unwrap();
-    let after = docker.inspect_container(&docker_id, None).await.unwrap();
+    c.eventually("the returned agent to report its container", || async {
+        c.node_info(&name).await.filter(|n| n.container_count == 1)
+    })
+    .await;
+    let after = c
+        .docker()
+        .inspect_container(&docker_id, None)
+        .await
+        .unwrap();
     assert_eq!(
         after.id.as_deref(),
         Some(docker_id.as_str()),
@@ -214,45 +157,30 @@ async fn a_killed_agent_goes_suspect_then_lost_and_returns_with_its_containers()
         "never restarted or recreated"
     );
     assert!(back.connected);
-    remove_node_containers(&docker, &name).await;
 }
 
 #[tokio::test]
 async fn a_restarted_server_gets_every_agent_back_without_help() {
-    let Some(_docker) = require_docker().await else {
+    let Some(mut c) = cluster()
+        .config(FAST_LIVENESS)
+        .node("node-a")
+        .node("node-b")
+        .start()
+        .await
+    else {
         return;
     };
-    let root = tempfile::tempdir().unwrap();
-    let options = ServerOptions {
-        config_toml: Some(FAST_LIVENESS.into()),
-        ..Default::default()
-    };
-    let mut server = ServerProcess::start_in(root.path(), options.clone())
-        .await
-        .unwrap();
-    let listen = server.addrs.grpc;
-    let dir = tempfile::tempdir().unwrap();
-    let (a, b) = (unique_node("node-a"), unique_node("node-b"));
-    let _agent_a = agent(&server.url(), &a, dir.path());
-    let _agent_b = agent(&server.url(), &b, dir.path());
+    let (a, b) = (c.node(0).to_owned(), c.node(1).to_owned());
     for id in [&a, &b] {
-        wait_status(&server, id, pb::NodeStatus::Ready, Some(true)).await;
+        c.wait_node(id, pb::NodeStatus::Ready, Some(true)).await;
     }
 
-    let status = server.signal_and_wait(Signal::SIGTERM, WAIT).await.unwrap();
+    let status = c.stop_server().await;
     assert!(status.success());
-    let server = ServerProcess::start_in(
-        root.path(),
-        ServerOptions {
-            listen: Some(listen),
-            ..options
-        },
-    )
-    .await
-    .unwrap();
+    c.start_server().await;
     for id in [&a, &b] {
-        wait_status(&server, id, pb::NodeStatus::Ready, Some(true)).await;
-        let events = node_events(&server, id).await;
+        c.wait_node(id, pb::NodeStatus::Ready, Some(true)).await;
+        let events = node_events(&c, id).await;
         assert_eq!(
             events,
             ["node.joined"],
@@ -263,30 +191,27 @@ async fn a_restarted_server_gets_every_agent_back_without_help() {
 
 #[tokio::test]
 async fn cordon_and_uncordon_persist_and_are_recorded() {
-    let Some(_docker) = require_docker().await else {
+    let Some(c) = cluster().node("node-c").start().await else {
         return;
     };
-    let server = ServerProcess::start().await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let name = unique_node("node-c");
-    let _agent = agent(&server.url(), &name, dir.path());
-    wait_status(&server, &name, pb::NodeStatus::Ready, Some(true)).await;
+    let name = c.node(0).to_owned();
+    c.wait_node(&name, pb::NodeStatus::Ready, Some(true)).await;
 
-    let out = server.bh(&["node", "cordon", &name]);
+    let out = c.bh(&["node", "cordon", &name]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("cordoned"), "{}", stdout(&out));
-    assert!(node(&server, &name).await.unwrap().cordoned);
-    let out = server.bh(&["node", "list"]);
+    assert!(c.node_info(&name).await.unwrap().cordoned);
+    let out = c.bh(&["node", "list"]);
     assert!(stdout(&out).contains("ready,cordoned"), "{}", stdout(&out));
-    let out = server.bh(&["node", "uncordon", &name]);
+    let out = c.bh(&["node", "uncordon", &name]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(!node(&server, &name).await.unwrap().cordoned);
+    assert!(!c.node_info(&name).await.unwrap().cordoned);
     assert_eq!(
-        node_events(&server, &name).await,
+        node_events(&c, &name).await,
         ["node.joined", "node.cordoned", "node.uncordoned"]
     );
 
-    let out = server.bh(&["node", "cordon", "no-such-node"]);
+    let out = c.bh(&["node", "cordon", "no-such-node"]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("not found"), "{}", stderr(&out));
 }

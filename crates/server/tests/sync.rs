@@ -5,35 +5,13 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt as _;
 use tonic::Code;
 
 use boilerhouse_proto::pb;
-use boilerhouse_proto::pb::claim_service_client::ClaimServiceClient;
-use boilerhouse_testkit::docker::{
-    remove_node_containers, require_docker, test_image, unique_node,
-};
-use boilerhouse_testkit::{
-    AgentOptions, AgentProcess, ServerOptions, ServerProcess, eventually, grpcurl_available,
-    stderr, stdout,
-};
+use boilerhouse_testkit::cluster::Cluster;
+use boilerhouse_testkit::{grpcurl_available, stderr, stdout};
 
-const WAIT: Duration = Duration::from_secs(60);
-
-const CONFIG: &str = r#"
-heartbeat_interval = "200ms"
-suspect_after = "5s"
-final_sync_deadline = "20s"
-"#;
-
-struct Cluster {
-    docker: bollard::Docker,
-    server: ServerProcess,
-    agent: AgentProcess,
-    node: String,
-    root: tempfile::TempDir,
-    sink: PathBuf,
-}
+const CONFIG: &str = r#"final_sync_deadline = "20s""#;
 
 /// A workload `id` syncing its whole state directory with `sink`.
 fn workload(image: &str, id: &str, sink: &Path, policy: &str) -> String {
@@ -48,213 +26,60 @@ fn workload(image: &str, id: &str, sink: &Path, policy: &str) -> String {
     )
 }
 
-impl Cluster {
-    /// A server and one agent; `workloads` gets the image and sink and
-    /// returns (file name, yaml) pairs.
-    async fn start(workloads: impl Fn(&str, &Path) -> Vec<(String, String)>) -> Option<Self> {
-        let docker = require_docker().await?;
-        let image = test_image(&docker).await.unwrap();
-        let root = tempfile::tempdir().unwrap();
-        let sink = root.path().join("sink");
-        std::fs::create_dir_all(root.path().join("workloads")).unwrap();
-        for (name, yaml) in workloads(&image, &sink) {
-            std::fs::write(root.path().join("workloads").join(name), yaml).unwrap();
-        }
-        let server = ServerProcess::start_in(
-            root.path(),
-            ServerOptions {
-                config_toml: Some(CONFIG.into()),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-        let node = unique_node("sync");
-        let agent = AgentProcess::start(AgentOptions::new(
-            &node,
-            server.url(),
-            root.path().join("agent"),
-        ))
-        .unwrap();
-        let c = Self {
-            docker,
-            server,
-            agent,
-            node,
-            root,
-            sink,
-        };
-        c.wait_ready().await;
-        Some(c)
+/// A server and one agent, serving one syncing workload per (id, policy).
+async fn start(workloads: &[(&'static str, &'static str)]) -> Option<Cluster> {
+    let mut builder = Cluster::builder().node("sync").config(CONFIG);
+    let sink = builder.dir().join("sink");
+    for &(id, policy) in workloads {
+        let sink = sink.clone();
+        builder = builder.workload(id, move |image| workload(image, id, &sink, policy));
     }
-
-    async fn wait_ready(&self) {
-        let nodes =
-            pb::node_service_client::NodeServiceClient::new(self.server.channel().await.unwrap());
-        eventually(WAIT, "the node to be ready", || {
-            let mut nodes = nodes.clone();
-            async move {
-                let listed = nodes
-                    .list_nodes(pb::ListNodesRequest::default())
-                    .await
-                    .ok()?
-                    .into_inner()
-                    .nodes;
-                listed
-                    .iter()
-                    .any(|n| n.status == pb::NodeStatus::Ready as i32 && n.connected)
-                    .then_some(())
-            }
-        })
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", self.server.log()));
-    }
-
-    async fn try_claim(
-        &self,
-        tenant: &str,
-        workload: &str,
-    ) -> Result<pb::ClaimInfo, tonic::Status> {
-        Ok(
-            ClaimServiceClient::new(self.server.channel().await.unwrap())
-                .claim(pb::ClaimRequest {
-                    tenant_id: tenant.into(),
-                    workload_id: workload.into(),
-                    acquire_timeout: Some(prost_types::Duration {
-                        seconds: 60,
-                        nanos: 0,
-                    }),
-                    ..Default::default()
-                })
-                .await?
-                .into_inner()
-                .claim
-                .unwrap(),
-        )
-    }
-
-    async fn claim(&self, tenant: &str, workload: &str) -> pb::ClaimInfo {
-        self.try_claim(tenant, workload)
-            .await
-            .unwrap_or_else(|e| panic!("claim: {e}\n{}", self.server.log()))
-    }
-
-    fn bh_ok(&self, args: &[&str]) -> String {
-        let out = self.server.bh(args);
-        assert!(
-            out.status.success(),
-            "bh {args:?} failed: {}\n{}",
-            stderr(&out),
-            self.server.log()
-        );
-        stdout(&out)
-    }
-
-    /// Runs a shell script in a container and returns its output once it
-    /// has finished.
-    async fn exec(&self, docker_id: &str, script: &str) -> String {
-        let exec = self
-            .docker
-            .create_exec(
-                docker_id,
-                bollard::models::ExecConfig {
-                    cmd: Some(vec!["sh".into(), "-c".into(), script.into()]),
-                    attach_stdout: Some(true),
-                    attach_stderr: Some(true),
-                    ..Default::default()
-                },
-            )
-            .await
-            .unwrap();
-        let mut text = String::new();
-        if let bollard::exec::StartExecResults::Attached { mut output, .. } =
-            self.docker.start_exec(&exec.id, None).await.unwrap()
-        {
-            while let Some(Ok(chunk)) = output.next().await {
-                text.push_str(&chunk.to_string());
-            }
-        }
-        text
-    }
-
-    fn sink_file(&self, tenant: &str, path: &str) -> Option<String> {
-        std::fs::read_to_string(self.sink.join("tenants").join(tenant).join(path)).ok()
-    }
-
-    async fn wait_sink(&self, tenant: &str, path: &str, want: &str, what: &str) {
-        eventually(WAIT, what, || async {
-            (self.sink_file(tenant, path).as_deref() == Some(want)).then_some(())
-        })
-        .await
-        .unwrap_or_else(|e| {
-            panic!(
-                "{e}: sink has {:?}\n{}",
-                self.sink_file(tenant, path),
-                self.server.log()
-            )
-        });
-    }
-
-    async fn docker_exists(&self, docker_id: &str) -> bool {
-        self.docker.inspect_container(docker_id, None).await.is_ok()
-    }
-
-    async fn statuses(&self, tenant: &str) -> Vec<pb::SyncStatus> {
-        pb::sync_service_client::SyncServiceClient::new(self.server.channel().await.unwrap())
-            .get_sync_status(pb::GetSyncStatusRequest {
-                tenant_id: tenant.into(),
-                workload_id: String::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .statuses
-    }
-
-    async fn start_server(&mut self, listen: std::net::SocketAddr) {
-        self.server = ServerProcess::start_in(
-            self.root.path(),
-            ServerOptions {
-                config_toml: Some(CONFIG.into()),
-                listen: Some(listen),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-    }
-
-    fn events(&self, kind: &str) -> String {
-        self.bh_ok(&["events", "--kind", kind])
-    }
+    builder.start().await
 }
 
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        self.agent.kill();
-        self.server.kill();
-        let docker = self.docker.clone();
-        let node = self.node.clone();
-        std::thread::spawn(move || {
-            tokio::runtime::Runtime::new()
-                .unwrap()
-                .block_on(remove_node_containers(&docker, &node))
+/// Where the workloads sync to.
+fn sink(c: &Cluster) -> PathBuf {
+    c.dir().join("sink")
+}
+
+fn sink_file(c: &Cluster, tenant: &str, path: &str) -> Option<String> {
+    std::fs::read_to_string(sink(c).join("tenants").join(tenant).join(path)).ok()
+}
+
+async fn wait_sink(c: &Cluster, tenant: &str, path: &str, want: &str, what: &str) {
+    boilerhouse_testkit::eventually(c.timeout(), what, || async {
+        (sink_file(c, tenant, path).as_deref() == Some(want)).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}: sink has {:?}\n{}",
+            sink_file(c, tenant, path),
+            c.server().log()
+        )
+    });
+}
+
+async fn sync_statuses(c: &Cluster, tenant: &str) -> Vec<pb::SyncStatus> {
+    c.syncs()
+        .await
+        .get_sync_status(pb::GetSyncStatusRequest {
+            tenant_id: tenant.into(),
+            workload_id: String::new(),
         })
-        .join()
-        .ok();
-    }
+        .await
+        .unwrap()
+        .into_inner()
+        .statuses
+}
+
+fn events_of_kind(c: &Cluster, kind: &str) -> String {
+    c.bh_ok(&["events", "--kind", kind])
 }
 
 #[tokio::test]
 async fn files_follow_the_tenant_to_a_new_container_after_the_reservation_expires() {
-    let Some(c) = Cluster::start(|image, sink| {
-        vec![(
-            "notes.yaml".into(),
-            workload(image, "notes", sink, "{on_claim: true, on_release: true}"),
-        )]
-    })
-    .await
-    else {
+    let Some(c) = start(&[("notes", "{on_claim: true, on_release: true}")]).await else {
         return;
     };
     let first = c.claim("alice", "notes").await;
@@ -272,20 +97,19 @@ async fn files_follow_the_tenant_to_a_new_container_after_the_reservation_expire
     // files are in the sink when bh returns.
     c.bh_ok(&["release", "alice", "notes"]);
     assert_eq!(
-        c.sink_file("alice", "notes.txt").as_deref(),
+        sink_file(&c, "alice", "notes.txt").as_deref(),
         Some("hello from alice\n")
     );
     assert_eq!(
-        c.sink_file("alice", "deep/er/file").as_deref(),
+        sink_file(&c, "alice", "deep/er/file").as_deref(),
         Some("nested\n")
     );
 
     // The reservation (2 s) expires and its container is destroyed.
-    eventually(WAIT, "the reserved container to be destroyed", || async {
-        (!c.docker_exists(&first.docker_id).await).then_some(())
+    c.eventually("the reserved container to be destroyed", || async {
+        (!c.exists(&first.docker_id).await).then_some(())
     })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", c.server.log()));
+    .await;
 
     // A new container, with alice's files restored into it.
     let second = c.claim("alice", "notes").await;
@@ -312,169 +136,128 @@ async fn files_follow_the_tenant_to_a_new_container_after_the_reservation_expire
         status.contains("alice") && status.contains(" ok "),
         "{status}"
     );
-    let statuses = c.statuses("alice").await;
+    let statuses = sync_statuses(&c, "alice").await;
     assert_eq!(statuses.len(), 1, "{statuses:?}");
     assert_eq!(statuses[0].state, pb::SyncState::Ok as i32);
     assert!(statuses[0].bytes_transferred >= 2 * 24, "{statuses:?}");
     assert!(statuses[0].last_sync_at.is_some());
 
     if grpcurl_available() {
-        let out = c
-            .server
-            .grpcurl(&[
-                "-d",
-                r#"{"tenant_id":"alice"}"#,
-                "boilerhouse.v1.SyncService/GetSyncStatus",
-            ])
-            .unwrap();
+        let out = c.grpcurl(&[
+            "-d",
+            r#"{"tenant_id":"alice"}"#,
+            "boilerhouse.v1.SyncService/GetSyncStatus",
+        ]);
         assert!(out.status.success(), "{}", stderr(&out));
         assert!(stdout(&out).contains("SYNC_STATE_OK"), "{}", stdout(&out));
-        let bad = c
-            .server
-            .grpcurl(&[
-                "-d",
-                r#"{"tenant_id":"no spaces allowed","workload_id":"notes"}"#,
-                "boilerhouse.v1.SyncService/TriggerSync",
-            ])
-            .unwrap();
+        let bad = c.grpcurl(&[
+            "-d",
+            r#"{"tenant_id":"no spaces allowed","workload_id":"notes"}"#,
+            "boilerhouse.v1.SyncService/TriggerSync",
+        ]);
         assert!(stderr(&bad).contains("InvalidArgument"), "{}", stderr(&bad));
     }
 }
 
 #[tokio::test]
 async fn periodic_syncs_upload_changes_and_catch_up_after_a_kill_9() {
-    let Some(mut c) = Cluster::start(|image, sink| {
-        vec![(
-            "notes.yaml".into(),
-            workload(
-                image,
-                "notes",
-                sink,
-                "{on_claim: true, on_release: true, interval: 3s}",
-            ),
-        )]
-    })
-    .await
+    let Some(mut c) = start(&[("notes", "{on_claim: true, on_release: true, interval: 3s}")]).await
     else {
         return;
     };
     let claim = c.claim("carol", "notes").await;
     c.exec(&claim.docker_id, "echo v1 > /state/a.txt").await;
-    c.wait_sink("carol", "a.txt", "v1\n", "a periodic upload of v1")
-        .await;
+    wait_sink(&c, "carol", "a.txt", "v1\n", "a periodic upload of v1").await;
     let status = c.bh_ok(&["sync", "trigger", "carol", "notes"]);
     assert!(status.contains("carol"), "{status}");
 
     // Change the file and kill -9 the server before the next periodic
     // upload, then stay down until that upload is overdue.
     c.exec(&claim.docker_id, "echo v2 > /state/a.txt").await;
-    let listen = c.server.addrs.grpc;
-    c.server.kill();
+    c.kill_server();
     let down_at = Instant::now();
-    eventually(WAIT, "the next periodic upload to be overdue", || async {
+    c.eventually("the next periodic upload to be overdue", || async {
         (down_at.elapsed() > Duration::from_secs(4)).then_some(())
     })
-    .await
-    .unwrap();
+    .await;
     assert_eq!(
-        c.sink_file("carol", "a.txt").as_deref(),
+        sink_file(&c, "carol", "a.txt").as_deref(),
         Some("v1\n"),
         "nothing uploads while the server is down"
     );
-    c.start_server(listen).await;
-    c.wait_sink("carol", "a.txt", "v2\n", "the catch-up upload of v2")
-        .await;
-    let events = c.events("sync.completed");
+    c.start_server().await;
+    wait_sink(&c, "carol", "a.txt", "v2\n", "the catch-up upload of v2").await;
+    let events = events_of_kind(&c, "sync.completed");
     assert!(events.contains("catch-up"), "{events}");
 }
 
 #[tokio::test]
 async fn sigterm_runs_the_final_upload_and_drain_does_too() {
-    let Some(mut c) = Cluster::start(|image, sink| {
-        vec![(
-            "notes.yaml".into(),
-            // No periodic or release sync: only the final upload saves it.
-            workload(image, "notes", sink, "{on_claim: true, on_release: false}"),
-        )]
-    })
-    .await
-    else {
+    // No periodic or release sync: only the final upload saves it.
+    let Some(mut c) = start(&[("notes", "{on_claim: true, on_release: false}")]).await else {
         return;
     };
     let claim = c.claim("dave", "notes").await;
     c.exec(&claim.docker_id, "echo 'before shutdown' > /state/f.txt")
         .await;
-    assert_eq!(c.sink_file("dave", "f.txt"), None);
-    let listen = c.server.addrs.grpc;
-    let status = c
-        .server
-        .signal_and_wait(nix::sys::signal::Signal::SIGTERM, Duration::from_secs(60))
-        .await
-        .unwrap();
-    assert!(status.success(), "{status:?}\n{}", c.server.log());
+    assert_eq!(sink_file(&c, "dave", "f.txt"), None);
+    let status = c.stop_server().await;
+    assert!(status.success(), "{status:?}\n{}", c.server().log());
     assert_eq!(
-        c.sink_file("dave", "f.txt").as_deref(),
+        sink_file(&c, "dave", "f.txt").as_deref(),
         Some("before shutdown\n"),
         "{}",
-        c.server.log()
+        c.server().log()
     );
     assert!(
-        c.docker_exists(&claim.docker_id).await,
+        c.exists(&claim.docker_id).await,
         "shutdown never destroys containers"
     );
 
     // Back up; the tenant still has the same container. Drain the node:
     // its files are uploaded, the claim released, the containers removed.
-    c.start_server(listen).await;
+    c.start_server().await;
     c.wait_ready().await;
     let again = c.claim("dave", "notes").await;
     assert_eq!(again.container_id, claim.container_id);
     c.exec(&claim.docker_id, "echo 'before drain' > /state/f.txt")
         .await;
-    let out = c.bh_ok(&["node", "drain", &c.node, "--deadline", "50s"]);
+    let out = c.bh_ok(&["node", "drain", c.node(0), "--deadline", "50s"]);
     assert!(out.contains("is drained"), "{out}");
     assert_eq!(
-        c.sink_file("dave", "f.txt").as_deref(),
+        sink_file(&c, "dave", "f.txt").as_deref(),
         Some("before drain\n")
     );
-    assert!(!c.docker_exists(&claim.docker_id).await);
+    assert!(!c.exists(&claim.docker_id).await);
 }
 
 #[tokio::test]
 async fn a_failed_release_upload_keeps_the_container_and_retries_until_it_succeeds() {
-    let Some(c) = Cluster::start(|image, sink| {
-        vec![(
-            "notes.yaml".into(),
-            workload(image, "notes", sink, "{on_claim: true, on_release: true}"),
-        )]
-    })
-    .await
-    else {
+    let Some(c) = start(&[("notes", "{on_claim: true, on_release: true}")]).await else {
         return;
     };
     let claim = c.claim("erin", "notes").await;
     c.exec(&claim.docker_id, "echo precious > /state/p.txt")
         .await;
     // Break the sink: its directory becomes a file.
-    std::fs::remove_dir_all(&c.sink).unwrap();
-    std::fs::write(&c.sink, "not a directory").unwrap();
+    std::fs::remove_dir_all(sink(&c)).unwrap();
+    std::fs::write(sink(&c), "not a directory").unwrap();
     c.bh_ok(&["release", "erin", "notes"]);
 
     // Retries fail and are recorded; the container outlives its 2 s
     // reservation meanwhile.
     let released = Instant::now();
-    eventually(WAIT, "several failed retries", || async {
-        let s = c.statuses("erin").await;
+    c.eventually("several failed retries", || async {
+        let s = sync_statuses(&c, "erin").await;
         (s.first()?.recent_errors.len() >= 3 && released.elapsed() > Duration::from_secs(3))
             .then_some(())
     })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", c.server.log()));
+    .await;
     assert!(
-        c.docker_exists(&claim.docker_id).await,
+        c.exists(&claim.docker_id).await,
         "kept while the upload is owed"
     );
-    let statuses = c.statuses("erin").await;
+    let statuses = sync_statuses(&c, "erin").await;
     assert_eq!(
         statuses[0].state,
         pb::SyncState::Pending as i32,
@@ -484,7 +267,7 @@ async fn a_failed_release_upload_keeps_the_container_and_retries_until_it_succee
         statuses[0].recent_errors[0].message.contains("sink"),
         "{statuses:?}"
     );
-    let metrics = scrape_metrics(&c.server).await;
+    let metrics = c.metrics().await;
     assert!(
         metrics.contains("boilerhouse_sync_owed_uploads 1"),
         "{metrics}"
@@ -492,45 +275,31 @@ async fn a_failed_release_upload_keeps_the_container_and_retries_until_it_succee
 
     // The sink comes back: the next retry uploads, then the reservation
     // runs its course and the container goes.
-    std::fs::remove_file(&c.sink).unwrap();
-    std::fs::create_dir_all(&c.sink).unwrap();
-    c.wait_sink("erin", "p.txt", "precious\n", "the retried upload")
-        .await;
-    eventually(
-        WAIT,
-        "the container to be destroyed after the upload",
-        || async { (!c.docker_exists(&claim.docker_id).await).then_some(()) },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", c.server.log()));
-    assert!(c.events("sync.release_settled").contains("uploaded after"));
+    std::fs::remove_file(sink(&c)).unwrap();
+    std::fs::create_dir_all(sink(&c)).unwrap();
+    wait_sink(&c, "erin", "p.txt", "precious\n", "the retried upload").await;
+    c.eventually("the container to be destroyed after the upload", || async {
+        (!c.exists(&claim.docker_id).await).then_some(())
+    })
+    .await;
+    assert!(events_of_kind(&c, "sync.release_settled").contains("uploaded after"));
 }
 
 #[tokio::test]
 async fn a_failed_restore_fails_the_claim_unless_the_workload_continues_without_data() {
-    let Some(c) = Cluster::start(|image, sink| {
-        vec![
-            (
-                "strict.yaml".into(),
-                workload(image, "strict", sink, "{on_claim: true, on_release: true}"),
-            ),
-            (
-                "lenient.yaml".into(),
-                workload(
-                    image,
-                    "lenient",
-                    sink,
-                    "{on_claim: true, on_release: true, on_claim_error: continue}",
-                ),
-            ),
-        ]
-    })
+    let Some(c) = start(&[
+        ("strict", "{on_claim: true, on_release: true}"),
+        (
+            "lenient",
+            "{on_claim: true, on_release: true, on_claim_error: continue}",
+        ),
+    ])
     .await
     else {
         return;
     };
     // The tenant's manifest in the sink is damaged.
-    let manifest = c.sink.join("tenants/frank/.boilerhouse-manifest.json");
+    let manifest = sink(&c).join("tenants/frank/.boilerhouse-manifest.json");
     std::fs::create_dir_all(manifest.parent().unwrap()).unwrap();
     std::fs::write(&manifest, "{damaged").unwrap();
 
@@ -566,17 +335,4 @@ fn fresh_with_data(source: i32) -> bool {
         pb::ClaimSource::ColdWithData as i32,
     ]
     .contains(&source)
-}
-
-async fn scrape_metrics(server: &ServerProcess) -> String {
-    let addr = server.addrs.metrics;
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut body = String::new();
-    stream.read_to_string(&mut body).await.unwrap();
-    body
 }

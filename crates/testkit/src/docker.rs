@@ -224,6 +224,51 @@ pub async fn remove_node_containers(docker: &Docker, node: &str) {
     }
 }
 
+/// Removes this run's containers of every node in `nodes`, blocking: for
+/// `Drop` impls, which cannot await (it runs on a thread of its own, so it
+/// works inside or outside a runtime).
+pub fn remove_node_containers_blocking(docker: &Docker, nodes: &[String]) {
+    let docker = docker.clone();
+    let nodes = nodes.to_vec();
+    std::thread::spawn(move || {
+        let Ok(runtime) = tokio::runtime::Runtime::new() else {
+            return;
+        };
+        runtime.block_on(async {
+            for node in &nodes {
+                remove_node_containers(&docker, node).await;
+            }
+        });
+    })
+    .join()
+    .ok();
+}
+
+/// Runs a shell script in a container and returns its output once it has
+/// finished.
+pub async fn exec(docker: &Docker, docker_id: &str, script: &str) -> anyhow::Result<String> {
+    let exec = docker
+        .create_exec(
+            docker_id,
+            bollard::models::ExecConfig {
+                cmd: Some(vec!["sh".into(), "-c".into(), script.into()]),
+                attach_stdout: Some(true),
+                attach_stderr: Some(true),
+                ..Default::default()
+            },
+        )
+        .await?;
+    let mut text = String::new();
+    if let bollard::exec::StartExecResults::Attached { mut output, .. } =
+        docker.start_exec(&exec.id, None).await?
+    {
+        while let Some(chunk) = output.next().await {
+            text.push_str(&chunk?.to_string());
+        }
+    }
+    Ok(text)
+}
+
 /// Writes `contents` to a temp file and returns its path (kept alive by the
 /// returned guard).
 pub fn temp_file(contents: &str) -> anyhow::Result<tempfile::NamedTempFile> {

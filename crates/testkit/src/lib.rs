@@ -1,8 +1,10 @@
 //! Test harness: run boilerhoused and agents as real processes on port 0
-//! with their own directories, build the test image without a registry,
+//! with their own directories (one `cluster::Cluster` builder for tests that
+//! need both), build the test image without a registry,
 //! drive a real agent from a fake control plane, run the real `bh` and
 //! `grpcurl`, and poll for conditions with a deadline.
 
+pub mod cluster;
 pub mod docker;
 pub mod fake;
 mod processes;
