@@ -245,6 +245,11 @@ async fn apply_reservation(tx: &mut WriteTx, change: &ReservationChange) -> Resu
 async fn apply_container(tx: &mut WriteTx, change: &ContainerChange) -> Result<(), StoreError> {
     let touched = match change {
         ContainerChange::Insert(c) => {
+            // A row comes back only with the history its claims wrote: a
+            // stale adoption never revives a used container as unused.
+            if past_generation(tx, &c.id).await? > c.claim_generation as i64 {
+                return Err(conflict(format!("container {} had newer claims", c.id)));
+            }
             sqlx::query(
                 "INSERT INTO containers (container_id, pool_id, workload_id, node_id, docker_id, state, spec_hash, \
                  tenant_id, last_tenant_id, claim_generation, revision, limits_cpus, limits_memory, state_path, \
@@ -270,7 +275,10 @@ async fn apply_container(tx: &mut WriteTx, change: &ContainerChange) -> Result<(
             .execute(tx.conn())
             .await?
         }
-        ContainerChange::Update { expected, record: c } => {
+        ContainerChange::Update {
+            expected,
+            record: c,
+        } => {
             let query = sqlx::query(concat!(
                 "UPDATE containers SET docker_id = ?, state = ?, tenant_id = ?, last_tenant_id = ?, ",
                 "claim_generation = ?, revision = ?, limits_cpus = ?, limits_memory = ?, state_path = ?, ",
@@ -311,6 +319,10 @@ async fn apply_container(tx: &mut WriteTx, change: &ContainerChange) -> Result<(
 async fn apply_claim(tx: &mut WriteTx, change: &ClaimChange) -> Result<(), StoreError> {
     match change {
         ClaimChange::Insert(c) => {
+            // A fencing token is never handed out twice.
+            if past_generation(tx, &c.container_id).await? >= c.generation as i64 {
+                return Err(conflict(format!("generation {} was used", c.generation)));
+            }
             sqlx::query(
                 "INSERT INTO claims (claim_id, tenant_id, workload_id, container_id, node_id, generation, source, \
                  status, claimed_at, last_activity_at, released_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -358,6 +370,16 @@ async fn apply_claim(tx: &mut WriteTx, change: &ClaimChange) -> Result<(), Store
         }
     }
     Ok(())
+}
+
+/// The highest generation any claim, ended or not, had on `container`.
+async fn past_generation(tx: &mut WriteTx, container: &ContainerId) -> Result<i64, StoreError> {
+    let (top,): (i64,) =
+        sqlx::query_as("SELECT COALESCE(MAX(generation), 0) FROM claims WHERE container_id = ?")
+            .bind(container.to_string())
+            .fetch_one(tx.conn())
+            .await?;
+    Ok(top)
 }
 
 async fn apply(tx: &mut WriteTx, write: &PoolWrite) -> Result<(), StoreError> {

@@ -110,9 +110,10 @@ async fn check(w: &mut World) {
         if !seen.is_empty() {
             assert!(
                 !matches!(c.state, ContainerState::Idle | ContainerState::Warming),
-                "seed {seed}: container {} served {seen:?} and is {} again",
+                "seed {seed}: container {} served {seen:?} and is {} again\n{}",
                 c.id,
-                c.state
+                c.state,
+                w.trace.join("\n")
             );
         }
         // Fencing tokens only grow.

@@ -316,3 +316,70 @@ async fn a_claim_decided_before_the_tenants_release_is_refused_after_it() {
     assert_eq!(w.read(|i| i.claims().count()), 0);
     assert_eq!(w.read(|i| i.reservations().count()), 1);
 }
+
+/// Found by the simulation (seed 3005674): an adoption decided while a
+/// container had no row and no history, committed after the container had
+/// since been adopted, served a tenant and been removed, brought it back
+/// as an idle, unused container. The store now refuses a row whose claims
+/// history is newer than it says, and a claim whose generation was used.
+#[tokio::test]
+async fn a_stale_adoption_never_revives_a_used_container_as_idle() {
+    let mut w = world().await;
+    let id = idle(&mut w).await;
+    let now = w.now;
+    let gone = w
+        .read(|i| decide::mark_lost(i, &id, "missing from a report", now))
+        .unwrap();
+    w.commit(gone).await.unwrap();
+    let adopt = |w: &World| {
+        let host = &w.hosts[&n0()].containers[&id];
+        let row = ContainerRecord {
+            id,
+            workload_id: w0(),
+            node_id: n0(),
+            docker_id: Some(host.docker_id.clone()),
+            state: ContainerState::Warming,
+            spec_hash: "h1".into(),
+            tenant_id: None,
+            last_tenant_id: None,
+            claim_generation: 0,
+            revision: 0,
+            limits: Default::default(),
+            state_path: String::new(),
+            comm_path: String::new(),
+            created_at: host.created_at,
+            updated_at: now,
+        };
+        let state = host.state_file.clone();
+        w.read(|i| decide::adopt(i, row, true, &state, None, "c".into(), "no row", now))
+            .unwrap()
+            .0
+    };
+    let stale = adopt(&w);
+    w.commit(adopt(&w)).await.unwrap();
+    // It serves t0, is released and destroyed; its row goes.
+    pool_claim(&mut w, &t("t0")).await;
+    let released = w
+        .read(|i| {
+            decide::release(
+                i,
+                &t("t0"),
+                &w0(),
+                None,
+                AfterRelease::Destroy,
+                "released",
+                now,
+            )
+        })
+        .unwrap();
+    w.commit(released.write).await.unwrap();
+    let removed = w.read(|i| decide::removed(i, &id, now)).unwrap();
+    w.commit(removed).await.unwrap();
+    // The adoption decided before all that lands now: refused.
+    let refused = w.commit(stale).await;
+    assert!(
+        matches!(refused, Err(StoreError::Conflict(_))),
+        "{refused:?}"
+    );
+    assert!(w.read(|i| i.container(&id).is_none()));
+}
