@@ -79,7 +79,7 @@ impl Pools {
         // Each conflict means another change committed first; decide again
         // on the newer state, a bounded number of times.
         for _ in 0..8 {
-            let now = crate::clock::now();
+            let mut now = crate::clock::now();
             // Choose and grant on one view of the index. A pool container
             // is marked busy in the same breath, so concurrent claims pass
             // it by instead of colliding on it.
@@ -149,6 +149,9 @@ impl Pools {
                     // The container is ours (busy) while it warms; it is
                     // granted once ready, on the state as it then is.
                     let (id, busy) = self.cold_start(workload, deadline).await?;
+                    // The claim begins when it is granted, not when the
+                    // cold start began (the idle reaper counts from it).
+                    now = crate::clock::now();
                     let grant = {
                         let state = self.state();
                         state.index.container(&id).cloned().map(|c| {

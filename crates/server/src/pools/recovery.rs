@@ -109,12 +109,17 @@ impl Pools {
     /// and holds nothing else of the workload now, gets it back with a new
     /// generation; a container that served someone else goes; an unused
     /// one rejoins the pool.
-    pub async fn resume(&self, id: &ContainerId, reason: &str) -> Result<(), PoolError> {
+    pub async fn resume(
+        &self,
+        id: &ContainerId,
+        running: bool,
+        reason: &str,
+    ) -> Result<(), PoolError> {
         let now = crate::clock::now();
         let resumed = self
             .commit_decided(|index| {
                 let claim_id = boilerhouse_core::ids::Uuid::now_v7().to_string();
-                Ok(decide::resume(index, id, reason, claim_id, now))
+                Ok(decide::resume(index, id, running, reason, claim_id, now))
             })
             .await?;
         if let Some(Some(_claim)) = resumed

@@ -68,7 +68,14 @@ impl Reconciler {
                     .await
             }
             ActionKind::Resume { container_id } => {
-                self.pools.resume(container_id, &action.reason).await
+                let running = self.agents.report(&action.node_id).is_some_and(|r| {
+                    r.containers
+                        .values()
+                        .any(|o| o.container_id() == Some(*container_id) && o.is_running())
+                });
+                self.pools
+                    .resume(container_id, running, &action.reason)
+                    .await
             }
         }
     }

@@ -70,10 +70,12 @@ impl Tenancy {
             .pools
             .claim_locked(&guard, tenant, &workload, acquire_timeout, Some(&at_grant))
             .await?;
-        if source == ClaimSource::Affinity && self.syncs.release_upload_owed(&granted.container.id)
-        {
-            // Its tenant has it back: the files are in use again and go up
-            // with the next release.
+        // Its tenant has it back with files newer than the sink's (their
+        // upload failed): they are in use again and go up with the next
+        // release, and no restore may overwrite them with older ones.
+        let holds_newest = source == ClaimSource::Affinity
+            && self.syncs.release_upload_owed(&granted.container.id);
+        if holds_newest {
             self.syncs
                 .settle_release_upload(
                     granted.container.id,
@@ -82,6 +84,12 @@ impl Tenancy {
                 .await?;
         }
         if source == ClaimSource::Existing || !restore {
+            return Ok((granted, source, false));
+        }
+        if holds_newest {
+            if let Some(r) = record(&granted, source, false) {
+                self.pools.record(r).await?;
+            }
             return Ok((granted, source, false));
         }
         let run = self
@@ -139,11 +147,33 @@ impl Tenancy {
         reason: &str,
         idempotency: Option<IdempotentRecord>,
     ) -> Result<(ClaimRecord, Option<Reservation>), PoolError> {
+        self.release_unless_active(tenant, workload_id, generation, reason, idempotency, None)
+            .await
+    }
+
+    /// [`Self::release`], refused if the claim saw activity after
+    /// `idle_since` (checked under the tenant's lock: the idle reaper's
+    /// view may be minutes old by the time its turn comes).
+    pub(crate) async fn release_unless_active(
+        &self,
+        tenant: &TenantId,
+        workload_id: &WorkloadId,
+        generation: Option<u64>,
+        reason: &str,
+        idempotency: Option<IdempotentRecord>,
+        idle_since: Option<boilerhouse_core::Timestamp>,
+    ) -> Result<(ClaimRecord, Option<Reservation>), PoolError> {
         let guard = self.pools.lock_tenant(tenant, workload_id).await;
         let held = self
             .pools
             .active_claim(tenant, workload_id)
             .ok_or_else(|| Refusal::NoClaim(tenant.clone(), workload_id.clone()))?;
+        if idle_since.is_some_and(|t| held.claim.last_activity_at > t) {
+            return Err(Refusal::Precondition(format!(
+                "{tenant}'s claim of {workload_id} is in use again"
+            ))
+            .into());
+        }
         if let Some(given) = generation.filter(|g| *g != held.claim.generation) {
             return Err(Refusal::StaleGeneration {
                 given,

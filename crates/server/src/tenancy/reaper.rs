@@ -28,12 +28,13 @@ impl Tenancy {
             }
             let reason = format!("idle since {}", g.claim.last_activity_at);
             match self
-                .release(
+                .release_unless_active(
                     &g.claim.tenant_id,
                     &g.claim.workload_id,
                     Some(g.claim.generation),
                     &reason,
                     None,
+                    Some(g.claim.last_activity_at),
                 )
                 .await
             {

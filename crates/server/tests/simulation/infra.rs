@@ -159,6 +159,15 @@ impl World {
         let host = self.hosts.get_mut(&node).unwrap();
         host.up = !host.up;
         if host.up {
+            // Sometimes the host rebooted meanwhile: its containers are
+            // there but stopped.
+            if self.rng.random_bool(0.2) {
+                let host = self.hosts.get_mut(&node).unwrap();
+                for c in host.containers.values_mut() {
+                    c.running = false;
+                }
+                self.note(format!("node {node} rebooted"));
+            }
             self.note(format!("node {node} is back"));
             self.report(&node, false);
         } else {
@@ -281,8 +290,19 @@ impl World {
                     .flatten(),
                 ActionKind::Resume { container_id } => {
                     self.stats.resumes += 1;
-                    self.read(|i| decide::resume(i, container_id, &action.reason, claim_id, now))
-                        .map(|(w, _)| w)
+                    let running =
+                        self.hosts[&action.node_id]
+                            .report
+                            .as_ref()
+                            .is_some_and(|(_, seen)| {
+                                seen.iter().any(|o| {
+                                    o.container_id() == Some(*container_id) && o.is_running()
+                                })
+                            });
+                    self.read(|i| {
+                        decide::resume(i, container_id, running, &action.reason, claim_id, now)
+                    })
+                    .map(|(w, _)| w)
                 }
                 ActionKind::Destroy { container_id, .. } => {
                     if let Some(id) = container_id {

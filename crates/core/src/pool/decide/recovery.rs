@@ -107,10 +107,13 @@ pub fn mark_lost(
 /// token must not be honoured again), unless the tenant holds another
 /// claim or reservation of the workload; a container a tenant ever held
 /// is otherwise destroyed, never put back in the pool. One no tenant ever
-/// held rejoins the pool.
+/// held goes back to warming, so it rejoins the pool only once it is seen
+/// ready. A container that came back stopped (`running` false: a host
+/// rebooted) serves nobody and is destroyed.
 pub fn resume(
     index: &Index,
     id: &ContainerId,
+    running: bool,
     reason: &str,
     claim_id: String,
     now: Timestamp,
@@ -123,7 +126,8 @@ pub fn resume(
     let mut claim = None;
     match &c.tenant_id {
         Some(t)
-            if index.claim(t, &c.workload_id).is_none()
+            if running
+                && index.claim(t, &c.workload_id).is_none()
                 && index.reservation(t, &c.workload_id).is_none() =>
         {
             back.state = ContainerState::Claimed;
@@ -154,7 +158,7 @@ pub fn resume(
             ));
             claim = Some(resumed);
         }
-        _ if c.used() => {
+        _ if c.used() || !running => {
             let holder = c.tenant_id.as_ref().or(c.last_tenant_id.as_ref());
             back.state = ContainerState::Draining;
             if let Some(t) = back.tenant_id.take() {
@@ -165,13 +169,15 @@ pub fn resume(
                 EventKind::ContainerDraining,
                 holder,
                 c,
-                format!(
-                    "container {id} is back but will be destroyed: it served {} and never serves anyone else",
-                    holder.map(ToString::to_string).unwrap_or_default()
-                ),
+                match holder {
+                    Some(h) if running => format!(
+                        "container {id} is back but will be destroyed: it served {h} and never serves anyone else"
+                    ),
+                    _ => format!("container {id} is back but stopped: it will be destroyed"),
+                },
             ));
         }
-        _ => back.state = ContainerState::Idle,
+        _ => back.state = ContainerState::Warming,
     }
     write.containers.push(ContainerChange::update(c, back));
     Some((write, claim))

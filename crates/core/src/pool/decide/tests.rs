@@ -128,7 +128,8 @@ fn a_used_container_is_never_offered_to_the_pool_again() {
     assert!(index.reservation(&a, &wl).is_none());
     assert_eq!(index.container(&c).unwrap().state, ContainerState::Lost);
     // It comes back: it served a, so it is destroyed, never idle.
-    let (write, claim) = resume(&index, &c, "running again", "claim-2".into(), at(40)).unwrap();
+    let (write, claim) =
+        resume(&index, &c, true, "running again", "claim-2".into(), at(40)).unwrap();
     assert!(claim.is_none());
     assert!(commit(&mut index, &write));
     assert_eq!(index.container(&c).unwrap().state, ContainerState::Draining);
@@ -148,7 +149,7 @@ fn a_claimed_container_back_from_a_lost_node_resumes_with_a_new_generation() {
     let write = node_lost(&index, &n, "gone", |_| false, at(30)).unwrap();
     assert!(commit(&mut index, &write));
     assert!(index.claim(&a, &wl).is_none(), "the claim is lost");
-    let (write, claim) = resume(&index, &c, "back", "claim-2".into(), at(40)).unwrap();
+    let (write, claim) = resume(&index, &c, true, "back", "claim-2".into(), at(40)).unwrap();
     assert!(commit(&mut index, &write));
     let claim = claim.unwrap();
     assert_eq!(claim.generation, 2, "the lost claim's token is not reused");
@@ -186,7 +187,7 @@ fn a_container_missing_from_a_report_and_then_back_is_resumed_not_duplicated() {
         .is_none()
     );
     // The next report has it: it resumes with a new generation.
-    let (write, claim) = resume(&index, &c, "back", "claim-2".into(), at(40)).unwrap();
+    let (write, claim) = resume(&index, &c, true, "back", "claim-2".into(), at(40)).unwrap();
     assert!(commit(&mut index, &write));
     assert_eq!(claim.unwrap().generation, 2);
     assert_eq!(index.claims().count(), 1);
@@ -558,7 +559,7 @@ fn decide(
         Op::NodeLost { node: n } => node_lost(view, &node(*n), "r", |_| false, now),
         Op::MarkLost { container } => mark_lost(view, &nth(*container)?, "r", now),
         Op::Resume { container } => {
-            resume(view, &nth(*container)?, "r", format!("c{step}"), now).map(|r| r.0)
+            resume(view, &nth(*container)?, true, "r", format!("c{step}"), now).map(|r| r.0)
         }
         Op::Adopt {
             container,

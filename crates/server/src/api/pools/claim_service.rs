@@ -134,6 +134,18 @@ impl pb::claim_service_server::ClaimService for Claims {
         {
             return Ok(Response::new(previous));
         }
+        // A retry that arrives while the first call still runs (its client
+        // gave up during a slow upload) waits for it, then replays it.
+        let _guard = match &request_id {
+            Some(id) => Some(self.0.idempotency.lock(&format!("{RELEASE}\0{id}")).await),
+            None => None,
+        };
+        if let Some(previous) =
+            replay::<pb::ReleaseResponse>(&self.0.store, RELEASE, request_id.as_deref(), &hash)
+                .await?
+        {
+            return Ok(Response::new(previous));
+        }
         let container = self
             .0
             .pools
