@@ -70,8 +70,9 @@ impl Pools {
 
     /// The engine destroyed a container its node's agent watches: act at
     /// once rather than wait for reconciliation's grace, so a claim never
-    /// points at a container that is gone. A draining container was being
-    /// removed anyway; its row is simply forgotten.
+    /// points at a container that is gone, and its row is forgotten (its
+    /// capacity is free again). A draining container was being removed
+    /// anyway.
     pub async fn container_gone(
         &self,
         node: &NodeId,
@@ -102,7 +103,12 @@ impl Pools {
             "the engine on {node} destroyed it (docker id {})",
             &docker_id[..docker_id.len().min(12)]
         );
-        self.mark_lost(&c.id, &reason).await
+        self.commit_decided(|index| {
+            Ok(decide::destroyed(index, &c.id, &reason, now).map(|w| (w, ())))
+        })
+        .await?;
+        self.inner.refill.notify_one();
+        Ok(())
     }
 
     /// A container of a lost node runs again. Its tenant, if it had one

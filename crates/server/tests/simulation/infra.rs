@@ -210,7 +210,7 @@ impl World {
             if c.state == ContainerState::Draining {
                 decide::removed(i, &id, now)
             } else {
-                decide::mark_lost(i, &id, "engine destroyed it", now)
+                decide::destroyed(i, &id, "engine destroyed it", now)
             }
         });
         if let Some(w) = decided {

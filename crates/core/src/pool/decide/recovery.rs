@@ -77,6 +77,28 @@ pub fn mark_lost(
     reason: &str,
     now: Timestamp,
 ) -> Option<PoolWrite> {
+    lose(index, id, reason, false, now)
+}
+
+/// The engine destroyed a container: unlike a report that missed it, that
+/// is final, so its row is forgotten at once whatever its state (its claim
+/// ends; who it served stays in the claims table, which adoption reads).
+pub fn destroyed(
+    index: &Index,
+    id: &ContainerId,
+    reason: &str,
+    now: Timestamp,
+) -> Option<PoolWrite> {
+    lose(index, id, reason, true, now)
+}
+
+fn lose(
+    index: &Index,
+    id: &ContainerId,
+    reason: &str,
+    certain: bool,
+    now: Timestamp,
+) -> Option<PoolWrite> {
     let c = index.container(id)?;
     let mut write = PoolWrite::default();
     if let Some(claim) = index.claim_on(id) {
@@ -85,7 +107,7 @@ pub fn mark_lost(
     if let Some(r) = index.reservation_on(id) {
         write.reservations.push(ReservationChange::remove(r));
     }
-    if c.state == ContainerState::Claimed {
+    if c.state == ContainerState::Claimed && !certain {
         let mut lost = c.successor(now);
         lost.state = ContainerState::Lost;
         write.containers.push(ContainerChange::update(c, lost));
