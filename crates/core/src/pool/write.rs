@@ -18,7 +18,10 @@ use crate::time::Timestamp;
 /// decision rests on. The revision alone would not do: a row removed and
 /// adopted again starts over, and a stale writer could match it; with the
 /// state, the tenant and the claim generation, a match means the decision
-/// was made on this very state.
+/// was made on an equal state, and with the time of the row's last change
+/// (a new row's is the time it was inserted) on this very incarnation of
+/// the row (the simulation found a claim decided on a row that was then
+/// removed and adopted again, identical but for that).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Expected {
     /// Row version.
@@ -29,6 +32,8 @@ pub struct Expected {
     pub tenant_id: Option<TenantId>,
     /// Fencing generation.
     pub claim_generation: u64,
+    /// When the row last changed.
+    pub updated_at: Timestamp,
 }
 
 impl Expected {
@@ -39,6 +44,7 @@ impl Expected {
             state: c.state,
             tenant_id: c.tenant_id.clone(),
             claim_generation: c.claim_generation,
+            updated_at: c.updated_at,
         }
     }
 

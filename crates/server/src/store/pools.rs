@@ -173,7 +173,8 @@ fn conflict(what: String) -> StoreError {
 /// decision saw it. Bound by [`bind_expected`], in this order.
 macro_rules! container_is {
     () => {
-        "container_id = ? AND revision = ? AND state = ? AND tenant_id IS ? AND claim_generation = ?"
+        "container_id = ? AND revision = ? AND state = ? AND tenant_id IS ? AND claim_generation = ? \
+         AND updated_at = ?"
     };
 }
 
@@ -188,6 +189,7 @@ fn bind_expected<'q>(
         .bind(e.state.as_str())
         .bind(e.tenant_id.as_ref().map(TenantId::as_str))
         .bind(e.claim_generation as i64)
+        .bind(e.updated_at.as_millis())
 }
 
 async fn apply_reservation(tx: &mut WriteTx, change: &ReservationChange) -> Result<(), StoreError> {
