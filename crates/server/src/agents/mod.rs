@@ -106,6 +106,9 @@ pub enum NodeSignal {
 pub struct Registry {
     inner: Arc<Mutex<Inner>>,
     on_change: Arc<tokio::sync::Notify>,
+    /// Wakes whoever waits for a report to change (a cold start waiting
+    /// for its container to be ready).
+    reports_changed: Arc<tokio::sync::Notify>,
     signals: broadcast::Sender<NodeSignal>,
 }
 
@@ -114,6 +117,7 @@ impl Default for Registry {
         Self {
             inner: Arc::default(),
             on_change: Arc::default(),
+            reports_changed: Arc::default(),
             // Signals are hints: a subscriber that falls behind by this
             // many loses the oldest, and its periodic pass covers them.
             signals: broadcast::channel(4096).0,
@@ -231,6 +235,14 @@ impl Registry {
             .into_iter()
             .map(|c| (c.docker_id.clone(), c))
             .collect();
+        drop(inner);
+        self.reports_changed.notify_waiters();
+    }
+
+    /// Notified whenever any node's report changes. Create (and enable)
+    /// the future before reading the report, so no change is missed.
+    pub fn report_changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.reports_changed.notified()
     }
 
     /// Applies an incremental event to the node's report.
@@ -265,8 +277,10 @@ impl Registry {
                     c.health = event.health.clone();
                 }
             }
-            ContainerEventKind::Activity => {}
+            ContainerEventKind::Activity => return,
         }
+        drop(inner);
+        self.reports_changed.notify_waiters();
     }
 
     /// A command result arrived.
@@ -288,6 +302,7 @@ impl Registry {
                 .insert(container.docker_id.clone(), container);
         }
         drop(inner);
+        self.reports_changed.notify_waiters();
         if let Some(PendingCommand {
             reply: Some(reply), ..
         }) = done

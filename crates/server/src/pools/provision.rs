@@ -252,21 +252,29 @@ impl Pools {
             .min(self.inner.config.command_timeout);
         let observed = self.create(spec, record, timeout).await?;
         let needs_health = spec.healthcheck.is_some();
-        let mut ready =
-            observed.docker_state == "running" && (!needs_health || observed.health == "healthy");
-        while !ready {
-            if Instant::now() >= deadline {
+        if observed.docker_state == "running" && (!needs_health || observed.health == "healthy") {
+            return Ok(());
+        }
+        // The agent streams state changes into the node's report; wait for
+        // a change, then look again. Armed before each look, so a change
+        // between the look and the wait still wakes it.
+        loop {
+            let changed = self.inner.agents.report_changed();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.reported_ready(record.node_id.clone(), &observed.docker_id, needs_health) {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline.into(), changed)
+                .await
+                .is_err()
+            {
                 return Err(PoolError::Exhausted(format!(
                     "container {} did not become ready in time",
                     record.id
                 )));
             }
-            // The poll period of readiness: the agent streams state changes
-            // into the report, which has no waiter of its own.
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            ready = self.reported_ready(record.node_id.clone(), &observed.docker_id, needs_health);
         }
-        Ok(())
     }
 
     fn reported_ready(&self, node: NodeId, docker_id: &str, needs_health: bool) -> bool {
