@@ -244,6 +244,26 @@ async fn apply_reservation(tx: &mut WriteTx, change: &ReservationChange) -> Resu
     Ok(())
 }
 
+/// Binds the columns a change may set, in the order the statements list
+/// them: docker_id through updated_at.
+fn bind_changing<'q>(
+    query: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>,
+    c: &'q ContainerRecord,
+) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments> {
+    query
+        .bind(&c.docker_id)
+        .bind(c.state.as_str())
+        .bind(c.tenant_id.as_ref().map(TenantId::as_str))
+        .bind(c.last_tenant_id.as_ref().map(TenantId::as_str))
+        .bind(c.claim_generation as i64)
+        .bind(c.revision as i64)
+        .bind(c.limits.cpus)
+        .bind(c.limits.memory_bytes.map(|m| m as i64))
+        .bind(&c.state_path)
+        .bind(&c.comm_path)
+        .bind(c.updated_at.as_millis())
+}
+
 async fn apply_container(tx: &mut WriteTx, change: &ContainerChange) -> Result<(), StoreError> {
     let touched = match change {
         ContainerChange::Insert(c) => {
@@ -252,30 +272,19 @@ async fn apply_container(tx: &mut WriteTx, change: &ContainerChange) -> Result<(
             if past_generation(tx, &c.id).await? > c.claim_generation as i64 {
                 return Err(conflict(format!("container {} had newer claims", c.id)));
             }
-            sqlx::query(
-                "INSERT INTO containers (container_id, pool_id, workload_id, node_id, docker_id, state, spec_hash, \
-                 tenant_id, last_tenant_id, claim_generation, revision, limits_cpus, limits_memory, state_path, \
-                 comm_path, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            let query = sqlx::query(
+                "INSERT INTO containers (container_id, pool_id, workload_id, node_id, spec_hash, created_at, \
+                 docker_id, state, tenant_id, last_tenant_id, claim_generation, revision, limits_cpus, \
+                 limits_memory, state_path, comm_path, updated_at) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             )
             .bind(c.id.to_string())
             .bind(c.workload_id.as_str())
             .bind(c.workload_id.as_str())
             .bind(c.node_id.as_str())
-            .bind(&c.docker_id)
-            .bind(c.state.as_str())
             .bind(&c.spec_hash)
-            .bind(c.tenant_id.as_ref().map(TenantId::as_str))
-            .bind(c.last_tenant_id.as_ref().map(TenantId::as_str))
-            .bind(c.claim_generation as i64)
-            .bind(c.revision as i64)
-            .bind(c.limits.cpus)
-            .bind(c.limits.memory_bytes.map(|m| m as i64))
-            .bind(&c.state_path)
-            .bind(&c.comm_path)
-            .bind(c.created_at.as_millis())
-            .bind(c.updated_at.as_millis())
-            .execute(tx.conn())
-            .await?
+            .bind(c.created_at.as_millis());
+            bind_changing(query, c).execute(tx.conn()).await?
         }
         ContainerChange::Update {
             expected,
@@ -286,19 +295,8 @@ async fn apply_container(tx: &mut WriteTx, change: &ContainerChange) -> Result<(
                 "claim_generation = ?, revision = ?, limits_cpus = ?, limits_memory = ?, state_path = ?, ",
                 "comm_path = ?, updated_at = ? WHERE ",
                 container_is!()
-            ))
-            .bind(&c.docker_id)
-            .bind(c.state.as_str())
-            .bind(c.tenant_id.as_ref().map(TenantId::as_str))
-            .bind(c.last_tenant_id.as_ref().map(TenantId::as_str))
-            .bind(c.claim_generation as i64)
-            .bind(c.revision as i64)
-            .bind(c.limits.cpus)
-            .bind(c.limits.memory_bytes.map(|m| m as i64))
-            .bind(&c.state_path)
-            .bind(&c.comm_path)
-            .bind(c.updated_at.as_millis());
-            bind_expected(query, &c.id, expected)
+            ));
+            bind_expected(bind_changing(query, c), &c.id, expected)
                 .execute(tx.conn())
                 .await?
         }

@@ -181,6 +181,26 @@ pub struct Released {
     pub container: Option<ContainerRecord>,
 }
 
+/// The tenant's active claim of `workload`; with `generation`, only if it
+/// is that one (a fencing token).
+fn held<'a>(
+    index: &'a Index,
+    tenant: &TenantId,
+    workload: &WorkloadId,
+    generation: Option<u64>,
+) -> Result<&'a ClaimRecord, Refusal> {
+    let claim = index
+        .claim(tenant, workload)
+        .ok_or_else(|| Refusal::NoClaim(tenant.clone(), workload.clone()))?;
+    match generation.filter(|g| *g != claim.generation) {
+        Some(given) => Err(Refusal::StaleGeneration {
+            given,
+            current: claim.generation,
+        }),
+        None => Ok(claim),
+    }
+}
+
 /// Releases the tenant's claim. With `generation`, only that claim.
 pub fn release(
     index: &Index,
@@ -191,15 +211,7 @@ pub fn release(
     reason: &str,
     now: Timestamp,
 ) -> Result<Released, Refusal> {
-    let claim = index
-        .claim(tenant, workload)
-        .ok_or_else(|| Refusal::NoClaim(tenant.clone(), workload.clone()))?;
-    if let Some(given) = generation.filter(|g| *g != claim.generation) {
-        return Err(Refusal::StaleGeneration {
-            given,
-            current: claim.generation,
-        });
-    }
+    let claim = held(index, tenant, workload, generation)?;
     let mut ended = claim.clone();
     ended.status = ClaimStatus::Released;
     ended.released_at = Some(now);
@@ -271,15 +283,7 @@ pub fn touch(
     generation: Option<u64>,
     at: Timestamp,
 ) -> Result<PoolWrite, Refusal> {
-    let claim = index
-        .claim(tenant, workload)
-        .ok_or_else(|| Refusal::NoClaim(tenant.clone(), workload.clone()))?;
-    if let Some(given) = generation.filter(|g| *g != claim.generation) {
-        return Err(Refusal::StaleGeneration {
-            given,
-            current: claim.generation,
-        });
-    }
+    let claim = held(index, tenant, workload, generation)?;
     Ok(PoolWrite {
         claims: vec![ClaimChange::Touch {
             claim_id: claim.claim_id.clone(),
