@@ -30,8 +30,8 @@ use std::path::Path;
 use std::process::{ExitStatus, Output};
 use std::time::Duration;
 
+use boilerhouse_proto::tls::AuthedChannel;
 use bollard::Docker;
-use tonic::transport::Channel;
 
 use boilerhouse_proto::pb;
 use boilerhouse_proto::pb::boost_service_client::BoostServiceClient;
@@ -67,9 +67,17 @@ pub struct ClusterBuilder {
     workloads: Vec<(String, WorkloadYaml)>,
     config: toml::Table,
     timeout: Duration,
+    insecure: bool,
 }
 
 impl ClusterBuilder {
+    /// Runs the server with `--insecure` (plaintext, no tokens, agents
+    /// without certificates), to compare against the secure default.
+    pub fn insecure(mut self) -> Self {
+        self.insecure = true;
+        self
+    }
+
     /// The directory the cluster will live in (data, workloads, agents'
     /// state roots), for paths a workload must name before it starts.
     pub fn dir(&self) -> &Path {
@@ -127,9 +135,10 @@ impl ClusterBuilder {
             std::fs::write(workloads.join(format!("{file}.yaml")), yaml(&image))
                 .expect("write a workload file");
         }
-        let server = ServerProcess::start_in(root, server_options(&self.config, None))
-            .await
-            .expect("start boilerhoused");
+        let server =
+            ServerProcess::start_in(root, server_options(&self.config, None, self.insecure))
+                .await
+                .expect("start boilerhoused");
         let mut cluster = Cluster {
             docker,
             image,
@@ -137,6 +146,7 @@ impl ClusterBuilder {
             server,
             agents: Vec::new(),
             config: self.config,
+            insecure: self.insecure,
             labels: self.labels,
             timeout: self.timeout,
             dir: self.dir,
@@ -157,6 +167,7 @@ pub struct Cluster {
     listen: SocketAddr,
     agents: Vec<AgentProcess>,
     config: toml::Table,
+    insecure: bool,
     labels: Vec<(String, String)>,
     timeout: Duration,
     dir: tempfile::TempDir,
@@ -174,6 +185,7 @@ impl Cluster {
             workloads: Vec::new(),
             config,
             timeout: WAIT,
+            insecure: false,
         }
     }
 
@@ -202,7 +214,7 @@ impl Cluster {
         &self.server
     }
 
-    /// `http://host:port` of the server's gRPC API.
+    /// `https://host:port` of the server's gRPC API.
     pub fn url(&self) -> String {
         self.server.url()
     }
@@ -263,7 +275,7 @@ impl Cluster {
     pub async fn start_server(&mut self) {
         self.server = ServerProcess::start_in(
             self.dir.path(),
-            server_options(&self.config, Some(self.listen)),
+            server_options(&self.config, Some(self.listen), self.insecure),
         )
         .await
         .expect("start boilerhoused again");
@@ -290,8 +302,8 @@ impl Cluster {
         .expect("write a workload file");
     }
 
-    /// A gRPC channel to the server.
-    pub async fn channel(&self) -> Channel {
+    /// A gRPC channel to the server, presenting the admin token.
+    pub async fn channel(&self) -> AuthedChannel {
         self.server
             .channel()
             .await
@@ -299,32 +311,32 @@ impl Cluster {
     }
 
     /// A ClaimService client.
-    pub async fn claims(&self) -> ClaimServiceClient<Channel> {
+    pub async fn claims(&self) -> ClaimServiceClient<AuthedChannel> {
         ClaimServiceClient::new(self.channel().await)
     }
 
     /// A PoolService client.
-    pub async fn pools(&self) -> PoolServiceClient<Channel> {
+    pub async fn pools(&self) -> PoolServiceClient<AuthedChannel> {
         PoolServiceClient::new(self.channel().await)
     }
 
     /// A NodeService client.
-    pub async fn nodes(&self) -> NodeServiceClient<Channel> {
+    pub async fn nodes(&self) -> NodeServiceClient<AuthedChannel> {
         NodeServiceClient::new(self.channel().await)
     }
 
     /// A BoostService client.
-    pub async fn boosts(&self) -> BoostServiceClient<Channel> {
+    pub async fn boosts(&self) -> BoostServiceClient<AuthedChannel> {
         BoostServiceClient::new(self.channel().await)
     }
 
     /// A SyncService client.
-    pub async fn syncs(&self) -> SyncServiceClient<Channel> {
+    pub async fn syncs(&self) -> SyncServiceClient<AuthedChannel> {
         SyncServiceClient::new(self.channel().await)
     }
 
     /// An EventService client.
-    pub async fn events(&self) -> EventServiceClient<Channel> {
+    pub async fn events(&self) -> EventServiceClient<AuthedChannel> {
         EventServiceClient::new(self.channel().await)
     }
 
@@ -399,7 +411,7 @@ impl Cluster {
         stderr(&out)
     }
 
-    /// Runs the real `grpcurl -plaintext` against the server; see
+    /// Runs the real `grpcurl` against the server, with the admin token; see
     /// [`crate::grpcurl_available`].
     pub fn grpcurl(&self, args: &[&str]) -> Output {
         self.server.grpcurl(args).expect("run grpcurl")
@@ -431,6 +443,10 @@ impl Cluster {
             self.dir.path().join("agents").join(&node),
         );
         options.labels = self.labels.clone();
+        options.tls = self
+            .server
+            .node_tls(&node)
+            .expect("issue the node's certificate");
         let agent = AgentProcess::start(options).expect("start an agent");
         self.agents.push(agent);
     }
@@ -446,10 +462,15 @@ impl Drop for Cluster {
     }
 }
 
-fn server_options(config: &toml::Table, listen: Option<SocketAddr>) -> ServerOptions {
+fn server_options(
+    config: &toml::Table,
+    listen: Option<SocketAddr>,
+    insecure: bool,
+) -> ServerOptions {
     ServerOptions {
         config_toml: Some(toml::to_string(config).expect("serialise the server config")),
         listen,
+        insecure,
         ..Default::default()
     }
 }
