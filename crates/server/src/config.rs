@@ -51,6 +51,10 @@ pub struct Args {
     /// scripts and tests use port 0.
     #[arg(long, env = "BOILERHOUSE_READY_FILE")]
     pub ready_file: Option<PathBuf>,
+    /// Admission policy file (TOML): what workloads may ask of the hosts
+    /// beyond the hardened defaults. Without one, the strict defaults apply.
+    #[arg(long, env = "BOILERHOUSE_POLICY_FILE")]
+    pub policy_file: Option<PathBuf>,
 }
 
 /// The TOML file: every key optional, unknown keys rejected.
@@ -96,6 +100,7 @@ struct FileConfig {
     sync_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     final_sync_deadline: Option<Duration>,
+    policy_file: Option<PathBuf>,
 }
 
 /// The validated server configuration.
@@ -155,6 +160,11 @@ pub struct Config {
     /// How old an unknown managed container must be before it is
     /// destroyed. Default 60s.
     pub reconcile_creation_grace: Duration,
+    /// The admission policy file, if any; read once at startup.
+    pub policy_file: Option<PathBuf>,
+    /// What workloads may ask for: the policy file's, or the strict
+    /// defaults (see `boilerhouse_core::admission`).
+    pub admission: boilerhouse_core::admission::AdmissionPolicy,
 }
 
 /// A configuration that cannot be used.
@@ -202,6 +212,8 @@ impl Config {
             .or(file.database)
             .unwrap_or_else(|| data_dir.join("boilerhouse.db"));
         let heartbeat_interval = file.heartbeat_interval.unwrap_or(Duration::from_secs(2));
+        let policy_file = args.policy_file.or(file.policy_file);
+        let admission = crate::admission::load_policy(policy_file.as_deref())?;
         let config = Config {
             listen: args
                 .listen
@@ -250,6 +262,8 @@ impl Config {
                 .unwrap_or(Duration::from_secs(60)),
             sync_timeout: file.sync_timeout.unwrap_or(Duration::from_secs(600)),
             final_sync_deadline: file.final_sync_deadline.unwrap_or(Duration::from_secs(30)),
+            policy_file,
+            admission,
         };
         config.validate()?;
         Ok(config)

@@ -1,6 +1,7 @@
 //! boilerhoused: the Boilerhouse control-plane server, as a library so that
 //! tests and benchmarks can drive its parts directly.
 
+pub mod admission;
 pub mod agents;
 pub mod api;
 pub mod boosts;
