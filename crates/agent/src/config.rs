@@ -59,6 +59,9 @@ pub struct Args {
     /// Log as JSON.
     #[arg(long, env = "BOILERHOUSE_LOG_JSON")]
     pub log_json: bool,
+    /// What this agent will create and where it will write.
+    #[command(flatten)]
+    pub policy: crate::policy::PolicyArgs,
 }
 
 /// The validated agent configuration.
@@ -82,6 +85,8 @@ pub struct AgentConfig {
     pub max_backoff: Duration,
     /// Credentials for S3 sinks.
     pub s3_credentials_file: Option<PathBuf>,
+    /// The local policy, checked on every create and local sync.
+    pub policy: crate::policy::LocalPolicy,
 }
 
 fn parse_pairs(field: &str, items: &[String]) -> Result<BTreeMap<String, String>, String> {
@@ -128,6 +133,7 @@ impl AgentConfig {
         // the state root must be absolute.
         let state_root = std::path::absolute(&args.state_root)
             .map_err(|e| format!("--state-root {}: {e}", args.state_root.display()))?;
+        let policy = crate::policy::LocalPolicy::from_args(&args.policy, &state_root)?;
         Ok(Self {
             server: args.server,
             node_id,
@@ -138,6 +144,7 @@ impl AgentConfig {
             full_report_interval: args.full_report_interval,
             max_backoff: args.max_backoff.max(Duration::from_millis(100)),
             s3_credentials_file: args.s3_credentials_file,
+            policy,
         })
     }
 }
