@@ -7,32 +7,39 @@
 //! INVALID_ARGUMENT with one field violation per refused field. Both name
 //! the field and the policy key that would allow it.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use boilerhouse_core::admission::{AdmissionPolicy, Refusal};
+use boilerhouse_core::admission::{AdmissionPolicy, PolicyError, Refusal};
 use boilerhouse_core::workload::WorkloadError;
 
-use crate::config::ConfigError;
+/// A policy file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyFileError {
+    /// It cannot be read.
+    #[error("cannot read policy file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// It is not a valid policy; the error names file, key and reason.
+    #[error(transparent)]
+    Invalid(#[from] PolicyError),
+}
 
 /// Reads the policy file, or the strict defaults when there is none. The
 /// file is read once, at startup: changing it takes a restart, so a policy
 /// never changes under a running reload.
-pub fn load_policy(path: Option<&Path>) -> Result<AdmissionPolicy, ConfigError> {
+pub fn load_policy(path: Option<&Path>) -> Result<AdmissionPolicy, PolicyFileError> {
     let Some(path) = path else {
         return Ok(AdmissionPolicy::default());
     };
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    let text = std::fs::read_to_string(path).map_err(|source| PolicyFileError::Read {
         path: path.to_owned(),
         source,
     })?;
-    AdmissionPolicy::parse(&path.display().to_string(), &text).map_err(|e| ConfigError::Parse {
-        path: path.to_owned(),
-        message: if e.key.is_empty() {
-            e.reason
-        } else {
-            format!("`{}`: {}", e.key, e.reason)
-        },
-    })
+    Ok(AdmissionPolicy::parse(&path.display().to_string(), &text)?)
 }
 
 /// One error for a refused workload file, in the loader's terms: the first
@@ -67,51 +74,12 @@ mod tests {
         let missing = dir.path().join("nope.toml");
         assert!(matches!(
             load_policy(Some(&missing)),
-            Err(ConfigError::Read { .. })
+            Err(PolicyFileError::Read { .. })
         ));
         let bad = dir.path().join("bad.toml");
         std::fs::write(&bad, "[workloads.w]\ncap_add = [\"NET ADMIN\"]\n").unwrap();
         let err = load_policy(Some(&bad)).unwrap_err().to_string();
         assert!(err.contains("workloads.w.cap_add[0]"), "{err}");
-    }
-
-    #[test]
-    fn the_policy_file_comes_from_the_flag_or_the_config_file() {
-        use clap::Parser as _;
-        let dir = tempfile::tempdir().unwrap();
-        let policy = dir.path().join("policy.toml");
-        std::fs::write(&policy, "local_sink_roots = [\"/srv/sinks\"]\n").unwrap();
-        let config_file = dir.path().join("c.toml");
-        std::fs::write(
-            &config_file,
-            format!("policy_file = {:?}\n", policy.display().to_string()),
-        )
-        .unwrap();
-        let load = |argv: &[&str]| {
-            let mut all = vec!["boilerhoused"];
-            all.extend_from_slice(argv);
-            crate::config::Config::load(crate::config::Args::parse_from(all))
-        };
-        let from_file = load(&["--config", config_file.to_str().unwrap()]).unwrap();
-        assert_eq!(from_file.policy_file.as_deref(), Some(policy.as_path()));
-        assert_eq!(from_file.admission.local_sink_roots.len(), 1);
-        let missing = dir.path().join("missing.toml");
-        let err = load(&[
-            "--config",
-            config_file.to_str().unwrap(),
-            "--policy-file",
-            missing.to_str().unwrap(),
-        ])
-        .unwrap_err();
-        assert!(
-            err.to_string().contains("missing.toml"),
-            "the flag wins: {err}"
-        );
-        assert_eq!(
-            load(&[]).unwrap().admission,
-            AdmissionPolicy::default(),
-            "strict without a file"
-        );
     }
 
     #[test]

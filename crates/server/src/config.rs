@@ -194,6 +194,9 @@ pub enum ConfigError {
         /// Why.
         reason: String,
     },
+    /// The admission policy file cannot be used.
+    #[error(transparent)]
+    Policy(#[from] crate::admission::PolicyFileError),
 }
 
 impl Config {

@@ -258,3 +258,42 @@ async fn an_allowance_admits_exactly_its_workload_until_it_is_withdrawn() {
     c.wait_gone(&docker_id, "the withdrawn workload's container")
         .await;
 }
+
+#[test]
+fn the_policy_file_comes_from_the_flag_or_the_config_file() {
+    use clap::Parser as _;
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(&policy, "local_sink_roots = [\"/srv/sinks\"]\n").unwrap();
+    let config_file = dir.path().join("c.toml");
+    std::fs::write(
+        &config_file,
+        format!("policy_file = {:?}\n", policy.display().to_string()),
+    )
+    .unwrap();
+    let load = |argv: &[&str]| {
+        let mut all = vec!["boilerhoused"];
+        all.extend_from_slice(argv);
+        boilerhouse_server::config::Config::load(boilerhouse_server::config::Args::parse_from(all))
+    };
+    let from_file = load(&["--config", config_file.to_str().unwrap()]).unwrap();
+    assert_eq!(from_file.policy_file.as_deref(), Some(policy.as_path()));
+    assert_eq!(from_file.admission.local_sink_roots.len(), 1);
+    let missing = dir.path().join("missing.toml");
+    let err = load(&[
+        "--config",
+        config_file.to_str().unwrap(),
+        "--policy-file",
+        missing.to_str().unwrap(),
+    ])
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("missing.toml"),
+        "the flag wins: {err}"
+    );
+    assert_eq!(
+        load(&[]).unwrap().admission,
+        boilerhouse_core::admission::AdmissionPolicy::default(),
+        "strict without a file"
+    );
+}

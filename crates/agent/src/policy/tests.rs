@@ -153,7 +153,7 @@ fn the_default_sink_root_is_under_the_state_root() {
     let dir = tempfile::tempdir().unwrap();
     let p = policy(dir.path(), PolicyArgs::default());
     let real = dir.path().canonicalize().unwrap().join("sinks");
-    assert_eq!(p.sink_roots(), [real.clone()]);
+    assert_eq!(p.sink_roots(), std::slice::from_ref(&real));
     let sink = p.sink_dir(&format!("{}/a/b", real.display())).unwrap();
     assert!(sink.is_dir() && sink.starts_with(&real));
 }
