@@ -158,10 +158,12 @@ impl fmt::Display for Risk {
 
 /// Whether `user` (Docker's `uid[:gid]` or `name[:group]`) is root. Only
 /// uid 0 and the name `root` are known to be; other names are resolved in
-/// the image, which neither server nor agent reads.
+/// the image, which neither server nor agent reads. The runtime parses a
+/// uid with Go's `Atoi`, which takes a sign, so `+0` and `-0` are uid 0 too.
 pub fn is_root_user(user: &str) -> bool {
     let name = user.split(':').next().unwrap_or_default().trim();
-    name == "root" || (!name.is_empty() && name.bytes().all(|b| b == b'0'))
+    let digits = name.strip_prefix(['+', '-']).unwrap_or(name);
+    name == "root" || (!digits.is_empty() && digits.bytes().all(|b| b == b'0'))
 }
 
 /// A capability as Docker compares them: upper case, without `CAP_`.

@@ -110,7 +110,7 @@ fn each_allowance_admits_exactly_its_own_risk() {
 #[test]
 fn root_means_uid_zero_root_or_no_user_at_all() {
     let p = AdmissionPolicy::default();
-    for user in ["0", "0:0", "root", "root:root", "00:1000"] {
+    for user in ["0", "0:0", "root", "root:root", "00:1000", "+0", "-0:0"] {
         let w = plain(&format!("user: {user:?}\nsecurity: {{non_root: false}}\n"));
         assert_eq!(fields(&p.check(&w)), ["user"], "{user}");
     }
@@ -124,6 +124,7 @@ fn root_means_uid_zero_root_or_no_user_at_all() {
     assert!(p.check(&named).is_empty());
     assert!(!is_root_user("1000:0"), "gid 0 is not uid 0");
     assert!(!is_root_user("rooted"));
+    assert!(!is_root_user("+") && !is_root_user(""));
 }
 
 #[test]
