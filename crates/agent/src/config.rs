@@ -59,9 +59,52 @@ pub struct Args {
     /// Log as JSON.
     #[arg(long, env = "BOILERHOUSE_LOG_JSON")]
     pub log_json: bool,
+    /// The CA that signed the server's certificate (PEM); needed for an
+    /// https:// server.
+    #[arg(long, env = "BOILERHOUSE_CA")]
+    pub ca: Option<PathBuf>,
+    /// This node's client certificate (PEM), from `boilerhoused pki node`;
+    /// its common name is the node's identity.
+    #[arg(long, env = "BOILERHOUSE_CERT")]
+    pub cert: Option<PathBuf>,
+    /// The key of --cert (PEM).
+    #[arg(long, env = "BOILERHOUSE_KEY")]
+    pub key: Option<PathBuf>,
+    /// The name the server's certificate must carry, when it differs from
+    /// the host in --server.
+    #[arg(long, env = "BOILERHOUSE_SERVER_NAME")]
+    pub server_name: Option<String>,
     /// What this agent will create and where it will write.
     #[command(flatten)]
     pub policy: crate::policy::PolicyArgs,
+}
+
+/// Where the agent's TLS material is. Read again at every connection, so a
+/// renewed certificate is used at the next reconnect.
+#[derive(Debug, Clone)]
+pub struct AgentTls {
+    /// The CA to verify the server against.
+    pub ca: PathBuf,
+    /// This node's certificate.
+    pub cert: PathBuf,
+    /// Its key.
+    pub key: PathBuf,
+    /// The server's expected name, if not the URL's host.
+    pub server_name: Option<String>,
+}
+
+impl AgentTls {
+    /// The client TLS configuration, read from the files now.
+    pub fn client_config(&self) -> std::io::Result<tonic::transport::ClientTlsConfig> {
+        let ca = std::fs::read(&self.ca)?;
+        let cert = std::fs::read(&self.cert)?;
+        let key = std::fs::read(&self.key)?;
+        Ok(boilerhouse_proto::tls::client_tls(
+            &ca,
+            Some((&cert, &key)),
+            self.server_name.as_deref(),
+        ))
+    }
 }
 
 /// The validated agent configuration.
@@ -85,6 +128,8 @@ pub struct AgentConfig {
     pub max_backoff: Duration,
     /// Credentials for S3 sinks.
     pub s3_credentials_file: Option<PathBuf>,
+    /// TLS and this node's identity, for an https:// server.
+    pub tls: Option<AgentTls>,
     /// The local policy, checked on every create and local sync.
     pub policy: crate::policy::LocalPolicy,
 }
@@ -111,9 +156,32 @@ fn host_name() -> Option<String> {
 impl AgentConfig {
     /// Validates the arguments.
     pub fn from_args(args: Args) -> Result<Self, String> {
-        let name = match args.node_name {
-            Some(n) => n,
-            None => host_name().ok_or("no --node-name given and the host name cannot be read")?,
+        let tls = tls_from_args(&args)?;
+        // The certificate is the identity: the name in it wins, and a
+        // --node-name that disagrees is a mistake to catch here rather
+        // than as a refused connection.
+        let certified = match &tls {
+            Some(tls) => {
+                let pem = std::fs::read(&tls.cert)
+                    .map_err(|e| format!("--cert {}: {e}", tls.cert.display()))?;
+                Some(
+                    boilerhouse_proto::tls::node_name_from_cert_pem(&pem)
+                        .map_err(|e| format!("--cert {}: {e}", tls.cert.display()))?,
+                )
+            }
+            None => None,
+        };
+        let name = match (args.node_name, certified) {
+            (Some(given), Some(certified)) if given != certified => {
+                return Err(format!(
+                    "--node-name {given:?} differs from the node in --cert ({certified:?})"
+                ));
+            }
+            (_, Some(certified)) => certified,
+            (Some(given), None) => given,
+            (None, None) => {
+                host_name().ok_or("no --node-name given and the host name cannot be read")?
+            }
         };
         let node_id = NodeId::new(name).map_err(|e| format!("--node-name: {e}"))?;
         let labels = parse_pairs("--label", &args.labels)?;
@@ -144,8 +212,34 @@ impl AgentConfig {
             full_report_interval: args.full_report_interval,
             max_backoff: args.max_backoff.max(Duration::from_millis(100)),
             s3_credentials_file: args.s3_credentials_file,
+            tls,
             policy,
         })
+    }
+}
+
+fn tls_from_args(args: &Args) -> Result<Option<AgentTls>, String> {
+    let https = args.server.starts_with("https://");
+    match (&args.ca, &args.cert, &args.key) {
+        (None, None, None) if !https => Ok(None),
+        (Some(ca), Some(cert), Some(key)) if https => {
+            for (flag, path) in [("--ca", ca), ("--cert", cert), ("--key", key)] {
+                std::fs::metadata(path).map_err(|e| format!("{flag} {}: {e}", path.display()))?;
+            }
+            Ok(Some(AgentTls {
+                ca: ca.clone(),
+                cert: cert.clone(),
+                key: key.clone(),
+                server_name: args.server_name.clone(),
+            }))
+        }
+        _ if https => Err(
+            "an https:// server needs --ca, --cert and --key (make them with `boilerhoused pki init --node <name>`)".into(),
+        ),
+        _ => Err(format!(
+            "--ca, --cert and --key need an https:// server, not {}",
+            args.server
+        )),
     }
 }
 

@@ -206,11 +206,14 @@ async fn session(
     activity: &mut mpsc::Receiver<ContainerId>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<SessionEnd> {
-    let endpoint = Endpoint::from_shared(config.server.clone())?
+    let mut endpoint = Endpoint::from_shared(config.server.clone())?
         .connect_timeout(Duration::from_secs(5))
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5))
         .keep_alive_while_idle(true);
+    if let Some(tls) = &config.tls {
+        endpoint = endpoint.tls_config(tls.client_config()?)?;
+    }
     let channel = endpoint.connect().await?;
     let mut client = AgentServiceClient::new(channel);
     let (out, out_rx) = mpsc::channel::<pb::ConnectRequest>(1024);

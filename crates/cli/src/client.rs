@@ -4,7 +4,10 @@ use std::time::Duration;
 
 use serde::Serialize;
 use tokio_stream::StreamExt as _;
-use tonic::transport::{Channel, Endpoint};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Endpoint;
+
+use boilerhouse_proto::tls::{AuthedChannel, BearerToken};
 use tonic::{Code, Status};
 
 use boilerhouse_proto::pb;
@@ -50,9 +53,13 @@ impl CliError {
     }
 }
 
-fn normalise(addr: &str) -> String {
+/// A URL from `host:port` too: https when a CA is given, as with grpcurl's
+/// `-cacert`.
+fn normalise(addr: &str, tls: bool) -> String {
     if addr.contains("://") {
         addr.to_owned()
+    } else if tls {
+        format!("https://{addr}")
     } else {
         format!("http://{addr}")
     }
@@ -75,19 +82,48 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     }
 }
 
+/// How `bh` proves who it is and checks whom it talks to.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Credentials<'a> {
+    /// The bearer token.
+    pub token: Option<&'a str>,
+    /// The CA of an https:// server.
+    pub ca: Option<&'a std::path::Path>,
+    /// The server's name in its certificate, if not the URL's host.
+    pub server_name: Option<&'a str>,
+}
+
 /// A connected client.
 pub struct Client {
-    channel: Channel,
+    channel: AuthedChannel,
     addr: String,
 }
 
 impl Client {
     /// Connects, or explains in one sentence why it cannot.
-    pub async fn connect(addr: &str) -> Result<Self, CliError> {
-        let addr = normalise(addr);
-        let endpoint = Endpoint::from_shared(addr.clone())
+    pub async fn connect(addr: &str, credentials: Credentials<'_>) -> Result<Self, CliError> {
+        let addr = normalise(addr, credentials.ca.is_some());
+        let mut endpoint = Endpoint::from_shared(addr.clone())
             .map_err(|e| CliError::Input(format!("--server {addr:?} is not a valid address: {e}")))?
             .connect_timeout(Duration::from_secs(3));
+        if addr.starts_with("https://") {
+            let ca_path = credentials.ca.ok_or_else(|| {
+                CliError::Input(format!(
+                    "{addr} is https: set --ca or BOILERHOUSE_CA to the installation's ca.pem (./dev/run writes data/bh.env, which sets it)"
+                ))
+            })?;
+            let ca = std::fs::read(ca_path)
+                .map_err(|e| CliError::Input(format!("--ca {}: {e}", ca_path.display())))?;
+            endpoint = endpoint
+                .tls_config(boilerhouse_proto::tls::client_tls(
+                    &ca,
+                    None,
+                    credentials.server_name,
+                ))
+                .map_err(|e| CliError::Input(format!("TLS settings: {e}")))?;
+        }
+        let token = BearerToken::new(credentials.token)
+            .map_err(|e| CliError::Input(format!("--token: {e}")))?;
         let channel = endpoint
             .connect()
             .await
@@ -95,11 +131,14 @@ impl Client {
                 addr: addr.clone(),
                 reason: root_cause(&e),
             })?;
-        Ok(Self { channel, addr })
+        Ok(Self {
+            channel: InterceptedService::new(channel, token),
+            addr,
+        })
     }
 
     /// The channel, for command modules.
-    pub fn channel(&self) -> Channel {
+    pub fn channel(&self) -> AuthedChannel {
         self.channel.clone()
     }
 
@@ -113,6 +152,9 @@ impl Client {
         }
         use tonic_types::StatusExt as _;
         let mut text = format!("{}: {}", code_name(status.code()), status.message());
+        if status.code() == Code::Unauthenticated {
+            text.push_str(" (set --token or BOILERHOUSE_TOKEN)");
+        }
         if let Some(bad) = status.get_error_details().bad_request() {
             for v in &bad.field_violations {
                 if !status.message().contains(&v.description) {
@@ -124,7 +166,7 @@ impl Client {
     }
 
     pub async fn workload_list(&self, format: Format) -> Result<(), CliError> {
-        let resp = WorkloadServiceClient::new(self.channel.clone())
+        let resp = WorkloadServiceClient::new(self.channel())
             .list_workloads(pb::ListWorkloadsRequest {})
             .await
             .map_err(|s| self.fail(s))?
@@ -189,7 +231,7 @@ impl Client {
     }
 
     pub async fn workload_get(&self, id: &str, format: Format) -> Result<(), CliError> {
-        let resp = WorkloadServiceClient::new(self.channel.clone())
+        let resp = WorkloadServiceClient::new(self.channel())
             .get_workload(pb::GetWorkloadRequest {
                 workload_id: id.to_owned(),
             })
@@ -243,7 +285,7 @@ impl Client {
         request_id: String,
         format: Format,
     ) -> Result<(), CliError> {
-        let resp = WorkloadServiceClient::new(self.channel.clone())
+        let resp = WorkloadServiceClient::new(self.channel())
             .apply_workload(pb::ApplyWorkloadRequest {
                 yaml,
                 dry_run,
@@ -273,7 +315,7 @@ impl Client {
         request_id: String,
         format: Format,
     ) -> Result<(), CliError> {
-        let resp = WorkloadServiceClient::new(self.channel.clone())
+        let resp = WorkloadServiceClient::new(self.channel())
             .delete_workload(pb::DeleteWorkloadRequest {
                 workload_id: id.to_owned(),
                 request_id,
@@ -290,7 +332,7 @@ impl Client {
     }
 
     pub async fn node_list(&self, format: Format) -> Result<(), CliError> {
-        let resp = NodeServiceClient::new(self.channel.clone())
+        let resp = NodeServiceClient::new(self.channel())
             .list_nodes(pb::ListNodesRequest {})
             .await
             .map_err(|s| self.fail(s))?
@@ -335,7 +377,7 @@ impl Client {
     }
 
     pub async fn node_get(&self, id: &str, format: Format) -> Result<(), CliError> {
-        let resp = NodeServiceClient::new(self.channel.clone())
+        let resp = NodeServiceClient::new(self.channel())
             .get_node(pb::GetNodeRequest {
                 node_id: id.to_owned(),
             })
@@ -355,7 +397,7 @@ impl Client {
         cordon: bool,
         format: Format,
     ) -> Result<(), CliError> {
-        let mut client = NodeServiceClient::new(self.channel.clone());
+        let mut client = NodeServiceClient::new(self.channel());
         let node = if cordon {
             client
                 .cordon_node(pb::CordonNodeRequest {
@@ -410,7 +452,7 @@ impl Client {
             boost_id: String::new(),
             min_severity: min_severity as i32,
         };
-        let mut client = EventServiceClient::new(self.channel.clone());
+        let mut client = EventServiceClient::new(self.channel());
         let listed = client
             .list_events(pb::ListEventsRequest {
                 filter: Some(filter.clone()),
@@ -491,7 +533,7 @@ impl Client {
     }
 
     pub async fn status(&self, format: Format) -> Result<(), CliError> {
-        let s = SystemServiceClient::new(self.channel.clone())
+        let s = SystemServiceClient::new(self.channel())
             .get_system_status(pb::GetSystemStatusRequest {})
             .await
             .map_err(|e| self.fail(e))?

@@ -26,9 +26,19 @@ struct Cli {
         long,
         global = true,
         env = "BOILERHOUSE_ADDR",
-        default_value = "http://127.0.0.1:7600"
+        default_value = "https://127.0.0.1:7600"
     )]
     server: String,
+    /// Bearer token to present (admin, operator or tenant:<id> scope).
+    #[arg(long, global = true, env = "BOILERHOUSE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// CA certificate (PEM) to verify an https:// server against.
+    #[arg(long, global = true, env = "BOILERHOUSE_CA")]
+    ca: Option<std::path::PathBuf>,
+    /// The name the server's certificate carries, if not the host in
+    /// --server.
+    #[arg(long, global = true, env = "BOILERHOUSE_TLS_SERVER_NAME")]
+    tls_server_name: Option<String>,
     /// Output format.
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Format::Table)]
     output: Format,
@@ -411,7 +421,15 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         clap_complete::generate(shell, &mut Cli::command(), "bh", &mut std::io::stdout());
         return Ok(());
     }
-    let client = Client::connect(&cli.server).await?;
+    let client = Client::connect(
+        &cli.server,
+        client::Credentials {
+            token: cli.token.as_deref(),
+            ca: cli.ca.as_deref(),
+            server_name: cli.tls_server_name.as_deref(),
+        },
+    )
+    .await?;
     match cli.command {
         Command::Workload(cmd) => match cmd {
             WorkloadCommand::List => client.workload_list(format).await,

@@ -80,6 +80,12 @@ pub enum EventKind {
     NodeCordoned,
     /// A node was uncordoned.
     NodeUncordoned,
+    /// An agent spoke of a container that is not its node's; what it said
+    /// was refused (the NodeRestriction rule).
+    NodeRestricted,
+    /// An agent's certificate named one node and its Hello another; the
+    /// session was refused.
+    NodeImpersonation,
     /// A boost was admitted and recorded; the host has yet to confirm it.
     BoostRequested,
     /// A boost is in force.
@@ -148,6 +154,8 @@ impl EventKind {
         EventKind::NodeReturned,
         EventKind::NodeCordoned,
         EventKind::NodeUncordoned,
+        EventKind::NodeRestricted,
+        EventKind::NodeImpersonation,
         EventKind::BoostRequested,
         EventKind::BoostActive,
         EventKind::BoostPreempted,
@@ -191,6 +199,8 @@ impl EventKind {
             EventKind::NodeReturned => "node.returned",
             EventKind::NodeCordoned => "node.cordoned",
             EventKind::NodeUncordoned => "node.uncordoned",
+            EventKind::NodeRestricted => "node.restricted",
+            EventKind::NodeImpersonation => "node.impersonation",
             EventKind::BoostRequested => "boost.requested",
             EventKind::BoostActive => "boost.active",
             EventKind::BoostPreempted => "boost.preempted",
@@ -233,7 +243,9 @@ impl EventKind {
             | EventKind::ReconcileRebuilt
             | EventKind::SyncFailed
             | EventKind::SyncReleasePending => Severity::Warning,
-            EventKind::NodeLost => Severity::Error,
+            EventKind::NodeLost | EventKind::NodeRestricted | EventKind::NodeImpersonation => {
+                Severity::Error
+            }
             _ => Severity::Info,
         }
     }

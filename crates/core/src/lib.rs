@@ -5,6 +5,7 @@
 //! which keeps every rule here testable in microseconds.
 
 pub mod admission;
+pub mod auth;
 pub mod boost;
 pub mod container;
 pub mod event;

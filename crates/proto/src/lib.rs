@@ -16,3 +16,5 @@ pub mod convert;
 /// reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/boilerhouse_descriptor.bin"));
+
+pub mod tls;

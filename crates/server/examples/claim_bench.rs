@@ -57,7 +57,11 @@ struct Run {
 }
 
 /// Issues one claim per entry of `tenants`, open-loop at `rate` per second.
-async fn open_loop(channel: tonic::transport::Channel, tenants: Vec<String>, rate: f64) -> Run {
+async fn open_loop(
+    channel: boilerhouse_proto::tls::AuthedChannel,
+    tenants: Vec<String>,
+    rate: f64,
+) -> Run {
     let interval = Duration::from_secs_f64(1.0 / rate);
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(tenants.len());

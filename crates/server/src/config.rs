@@ -51,10 +51,25 @@ pub struct Args {
     /// scripts and tests use port 0.
     #[arg(long, env = "BOILERHOUSE_READY_FILE")]
     pub ready_file: Option<PathBuf>,
+    /// Directory holding ca.pem, server.pem and server.key (as made by
+    /// `boilerhoused pki init`); defaults to <data-dir>/pki.
+    #[arg(long, env = "BOILERHOUSE_TLS_DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// Bearer tokens callers may present (made by `boilerhoused token
+    /// create`); defaults to <data-dir>/tokens.toml.
+    #[arg(long, env = "BOILERHOUSE_TOKENS_FILE")]
+    pub tokens_file: Option<PathBuf>,
+    /// Serve plaintext and let every caller do everything, agents naming
+    /// themselves: for labs only.
+    #[arg(long, env = "BOILERHOUSE_INSECURE")]
+    pub insecure: bool,
     /// Admission policy file (TOML): what workloads may ask of the hosts
     /// beyond the hardened defaults. Without one, the strict defaults apply.
     #[arg(long, env = "BOILERHOUSE_POLICY_FILE")]
     pub policy_file: Option<PathBuf>,
+    /// Subcommands: PKI and tokens. Without one, the server runs.
+    #[command(subcommand)]
+    pub command: Option<crate::admin_cli::Command>,
 }
 
 /// The TOML file: every key optional, unknown keys rejected.
@@ -100,7 +115,40 @@ struct FileConfig {
     sync_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     final_sync_deadline: Option<Duration>,
+    tls_dir: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_client_ca: Option<PathBuf>,
+    tokens_file: Option<PathBuf>,
+    insecure: Option<bool>,
+    reflection: Option<bool>,
     policy_file: Option<PathBuf>,
+}
+
+/// Where the listener's TLS identity and the CA of agent certificates are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The server's certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Its private key (PEM).
+    pub key: PathBuf,
+    /// The CA that signs agents' client certificates (PEM).
+    pub client_ca: PathBuf,
+}
+
+/// How callers and agents prove who they are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Security {
+    /// TLS on the listener, node certificates for agents, bearer tokens
+    /// for everyone else.
+    Secure {
+        /// The listener's files.
+        tls: TlsFiles,
+        /// The token file.
+        tokens_file: PathBuf,
+    },
+    /// `--insecure`: plaintext, no authentication.
+    Insecure,
 }
 
 /// The validated server configuration.
@@ -160,6 +208,11 @@ pub struct Config {
     /// How old an unknown managed container must be before it is
     /// destroyed. Default 60s.
     pub reconcile_creation_grace: Duration,
+    /// TLS and authentication.
+    pub security: Security,
+    /// Whether gRPC reflection is served (to authenticated callers).
+    /// Default true.
+    pub reflection: bool,
     /// The admission policy file, if any; read once at startup.
     pub policy_file: Option<PathBuf>,
     /// What workloads may ask for: the policy file's, or the strict
@@ -215,6 +268,25 @@ impl Config {
             .or(file.database)
             .unwrap_or_else(|| data_dir.join("boilerhouse.db"));
         let heartbeat_interval = file.heartbeat_interval.unwrap_or(Duration::from_secs(2));
+        let security = if args.insecure || file.insecure == Some(true) {
+            Security::Insecure
+        } else {
+            let tls_dir = args
+                .tls_dir
+                .or(file.tls_dir)
+                .unwrap_or_else(|| data_dir.join("pki"));
+            Security::Secure {
+                tls: TlsFiles {
+                    cert: file.tls_cert.unwrap_or_else(|| tls_dir.join("server.pem")),
+                    key: file.tls_key.unwrap_or_else(|| tls_dir.join("server.key")),
+                    client_ca: file.tls_client_ca.unwrap_or_else(|| tls_dir.join("ca.pem")),
+                },
+                tokens_file: args
+                    .tokens_file
+                    .or(file.tokens_file)
+                    .unwrap_or_else(|| data_dir.join("tokens.toml")),
+            }
+        };
         let policy_file = args.policy_file.or(file.policy_file);
         let admission = crate::admission::load_policy(policy_file.as_deref())?;
         let config = Config {
@@ -265,6 +337,8 @@ impl Config {
                 .unwrap_or(Duration::from_secs(60)),
             sync_timeout: file.sync_timeout.unwrap_or(Duration::from_secs(600)),
             final_sync_deadline: file.final_sync_deadline.unwrap_or(Duration::from_secs(30)),
+            security,
+            reflection: file.reflection.unwrap_or(true),
             policy_file,
             admission,
         };
@@ -320,6 +394,37 @@ impl Config {
                 reason: "must be longer than heartbeat_interval, or every late heartbeat makes a node Suspect".into(),
             });
         }
+        if let Security::Secure { tls, tokens_file } = &self.security {
+            for (field, path) in [
+                ("tls_cert", &tls.cert),
+                ("tls_key", &tls.key),
+                ("tls_client_ca", &tls.client_ca),
+            ] {
+                if !path.exists() {
+                    let refusing = if self.listen.ip().is_loopback() {
+                        String::new()
+                    } else {
+                        format!("refusing to serve {} without TLS: ", self.listen)
+                    };
+                    return Err(ConfigError::Invalid {
+                        field,
+                        reason: format!(
+                            "{refusing}{} does not exist; make the PKI with `boilerhoused pki init` (or pass --insecure to serve plaintext to anyone, for labs only)",
+                            path.display()
+                        ),
+                    });
+                }
+            }
+            if !tokens_file.exists() {
+                return Err(ConfigError::Invalid {
+                    field: "tokens_file",
+                    reason: format!(
+                        "{} does not exist; make a token with `boilerhoused token create --name <who> --scope admin` (or pass --insecure, for labs only)",
+                        tokens_file.display()
+                    ),
+                });
+            }
+        }
         if self.listen == self.metrics_listen && self.listen.port() != 0 {
             return Err(ConfigError::Invalid {
                 field: "metrics_listen",
@@ -353,10 +458,56 @@ mod tests {
 
     #[test]
     fn defaults_put_state_under_data() {
-        let c = Config::load(args(&[])).unwrap();
+        let c = Config::load(args(&["--insecure"])).unwrap();
         assert_eq!(c.database, PathBuf::from("./data/boilerhouse.db"));
         assert!(c.synchronous_full);
         assert_eq!(c.listen.port(), 7600);
+        assert_eq!(c.security, Security::Insecure);
+        assert!(c.reflection);
+    }
+
+    #[test]
+    fn secure_by_default_and_the_refusal_names_the_remedy() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().to_str().unwrap();
+        let err = Config::load(args(&["--data-dir", data])).unwrap_err();
+        assert!(
+            err.to_string().contains("server.pem") && err.to_string().contains("pki init"),
+            "{err}"
+        );
+        let err = Config::load(args(&["--data-dir", data, "--listen", "0.0.0.0:7600"]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("refusing to serve 0.0.0.0:7600 without TLS"),
+            "{err}"
+        );
+        assert!(err.contains("--insecure"), "{err}");
+
+        std::fs::create_dir_all(dir.path().join("pki")).unwrap();
+        for f in ["server.pem", "server.key", "ca.pem"] {
+            std::fs::write(dir.path().join("pki").join(f), "x").unwrap();
+        }
+        let err = Config::load(args(&["--data-dir", data])).unwrap_err();
+        assert!(err.to_string().contains("token create"), "{err}");
+        std::fs::write(dir.path().join("tokens.toml"), "").unwrap();
+        let c = Config::load(args(&["--data-dir", data])).unwrap();
+        let Security::Secure { tls, tokens_file } = c.security else {
+            panic!("not secure: {:?}", c.security);
+        };
+        assert_eq!(tls.cert, dir.path().join("pki/server.pem"));
+        assert_eq!(tls.client_ca, dir.path().join("pki/ca.pem"));
+        assert_eq!(tokens_file, dir.path().join("tokens.toml"));
+        // Plaintext anywhere only on purpose.
+        let c = Config::load(args(&[
+            "--data-dir",
+            data,
+            "--insecure",
+            "--listen",
+            "0.0.0.0:7600",
+        ]))
+        .unwrap();
+        assert_eq!(c.security, Security::Insecure);
     }
 
     #[test]
@@ -373,6 +524,7 @@ mod tests {
             file.to_str().unwrap(),
             "--listen",
             "127.0.0.1:9100",
+            "--insecure",
         ]))
         .unwrap();
         assert_eq!(c.listen.port(), 9100, "flag wins");

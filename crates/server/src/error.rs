@@ -71,6 +71,12 @@ pub enum ApiError {
     /// The RPC belongs to a capability that is not built yet.
     #[error("{0} is not implemented yet")]
     Unimplemented(&'static str),
+    /// The caller gave no valid credentials.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The caller may not do this; the message names what it would need.
+    #[error("{0}")]
+    PermissionDenied(String),
     /// A bug or an unexpected failure; detail is logged, not returned.
     #[error("internal error: {0}")]
     Internal(String),
@@ -102,6 +108,15 @@ impl From<ConvertError> for ApiError {
             ConvertError::Invalid { reason, .. } => reason,
         };
         ApiError::InvalidArgument { field, reason }
+    }
+}
+
+impl From<boilerhouse_core::auth::Denied> for ApiError {
+    fn from(d: boilerhouse_core::auth::Denied) -> Self {
+        match d {
+            boilerhouse_core::auth::Denied::Unauthenticated(m) => ApiError::Unauthenticated(m),
+            boilerhouse_core::auth::Denied::PermissionDenied(m) => ApiError::PermissionDenied(m),
+        }
     }
 }
 
@@ -160,6 +175,8 @@ impl From<ApiError> for Status {
                 Status::with_error_details(Code::ResourceExhausted, message, details)
             }
             ApiError::Unavailable(m) => Status::unavailable(m),
+            ApiError::Unauthenticated(m) => Status::unauthenticated(m),
+            ApiError::PermissionDenied(m) => Status::permission_denied(m),
             ApiError::Unimplemented(capability) => Status::unimplemented(format!(
                 "{capability} is not implemented in this version of boilerhoused"
             )),

@@ -1,13 +1,16 @@
 //! boilerhoused: the Boilerhouse control-plane server, as a library so that
 //! tests and benchmarks can drive its parts directly.
 
+pub mod admin_cli;
 pub mod admission;
 pub mod agents;
 pub mod api;
+pub mod auth;
 pub mod boosts;
 pub mod clock;
 pub mod config;
 pub mod error;
+pub mod listener;
 pub mod locks;
 pub mod metrics;
 pub mod pools;

@@ -44,7 +44,20 @@ async fn shutdown_signal() {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if let Some(command) = args.command.take() {
+        let data_dir = args
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| std::path::PathBuf::from("./data"));
+        return match boilerhouse_server::admin_cli::run(command, &data_dir) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("boilerhoused: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     let config = match Config::load(args) {
         Ok(config) => config,
         Err(e) => {

@@ -20,7 +20,6 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
 use boilerhouse_core::event::{EventKind, NewEvent};
@@ -419,12 +418,16 @@ pub async fn run(
 
     let grpc_addr = grpc_listener.local_addr()?;
     let metrics_addr = metrics::local_addr(&metrics_listener)?;
-    let grpc = Server::builder()
-        // Handlers run to completion even when their client goes away.
+    let (builder, authenticator) = crate::listener::secure_builder(&config)?;
+    let grpc = builder
+        // Handlers run to completion even when their client goes away; the
+        // caller is checked inside, so the handler's task knows who it
+        // serves.
         .layer(api::completion::RunToCompletionLayer)
+        .layer(crate::auth::AuthLayer(authenticator))
         .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+        .add_optional_service(config.reflection.then_some(reflection_v1))
+        .add_optional_service(config.reflection.then_some(reflection_v1alpha))
         .add_service(WorkloadServiceServer::new(api::workloads::Workloads(
             state.clone(),
         )))

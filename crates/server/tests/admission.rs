@@ -41,7 +41,7 @@ const RISKY_FIELDS: [&str; 5] = [
     "yaml.security.pids_limit",
 ];
 
-async fn workloads(c: &Cluster) -> WorkloadServiceClient<tonic::transport::Channel> {
+async fn workloads(c: &Cluster) -> WorkloadServiceClient<boilerhouse_proto::tls::AuthedChannel> {
     WorkloadServiceClient::new(c.channel().await)
 }
 
@@ -272,7 +272,8 @@ fn the_policy_file_comes_from_the_flag_or_the_config_file() {
     )
     .unwrap();
     let load = |argv: &[&str]| {
-        let mut all = vec!["boilerhoused"];
+        // Trust is another test's subject; plaintext keeps this one short.
+        let mut all = vec!["boilerhoused", "--insecure"];
         all.extend_from_slice(argv);
         boilerhouse_server::config::Config::load(boilerhouse_server::config::Args::parse_from(all))
     };

@@ -633,9 +633,9 @@ async fn bh_events_follow_streams_new_events_as_ndjson() {
     use std::io::BufRead as _;
 
     let server = ServerProcess::start().await.unwrap();
-    let mut follow = std::process::Command::new(boilerhouse_testkit::binary("bh"))
+    let mut follow = server
+        .bh_command(server.admin_token())
         .args(["events", "--follow", "--kind", "workload.", "-o", "json"])
-        .env("BOILERHOUSE_ADDR", server.url())
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();

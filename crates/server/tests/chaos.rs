@@ -16,9 +16,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use boilerhouse_proto::tls::{AuthedChannel as Channel, BearerToken};
 use rand::Rng as _;
 use tonic::Code;
-use tonic::transport::Channel;
+use tonic::service::interceptor::InterceptedService;
 
 use boilerhouse_proto::pb;
 use boilerhouse_proto::pb::claim_service_client::ClaimServiceClient;
@@ -152,8 +153,12 @@ async fn chaos_kill9_server_and_agents_under_claim_traffic() {
         return;
     };
     let nodes = c.node_names();
-    // Lazy, so it reconnects by itself each time the server comes back.
-    let channel = Channel::from_shared(c.url()).unwrap().connect_lazy();
+    // Lazy, so it reconnects by itself each time the server comes back;
+    // over TLS with the admin token, as every client of a real server.
+    let channel = InterceptedService::new(
+        c.server().endpoint().unwrap().connect_lazy(),
+        BearerToken::new(c.server().admin_token()).unwrap(),
+    );
 
     let history: History = Arc::default();
     let stop = tokio_util::sync::CancellationToken::new();

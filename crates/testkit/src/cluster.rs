@@ -35,8 +35,8 @@ use std::path::Path;
 use std::process::{ExitStatus, Output};
 use std::time::Duration;
 
+use boilerhouse_proto::tls::AuthedChannel;
 use bollard::Docker;
-use tonic::transport::Channel;
 
 use boilerhouse_proto::pb;
 use boilerhouse_proto::pb::boost_service_client::BoostServiceClient;
@@ -74,9 +74,17 @@ pub struct ClusterBuilder {
     timeout: Duration,
     policy: Option<String>,
     agent_args: Vec<String>,
+    insecure: bool,
 }
 
 impl ClusterBuilder {
+    /// Runs the server with `--insecure` (plaintext, no tokens, agents
+    /// without certificates), to compare against the secure default.
+    pub fn insecure(mut self) -> Self {
+        self.insecure = true;
+        self
+    }
+
     /// The directory the cluster will live in (data, workloads, agents'
     /// state roots), for paths a workload must name before it starts.
     pub fn dir(&self) -> &Path {
@@ -158,7 +166,7 @@ impl ClusterBuilder {
         config
             .entry("policy_file")
             .or_insert_with(|| policy_file.display().to_string().into());
-        let server = ServerProcess::start_in(root, server_options(&config, None))
+        let server = ServerProcess::start_in(root, server_options(&config, None, self.insecure))
             .await
             .expect("start boilerhoused");
         let mut cluster = Cluster {
@@ -168,6 +176,7 @@ impl ClusterBuilder {
             server,
             agents: Vec::new(),
             config,
+            insecure: self.insecure,
             labels: self.labels,
             agent_args: self.agent_args,
             timeout: self.timeout,
@@ -189,6 +198,7 @@ pub struct Cluster {
     listen: SocketAddr,
     agents: Vec<AgentProcess>,
     config: toml::Table,
+    insecure: bool,
     labels: Vec<(String, String)>,
     timeout: Duration,
     dir: tempfile::TempDir,
@@ -212,6 +222,7 @@ impl Cluster {
             timeout: WAIT,
             policy: None,
             agent_args: Vec::new(),
+            insecure: false,
         }
     }
 
@@ -245,7 +256,7 @@ impl Cluster {
         &self.server
     }
 
-    /// `http://host:port` of the server's gRPC API.
+    /// `https://host:port` of the server's gRPC API.
     pub fn url(&self) -> String {
         self.server.url()
     }
@@ -306,7 +317,7 @@ impl Cluster {
     pub async fn start_server(&mut self) {
         self.server = ServerProcess::start_in(
             self.dir.path(),
-            server_options(&self.config, Some(self.listen)),
+            server_options(&self.config, Some(self.listen), self.insecure),
         )
         .await
         .expect("start boilerhoused again");
@@ -333,8 +344,8 @@ impl Cluster {
         .expect("write a workload file");
     }
 
-    /// A gRPC channel to the server.
-    pub async fn channel(&self) -> Channel {
+    /// A gRPC channel to the server, presenting the admin token.
+    pub async fn channel(&self) -> AuthedChannel {
         self.server
             .channel()
             .await
@@ -342,32 +353,32 @@ impl Cluster {
     }
 
     /// A ClaimService client.
-    pub async fn claims(&self) -> ClaimServiceClient<Channel> {
+    pub async fn claims(&self) -> ClaimServiceClient<AuthedChannel> {
         ClaimServiceClient::new(self.channel().await)
     }
 
     /// A PoolService client.
-    pub async fn pools(&self) -> PoolServiceClient<Channel> {
+    pub async fn pools(&self) -> PoolServiceClient<AuthedChannel> {
         PoolServiceClient::new(self.channel().await)
     }
 
     /// A NodeService client.
-    pub async fn nodes(&self) -> NodeServiceClient<Channel> {
+    pub async fn nodes(&self) -> NodeServiceClient<AuthedChannel> {
         NodeServiceClient::new(self.channel().await)
     }
 
     /// A BoostService client.
-    pub async fn boosts(&self) -> BoostServiceClient<Channel> {
+    pub async fn boosts(&self) -> BoostServiceClient<AuthedChannel> {
         BoostServiceClient::new(self.channel().await)
     }
 
     /// A SyncService client.
-    pub async fn syncs(&self) -> SyncServiceClient<Channel> {
+    pub async fn syncs(&self) -> SyncServiceClient<AuthedChannel> {
         SyncServiceClient::new(self.channel().await)
     }
 
     /// An EventService client.
-    pub async fn events(&self) -> EventServiceClient<Channel> {
+    pub async fn events(&self) -> EventServiceClient<AuthedChannel> {
         EventServiceClient::new(self.channel().await)
     }
 
@@ -442,7 +453,7 @@ impl Cluster {
         stderr(&out)
     }
 
-    /// Runs the real `grpcurl -plaintext` against the server; see
+    /// Runs the real `grpcurl` against the server, with the admin token; see
     /// [`crate::grpcurl_available`].
     pub fn grpcurl(&self, args: &[&str]) -> Output {
         self.server.grpcurl(args).expect("run grpcurl")
@@ -474,6 +485,10 @@ impl Cluster {
             self.dir.path().join("agents").join(&node),
         );
         options.labels = self.labels.clone();
+        options.tls = self
+            .server
+            .node_tls(&node)
+            .expect("issue the node's certificate");
         options.args.push("--allow-sink-root".to_owned());
         options.args.push(self.dir.path().display().to_string());
         options.args.extend(self.agent_args.iter().cloned());
@@ -492,10 +507,15 @@ impl Drop for Cluster {
     }
 }
 
-fn server_options(config: &toml::Table, listen: Option<SocketAddr>) -> ServerOptions {
+fn server_options(
+    config: &toml::Table,
+    listen: Option<SocketAddr>,
+    insecure: bool,
+) -> ServerOptions {
     ServerOptions {
         config_toml: Some(toml::to_string(config).expect("serialise the server config")),
         listen,
+        insecure,
         ..Default::default()
     }
 }

@@ -10,7 +10,9 @@ pub mod fake;
 mod processes;
 pub mod s3;
 
-pub use processes::{AgentOptions, AgentProcess, ReadyFile, ServerOptions, ServerProcess};
+pub use processes::{
+    AgentOptions, AgentProcess, AgentTls, Credentials, ReadyFile, ServerOptions, ServerProcess,
+};
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

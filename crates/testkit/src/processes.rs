@@ -5,7 +5,10 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
+
+use boilerhouse_proto::tls::{AuthedChannel, BearerToken};
 
 use crate::{binary, eventually};
 
@@ -28,7 +31,67 @@ pub struct ServerProcess {
     /// Where it listens.
     pub addrs: ReadyFile,
     log: PathBuf,
+    credentials: Option<Credentials>,
     _temp: Option<tempfile::TempDir>,
+}
+
+/// What clients of a secure test server (the default) need.
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    /// The PKI directory (`boilerhoused pki init`), under the data directory.
+    pub pki_dir: PathBuf,
+    /// An admin token.
+    pub admin_token: String,
+}
+
+impl Credentials {
+    /// The CA certificate clients verify the server against.
+    pub fn ca(&self) -> PathBuf {
+        self.pki_dir.join("ca.pem")
+    }
+}
+
+/// Runs `boilerhoused` with a subcommand (pki, token) and returns stdout.
+fn admin(args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(binary("boilerhoused"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running boilerhoused {args:?}"))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "boilerhoused {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// Makes (or finds) the PKI and an admin token of a server rooted at
+/// `root`, in the default places under its data directory.
+fn ensure_credentials(root: &Path) -> anyhow::Result<Credentials> {
+    let data = root.join("data");
+    let data_arg = data.display().to_string();
+    admin(&["--data-dir", &data_arg, "pki", "init"])?;
+    let token_file = root.join("admin.token");
+    if !token_file.exists() {
+        let out = token_file.display().to_string();
+        admin(&[
+            "--data-dir",
+            &data_arg,
+            "token",
+            "create",
+            "--name",
+            "test-admin",
+            "--scope",
+            "admin",
+            "--out",
+            &out,
+        ])?;
+    }
+    Ok(Credentials {
+        pki_dir: data.join("pki"),
+        admin_token: std::fs::read_to_string(&token_file)?.trim().to_owned(),
+    })
 }
 
 /// How to start a server.
@@ -40,6 +103,9 @@ pub struct ServerOptions {
     pub config_toml: Option<String>,
     /// Listen here instead of on port 0 (to restart on the same address).
     pub listen: Option<std::net::SocketAddr>,
+    /// `--insecure`: plaintext and no authentication. By default a test
+    /// server is secure, as a real one is.
+    pub insecure: bool,
 }
 
 impl ServerProcess {
@@ -72,6 +138,12 @@ impl ServerProcess {
             config_args.push("--config".to_owned());
             config_args.push(path.display().to_string());
         }
+        let credentials = if options.insecure {
+            config_args.push("--insecure".to_owned());
+            None
+        } else {
+            Some(ensure_credentials(root)?)
+        };
         let child = Command::new(binary("boilerhoused"))
             .arg("--data-dir")
             .arg(root.join("data"))
@@ -105,6 +177,7 @@ impl ServerProcess {
                 pid: 0,
             },
             log,
+            credentials,
             _temp: None,
         };
         let addrs = eventually(Duration::from_secs(30), "the server's ready file", || {
@@ -130,14 +203,80 @@ impl ServerProcess {
         Ok(server)
     }
 
-    /// `http://host:port` for clients.
+    /// `https://host:port` (or `http://` when insecure) for clients.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addrs.grpc)
+        let scheme = if self.credentials.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.addrs.grpc)
     }
 
-    /// A gRPC channel to the server.
-    pub async fn channel(&self) -> anyhow::Result<Channel> {
-        Ok(Channel::from_shared(self.url())?.connect().await?)
+    /// The credentials clients need; `None` for an insecure server.
+    pub fn credentials(&self) -> Option<&Credentials> {
+        self.credentials.as_ref()
+    }
+
+    /// The admin token, if the server is secure.
+    pub fn admin_token(&self) -> Option<&str> {
+        self.credentials.as_ref().map(|c| c.admin_token.as_str())
+    }
+
+    /// A channel to the server presenting the admin token.
+    pub async fn channel(&self) -> anyhow::Result<AuthedChannel> {
+        self.channel_as(self.admin_token()).await
+    }
+
+    /// A channel to the server presenting `token` (or none), over TLS when
+    /// the server is secure.
+    pub async fn channel_as(&self, token: Option<&str>) -> anyhow::Result<AuthedChannel> {
+        let channel = self.endpoint()?.connect().await?;
+        Ok(InterceptedService::new(
+            channel,
+            BearerToken::new(token).map_err(anyhow::Error::msg)?,
+        ))
+    }
+
+    /// The endpoint of [`ServerProcess::channel_as`], not yet connected.
+    pub fn endpoint(&self) -> anyhow::Result<tonic::transport::Endpoint> {
+        let mut endpoint = Channel::from_shared(self.url())?;
+        if let Some(c) = &self.credentials {
+            let ca = std::fs::read(c.ca())?;
+            endpoint = endpoint.tls_config(boilerhouse_proto::tls::client_tls(&ca, None, None))?;
+        }
+        Ok(endpoint)
+    }
+
+    /// Makes a token of `scope` (admin, operator, tenant:<id>) named
+    /// `name`. The server reads its token file again within a second.
+    pub fn create_token(&self, name: &str, scope: &str) -> anyhow::Result<String> {
+        let data = self.root.join("data").display().to_string();
+        admin(&[
+            "--data-dir",
+            &data,
+            "token",
+            "create",
+            "--name",
+            name,
+            "--scope",
+            scope,
+        ])
+    }
+
+    /// The CA, certificate and key an agent for `node` presents, issued
+    /// now if needed; `None` for an insecure server.
+    pub fn node_tls(&self, node: &str) -> anyhow::Result<Option<AgentTls>> {
+        let Some(c) = &self.credentials else {
+            return Ok(None);
+        };
+        let data = self.root.join("data").display().to_string();
+        admin(&["--data-dir", &data, "pki", "node", node])?;
+        Ok(Some(AgentTls {
+            ca: c.ca(),
+            cert: c.pki_dir.join("nodes").join(format!("{node}.pem")),
+            key: c.pki_dir.join("nodes").join(format!("{node}.key")),
+        }))
     }
 
     /// The workload directory.
@@ -183,19 +322,53 @@ impl ServerProcess {
         }
     }
 
-    /// Runs the real `bh` against this server.
+    /// Runs the real `bh` against this server, with the admin token.
     pub fn bh(&self, args: &[&str]) -> Output {
-        Command::new(binary("bh"))
+        self.bh_as(self.admin_token(), args)
+    }
+
+    /// Runs the real `bh` presenting `token` (or none).
+    pub fn bh_as(&self, token: Option<&str>, args: &[&str]) -> Output {
+        self.bh_command(token)
             .args(args)
-            .env("BOILERHOUSE_ADDR", self.url())
             .stdin(Stdio::null())
             .output()
             .expect("run bh")
     }
 
-    /// Runs the real `grpcurl -plaintext` against this server, if installed.
+    /// A `bh` command aimed at this server, presenting `token` (or none),
+    /// for tests that run it themselves (to follow a stream, say).
+    pub fn bh_command(&self, token: Option<&str>) -> Command {
+        let mut cmd = Command::new(binary("bh"));
+        cmd.env("BOILERHOUSE_ADDR", self.url())
+            .env_remove("BOILERHOUSE_TOKEN")
+            .env_remove("BOILERHOUSE_CA");
+        if let Some(c) = &self.credentials {
+            cmd.env("BOILERHOUSE_CA", c.ca());
+        }
+        if let Some(token) = token {
+            cmd.env("BOILERHOUSE_TOKEN", token);
+        }
+        cmd
+    }
+
+    /// Runs the real `grpcurl` against this server with the admin token
+    /// (`-cacert` and an authorization header; `-plaintext` when the
+    /// server is insecure), if installed.
     pub fn grpcurl(&self, args: &[&str]) -> anyhow::Result<Output> {
-        let mut argv: Vec<String> = vec!["-plaintext".into()];
+        self.grpcurl_as(self.admin_token(), args)
+    }
+
+    /// Runs `grpcurl` presenting `token` (or none).
+    pub fn grpcurl_as(&self, token: Option<&str>, args: &[&str]) -> anyhow::Result<Output> {
+        let mut argv: Vec<String> = match &self.credentials {
+            Some(c) => vec!["-cacert".into(), c.ca().display().to_string()],
+            None => vec!["-plaintext".into()],
+        };
+        if let Some(token) = token {
+            argv.push("-H".into());
+            argv.push(format!("authorization: Bearer {token}"));
+        }
         // grpcurl wants flags (and -d's value) before the address.
         let mut flag_iter = args.iter();
         let mut after: Vec<String> = Vec::new();
@@ -242,6 +415,19 @@ pub struct AgentOptions {
     pub labels: Vec<(String, String)>,
     /// Extra flags.
     pub args: Vec<String>,
+    /// Its certificate, for a secure server.
+    pub tls: Option<AgentTls>,
+}
+
+/// The files an agent presents to a secure server.
+#[derive(Debug, Clone)]
+pub struct AgentTls {
+    /// The CA of the server's certificate.
+    pub ca: PathBuf,
+    /// The node's certificate.
+    pub cert: PathBuf,
+    /// Its key.
+    pub key: PathBuf,
 }
 
 impl AgentOptions {
@@ -259,6 +445,7 @@ impl AgentOptions {
             docker_host: None,
             labels: Vec::new(),
             args: Vec::new(),
+            tls: None,
         }
     }
 }
@@ -299,6 +486,14 @@ impl AgentProcess {
         if let Some(host) = &options.docker_host {
             cmd.arg("--docker-host").arg(host);
         }
+        if let Some(tls) = &options.tls {
+            cmd.arg("--ca")
+                .arg(&tls.ca)
+                .arg("--cert")
+                .arg(&tls.cert)
+                .arg("--key")
+                .arg(&tls.key);
+        }
         for (k, v) in &options.labels {
             cmd.arg("--label").arg(format!("{k}={v}"));
         }
@@ -307,6 +502,9 @@ impl AgentProcess {
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .env_remove("BOILERHOUSE_ADDR")
+            .env_remove("BOILERHOUSE_CA")
+            .env_remove("BOILERHOUSE_CERT")
+            .env_remove("BOILERHOUSE_KEY")
             .stdout(log_file.try_clone()?)
             .stderr(log_file)
             .stdin(Stdio::null())

@@ -77,6 +77,9 @@ pub enum CommandError {
 pub enum NodeSignal {
     /// Files changed in a container's state directory: tenant activity.
     Activity {
+        /// The node whose agent saw it: the activity counts only if the
+        /// container is that node's.
+        node: NodeId,
         /// The container.
         container: ContainerId,
         /// When.
@@ -283,23 +286,29 @@ impl Registry {
         self.reports_changed.notify_waiters();
     }
 
-    /// A command result arrived.
-    pub fn complete(&self, node: &NodeId, result: pb::CommandResult) {
+    /// A command result arrived. Returns the docker id of a container the
+    /// result describes that is labelled with another node: it is kept out
+    /// of this node's report (NodeRestriction), and the caller records it.
+    pub fn complete(&self, node: &NodeId, result: pb::CommandResult) -> Option<String> {
         let mut inner = self.lock();
         let done = inner
             .pending
             .get_mut(node)
             .and_then(|p| p.remove(&result.command_id));
+        let mut foreign = None;
         // Keep the report current with what the command produced.
         if let Some(container) = result
             .container
             .as_ref()
             .and_then(|c| ObservedContainer::try_from(c).ok())
-            && let Some(report) = inner.reports.get_mut(node)
         {
-            report
-                .containers
-                .insert(container.docker_id.clone(), container);
+            if container.node_id() != Some(node.as_str()) {
+                foreign = Some(container.docker_id.clone());
+            } else if let Some(report) = inner.reports.get_mut(node) {
+                report
+                    .containers
+                    .insert(container.docker_id.clone(), container);
+            }
         }
         drop(inner);
         self.reports_changed.notify_waiters();
@@ -309,6 +318,7 @@ impl Registry {
         {
             let _ = reply.send(result);
         }
+        foreign
     }
 
     /// Sends `command` to `node` and waits for its result. The command

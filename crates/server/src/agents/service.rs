@@ -9,7 +9,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
+use boilerhouse_core::auth::Principal;
 use boilerhouse_core::container::{ContainerEvent, ContainerEventKind, ObservedContainer};
+use boilerhouse_core::event::{EventKind, EventSubject, NewEvent};
 use boilerhouse_core::node::Resources;
 use boilerhouse_core::{NodeId, Timestamp};
 use boilerhouse_proto::convert::{self, duration_to_pb, timestamp_from_pb};
@@ -69,6 +71,17 @@ impl AgentService for Agents {
         &self,
         request: Request<Streaming<pb::ConnectRequest>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
+        // The auth layer admitted only a node certificate (or, with
+        // --insecure, anyone): the certificate, not the Hello, names the node.
+        let certified = match request.extensions().get::<Principal>() {
+            Some(Principal::Node(node)) => Some(node.clone()),
+            Some(Principal::Insecure) => None,
+            _ => {
+                return Err(Status::permission_denied(
+                    "AgentService.Connect needs a node certificate",
+                ));
+            }
+        };
         let mut inbound = request.into_inner();
         let first = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
             Err(_) => {
@@ -88,6 +101,24 @@ impl AgentService for Agents {
         };
         let hello = hello_from_pb(&hello)?;
         let node = hello.id.clone();
+        if let Some(certified) = certified
+            && certified != node
+        {
+            let message = format!(
+                "the client certificate is node {certified}'s, but Hello says {node}; refused"
+            );
+            record(
+                &self.store,
+                NewEvent::new(crate::clock::now(), EventKind::NodeImpersonation, &message)
+                    .with_subject(EventSubject {
+                        node_id: Some(node.to_string()),
+                        ..Default::default()
+                    })
+                    .with_attribute("certificate_node", certified.to_string()),
+            )
+            .await;
+            return Err(Status::permission_denied(message));
+        }
         let now = crate::clock::now();
         let (record, arrival) = self
             .store
@@ -127,9 +158,17 @@ impl AgentService for Agents {
 
         let registry = self.registry.clone();
         let shutdown = self.shutdown.clone();
+        let store = self.store.clone();
         tokio::spawn(async move {
-            let reason =
-                read_loop(&node, &registry, &mut inbound, &session_cancel, &shutdown).await;
+            let reason = read_loop(
+                &node,
+                &registry,
+                &store,
+                &mut inbound,
+                &session_cancel,
+                &shutdown,
+            )
+            .await;
             registry.detach(&node, &session_id);
             tracing::info!(node = %node, session = %session_id, reason = %reason, "agent disconnected");
         });
@@ -141,6 +180,7 @@ impl AgentService for Agents {
 async fn read_loop(
     node: &NodeId,
     registry: &Registry,
+    store: &Store,
     inbound: &mut Streaming<pb::ConnectRequest>,
     session_cancel: &CancellationToken,
     shutdown: &CancellationToken,
@@ -188,17 +228,19 @@ async fn read_loop(
                     .map(timestamp_from_pb)
                     .unwrap_or_else(crate::clock::now);
                 let mut containers = Vec::with_capacity(report.containers.len());
+                let mut foreign = Vec::new();
                 for c in &report.containers {
                     match ObservedContainer::try_from(c) {
                         // Each agent reports only its own node's containers.
                         Ok(c) if c.node_id() == Some(node.as_str()) => containers.push(c),
-                        Ok(c) => {
-                            tracing::warn!(node = %node, docker_id = %c.docker_id, "report names a container of another node")
-                        }
+                        Ok(c) => foreign.push(c.docker_id),
                         Err(e) => {
                             tracing::warn!(node = %node, error = %e, "unreadable container in report")
                         }
                     }
+                }
+                if !foreign.is_empty() {
+                    restricted(store, node, "a full report", &foreign).await;
                 }
                 tracing::debug!(node = %node, containers = containers.len(), "full report");
                 registry.full_report(node, observed_at, containers);
@@ -211,6 +253,7 @@ async fn read_loop(
                             ContainerEventKind::Activity => {
                                 if let Some(container) = event.container_id {
                                     registry.publish(NodeSignal::Activity {
+                                        node: node.clone(),
                                         container,
                                         at: event.at.min(crate::clock::now()),
                                     });
@@ -231,7 +274,45 @@ async fn read_loop(
                     }
                 }
             }
-            pb::connect_request::Message::CommandResult(result) => registry.complete(node, result),
+            pb::connect_request::Message::CommandResult(result) => {
+                if let Some(foreign) = registry.complete(node, result) {
+                    restricted(store, node, "a command result", &[foreign]).await;
+                }
+            }
         }
+    }
+}
+
+/// Records that `node`'s agent spoke, in `what`, of containers labelled
+/// with another node, and that it was ignored.
+async fn restricted(store: &Store, node: &NodeId, what: &str, docker_ids: &[String]) {
+    tracing::warn!(node = %node, what, containers = docker_ids.len(), "refused what an agent said about another node's containers");
+    let shown: Vec<&str> = docker_ids
+        .iter()
+        .take(5)
+        .map(|d| &d[..d.len().min(12)])
+        .collect();
+    record(
+        store,
+        NewEvent::new(
+            crate::clock::now(),
+            EventKind::NodeRestricted,
+            format!(
+                "node {node} sent {what} about {} container(s) of other nodes; ignored",
+                docker_ids.len()
+            ),
+        )
+        .with_subject(EventSubject {
+            node_id: Some(node.to_string()),
+            ..Default::default()
+        })
+        .with_attribute("docker_ids", shown.join(",")),
+    )
+    .await;
+}
+
+async fn record(store: &Store, event: NewEvent) {
+    if let Err(e) = store.append_event(event).await {
+        tracing::warn!(error = %e, "cannot record an agent's refused message");
     }
 }

@@ -7,6 +7,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use boilerhouse_core::auth::Principal;
 use boilerhouse_core::sync::{SyncState, SyncStatus};
 use boilerhouse_core::workload::SyncDirection;
 use boilerhouse_core::{TenantId, Timestamp, WorkloadId};
@@ -74,13 +75,13 @@ impl SyncApi {
 }
 
 /// Optional tenant and workload filters.
+/// The filters of a status read; a tenant token reads only its tenant's.
 fn filters(
+    caller: &Principal,
     tenant: &str,
     workload: &str,
 ) -> Result<(Option<TenantId>, Option<WorkloadId>), ApiError> {
-    let tenant = (!tenant.is_empty())
-        .then(|| convert::tenant_id("tenant_id", tenant))
-        .transpose()?;
+    let tenant = super::tenant_filter(caller, "tenant_id", tenant)?;
     let workload = (!workload.is_empty())
         .then(|| convert::workload_id("workload_id", workload))
         .transpose()?;
@@ -177,8 +178,9 @@ impl SyncService for SyncApi {
         &self,
         request: Request<pb::GetSyncStatusRequest>,
     ) -> Result<Response<pb::GetSyncStatusResponse>, Status> {
+        let caller = super::caller(&request)?;
         let req = request.into_inner();
-        let (tenant, workload) = filters(&req.tenant_id, &req.workload_id)?;
+        let (tenant, workload) = filters(&caller, &req.tenant_id, &req.workload_id)?;
         let now = crate::clock::now();
         Ok(Response::new(pb::GetSyncStatusResponse {
             statuses: self
@@ -198,8 +200,9 @@ impl SyncService for SyncApi {
         &self,
         request: Request<pb::WatchSyncStatusRequest>,
     ) -> Result<Response<Self::WatchSyncStatusStream>, Status> {
+        let caller = super::caller(&request)?;
         let req = request.into_inner();
-        let (tenant, workload) = filters(&req.tenant_id, &req.workload_id)?;
+        let (tenant, workload) = filters(&caller, &req.tenant_id, &req.workload_id)?;
         // Subscribe before the snapshot, so no change falls between them.
         let mut feed = self.0.syncs.subscribe();
         let (tx, rx) = mpsc::channel(256);

@@ -9,7 +9,7 @@ use boilerhouse_core::pool::decide::{self, AfterRelease, Choice, Refusal};
 use boilerhouse_core::pool::write::PoolWrite;
 use boilerhouse_core::pool::{ClaimRecord, ClaimSource, Reservation};
 use boilerhouse_core::workload::WorkloadRecord;
-use boilerhouse_core::{TenantId, Timestamp, WorkloadId};
+use boilerhouse_core::{NodeId, TenantId, Timestamp, WorkloadId};
 
 use super::{Granted, PoolError, Pools, TenantGuard};
 use crate::store::StoreError;
@@ -292,15 +292,31 @@ impl Pools {
     /// Records activity seen on a container (its state directory changed).
     /// Kept in memory and flushed in batches by the idle reaper; until then
     /// it is in-flight state, not part of the mirror.
-    pub fn container_activity(&self, container: &boilerhouse_core::ContainerId, at: Timestamp) {
+    ///
+    /// Returns false, and counts nothing, when the container is known on
+    /// another node than the one whose agent reported the activity.
+    pub fn container_activity(
+        &self,
+        node: &NodeId,
+        container: &boilerhouse_core::ContainerId,
+        at: Timestamp,
+    ) -> bool {
         let mut state = self.state();
+        if state
+            .index
+            .container(container)
+            .is_some_and(|c| &c.node_id != node)
+        {
+            return false;
+        }
         let Some(claim) = state.index.claim_on(container) else {
-            return;
+            return true;
         };
         let claim_id = claim.claim_id.clone();
         let newest = claim.last_activity_at.max(at);
         let seen = state.inflight.activity.entry(claim_id).or_insert(newest);
         *seen = (*seen).max(newest);
+        true
     }
 
     /// Writes activity seen on containers to the database, so a restarted

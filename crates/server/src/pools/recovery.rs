@@ -3,6 +3,7 @@
 //! ([`NodeSignal`]); this module acts on it, and also looks for lost nodes
 //! on its own, so a missed signal only delays recovery.
 
+use boilerhouse_core::event::{EventKind, EventSubject, NewEvent};
 use boilerhouse_core::node::NodeStatus;
 use boilerhouse_core::pool::ContainerState;
 use boilerhouse_core::pool::decide;
@@ -91,6 +92,11 @@ impl Pools {
         // Not ours, or an older container of the same id (a create resent
         // after a restart makes a twin, and the older one is removed).
         let Some(c) = record else {
+            if let Some(id) = container
+                && self.read(|index| index.container(&id).is_some_and(|c| &c.node_id != node))
+            {
+                return self.restricted(node, &id, "a destroy event").await;
+            }
             return Ok(());
         };
         let now = crate::clock::now();
@@ -137,6 +143,29 @@ impl Pools {
         Ok(())
     }
 
+    /// Records that `node`'s agent reported `what` about a container of
+    /// another node, which was ignored (NodeRestriction).
+    async fn restricted(
+        &self,
+        node: &NodeId,
+        container: &ContainerId,
+        what: &str,
+    ) -> Result<(), PoolError> {
+        tracing::warn!(node = %node, container = %container, what, "ignored an agent's report about another node's container");
+        let event = NewEvent::new(
+            crate::clock::now(),
+            EventKind::NodeRestricted,
+            format!("node {node} reported {what} for container {container}, which is another node's; ignored"),
+        )
+        .with_subject(EventSubject {
+            node_id: Some(node.to_string()),
+            container_id: Some(container.to_string()),
+            ..Default::default()
+        });
+        self.inner.store.append_event(event).await?;
+        Ok(())
+    }
+
     /// Acts on what the agents publish until `shutdown`.
     pub async fn follow_signals(self, shutdown: CancellationToken) {
         let mut signals = self.inner.agents.subscribe();
@@ -146,9 +175,16 @@ impl Pools {
                 s = signals.recv() => s,
             };
             let result = match signal {
-                Ok(NodeSignal::Activity { container, at }) => {
-                    self.container_activity(&container, at);
-                    Ok(())
+                Ok(NodeSignal::Activity {
+                    node,
+                    container,
+                    at,
+                }) => {
+                    if self.container_activity(&node, &container, at) {
+                        Ok(())
+                    } else {
+                        self.restricted(&node, &container, "activity").await
+                    }
                 }
                 Ok(NodeSignal::ContainerGone {
                     node,

@@ -68,9 +68,18 @@ impl TryFrom<EventRow> for Event {
     }
 }
 
+/// The attribute naming who caused an event, on every event an RPC caused.
+pub const PRINCIPAL_ATTRIBUTE: &str = "principal";
+
 /// Inserts an event inside the caller's transaction. It is published to
 /// watchers only once that transaction commits.
-pub async fn insert_event(tx: &mut WriteTx, event: NewEvent) -> Result<Event, StoreError> {
+pub async fn insert_event(tx: &mut WriteTx, mut event: NewEvent) -> Result<Event, StoreError> {
+    if let Some(caller) = &tx.caused_by {
+        event
+            .attributes
+            .entry(PRINCIPAL_ATTRIBUTE.to_owned())
+            .or_insert_with(|| caller.to_string());
+    }
     let id = insert_event_row(&mut tx.conn, &event).await?;
     let recorded = Event { id, event };
     tx.new_events.push(recorded.clone());

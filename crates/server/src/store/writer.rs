@@ -34,6 +34,9 @@ use super::StoreError;
 pub struct WriteTx {
     pub(super) conn: SqliteConnection,
     pub(super) new_events: Vec<Event>,
+    /// Who caused the operation running now: one transaction carries the
+    /// operations of many callers, so each sets this before it runs.
+    pub(super) caused_by: Option<boilerhouse_core::auth::Principal>,
 }
 
 impl WriteTx {
@@ -114,7 +117,10 @@ impl Writer {
         F: for<'c> FnOnce(&'c mut WriteTx) -> BoxFuture<'c, Result<T, StoreError>> + Send + 'static,
     {
         let (reply, answer) = oneshot::channel();
+        // Read here, on the caller's task: the writer task has no caller.
+        let caused_by = crate::auth::current();
         let op: WriteOp = Box::new(move |tx| {
+            tx.caused_by = caused_by;
             Box::pin(async move { op(tx).await.map(|v| Box::new(v) as Box<dyn Any + Send>) })
         });
         self.tx
@@ -143,6 +149,7 @@ async fn run(
     let mut tx = WriteTx {
         conn,
         new_events: Vec::new(),
+        caused_by: None,
     };
     let mut batch: Vec<WriteRequest> = Vec::with_capacity(max_batch);
     // recv() returns None only once every Writer handle is gone: the store

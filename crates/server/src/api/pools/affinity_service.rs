@@ -7,7 +7,7 @@ use boilerhouse_proto::convert::{self, duration_from_pb};
 use boilerhouse_proto::pb;
 
 use super::conversions::reservation_to_pb;
-use crate::api::{AppState, idempotency};
+use crate::api::{self, AppState, idempotency};
 use crate::error::ApiError;
 
 /// AffinityService.
@@ -19,14 +19,16 @@ impl pb::affinity_service_server::AffinityService for Affinity {
         &self,
         request: Request<pb::ListReservationsRequest>,
     ) -> Result<Response<pb::ListReservationsResponse>, Status> {
+        let caller = api::caller(&request)?;
         let req = request.into_inner();
+        let tenant = api::tenant_filter(&caller, "tenant_id", &req.tenant_id)?;
         let mut reservations: Vec<pb::Reservation> = self
             .0
             .pools
             .reservations()
             .iter()
             .filter(|r| req.workload_id.is_empty() || r.workload_id.as_str() == req.workload_id)
-            .filter(|r| req.tenant_id.is_empty() || r.tenant_id.as_str() == req.tenant_id)
+            .filter(|r| tenant.as_ref().is_none_or(|t| &r.tenant_id == t))
             .map(reservation_to_pb)
             .collect();
         reservations

@@ -15,8 +15,8 @@ use boilerhouse_proto::convert::{self, duration_from_pb, duration_to_pb, timesta
 use boilerhouse_proto::pb;
 
 use super::conversions::{claim_info, with_data};
-use crate::api::AppState;
 use crate::api::idempotency::{replay, request_hash};
+use crate::api::{self, AppState};
 use crate::error::ApiError;
 use crate::pools::{Granted, PoolError};
 use crate::store::IdempotentRecord;
@@ -34,8 +34,9 @@ impl pb::claim_service_server::ClaimService for Claims {
         request: Request<pb::ClaimRequest>,
     ) -> Result<Response<pb::ClaimResponse>, Status> {
         let started = Instant::now();
+        let caller = api::caller(&request)?;
         let req = request.into_inner();
-        let tenant = convert::tenant_id("tenant_id", &req.tenant_id).map_err(ApiError::from)?;
+        let tenant = api::tenant_arg(&caller, "tenant_id", &req.tenant_id)?;
         let workload =
             convert::workload_id("workload_id", &req.workload_id).map_err(ApiError::from)?;
         let acquire_timeout = req
@@ -113,8 +114,9 @@ impl pb::claim_service_server::ClaimService for Claims {
         &self,
         request: Request<pb::ReleaseRequest>,
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let caller = api::caller(&request)?;
         let req = request.into_inner();
-        let tenant = convert::tenant_id("tenant_id", &req.tenant_id).map_err(ApiError::from)?;
+        let tenant = api::tenant_arg(&caller, "tenant_id", &req.tenant_id)?;
         let workload =
             convert::workload_id("workload_id", &req.workload_id).map_err(ApiError::from)?;
         if req.generation == 0 {
@@ -194,8 +196,9 @@ impl pb::claim_service_server::ClaimService for Claims {
         &self,
         request: Request<pb::TouchRequest>,
     ) -> Result<Response<pb::TouchResponse>, Status> {
+        let caller = api::caller(&request)?;
         let req = request.into_inner();
-        let tenant = convert::tenant_id("tenant_id", &req.tenant_id).map_err(ApiError::from)?;
+        let tenant = api::tenant_arg(&caller, "tenant_id", &req.tenant_id)?;
         let workload =
             convert::workload_id("workload_id", &req.workload_id).map_err(ApiError::from)?;
         let generation = (req.generation != 0).then_some(req.generation);
@@ -214,8 +217,9 @@ impl pb::claim_service_server::ClaimService for Claims {
         &self,
         request: Request<pb::GetClaimRequest>,
     ) -> Result<Response<pb::GetClaimResponse>, Status> {
+        let caller = api::caller(&request)?;
         let req = request.into_inner();
-        let tenant = convert::tenant_id("tenant_id", &req.tenant_id).map_err(ApiError::from)?;
+        let tenant = api::tenant_arg(&caller, "tenant_id", &req.tenant_id)?;
         let workload =
             convert::workload_id("workload_id", &req.workload_id).map_err(ApiError::from)?;
         let granted = self
@@ -236,11 +240,13 @@ impl pb::claim_service_server::ClaimService for Claims {
         &self,
         request: Request<pb::ListClaimsRequest>,
     ) -> Result<Response<pb::ListClaimsResponse>, Status> {
+        let caller = api::caller(&request)?;
         let req = request.into_inner();
+        let tenant = api::tenant_filter(&caller, "tenant_id", &req.tenant_id)?;
         let matches = |c: &ClaimRecord| {
             (req.workload_id.is_empty() || c.workload_id.as_str() == req.workload_id)
                 && (req.node_id.is_empty() || c.node_id.as_str() == req.node_id)
-                && (req.tenant_id.is_empty() || c.tenant_id.as_str() == req.tenant_id)
+                && tenant.as_ref().is_none_or(|t| &c.tenant_id == t)
         };
         let mut claims: Vec<pb::ClaimInfo> = if req.include_ended {
             let containers = self.0.pools.containers();

@@ -1,0 +1,16 @@
+//! The caller of the RPC being served, for handlers (from the request) and
+//! for everything below them (a task-local, so an event written deep in
+//! the pools records who caused it without every function passing it on).
+
+use boilerhouse_core::auth::Principal;
+
+tokio::task_local! {
+    /// Set by [`super::AuthLayer`] around each handler.
+    pub(super) static CALLER: Option<Principal>;
+}
+
+/// The caller of the RPC this task serves, if any: `None` in background
+/// tasks, which act on their own account.
+pub fn current() -> Option<Principal> {
+    CALLER.try_with(Clone::clone).ok().flatten()
+}

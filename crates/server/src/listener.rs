@@ -1,0 +1,50 @@
+//! The gRPC listener's side of trust: TLS with optional client
+//! certificates (agents present one, other callers a token) and the
+//! authenticator that goes with it.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tonic::transport::Server;
+
+use crate::config::{Config, Security};
+
+/// A server builder with TLS (client certificates optional: agents present
+/// one, other callers a token) and the matching authenticator; plaintext
+/// and no authentication with `--insecure`.
+pub fn secure_builder(config: &Config) -> anyhow::Result<(Server, crate::auth::Authenticator)> {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    match &config.security {
+        Security::Insecure => {
+            tracing::warn!(
+                listen = %config.listen,
+                "--insecure: serving plaintext, and every caller may do everything"
+            );
+            Ok((Server::builder(), crate::auth::Authenticator::insecure()))
+        }
+        Security::Secure { tls, tokens_file } => {
+            boilerhouse_proto::tls::install_crypto_provider();
+            let read = |p: &std::path::Path| {
+                std::fs::read(p).with_context(|| format!("reading {}", p.display()))
+            };
+            let identity = Identity::from_pem(read(&tls.cert)?, read(&tls.key)?);
+            let tls_config = ServerTlsConfig::new()
+                .identity(identity)
+                .client_ca_root(Certificate::from_pem(read(&tls.client_ca)?))
+                .client_auth_optional(true)
+                // A client that opens a connection and never finishes the
+                // handshake holds nothing for long.
+                .timeout(Duration::from_secs(10));
+            let builder = Server::builder()
+                .tls_config(tls_config)
+                .context("the TLS certificate or key")?;
+            let authenticator = crate::auth::Authenticator::new(tokens_file.clone())?;
+            tracing::info!(
+                cert = %tls.cert.display(),
+                tokens = %tokens_file.display(),
+                "TLS on; agents need node certificates, callers bearer tokens"
+            );
+            Ok((builder, authenticator))
+        }
+    }
+}
