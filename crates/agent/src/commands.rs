@@ -6,15 +6,20 @@
 //! idempotent even across agent restarts, when that memory is gone: the
 //! container's name is `bh-<container-id>`, so a repeated create finds its
 //! twin instead of making a second container.
+//!
+//! Creates and local syncs pass the agent's own [`LocalPolicy`] first,
+//! whatever the server sent: a refused command fails with the reason and
+//! touches neither the engine nor the disk.
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use boilerhouse_core::container::{ContainerSpec, ObservedContainer, StateFile};
-use boilerhouse_core::workload::Limits;
+use boilerhouse_core::workload::{Limits, SyncSink};
 use boilerhouse_core::{ContainerId, NodeId};
 
+use crate::policy::LocalPolicy;
 use crate::runtime::{ContainerRuntime, RuntimeError};
 use crate::sync::{MappingReport, SyncJob, SyncRunner};
 use crate::volumes::VolumeLayout;
@@ -112,16 +117,19 @@ pub struct Executor {
     extra_labels: BTreeMap<String, String>,
     memory: Arc<Mutex<Memory>>,
     syncs: SyncRunner,
+    policy: Arc<LocalPolicy>,
 }
 
 impl Executor {
-    /// An executor for `node`. `extra_labels` go on every created container.
+    /// An executor for `node`. `extra_labels` go on every created
+    /// container; `policy` judges every create and local sync.
     pub fn new(
         runtime: Arc<dyn ContainerRuntime>,
         layout: VolumeLayout,
         node: NodeId,
         extra_labels: BTreeMap<String, String>,
         syncs: SyncRunner,
+        policy: LocalPolicy,
     ) -> Self {
         Self {
             runtime,
@@ -130,6 +138,7 @@ impl Executor {
             extra_labels,
             memory: Arc::default(),
             syncs,
+            policy: Arc::new(policy),
         }
     }
 
@@ -210,6 +219,7 @@ impl Executor {
                 self.node
             ));
         }
+        self.policy.check_create(&spec)?;
         for (k, v) in &self.extra_labels {
             spec.labels.entry(k.clone()).or_insert_with(|| v.clone());
         }
@@ -310,7 +320,14 @@ impl Executor {
         let state_dir = self
             .layout
             .volume_dir(id, &boilerhouse_core::container::VolumeKind::State);
-        match self.syncs.run(&state_dir, job).await {
+        let job = match self.admit_sink(job) {
+            Ok(job) => job,
+            Err(e) => {
+                tracing::warn!(container = %id, error = %e, "sync refused");
+                return Outcome::failed(e);
+            }
+        };
+        match self.syncs.run(&state_dir, &job).await {
             Ok(reports) => {
                 let failures: Vec<String> = reports
                     .iter()
@@ -332,6 +349,25 @@ impl Executor {
             }
             Err(e) => Outcome::failed(e),
         }
+    }
+
+    /// `job` with a local sink's path replaced by the real directory the
+    /// policy allows, so the check and the writes agree on the place.
+    fn admit_sink(&self, job: &SyncJob) -> Result<SyncJob, String> {
+        let SyncSink::Local { path, prefix } = &job.spec.sink else {
+            return Ok(job.clone());
+        };
+        let real = self.policy.sink_dir(path)?;
+        let real = real
+            .to_str()
+            .ok_or_else(|| format!("local sink {} is not UTF-8", real.display()))?
+            .to_owned();
+        let mut admitted = job.clone();
+        admitted.spec.sink = SyncSink::Local {
+            path: real,
+            prefix: prefix.clone(),
+        };
+        Ok(admitted)
     }
 
     /// Every managed container of this node, with state files.

@@ -74,6 +74,9 @@ pub struct Args {
     /// the host in --server.
     #[arg(long, env = "BOILERHOUSE_SERVER_NAME")]
     pub server_name: Option<String>,
+    /// What this agent will create and where it will write.
+    #[command(flatten)]
+    pub policy: crate::policy::PolicyArgs,
 }
 
 /// Where the agent's TLS material is. Read again at every connection, so a
@@ -127,6 +130,8 @@ pub struct AgentConfig {
     pub s3_credentials_file: Option<PathBuf>,
     /// TLS and this node's identity, for an https:// server.
     pub tls: Option<AgentTls>,
+    /// The local policy, checked on every create and local sync.
+    pub policy: crate::policy::LocalPolicy,
 }
 
 fn parse_pairs(field: &str, items: &[String]) -> Result<BTreeMap<String, String>, String> {
@@ -196,6 +201,7 @@ impl AgentConfig {
         // the state root must be absolute.
         let state_root = std::path::absolute(&args.state_root)
             .map_err(|e| format!("--state-root {}: {e}", args.state_root.display()))?;
+        let policy = crate::policy::LocalPolicy::from_args(&args.policy, &state_root)?;
         Ok(Self {
             server: args.server,
             node_id,
@@ -207,6 +213,7 @@ impl AgentConfig {
             max_backoff: args.max_backoff.max(Duration::from_millis(100)),
             s3_credentials_file: args.s3_credentials_file,
             tls,
+            policy,
         })
     }
 }

@@ -11,6 +11,7 @@ pub mod commands;
 pub mod config;
 pub mod docker;
 pub mod host;
+pub mod policy;
 pub mod runtime;
 pub mod session;
 pub mod sync;

@@ -10,13 +10,17 @@ use boilerhouse_agent::config::{AgentConfig, Args};
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let json = args.log_json;
-    let config = match AgentConfig::from_args(args) {
+    let mut config = match AgentConfig::from_args(args) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("boilerhouse-agent: {e}");
             return std::process::ExitCode::from(2);
         }
     };
+    if let Err(e) = config.policy.prepare() {
+        eprintln!("boilerhouse-agent: {e}");
+        return std::process::ExitCode::from(2);
+    }
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -113,6 +113,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         config.node_id.clone(),
         config.container_labels.clone(),
         crate::sync::SyncRunner::with_credentials_file(config.s3_credentials_file.clone()),
+        config.policy.clone(),
     );
 
     loop {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use bollard::Docker;
 
 use boilerhouse_core::container::{ContainerSpec, StateFile};
-use boilerhouse_core::workload::parse_workload;
+use boilerhouse_core::workload::{SyncSpec, parse_workload};
 use boilerhouse_core::{ContainerId, NodeId, TenantId, Timestamp};
 use boilerhouse_proto::pb;
 use boilerhouse_proto::pb::connect_request::Message;
@@ -461,4 +461,138 @@ async fn an_agent_without_docker_says_so_and_keeps_trying() {
         .unwrap_or_else(|e| panic!("{e}\n{}", agent.log()));
     assert!(!hello.engine_version.is_empty());
     drop(docker);
+}
+
+fn run_sync(spec: &ContainerSpec, sync: &SyncSpec, direction: &str) -> pb::command::Command {
+    pb::command::Command::RunSync(pb::RunSync {
+        container_id: spec.container_id.to_string(),
+        tenant_id: "cron.d".into(),
+        workload_id: "t".into(),
+        sync_spec_json: serde_json::to_string(sync).unwrap(),
+        direction: direction.into(),
+        force_direction: pb::SyncDirection::Unspecified as i32,
+    })
+}
+
+/// The sync section of a workload whose local sink is at `path`.
+fn local_sync(path: &std::path::Path) -> SyncSpec {
+    let yaml = format!(
+        "id: t\nimage: x\nvolumes: {{state: {{target: /state}}}}\nsync:\n  sink: {{type: local, path: {:?}}}\n  mappings: [{{path: .}}]\n",
+        path.display().to_string()
+    );
+    parse_workload("t.yaml", &yaml).unwrap().sync.unwrap()
+}
+
+#[tokio::test]
+async fn the_agent_refuses_what_its_own_policy_does_not_allow_whatever_the_server_sends() {
+    let Some(h) = Harness::start().await else {
+        return;
+    };
+    h.wait_connected(0).await;
+
+    // Creates the server should never have sent: refused, naming the field
+    // and the flag, and nothing reaches the engine.
+    let cases = [
+        (
+            "network_mode: host\n",
+            "network_mode",
+            "--allow-host-network",
+        ),
+        (
+            "security: {cap_add: [NET_ADMIN]}\n",
+            "cap_add",
+            "--allow-cap-add NET_ADMIN",
+        ),
+    ];
+    for (i, (yaml, field, flag)) in cases.into_iter().enumerate() {
+        let spec = h.spec(yaml);
+        let result = h
+            .fake
+            .run(
+                &h.node,
+                command(&format!("refused-{i}"), create(&spec)),
+                WAIT,
+            )
+            .await
+            .unwrap();
+        assert!(!result.ok, "{yaml}: {result:?}");
+        assert!(
+            result.error.contains(&format!("field {field}:")) && result.error.contains(flag),
+            "{yaml}: {}",
+            result.error
+        );
+        assert!(
+            !h.agent
+                .options
+                .state_root
+                .join("containers")
+                .join(spec.container_id.to_string())
+                .exists(),
+            "no host directories either"
+        );
+    }
+    let created =
+        boilerhouse_testkit::docker::containers_with(&h.docker, "boilerhouse.node-id", &h.node)
+            .await
+            .unwrap();
+    assert!(created.is_empty(), "nothing was created: {created:?}");
+
+    // A sync to a sink outside the agent's roots fails loudly and writes
+    // nothing; the default root under the state root works.
+    let spec = h.spec("");
+    let result = h
+        .fake
+        .run(&h.node, command("allowed", create(&spec)), WAIT)
+        .await
+        .unwrap();
+    assert!(result.ok, "{result:?}\n{}", h.agent.log());
+    let state_root = &h.agent.options.state_root;
+    std::fs::write(
+        state_root
+            .join("containers")
+            .join(spec.container_id.to_string())
+            .join("state/job"),
+        "x",
+    )
+    .unwrap();
+    let outside = state_root.parent().unwrap().join("etc");
+    let result = h
+        .fake
+        .run(
+            &h.node,
+            command(
+                "sync-outside",
+                run_sync(&spec, &local_sync(&outside), "upload"),
+            ),
+            WAIT,
+        )
+        .await
+        .unwrap();
+    assert!(!result.ok, "{result:?}");
+    assert!(
+        result.error.contains("outside the agent's sink roots")
+            && result.error.contains("--allow-sink-root"),
+        "{}",
+        result.error
+    );
+    assert!(!outside.exists(), "the refused sink was not even created");
+
+    let inside = state_root.join("sinks/tenants");
+    let result = h
+        .fake
+        .run(
+            &h.node,
+            command(
+                "sync-inside",
+                run_sync(&spec, &local_sync(&inside), "upload"),
+            ),
+            WAIT,
+        )
+        .await
+        .unwrap();
+    assert!(result.ok, "{result:?}\n{}", h.agent.log());
+    assert_eq!(
+        std::fs::read_to_string(inside.join("cron.d/job")).unwrap(),
+        "x"
+    );
 }

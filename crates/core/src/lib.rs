@@ -4,6 +4,7 @@
 //! server, the agent and the CLI feed it values and act on what it returns,
 //! which keeps every rule here testable in microseconds.
 
+pub mod admission;
 pub mod auth;
 pub mod boost;
 pub mod container;

@@ -399,14 +399,13 @@ fn validate(file: &str, raw: raw::Workload) -> Result<WorkloadSpec, WorkloadErro
     let security = validate_security(&c, raw.security.unwrap_or_default());
 
     let user = raw.user.filter(|u| !u.trim().is_empty());
-    if let Some(user) = user.as_ref().filter(|_| security.non_root) {
-        let name = user.split(':').next().unwrap_or_default();
-        if name == "0" || name == "root" {
-            return Err(c.err(
-                "user",
-                "runs as root while security.non_root is true; set security.non_root: false to allow it",
-            ));
-        }
+    if let Some(user) = user.as_ref().filter(|_| security.non_root)
+        && crate::admission::is_root_user(user)
+    {
+        return Err(c.err(
+            "user",
+            "runs as root while security.non_root is true; set security.non_root: false to allow it",
+        ));
     }
     let user = match (user, security.non_root) {
         (Some(user), _) => Some(user),

@@ -63,6 +63,10 @@ pub struct Args {
     /// themselves: for labs only.
     #[arg(long, env = "BOILERHOUSE_INSECURE")]
     pub insecure: bool,
+    /// Admission policy file (TOML): what workloads may ask of the hosts
+    /// beyond the hardened defaults. Without one, the strict defaults apply.
+    #[arg(long, env = "BOILERHOUSE_POLICY_FILE")]
+    pub policy_file: Option<PathBuf>,
     /// Subcommands: PKI and tokens. Without one, the server runs.
     #[command(subcommand)]
     pub command: Option<crate::admin_cli::Command>,
@@ -118,6 +122,7 @@ struct FileConfig {
     tokens_file: Option<PathBuf>,
     insecure: Option<bool>,
     reflection: Option<bool>,
+    policy_file: Option<PathBuf>,
 }
 
 /// Where the listener's TLS identity and the CA of agent certificates are.
@@ -208,6 +213,11 @@ pub struct Config {
     /// Whether gRPC reflection is served (to authenticated callers).
     /// Default true.
     pub reflection: bool,
+    /// The admission policy file, if any; read once at startup.
+    pub policy_file: Option<PathBuf>,
+    /// What workloads may ask for: the policy file's, or the strict
+    /// defaults (see `boilerhouse_core::admission`).
+    pub admission: boilerhouse_core::admission::AdmissionPolicy,
 }
 
 /// A configuration that cannot be used.
@@ -237,6 +247,9 @@ pub enum ConfigError {
         /// Why.
         reason: String,
     },
+    /// The admission policy file cannot be used.
+    #[error(transparent)]
+    Policy(#[from] crate::admission::PolicyFileError),
 }
 
 impl Config {
@@ -274,6 +287,8 @@ impl Config {
                     .unwrap_or_else(|| data_dir.join("tokens.toml")),
             }
         };
+        let policy_file = args.policy_file.or(file.policy_file);
+        let admission = crate::admission::load_policy(policy_file.as_deref())?;
         let config = Config {
             listen: args
                 .listen
@@ -324,6 +339,8 @@ impl Config {
             final_sync_deadline: file.final_sync_deadline.unwrap_or(Duration::from_secs(30)),
             security,
             reflection: file.reflection.unwrap_or(true),
+            policy_file,
+            admission,
         };
         config.validate()?;
         Ok(config)

@@ -24,6 +24,11 @@ pub enum ApiError {
         /// Why.
         reason: String,
     },
+    /// Several request fields are refused at once, each for its reason;
+    /// clients get one field violation per field, so all can be fixed in
+    /// one go.
+    #[error("{}", join_violations(.0))]
+    InvalidFields(Vec<(String, String)>),
     /// The named thing does not exist.
     #[error("{what} {id:?} not found")]
     NotFound {
@@ -87,6 +92,14 @@ impl ApiError {
     }
 }
 
+fn join_violations(violations: &[(String, String)]) -> String {
+    violations
+        .iter()
+        .map(|(field, reason)| format!("{field}: {reason}"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 impl From<ConvertError> for ApiError {
     fn from(e: ConvertError) -> Self {
         let field = e.field().to_owned();
@@ -130,6 +143,14 @@ impl From<ApiError> for Status {
                 let message = format!("{field}: {reason}");
                 let mut details = ErrorDetails::new();
                 details.add_bad_request_violation(field, reason);
+                Status::with_error_details(Code::InvalidArgument, message, details)
+            }
+            ApiError::InvalidFields(violations) => {
+                let message = join_violations(&violations);
+                let mut details = ErrorDetails::new();
+                for (field, reason) in violations {
+                    details.add_bad_request_violation(field, reason);
+                }
                 Status::with_error_details(Code::InvalidArgument, message, details)
             }
             ApiError::NotFound { .. } => Status::not_found(e.to_string()),
@@ -183,6 +204,28 @@ mod tests {
         let details = status.get_error_details();
         let violations = &details.bad_request().unwrap().field_violations;
         assert_eq!(violations[0].field, "tenant_id");
+    }
+
+    #[test]
+    fn several_invalid_fields_carry_one_violation_each() {
+        let status = Status::from(ApiError::InvalidFields(vec![
+            ("yaml.user".into(), "runs as root".into()),
+            ("yaml.network_mode".into(), "host".into()),
+        ]));
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert_eq!(
+            status.message(),
+            "yaml.user: runs as root; yaml.network_mode: host"
+        );
+        let details = status.get_error_details();
+        let fields: Vec<&str> = details
+            .bad_request()
+            .unwrap()
+            .field_violations
+            .iter()
+            .map(|v| v.field.as_str())
+            .collect();
+        assert_eq!(fields, ["yaml.user", "yaml.network_mode"]);
     }
 
     #[test]

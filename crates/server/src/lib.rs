@@ -2,6 +2,7 @@
 //! tests and benchmarks can drive its parts directly.
 
 pub mod admin_cli;
+pub mod admission;
 pub mod agents;
 pub mod api;
 pub mod auth;

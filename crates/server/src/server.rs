@@ -125,13 +125,21 @@ pub async fn run(
     .with_context(|| format!("opening database {}", config.database.display()))?;
     tracing::info!(path = %config.database.display(), "database open");
 
-    let workloads =
-        WorkloadDir::new(config.workloads_dir.clone(), store.clone()).with_context(|| {
-            format!(
-                "creating workload directory {}",
-                config.workloads_dir.display()
-            )
-        })?;
+    tracing::info!(
+        policy_file = %config.policy_file.as_deref().map_or("(none: strict defaults)".into(), |p| p.display().to_string()),
+        "admission policy read"
+    );
+    let workloads = WorkloadDir::new(
+        config.workloads_dir.clone(),
+        store.clone(),
+        config.admission.clone(),
+    )
+    .with_context(|| {
+        format!(
+            "creating workload directory {}",
+            config.workloads_dir.display()
+        )
+    })?;
     let summary = workloads
         .reload(crate::clock::now())
         .await

@@ -6,6 +6,11 @@
 //! a `workload.invalid` event) and is listed by ListWorkloads until fixed.
 //! Apply and Delete edit files in the directory under the same lock as the
 //! loader, so the directory, the database and the answers agree.
+//!
+//! A workload the admission policy refuses is handled like an invalid one,
+//! with one difference: a stored version the policy refuses is removed
+//! rather than kept in force, so a workload stored before its policy (or
+//! under an allowance since withdrawn) does not keep getting containers.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write as _;
@@ -16,6 +21,7 @@ use futures::future::BoxFuture;
 use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 
+use boilerhouse_core::admission::{AdmissionPolicy, Refusal};
 use boilerhouse_core::event::{EventKind, EventSubject, NewEvent};
 use boilerhouse_core::workload::{WorkloadError, WorkloadRecord, WorkloadSpec, parse_workload};
 use boilerhouse_core::{Timestamp, WorkloadId};
@@ -59,6 +65,8 @@ struct Inner {
     /// Held by reloads, Apply and Delete, so they never interleave.
     lock: Mutex<LoaderState>,
     errors: RwLock<BTreeMap<PathBuf, LoadError>>,
+    /// What workloads may ask for.
+    policy: AdmissionPolicy,
 }
 
 #[derive(Default)]
@@ -74,6 +82,9 @@ pub enum EditError {
     /// The YAML is invalid.
     #[error(transparent)]
     Invalid(WorkloadError),
+    /// The YAML is valid but the admission policy refuses these fields.
+    #[error("refused by the admission policy: {}", .0.iter().map(Refusal::to_string).collect::<Vec<_>>().join("; "))]
+    Refused(Vec<Refusal>),
     /// No such workload.
     #[error("workload {0} not found")]
     NotFound(WorkloadId),
@@ -110,8 +121,9 @@ fn display(path: &Path) -> String {
 }
 
 impl WorkloadDir {
-    /// A loader for `dir`. The directory is created if missing.
-    pub fn new(dir: PathBuf, store: Store) -> std::io::Result<Self> {
+    /// A loader for `dir` that admits what `policy` allows. The directory
+    /// is created if missing.
+    pub fn new(dir: PathBuf, store: Store, policy: AdmissionPolicy) -> std::io::Result<Self> {
         std::fs::create_dir_all(&dir)?;
         Ok(Self {
             inner: Arc::new(Inner {
@@ -119,6 +131,7 @@ impl WorkloadDir {
                 store,
                 lock: Mutex::new(LoaderState::default()),
                 errors: RwLock::default(),
+                policy,
             }),
         })
     }
@@ -193,6 +206,10 @@ impl WorkloadDir {
                         ),
                     });
                 }
+                let refusals = self.inner.policy.check(&spec);
+                if !refusals.is_empty() {
+                    return Err(crate::admission::refused_file(&display(&path), &refusals));
+                }
                 Ok(spec)
             });
             match parsed {
@@ -259,6 +276,12 @@ impl WorkloadDir {
                     _ => None,
                 }
             };
+            let reason = reason.or_else(|| {
+                let refusals = self.inner.policy.check(&record.spec);
+                refusals
+                    .first()
+                    .map(|first| format!("the admission policy refuses it ({first})"))
+            });
             let owned_elsewhere = owner_of_id
                 .get(&record.spec.id)
                 .is_some_and(|p| *p != source);
@@ -307,6 +330,10 @@ impl WorkloadDir {
         now: Timestamp,
     ) -> Result<(WorkloadRecord, Option<WorkloadChange>), EditError> {
         let spec = parse_workload("<request>", yaml).map_err(EditError::Invalid)?;
+        let refusals = self.inner.policy.check(&spec);
+        if !refusals.is_empty() {
+            return Err(EditError::Refused(refusals));
+        }
         let _state = self.inner.lock.lock().await;
         let existing = self.inner.store.get_workload(&spec.id).await?;
         let path = match &existing {

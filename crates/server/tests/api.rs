@@ -29,14 +29,22 @@ const SERVICES: &[&str] = &[
     "boilerhouse.v1.WorkloadService",
 ];
 
-fn copy_examples(server_root: &std::path::Path) {
-    let examples =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/workloads");
+/// Copies the example workloads and their admission policy under
+/// `server_root`; returns the options that start a server with that policy,
+/// as dev/run does.
+fn copy_examples(server_root: &std::path::Path) -> ServerOptions {
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
     let dest = server_root.join("workloads");
     std::fs::create_dir_all(&dest).unwrap();
-    for entry in std::fs::read_dir(examples).unwrap() {
+    for entry in std::fs::read_dir(examples.join("workloads")).unwrap() {
         let path = entry.unwrap().path();
         std::fs::copy(&path, dest.join(path.file_name().unwrap())).unwrap();
+    }
+    let policy = server_root.join("policy.toml");
+    std::fs::copy(examples.join("policy.toml"), &policy).unwrap();
+    ServerOptions {
+        args: vec!["--policy-file".into(), policy.display().to_string()],
+        ..Default::default()
     }
 }
 
@@ -197,10 +205,8 @@ async fn sync_requests_name_the_bad_field_and_unknown_workloads() {
 #[tokio::test]
 async fn examples_load_and_a_malformed_file_is_reported_without_stopping_the_rest() {
     let temp = tempfile::tempdir().unwrap();
-    copy_examples(temp.path());
-    let server = ServerProcess::start_in(temp.path(), ServerOptions::default())
-        .await
-        .unwrap();
+    let options = copy_examples(temp.path());
+    let server = ServerProcess::start_in(temp.path(), options).await.unwrap();
     assert_eq!(ids(&list(&server).await), ["agent", "notebook", "sandbox"]);
 
     let out = server.bh(&["workload", "list"]);
@@ -385,8 +391,8 @@ async fn apply_writes_the_file_and_honours_request_ids() {
 #[tokio::test]
 async fn a_restart_shows_the_same_state_and_ctrl_c_exits_cleanly() {
     let temp = tempfile::tempdir().unwrap();
-    copy_examples(temp.path());
-    let mut server = ServerProcess::start_in(temp.path(), ServerOptions::default())
+    let options = copy_examples(temp.path());
+    let mut server = ServerProcess::start_in(temp.path(), options.clone())
         .await
         .unwrap();
     let mut workloads = WorkloadServiceClient::new(server.channel().await.unwrap());
@@ -416,9 +422,7 @@ async fn a_restart_shows_the_same_state_and_ctrl_c_exits_cleanly() {
         .unwrap();
     assert!(status.success(), "exit status {status:?}\n{}", server.log());
 
-    let server = ServerProcess::start_in(temp.path(), ServerOptions::default())
-        .await
-        .unwrap();
+    let server = ServerProcess::start_in(temp.path(), options).await.unwrap();
     let after = list(&server).await;
     let strip = |r: &pb::ListWorkloadsResponse| -> Vec<(String, String, String)> {
         r.workloads
@@ -592,10 +596,8 @@ async fn bh_speaks_in_one_sentence_when_the_server_is_down() {
 #[tokio::test]
 async fn bh_status_and_output_formats() {
     let temp = tempfile::tempdir().unwrap();
-    copy_examples(temp.path());
-    let server = ServerProcess::start_in(temp.path(), ServerOptions::default())
-        .await
-        .unwrap();
+    let options = copy_examples(temp.path());
+    let server = ServerProcess::start_in(temp.path(), options).await.unwrap();
 
     let out = server.bh(&["status"]);
     assert!(out.status.success(), "{}", stderr(&out));

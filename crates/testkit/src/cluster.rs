@@ -17,6 +17,11 @@
 //! c.wait_idle("demo", 1).await;
 //! ```
 //!
+//! Admission is on, as in production, with one allowance: local sync sinks
+//! anywhere in the cluster's directory (the server's policy file and every
+//! agent's `--allow-sink-root`). [`ClusterBuilder::policy`] replaces the
+//! server's policy and [`ClusterBuilder::agent_args`] adds agent flags.
+//!
 //! The server keeps its data directory and address across `restart_server`,
 //! so agents find it again on their own. Dropping the cluster kills every
 //! process and removes the containers of its nodes that carry this test
@@ -67,6 +72,8 @@ pub struct ClusterBuilder {
     workloads: Vec<(String, WorkloadYaml)>,
     config: toml::Table,
     timeout: Duration,
+    policy: Option<String>,
+    agent_args: Vec<String>,
     insecure: bool,
 }
 
@@ -122,6 +129,21 @@ impl ClusterBuilder {
         self
     }
 
+    /// The server's admission policy file (TOML), instead of the default
+    /// that allows local sinks anywhere in the cluster's directory. It is
+    /// [`Cluster::policy_file`]; rewrite it and restart the server to
+    /// change the policy.
+    pub fn policy(mut self, toml: &str) -> Self {
+        self.policy = Some(toml.to_owned());
+        self
+    }
+
+    /// Extra flags for every agent, e.g. `--allow-host-network`.
+    pub fn agent_args(mut self, args: &[&str]) -> Self {
+        self.agent_args.extend(args.iter().map(|a| (*a).to_owned()));
+        self
+    }
+
     /// Starts the server and the agents and waits until every node is ready
     /// and connected. `None` when there is no Docker engine (the test then
     /// skips, loudly); any other failure panics with the logs.
@@ -135,19 +157,28 @@ impl ClusterBuilder {
             std::fs::write(workloads.join(format!("{file}.yaml")), yaml(&image))
                 .expect("write a workload file");
         }
-        let server =
-            ServerProcess::start_in(root, server_options(&self.config, None, self.insecure))
-                .await
-                .expect("start boilerhoused");
+        let policy_file = root.join(POLICY_FILE);
+        let policy = self
+            .policy
+            .unwrap_or_else(|| format!("local_sink_roots = [{:?}]\n", root.display().to_string()));
+        std::fs::write(&policy_file, policy).expect("write the admission policy");
+        let mut config = self.config;
+        config
+            .entry("policy_file")
+            .or_insert_with(|| policy_file.display().to_string().into());
+        let server = ServerProcess::start_in(root, server_options(&config, None, self.insecure))
+            .await
+            .expect("start boilerhoused");
         let mut cluster = Cluster {
             docker,
             image,
             listen: server.addrs.grpc,
             server,
             agents: Vec::new(),
-            config: self.config,
+            config,
             insecure: self.insecure,
             labels: self.labels,
+            agent_args: self.agent_args,
             timeout: self.timeout,
             dir: self.dir,
         };
@@ -171,7 +202,11 @@ pub struct Cluster {
     labels: Vec<(String, String)>,
     timeout: Duration,
     dir: tempfile::TempDir,
+    agent_args: Vec<String>,
 }
+
+/// The server's admission policy file, in the cluster's directory.
+const POLICY_FILE: &str = "policy.toml";
 
 impl Cluster {
     /// A cluster with no nodes, no workloads and [`DEFAULT_CONFIG`].
@@ -185,6 +220,8 @@ impl Cluster {
             workloads: Vec::new(),
             config,
             timeout: WAIT,
+            policy: None,
+            agent_args: Vec::new(),
             insecure: false,
         }
     }
@@ -202,6 +239,11 @@ impl Cluster {
     /// The directory everything lives in.
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// The server's admission policy file; see [`ClusterBuilder::policy`].
+    pub fn policy_file(&self) -> std::path::PathBuf {
+        self.dir.path().join(POLICY_FILE)
     }
 
     /// How long wait helpers poll.
@@ -447,6 +489,9 @@ impl Cluster {
             .server
             .node_tls(&node)
             .expect("issue the node's certificate");
+        options.args.push("--allow-sink-root".to_owned());
+        options.args.push(self.dir.path().display().to_string());
+        options.args.extend(self.agent_args.iter().cloned());
         let agent = AgentProcess::start(options).expect("start an agent");
         self.agents.push(agent);
     }

@@ -182,6 +182,11 @@ fn specific_rules() {
     assert_eq!(err("id: Bad_Id\nimage: y\n").field, "id");
     assert_eq!(err("id: x\n").field, "image");
     assert_eq!(err("id: x\nimage: y\nuser: root\n").field, "user");
+    assert_eq!(
+        err("id: x\nimage: y\nuser: \"+0:0\"\n").field,
+        "user",
+        "Docker reads +0 as uid 0"
+    );
     assert!(
         parse_workload(
             "w",

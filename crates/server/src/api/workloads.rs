@@ -26,6 +26,17 @@ impl From<EditError> for ApiError {
                 };
                 ApiError::invalid(field, err.reason)
             }
+            EditError::Refused(refusals) => ApiError::InvalidFields(
+                refusals
+                    .into_iter()
+                    .map(|r| {
+                        (
+                            format!("yaml.{}", r.field),
+                            format!("refused by the admission policy: {}", r.reason),
+                        )
+                    })
+                    .collect(),
+            ),
             EditError::NotFound(id) => ApiError::NotFound {
                 what: "workload",
                 id: id.to_string(),
