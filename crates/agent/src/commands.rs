@@ -327,8 +327,22 @@ impl Executor {
                 return Outcome::failed(e);
             }
         };
-        match self.syncs.run(&state_dir, &job).await {
-            Ok(reports) => {
+        let pause = if job.pause {
+            Some(Pause::begin(self.runtime.clone(), id.docker_name()).await)
+        } else {
+            None
+        };
+        let result = self.syncs.run(&state_dir, &job).await;
+        let (paused, pause_error) = match pause {
+            Some(pause) => pause.end().await,
+            None => (false, None),
+        };
+        match result {
+            Ok(mut reports) => {
+                for r in &mut reports {
+                    r.paused = paused;
+                    r.pause_error.clone_from(&pause_error);
+                }
                 let failures: Vec<String> = reports
                     .iter()
                     .filter(|r| r.pending > 0 || !r.errors.is_empty())
@@ -384,5 +398,61 @@ impl Executor {
     /// The runtime.
     pub fn runtime(&self) -> &Arc<dyn ContainerRuntime> {
         &self.runtime
+    }
+}
+
+/// A container paused for a consistent snapshot, and unpaused however the
+/// sync ends: at [`Pause::end`], or, if the sync's task is dropped midway,
+/// by a task spawned from the drop.
+struct Pause {
+    runtime: Arc<dyn ContainerRuntime>,
+    name: String,
+    /// Whether the container is paused and still owed an unpause.
+    paused: bool,
+    /// Why it could not be paused.
+    error: Option<String>,
+}
+
+impl Pause {
+    async fn begin(runtime: Arc<dyn ContainerRuntime>, name: String) -> Self {
+        let (paused, error) = match runtime.pause(&name).await {
+            Ok(()) => (true, None),
+            // A stopped container cannot change its files: its snapshot is
+            // consistent as it is.
+            Err(RuntimeError::Conflict(m)) if m.contains("not running") => (false, None),
+            Err(e) => {
+                tracing::warn!(container = %name, error = %e, "cannot pause the container; syncing it live");
+                (false, Some(e.to_string()))
+            }
+        };
+        Self {
+            runtime,
+            name,
+            paused,
+            error,
+        }
+    }
+
+    /// Unpauses; returns whether the sync ran paused, and why not if it
+    /// was meant to.
+    async fn end(mut self) -> (bool, Option<String>) {
+        let paused = std::mem::take(&mut self.paused);
+        if paused && let Err(e) = self.runtime.unpause(&self.name).await {
+            tracing::error!(container = %self.name, error = %e, "cannot unpause the container after a sync");
+        }
+        (paused, self.error.take())
+    }
+}
+
+impl Drop for Pause {
+    fn drop(&mut self) {
+        if self.paused {
+            let (runtime, name) = (self.runtime.clone(), std::mem::take(&mut self.name));
+            tokio::spawn(async move {
+                if let Err(e) = runtime.unpause(&name).await {
+                    tracing::error!(container = %name, error = %e, "cannot unpause the container after a cancelled sync");
+                }
+            });
+        }
     }
 }

@@ -324,6 +324,27 @@ impl ContainerRuntime for DockerRuntime {
         }
     }
 
+    async fn pause(&self, name_or_id: &str) -> Result<(), RuntimeError> {
+        match self.docker.pause_container(name_or_id).await {
+            Ok(()) => Ok(()),
+            Err(e) => match classify(e) {
+                RuntimeError::Conflict(m) if m.contains("already paused") => Ok(()),
+                other => Err(other),
+            },
+        }
+    }
+
+    async fn unpause(&self, name_or_id: &str) -> Result<(), RuntimeError> {
+        match self.docker.unpause_container(name_or_id).await {
+            Ok(()) => Ok(()),
+            Err(e) => match classify(e) {
+                RuntimeError::Conflict(m) if m.contains("not paused") => Ok(()),
+                RuntimeError::NotFound(_) => Ok(()),
+                other => Err(other),
+            },
+        }
+    }
+
     async fn update_limits(&self, name_or_id: &str, limits: &Limits) -> Result<(), RuntimeError> {
         let memory = limits.memory_bytes.map(|m| m as i64);
         let body = ContainerUpdateBody {

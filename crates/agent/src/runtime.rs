@@ -70,6 +70,12 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     async fn stop(&self, name_or_id: &str, timeout: Duration) -> Result<(), RuntimeError>;
     /// Removes it, running or not; removing a missing one succeeds.
     async fn remove(&self, name_or_id: &str) -> Result<(), RuntimeError>;
+    /// Freezes every process of a running container, so that its files
+    /// hold still while they are read. Pausing a paused one succeeds; one
+    /// that is not running is `Conflict`.
+    async fn pause(&self, name_or_id: &str) -> Result<(), RuntimeError>;
+    /// Thaws a paused container; unpausing one that is not paused succeeds.
+    async fn unpause(&self, name_or_id: &str) -> Result<(), RuntimeError>;
     /// Changes CPU and memory limits in place.
     async fn update_limits(&self, name_or_id: &str, limits: &Limits) -> Result<(), RuntimeError>;
     /// Start, die, oom, health and destroy events of `node`'s managed

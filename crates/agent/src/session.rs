@@ -394,6 +394,11 @@ fn result_message(command_id: String, outcome: &Outcome) -> pb::ConnectRequest {
                             bytes: r.bytes,
                             pending: r.pending,
                             errors: r.errors.clone(),
+                            warning: r.warning.clone().unwrap_or_default(),
+                            skipped: r.skipped.clone(),
+                            skipped_count: r.skipped_count,
+                            paused: r.paused,
+                            pause_error: r.pause_error.clone().unwrap_or_default(),
                         })
                         .collect(),
                 }),
@@ -469,6 +474,7 @@ pub fn decode_command(command: &pb::Command) -> Result<Command, String> {
                     spec,
                     phase: crate::sync::Phase::parse(&r.direction)?,
                     force,
+                    pause: r.pause,
                 },
             )
         }

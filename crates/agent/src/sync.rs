@@ -1,46 +1,45 @@
 //! Tenant state sync on the host: between a container's state directory
-//! and a sink, through `object_store`.
+//! and a sink.
 //!
-//! The decisions (which paths are safe, what moves) are `core::sync`'s;
-//! this module does the I/O. Three things matter here:
-//! - A tenant controls its state directory and may plant symlinks in it.
-//!   Nothing here follows one: listings skip them, a mapping whose path
-//!   passes through one is refused, and downloads write to a temporary
-//!   file and rename it over the destination, which replaces a link rather
-//!   than writing through it.
+//! The decisions (where a mapping's files are, which match, what moves,
+//! what must not happen silently) are `core::sync`'s; this module does the
+//! I/O. Three things matter here:
+//! - A tenant controls its state directory and may plant symlinks in it,
+//!   or swap a directory for one while a sync runs. Every open, list,
+//!   create, rename and delete goes through [`Beneath`]: resolved beneath
+//!   the state directory, never through a symlink at any depth. Symlinks
+//!   and special files are left alone and reported.
 //! - Files are streamed both ways in bounded chunks; a large file is never
 //!   held in memory.
 //! - The sink keeps a manifest of what it holds (size and the source
 //!   file's modification time), written after the objects, so unchanged
 //!   files are skipped and an interrupted sync only repeats work.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+mod sink;
 
-use bytes::Bytes;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
 use futures::StreamExt as _;
-use object_store::path::{Path as ObjectPath, PathPart};
-use object_store::{ObjectStore, ObjectStoreExt as _, PutPayload, WriteMultipart};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::AsyncWriteExt as _;
 
 use boilerhouse_core::TenantId;
-use boilerhouse_core::sync::{FileMeta, Listing, MANIFEST_KEY, Transfer, plan, safe_relative};
-use boilerhouse_core::workload::{SyncDirection, SyncSink, SyncSpec};
+use boilerhouse_core::sync::{
+    FileMeta, Listing, MANIFEST_KEY, MappingLayout, Transfer, plan_mapping,
+};
+use boilerhouse_core::workload::{SyncDirection, SyncMapping, SyncSink, SyncSpec};
 
-/// Files up to this size go up in one request; larger ones as multipart
-/// uploads of this part size.
-const PART_SIZE: usize = 8 * 1024 * 1024;
-/// Read buffer for streaming a file to the sink.
-const READ_CHUNK: usize = 1024 * 1024;
-/// Multipart parts in flight per file.
-const PARTS_IN_FLIGHT: usize = 4;
+use crate::beneath::{Beneath, BeneathError, SkippedKind, set_modified};
+use sink::Sink;
+pub use sink::Sinks;
+
 /// Errors kept per mapping in a report.
 const MAX_ERRORS: usize = 16;
+/// Skipped entries named per mapping in a report.
+const MAX_SKIPPED: usize = 16;
 /// Prefix of the agent's temporary files; never synced.
-const TEMP_PREFIX: &str = ".boilerhouse-";
+pub(crate) const TEMP_PREFIX: &str = ".boilerhouse-";
 
 pub use boilerhouse_core::sync::SyncPhase as Phase;
 
@@ -55,12 +54,14 @@ pub struct SyncJob {
     pub phase: Phase,
     /// Overrides each mapping's direction.
     pub force: Option<SyncDirection>,
+    /// Pause the container around the sync (release, drain, shutdown).
+    pub pause: bool,
 }
 
 /// What one mapping's sync did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MappingReport {
-    /// The mapping's path.
+    /// The mapping's id (its path, and its pattern when it has one).
     pub path: String,
     /// Files sent to the sink.
     pub uploaded: u32,
@@ -76,6 +77,16 @@ pub struct MappingReport {
     pub pending: u32,
     /// What went wrong.
     pub errors: Vec<String>,
+    /// Why the sync did not save what it was there to save.
+    pub warning: Option<String>,
+    /// Entries left alone (symlinks, special files), the first few.
+    pub skipped: Vec<String>,
+    /// All entries left alone.
+    pub skipped_count: u32,
+    /// Whether the container was paused for the sync.
+    pub paused: bool,
+    /// Why it was not, when it was asked to be.
+    pub pause_error: Option<String>,
 }
 
 impl MappingReport {
@@ -84,6 +95,14 @@ impl MappingReport {
         if self.errors.len() < MAX_ERRORS {
             self.errors.push(message);
         }
+    }
+
+    fn warn(&mut self, message: String) {
+        tracing::warn!(mapping = %self.path, warning = %message, "sync warning");
+        self.warning = Some(match self.warning.take() {
+            Some(earlier) => format!("{earlier}; {message}"),
+            None => message,
+        });
     }
 }
 
@@ -98,243 +117,35 @@ pub enum SyncError {
     Host(String),
 }
 
-/// The sink's record of what it holds, by path relative to the state
-/// directory.
+/// The sink's record of what it holds, by key below the tenant's prefix.
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Manifest {
     version: u32,
     files: Listing,
 }
 
-/// Opens sinks, caching one client per sink configuration.
-#[derive(Clone, Default)]
-pub struct Sinks {
-    stores: Arc<Mutex<HashMap<String, Arc<dyn ObjectStore>>>>,
-    credentials_file: Option<PathBuf>,
-}
-
-impl Sinks {
-    fn open(&self, sink: &SyncSink) -> Result<Arc<dyn ObjectStore>, SyncError> {
-        let key = serde_json::to_string(sink).map_err(|e| SyncError::Sink(e.to_string()))?;
-        let mut stores = self.stores.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(store) = stores.get(&key) {
-            return Ok(store.clone());
-        }
-        let store: Arc<dyn ObjectStore> = match sink {
-            SyncSink::Local { path, .. } => {
-                std::fs::create_dir_all(path).map_err(|e| {
-                    SyncError::Sink(format!("cannot create local sink directory {path}: {e}"))
-                })?;
-                Arc::new(
-                    object_store::local::LocalFileSystem::new_with_prefix(path)
-                        .map_err(|e| SyncError::Sink(e.to_string()))?,
-                )
-            }
-            SyncSink::S3 {
-                bucket,
-                region,
-                endpoint,
-                ..
-            } => Arc::new(s3(
-                bucket,
-                region.as_deref(),
-                endpoint.as_deref(),
-                self.credentials_file.as_deref(),
-            )?),
-        };
-        stores.insert(key, store.clone());
-        Ok(store)
+/// Joins key parts, leaving out empty ones.
+fn join_key(prefix: &str, key: &str) -> String {
+    match (prefix.is_empty(), key.is_empty()) {
+        (true, _) => key.to_owned(),
+        (false, true) => prefix.to_owned(),
+        (false, false) => format!("{prefix}/{key}"),
     }
 }
 
-/// An S3 client. Credentials come from the agent's credentials file when
-/// one is configured, else from the environment (`AWS_ACCESS_KEY_ID`,
-/// `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, or the container/instance
-/// metadata services object_store knows), else from the shared credentials
-/// file (`AWS_SHARED_CREDENTIALS_FILE`, default `~/.aws/credentials`,
-/// profile `AWS_PROFILE` or `default`), the way the AWS tools look.
-fn s3(
-    bucket: &str,
-    region: Option<&str>,
-    endpoint: Option<&str>,
-    credentials_file: Option<&Path>,
-) -> Result<object_store::aws::AmazonS3, SyncError> {
-    let mut builder = object_store::aws::AmazonS3Builder::from_env()
-        .with_bucket_name(bucket)
-        .with_region(region.unwrap_or("us-east-1"));
-    if let Some(endpoint) = endpoint {
-        builder = builder
-            .with_endpoint(endpoint)
-            .with_allow_http(endpoint.starts_with("http://"));
-    }
-    let from_file = match credentials_file {
-        Some(path) => credentials_from_file(Some(path.to_path_buf()))?,
-        None if std::env::var_os("AWS_ACCESS_KEY_ID").is_none() => credentials_from_file(None)?,
-        None => None,
-    };
-    if let Some((key, secret, token)) = from_file {
-        builder = builder
-            .with_access_key_id(key)
-            .with_secret_access_key(secret);
-        if let Some(token) = token {
-            builder = builder.with_token(token);
-        }
-    }
-    builder
-        .build()
-        .map_err(|e| SyncError::Sink(format!("cannot configure s3 bucket {bucket}: {e}")))
+/// A path's components below a directory, split at its last one.
+fn split_rel(rel: &str) -> (Vec<String>, String) {
+    let mut parts: Vec<String> = rel.split('/').map(str::to_owned).collect();
+    let name = parts.pop().unwrap_or_default();
+    (parts, name)
 }
 
-type Credentials = (String, String, Option<String>);
-
-fn credentials_from_file(explicit: Option<PathBuf>) -> Result<Option<Credentials>, SyncError> {
-    let required = explicit.is_some();
-    let path = match explicit
-        .or_else(|| std::env::var_os("AWS_SHARED_CREDENTIALS_FILE").map(PathBuf::from))
-    {
-        Some(p) => p,
-        None => match std::env::var_os("HOME") {
-            Some(home) => PathBuf::from(home).join(".aws/credentials"),
-            None => return Ok(None),
-        },
-    };
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => return Ok(None),
-        Err(e) => {
-            return Err(SyncError::Sink(format!(
-                "cannot read credentials file {}: {e}",
-                path.display()
-            )));
-        }
-    };
-    let profile = std::env::var("AWS_PROFILE").unwrap_or_else(|_| "default".to_owned());
-    parse_credentials(&text, &profile)
-        .map(Some)
-        .ok_or_else(|| {
-            SyncError::Sink(format!(
-                "credentials file {} has no aws_access_key_id and aws_secret_access_key for profile {profile}",
-                path.display()
-            ))
-        })
-}
-
-/// Reads one profile of an AWS shared credentials file (INI).
-fn parse_credentials(text: &str, profile: &str) -> Option<Credentials> {
-    let mut in_profile = false;
-    let (mut key, mut secret, mut token) = (None, None, None);
-    for line in text.lines().map(str::trim) {
-        if line.starts_with('#') || line.starts_with(';') || line.is_empty() {
-            continue;
-        }
-        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
-            in_profile = name.trim() == profile;
-            continue;
-        }
-        if !in_profile {
-            continue;
-        }
-        if let Some((k, v)) = line.split_once('=') {
-            let v = v.trim().to_owned();
-            match k.trim() {
-                "aws_access_key_id" => key = Some(v),
-                "aws_secret_access_key" => secret = Some(v),
-                "aws_session_token" => token = Some(v),
-                _ => {}
-            }
-        }
-    }
-    Some((key?, secret?, token))
-}
-
-fn object_path(prefix: &ObjectPath, relative: &str) -> ObjectPath {
-    let mut parts: Vec<PathPart<'static>> = prefix
-        .parts()
-        .map(|p| p.as_ref().to_owned().into())
-        .collect();
-    parts.extend(relative.split('/').map(|p| PathPart::from(p.to_owned())));
-    ObjectPath::from_iter(parts)
-}
-
-fn millis(time: SystemTime) -> i64 {
-    match time.duration_since(UNIX_EPOCH) {
-        Ok(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
-        Err(e) => -i64::try_from(e.duration().as_millis()).unwrap_or(i64::MAX),
-    }
-}
-
-fn meta_of(m: &std::fs::Metadata) -> FileMeta {
-    FileMeta {
-        size: m.len(),
-        modified_ms: m.modified().map(millis).unwrap_or(0),
-    }
-}
-
-/// Resolves a mapping under `state_dir`, refusing a path that passes
-/// through a symlink. Missing components are fine (nothing there yet).
-fn mapping_dir(state_dir: &Path, mapping: &str) -> Result<(PathBuf, String), String> {
-    let parts = safe_relative(mapping)?;
-    let mut dir = state_dir.to_path_buf();
-    for part in &parts {
-        dir.push(part);
-        match std::fs::symlink_metadata(&dir) {
-            Ok(m) if m.file_type().is_symlink() => {
-                return Err(format!(
-                    "mapping {mapping:?} passes through a symlink ({part}); refusing to follow it out of the state directory"
-                ));
-            }
-            Ok(m) if !m.is_dir() => {
-                return Err(format!("mapping {mapping:?}: {part} is not a directory"));
-            }
-            _ => {}
-        }
-    }
-    Ok((dir, parts.join("/")))
-}
-
-/// Regular files under `dir`, keyed by path relative to the state
-/// directory (`key_prefix` is `dir`'s). Symlinks and special files are
-/// never followed or synced.
-fn list_local(dir: &Path, key_prefix: &str) -> std::io::Result<(Listing, u32)> {
-    let mut listing = Listing::new();
-    let mut skipped = 0;
-    let mut stack = vec![(dir.to_path_buf(), key_prefix.to_owned())];
-    while let Some((dir, key)) = stack.pop() {
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(e),
-        };
-        for entry in entries {
-            let entry = entry?;
-            let name = entry.file_name();
-            let Some(name) = name.to_str() else {
-                skipped += 1;
-                continue;
-            };
-            if name.starts_with(TEMP_PREFIX) {
-                continue;
-            }
-            let child_key = if key.is_empty() {
-                name.to_owned()
-            } else {
-                format!("{key}/{name}")
-            };
-            let m = std::fs::symlink_metadata(entry.path())?;
-            if m.is_dir() {
-                stack.push((entry.path(), child_key));
-            } else if m.is_file() {
-                listing.insert(child_key, meta_of(&m));
-            } else {
-                skipped += 1;
-            }
-        }
-    }
-    Ok((listing, skipped))
-}
-
-fn under(key: &str, prefix: &str) -> bool {
-    prefix.is_empty() || key == prefix || key.starts_with(&format!("{prefix}/"))
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| e.to_string())?
 }
 
 /// Runs sync jobs against the host's container directories.
@@ -343,44 +154,46 @@ pub struct SyncRunner {
     sinks: Sinks,
 }
 
+/// One mapping while it syncs.
+struct MappingRun<'a> {
+    sink: &'a Sink,
+    /// The tenant's prefix in the sink.
+    prefix: &'a str,
+    /// The state directory.
+    root: &'a Arc<Beneath>,
+    layout: MappingLayout,
+    /// The mapping's directory, once it exists.
+    dir: Option<Arc<Beneath>>,
+}
+
 impl SyncRunner {
     /// A runner whose S3 sinks take credentials from `path` (an AWS shared
     /// credentials file) before the environment.
     pub fn with_credentials_file(path: Option<PathBuf>) -> Self {
         Self {
-            sinks: Sinks {
-                credentials_file: path,
-                ..Default::default()
-            },
+            sinks: Sinks::with_credentials_file(path),
         }
     }
 
     /// Syncs `job` for the state directory `state_dir`. A mapping that
-    /// fails is reported and the others still run; only a sink that cannot
-    /// be opened at all is an error.
+    /// fails is reported and the others still run; only a state directory
+    /// or a sink that cannot be opened at all is an error.
     pub async fn run(
         &self,
         state_dir: &Path,
         job: &SyncJob,
     ) -> Result<Vec<MappingReport>, SyncError> {
-        if !state_dir.is_dir() {
-            return Err(SyncError::Host(format!(
-                "state directory {} does not exist",
-                state_dir.display()
-            )));
-        }
-        let store = self.sinks.open(&job.spec.sink)?;
+        let root = Arc::new(
+            Beneath::open(state_dir)
+                .map_err(|e| SyncError::Host(format!("cannot open the state directory: {e}")))?,
+        );
+        let sink = self.sinks.open(&job.spec.sink)?;
         let template = match &job.spec.sink {
             SyncSink::Local { prefix, .. } | SyncSink::S3 { prefix, .. } => prefix,
         };
-        let prefix = ObjectPath::from_iter(
-            boilerhouse_core::sync::tenant_prefix(template, &job.tenant)
-                .split('/')
-                .filter(|p| !p.is_empty())
-                .map(|p| PathPart::from(p.to_owned())),
-        );
-        let manifest_path = object_path(&prefix, MANIFEST_KEY);
-        let mut manifest = read_manifest(&*store, &manifest_path).await?;
+        let prefix = boilerhouse_core::sync::tenant_prefix(template, &job.tenant);
+        let manifest_key = join_key(&prefix, MANIFEST_KEY);
+        let mut manifest = read_manifest(&sink, &manifest_key).await?;
         let mut reports = Vec::new();
         let mut changed = false;
         for mapping in job
@@ -390,59 +203,68 @@ impl SyncRunner {
             .filter(|m| job.force.is_some() || job.phase.selects(m.direction))
         {
             let mut report = MappingReport {
-                path: mapping.path.clone(),
+                path: mapping.id(),
                 ..Default::default()
             };
-            let direction = job.force.unwrap_or(mapping.direction);
-            match mapping_dir(state_dir, &mapping.path) {
-                Err(why) => report.error(why),
-                Ok((dir, key_prefix)) => {
-                    let moved = self
-                        .sync_mapping(
-                            &*store,
-                            &prefix,
-                            state_dir,
-                            &dir,
-                            &key_prefix,
-                            direction,
-                            mapping.mode,
-                            &mut manifest,
-                            &mut report,
-                        )
-                        .await;
-                    changed |= moved;
+            match MappingLayout::new(mapping) {
+                Err(why) => report.error(format!("invalid mapping: {why}")),
+                Ok(layout) => {
+                    let mut run = MappingRun {
+                        sink: &sink,
+                        prefix: &prefix,
+                        root: &root,
+                        layout,
+                        dir: None,
+                    };
+                    changed |= run.sync(job, mapping, &mut manifest, &mut report).await;
                 }
             }
             reports.push(report);
         }
         if changed {
-            write_manifest(&*store, &manifest_path, &manifest).await?;
+            write_manifest(&sink, &manifest_key, &manifest).await?;
         }
         Ok(reports)
     }
+}
 
-    #[allow(clippy::too_many_arguments)]
-    async fn sync_mapping(
-        &self,
-        store: &dyn ObjectStore,
-        prefix: &ObjectPath,
-        state_dir: &Path,
-        dir: &Path,
-        key_prefix: &str,
-        direction: SyncDirection,
-        mode: boilerhouse_core::workload::SyncMode,
+impl MappingRun<'_> {
+    /// Syncs one mapping; returns whether the manifest changed.
+    async fn sync(
+        &mut self,
+        job: &SyncJob,
+        mapping: &SyncMapping,
         manifest: &mut Manifest,
         report: &mut MappingReport,
     ) -> bool {
-        let listed = {
-            let dir = dir.to_path_buf();
-            let key_prefix = key_prefix.to_owned();
-            tokio::task::spawn_blocking(move || list_local(&dir, &key_prefix)).await
+        let direction = job.force.unwrap_or(mapping.direction);
+        // Whether this sync is there to save the host's files.
+        let uploading = direction == SyncDirection::Upload
+            || (direction == SyncDirection::Bidirectional && job.phase == Phase::Upload);
+        let dir = {
+            let (root, parts) = (self.root.clone(), self.layout.dir().to_vec());
+            tokio::task::spawn_blocking(move || root.dir(&parts)).await
         };
-        let local = match listed {
-            Ok(Ok((listing, _skipped))) => listing,
+        self.dir = match dir {
+            Ok(Ok(dir)) => Some(Arc::new(dir)),
+            Ok(Err(e)) if e.is_not_found() => None,
+            // The tenant put a symlink (or a file) where the mapping's
+            // directory should be. Nothing is followed; a save has nothing
+            // to save and says so, as for a missing directory, rather than
+            // failing for ever and keeping the container; a restore cannot
+            // restore and fails.
+            Ok(Err(e @ (BeneathError::Symlink { .. } | BeneathError::NotADirectory { .. })))
+                if uploading || self.layout.remote(&manifest.files).is_empty() =>
+            {
+                report.warn(if uploading {
+                    format!("{e}; nothing was saved from it")
+                } else {
+                    format!("{e}; the sink holds nothing to restore into it")
+                });
+                return false;
+            }
             Ok(Err(e)) => {
-                report.error(format!("cannot list {}: {e}", dir.display()));
+                report.error(refusal(&e));
                 return false;
             }
             Err(e) => {
@@ -450,14 +272,30 @@ impl SyncRunner {
                 return false;
             }
         };
-        let remote: Listing = manifest
-            .files
-            .iter()
-            .filter(|(k, _)| under(k, key_prefix))
-            .map(|(k, v)| (k.clone(), *v))
-            .collect();
-        let steps = plan(direction, mode, &local, &remote);
-        let touched: std::collections::BTreeSet<&String> = steps
+        let local = match &self.dir {
+            None => Listing::new(),
+            Some(dir) => match self.list(dir.clone(), report).await {
+                Ok(listing) => listing,
+                Err(e) => {
+                    report.error(e);
+                    return false;
+                }
+            },
+        };
+        let remote = self.layout.remote(&manifest.files);
+        let planned = plan_mapping(
+            direction,
+            mapping.mode,
+            uploading,
+            self.dir.is_some(),
+            &local,
+            &remote,
+        );
+        if let Some(warning) = planned.warning {
+            report.warn(warning);
+        }
+        let touched: std::collections::BTreeSet<&String> = planned
+            .steps
             .iter()
             .map(|s| match s {
                 Transfer::Upload(p)
@@ -475,49 +313,44 @@ impl SyncRunner {
         )
         .unwrap_or(u32::MAX);
         let mut changed = false;
-        for step in steps {
+        for step in planned.steps {
             let result = match &step {
-                Transfer::Upload(key) => {
-                    match upload(store, &object_path(prefix, key), &state_dir.join(key)).await {
-                        Ok(meta) => {
-                            report.uploaded += 1;
-                            report.bytes += meta.size;
-                            manifest.files.insert(key.clone(), meta);
-                            changed = true;
-                            Ok(())
-                        }
-                        Err(e) => Err(format!("upload {key}: {e}")),
+                Transfer::Upload(rel) => match self.upload(rel).await {
+                    Ok(meta) => {
+                        report.uploaded += 1;
+                        report.bytes += meta.size;
+                        manifest.files.insert(self.layout.key(rel), meta);
+                        changed = true;
+                        Ok(())
                     }
-                }
-                Transfer::Download(key) => {
-                    let meta = remote[key];
-                    match download(store, &object_path(prefix, key), state_dir, key, meta).await {
-                        Ok(bytes) => {
-                            report.downloaded += 1;
-                            report.bytes += bytes;
-                            Ok(())
-                        }
-                        Err(e) => Err(format!("download {key}: {e}")),
+                    Err(e) => Err(format!("upload {rel}: {e}")),
+                },
+                Transfer::Download(rel) => match self.download(rel, remote[rel]).await {
+                    Ok(bytes) => {
+                        report.downloaded += 1;
+                        report.bytes += bytes;
+                        Ok(())
                     }
-                }
-                Transfer::DeleteRemote(key) => {
-                    match store.delete(&object_path(prefix, key)).await {
-                        Ok(()) | Err(object_store::Error::NotFound { .. }) => {
-                            manifest.files.remove(key);
+                    Err(e) => Err(format!("download {rel}: {e}")),
+                },
+                Transfer::DeleteRemote(rel) => {
+                    let key = self.layout.key(rel);
+                    match self.sink.delete(&join_key(self.prefix, &key)).await {
+                        Ok(()) => {
+                            manifest.files.remove(&key);
                             report.deleted += 1;
                             changed = true;
                             Ok(())
                         }
-                        Err(e) => Err(format!("delete {key} from the sink: {e}")),
+                        Err(e) => Err(format!("delete {rel} from the sink: {e}")),
                     }
                 }
-                Transfer::DeleteLocal(key) => match std::fs::remove_file(state_dir.join(key)) {
+                Transfer::DeleteLocal(rel) => match self.delete_local(rel).await {
                     Ok(()) => {
                         report.deleted += 1;
                         Ok(())
                     }
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                    Err(e) => Err(format!("delete {key}: {e}")),
+                    Err(e) => Err(format!("delete {rel}: {e}")),
                 },
             };
             if let Err(e) = result {
@@ -527,208 +360,180 @@ impl SyncRunner {
         }
         changed
     }
+
+    /// The mapping's regular files that it selects, by path below its
+    /// directory; what was left alone goes in the report, and is a warning
+    /// when it could hold the mapping's files.
+    async fn list(&self, dir: Arc<Beneath>, report: &mut MappingReport) -> Result<Listing, String> {
+        let walk = blocking(move || dir.walk(TEMP_PREFIX).map_err(|e| e.to_string())).await?;
+        let mut symlinks = Vec::new();
+        for skipped in &walk.skipped {
+            report.skipped_count += 1;
+            if report.skipped.len() < MAX_SKIPPED {
+                report.skipped.push(skipped.path.clone());
+            }
+            if matches!(skipped.kind, SkippedKind::Symlink) && symlinks.len() < MAX_SKIPPED {
+                symlinks.push(skipped.path.clone());
+            }
+        }
+        if report.skipped_count > 0 {
+            report.warn(format!(
+                "left {} entr{} that {} not regular files (symlinks are never followed): {}",
+                report.skipped_count,
+                if report.skipped_count == 1 {
+                    "y"
+                } else {
+                    "ies"
+                },
+                if report.skipped_count == 1 {
+                    "is"
+                } else {
+                    "are"
+                },
+                report.skipped.join(", ")
+            ));
+        }
+        let listing = walk
+            .files
+            .into_iter()
+            .map(|(rel, stat)| {
+                (
+                    rel,
+                    FileMeta {
+                        size: stat.size,
+                        modified_ms: stat.modified_ms,
+                    },
+                )
+            })
+            .collect();
+        Ok(self.layout.local(listing))
+    }
+
+    /// Streams one host file to the sink. Returns the metadata the file had
+    /// when the upload began: if it changes meanwhile, the manifest records
+    /// the older state and the next sync sends it again.
+    async fn upload(&self, rel: &str) -> Result<FileMeta, String> {
+        let dir = self.dir.clone().ok_or("the directory is gone")?;
+        let parts: Vec<String> = rel.split('/').map(str::to_owned).collect();
+        let (file, stat) =
+            blocking(move || dir.open_file_at(&parts).map_err(|e| e.to_string())).await?;
+        let meta = FileMeta {
+            size: stat.size,
+            modified_ms: stat.modified_ms,
+        };
+        let key = join_key(self.prefix, &self.layout.key(rel));
+        self.sink.put_file(&key, file, stat.size).await?;
+        Ok(meta)
+    }
+
+    /// Streams one sink object into the mapping's directory: into a
+    /// temporary file beside the destination, then renamed over it (a
+    /// symlink there is replaced, never written through), with the
+    /// source's modification time restored so the next sync sees it
+    /// unchanged. Directories created on the way, and the file, belong to
+    /// the state directory's owner, so a non-root tenant can use them.
+    async fn download(&mut self, rel: &str, meta: FileMeta) -> Result<u64, String> {
+        let key = join_key(self.prefix, &self.layout.key(rel));
+        let Some(mut stream) = self.sink.get_stream(&key).await? else {
+            return Err("the sink's manifest lists it, but the sink does not hold it".into());
+        };
+        let (root, mapping_dir) = (self.root.clone(), self.layout.dir().to_vec());
+        let existing = self.dir.clone();
+        let (parents, name) = split_rel(rel);
+        let (dir, parent, tmp, file) = blocking(move || {
+            let owner = root.owner().map_err(|e| e.to_string())?;
+            let dir = match existing {
+                Some(dir) => dir,
+                None => Arc::new(
+                    root.create_dirs(&mapping_dir, Some(owner))
+                        .map_err(|e| e.to_string())?,
+                ),
+            };
+            let parent = dir
+                .create_dirs(&parents, Some(owner))
+                .map_err(|e| e.to_string())?;
+            let (tmp, file) = parent
+                .create_temp(TEMP_PREFIX, Some(owner))
+                .map_err(|e| e.to_string())?;
+            Ok((dir, parent, tmp, file))
+        })
+        .await?;
+        self.dir = Some(dir);
+        let mut file = tokio::fs::File::from_std(file);
+        let mut written = 0u64;
+        let streamed: Result<(), String> = async {
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk?;
+                written += chunk.len() as u64;
+                file.write_all(&chunk).await.map_err(|e| e.to_string())?;
+            }
+            file.flush().await.map_err(|e| e.to_string())
+        }
+        .await;
+        let file = file.into_std().await;
+        blocking(move || {
+            let finished = streamed
+                .and_then(|()| set_modified(&file, meta.modified_ms).map_err(|e| e.to_string()))
+                .and_then(|()| {
+                    drop(file);
+                    parent.rename(&tmp, &name).map_err(|e| e.to_string())
+                });
+            if finished.is_err() {
+                parent.remove_temp(&tmp);
+            }
+            finished
+        })
+        .await?;
+        Ok(written)
+    }
+
+    /// Removes one host file (or a symlink in its place, never what it
+    /// points to).
+    async fn delete_local(&self, rel: &str) -> Result<(), String> {
+        let Some(dir) = self.dir.clone() else {
+            return Ok(());
+        };
+        let (parents, name) = split_rel(rel);
+        blocking(
+            move || match dir.dir(&parents).and_then(|d| d.remove_file(&name)) {
+                Ok(()) => Ok(()),
+                Err(e) if e.is_not_found() => Ok(()),
+                Err(e) => Err(e.to_string()),
+            },
+        )
+        .await
+    }
 }
 
-async fn read_manifest(store: &dyn ObjectStore, path: &ObjectPath) -> Result<Manifest, SyncError> {
-    match store.get(path).await {
-        Ok(got) => {
-            let bytes = got
-                .bytes()
-                .await
-                .map_err(|e| SyncError::Sink(format!("cannot read the manifest {path}: {e}")))?;
-            serde_json::from_slice(&bytes)
-                .map_err(|e| SyncError::Sink(format!("the manifest {path} is damaged: {e}")))
+/// What a mapping whose directory cannot be opened says.
+fn refusal(e: &BeneathError) -> String {
+    match e {
+        BeneathError::Symlink { .. } => {
+            format!("{e}; refusing to follow it out of the state directory")
         }
-        Err(object_store::Error::NotFound { .. }) => Ok(Manifest {
+        _ => e.to_string(),
+    }
+}
+
+async fn read_manifest(sink: &Sink, key: &str) -> Result<Manifest, SyncError> {
+    match sink.get_all(key).await {
+        Ok(Some(bytes)) => serde_json::from_slice(&bytes)
+            .map_err(|e| SyncError::Sink(format!("the manifest {key} is damaged: {e}"))),
+        Ok(None) => Ok(Manifest {
             version: 1,
             files: Listing::new(),
         }),
         Err(e) => Err(SyncError::Sink(format!(
-            "cannot read the manifest {path}: {e}"
+            "cannot read the manifest {key}: {e}"
         ))),
     }
 }
 
-async fn write_manifest(
-    store: &dyn ObjectStore,
-    path: &ObjectPath,
-    manifest: &Manifest,
-) -> Result<(), SyncError> {
+async fn write_manifest(sink: &Sink, key: &str, manifest: &Manifest) -> Result<(), SyncError> {
     let bytes = serde_json::to_vec(manifest).map_err(|e| SyncError::Sink(e.to_string()))?;
-    store
-        .put(path, PutPayload::from(bytes))
+    sink.put_all(key, bytes)
         .await
-        .map_err(|e| SyncError::Sink(format!("cannot write the manifest {path}: {e}")))?;
-    Ok(())
-}
-
-/// Streams one host file to the sink. Returns the metadata the file had
-/// when the upload began: if it changes meanwhile, the manifest records
-/// the older state and the next sync sends it again.
-async fn upload(store: &dyn ObjectStore, to: &ObjectPath, from: &Path) -> Result<FileMeta, String> {
-    let (file, meta) = {
-        let from = from.to_path_buf();
-        tokio::task::spawn_blocking(move || -> std::io::Result<_> {
-            // O_NOFOLLOW: a file swapped for a symlink since the listing
-            // must not be read through.
-            use std::os::unix::fs::OpenOptionsExt as _;
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
-                .open(&from)?;
-            let meta = meta_of(&file.metadata()?);
-            Ok((file, meta))
-        })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?
-    };
-    let mut file = tokio::fs::File::from_std(file);
-    let mut read_chunk = async |limit: usize| -> Result<Vec<u8>, String> {
-        let mut buf = Vec::with_capacity(limit);
-        (&mut file)
-            .take(limit as u64)
-            .read_to_end(&mut buf)
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(buf)
-    };
-    if meta.size <= PART_SIZE as u64 {
-        let bytes = read_chunk(PART_SIZE).await?;
-        store
-            .put(to, PutPayload::from(bytes))
-            .await
-            .map_err(|e| e.to_string())?;
-        return Ok(meta);
-    }
-    let upload = store.put_multipart(to).await.map_err(|e| e.to_string())?;
-    let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
-    loop {
-        let chunk = match read_chunk(READ_CHUNK).await {
-            Ok(c) => c,
-            Err(e) => {
-                let _ = writer.abort().await;
-                return Err(e);
-            }
-        };
-        if chunk.is_empty() {
-            break;
-        }
-        // Bounds memory: at most PARTS_IN_FLIGHT parts are buffered.
-        if let Err(e) = writer.wait_for_capacity(PARTS_IN_FLIGHT).await {
-            return Err(e.to_string());
-        }
-        writer.put(Bytes::from(chunk));
-    }
-    writer.finish().await.map_err(|e| e.to_string())?;
-    Ok(meta)
-}
-
-/// Streams one sink object to the host: into a temporary file beside the
-/// destination, then renamed over it, with the source's modification time
-/// restored so the next sync sees it unchanged. Directories created on the
-/// way, and the file, belong to the state directory's owner, so a non-root
-/// tenant can use what was restored.
-async fn download(
-    store: &dyn ObjectStore,
-    from: &ObjectPath,
-    state_dir: &Path,
-    key: &str,
-    meta: FileMeta,
-) -> Result<u64, String> {
-    let parts = safe_relative(key)?;
-    let Some((name, dirs)) = parts.split_last() else {
-        return Err("empty path".into());
-    };
-    let (parent, tmp, mut file) = {
-        let state_dir = state_dir.to_path_buf();
-        let dirs = dirs.to_vec();
-        tokio::task::spawn_blocking(move || -> Result<_, String> {
-            let owner = std::fs::metadata(&state_dir).map_err(|e| e.to_string())?;
-            let mut dir = state_dir.clone();
-            for part in &dirs {
-                dir.push(part);
-                match std::fs::symlink_metadata(&dir) {
-                    Ok(m) if m.file_type().is_symlink() => {
-                        return Err(format!("{} is a symlink; not following it", dir.display()));
-                    }
-                    Ok(m) if m.is_dir() => {}
-                    Ok(_) => return Err(format!("{} is not a directory", dir.display())),
-                    Err(_) => {
-                        std::fs::create_dir(&dir).map_err(|e| e.to_string())?;
-                        chown_like(&dir, &owner);
-                    }
-                }
-            }
-            let tmp = dir.join(format!("{TEMP_PREFIX}{}", uuid::Uuid::now_v7()));
-            let file = std::fs::File::create(&tmp).map_err(|e| e.to_string())?;
-            chown_like(&tmp, &owner);
-            Ok((dir, tmp, tokio::fs::File::from_std(file)))
-        })
-        .await
-        .map_err(|e| e.to_string())??
-    };
-    let cleanup = |tmp: PathBuf| {
-        let _ = std::fs::remove_file(tmp);
-    };
-    let got = match store.get(from).await {
-        Ok(g) => g,
-        Err(e) => {
-            cleanup(tmp);
-            return Err(e.to_string());
-        }
-    };
-    let mut stream = got.into_stream();
-    let mut written = 0u64;
-    while let Some(chunk) = stream.next().await {
-        let chunk = match chunk {
-            Ok(c) => c,
-            Err(e) => {
-                cleanup(tmp);
-                return Err(e.to_string());
-            }
-        };
-        written += chunk.len() as u64;
-        if let Err(e) = file.write_all(&chunk).await {
-            cleanup(tmp);
-            return Err(e.to_string());
-        }
-    }
-    if let Err(e) = file.flush().await {
-        cleanup(tmp);
-        return Err(e.to_string());
-    }
-    let file = file.into_std().await;
-    let dest = parent.join(name);
-    let finished = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-        let mtime = if meta.modified_ms >= 0 {
-            UNIX_EPOCH + Duration::from_millis(meta.modified_ms.unsigned_abs())
-        } else {
-            UNIX_EPOCH
-        };
-        file.set_modified(mtime)?;
-        drop(file);
-        if std::fs::symlink_metadata(&dest).is_ok_and(|m| m.is_dir()) {
-            return Err(std::io::Error::other(format!(
-                "{} is a directory",
-                dest.display()
-            )));
-        }
-        std::fs::rename(&tmp, &dest).inspect_err(|_| {
-            let _ = std::fs::remove_file(&tmp);
-        })
-    })
-    .await
-    .map_err(|e| e.to_string())?;
-    finished.map_err(|e| e.to_string())?;
-    Ok(written)
-}
-
-fn chown_like(path: &Path, like: &std::fs::Metadata) {
-    use std::os::unix::fs::MetadataExt as _;
-    // Best effort: an unprivileged agent (tests) cannot chown, and then the
-    // files are its own anyway.
-    let _ = std::os::unix::fs::chown(path, Some(like.uid()), Some(like.gid()));
+        .map_err(|e| SyncError::Sink(format!("cannot write the manifest {key}: {e}")))
 }
 
 #[cfg(test)]

@@ -471,6 +471,7 @@ fn run_sync(spec: &ContainerSpec, sync: &SyncSpec, direction: &str) -> pb::comma
         sync_spec_json: serde_json::to_string(sync).unwrap(),
         direction: direction.into(),
         force_direction: pb::SyncDirection::Unspecified as i32,
+        pause: false,
     })
 }
 

@@ -39,6 +39,9 @@ async fn an_s3_sink_round_trips_files_incrementally_under_the_tenant_prefix() {
         },
         mappings: vec![SyncMapping {
             path: ".".into(),
+            dir: None,
+            pattern: None,
+            sink_path: None,
             direction: SyncDirection::Bidirectional,
             mode: SyncMode::Copy,
         }],
@@ -47,6 +50,7 @@ async fn an_s3_sink_round_trips_files_incrementally_under_the_tenant_prefix() {
             on_release: true,
             interval: None,
             on_claim_error: OnClaimError::Fail,
+            manual: false,
         },
     };
     let job = |phase| SyncJob {
@@ -54,6 +58,7 @@ async fn an_s3_sink_round_trips_files_incrementally_under_the_tenant_prefix() {
         spec: spec.clone(),
         phase,
         force: None,
+        pause: false,
     };
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
     write(&a.join("notes.txt"), b"from container a");

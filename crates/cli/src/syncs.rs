@@ -22,6 +22,9 @@ struct SyncView {
     lag: String,
     lag_seconds: f64,
     bytes: u64,
+    /// Why the state is `warning`.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    warning: String,
     errors: Vec<SyncErrorView>,
 }
 
@@ -59,6 +62,7 @@ impl From<&pb::SyncStatus> for SyncView {
             },
             lag_seconds: lag.as_secs_f64(),
             bytes: s.bytes_transferred,
+            warning: s.warning.clone(),
             errors: s
                 .recent_errors
                 .iter()
@@ -90,7 +94,7 @@ fn print_statuses(statuses: &[pb::SyncStatus], format: Format) -> Result<(), Cli
         "PENDING",
         "LAG",
         "BYTES",
-        "LAST ERROR",
+        "NOTE",
     ]);
     for v in &views {
         t.add_row(vec![
@@ -102,10 +106,17 @@ fn print_statuses(statuses: &[pb::SyncStatus], format: Format) -> Result<(), Cli
             v.pending.to_string(),
             v.lag.clone(),
             v.bytes.to_string(),
-            v.errors
-                .last()
-                .map(|e| format!("{} {}", e.at, e.message))
-                .unwrap_or_default(),
+            // A warning is the current state's reason; errors are
+            // history, shown when the last run failed.
+            if v.warning.is_empty() {
+                v.errors
+                    .last()
+                    .filter(|_| v.state != "ok")
+                    .map(|e| format!("{} {}", e.at, e.message))
+                    .unwrap_or_default()
+            } else {
+                v.warning.clone()
+            },
         ]);
     }
     print_table(&t);

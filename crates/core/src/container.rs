@@ -244,7 +244,8 @@ impl ObservedContainer {
 
     /// Whether the process is up.
     pub fn is_running(&self) -> bool {
-        self.docker_state == "running"
+        // A paused container (frozen for a consistent sync) is still up.
+        matches!(self.docker_state.as_str(), "running" | "paused")
     }
 }
 

@@ -136,6 +136,10 @@ pub enum EventKind {
     SyncReleasePending,
     /// An owed upload on release was settled (done or given up).
     SyncReleaseSettled,
+    /// A sync completed without saving what it was there to save: its
+    /// directory is missing, nothing matched while the sink holds files, or
+    /// entries that are not regular files (symlinks) were left behind.
+    SyncWarning,
 }
 
 impl EventKind {
@@ -181,6 +185,7 @@ impl EventKind {
         EventKind::SyncFailed,
         EventKind::SyncReleasePending,
         EventKind::SyncReleaseSettled,
+        EventKind::SyncWarning,
     ];
 
     /// The dotted name.
@@ -226,6 +231,7 @@ impl EventKind {
             EventKind::SyncFailed => "sync.failed",
             EventKind::SyncReleasePending => "sync.release_pending",
             EventKind::SyncReleaseSettled => "sync.release_settled",
+            EventKind::SyncWarning => "sync.warning",
         }
     }
 
@@ -242,6 +248,7 @@ impl EventKind {
             | EventKind::ReconcileDestroyed
             | EventKind::ReconcileRebuilt
             | EventKind::SyncFailed
+            | EventKind::SyncWarning
             | EventKind::SyncReleasePending => Severity::Warning,
             EventKind::NodeLost | EventKind::NodeRestricted | EventKind::NodeImpersonation => {
                 Severity::Error

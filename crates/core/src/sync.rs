@@ -19,6 +19,9 @@ use serde::{Deserialize, Serialize};
 use crate::ids::TenantId;
 use crate::workload::{SyncDirection, SyncMode};
 
+mod layout;
+pub use layout::{MappingLayout, MappingPlan, PathFilter, plan_mapping};
+
 /// The variable a sink prefix may contain.
 pub const TENANT_VARIABLE: &str = "${tenantId}";
 
@@ -214,6 +217,10 @@ pub enum SyncState {
     Running,
     /// The last run moved everything it had to.
     Ok,
+    /// The last run completed but did not save what it was there to save
+    /// (a missing directory, nothing matched while the sink holds files);
+    /// [`SyncStatus::warning`] says why.
+    Warning,
     /// The last run failed or left files behind.
     Error,
 }
@@ -226,6 +233,7 @@ impl SyncState {
             SyncState::Pending => "pending",
             SyncState::Running => "running",
             SyncState::Ok => "ok",
+            SyncState::Warning => "warning",
             SyncState::Error => "error",
         }
     }
@@ -239,6 +247,7 @@ impl std::str::FromStr for SyncState {
             "pending" => SyncState::Pending,
             "running" => SyncState::Running,
             "ok" => SyncState::Ok,
+            "warning" => SyncState::Warning,
             "error" => SyncState::Error,
             other => return Err(format!("unknown sync state {other:?}")),
         })
@@ -281,6 +290,8 @@ pub struct SyncStatus {
     pub bytes_transferred: u64,
     /// Newest last; at most [`ERROR_HISTORY`].
     pub recent_errors: Vec<SyncErrorEntry>,
+    /// Why the last run is a [`SyncState::Warning`]; `None` otherwise.
+    pub warning: Option<String>,
 }
 
 impl SyncStatus {
@@ -296,6 +307,7 @@ impl SyncStatus {
             pending_count: 0,
             bytes_transferred: 0,
             recent_errors: Vec::new(),
+            warning: None,
         }
     }
 

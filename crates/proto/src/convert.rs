@@ -325,7 +325,7 @@ impl From<&WorkloadRecord> for pb::Workload {
             sync_mappings: spec
                 .sync
                 .iter()
-                .flat_map(|s| s.mappings.iter().map(|m| m.path.clone()))
+                .flat_map(|s| s.mappings.iter().map(|m| m.id()))
                 .collect(),
             node_selector: spec.node_selector.clone().into_iter().collect(),
         }

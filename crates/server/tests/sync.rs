@@ -161,7 +161,11 @@ async fn files_follow_the_tenant_to_a_new_container_after_the_reservation_expire
 
 #[tokio::test]
 async fn periodic_syncs_upload_changes_and_catch_up_after_a_kill_9() {
-    let Some(mut c) = start(&[("notes", "{on_claim: true, on_release: true, interval: 3s}")]).await
+    let Some(mut c) = start(&[(
+        "notes",
+        "{on_claim: true, on_release: true, interval: 3s, manual: true}",
+    )])
+    .await
     else {
         return;
     };

@@ -1,3 +1,6 @@
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use super::sink::{PART_SIZE, parse_credentials};
 use super::*;
 use boilerhouse_core::workload::{OnClaimError, SyncMapping, SyncMode, SyncPolicy};
 
@@ -11,6 +14,9 @@ fn spec(sink_dir: &Path, mappings: &[(&str, SyncDirection, SyncMode)]) -> SyncSp
             .iter()
             .map(|(path, direction, mode)| SyncMapping {
                 path: (*path).into(),
+                dir: None,
+                pattern: None,
+                sink_path: None,
                 direction: *direction,
                 mode: *mode,
             })
@@ -20,6 +26,7 @@ fn spec(sink_dir: &Path, mappings: &[(&str, SyncDirection, SyncMode)]) -> SyncSp
             on_release: true,
             interval: None,
             on_claim_error: OnClaimError::Fail,
+            manual: false,
         },
     }
 }
@@ -30,6 +37,7 @@ fn job(spec: SyncSpec, phase: Phase) -> SyncJob {
         spec,
         phase,
         force: None,
+        pause: false,
     }
 }
 
@@ -93,6 +101,7 @@ async fn upload_then_download_into_a_fresh_directory_restores_files_and_times() 
             .modified()
             .unwrap()
     };
+    let millis = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap().as_millis();
     assert_eq!(
         millis(times(&first)),
         millis(times(&second)),
@@ -198,18 +207,46 @@ async fn symlinks_are_never_followed_out_of_the_state_directory() {
     write(&dir.join("real"), b"tenant file");
 
     let runner = SyncRunner::default();
-    // A mapping through a symlink is refused outright.
+    // A mapping through a symlink is refused outright: a save has nothing
+    // to save and says why; a restore fails.
     let through = spec(&sink, &[("escape", SyncDirection::Upload, SyncMode::Copy)]);
     let r = runner
-        .run(&dir, &job(through, Phase::Upload))
+        .run(&dir, &job(through.clone(), Phase::Upload))
+        .await
+        .unwrap();
+    assert_eq!(r[0].uploaded, 0);
+    assert!(
+        r[0].warning.as_deref().unwrap().contains("symlink"),
+        "{r:?}"
+    );
+    // A restore with nothing in the sink has nothing to write there; one
+    // with files in the sink fails rather than write through the link.
+    let mut restore = through;
+    restore.mappings[0].direction = SyncDirection::Download;
+    let r = runner
+        .run(&dir, &job(restore.clone(), Phase::Download))
+        .await
+        .unwrap();
+    assert!(r[0].errors.is_empty() && r[0].warning.is_some(), "{r:?}");
+    let elsewhere = tmp.path().join("elsewhere");
+    write(&elsewhere.join("escape/saved"), b"saved");
+    let mut save = restore.clone();
+    save.mappings[0].direction = SyncDirection::Upload;
+    runner
+        .run(&elsewhere, &job(save, Phase::Upload))
+        .await
+        .unwrap();
+    let r = runner
+        .run(&dir, &job(restore, Phase::Download))
         .await
         .unwrap();
     assert!(r[0].errors[0].contains("symlink"), "{:?}", r[0].errors);
+    assert!(!secret.join("saved").exists());
     // The whole directory uploads the real file and neither link.
     let whole = spec(&sink, &[(".", SyncDirection::Upload, SyncMode::Copy)]);
     let r = runner.run(&dir, &job(whole, Phase::Upload)).await.unwrap();
     assert_eq!(r[0].uploaded, 1);
-    assert!(!sink.join("tenants/t1/escape").exists());
+    assert!(!sink.join("tenants/t1/escape/key").exists());
     assert!(!sink.join("tenants/t1/key-link").exists());
 
     // A download does not write through a planted directory symlink.
@@ -224,8 +261,11 @@ async fn symlinks_are_never_followed_out_of_the_state_directory() {
         .await
         .unwrap();
     let r = runner.run(&dir, &job(both, Phase::Download)).await.unwrap();
-    assert_eq!(r[0].pending, 1, "{r:?}");
+    // escape/key, and escape/saved from the restore above.
+    assert_eq!(r[0].pending, 2, "{r:?}");
+    assert!(r[0].errors.iter().all(|e| e.contains("symlink")), "{r:?}");
     assert_eq!(std::fs::read(secret.join("key")).unwrap(), b"host secret");
+    assert!(!secret.join("saved").exists());
 }
 
 #[tokio::test]
@@ -268,4 +308,122 @@ fn credentials_files_are_read_by_profile() {
         Some(("A2".into(), "S2".into(), Some("T2".into())))
     );
     assert_eq!(parse_credentials(text, "missing"), None);
+}
+
+#[tokio::test]
+async fn patterns_and_sink_paths_move_only_matching_files_to_their_sub_prefix() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (sink, a, b) = (
+        tmp.path().join("sink"),
+        tmp.path().join("a"),
+        tmp.path().join("b"),
+    );
+    write(&a.join("nb/one.ipynb"), b"1");
+    write(&a.join("nb/deep/two.ipynb"), b"22");
+    write(&a.join("nb/scratch.tmp"), b"junk");
+    std::fs::create_dir_all(&b).unwrap();
+    let mut spec = spec(
+        &sink,
+        &[("/data/nb", SyncDirection::Bidirectional, SyncMode::Sync)],
+    );
+    spec.mappings[0].dir = Some("nb".into());
+    spec.mappings[0].pattern = Some("*.ipynb".into());
+    spec.mappings[0].sink_path = Some("notebooks".into());
+    let runner = SyncRunner::default();
+    let up = runner
+        .run(&a, &job(spec.clone(), Phase::Upload))
+        .await
+        .unwrap();
+    assert_eq!(up[0].path, "/data/nb:*.ipynb");
+    assert_eq!((up[0].uploaded, up[0].warning.as_deref()), (2, None));
+    assert_eq!(
+        std::fs::read(sink.join("tenants/t1/notebooks/deep/two.ipynb")).unwrap(),
+        b"22"
+    );
+    assert!(!sink.join("tenants/t1/notebooks/scratch.tmp").exists());
+    assert!(!sink.join("tenants/t1/nb").exists());
+    // Restored into the mapping's directory in a fresh state directory;
+    // what did not match stays behind.
+    let down = runner.run(&b, &job(spec, Phase::Download)).await.unwrap();
+    assert_eq!(down[0].downloaded, 2);
+    assert_eq!(std::fs::read(b.join("nb/one.ipynb")).unwrap(), b"1");
+    assert!(!b.join("nb/scratch.tmp").exists());
+}
+
+#[tokio::test]
+async fn a_missing_directory_or_an_empty_match_is_a_warning_and_never_empties_the_sink() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (sink, dir) = (tmp.path().join("sink"), tmp.path().join("state"));
+    write(&dir.join("work/a"), b"a");
+    write(&dir.join("work/b"), b"b");
+    let spec = spec(&sink, &[("work", SyncDirection::Upload, SyncMode::Sync)]);
+    let runner = SyncRunner::default();
+    let up = runner
+        .run(&dir, &job(spec.clone(), Phase::Upload))
+        .await
+        .unwrap();
+    assert_eq!((up[0].uploaded, up[0].warning.as_deref()), (2, None));
+
+    // The tenant empties the directory: mirroring would empty the sink.
+    std::fs::remove_file(dir.join("work/a")).unwrap();
+    std::fs::remove_file(dir.join("work/b")).unwrap();
+    let up = runner
+        .run(&dir, &job(spec.clone(), Phase::Upload))
+        .await
+        .unwrap();
+    assert_eq!(up[0].deleted, 0);
+    assert!(
+        up[0]
+            .warning
+            .as_deref()
+            .unwrap()
+            .contains("would have deleted all 2"),
+        "{up:?}"
+    );
+    assert!(sink.join("tenants/t1/work/a").exists());
+
+    // The directory is gone altogether.
+    std::fs::remove_dir(dir.join("work")).unwrap();
+    let up = runner.run(&dir, &job(spec, Phase::Upload)).await.unwrap();
+    let warning = up[0].warning.as_deref().unwrap();
+    assert!(
+        warning.contains("the directory does not exist"),
+        "{warning}"
+    );
+    assert!(up[0].errors.is_empty());
+    assert!(sink.join("tenants/t1/work/b").exists());
+}
+
+#[tokio::test]
+async fn a_download_replaces_a_planted_file_symlink_instead_of_writing_through_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (sink, a, b, outside) = (
+        tmp.path().join("sink"),
+        tmp.path().join("a"),
+        tmp.path().join("b"),
+        tmp.path().join("outside"),
+    );
+    write(&a.join("f"), b"tenant data");
+    write(&outside.join("victim"), b"host file");
+    std::fs::create_dir_all(&b).unwrap();
+    std::os::unix::fs::symlink(outside.join("victim"), b.join("f")).unwrap();
+    let spec = spec(
+        &sink,
+        &[(".", SyncDirection::Bidirectional, SyncMode::Copy)],
+    );
+    let runner = SyncRunner::default();
+    runner
+        .run(&a, &job(spec.clone(), Phase::Upload))
+        .await
+        .unwrap();
+    let down = runner.run(&b, &job(spec, Phase::Download)).await.unwrap();
+    assert_eq!(down[0].downloaded, 1, "{down:?}");
+    assert_eq!(std::fs::read(outside.join("victim")).unwrap(), b"host file");
+    assert!(
+        !std::fs::symlink_metadata(b.join("f"))
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    assert_eq!(std::fs::read(b.join("f")).unwrap(), b"tenant data");
 }

@@ -296,3 +296,134 @@ proptest! {
         prop_assert_eq!(result.is_ok(), max >= 1 && min <= max);
     }
 }
+
+/// A workload in the original Boilerhouse format, sync fields and all.
+const ORIGINAL_FORMAT: &str = r#"
+id: python-worker
+name: Python ML Worker
+image: python:3.11-slim
+volumes:
+  state:
+    target: /data
+  secrets:
+    target: /secrets
+    read_only: true
+healthcheck:
+  test: ["CMD", "python", "-c", "print('ok')"]
+  interval: 30s
+  timeout: 10s
+  retries: 3
+deploy:
+  resources:
+    limits:
+      cpus: "2"
+      memory: 2G
+read_only: true
+user: "1000"
+network_mode: none
+pool:
+  min_size: 5
+  max_size: 50
+  idle_timeout: 10m
+sync:
+  sink:
+    type: s3
+    bucket: ml-worker-state
+    region: us-west-2
+    prefix: tenants/${tenantId}/
+  mappings:
+    - path: /data
+      pattern: "**/*.json"
+      direction: bidirectional
+      mode: sync
+    - path: /data/notebooks
+      pattern: "*.ipynb"
+      sink_path: nb
+      direction: upload
+      mode: copy
+  policy:
+    on_claim: true
+    on_release: true
+    interval: 5m
+    manual: true
+"#;
+
+#[test]
+fn the_original_format_loads_with_container_paths_patterns_and_sink_paths() {
+    let spec = parse_workload("python-worker.yaml", ORIGINAL_FORMAT).unwrap();
+    let sync = spec.sync.unwrap();
+    assert!(sync.policy.manual);
+    let [data, notebooks] = &sync.mappings[..] else {
+        panic!("two mappings: {:?}", sync.mappings);
+    };
+    // The state volume's target is the state directory itself.
+    assert_eq!(data.path, "/data");
+    assert_eq!(data.dir_parts().unwrap(), Vec::<String>::new());
+    assert_eq!(data.key_prefix().unwrap(), "");
+    assert_eq!(data.id(), "/data:**/*.json");
+    assert_eq!(notebooks.dir_parts().unwrap(), vec!["notebooks"]);
+    assert_eq!(notebooks.key_prefix().unwrap(), "nb");
+    assert_eq!(notebooks.mode, SyncMode::Copy);
+}
+
+#[test]
+fn container_paths_outside_the_state_volume_and_bad_sync_fields_are_named() {
+    let with = |mapping: &str| {
+        format!(
+            "id: x\nimage: y\nvolumes: {{state: {{target: /data}}}}\n\
+             sync: {{sink: {{type: local, path: /s}}, mappings: [{mapping}]}}\n"
+        )
+    };
+    for (mapping, field, says) in [
+        (
+            "{path: /database}",
+            "sync.mappings[0].path",
+            "outside the state volume",
+        ),
+        (
+            "{path: /etc}",
+            "sync.mappings[0].path",
+            "outside the state volume",
+        ),
+        (
+            "{path: /data/../etc}",
+            "sync.mappings[0].path",
+            "outside the state volume",
+        ),
+        (
+            "{path: /data, pattern: 'a['}",
+            "sync.mappings[0].pattern",
+            "not a glob",
+        ),
+        (
+            "{path: /data, sink_path: ../x}",
+            "sync.mappings[0].sink_path",
+            "..",
+        ),
+        (
+            "{path: /data}, {path: .}",
+            "sync.mappings[1].path",
+            "repeats sync.mappings[0]",
+        ),
+    ] {
+        let e = parse_workload("w.yaml", &with(mapping)).unwrap_err();
+        assert_eq!(e.field, field, "{mapping}: {e}");
+        assert!(e.reason.contains(says), "{mapping}: {e}");
+    }
+    let e = parse_workload(
+        "w.yaml",
+        "id: x\nimage: y\nsync: {sink: {type: local, path: /s}, mappings: [{path: /data}]}\n",
+    )
+    .unwrap_err();
+    assert_eq!(e.field, "sync.mappings[0].path");
+    assert!(e.reason.contains("no volumes.state"), "{e}");
+    let e = parse_workload(
+        "w.yaml",
+        "id: x\nimage: y\nsync: {sink: {type: s3, bucket: b, access_key_id: k}, mappings: [{path: a}]}\n",
+    )
+    .unwrap_err();
+    assert_eq!(e.field, "sync.sink.access_key_id");
+    // A nested container path resolves inside the state volume.
+    let spec = parse_workload("w.yaml", &with("{path: /data/a/b/}")).unwrap();
+    assert_eq!(spec.sync.unwrap().mappings[0].dir.as_deref(), Some("a/b"));
+}

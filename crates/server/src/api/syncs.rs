@@ -28,6 +28,7 @@ fn state_to_pb(s: SyncState) -> pb::SyncState {
         SyncState::Pending => pb::SyncState::Pending,
         SyncState::Running => pb::SyncState::Running,
         SyncState::Ok => pb::SyncState::Ok,
+        SyncState::Warning => pb::SyncState::Warning,
         SyncState::Error => pb::SyncState::Error,
     }
 }
@@ -70,6 +71,7 @@ impl SyncApi {
                     message: e.message.clone(),
                 })
                 .collect(),
+            warning: s.warning.clone().unwrap_or_default(),
         }
     }
 }
@@ -117,9 +119,15 @@ impl SyncService for SyncApi {
             .workload_record(&workload_id)
             .await
             .map_err(ApiError::from)?;
-        if workload.spec.sync.is_none() {
+        let Some(spec) = &workload.spec.sync else {
             return Err(ApiError::FailedPrecondition(format!(
                 "workload {workload_id} has no sync section"
+            ))
+            .into());
+        };
+        if !spec.policy.manual {
+            return Err(ApiError::FailedPrecondition(format!(
+                "workload {workload_id} does not allow manual syncs: its sync.policy.manual is not true"
             ))
             .into());
         }

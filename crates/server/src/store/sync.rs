@@ -44,6 +44,7 @@ struct StatusRow {
     last_upload_at: Option<i64>,
     pending_count: i64,
     bytes_transferred: i64,
+    warning: String,
 }
 
 #[derive(sqlx::FromRow)]
@@ -83,12 +84,13 @@ impl Store {
                     for s in &statuses {
                         sqlx::query(
                             "INSERT INTO sync_status (tenant_id, workload_id, sync_id, state, last_sync_at, \
-                             last_upload_at, pending_count, bytes_transferred, updated_at) \
-                             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) \
+                             last_upload_at, pending_count, bytes_transferred, updated_at, warning) \
+                             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
                              ON CONFLICT (tenant_id, workload_id, sync_id) DO UPDATE SET \
                              state = excluded.state, last_sync_at = excluded.last_sync_at, \
                              last_upload_at = excluded.last_upload_at, pending_count = excluded.pending_count, \
-                             bytes_transferred = excluded.bytes_transferred, updated_at = excluded.updated_at",
+                             bytes_transferred = excluded.bytes_transferred, updated_at = excluded.updated_at, \
+                             warning = excluded.warning",
                         )
                         .bind(s.tenant_id.as_str())
                         .bind(s.workload_id.as_str())
@@ -99,6 +101,7 @@ impl Store {
                         .bind(i64::from(s.pending_count))
                         .bind(i64::try_from(s.bytes_transferred).unwrap_or(i64::MAX))
                         .bind(now.as_millis())
+                        .bind(s.warning.as_deref().unwrap_or(""))
                         .execute(tx.conn())
                         .await?;
                     }
@@ -141,7 +144,7 @@ impl Store {
     pub async fn sync_statuses(&self) -> Result<Vec<SyncStatus>, StoreError> {
         let rows: Vec<StatusRow> = sqlx::query_as(
             "SELECT tenant_id, workload_id, sync_id, state, last_sync_at, last_upload_at, \
-             pending_count, bytes_transferred FROM sync_status ORDER BY tenant_id, workload_id, sync_id",
+             pending_count, bytes_transferred, warning FROM sync_status ORDER BY tenant_id, workload_id, sync_id",
         )
         .fetch_all(&self.reads)
         .await?;
@@ -181,6 +184,7 @@ impl Store {
                     pending_count: u32::try_from(r.pending_count).unwrap_or(u32::MAX),
                     bytes_transferred: u64::try_from(r.bytes_transferred).unwrap_or(0),
                     recent_errors,
+                    warning: Some(r.warning).filter(|w| !w.is_empty()),
                 })
             })
             .collect()

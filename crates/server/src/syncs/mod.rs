@@ -83,6 +83,18 @@ impl SyncReason {
             SyncReason::Retry => "retry",
         }
     }
+
+    /// Whether the container is paused around the sync: uploads that save
+    /// the tenant's files for good (release, its retries, drain,
+    /// shutdown) are taken of a still container, as the original
+    /// Boilerhouse did (pause, extract, unpause). Periodic and manual
+    /// syncs run live, and downloads happen before the tenant has it.
+    pub fn snapshots(self) -> bool {
+        matches!(
+            self,
+            SyncReason::Release | SyncReason::Retry | SyncReason::Shutdown | SyncReason::Drain
+        )
+    }
 }
 
 /// What one sync did.
@@ -253,7 +265,7 @@ impl Syncs {
             .filter(|m| Phase::Upload.selects(m.direction))
         {
             let at = statuses
-                .get(&(tenant.clone(), workload.clone(), m.path.clone()))
+                .get(&(tenant.clone(), workload.clone(), m.id()))
                 .and_then(|s| s.last_upload_at)?;
             oldest = Some(oldest.map_or(at, |o| o.min(at)));
         }

@@ -40,7 +40,7 @@ impl Syncs {
             .mappings
             .iter()
             .filter(|m| force.is_some() || phase.selects(m.direction))
-            .map(|m| m.path.clone())
+            .map(|m| m.id())
             .collect();
         let _guard = self
             .inner
@@ -75,6 +75,7 @@ impl Syncs {
                     Some(SyncDirection::Download) => pb::SyncDirection::Download,
                     Some(SyncDirection::Bidirectional) => pb::SyncDirection::Bidirectional,
                 } as i32,
+                pause: reason.snapshots(),
             })),
         };
         let answer = self
@@ -87,7 +88,7 @@ impl Syncs {
             let direction = force.or_else(|| {
                 spec.mappings
                     .iter()
-                    .find(|m| m.path == path)
+                    .find(|m| m.id() == path)
                     .map(|m| m.direction)
             });
             direction != Some(SyncDirection::Download)
@@ -98,6 +99,9 @@ impl Syncs {
             bytes: 0,
         };
         let mut new_errors = Vec::new();
+        // Warnings are evented when they appear or change, not at every
+        // periodic run that repeats them.
+        let mut new_warnings: Vec<(String, String)> = Vec::new();
         let (reports, whole_error): (Vec<pb::MappingSyncReport>, Option<String>) = match answer {
             Ok(result) => {
                 let reports = result.sync.map(|s| s.mappings).unwrap_or_default();
@@ -117,7 +121,16 @@ impl Syncs {
                 let report = reports.iter().find(|r| &r.path == path);
                 match report {
                     Some(r) if r.errors.is_empty() && r.pending == 0 => {
-                        status.state = SyncState::Ok;
+                        let warning = Some(r.warning.clone()).filter(|w| !w.is_empty());
+                        if warning.is_some() && warning != status.warning {
+                            new_warnings.push((path.clone(), r.warning.clone()));
+                        }
+                        status.state = if warning.is_some() {
+                            SyncState::Warning
+                        } else {
+                            SyncState::Ok
+                        };
+                        status.warning = warning;
                         status.last_sync_at = Some(started);
                         if uploads(path) {
                             // Files changed after `started` are in the next
@@ -130,6 +143,7 @@ impl Syncs {
                     }
                     Some(r) => {
                         status.state = SyncState::Error;
+                        status.warning = Some(r.warning.clone()).filter(|w| !w.is_empty());
                         status.pending_count = r.pending.max(1);
                         status.bytes_transferred += r.bytes;
                         run.bytes += r.bytes;
@@ -163,7 +177,9 @@ impl Syncs {
         run.error = whole_error.or_else(|| {
             run.statuses
                 .iter()
-                .any(|s| s.state != SyncState::Ok)
+                // A warning completed: what it could not save is not
+                // there to save (a missing directory, nothing matched).
+                .any(|s| s.state == SyncState::Error)
                 .then(|| "some files did not move".to_owned())
         });
         for s in &run.statuses {
@@ -199,7 +215,7 @@ impl Syncs {
         };
         // Syncs that moved nothing are not worth an event each: periodic
         // syncs of idle tenants would flood the log.
-        let events = if run.ok() && moved == 0 && matches!(reason, SyncReason::Periodic) {
+        let mut events = if run.ok() && moved == 0 && matches!(reason, SyncReason::Periodic) {
             Vec::new()
         } else {
             vec![NewEvent::new(now, kind, message).with_subject(subject(
@@ -208,6 +224,25 @@ impl Syncs {
                 container,
             ))]
         };
+        for (mapping, warning) in new_warnings {
+            events.push(
+                NewEvent::new(
+                    now,
+                    EventKind::SyncWarning,
+                    format!(
+                        "{} sync ({}) of {tenant}'s {workload_id} mapping {mapping} on container {}: {warning}",
+                        phase.as_str(),
+                        reason.as_str(),
+                        container.id
+                    ),
+                )
+                .with_subject(subject(tenant, workload_id, container))
+                .with_attribute("mapping", mapping),
+            );
+        }
+        if let Some(r) = reports.iter().find(|r| !r.pause_error.is_empty()) {
+            tracing::warn!(container = %container.id, error = %r.pause_error, "synced without pausing the container");
+        }
         if let Err(e) = self
             .inner
             .store
