@@ -384,6 +384,25 @@ impl Executor {
         Ok(admitted)
     }
 
+    /// Unpauses this node's managed containers that a sync left paused
+    /// (the agent died before its unpause). Best effort: a failure is
+    /// logged and the next start tries again.
+    pub async fn thaw_leftovers(&self) {
+        let containers = match self.runtime.list_managed(&self.node).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot look for containers left paused");
+                return;
+            }
+        };
+        for c in containers.iter().filter(|c| c.docker_state == "paused") {
+            match self.runtime.unpause(&c.name).await {
+                Ok(()) => tracing::warn!(container = %c.name, "unpaused a container an interrupted sync left paused"),
+                Err(e) => tracing::error!(container = %c.name, error = %e, "cannot unpause a container an interrupted sync left paused"),
+            }
+        }
+    }
+
     /// Every managed container of this node, with state files.
     pub async fn full_report(&self) -> Result<Vec<ObservedContainer>, RuntimeError> {
         let mut containers = self.runtime.list_managed(&self.node).await?;

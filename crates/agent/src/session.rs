@@ -115,6 +115,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         crate::sync::SyncRunner::with_credentials_file(config.s3_credentials_file.clone()),
         config.policy.clone(),
     );
+    // Only a sync pauses a managed container, and only for its length: one
+    // still paused now was left so by an agent that died mid-sync.
+    executor.thaw_leftovers().await;
 
     loop {
         let engine = match runtime.engine().await {

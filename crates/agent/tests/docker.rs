@@ -366,7 +366,7 @@ async fn state_files_limits_and_removal() {
 }
 
 #[tokio::test]
-async fn an_agent_reports_only_its_own_nodes_containers_and_restarts_without_recreating() {
+async fn an_agent_reports_only_its_own_nodes_containers_and_restarts_without_recreating_or_leaving_one_paused() {
     let Some(mut h) = Harness::start().await else {
         return;
     };
@@ -403,10 +403,24 @@ async fn an_agent_reports_only_its_own_nodes_containers_and_restarts_without_rec
         .state
         .unwrap()
         .started_at;
+    // As if the agent died in the middle of a paused sync.
+    h.docker.pause_container(&docker_id).await.unwrap();
     let cursor = h.fake.cursor();
     h.agent.restart().unwrap();
     h.wait_connected(cursor).await;
     let report = h.next_report(cursor).await;
+    let state = h
+        .docker
+        .inspect_container(&docker_id, None)
+        .await
+        .unwrap()
+        .state
+        .unwrap();
+    assert_eq!(
+        (state.paused, state.running),
+        (Some(false), Some(true)),
+        "a container an interrupted sync left paused is thawed at start"
+    );
     let ids: Vec<&str> = report
         .containers
         .iter()
