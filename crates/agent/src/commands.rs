@@ -397,8 +397,12 @@ impl Executor {
         };
         for c in containers.iter().filter(|c| c.docker_state == "paused") {
             match self.runtime.unpause(&c.name).await {
-                Ok(()) => tracing::warn!(container = %c.name, "unpaused a container an interrupted sync left paused"),
-                Err(e) => tracing::error!(container = %c.name, error = %e, "cannot unpause a container an interrupted sync left paused"),
+                Ok(()) => {
+                    tracing::warn!(container = %c.name, "unpaused a container an interrupted sync left paused")
+                }
+                Err(e) => {
+                    tracing::error!(container = %c.name, error = %e, "cannot unpause a container an interrupted sync left paused")
+                }
             }
         }
     }

@@ -366,7 +366,8 @@ async fn state_files_limits_and_removal() {
 }
 
 #[tokio::test]
-async fn an_agent_reports_only_its_own_nodes_containers_and_restarts_without_recreating_or_leaving_one_paused() {
+async fn an_agent_reports_only_its_own_nodes_containers_and_restarts_without_recreating_or_leaving_one_paused()
+ {
     let Some(mut h) = Harness::start().await else {
         return;
     };
