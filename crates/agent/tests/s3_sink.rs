@@ -112,4 +112,45 @@ async fn an_s3_sink_round_trips_files_incrementally_under_the_tenant_prefix() {
         (0, 0, 2),
         "nothing changed, nothing moves"
     );
+
+    // A mapping in the original format's terms: a container path, a
+    // pattern and a sink path. Only matching files move, under the sink
+    // path; a sync-mode save leaves what it does not select alone.
+    let mut narrow = spec.clone();
+    narrow.mappings = vec![SyncMapping {
+        path: "/state/nb".into(),
+        dir: Some("nb".into()),
+        pattern: Some("*.ipynb".into()),
+        sink_path: Some("notebooks".into()),
+        direction: SyncDirection::Upload,
+        mode: SyncMode::Sync,
+    }];
+    let c = tmp.path().join("c");
+    write(&c.join("nb/x.ipynb"), b"{}");
+    write(&c.join("nb/deep/z.ipynb"), b"{}");
+    write(&c.join("nb/y.txt"), b"not a notebook");
+    let narrow_job = SyncJob {
+        spec: narrow,
+        ..job(Phase::Upload)
+    };
+    let r = runner.run(&c, &narrow_job).await.unwrap();
+    assert_eq!((r[0].uploaded, r[0].deleted), (2, 0), "{r:?}");
+    let mut keys: Vec<String> = store
+        .list(Some(&"sandboxes/tenant-7/state".into()))
+        .map_ok(|m| m.location.to_string())
+        .try_collect()
+        .await
+        .unwrap();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "sandboxes/tenant-7/state/.boilerhouse-manifest.json",
+            "sandboxes/tenant-7/state/data/big.bin",
+            "sandboxes/tenant-7/state/notebooks/deep/z.ipynb",
+            "sandboxes/tenant-7/state/notebooks/x.ipynb",
+            "sandboxes/tenant-7/state/notes.txt",
+        ],
+        "the first mapping's files are untouched by the second's sync mode"
+    );
 }
