@@ -285,3 +285,60 @@ async fn reservations_survive_a_restart_and_expired_ones_are_dropped_at_startup(
     )
     .await;
 }
+
+#[tokio::test]
+async fn claiming_again_counts_as_activity_like_a_touch() {
+    let Some(c) = demo("{min_size: 1, max_size: 3, idle_timeout: 2s}")
+        .start()
+        .await
+    else {
+        return;
+    };
+    c.wait_idle("demo", 1).await;
+    let mut claims = c.claims().await;
+    let first = claims
+        .claim(claim_request("eager"))
+        .await
+        .unwrap()
+        .into_inner()
+        .claim
+        .unwrap();
+    // The tenant's client claims every 500 ms (each answer is EXISTING)
+    // for twice the idle timeout, and does nothing else.
+    let started = std::time::Instant::now();
+    let mut ticks = tokio::time::interval(Duration::from_millis(500));
+    while started.elapsed() < Duration::from_secs(4) {
+        ticks.tick().await;
+        let again = claims
+            .claim(claim_request("eager"))
+            .await
+            .unwrap()
+            .into_inner()
+            .claim
+            .unwrap();
+        assert_eq!(
+            (again.container_id.as_str(), again.source),
+            (
+                first.container_id.as_str(),
+                pb::ClaimSource::Existing as i32
+            ),
+            "the same claim, not released and re-granted, after {:?}",
+            started.elapsed()
+        );
+    }
+    // Once the claims stop, the idle timeout applies.
+    c.eventually("the idle claim to be released", || {
+        let mut claims = claims.clone();
+        async move {
+            claims
+                .get_claim(pb::GetClaimRequest {
+                    tenant_id: "eager".into(),
+                    workload_id: "demo".into(),
+                })
+                .await
+                .is_err()
+                .then_some(())
+        }
+    })
+    .await;
+}

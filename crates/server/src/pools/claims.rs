@@ -93,6 +93,14 @@ impl Pools {
                 };
                 match decide::choose(index, tenant, workload_id, offerable)? {
                     Choice::Existing(claim, container) => {
+                        // Claiming again is activity, as a Touch is: it
+                        // resets the idle clock. Kept in memory with the
+                        // activity seen on containers and flushed with it.
+                        let seen = inflight
+                            .activity
+                            .entry(claim.claim_id.clone())
+                            .or_insert(now);
+                        *seen = (*seen).max(now);
                         Decided::Existing(Granted { claim, container })
                     }
                     Choice::Affinity(r, c) => Decided::Grant(
