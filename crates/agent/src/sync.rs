@@ -313,6 +313,7 @@ impl MappingRun<'_> {
         )
         .unwrap_or(u32::MAX);
         let mut changed = false;
+        let mut missing: Vec<String> = Vec::new();
         for step in planned.steps {
             let result = match &step {
                 Transfer::Upload(rel) => match self.upload(rel).await {
@@ -326,9 +327,18 @@ impl MappingRun<'_> {
                     Err(e) => Err(format!("upload {rel}: {e}")),
                 },
                 Transfer::Download(rel) => match self.download(rel, remote[rel]).await {
-                    Ok(bytes) => {
+                    Ok(Some(bytes)) => {
                         report.downloaded += 1;
                         report.bytes += bytes;
+                        Ok(())
+                    }
+                    Ok(None) => {
+                        // Listed but gone (deleted by hand, a lifecycle
+                        // rule): the manifest is repaired so the tenant is
+                        // not locked out by it, and the loss is reported.
+                        manifest.files.remove(&self.layout.key(rel));
+                        changed = true;
+                        missing.push(rel.clone());
                         Ok(())
                     }
                     Err(e) => Err(format!("download {rel}: {e}")),
@@ -356,6 +366,29 @@ impl MappingRun<'_> {
             if let Err(e) = result {
                 report.pending += 1;
                 report.error(e);
+            }
+        }
+        if !missing.is_empty() {
+            let named: Vec<&str> = missing
+                .iter()
+                .take(MAX_SKIPPED)
+                .map(String::as_str)
+                .collect();
+            let message = format!(
+                "{} file(s) the sink's manifest lists are missing from the sink ({}); \
+                 they are dropped from the manifest",
+                missing.len(),
+                named.join(", ")
+            );
+            if report.downloaded == 0 && report.uploaded == 0 {
+                // Nothing of the tenant's could be restored: a failure, so
+                // that a workload whose claims need their files refuses
+                // this one; the repaired manifest lets the next one start
+                // afresh.
+                report.pending += u32::try_from(missing.len()).unwrap_or(u32::MAX);
+                report.error(format!("nothing could be restored: {message}"));
+            } else {
+                report.warn(format!("restored what exists; {message}"));
             }
         }
         changed
@@ -432,10 +465,11 @@ impl MappingRun<'_> {
     /// source's modification time restored so the next sync sees it
     /// unchanged. Directories created on the way, and the file, belong to
     /// the state directory's owner, so a non-root tenant can use them.
-    async fn download(&mut self, rel: &str, meta: FileMeta) -> Result<u64, String> {
+    /// `None` when the sink does not hold the object.
+    async fn download(&mut self, rel: &str, meta: FileMeta) -> Result<Option<u64>, String> {
         let key = join_key(self.prefix, &self.layout.key(rel));
         let Some(mut stream) = self.sink.get_stream(&key).await? else {
-            return Err("the sink's manifest lists it, but the sink does not hold it".into());
+            return Ok(None);
         };
         let (root, mapping_dir) = (self.root.clone(), self.layout.dir().to_vec());
         let existing = self.dir.clone();
@@ -484,7 +518,7 @@ impl MappingRun<'_> {
             finished
         })
         .await?;
-        Ok(written)
+        Ok(Some(written))
     }
 
     /// Removes one host file (or a symlink in its place, never what it

@@ -481,6 +481,9 @@ impl Client {
         if !view.comm_path.is_empty() {
             println!("  comm path:   {}", view.comm_path);
         }
+        if !response.restore_warning.is_empty() {
+            eprintln!("bh: warning: {}", response.restore_warning);
+        }
         Ok(())
     }
 

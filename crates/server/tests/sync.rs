@@ -84,8 +84,8 @@ async fn files_follow_the_tenant_to_a_new_container_after_the_reservation_expire
     };
     let first = c.claim("alice", "notes").await;
     assert!(
-        fresh_with_data(first.source),
-        "the restore ran (nothing saved yet) before Claim answered: {first:?}"
+        [pb::ClaimSource::Pool as i32, pb::ClaimSource::Cold as i32].contains(&first.source),
+        "nothing saved yet, so nothing restored: not WITH_DATA ({first:?})"
     );
     c.exec(
         &first.docker_id,
@@ -325,11 +325,53 @@ async fn a_failed_restore_fails_the_claim_unless_the_workload_continues_without_
         "claimed, but without the data: {lenient:?}"
     );
 
-    // Repaired, a retry of the strict claim gets the kept container back
-    // and restores into it.
+    // Repaired (frank has nothing saved after all), a retry of the strict
+    // claim gets the kept container back; nothing to restore, so not
+    // WITH_DATA.
     std::fs::remove_file(&manifest).unwrap();
     let retry = c.claim("frank", "strict").await;
-    assert_eq!(retry.source, pb::ClaimSource::AffinityWithData as i32);
+    assert_eq!(retry.source, pb::ClaimSource::Affinity as i32);
+
+    // A sink that lost an object its manifest lists: the claim restores
+    // what exists and says what is missing, instead of locking the tenant
+    // out; the manifest is repaired.
+    let kept = c.claim("grace", "strict").await;
+    c.exec(
+        &kept.docker_id,
+        "echo a > /state/a.txt && echo b > /state/b.txt",
+    )
+    .await;
+    c.bh_ok(&["release", "grace", "strict"]);
+    std::fs::remove_file(sink(&c).join("tenants/grace/b.txt")).unwrap();
+    c.eventually("grace's reservation to expire", || async {
+        (!c.exists(&kept.docker_id).await).then_some(())
+    })
+    .await;
+    let answer = c
+        .claims()
+        .await
+        .claim(pb::ClaimRequest {
+            tenant_id: "grace".into(),
+            workload_id: "strict".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let claim = answer.claim.unwrap();
+    assert!(fresh_with_data(claim.source), "{claim:?}");
+    assert!(
+        answer.restore_warning.contains("b.txt") && answer.restore_warning.contains("missing"),
+        "{:?}",
+        answer.restore_warning
+    );
+    assert_eq!(c.exec(&claim.docker_id, "cat /state/a.txt").await, "a\n");
+    let statuses = sync_statuses(&c, "grace").await;
+    assert_eq!(
+        statuses[0].state,
+        pb::SyncState::Warning as i32,
+        "{statuses:?}"
+    );
 }
 
 /// A new container (warm or cold) with the tenant's files restored.

@@ -427,3 +427,65 @@ async fn a_download_replaces_a_planted_file_symlink_instead_of_writing_through_i
     );
     assert_eq!(std::fs::read(b.join("f")).unwrap(), b"tenant data");
 }
+
+#[tokio::test]
+async fn objects_missing_from_the_sink_are_reported_and_dropped_from_the_manifest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (sink, a) = (tmp.path().join("sink"), tmp.path().join("a"));
+    write(&a.join("kept"), b"kept");
+    write(&a.join("lost"), b"lost");
+    let spec = spec(
+        &sink,
+        &[(".", SyncDirection::Bidirectional, SyncMode::Copy)],
+    );
+    let runner = SyncRunner::default();
+    runner
+        .run(&a, &job(spec.clone(), Phase::Upload))
+        .await
+        .unwrap();
+    // Someone deletes an object behind the manifest's back.
+    std::fs::remove_file(sink.join("tenants/t1/lost")).unwrap();
+
+    let b = tmp.path().join("b");
+    std::fs::create_dir_all(&b).unwrap();
+    let down = runner
+        .run(&b, &job(spec.clone(), Phase::Download))
+        .await
+        .unwrap();
+    assert_eq!((down[0].downloaded, down[0].pending), (1, 0), "{down:?}");
+    assert!(down[0].errors.is_empty(), "{down:?}");
+    let warning = down[0].warning.as_deref().unwrap();
+    assert!(
+        warning.contains("missing from the sink (lost)"),
+        "{warning}"
+    );
+    assert_eq!(std::fs::read(b.join("kept")).unwrap(), b"kept");
+    // The manifest was repaired: the next restore is clean.
+    let c = tmp.path().join("c");
+    std::fs::create_dir_all(&c).unwrap();
+    let again = runner
+        .run(&c, &job(spec.clone(), Phase::Download))
+        .await
+        .unwrap();
+    assert_eq!(
+        (again[0].downloaded, again[0].warning.as_deref()),
+        (1, None)
+    );
+
+    // Nothing restorable at all is a failure, once; then a fresh start.
+    std::fs::remove_file(sink.join("tenants/t1/kept")).unwrap();
+    let d = tmp.path().join("d");
+    std::fs::create_dir_all(&d).unwrap();
+    let none = runner
+        .run(&d, &job(spec.clone(), Phase::Download))
+        .await
+        .unwrap();
+    assert_eq!(none[0].pending, 1, "{none:?}");
+    assert!(
+        none[0].errors[0].contains("nothing could be restored"),
+        "{none:?}"
+    );
+    let fresh = runner.run(&d, &job(spec, Phase::Download)).await.unwrap();
+    assert_eq!((fresh[0].pending, fresh[0].downloaded), (0, 0), "{fresh:?}");
+    assert!(fresh[0].errors.is_empty());
+}

@@ -106,6 +106,10 @@ pub struct SyncRun {
     pub error: Option<String>,
     /// Bytes moved.
     pub bytes: u64,
+    /// Files fetched from the sink.
+    pub downloaded: u32,
+    /// What the mappings that completed could not do, one line each.
+    pub warnings: Vec<String>,
 }
 
 impl SyncRun {

@@ -34,6 +34,8 @@ impl Syncs {
                 statuses: Vec::new(),
                 error: Some(format!("workload {workload_id} has no sync section")),
                 bytes: 0,
+                downloaded: 0,
+                warnings: Vec::new(),
             };
         };
         let mappings: Vec<String> = spec
@@ -93,11 +95,6 @@ impl Syncs {
             });
             direction != Some(SyncDirection::Download)
         };
-        let mut run = SyncRun {
-            statuses: Vec::new(),
-            error: None,
-            bytes: 0,
-        };
         let mut new_errors = Vec::new();
         // Warnings are evented when they appear or change, not at every
         // periodic run that repeats them.
@@ -109,6 +106,17 @@ impl Syncs {
                 (reports, error)
             }
             Err(e) => (Vec::new(), Some(e.to_string())),
+        };
+        let mut run = SyncRun {
+            statuses: Vec::new(),
+            error: None,
+            bytes: 0,
+            downloaded: reports.iter().map(|r| r.downloaded).sum(),
+            warnings: reports
+                .iter()
+                .filter(|r| !r.warning.is_empty())
+                .map(|r| format!("{}: {}", r.path, r.warning))
+                .collect(),
         };
         {
             let mut statuses = self.statuses_lock();

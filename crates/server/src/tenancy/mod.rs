@@ -33,10 +33,20 @@ pub struct Tenancy {
     pub syncs: Syncs,
 }
 
+/// What the restore on claim did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Restore {
+    /// Files of the tenant's were restored into the container: the claim
+    /// is `*_WITH_DATA`. A restore that found nothing to restore is not.
+    pub restored: bool,
+    /// What it could not do, though the claim was granted.
+    pub warning: Option<String>,
+}
+
 /// Builds the record of a request id from a claim's answer: the claim,
-/// how it was made, and whether the tenant's files were restored.
+/// how it was made, and what its restore did.
 pub type ClaimRecorder<'a> =
-    &'a (dyn Fn(&Granted, ClaimSource, bool) -> Option<IdempotentRecord> + Sync);
+    &'a (dyn Fn(&Granted, ClaimSource, &Restore) -> Option<IdempotentRecord> + Sync);
 
 impl Tenancy {
     /// Claims a container for `tenant`, restoring its files first when the
@@ -51,7 +61,7 @@ impl Tenancy {
         workload_id: &WorkloadId,
         acquire_timeout: Option<Duration>,
         record: ClaimRecorder<'_>,
-    ) -> Result<(Granted, ClaimSource, bool), PoolError> {
+    ) -> Result<(Granted, ClaimSource, Restore), PoolError> {
         let workload = self.pools.workload_record(workload_id).await?;
         let restore = workload
             .spec
@@ -63,7 +73,7 @@ impl Tenancy {
         // record commits with the claim.
         let at_grant = |g: &Granted, source: ClaimSource| {
             (source == ClaimSource::Existing || !restore)
-                .then(|| record(g, source, false))
+                .then(|| record(g, source, &Restore::default()))
                 .flatten()
         };
         let (granted, source) = self
@@ -84,13 +94,13 @@ impl Tenancy {
                 .await?;
         }
         if source == ClaimSource::Existing || !restore {
-            return Ok((granted, source, false));
+            return Ok((granted, source, Restore::default()));
         }
         if holds_newest {
-            if let Some(r) = record(&granted, source, false) {
+            if let Some(r) = record(&granted, source, &Restore::default()) {
                 self.pools.record(r).await?;
             }
-            return Ok((granted, source, false));
+            return Ok((granted, source, Restore::default()));
         }
         let run = self
             .syncs
@@ -103,7 +113,10 @@ impl Tenancy {
                 SyncReason::Claim,
             )
             .await;
-        let restored = run.ok();
+        let outcome = Restore {
+            restored: run.ok() && run.downloaded > 0,
+            warning: (!run.warnings.is_empty()).then(|| run.warnings.join("; ")),
+        };
         let policy = workload.spec.sync.as_ref().map(|s| s.policy.on_claim_error);
         if let Some(e) = run.error
             && policy != Some(OnClaimError::Continue)
@@ -128,10 +141,10 @@ impl Tenancy {
                 granted.container.id
             )));
         }
-        if let Some(r) = record(&granted, source, restored) {
+        if let Some(r) = record(&granted, source, &outcome) {
             self.pools.record(r).await?;
         }
-        Ok((granted, source, restored))
+        Ok((granted, source, outcome))
     }
 
     /// Releases the tenant's claim (with `generation`, only that one),

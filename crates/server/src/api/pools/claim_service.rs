@@ -20,6 +20,7 @@ use crate::api::{self, AppState};
 use crate::error::ApiError;
 use crate::pools::{Granted, PoolError};
 use crate::store::IdempotentRecord;
+use crate::tenancy::Restore;
 
 /// ClaimService.
 pub struct Claims(pub AppState);
@@ -68,23 +69,24 @@ impl pb::claim_service_server::ClaimService for Claims {
         {
             return Ok(Response::new(previous));
         }
-        let respond = |g: &Granted, source: ClaimSource, restored: bool| {
+        let respond = |g: &Granted, source: ClaimSource, restore: &Restore| {
             let mut info = claim_info(&g.claim, Some(&g.container), source);
-            if restored {
+            if restore.restored {
                 info.source = with_data(source) as i32;
             }
             pb::ClaimResponse {
                 claim: Some(info),
                 server_latency: Some(duration_to_pb(started.elapsed())),
+                restore_warning: restore.warning.clone().unwrap_or_default(),
             }
         };
         // With a request id, the response is fixed when the decision is
         // made and stored with it; the first caller gets that very answer,
         // so a retry's answer is identical to the byte.
         let stored: std::sync::Mutex<Option<pb::ClaimResponse>> = std::sync::Mutex::new(None);
-        let record = |g: &Granted, source: ClaimSource, restored: bool| {
+        let record = |g: &Granted, source: ClaimSource, restore: &Restore| {
             request_id.as_ref().map(|id| {
-                let response = respond(g, source, restored);
+                let response = respond(g, source, restore);
                 let bytes = response.encode_to_vec();
                 *stored.lock().unwrap_or_else(|e| e.into_inner()) = Some(response);
                 IdempotentRecord {
@@ -96,7 +98,7 @@ impl pb::claim_service_server::ClaimService for Claims {
                 }
             })
         };
-        let (granted, source, restored) = self
+        let (granted, source, restore) = self
             .0
             .tenancy
             .claim(&tenant, &workload, acquire_timeout, &record)
@@ -105,7 +107,7 @@ impl pb::claim_service_server::ClaimService for Claims {
         let response = stored
             .into_inner()
             .unwrap_or_else(|e| e.into_inner())
-            .unwrap_or_else(|| respond(&granted, source, restored));
+            .unwrap_or_else(|| respond(&granted, source, &restore));
         self.0.metrics.observe_claim(source, started.elapsed());
         Ok(Response::new(response))
     }
