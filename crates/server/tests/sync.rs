@@ -115,6 +115,27 @@ async fn files_follow_the_tenant_to_a_new_container_after_the_reservation_expire
     let second = c.claim("alice", "notes").await;
     assert_ne!(second.container_id, first.container_id);
     assert!(fresh_with_data(second.source), "{second:?}");
+    // Every view of the claim agrees with the answer.
+    let got = c
+        .claims()
+        .await
+        .get_claim(pb::GetClaimRequest {
+            tenant_id: "alice".into(),
+            workload_id: "notes".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .claim
+        .unwrap();
+    assert_eq!(got.source, second.source, "{got:?}");
+    let listed = c.bh_ok(&["claims", "list"]);
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.contains("alice") && l.contains("_WITH_DATA")),
+        "{listed}"
+    );
     assert_eq!(
         c.exec(
             &second.docker_id,

@@ -152,6 +152,13 @@ impl Index {
                         claim.last_activity_at = claim.last_activity_at.max(*at);
                     }
                 }
+                ClaimChange::Restored { claim_id } => {
+                    if let Some(key) = self.claim_by_id.get(claim_id)
+                        && let Some(claim) = self.claims.get_mut(key)
+                    {
+                        claim.restored = true;
+                    }
+                }
             }
         }
         anomalies
@@ -218,7 +225,7 @@ impl Index {
                     .is_some_and(|c| {
                         c.claim_id == claim.claim_id && c.generation == claim.generation
                     }),
-                ClaimChange::Touch { .. } => true,
+                ClaimChange::Touch { .. } | ClaimChange::Restored { .. } => true,
             };
             if !ok {
                 return Err(format!("claim change refused: {change:?}"));

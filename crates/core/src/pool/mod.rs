@@ -349,6 +349,10 @@ pub struct ClaimRecord {
     pub last_activity_at: crate::Timestamp,
     /// When it ended.
     pub released_at: Option<crate::Timestamp>,
+    /// The tenant's files were restored into the container when it was
+    /// claimed: its source reads `*_WITH_DATA` wherever it is shown.
+    #[serde(default)]
+    pub restored: bool,
 }
 
 /// A released container kept for its tenant.

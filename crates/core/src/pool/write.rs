@@ -120,6 +120,14 @@ pub enum ClaimChange {
         /// When the tenant was last seen.
         at: Timestamp,
     },
+    /// Records that the tenant's files were restored into the claim's
+    /// container. A flag that only ever goes up, so, like a touch, it is
+    /// never refused (on a claim that ended meanwhile it marks the ended
+    /// row).
+    Restored {
+        /// The claim.
+        claim_id: String,
+    },
 }
 
 /// A change to one affinity reservation.

@@ -231,6 +231,31 @@ impl Pools {
         .map_err(Into::into)
     }
 
+    /// Records, in one commit, that a claim's restore put the tenant's
+    /// files into its container (so every view of the claim says
+    /// `*_WITH_DATA`) and the request id's answer.
+    pub async fn record_restore(
+        &self,
+        restored_claim: Option<&str>,
+        record: Option<IdempotentRecord>,
+    ) -> Result<(), PoolError> {
+        let claims = restored_claim
+            .map(
+                |claim_id| boilerhouse_core::pool::write::ClaimChange::Restored {
+                    claim_id: claim_id.to_owned(),
+                },
+            )
+            .into_iter()
+            .collect();
+        self.commit(PoolWrite {
+            claims,
+            idempotency: record,
+            ..Default::default()
+        })
+        .await
+        .map_err(Into::into)
+    }
+
     /// Releases the tenant's claim: the container is kept for the tenant,
     /// or destroyed, as `how.keep` says.
     pub async fn release_locked(

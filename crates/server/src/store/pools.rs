@@ -118,6 +118,7 @@ struct ClaimRow {
     claimed_at: i64,
     last_activity_at: i64,
     released_at: Option<i64>,
+    restored: bool,
 }
 
 impl TryFrom<ClaimRow> for ClaimRecord {
@@ -136,6 +137,7 @@ impl TryFrom<ClaimRow> for ClaimRecord {
             claimed_at: Timestamp::from_millis(r.claimed_at),
             last_activity_at: Timestamp::from_millis(r.last_activity_at),
             released_at: r.released_at.map(Timestamp::from_millis),
+            restored: r.restored,
         })
     }
 }
@@ -325,7 +327,8 @@ async fn apply_claim(tx: &mut WriteTx, change: &ClaimChange) -> Result<(), Store
             }
             sqlx::query(
                 "INSERT INTO claims (claim_id, tenant_id, workload_id, container_id, node_id, generation, source, \
-                 status, claimed_at, last_activity_at, released_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 status, claimed_at, last_activity_at, released_at, restored) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             )
             .bind(&c.claim_id)
             .bind(c.tenant_id.as_str())
@@ -338,6 +341,7 @@ async fn apply_claim(tx: &mut WriteTx, change: &ClaimChange) -> Result<(), Store
             .bind(c.claimed_at.as_millis())
             .bind(c.last_activity_at.as_millis())
             .bind(c.released_at.map(|t| t.as_millis()))
+            .bind(c.restored)
             .execute(tx.conn())
             .await?;
         }
@@ -367,6 +371,12 @@ async fn apply_claim(tx: &mut WriteTx, change: &ClaimChange) -> Result<(), Store
             .bind(claim_id)
             .execute(tx.conn())
             .await?;
+        }
+        ClaimChange::Restored { claim_id } => {
+            sqlx::query("UPDATE claims SET restored = 1 WHERE claim_id = ?")
+                .bind(claim_id)
+                .execute(tx.conn())
+                .await?;
         }
     }
     Ok(())
@@ -476,7 +486,7 @@ impl Store {
     pub async fn get_claim(&self, claim_id: &str) -> Result<Option<ClaimRecord>, StoreError> {
         let row: Option<ClaimRow> = sqlx::query_as(
             "SELECT claim_id, tenant_id, workload_id, container_id, node_id, generation, source, status, \
-             claimed_at, last_activity_at, released_at FROM claims WHERE claim_id = ?",
+             claimed_at, last_activity_at, released_at, restored FROM claims WHERE claim_id = ?",
         )
         .bind(claim_id)
         .fetch_optional(&self.reads)
@@ -496,7 +506,7 @@ impl Store {
         .await?;
         let claims: Vec<ClaimRow> = sqlx::query_as(
             "SELECT claim_id, tenant_id, workload_id, container_id, node_id, generation, source, status, \
-             claimed_at, last_activity_at, released_at FROM claims WHERE status = 'active'",
+             claimed_at, last_activity_at, released_at, restored FROM claims WHERE status = 'active'",
         )
         .fetch_all(&self.reads)
         .await?;
@@ -529,7 +539,7 @@ impl Store {
     ) -> Result<Vec<ClaimRecord>, StoreError> {
         let rows: Vec<ClaimRow> = sqlx::query_as(
             "SELECT claim_id, tenant_id, workload_id, container_id, node_id, generation, source, status, \
-             claimed_at, last_activity_at, released_at FROM claims WHERE (? OR status = 'active') \
+             claimed_at, last_activity_at, released_at, restored FROM claims WHERE (? OR status = 'active') \
              ORDER BY claimed_at DESC LIMIT ?",
         )
         .bind(include_ended)

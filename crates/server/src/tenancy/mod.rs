@@ -141,8 +141,10 @@ impl Tenancy {
                 granted.container.id
             )));
         }
-        if let Some(r) = record(&granted, source, &outcome) {
-            self.pools.record(r).await?;
+        let restored_claim = outcome.restored.then_some(granted.claim.claim_id.as_str());
+        let answer = record(&granted, source, &outcome);
+        if restored_claim.is_some() || answer.is_some() {
+            self.pools.record_restore(restored_claim, answer).await?;
         }
         Ok((granted, source, outcome))
     }

@@ -136,6 +136,7 @@ pub fn grant(
         claimed_at: now,
         last_activity_at: now,
         released_at: None,
+        restored: false,
     };
     write
         .containers

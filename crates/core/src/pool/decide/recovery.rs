@@ -166,6 +166,7 @@ pub fn resume(
                 claimed_at: now,
                 last_activity_at: now,
                 released_at: None,
+                restored: false,
             };
             write.claims.push(ClaimChange::Insert(resumed.clone()));
             write.events.push(event(
@@ -266,6 +267,7 @@ pub fn adopt(
                 claimed_at: state.claimed_at.unwrap_or(now),
                 last_activity_at: state.last_activity_at.unwrap_or(now).max(now),
                 released_at: None,
+                restored: false,
             };
             write.claims.push(ClaimChange::Insert(adopted.clone()));
             claim = Some(adopted);

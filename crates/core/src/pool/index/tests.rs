@@ -63,6 +63,7 @@ fn idle_containers_are_offered_oldest_first_and_leave_the_list_when_claimed() {
         claimed_at: Timestamp::from_millis(5),
         last_activity_at: Timestamp::from_millis(5),
         released_at: None,
+        restored: false,
     };
     let write = PoolWrite {
         containers: vec![ContainerChange::update(&b, claimed)],
@@ -123,6 +124,7 @@ fn ended_claims_are_not_rebuilt() {
         claimed_at: Timestamp::EPOCH,
         last_activity_at: Timestamp::EPOCH,
         released_at: Some(Timestamp::EPOCH),
+        restored: false,
     };
     let index = Index::from_rows([c], [ended], []);
     assert_eq!(index.claims().count(), 0);

@@ -97,7 +97,11 @@ pub(super) fn claim_info(
             .unwrap_or_default(),
         state_path: container.map(|c| c.state_path.clone()).unwrap_or_default(),
         comm_path: container.map(|c| c.comm_path.clone()).unwrap_or_default(),
-        source: source_to_pb(source) as i32,
+        source: if claim.restored {
+            with_data(source)
+        } else {
+            source_to_pb(source)
+        } as i32,
         generation: claim.generation,
         status: status_to_pb(claim.status) as i32,
         claimed_at: Some(timestamp_to_pb(claim.claimed_at)),
