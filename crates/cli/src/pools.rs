@@ -162,6 +162,9 @@ struct ReservationView {
     node: String,
     expires_at: String,
     remaining: String,
+    /// Why it outlives its expiry (an owed upload).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    held: String,
 }
 
 impl From<&pb::Reservation> for ReservationView {
@@ -181,7 +184,12 @@ impl From<&pb::Reservation> for ReservationView {
             container: r.container_id.clone(),
             node: r.node_id.clone(),
             expires_at: output::time(r.expires_at.as_ref()),
-            remaining: output::short_duration(Duration::from_secs(remaining)),
+            remaining: if r.held.is_empty() {
+                output::short_duration(Duration::from_secs(remaining))
+            } else {
+                "held".into()
+            },
+            held: r.held.clone(),
         }
     }
 }
@@ -613,6 +621,7 @@ impl Client {
             "NODE",
             "EXPIRES",
             "REMAINING",
+            "HELD",
         ]);
         for v in &views {
             t.add_row(vec![
@@ -622,6 +631,7 @@ impl Client {
                 v.node.clone(),
                 v.expires_at.clone(),
                 v.remaining.clone(),
+                v.held.clone(),
             ]);
         }
         print_table(&t);

@@ -302,6 +302,23 @@ async fn operators_scale_drain_extend_revoke_and_destroy_with_bh() {
     let out = c.bh(&["pool", "scale", "demo", "--min", "9", "--max", "2"]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("min_size"), "{}", stderr(&out));
+    // Asking again for what is already so writes nothing and says nothing.
+    for _ in 0..5 {
+        c.bh_ok(&["pool", "scale", "demo", "--min", "3"]);
+    }
+    let events = c.bh_ok(&["events", "--kind", "pool.updated"]);
+    assert_eq!(
+        events
+            .lines()
+            .filter(|l| l.contains("scaled to min 3"))
+            .count(),
+        1,
+        "{events}"
+    );
+    // A zero acquire timeout is refused, naming the field.
+    let out = c.bh(&["claim", "t9", "demo", "--timeout", "0s"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("acquire_timeout"), "{}", stderr(&out));
 
     // Extend and revoke a reservation.
     let out = c.bh(&["claim", "t1", "demo", "-o", "json"]);

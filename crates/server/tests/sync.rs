@@ -297,6 +297,14 @@ async fn a_failed_release_upload_keeps_the_container_and_retries_until_it_succee
         metrics.contains("boilerhouse_sync_owed_uploads 1"),
         "{metrics}"
     );
+    // The reservation is past its expiry and says why it is still there.
+    let listed = c.bh_ok(&["affinity", "list"]);
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.contains("erin") && l.contains("held") && l.contains("upload")),
+        "{listed}"
+    );
 
     // The sink comes back: the next retry uploads, then the reservation
     // runs its course and the container goes.

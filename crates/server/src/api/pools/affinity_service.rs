@@ -29,7 +29,13 @@ impl pb::affinity_service_server::AffinityService for Affinity {
             .iter()
             .filter(|r| req.workload_id.is_empty() || r.workload_id.as_str() == req.workload_id)
             .filter(|r| tenant.as_ref().is_none_or(|t| &r.tenant_id == t))
-            .map(reservation_to_pb)
+            .map(|r| {
+                let mut pb = reservation_to_pb(r);
+                if self.0.syncs.release_upload_owed(&r.container_id) {
+                    pb.held = "until its upload, owed since the release, succeeds".into();
+                }
+                pb
+            })
             .collect();
         reservations
             .sort_by(|a, b| (&a.workload_id, &a.tenant_id).cmp(&(&b.workload_id, &b.tenant_id)));

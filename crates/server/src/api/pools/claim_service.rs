@@ -45,8 +45,14 @@ impl pb::claim_service_server::ClaimService for Claims {
             .as_ref()
             .map(|d| duration_from_pb("acquire_timeout", d))
             .transpose()
-            .map_err(ApiError::from)?
-            .filter(|d| !d.is_zero());
+            .map_err(ApiError::from)?;
+        if acquire_timeout.is_some_and(|d| d.is_zero()) {
+            return Err(ApiError::invalid(
+                "acquire_timeout",
+                "must be positive; leave it out for the server's default",
+            )
+            .into());
+        }
         if acquire_timeout.is_some_and(|d| d > Duration::from_secs(600)) {
             return Err(ApiError::invalid("acquire_timeout", "must be at most 10m").into());
         }

@@ -145,5 +145,6 @@ pub(super) fn reservation_to_pb(r: &Reservation) -> pb::Reservation {
         node_id: r.node_id.to_string(),
         reserved_at: Some(timestamp_to_pb(r.reserved_at)),
         expires_at: Some(timestamp_to_pb(r.expires_at)),
+        held: String::new(),
     }
 }

@@ -53,6 +53,11 @@ impl PoolsApi {
         value: PoolOverride,
         message: String,
     ) -> Result<pb::Pool, ApiError> {
+        // Asking again for what is already so changes nothing and says
+        // nothing: twenty identical scale calls are not twenty events.
+        if self.0.pools.overrides(id).await.map_err(ApiError::from)? == value {
+            return self.pool(id).await;
+        }
         let now = crate::clock::now();
         let event =
             NewEvent::new(now, EventKind::PoolUpdated, message).with_subject(EventSubject {
