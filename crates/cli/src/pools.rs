@@ -33,6 +33,9 @@ struct PoolView {
     reserved: u32,
     destroying: u32,
     total: u32,
+    /// Why it is below min_size and not being filled.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    shortfall: String,
 }
 
 impl From<&pb::Pool> for PoolView {
@@ -49,6 +52,7 @@ impl From<&pb::Pool> for PoolView {
             reserved: c.reserved,
             destroying: c.draining,
             total: c.total,
+            shortfall: p.shortfall.clone(),
         }
     }
 }
@@ -210,6 +214,7 @@ fn print_pools(pools: &[pb::Pool], format: Format) -> Result<(), CliError> {
         "DESTROYING",
         "TOTAL",
         "STATUS",
+        "SHORTFALL",
     ]);
     for p in &views {
         t.add_row(vec![
@@ -224,9 +229,12 @@ fn print_pools(pools: &[pb::Pool], format: Format) -> Result<(), CliError> {
             p.total.to_string(),
             if p.draining {
                 "draining".into()
+            } else if !p.shortfall.is_empty() {
+                "below min".into()
             } else {
                 "active".into()
             },
+            p.shortfall.clone(),
         ]);
     }
     print_table(&t);

@@ -128,6 +128,8 @@ pub enum EventKind {
     ReconcileDestroyed,
     /// Reconciliation rebuilt state from the agents' labels and state files.
     ReconcileRebuilt,
+    /// A pool cannot reach its min_size, and why (once per reason).
+    PoolShortfall,
     /// A tenant state sync moved every file.
     SyncCompleted,
     /// A tenant state sync did not move every file.
@@ -181,6 +183,7 @@ impl EventKind {
         EventKind::ReconcileAdopted,
         EventKind::ReconcileDestroyed,
         EventKind::ReconcileRebuilt,
+        EventKind::PoolShortfall,
         EventKind::SyncCompleted,
         EventKind::SyncFailed,
         EventKind::SyncReleasePending,
@@ -227,6 +230,7 @@ impl EventKind {
             EventKind::ReconcileAdopted => "reconcile.adopted",
             EventKind::ReconcileDestroyed => "reconcile.destroyed",
             EventKind::ReconcileRebuilt => "reconcile.rebuilt",
+            EventKind::PoolShortfall => "pool.shortfall",
             EventKind::SyncCompleted => "sync.completed",
             EventKind::SyncFailed => "sync.failed",
             EventKind::SyncReleasePending => "sync.release_pending",
@@ -249,6 +253,7 @@ impl EventKind {
             | EventKind::ReconcileRebuilt
             | EventKind::SyncFailed
             | EventKind::SyncWarning
+            | EventKind::PoolShortfall
             | EventKind::SyncReleasePending => Severity::Warning,
             EventKind::NodeLost | EventKind::NodeRestricted | EventKind::NodeImpersonation => {
                 Severity::Error

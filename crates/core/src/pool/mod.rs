@@ -196,6 +196,64 @@ pub fn choose_node<'a>(
         })
 }
 
+/// Why [`choose_node`] found no node for a new container of `workload`,
+/// in the words an operator needs: which constraint excluded the nodes,
+/// and for capacity, what the workload needs against the roomiest
+/// eligible node. Meant for a pool that cannot reach its `min_size`.
+pub fn why_no_node(candidates: &[NodeCandidate], workload: &WorkloadSpec) -> String {
+    if candidates.is_empty() {
+        return "no node has joined".into();
+    }
+    let live: Vec<&NodeCandidate> = candidates.iter().filter(|n| n.live).collect();
+    if live.is_empty() {
+        return format!(
+            "none of the {} node(s) is Ready and connected",
+            candidates.len()
+        );
+    }
+    let open: Vec<&NodeCandidate> = live.iter().copied().filter(|n| !n.cordoned).collect();
+    if open.is_empty() {
+        return format!("every Ready node ({}) is cordoned", live.len());
+    }
+    let matching: Vec<&NodeCandidate> = open
+        .iter()
+        .copied()
+        .filter(|n| {
+            workload
+                .node_selector
+                .iter()
+                .all(|(k, v)| n.labels.get(k) == Some(v))
+        })
+        .collect();
+    let Some(best) = matching.iter().max_by(|a, b| {
+        a.free_memory()
+            .cmp(&b.free_memory())
+            .then(a.free_cpus().total_cmp(&b.free_cpus()))
+    }) else {
+        let selector: Vec<String> = workload
+            .node_selector
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        return format!("no Ready node matches node_selector {}", selector.join(","));
+    };
+    let mut needs = Vec::new();
+    if let Some(cpus) = workload.limits.cpus.filter(|c| *c > 0.0) {
+        needs.push(format!("{cpus} cpu"));
+    }
+    if let Some(memory) = workload.limits.memory_bytes.filter(|m| *m > 0) {
+        needs.push(format!("{} memory", crate::units::format_size(memory)));
+    }
+    let free_memory = u64::try_from(best.free_memory().max(0)).unwrap_or(u64::MAX);
+    format!(
+        "needs {}; the roomiest node, {}, has {:.2} cpu and {} free",
+        needs.join(" and "),
+        best.id,
+        best.free_cpus().max(0.0),
+        crate::units::format_size(free_memory),
+    )
+}
+
 /// Where a claimed container came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -115,3 +115,40 @@ proptest! {
         prop_assert_eq!(s.as_str().parse::<ContainerState>().unwrap(), s);
     }
 }
+
+#[test]
+fn a_pool_that_cannot_place_says_which_rule_excluded_the_nodes() {
+    let w = parse_workload(
+        "w",
+        "id: w\nimage: i\ndeploy: {resources: {limits: {cpus: 0.5, memory: 1G}}}\nnode_selector: {zone: a}\n",
+    )
+    .unwrap();
+    assert_eq!(why_no_node(&[], &w), "no node has joined");
+    let mut nodes = vec![node("n1", 2.0, 8), node("n2", 2.0, 8)];
+    for n in &mut nodes {
+        n.live = false;
+    }
+    assert!(why_no_node(&nodes, &w).contains("none of the 2 node(s) is Ready"));
+    for n in &mut nodes {
+        n.live = true;
+        n.cordoned = true;
+    }
+    assert!(why_no_node(&nodes, &w).contains("cordoned"));
+    nodes[0].cordoned = false;
+    assert_eq!(
+        why_no_node(&nodes, &w),
+        "no Ready node matches node_selector zone=a"
+    );
+    nodes[0].labels.insert("zone".into(), "a".into());
+    nodes[0].allocated = Resources {
+        cpus: 1.75,
+        memory_bytes: 4 << 30,
+        gpus: 0,
+    };
+    assert!(choose_node(&nodes, &w).is_none());
+    let why = why_no_node(&nodes, &w);
+    assert!(
+        why.contains("needs 0.5 cpu") && why.contains("n1") && why.contains("0.25 cpu"),
+        "{why}"
+    );
+}

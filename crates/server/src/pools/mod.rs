@@ -136,6 +136,9 @@ struct Inflight {
     activity: HashMap<String, Timestamp>,
     /// Consecutive create failures per pool and when to try again.
     backoff: HashMap<WorkloadId, (u32, Instant)>,
+    /// Why a pool below its min_size is not being filled, as last seen:
+    /// the reason, since when, and whether it was evented.
+    shortfall: HashMap<WorkloadId, (String, Instant, bool)>,
 }
 
 struct State {

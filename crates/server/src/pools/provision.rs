@@ -20,6 +20,9 @@ use boilerhouse_proto::pb;
 
 use super::{BusyGuard, PoolError, Pools};
 
+/// How long a pool stays short for the same reason before an event says
+/// so: long enough for agents to come back after a server start.
+const SHORTFALL_GRACE: Duration = Duration::from_secs(5);
 /// Longest wait between create attempts of a failing pool.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
@@ -92,12 +95,13 @@ impl Pools {
         }
     }
 
-    /// The node for a new container, with its state root.
+    /// The node for a new container, with its state root; or why no node
+    /// can take one.
     async fn place(
         &self,
         spec: &WorkloadSpec,
         now: Timestamp,
-    ) -> Result<Option<(NodeId, String)>, PoolError> {
+    ) -> Result<Result<(NodeId, String), String>, PoolError> {
         let nodes = self.inner.store.list_nodes().await?;
         let allocated = self.allocations();
         let candidates: Vec<NodeCandidate> = nodes
@@ -112,13 +116,14 @@ impl Pools {
                 allocated: allocated.get(&n.id).copied().unwrap_or_default(),
             })
             .collect();
-        let chosen = choose_node(&candidates, spec).map(|c| c.id.clone());
-        Ok(chosen.and_then(|id| {
-            nodes
-                .into_iter()
-                .find(|n| n.id == id)
-                .map(|n| (n.id, n.state_root))
-        }))
+        let Some(chosen) = choose_node(&candidates, spec).map(|c| c.id.clone()) else {
+            return Ok(Err(boilerhouse_core::pool::why_no_node(&candidates, spec)));
+        };
+        Ok(nodes
+            .into_iter()
+            .find(|n| n.id == chosen)
+            .map(|n| (n.id, n.state_root))
+            .ok_or_else(|| format!("node {chosen} is gone")))
     }
 
     /// Takes up to `wanted` create slots of `pool` under `max`, counting
@@ -146,10 +151,11 @@ impl Pools {
         workload: &WorkloadRecord,
         slot: SlotGuard,
         now: Timestamp,
-    ) -> Result<Option<(ContainerRecord, BusyGuard)>, PoolError> {
+    ) -> Result<Result<(ContainerRecord, BusyGuard), String>, PoolError> {
         let spec = &workload.spec;
-        let Some(node) = self.place(spec, now).await? else {
-            return Ok(None);
+        let node = match self.place(spec, now).await? {
+            Ok(node) => node,
+            Err(why) => return Ok(Err(why)),
         };
         let id = ContainerId::from_uuid(boilerhouse_core::ids::Uuid::now_v7());
         let record = Self::new_container(spec, &workload.spec_hash, id, node, now);
@@ -159,7 +165,7 @@ impl Pools {
         self.commit(decide::insert(record.clone())).await?;
         // Committed: the index counts it now, the slot is no longer needed.
         drop(slot);
-        Ok(Some((record, busy)))
+        Ok(Ok((record, busy)))
     }
 
     /// Creates a container for one claim and waits until it is ready.
@@ -185,9 +191,9 @@ impl Pools {
             )));
         };
         let now = crate::clock::now();
-        let (record, busy) = self.record_new(workload, slot, now).await?.ok_or_else(|| {
+        let (record, busy) = self.record_new(workload, slot, now).await?.map_err(|why| {
             PoolError::Exhausted(format!(
-                "no ready, uncordoned node can fit a container of {}",
+                "no node can take a container of {}: {why}",
                 spec.id
             ))
         })?;
@@ -468,7 +474,11 @@ impl Pools {
                 .backoff
                 .get(&spec.id)
                 .is_some_and(|(_, until)| Instant::now() < *until);
-            if o.draining || backing_off {
+            if o.draining {
+                self.clear_shortfall(&spec.id);
+                continue;
+            }
+            if backing_off {
                 continue;
             }
             let min = o.min_size.unwrap_or(spec.pool.min_size);
@@ -479,11 +489,18 @@ impl Pools {
                 counts.warming += state.inflight.creating.get(&spec.id).copied().unwrap_or(0);
                 boilerhouse_core::pool::to_create(&counts, min, max, spec.pool.fill_concurrency)
             };
+            if wanted == 0 && !backing_off {
+                self.clear_shortfall(&spec.id);
+            }
             for slot in self.take_slots(&spec.id, wanted, max) {
-                let Some((record, busy)) = self.record_new(workload, slot, now).await? else {
-                    tracing::debug!(pool = %spec.id, "no node can take a new container");
-                    break;
+                let (record, busy) = match self.record_new(workload, slot, now).await? {
+                    Ok(placed) => placed,
+                    Err(why) => {
+                        self.note_shortfall(&spec.id, min, why).await;
+                        break;
+                    }
                 };
+                self.clear_shortfall(&spec.id);
                 started += 1;
                 let pools = self.clone();
                 let workload = workload.clone();
@@ -501,6 +518,61 @@ impl Pools {
             }
         }
         Ok(started)
+    }
+
+    /// Records why `pool` stays below `min`; says so once in the events
+    /// when the same reason has held for [`SHORTFALL_GRACE`], so a pool
+    /// short of capacity is not silent, and the moments after a start
+    /// (before the agents are back) are not a flood either.
+    async fn note_shortfall(&self, pool: &WorkloadId, min: u32, why: String) {
+        let due = {
+            let mut state = self.state();
+            let entry = state
+                .inflight
+                .shortfall
+                .entry(pool.clone())
+                .or_insert_with(|| (why.clone(), Instant::now(), false));
+            if entry.0 != why {
+                *entry = (why.clone(), Instant::now(), false);
+            }
+            let due = !entry.2 && entry.1.elapsed() >= SHORTFALL_GRACE;
+            entry.2 |= due;
+            due
+        };
+        if !due {
+            return;
+        }
+        tracing::warn!(pool = %pool, reason = %why, "pool below min_size");
+        let event = NewEvent::new(
+            crate::clock::now(),
+            EventKind::PoolShortfall,
+            format!("pool {pool} cannot reach min_size {min}: {why}"),
+        )
+        .with_subject(EventSubject {
+            workload_id: Some(pool.to_string()),
+            ..Default::default()
+        });
+        if let Err(e) = self.inner.store.append_event(event).await {
+            tracing::warn!(error = %e, "cannot record a pool shortfall");
+        }
+    }
+
+    fn clear_shortfall(&self, pool: &WorkloadId) {
+        self.state().inflight.shortfall.remove(pool);
+    }
+
+    /// Why `pool` is below its min_size and not being filled, if it is.
+    pub fn shortfall(&self, pool: &WorkloadId) -> Option<String> {
+        let state = self.state();
+        if let Some((why, _, _)) = state.inflight.shortfall.get(pool) {
+            return Some(why.clone());
+        }
+        state
+            .inflight
+            .backoff
+            .get(pool)
+            .filter(|(_, until)| Instant::now() < *until)
+            .map(|(failures, _)| format!("backing off after {failures} failed create(s) in a row; see the pool.create_failed events"))
     }
 
     /// A refill create failed: back the pool off, say so, drain the row.

@@ -44,6 +44,7 @@ impl PoolsApi {
             max_size: o.max_size.unwrap_or(workload.spec.pool.max_size),
             draining: o.draining,
             policy: Some(pool_policy_to_pb(&workload.spec.pool)),
+            shortfall: self.0.pools.shortfall(id).unwrap_or_default(),
         })
     }
 
