@@ -89,6 +89,18 @@ fn parse_docker_time(s: &str) -> Option<Timestamp> {
         .map(Timestamp::from_system_time)
 }
 
+/// Bytes of a healthcheck's output kept: enough for an error message.
+const HEALTH_OUTPUT_MAX: usize = 512;
+
+/// `s` cut to at most `max` bytes, on a character boundary.
+fn bounded(s: &str, max: usize) -> String {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
+}
+
 fn observed_from_inspect(c: ContainerInspectResponse) -> Option<ObservedContainer> {
     let docker_id = c.id?;
     let state = c.state.unwrap_or_default();
@@ -99,11 +111,19 @@ fn observed_from_inspect(c: ContainerInspectResponse) -> Option<ObservedContaine
         .into_iter()
         .collect();
     let host = c.host_config.unwrap_or_default();
-    let health = state
-        .health
-        .and_then(|h| h.status)
-        .map(|s| s.to_string())
-        .filter(|s| !s.is_empty() && s != "none");
+    let (health, health_output) = match state.health {
+        Some(h) => (
+            h.status
+                .map(|s| s.to_string())
+                .filter(|s| !s.is_empty() && s != "none"),
+            h.log
+                .and_then(|log| log.into_iter().last())
+                .and_then(|entry| entry.output)
+                .map(|out| bounded(out.trim(), HEALTH_OUTPUT_MAX))
+                .filter(|out| !out.is_empty()),
+        ),
+        None => (None, None),
+    };
     Some(ObservedContainer {
         docker_id,
         name: c
@@ -114,6 +134,7 @@ fn observed_from_inspect(c: ContainerInspectResponse) -> Option<ObservedContaine
         labels,
         docker_state: state.status.map(|s| s.to_string()).unwrap_or_default(),
         health,
+        health_output,
         exit_code: state.exit_code.unwrap_or_default(),
         started_at: state.started_at.as_deref().and_then(parse_docker_time),
         oom_killed: state.oom_killed.unwrap_or(false),
@@ -413,6 +434,9 @@ impl ContainerRuntime for DockerRuntime {
                                 .and_then(|v| v.parse().ok()),
                             at,
                             health,
+                            // Filled in by the session, which inspects the
+                            // container after each event.
+                            health_output: None,
                             exit_code: attributes.get("exitCode").and_then(|c| c.parse().ok()),
                         }))
                     }

@@ -278,12 +278,20 @@ async fn session(
             }
             // Cancel-safe: the events stream buffers undelivered items.
             event = events.next() => match event {
-                Some(Ok(event)) => {
+                Some(Ok(mut event)) => {
+                    // Inspected first, so a health event carries what the
+                    // check printed: the engine's reason for "unhealthy".
+                    let new = refresh(executor, &mut last_report, &event.docker_id).await;
+                    if event.kind == boilerhouse_core::container::ContainerEventKind::Health {
+                        event.health_output = last_report
+                            .get(&event.docker_id)
+                            .and_then(|c| c.health_output.clone());
+                    }
                     let message = pb::ConnectRequest {
                         message: Some(pb::connect_request::Message::ContainerEvent(pb::ContainerEvent::from(&event))),
                     };
                     out.send(message).await?;
-                    if refresh(executor, &mut last_report, &event.docker_id).await {
+                    if new {
                         last_report = snapshot(executor.full_report().await?);
                         send_report(&out, &last_report, String::new()).await?;
                     }
@@ -320,6 +328,7 @@ async fn session(
                     container_id: Some(container_id),
                     at: now(),
                     health: None,
+                    health_output: None,
                     exit_code: None,
                 };
                 out.send(pb::ConnectRequest {

@@ -214,6 +214,10 @@ pub struct ObservedContainer {
     pub docker_state: String,
     /// starting, healthy or unhealthy; None without a healthcheck.
     pub health: Option<String>,
+    /// What the last healthcheck printed (trimmed, bounded): the engine's
+    /// reason for `unhealthy`.
+    #[serde(default)]
+    pub health_output: Option<String>,
     /// Last exit code.
     pub exit_code: i64,
     /// When it last started.
@@ -279,6 +283,8 @@ pub struct ContainerEvent {
     pub at: Timestamp,
     /// New health status, for Health events.
     pub health: Option<String>,
+    /// What the last healthcheck printed, for Health events.
+    pub health_output: Option<String>,
     /// Exit code, for Die events.
     pub exit_code: Option<i64>,
 }

@@ -571,6 +571,7 @@ impl From<&ObservedContainer> for pb::ObservedContainer {
             labels: c.labels.clone().into_iter().collect(),
             docker_state: c.docker_state.clone(),
             health: c.health.clone().unwrap_or_default(),
+            health_output: c.health_output.clone().unwrap_or_default(),
             exit_code: c.exit_code,
             started_at: optional_timestamp(c.started_at),
             state_file: c.state_file.as_ref().map(pb::ContainerStateFile::from),
@@ -592,6 +593,7 @@ impl TryFrom<&pb::ObservedContainer> for ObservedContainer {
             labels: c.labels.clone().into_iter().collect(),
             docker_state: c.docker_state.clone(),
             health: optional(&c.health),
+            health_output: optional(&c.health_output),
             exit_code: c.exit_code,
             started_at: c.started_at.as_ref().map(timestamp_from_pb),
             oom_killed: c.oom_killed,
@@ -620,6 +622,7 @@ impl From<&ContainerEvent> for pb::ContainerEvent {
             container_id: e.container_id.map(|id| id.to_string()).unwrap_or_default(),
             at: Some(timestamp_to_pb(e.at)),
             health: e.health.clone().unwrap_or_default(),
+            health_output: e.health_output.clone().unwrap_or_default(),
             exit_code: e.exit_code.unwrap_or_default(),
         }
     }
@@ -661,6 +664,7 @@ impl TryFrom<&pb::ContainerEvent> for ContainerEvent {
                 .map(timestamp_from_pb)
                 .unwrap_or(Timestamp::EPOCH),
             health: optional(&e.health),
+            health_output: optional(&e.health_output),
             exit_code: (e.kind == pb::ContainerEventKind::Die as i32).then_some(e.exit_code),
         })
     }

@@ -74,3 +74,49 @@ async fn a_pool_below_min_size_says_why_once() {
         "{events}"
     );
 }
+
+#[tokio::test]
+async fn containers_that_never_become_healthy_are_replaced_with_the_engines_reason() {
+    let Some(c) = Cluster::builder()
+        .node("sick")
+        .workload("sick", |image| {
+            format!(
+                "id: sick\nimage: {image}\ncommand: [sleep, infinity]\n\
+                 healthcheck: {{test: [CMD-SHELL, 'echo database unreachable; exit 1'], interval: 1s, timeout: 1s, retries: 1}}\n\
+                 pool: {{min_size: 1, max_size: 3}}\n"
+            )
+        })
+        .start()
+        .await
+    else {
+        return;
+    };
+    // The engine says unhealthy; the container is destroyed, the pool
+    // backs off, and both the event and the pool say why.
+    let events = c
+        .eventually("an event about the unhealthy container", || async {
+            let out = c.bh_ok(&["events", "--kind", "pool.create_failed"]);
+            out.contains("never became healthy").then_some(out)
+        })
+        .await;
+    assert!(events.contains("database unreachable"), "{events}");
+    let pool = c
+        .eventually("bh pool get to say why", || async {
+            let out = c.bh_ok(&["pool", "get", "sick"]);
+            out.contains("database unreachable").then_some(out)
+        })
+        .await;
+    assert!(pool.contains("below min"), "{pool}");
+    // It is replaced, and the replacement, failing the same way, is too.
+    c.eventually("a second unhealthy container replaced", || async {
+        let out = c.bh_ok(&["events", "--kind", "pool.create_failed"]);
+        (out.matches("never became healthy").count() >= 2).then_some(())
+    })
+    .await;
+
+    // A claim waiting for one is told it is unhealthy, as UNAVAILABLE.
+    let err = c.try_claim("t1", "sick").await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("unhealthy"), "{err:?}");
+    assert!(err.message().contains("database unreachable"), "{err:?}");
+}

@@ -79,6 +79,7 @@ fn observed(
         labels: l,
         docker_state: "running".into(),
         health: None,
+        health_output: None,
         exit_code: 0,
         started_at: Some(t(created)),
         oom_killed: false,

@@ -278,6 +278,7 @@ impl Registry {
             ContainerEventKind::Health => {
                 if let Some(c) = report.containers.get_mut(&event.docker_id) {
                     c.health = event.health.clone();
+                    c.health_output = event.health_output.clone();
                 }
             }
             ContainerEventKind::Activity => return,

@@ -30,6 +30,7 @@ pub mod affinity;
 pub mod claims;
 pub mod provision;
 pub mod recovery;
+mod shortfall;
 pub mod tasks;
 
 use std::collections::{HashMap, HashSet};

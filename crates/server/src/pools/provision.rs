@@ -10,21 +10,15 @@
 
 use std::time::{Duration, Instant};
 
-use boilerhouse_core::container::{ContainerSpec, VolumeKind, volume_host_path};
-use boilerhouse_core::event::{EventKind, EventSubject, NewEvent};
+use boilerhouse_core::container::{ContainerSpec, ObservedContainer, VolumeKind, volume_host_path};
 use boilerhouse_core::pool::decide::{self, DrainScope};
 use boilerhouse_core::pool::{ContainerRecord, ContainerState, NodeCandidate, choose_node};
 use boilerhouse_core::workload::{WorkloadRecord, WorkloadSpec};
 use boilerhouse_core::{ContainerId, NodeId, Timestamp, WorkloadId};
 use boilerhouse_proto::pb;
 
+use super::shortfall::last_check;
 use super::{BusyGuard, PoolError, Pools};
-
-/// How long a pool stays short for the same reason before an event says
-/// so: long enough for agents to come back after a server start.
-const SHORTFALL_GRACE: Duration = Duration::from_secs(5);
-/// Longest wait between create attempts of a failing pool.
-const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
 /// Gives a create slot back when dropped (the row committed, or not).
 struct SlotGuard {
@@ -268,29 +262,52 @@ impl Pools {
             let changed = self.inner.agents.report_changed();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            if self.reported_ready(record.node_id.clone(), &observed.docker_id, needs_health) {
+            let seen = self.reported(&record.node_id, &observed.docker_id);
+            if seen.as_ref().is_some_and(|c| ready(c, needs_health)) {
                 return Ok(());
+            }
+            // The engine's verdict: waiting longer will not make it pass.
+            if let Some(c) = seen
+                .as_ref()
+                .filter(|c| c.health.as_deref() == Some("unhealthy"))
+            {
+                return Err(PoolError::Unavailable(format!(
+                    "container {} is unhealthy: {}",
+                    record.id,
+                    last_check(c)
+                )));
             }
             if tokio::time::timeout_at(deadline.into(), changed)
                 .await
                 .is_err()
             {
-                return Err(PoolError::Exhausted(format!(
-                    "container {} did not become ready in time",
-                    record.id
-                )));
+                return Err(match seen.filter(|c| c.is_running() && needs_health) {
+                    Some(c) => PoolError::Unavailable(format!(
+                        "container {} did not become healthy in time (health {}: {})",
+                        record.id,
+                        c.health.as_deref().unwrap_or("unknown"),
+                        last_check(&c)
+                    )),
+                    None => PoolError::Exhausted(format!(
+                        "container {} did not become ready in time",
+                        record.id
+                    )),
+                });
             }
         }
     }
 
-    fn reported_ready(&self, node: NodeId, docker_id: &str, needs_health: bool) -> bool {
+    /// A container as its node last reported it.
+    pub(super) fn reported(&self, node: &NodeId, docker_id: &str) -> Option<ObservedContainer> {
         self.inner
             .agents
-            .report(&node)
+            .report(node)
             .and_then(|r| r.containers.get(docker_id).cloned())
-            .is_some_and(|c| {
-                c.is_running() && (!needs_health || c.health.as_deref() == Some("healthy"))
-            })
+    }
+
+    fn reported_ready(&self, node: NodeId, docker_id: &str, needs_health: bool) -> bool {
+        self.reported(&node, docker_id)
+            .is_some_and(|c| ready(&c, needs_health))
     }
 
     /// Warming containers with no Docker id that no operation owns: their
@@ -519,97 +536,9 @@ impl Pools {
         }
         Ok(started)
     }
+}
 
-    /// Records why `pool` stays below `min`; says so once in the events
-    /// when the same reason has held for [`SHORTFALL_GRACE`], so a pool
-    /// short of capacity is not silent, and the moments after a start
-    /// (before the agents are back) are not a flood either.
-    async fn note_shortfall(&self, pool: &WorkloadId, min: u32, why: String) {
-        let due = {
-            let mut state = self.state();
-            let entry = state
-                .inflight
-                .shortfall
-                .entry(pool.clone())
-                .or_insert_with(|| (why.clone(), Instant::now(), false));
-            if entry.0 != why {
-                *entry = (why.clone(), Instant::now(), false);
-            }
-            let due = !entry.2 && entry.1.elapsed() >= SHORTFALL_GRACE;
-            entry.2 |= due;
-            due
-        };
-        if !due {
-            return;
-        }
-        tracing::warn!(pool = %pool, reason = %why, "pool below min_size");
-        let event = NewEvent::new(
-            crate::clock::now(),
-            EventKind::PoolShortfall,
-            format!("pool {pool} cannot reach min_size {min}: {why}"),
-        )
-        .with_subject(EventSubject {
-            workload_id: Some(pool.to_string()),
-            ..Default::default()
-        });
-        if let Err(e) = self.inner.store.append_event(event).await {
-            tracing::warn!(error = %e, "cannot record a pool shortfall");
-        }
-    }
-
-    fn clear_shortfall(&self, pool: &WorkloadId) {
-        self.state().inflight.shortfall.remove(pool);
-    }
-
-    /// Why `pool` is below its min_size and not being filled, if it is.
-    pub fn shortfall(&self, pool: &WorkloadId) -> Option<String> {
-        let state = self.state();
-        if let Some((why, _, _)) = state.inflight.shortfall.get(pool) {
-            return Some(why.clone());
-        }
-        state
-            .inflight
-            .backoff
-            .get(pool)
-            .filter(|(_, until)| Instant::now() < *until)
-            .map(|(failures, _)| format!("backing off after {failures} failed create(s) in a row; see the pool.create_failed events"))
-    }
-
-    /// A refill create failed: back the pool off, say so, drain the row.
-    async fn create_failed(&self, pool: &WorkloadId, record: &ContainerRecord, e: &PoolError) {
-        let failures = {
-            let mut state = self.state();
-            let entry = state
-                .inflight
-                .backoff
-                .entry(pool.clone())
-                .or_insert((0, Instant::now()));
-            entry.0 += 1;
-            let wait = Duration::from_millis(500)
-                .saturating_mul(1 << entry.0.min(7))
-                .min(MAX_BACKOFF);
-            entry.1 = Instant::now() + wait;
-            entry.0
-        };
-        let event = NewEvent::new(
-            crate::clock::now(),
-            EventKind::PoolCreateFailed,
-            format!("creating a container for pool {pool} failed ({failures} in a row, backing off): {e}"),
-        )
-        .with_subject(EventSubject {
-            workload_id: Some(pool.to_string()),
-            container_id: Some(record.id.to_string()),
-            node_id: Some(record.node_id.to_string()),
-            ..Default::default()
-        });
-        if let Err(e) = self.inner.store.append_event(event).await {
-            tracing::warn!(error = %e, "cannot record a failed create");
-        }
-        if let Err(e) = self
-            .drain(&record.id, DrainScope::Unowned, "create failed")
-            .await
-        {
-            tracing::warn!(container = %record.id, error = %e, "cannot drain a failed create");
-        }
-    }
+/// Whether a reported container can serve a claim.
+fn ready(c: &ObservedContainer, needs_health: bool) -> bool {
+    c.is_running() && (!needs_health || c.health.as_deref() == Some("healthy"))
 }

@@ -20,6 +20,7 @@ impl BackgroundTask for Refiller {
             pools.refresh_workloads(&workloads);
             let resent = pools.resend_unfinished_creates(&workloads).await?;
             let promoted = pools.promote_ready(&workloads).await;
+            let unhealthy = pools.replace_unhealthy().await;
             let removing = pools.remove_draining();
             let created = pools.fill(&workloads).await?;
             Ok(serde_json::json!({
@@ -27,6 +28,7 @@ impl BackgroundTask for Refiller {
                 "creating": created,
                 "removing": removing,
                 "resent": resent,
+                "unhealthy": unhealthy,
             }))
         })
     }

@@ -387,6 +387,7 @@ pub fn observed(node: &NodeId, id: &ContainerId, c: &HostContainer) -> ObservedC
         labels,
         docker_state: if c.running { "running" } else { "exited" }.into(),
         health: None,
+        health_output: None,
         exit_code: 0,
         started_at: Some(c.created_at),
         oom_killed: false,
