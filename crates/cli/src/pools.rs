@@ -33,6 +33,8 @@ struct PoolView {
     reserved: u32,
     destroying: u32,
     total: u32,
+    /// Of an older spec than the workload's (the rest are current).
+    stale: u32,
     /// Why it is below min_size and not being filled.
     #[serde(skip_serializing_if = "String::is_empty")]
     shortfall: String,
@@ -52,6 +54,7 @@ impl From<&pb::Pool> for PoolView {
             reserved: c.reserved,
             destroying: c.draining,
             total: c.total,
+            stale: c.stale,
             shortfall: p.shortfall.clone(),
         }
     }
@@ -213,6 +216,7 @@ fn print_pools(pools: &[pb::Pool], format: Format) -> Result<(), CliError> {
         "RESERVED",
         "DESTROYING",
         "TOTAL",
+        "STALE",
         "STATUS",
         "SHORTFALL",
     ]);
@@ -227,6 +231,7 @@ fn print_pools(pools: &[pb::Pool], format: Format) -> Result<(), CliError> {
             p.reserved.to_string(),
             p.destroying.to_string(),
             p.total.to_string(),
+            p.stale.to_string(),
             if p.draining {
                 "draining".into()
             } else if !p.shortfall.is_empty() {

@@ -120,3 +120,48 @@ async fn containers_that_never_become_healthy_are_replaced_with_the_engines_reas
     assert!(err.message().contains("unhealthy"), "{err:?}");
     assert!(err.message().contains("database unreachable"), "{err:?}");
 }
+
+fn versioned(image: &str, version: u32) -> String {
+    format!(
+        "id: roll\nimage: {image}\ncommand: [sleep, infinity]\n\
+         environment: {{VERSION: \"{version}\"}}\n\
+         pool: {{min_size: 2, max_size: 6, fill_concurrency: 1}}\n"
+    )
+}
+
+#[tokio::test]
+async fn a_changed_workload_replaces_idle_containers_and_claimed_ones_keep_theirs() {
+    let Some(c) = Cluster::builder()
+        .node("roll")
+        .workload("roll", |image| versioned(image, 1))
+        .start()
+        .await
+    else {
+        return;
+    };
+    c.wait_idle("roll", 2).await;
+    let old = c.claim("t1", "roll").await;
+    assert_eq!(c.exec(&old.docker_id, "echo $VERSION").await, "1\n");
+    c.wait_idle("roll", 2).await;
+
+    // The operator changes the environment. Idle containers of the old
+    // spec are replaced, one create at a time (fill_concurrency 1).
+    c.write_workload("roll", &versioned(c.image(), 2));
+    let pool = c
+        .eventually("the idle containers to be of the new spec", || async {
+            let out = c.bh_ok(&["pool", "get", "roll", "-o", "json"]);
+            let pools: serde_json::Value = serde_json::from_str(&out).ok()?;
+            let p = &pools[0];
+            // Only the claimed container is still stale.
+            (p["stale"] == 1 && p["idle"] == 2 && p["warming"] == 0).then_some(p.clone())
+        })
+        .await;
+    assert_eq!(pool["claimed"], 1, "{pool}");
+
+    // New tenants get the new spec; the claimed container keeps its own.
+    let new = c.claim("t2", "roll").await;
+    assert_eq!(c.exec(&new.docker_id, "echo $VERSION").await, "2\n");
+    assert_eq!(c.exec(&old.docker_id, "echo $VERSION").await, "1\n");
+    let events = c.bh_ok(&["events", "--kind", "container.draining"]);
+    assert!(events.contains("spec changed"), "{events}");
+}

@@ -141,6 +141,47 @@ pub fn to_create(counts: &PoolCounts, min_size: u32, max_size: u32, fill_concurr
     wanted.min(room).min(slots)
 }
 
+/// A pool's containers of an older spec than its workload's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stale {
+    /// Idle ones (busy ones, about to be claimed, included).
+    pub idle: u32,
+    /// Warming ones.
+    pub warming: u32,
+}
+
+/// What the refiller does now for a pool whose workload may have changed:
+/// `(create, drain)`, containers to create of the current spec and stale
+/// idle ones to drain. Stale containers do not count toward `min_size`,
+/// so current ones are created (within `max_size` and `fill_concurrency`,
+/// as [`to_create`]); stale idle ones go once current ones reach
+/// `min_size`, so the pool never empties for a rollout, or one at a time
+/// when `max_size` leaves no room to create a replacement. Claimed and
+/// reserved containers keep their spec until they are released.
+pub fn roll(
+    counts: &PoolCounts,
+    stale: Stale,
+    min_size: u32,
+    max_size: u32,
+    fill_concurrency: u32,
+) -> (u32, u32) {
+    let stale_idle = stale.idle.min(counts.idle);
+    let current_idle = counts.idle - stale_idle;
+    let current_warming = counts.warming.saturating_sub(stale.warming);
+    let wanted = min_size.saturating_sub(current_idle + current_warming);
+    let room = max_size.saturating_sub(counts.total());
+    let slots = fill_concurrency.saturating_sub(counts.warming);
+    let create = wanted.min(room).min(slots);
+    let drain = if current_idle >= min_size {
+        stale_idle
+    } else if wanted > 0 && room == 0 && slots > 0 {
+        stale_idle.min(1)
+    } else {
+        0
+    };
+    (create, drain)
+}
+
 /// A node as placement sees it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NodeCandidate {

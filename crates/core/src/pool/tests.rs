@@ -152,3 +152,58 @@ fn a_pool_that_cannot_place_says_which_rule_excluded_the_nodes() {
         "{why}"
     );
 }
+
+fn counts(warming: u32, idle: u32, claimed: u32) -> PoolCounts {
+    PoolCounts {
+        warming,
+        idle,
+        claimed,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn a_rollout_warms_current_containers_before_stale_ones_go() {
+    let stale = |idle, warming| Stale { idle, warming };
+    // Two stale idle, nothing current: create two (fill_concurrency 2),
+    // drain nothing yet.
+    assert_eq!(roll(&counts(0, 2, 0), stale(2, 0), 2, 10, 2), (2, 0));
+    // The replacements are warming: wait.
+    assert_eq!(roll(&counts(2, 2, 0), stale(2, 0), 2, 10, 2), (0, 0));
+    // They are idle: the stale ones go.
+    assert_eq!(roll(&counts(0, 4, 0), stale(2, 0), 2, 10, 2), (0, 2));
+    // At max_size with nothing current: one stale goes to make room.
+    assert_eq!(roll(&counts(0, 3, 0), stale(3, 0), 2, 3, 2), (0, 1));
+    // A stale warming container does not count as coming.
+    assert_eq!(roll(&counts(1, 0, 0), stale(0, 1), 1, 10, 2), (1, 0));
+    // Nothing stale: exactly to_create.
+    assert_eq!(
+        roll(&counts(0, 1, 3), Stale::default(), 2, 10, 2).0,
+        to_create(&counts(0, 1, 3), 2, 10, 2)
+    );
+}
+
+proptest! {
+    #[test]
+    fn a_rollout_never_empties_the_pool_nor_breaks_its_bounds(
+        warming in 0u32..6, idle in 0u32..8, claimed in 0u32..6,
+        stale_idle in 0u32..8, stale_warming in 0u32..6,
+        min in 0u32..6, extra in 0u32..8, concurrency in 1u32..4,
+    ) {
+        let c = counts(warming, idle, claimed);
+        let max = (min + extra).max(1);
+        let s = Stale { idle: stale_idle.min(idle), warming: stale_warming.min(warming) };
+        let (create, drain) = roll(&c, s, min, max, concurrency);
+        prop_assert!(c.total() + create <= max.max(c.total()));
+        prop_assert!(create <= concurrency.saturating_sub(warming));
+        prop_assert!(drain <= s.idle);
+        let current_idle = idle - s.idle;
+        // Stale idle containers go only when current ones cover min_size,
+        // or one at a time to make room at max_size.
+        prop_assert!(drain == 0 || current_idle >= min || drain == 1);
+        // The pool keeps idle containers it had unless current ones cover.
+        if idle > 0 && current_idle < min {
+            prop_assert!(idle - drain >= 1 || idle == 1 && drain == 1 && c.total() >= max);
+        }
+    }
+}

@@ -91,7 +91,7 @@ impl Pools {
                 let offerable = |c: &boilerhouse_core::pool::ContainerRecord| {
                     !inflight.busy.contains(&c.id) && self.node_live(&c.node_id, now)
                 };
-                match decide::choose(index, tenant, workload_id, offerable)? {
+                match decide::choose(index, tenant, workload_id, &workload.spec_hash, offerable)? {
                     Choice::Existing(claim, container) => {
                         // Claiming again is activity, as a Touch is: it
                         // resets the idle clock. Kept in memory with the

@@ -442,6 +442,26 @@ impl Pools {
         self.read(|i| i.counts(pool))
     }
 
+    /// Containers of `pool`, draining and lost aside, whose spec is not
+    /// `spec_hash`.
+    pub fn stale(&self, pool: &WorkloadId, spec_hash: &str) -> u32 {
+        self.read(|index| {
+            index
+                .containers()
+                .filter(|c| &c.workload_id == pool && c.spec_hash != spec_hash)
+                .filter(|c| {
+                    !matches!(
+                        c.state,
+                        boilerhouse_core::pool::ContainerState::Draining
+                            | boilerhouse_core::pool::ContainerState::Lost
+                    )
+                })
+                .count()
+        })
+        .try_into()
+        .unwrap_or(u32::MAX)
+    }
+
     /// A pool's operator overrides.
     pub async fn overrides(&self, pool: &WorkloadId) -> Result<PoolOverride, PoolError> {
         Ok(self

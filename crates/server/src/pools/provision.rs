@@ -500,12 +500,58 @@ impl Pools {
             }
             let min = o.min_size.unwrap_or(spec.pool.min_size);
             let max = o.max_size.unwrap_or(spec.pool.max_size);
-            let wanted = {
+            let (wanted, replace) = {
                 let state = self.state();
                 let mut counts = state.index.counts(&spec.id);
                 counts.warming += state.inflight.creating.get(&spec.id).copied().unwrap_or(0);
-                boilerhouse_core::pool::to_create(&counts, min, max, spec.pool.fill_concurrency)
+                // Idle and warming containers of an older spec: a rollout.
+                let stale_idle: Vec<ContainerId> = state
+                    .index
+                    .idle(&spec.id)
+                    .filter(|c| c.spec_hash != workload.spec_hash)
+                    .map(|c| c.id)
+                    .collect();
+                let stale = boilerhouse_core::pool::Stale {
+                    idle: u32::try_from(stale_idle.len()).unwrap_or(u32::MAX),
+                    warming: u32::try_from(
+                        state
+                            .index
+                            .containers()
+                            .filter(|c| {
+                                c.workload_id == spec.id
+                                    && c.state == ContainerState::Warming
+                                    && c.spec_hash != workload.spec_hash
+                            })
+                            .count(),
+                    )
+                    .unwrap_or(u32::MAX),
+                };
+                let (create, drain) = boilerhouse_core::pool::roll(
+                    &counts,
+                    stale,
+                    min,
+                    max,
+                    spec.pool.fill_concurrency,
+                );
+                let replace: Vec<ContainerId> = stale_idle
+                    .into_iter()
+                    .filter(|id| !state.inflight.busy.contains(id))
+                    .take(drain as usize)
+                    .collect();
+                (create, replace)
             };
+            for id in replace {
+                if let Err(e) = self
+                    .drain(
+                        &id,
+                        DrainScope::Unowned,
+                        "replaced: its workload's spec changed and current containers are ready",
+                    )
+                    .await
+                {
+                    tracing::debug!(container = %id, error = %e, "stale container not drained");
+                }
+            }
             if wanted == 0 && !backing_off {
                 self.clear_shortfall(&spec.id);
             }

@@ -103,8 +103,9 @@ impl World {
         let now = self.now;
         let warming: Vec<ContainerId> = self.warming_for.keys().copied().collect();
         let hosts = self.hosts.clone();
+        let hash = self.workloads[&workload].hash.clone();
         let choice = self.read(|i| {
-            decide::choose(i, &tenant, &workload, |c| {
+            decide::choose(i, &tenant, &workload, &hash, |c| {
                 hosts.get(&c.node_id).is_some_and(|h| h.up) && !warming.contains(&c.id)
             })
         });

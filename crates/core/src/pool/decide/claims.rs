@@ -30,11 +30,13 @@ pub enum Choice {
 
 /// EXISTING → AFFINITY → POOL → cold, over what was committed.
 /// `offerable` says whether a container may be handed out now (its node is
-/// live and no operation in flight owns it).
+/// live and no operation in flight owns it); `spec_hash` is the workload's
+/// current spec, preferred among idle containers.
 pub fn choose(
     index: &Index,
     tenant: &TenantId,
     workload: &WorkloadId,
+    spec_hash: &str,
     offerable: impl Fn(&ContainerRecord) -> bool,
 ) -> Result<Choice, Refusal> {
     if let Some(claim) = index.claim(tenant, workload) {
@@ -54,10 +56,20 @@ pub fn choose(
         },
         None => None,
     };
-    let idle = index
-        .idle(workload)
-        .find(|c| !c.used() && offerable(c))
-        .cloned();
+    // A container of the workload's current spec when there is one; one
+    // of an older spec (a rollout under way) only rather than a cold start.
+    let mut stale = None;
+    let mut idle = None;
+    for c in index.idle(workload).filter(|c| !c.used() && offerable(c)) {
+        if c.spec_hash == spec_hash {
+            idle = Some(c.clone());
+            break;
+        }
+        if stale.is_none() {
+            stale = Some(c.clone());
+        }
+    }
+    let idle = idle.or(stale);
     Ok(match idle {
         Some(c) => Choice::Pool(c, superseded),
         None => Choice::Cold(superseded),

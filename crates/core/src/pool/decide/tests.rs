@@ -75,7 +75,7 @@ fn live(_: &ContainerRecord) -> bool {
 }
 
 fn claim_pool(index: &mut Index, tenant: &TenantId, workload: &WorkloadId, n: u64) -> ContainerId {
-    let Ok(Choice::Pool(c, superseded)) = choose(index, tenant, workload, live) else {
+    let Ok(Choice::Pool(c, superseded)) = choose(index, tenant, workload, "h", live) else {
         panic!("no pool choice for {tenant}");
     };
     let (write, _, _) = grant(
@@ -134,7 +134,7 @@ fn a_used_container_is_never_offered_to_the_pool_again() {
     assert!(commit(&mut index, &write));
     assert_eq!(index.container(&c).unwrap().state, ContainerState::Draining);
     assert!(matches!(
-        choose(&index, &t(2), &wl, live),
+        choose(&index, &t(2), &wl, "h", live),
         Ok(Choice::Cold(None))
     ));
     assert!(index.check().is_empty(), "{:?}", index.check());
@@ -323,7 +323,7 @@ fn two_claims_decided_on_one_snapshot_cannot_both_take_a_container() {
     idle(&mut index, 1, &wl, &node(1));
     let snapshot = index.clone();
     let decide = |tenant: &TenantId, n| {
-        let Ok(Choice::Pool(c, _)) = choose(&snapshot, tenant, &wl, live) else {
+        let Ok(Choice::Pool(c, _)) = choose(&snapshot, tenant, &wl, "h", live) else {
             panic!()
         };
         grant(
@@ -353,7 +353,7 @@ fn a_claim_away_from_an_unreachable_reservation_ends_it_and_destroys_its_contain
     claim_pool(&mut index, &a, &wl, 1);
     release_reserve(&mut index, &a, &wl);
     let reachable = |c: &ContainerRecord| c.node_id != node(1);
-    let Ok(Choice::Pool(c, Some(superseded))) = choose(&index, &a, &wl, reachable) else {
+    let Ok(Choice::Pool(c, Some(superseded))) = choose(&index, &a, &wl, "h", reachable) else {
         panic!("expected a pool claim superseding the reservation");
     };
     let (write, _, _) = grant(

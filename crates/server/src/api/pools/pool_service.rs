@@ -39,6 +39,7 @@ impl PoolsApi {
                 draining: c.draining,
                 lost: c.lost,
                 total: c.total(),
+                stale: self.0.pools.stale(id, &workload.spec_hash),
             }),
             min_size: o.min_size.unwrap_or(workload.spec.pool.min_size),
             max_size: o.max_size.unwrap_or(workload.spec.pool.max_size),
