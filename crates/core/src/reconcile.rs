@@ -228,6 +228,20 @@ pub fn plan(
             let current_hash = workload.as_ref().and_then(|w| desired.workloads.get(w));
             let spec_hash = o.labels.get(labels::SPEC_HASH);
             match (id, current_hash) {
+                // Created but never started (a create cut short, or one in
+                // flight from elsewhere): left alone until it starts or its
+                // grace passes, as Nomad's dangling-container reaper does.
+                (Some(_), Some(hash)) if spec_hash == Some(hash) && o.docker_state == "created" => {
+                    actions.push(Action {
+                        kind: ActionKind::Destroy { docker_id: o.docker_id.clone(), container_id: id },
+                        node_id: node.clone(),
+                        reason: format!(
+                            "managed container {} has no row and was created but never started",
+                            o.name
+                        ),
+                        not_before: after(created, config.creation_grace, now),
+                    });
+                }
                 (Some(_), Some(hash)) if spec_hash == Some(hash) => actions.push(Action {
                     kind: ActionKind::Adopt { observed: Box::new(o.clone()) },
                     node_id: node.clone(),

@@ -112,6 +112,8 @@ struct FileConfig {
     #[serde(default, with = "humantime_serde")]
     reconcile_creation_grace: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
+    pool_surplus_grace: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
     sync_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     final_sync_deadline: Option<Duration>,
@@ -208,6 +210,10 @@ pub struct Config {
     /// How old an unknown managed container must be before it is
     /// destroyed. Default 60s.
     pub reconcile_creation_grace: Duration,
+    /// How long a pool may hold more idle containers than its min_size
+    /// (after a scale down, or adoption) before the surplus is drained.
+    /// Default 30s.
+    pub pool_surplus_grace: Duration,
     /// TLS and authentication.
     pub security: Security,
     /// Whether gRPC reflection is served (to authenticated callers).
@@ -335,6 +341,7 @@ impl Config {
             reconcile_creation_grace: file
                 .reconcile_creation_grace
                 .unwrap_or(Duration::from_secs(60)),
+            pool_surplus_grace: file.pool_surplus_grace.unwrap_or(Duration::from_secs(30)),
             sync_timeout: file.sync_timeout.unwrap_or(Duration::from_secs(600)),
             final_sync_deadline: file.final_sync_deadline.unwrap_or(Duration::from_secs(30)),
             security,

@@ -228,6 +228,7 @@ pub async fn run(
             suspect_after: config.suspect_after,
             command_timeout: config.command_timeout,
             acquire_timeout: config.acquire_timeout,
+            surplus_grace: config.pool_surplus_grace,
         },
         Arc::new(boost_ledger.clone()),
         Arc::new(syncs.clone()),
@@ -348,12 +349,28 @@ pub async fn run(
         },
         command_timeout: config.command_timeout,
     };
-    driver.register(
+    let reconcile_task = driver.register(
         "reconcile",
         config.reconcile_interval,
         None,
         crate::reconcile::ReconcileTask(reconciler.clone()),
     );
+    {
+        // A node's first report is reconciled at once: the refiller waits
+        // for it (see Registry::unreconciled).
+        let agents = agents.clone();
+        let cancel = cancel.child_token();
+        tracker.spawn(async move {
+            loop {
+                tokio::select! {
+                    // Cancel-safe: observing the token loses nothing.
+                    () = cancel.cancelled() => break,
+                    // Cancel-safe: a missed wake-up is covered by the period.
+                    () = agents.first_report() => reconcile_task.activate(),
+                }
+            }
+        });
+    }
     let boost_task = driver.register(
         "boost_expiry",
         Duration::from_secs(1),

@@ -165,3 +165,68 @@ async fn a_changed_workload_replaces_idle_containers_and_claimed_ones_keep_their
     let events = c.bh_ok(&["events", "--kind", "container.draining"]);
     assert!(events.contains("spec changed"), "{events}");
 }
+
+/// Docker ids of this run's containers on `node`, sorted.
+async fn docker_ids(c: &Cluster, node: &str) -> Vec<String> {
+    let mut ids: Vec<String> =
+        boilerhouse_testkit::docker::containers_with(c.docker(), "boilerhouse.node-id", node)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter_map(|s| s.id)
+            .collect();
+    ids.sort();
+    ids
+}
+
+#[tokio::test]
+async fn a_fresh_database_adopts_what_runs_before_it_fills_and_a_surplus_is_trimmed() {
+    let Some(mut c) = Cluster::builder()
+        .node("adopt")
+        .workload("keep", |image| {
+            format!(
+                "id: keep\nimage: {image}\ncommand: [sleep, infinity]\n\
+                 pool: {{min_size: 2, max_size: 6}}\n"
+            )
+        })
+        .start()
+        .await
+    else {
+        return;
+    };
+    c.wait_idle("keep", 2).await;
+    let node = c.node(0).to_owned();
+    let before = docker_ids(&c, &node).await;
+    assert_eq!(before.len(), 2, "{before:?}");
+
+    // The database is lost; the agent and its containers live on.
+    c.stop_server().await;
+    let database = c.server().database();
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", database.display()));
+    }
+    c.start_server().await;
+    c.wait_idle("keep", 2).await;
+    // A few refill rounds later there are still exactly the two adopted
+    // containers: nothing was created beside them.
+    let since = Instant::now();
+    c.eventually("a few refill rounds", || async {
+        (since.elapsed() > Duration::from_secs(3)).then_some(())
+    })
+    .await;
+    assert_eq!(docker_ids(&c, &node).await, before, "adopted, not doubled");
+    let pool = c.pool("keep").await;
+    assert_eq!(pool.counts.unwrap().total, 2, "{pool:?}");
+
+    // Scaled down, the idle surplus goes after its grace (short here).
+    c.stop_server().await;
+    c.extend_config(r#"pool_surplus_grace = "1s""#);
+    c.start_server().await;
+    c.wait_idle("keep", 2).await;
+    c.bh_ok(&["pool", "scale", "keep", "--min", "1"]);
+    c.eventually("the surplus to be drained", || async {
+        let counts = c.pool("keep").await.counts?;
+        (counts.idle == 1 && counts.total == 1).then_some(())
+    })
+    .await;
+}

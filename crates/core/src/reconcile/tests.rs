@@ -154,6 +154,35 @@ fn a_managed_container_without_a_row_is_adopted_when_its_pool_is_current() {
 }
 
 #[test]
+fn a_labelled_container_never_started_is_left_alone_until_it_starts_or_its_grace_passes() {
+    let mut o = observed(Some(cid(8)), "a", "demo", "h1", 990);
+    o.docker_state = "created".into();
+    let obs = BTreeMap::from([(node("a"), known(vec![o.clone()]))]);
+    let actions = plan(&desired(vec![]), &obs, t(1000), &CONFIG);
+    assert_eq!(actions.len(), 1, "{actions:?}");
+    assert!(
+        matches!(actions[0].kind, ActionKind::Destroy { .. }),
+        "{actions:?}"
+    );
+    assert!(
+        !actions[0].is_due(t(1000)),
+        "not adopted, not destroyed yet"
+    );
+    assert!(
+        actions[0].is_due(t(990 + 60)),
+        "destroyed once its grace passed"
+    );
+    // Started meanwhile: adopted.
+    o.docker_state = "running".into();
+    let obs = BTreeMap::from([(node("a"), known(vec![o]))]);
+    let actions = plan(&desired(vec![]), &obs, t(1000), &CONFIG);
+    assert!(
+        matches!(actions[0].kind, ActionKind::Adopt { .. }),
+        "{actions:?}"
+    );
+}
+
+#[test]
 fn unknown_pools_and_stale_specs_are_destroyed_after_the_creation_grace() {
     let obs = BTreeMap::from([(
         node("a"),

@@ -30,6 +30,10 @@ type Outbound = mpsc::Sender<Result<pb::ConnectResponse, Status>>;
 pub struct NodeReport {
     /// When the last full report was taken; None until the first one.
     pub observed_at: Option<Timestamp>,
+    /// The `observed_at` of the last report a reconciliation pass planned
+    /// on: until there is one, what the node runs is not in the index
+    /// (adoption has not happened) and the refiller must not count.
+    pub reconciled_at: Option<Timestamp>,
     /// The containers, by Docker id, kept current by incremental events.
     pub containers: BTreeMap<String, ObservedContainer>,
 }
@@ -41,7 +45,14 @@ struct Session {
     last_heartbeat: Timestamp,
     usage: Resources,
     container_count: u32,
+    /// When this session began.
+    attached: std::time::Instant,
 }
+
+/// How long the refiller waits for a new session's first reconciled
+/// report before it counts without it: a node that never reports must not
+/// stop every pool from filling.
+const FIRST_REPORT_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
 
 struct PendingCommand {
     command: pb::Command,
@@ -112,6 +123,9 @@ pub struct Registry {
     /// Wakes whoever waits for a report to change (a cold start waiting
     /// for its container to be ready).
     reports_changed: Arc<tokio::sync::Notify>,
+    /// Wakes the reconciler when a node's first report arrives, so the
+    /// node's containers are adopted before the refiller counts.
+    first_report: Arc<tokio::sync::Notify>,
     signals: broadcast::Sender<NodeSignal>,
 }
 
@@ -121,6 +135,7 @@ impl Default for Registry {
             inner: Arc::default(),
             on_change: Arc::default(),
             reports_changed: Arc::default(),
+            first_report: Arc::default(),
             // Signals are hints: a subscriber that falls behind by this
             // many loses the oldest, and its periodic pass covers them.
             signals: broadcast::channel(4096).0,
@@ -189,6 +204,7 @@ impl Registry {
                 last_heartbeat: now,
                 usage: Resources::default(),
                 container_count: 0,
+                attached: std::time::Instant::now(),
             },
         );
         drop(inner);
@@ -233,6 +249,7 @@ impl Registry {
     ) {
         let mut inner = self.lock();
         let report = inner.reports.entry(node.clone()).or_default();
+        let first = report.reconciled_at.is_none();
         report.observed_at = Some(observed_at);
         report.containers = containers
             .into_iter()
@@ -240,6 +257,46 @@ impl Registry {
             .collect();
         drop(inner);
         self.reports_changed.notify_waiters();
+        if first {
+            self.first_report.notify_one();
+        }
+    }
+
+    /// Notified when a node with no reconciled report sends one.
+    pub fn first_report(&self) -> tokio::sync::futures::Notified<'_> {
+        self.first_report.notified()
+    }
+
+    /// Records that a reconciliation pass planned on `node`'s report taken
+    /// at `observed_at`.
+    pub fn mark_reconciled(&self, node: &NodeId, observed_at: Timestamp) {
+        let mut inner = self.lock();
+        if let Some(report) = inner.reports.get_mut(node) {
+            report.reconciled_at = Some(
+                report
+                    .reconciled_at
+                    .map_or(observed_at, |t| t.max(observed_at)),
+            );
+        }
+    }
+
+    /// Connected nodes whose containers no reconciliation pass has seen
+    /// yet: the refiller waits for them, or it would create containers
+    /// beside ones about to be adopted.
+    pub fn unreconciled(&self) -> Vec<NodeId> {
+        let inner = self.lock();
+        inner
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.attached.elapsed() < FIRST_REPORT_WAIT)
+            .filter(|(n, _)| {
+                inner
+                    .reports
+                    .get(*n)
+                    .is_none_or(|r| r.reconciled_at.is_none())
+            })
+            .map(|(n, _)| n.clone())
+            .collect()
     }
 
     /// Notified whenever any node's report changes. Create (and enable)

@@ -30,6 +30,7 @@ pub mod affinity;
 pub mod claims;
 pub mod provision;
 pub mod recovery;
+mod rollout;
 mod shortfall;
 pub mod tasks;
 
@@ -89,6 +90,8 @@ pub struct PoolsConfig {
     pub command_timeout: Duration,
     /// Default cold-start wait when a claim does not say.
     pub acquire_timeout: Duration,
+    /// How long idle containers above min_size stay before they go.
+    pub surplus_grace: Duration,
 }
 
 /// What placement may count on each node beyond its reported capacity
@@ -137,6 +140,8 @@ struct Inflight {
     activity: HashMap<String, Timestamp>,
     /// Consecutive create failures per pool and when to try again.
     backoff: HashMap<WorkloadId, (u32, Instant)>,
+    /// Since when each pool has held more idle containers than it wants.
+    surplus_since: HashMap<WorkloadId, Instant>,
     /// Why a pool below its min_size is not being filled, as last seen:
     /// the reason, since when, and whether it was evented.
     shortfall: HashMap<WorkloadId, (String, Instant, bool)>,

@@ -477,6 +477,15 @@ impl Pools {
                 tracing::debug!(container = %id, error = %e, "not drained");
             }
         }
+        // A node whose containers no reconciliation pass has seen yet may
+        // run this pool's containers already (a fresh database, a server
+        // restarted while agents kept running): creating now would double
+        // the pool once they are adopted.
+        let waiting = self.inner.agents.unreconciled();
+        if !waiting.is_empty() {
+            tracing::debug!(nodes = ?waiting, "waiting for the first reconciled reports before filling");
+            return Ok(0);
+        }
         let mut started = 0;
         for workload in workloads {
             let spec = &workload.spec;
@@ -500,55 +509,9 @@ impl Pools {
             }
             let min = o.min_size.unwrap_or(spec.pool.min_size);
             let max = o.max_size.unwrap_or(spec.pool.max_size);
-            let (wanted, replace) = {
-                let state = self.state();
-                let mut counts = state.index.counts(&spec.id);
-                counts.warming += state.inflight.creating.get(&spec.id).copied().unwrap_or(0);
-                // Idle and warming containers of an older spec: a rollout.
-                let stale_idle: Vec<ContainerId> = state
-                    .index
-                    .idle(&spec.id)
-                    .filter(|c| c.spec_hash != workload.spec_hash)
-                    .map(|c| c.id)
-                    .collect();
-                let stale = boilerhouse_core::pool::Stale {
-                    idle: u32::try_from(stale_idle.len()).unwrap_or(u32::MAX),
-                    warming: u32::try_from(
-                        state
-                            .index
-                            .containers()
-                            .filter(|c| {
-                                c.workload_id == spec.id
-                                    && c.state == ContainerState::Warming
-                                    && c.spec_hash != workload.spec_hash
-                            })
-                            .count(),
-                    )
-                    .unwrap_or(u32::MAX),
-                };
-                let (create, drain) = boilerhouse_core::pool::roll(
-                    &counts,
-                    stale,
-                    min,
-                    max,
-                    spec.pool.fill_concurrency,
-                );
-                let replace: Vec<ContainerId> = stale_idle
-                    .into_iter()
-                    .filter(|id| !state.inflight.busy.contains(id))
-                    .take(drain as usize)
-                    .collect();
-                (create, replace)
-            };
-            for id in replace {
-                if let Err(e) = self
-                    .drain(
-                        &id,
-                        DrainScope::Unowned,
-                        "replaced: its workload's spec changed and current containers are ready",
-                    )
-                    .await
-                {
+            let (wanted, replace) = self.plan_fill(workload, min, max);
+            for (id, why) in replace {
+                if let Err(e) = self.drain(&id, DrainScope::Unowned, why).await {
                     tracing::debug!(container = %id, error = %e, "stale container not drained");
                 }
             }

@@ -54,6 +54,16 @@ impl Reconciler {
         only: Option<&NodeId>,
         now: Timestamp,
     ) -> Result<(Vec<Action>, Desired), StoreError> {
+        let (actions, desired, _) = self.plan_with_evidence(only, now).await?;
+        Ok((actions, desired))
+    }
+
+    /// The plan, and the reports (node, observed_at) it was made from.
+    async fn plan_with_evidence(
+        &self,
+        only: Option<&NodeId>,
+        now: Timestamp,
+    ) -> Result<(Vec<Action>, Desired, Vec<(NodeId, Timestamp)>), StoreError> {
         let workloads = self.store.list_workloads().await?;
         let desired = Desired {
             containers: self.pools.containers(),
@@ -63,15 +73,21 @@ impl Reconciler {
                 .collect(),
         };
         let mut observed = BTreeMap::new();
+        let mut known = Vec::new();
         for node in self.store.list_nodes().await? {
             // Evidence only from a connected agent that has sent a full
             // report: anything else is missing evidence.
             let evidence = match (self.agents.session(&node.id), self.agents.report(&node.id)) {
                 (Some(_), Some(report)) => match report.observed_at {
-                    Some(observed_at) => Evidence::Known {
-                        observed_at,
-                        containers: report.containers.into_values().collect(),
-                    },
+                    Some(observed_at) => {
+                        if only.is_none_or(|n| n == &node.id) {
+                            known.push((node.id.clone(), observed_at));
+                        }
+                        Evidence::Known {
+                            observed_at,
+                            containers: report.containers.into_values().collect(),
+                        }
+                    }
                     None => Evidence::Unknown,
                 },
                 _ => Evidence::Unknown,
@@ -82,13 +98,13 @@ impl Reconciler {
             .into_iter()
             .filter(|a| only.is_none_or(|n| &a.node_id == n))
             .collect();
-        Ok((actions, desired))
+        Ok((actions, desired, known))
     }
 
     /// Plans and applies every due action.
     pub async fn apply(&self, only: Option<&NodeId>) -> Result<Vec<Applied>, StoreError> {
         let now = crate::clock::now();
-        let (actions, _) = self.plan(only, now).await?;
+        let (actions, _, known) = self.plan_with_evidence(only, now).await?;
         let mut applied = Vec::new();
         for action in actions.into_iter().filter(|a| a.is_due(now)) {
             let result = self.apply_action(&action).await.map_err(|e| e.to_string());
@@ -96,6 +112,11 @@ impl Reconciler {
                 tracing::warn!(node = %action.node_id, reason = %action.reason, error = %e, "reconcile action failed");
             }
             applied.push(Applied { action, result });
+        }
+        // These nodes' containers are now in the index (adopted) or on
+        // their way out: the refiller may count them.
+        for (node, observed_at) in known {
+            self.agents.mark_reconciled(&node, observed_at);
         }
         // After a database loss, adoption is how state comes back: say in
         // one event what was rebuilt from the agents' labels and state files.

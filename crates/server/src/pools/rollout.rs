@@ -1,0 +1,94 @@
+//! What the refiller does for one pool this round: how many containers
+//! to create, and which idle ones to drain, so that the pool follows its
+//! workload (a changed spec is rolled out without emptying the pool) and
+//! does not keep more idle containers than it wants for long.
+
+use std::time::Instant;
+
+use boilerhouse_core::ContainerId;
+use boilerhouse_core::pool::{ContainerRecord, ContainerState, Stale, roll};
+use boilerhouse_core::workload::WorkloadRecord;
+
+use super::Pools;
+
+impl Pools {
+    /// `(create, drain)` for `workload`'s pool with effective sizes `min`
+    /// and `max`: containers to create of the current spec, and idle ones
+    /// to drain with the reason why (a stale spec once current ones cover
+    /// `min`, or a surplus over `min` that outlived its grace).
+    pub(super) fn plan_fill(
+        &self,
+        workload: &WorkloadRecord,
+        min: u32,
+        max: u32,
+    ) -> (u32, Vec<(ContainerId, &'static str)>) {
+        let spec = &workload.spec;
+        let mut state = self.state();
+        let mut counts = state.index.counts(&spec.id);
+        counts.warming += state.inflight.creating.get(&spec.id).copied().unwrap_or(0);
+        // Idle and warming containers of an older spec: a rollout.
+        let stale_idle: Vec<ContainerId> = state
+            .index
+            .idle(&spec.id)
+            .filter(|c| c.spec_hash != workload.spec_hash)
+            .map(|c| c.id)
+            .collect();
+        let stale = Stale {
+            idle: u32::try_from(stale_idle.len()).unwrap_or(u32::MAX),
+            warming: u32::try_from(
+                state
+                    .index
+                    .containers()
+                    .filter(|c| {
+                        c.workload_id == spec.id
+                            && c.state == ContainerState::Warming
+                            && c.spec_hash != workload.spec_hash
+                    })
+                    .count(),
+            )
+            .unwrap_or(u32::MAX),
+        };
+        let (create, drain) = roll(&counts, stale, min, max, spec.pool.fill_concurrency);
+        let mut replace: Vec<(ContainerId, &str)> = stale_idle
+            .iter()
+            .filter(|id| !state.inflight.busy.contains(id))
+            .take(drain as usize)
+            .map(|id| {
+                (
+                    *id,
+                    "replaced: its workload's spec changed and current containers are ready",
+                )
+            })
+            .collect();
+        // More current idle containers than the pool wants (a
+        // scale down, an adoption): the newest go after a grace.
+        let current_idle = counts.idle.saturating_sub(stale.idle);
+        let surplus = current_idle.saturating_sub(min);
+        if surplus == 0 {
+            state.inflight.surplus_since.remove(&spec.id);
+        } else {
+            let since = *state
+                .inflight
+                .surplus_since
+                .entry(spec.id.clone())
+                .or_insert_with(Instant::now);
+            if since.elapsed() >= self.inner.config.surplus_grace {
+                state.inflight.surplus_since.remove(&spec.id);
+                let mut current: Vec<&ContainerRecord> = state
+                    .index
+                    .idle(&spec.id)
+                    .filter(|c| c.spec_hash == workload.spec_hash)
+                    .filter(|c| !state.inflight.busy.contains(&c.id))
+                    .collect();
+                current.sort_by_key(|c| std::cmp::Reverse(c.created_at));
+                replace.extend(current.into_iter().take(surplus as usize).map(|c| {
+                    (
+                        c.id,
+                        "surplus: the pool held more idle containers than its min_size",
+                    )
+                }));
+            }
+        }
+        (create, replace)
+    }
+}
