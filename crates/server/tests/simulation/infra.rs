@@ -102,8 +102,39 @@ impl World {
         }
         self.remove_draining().await;
         for w in workloads.values().filter(|w| w.configured && !w.drained) {
+            // As the server's refiller: a changed spec is rolled out,
+            // current containers first, stale idle ones drained after.
             let counts = self.read(|i| i.counts(&w.id));
-            let wanted = boilerhouse_core::pool::to_create(&counts, w.min, w.max, 2);
+            let (stale_idle, stale_warming): (Vec<ContainerId>, u32) = self.read(|i| {
+                (
+                    i.idle(&w.id)
+                        .filter(|c| c.spec_hash != w.hash)
+                        .map(|c| c.id)
+                        .collect(),
+                    i.containers()
+                        .filter(|c| {
+                            c.workload_id == w.id
+                                && c.state == ContainerState::Warming
+                                && c.spec_hash != w.hash
+                        })
+                        .count() as u32,
+                )
+            });
+            let stale = boilerhouse_core::pool::Stale {
+                idle: stale_idle.len() as u32,
+                warming: stale_warming,
+            };
+            let (wanted, drain) = boilerhouse_core::pool::roll(&counts, stale, w.min, w.max, 2);
+            for id in stale_idle.into_iter().take(drain as usize) {
+                if self.warming_for.contains_key(&id) {
+                    continue;
+                }
+                if let Ok(Some(write)) =
+                    self.read(|i| decide::drain(i, &id, DrainScope::Unowned, "stale spec", now))
+                {
+                    self.submit(write, Intent::Other("drain stale")).await;
+                }
+            }
             for _ in 0..wanted {
                 let live: Vec<NodeId> = self
                     .hosts
@@ -125,6 +156,30 @@ impl World {
                     self.submit(w, Intent::Other("create done")).await;
                 }
             }
+        }
+    }
+
+    /// The engine reports a warming container unhealthy: the refiller
+    /// drains it (and backs its pool off), as the server does.
+    pub async fn unhealthy(&mut self) {
+        let now = self.now;
+        let warming: Vec<ContainerId> = self.read(|i| {
+            i.containers()
+                .filter(|c| c.state == ContainerState::Warming && c.docker_id.is_some())
+                .map(|c| c.id)
+                .collect()
+        });
+        let Some(id) = warming.choose(&mut self.rng).copied() else {
+            return;
+        };
+        if self.warming_for.contains_key(&id) {
+            return;
+        }
+        self.note(format!("unhealthy {id}"));
+        if let Ok(Some(w)) =
+            self.read(|i| decide::drain(i, &id, DrainScope::Unowned, "never became healthy", now))
+        {
+            self.submit(w, Intent::Other("drain unhealthy")).await;
         }
     }
 

@@ -55,6 +55,7 @@ async fn step(w: &mut World) {
         82..=86 => w.reconcile().await,
         87..=88 => w.restart().await,
         89..=90 => w.retry_answered().await,
+        91..=92 => w.unhealthy().await,
         _ => {
             let by = Duration::from_millis(w.rng.random_range(100..8_000));
             w.advance(by);

@@ -109,6 +109,25 @@ impl World {
                 hosts.get(&c.node_id).is_some_and(|h| h.up) && !warming.contains(&c.id)
             })
         });
+        // A rollout never hands out a stale container while a current one
+        // is idle and offerable.
+        if let Ok(Choice::Pool(c, _)) = &choice
+            && c.spec_hash != hash
+        {
+            let current_idle = self.read(|i| {
+                i.idle(&workload)
+                    .filter(|o| o.spec_hash == hash && !o.used())
+                    .filter(|o| hosts.get(&o.node_id).is_some_and(|h| h.up))
+                    .any(|o| !warming.contains(&o.id))
+            });
+            assert!(
+                !current_idle,
+                "seed {}: claim given stale {} while a current container was idle\n{}",
+                self.seed,
+                c.id,
+                self.trace.join("\n")
+            );
+        }
         let claim_id = self.uuid().to_string();
         let (grant, source) = match choice {
             Err(_) | Ok(Choice::Existing(..)) => return,
