@@ -70,7 +70,7 @@ struct Args {
     #[arg(long, default_value_t = 3)]
     reps: usize,
     /// Seconds per case and sink after which no repetition starts.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 30)]
     budget_s: u64,
     /// Sinks to measure: local, s3, or none.
     #[arg(long, value_delimiter = ',', default_value = "local,s3")]
