@@ -102,7 +102,9 @@ fn mib(bytes: u64) -> f64 {
 
 /// A duration in the unit that reads best.
 fn secs(s: f64) -> String {
-    if s < 1.0 {
+    if s < 0.01 {
+        format!("{:.2} ms", s * 1000.0)
+    } else if s < 1.0 {
         format!("{:.1} ms", s * 1000.0)
     } else {
         format!("{s:.2} s")
