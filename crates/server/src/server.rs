@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use futures::future::BoxFuture;
 use notify::Watcher as _;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -30,7 +29,7 @@ use crate::api::{self, AppState};
 use crate::config::Config;
 use crate::metrics::{self, Metrics};
 use crate::store::{Store, StoreOptions};
-use crate::tasks::{BackgroundTask, Driver};
+use crate::tasks::Driver;
 use crate::workloads::{ReloadTask, WorkloadDir};
 
 /// The addresses the server actually bound, written to the ready file.
@@ -59,53 +58,6 @@ const SERVICES: &[&str] = &[
     "boilerhouse.v1.AgentService",
     "boilerhouse.v1.SystemService",
 ];
-
-/// Trims the activity log and expired idempotency keys.
-struct TrimTask {
-    store: Store,
-    event_retention: Duration,
-    idempotency_retention: Duration,
-}
-
-/// Keeps the WAL short outside the write path.
-struct CheckpointTask(Store);
-
-impl BackgroundTask for CheckpointTask {
-    fn activate(&mut self) -> BoxFuture<'_, anyhow::Result<serde_json::Value>> {
-        Box::pin(async move {
-            let remaining = self.0.checkpoint().await?;
-            Ok(serde_json::json!({ "wal_pages_remaining": remaining }))
-        })
-    }
-}
-
-/// The newest events are kept even when old, so a quiet system still shows
-/// its recent history.
-const EVENTS_ALWAYS_KEPT: u64 = 10_000;
-
-impl BackgroundTask for TrimTask {
-    fn activate(&mut self) -> BoxFuture<'_, anyhow::Result<serde_json::Value>> {
-        Box::pin(async move {
-            let now = crate::clock::now();
-            let events = self
-                .store
-                .trim_events(cutoff(now, self.event_retention), EVENTS_ALWAYS_KEPT)
-                .await?;
-            let keys = self
-                .store
-                .trim_idempotency_keys(cutoff(now, self.idempotency_retention))
-                .await?;
-            Ok(serde_json::json!({ "events_trimmed": events, "idempotency_keys_trimmed": keys }))
-        })
-    }
-}
-
-fn cutoff(now: boilerhouse_core::Timestamp, retention: Duration) -> boilerhouse_core::Timestamp {
-    boilerhouse_core::Timestamp::from_millis(
-        now.as_millis()
-            .saturating_sub(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX)),
-    )
-}
 
 /// Runs the server on the given listeners until `shutdown` resolves.
 pub async fn run(
@@ -167,13 +119,13 @@ pub async fn run(
         "wal_checkpoint",
         Duration::from_secs(1),
         None,
-        CheckpointTask(store.clone()),
+        crate::store::maintenance::CheckpointTask(store.clone()),
     );
     driver.register(
         "activity_log_trim",
         Duration::from_secs(3600),
         None,
-        TrimTask {
+        crate::store::maintenance::TrimTask {
             store: store.clone(),
             event_retention: config.event_retention,
             idempotency_retention: config.idempotency_retention,
@@ -287,21 +239,16 @@ pub async fn run(
         Some(Duration::from_millis(50)),
         crate::pools::tasks::Refiller(pools.clone()),
     );
-    {
-        // Claims and releases wake the refiller at once.
-        let pools = pools.clone();
-        let cancel = cancel.child_token();
-        tracker.spawn(async move {
-            loop {
-                tokio::select! {
-                    // Cancel-safe: observing the token loses nothing.
-                    () = cancel.cancelled() => break,
-                    // Cancel-safe: a missed wake-up is covered by the period.
-                    () = pools.refill_notify().notified() => refiller.activate(),
-                }
-            }
-        });
-    }
+    // Claims and releases wake the refiller at once.
+    let refill_pools = pools.clone();
+    tracker.spawn(crate::tasks::wake_on(
+        move || {
+            let pools = refill_pools.clone();
+            async move { pools.refill_notify().notified().await }
+        },
+        move || refiller.activate(),
+        cancel.child_token(),
+    ));
     driver.register(
         "affinity_expiry",
         Duration::from_secs(1),
@@ -355,22 +302,17 @@ pub async fn run(
         None,
         crate::reconcile::ReconcileTask(reconciler.clone()),
     );
-    {
-        // A node's first report is reconciled at once: the refiller waits
-        // for it (see Registry::unreconciled).
-        let agents = agents.clone();
-        let cancel = cancel.child_token();
-        tracker.spawn(async move {
-            loop {
-                tokio::select! {
-                    // Cancel-safe: observing the token loses nothing.
-                    () = cancel.cancelled() => break,
-                    // Cancel-safe: a missed wake-up is covered by the period.
-                    () = agents.first_report() => reconcile_task.activate(),
-                }
-            }
-        });
-    }
+    // A node's first report is reconciled at once: the refiller waits for
+    // it (see Registry::unreconciled).
+    let first_reports = agents.clone();
+    tracker.spawn(crate::tasks::wake_on(
+        move || {
+            let agents = first_reports.clone();
+            async move { agents.first_report().await }
+        },
+        move || reconcile_task.activate(),
+        cancel.child_token(),
+    ));
     let boost_task = driver.register(
         "boost_expiry",
         Duration::from_secs(1),

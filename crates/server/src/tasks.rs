@@ -145,6 +145,27 @@ impl Driver {
     }
 }
 
+/// Runs `activate` every time `wait` resolves, until `cancel`: how a
+/// task is woken early by something other than its period (claims wake
+/// the refiller; a node's first report wakes reconciliation).
+pub async fn wake_on<W, F>(
+    mut wait: W,
+    activate: impl Fn(),
+    cancel: tokio_util::sync::CancellationToken,
+) where
+    W: FnMut() -> F,
+    F: std::future::Future<Output = ()>,
+{
+    loop {
+        tokio::select! {
+            // Cancel-safe: observing the token loses nothing.
+            () = cancel.cancelled() => break,
+            // Cancel-safe: a missed wake-up is covered by the task's period.
+            () = wait() => activate(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,59 @@
+//! Background upkeep of the store: trimming the activity log and expired
+//! request ids, and checkpointing the WAL outside the write path.
+
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+
+use super::Store;
+use crate::tasks::BackgroundTask;
+
+/// Trims the activity log and expired idempotency keys.
+pub struct TrimTask {
+    /// The store.
+    pub store: Store,
+    /// How long events are kept (the newest are kept anyway).
+    pub event_retention: Duration,
+    /// How long request ids are remembered.
+    pub idempotency_retention: Duration,
+}
+
+/// Keeps the WAL short outside the write path.
+pub struct CheckpointTask(pub Store);
+
+impl BackgroundTask for CheckpointTask {
+    fn activate(&mut self) -> BoxFuture<'_, anyhow::Result<serde_json::Value>> {
+        Box::pin(async move {
+            let remaining = self.0.checkpoint().await?;
+            Ok(serde_json::json!({ "wal_pages_remaining": remaining }))
+        })
+    }
+}
+
+/// The newest events are kept even when old, so a quiet system still shows
+/// its recent history.
+const EVENTS_ALWAYS_KEPT: u64 = 10_000;
+
+impl BackgroundTask for TrimTask {
+    fn activate(&mut self) -> BoxFuture<'_, anyhow::Result<serde_json::Value>> {
+        Box::pin(async move {
+            let now = crate::clock::now();
+            let events = self
+                .store
+                .trim_events(cutoff(now, self.event_retention), EVENTS_ALWAYS_KEPT)
+                .await?;
+            let keys = self
+                .store
+                .trim_idempotency_keys(cutoff(now, self.idempotency_retention))
+                .await?;
+            Ok(serde_json::json!({ "events_trimmed": events, "idempotency_keys_trimmed": keys }))
+        })
+    }
+}
+
+fn cutoff(now: boilerhouse_core::Timestamp, retention: Duration) -> boilerhouse_core::Timestamp {
+    boilerhouse_core::Timestamp::from_millis(
+        now.as_millis()
+            .saturating_sub(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX)),
+    )
+}
