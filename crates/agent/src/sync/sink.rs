@@ -168,9 +168,14 @@ impl Sink {
                 })
                 .await?;
                 Ok(opened.map(|file| {
-                    tokio_util::io::ReaderStream::new(tokio::fs::File::from_std(file))
-                        .map(|c| c.map_err(|e| e.to_string()))
-                        .boxed()
+                    // 1 MiB reads: the default 4 KiB buffer made a 1 GiB
+                    // restore 30x slower than a copy (sync_bench).
+                    tokio_util::io::ReaderStream::with_capacity(
+                        tokio::fs::File::from_std(file),
+                        READ_CHUNK,
+                    )
+                    .map(|c| c.map_err(|e| e.to_string()))
+                    .boxed()
                 }))
             }
         }
