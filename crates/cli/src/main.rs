@@ -2,10 +2,12 @@
 //! nothing else: every command is one or two RPCs, so anything bh does,
 //! grpcurl or any other client can do too.
 
+mod affinity;
 mod boosts;
 mod client;
 mod output;
 mod pools;
+mod reconcile;
 mod syncs;
 
 use std::io::IsTerminal as _;

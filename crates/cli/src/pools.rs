@@ -1,4 +1,4 @@
-//! bh pool, claim, release, claims, affinity and container.
+//! bh pool, claim, release, claims and container.
 
 use std::time::{Duration, Instant};
 
@@ -6,7 +6,6 @@ use serde::Serialize;
 use tonic::Code;
 
 use boilerhouse_proto::pb;
-use boilerhouse_proto::pb::affinity_service_client::AffinityServiceClient;
 use boilerhouse_proto::pb::claim_service_client::ClaimServiceClient;
 use boilerhouse_proto::pb::container_service_client::ContainerServiceClient;
 use boilerhouse_proto::pb::pool_service_client::PoolServiceClient;
@@ -14,7 +13,7 @@ use boilerhouse_proto::pb::pool_service_client::PoolServiceClient;
 use crate::client::{CliError, Client};
 use crate::output::{self, Format, print_structured, print_table, table};
 
-fn prost_duration(d: Duration) -> prost_types::Duration {
+pub(crate) fn prost_duration(d: Duration) -> prost_types::Duration {
     prost_types::Duration {
         seconds: d.as_secs() as i64,
         nanos: d.subsec_nanos() as i32,
@@ -161,46 +160,6 @@ impl From<&pb::Container> for ContainerView {
     }
 }
 
-#[derive(Serialize)]
-struct ReservationView {
-    tenant: String,
-    workload: String,
-    container: String,
-    node: String,
-    expires_at: String,
-    remaining: String,
-    /// Why it outlives its expiry (an owed upload).
-    #[serde(skip_serializing_if = "String::is_empty")]
-    held: String,
-}
-
-impl From<&pb::Reservation> for ReservationView {
-    fn from(r: &pb::Reservation) -> Self {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0);
-        let remaining = r
-            .expires_at
-            .as_ref()
-            .map(|t| (t.seconds - now).max(0) as u64)
-            .unwrap_or(0);
-        Self {
-            tenant: r.tenant_id.clone(),
-            workload: r.workload_id.clone(),
-            container: r.container_id.clone(),
-            node: r.node_id.clone(),
-            expires_at: output::time(r.expires_at.as_ref()),
-            remaining: if r.held.is_empty() {
-                output::short_duration(Duration::from_secs(remaining))
-            } else {
-                "held".into()
-            },
-            held: r.held.clone(),
-        }
-    }
-}
-
 fn print_pools(pools: &[pb::Pool], format: Format) -> Result<(), CliError> {
     let views: Vec<PoolView> = pools.iter().map(PoolView::from).collect();
     if format != Format::Table {
@@ -246,142 +205,7 @@ fn print_pools(pools: &[pb::Pool], format: Format) -> Result<(), CliError> {
     Ok(())
 }
 
-#[derive(Serialize)]
-struct ActionView {
-    action: String,
-    node: String,
-    container: String,
-    docker_id: String,
-    workload: String,
-    #[serde(skip_serializing_if = "String::is_empty")]
-    tenant: String,
-    reason: String,
-    due: String,
-}
-
 impl Client {
-    pub async fn reconcile_plan(
-        &self,
-        node: Option<String>,
-        format: Format,
-    ) -> Result<(), CliError> {
-        let actions = pb::reconcile_service_client::ReconcileServiceClient::new(self.channel())
-            .plan_reconcile(pb::PlanReconcileRequest {
-                node_id: node.unwrap_or_default(),
-            })
-            .await
-            .map_err(|s| self.fail(s))?
-            .into_inner()
-            .actions;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0);
-        let views: Vec<ActionView> = actions
-            .iter()
-            .map(|a| ActionView {
-                action: a.kind.clone(),
-                node: a.node_id.clone(),
-                container: a.container_id.clone(),
-                docker_id: a.docker_id.chars().take(12).collect(),
-                workload: a.workload_id.clone(),
-                tenant: a.tenant_id.clone(),
-                reason: a.reason.clone(),
-                due: match &a.not_before {
-                    Some(t) if t.seconds > now => format!(
-                        "in {}",
-                        output::short_duration(Duration::from_secs((t.seconds - now) as u64))
-                    ),
-                    _ => "now".into(),
-                },
-            })
-            .collect();
-        if format != Format::Table {
-            return print_structured(format, &views).map_err(CliError::Output);
-        }
-        if views.is_empty() {
-            println!("Nothing to do: the database and the agents' reports agree.");
-            return Ok(());
-        }
-        let mut t = table(&["ACTION", "NODE", "CONTAINER", "WORKLOAD", "DUE", "REASON"]);
-        for v in &views {
-            t.add_row(vec![
-                v.action.clone(),
-                v.node.clone(),
-                v.container.clone(),
-                v.workload.clone(),
-                v.due.clone(),
-                v.reason.clone(),
-            ]);
-        }
-        print_table(&t);
-        Ok(())
-    }
-
-    pub async fn reconcile_apply(
-        &self,
-        node: Option<String>,
-        format: Format,
-    ) -> Result<(), CliError> {
-        let results = pb::reconcile_service_client::ReconcileServiceClient::new(self.channel())
-            .apply_reconcile(pb::ApplyReconcileRequest {
-                node_id: node.unwrap_or_default(),
-                request_id: String::new(),
-            })
-            .await
-            .map_err(|s| self.fail(s))?
-            .into_inner()
-            .results;
-        #[derive(Serialize)]
-        struct ResultView {
-            action: String,
-            node: String,
-            container: String,
-            ok: bool,
-            #[serde(skip_serializing_if = "String::is_empty")]
-            error: String,
-            reason: String,
-        }
-        let views: Vec<ResultView> = results
-            .iter()
-            .map(|r| {
-                let a = r.action.clone().unwrap_or_default();
-                ResultView {
-                    action: a.kind,
-                    node: a.node_id,
-                    container: a.container_id,
-                    ok: r.ok,
-                    error: r.error.clone(),
-                    reason: a.reason,
-                }
-            })
-            .collect();
-        if format != Format::Table {
-            return print_structured(format, &views).map_err(CliError::Output);
-        }
-        if views.is_empty() {
-            println!("Nothing was due.");
-            return Ok(());
-        }
-        let mut t = table(&["ACTION", "NODE", "CONTAINER", "RESULT", "REASON"]);
-        for v in &views {
-            let result = if v.ok {
-                "done".to_owned()
-            } else {
-                format!("failed: {}", v.error)
-            };
-            t.add_row(vec![
-                v.action.clone(),
-                v.node.clone(),
-                v.container.clone(),
-                result,
-                v.reason.clone(),
-            ]);
-        }
-        print_table(&t);
-        Ok(())
-    }
-
     pub async fn pool_list(&self, format: Format) -> Result<(), CliError> {
         let pools = PoolServiceClient::new(self.channel())
             .list_pools(pb::ListPoolsRequest {})
@@ -609,103 +433,6 @@ impl Client {
             ]);
         }
         print_table(&t);
-        Ok(())
-    }
-
-    pub async fn affinity_list(&self, format: Format) -> Result<(), CliError> {
-        let list = AffinityServiceClient::new(self.channel())
-            .list_reservations(pb::ListReservationsRequest::default())
-            .await
-            .map_err(|s| self.fail(s))?
-            .into_inner()
-            .reservations;
-        let views: Vec<ReservationView> = list.iter().map(ReservationView::from).collect();
-        if format != Format::Table {
-            return print_structured(format, &views).map_err(CliError::Output);
-        }
-        if views.is_empty() {
-            println!("No reservations.");
-            return Ok(());
-        }
-        let mut t = table(&[
-            "TENANT",
-            "WORKLOAD",
-            "CONTAINER",
-            "NODE",
-            "EXPIRES",
-            "REMAINING",
-            "HELD",
-        ]);
-        for v in &views {
-            t.add_row(vec![
-                v.tenant.clone(),
-                v.workload.clone(),
-                v.container.clone(),
-                v.node.clone(),
-                v.expires_at.clone(),
-                v.remaining.clone(),
-                v.held.clone(),
-            ]);
-        }
-        print_table(&t);
-        Ok(())
-    }
-
-    pub async fn affinity_extend(
-        &self,
-        tenant: &str,
-        workload: &str,
-        by: Duration,
-        format: Format,
-    ) -> Result<(), CliError> {
-        let r = AffinityServiceClient::new(self.channel())
-            .extend_reservation(pb::ExtendReservationRequest {
-                tenant_id: tenant.into(),
-                workload_id: workload.into(),
-                extend_by: Some(prost_duration(by)),
-                request_id: String::new(),
-            })
-            .await
-            .map_err(|s| self.fail(s))?
-            .into_inner()
-            .reservation
-            .unwrap_or_default();
-        let view = ReservationView::from(&r);
-        if format != Format::Table {
-            return print_structured(format, &view).map_err(CliError::Output);
-        }
-        println!(
-            "reservation of {} for {} now expires at {}",
-            view.tenant, view.workload, view.expires_at
-        );
-        Ok(())
-    }
-
-    pub async fn affinity_revoke(
-        &self,
-        tenant: &str,
-        workload: &str,
-        format: Format,
-    ) -> Result<(), CliError> {
-        let r = AffinityServiceClient::new(self.channel())
-            .revoke_reservation(pb::RevokeReservationRequest {
-                tenant_id: tenant.into(),
-                workload_id: workload.into(),
-                request_id: String::new(),
-            })
-            .await
-            .map_err(|s| self.fail(s))?
-            .into_inner()
-            .reservation
-            .unwrap_or_default();
-        let view = ReservationView::from(&r);
-        if format != Format::Table {
-            return print_structured(format, &view).map_err(CliError::Output);
-        }
-        println!(
-            "reservation of {} for {} revoked; container {} will be destroyed",
-            view.tenant, view.workload, view.container
-        );
         Ok(())
     }
 
