@@ -3,7 +3,6 @@
 use std::time::Duration;
 
 use serde::Serialize;
-use tokio_stream::StreamExt as _;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Endpoint;
 
@@ -11,12 +10,9 @@ use boilerhouse_proto::tls::{AuthedChannel, BearerToken};
 use tonic::{Code, Status};
 
 use boilerhouse_proto::pb;
-use boilerhouse_proto::pb::event_service_client::EventServiceClient;
 use boilerhouse_proto::pb::node_service_client::NodeServiceClient;
 use boilerhouse_proto::pb::system_service_client::SystemServiceClient;
-use boilerhouse_proto::pb::workload_service_client::WorkloadServiceClient;
 
-use crate::EventsArgs;
 use crate::output::{self, Format, print_structured, print_table, table};
 
 /// A failed command, in one sentence.
@@ -165,172 +161,6 @@ impl Client {
         CliError::Server(text)
     }
 
-    pub async fn workload_list(&self, format: Format) -> Result<(), CliError> {
-        let resp = WorkloadServiceClient::new(self.channel())
-            .list_workloads(pb::ListWorkloadsRequest {})
-            .await
-            .map_err(|s| self.fail(s))?
-            .into_inner();
-        let workloads: Vec<WorkloadView> = resp.workloads.iter().map(WorkloadView::from).collect();
-        let errors: Vec<LoadErrorView> = resp.load_errors.iter().map(LoadErrorView::from).collect();
-        if format != Format::Table {
-            #[derive(Serialize)]
-            struct Listing<'a> {
-                workloads: &'a [WorkloadView],
-                load_errors: &'a [LoadErrorView],
-            }
-            return print_structured(
-                format,
-                &Listing {
-                    workloads: &workloads,
-                    load_errors: &errors,
-                },
-            )
-            .map_err(CliError::Output);
-        }
-        let mut t = table(&[
-            "ID",
-            "IMAGE",
-            "MIN",
-            "MAX",
-            "IDLE TIMEOUT",
-            "AFFINITY",
-            "SOURCE",
-            "AGE",
-        ]);
-        for (w, raw) in workloads.iter().zip(&resp.workloads) {
-            t.add_row(vec![
-                w.id.clone(),
-                w.image.clone(),
-                w.min_size.to_string(),
-                w.max_size.to_string(),
-                if w.idle_timeout.is_empty() {
-                    "-".into()
-                } else {
-                    w.idle_timeout.clone()
-                },
-                w.affinity_timeout.clone(),
-                w.source.clone(),
-                output::age(raw.updated_at.as_ref()),
-            ]);
-        }
-        if workloads.is_empty() {
-            println!("No workloads.");
-        } else {
-            print_table(&t);
-        }
-        for e in &errors {
-            let field = if e.field.is_empty() {
-                String::new()
-            } else {
-                format!(" field `{}`:", e.field)
-            };
-            eprintln!("warning: {} failed to load:{field} {}", e.path, e.reason);
-        }
-        Ok(())
-    }
-
-    pub async fn workload_get(&self, id: &str, format: Format) -> Result<(), CliError> {
-        let resp = WorkloadServiceClient::new(self.channel())
-            .get_workload(pb::GetWorkloadRequest {
-                workload_id: id.to_owned(),
-            })
-            .await
-            .map_err(|s| self.fail(s))?
-            .into_inner();
-        let w = resp.workload.unwrap_or_default();
-        self.print_workload(&w, format)
-    }
-
-    fn print_workload(&self, w: &pb::Workload, format: Format) -> Result<(), CliError> {
-        let view = WorkloadView::from(w);
-        if format != Format::Table {
-            return print_structured(format, &view).map_err(CliError::Output);
-        }
-        let rows = [
-            ("ID", view.id.clone()),
-            ("Name", view.name.clone()),
-            ("Image", view.image.clone()),
-            (
-                "Pool",
-                format!("min {} / max {}", view.min_size, view.max_size),
-            ),
-            (
-                "Idle timeout",
-                if view.idle_timeout.is_empty() {
-                    "none".into()
-                } else {
-                    view.idle_timeout.clone()
-                },
-            ),
-            ("Affinity timeout", view.affinity_timeout.clone()),
-            ("Source", view.source.clone()),
-            ("Spec hash", view.spec_hash.clone()),
-            ("Updated", view.updated_at.clone()),
-        ];
-        for (k, v) in rows {
-            println!("{:<17} {v}", format!("{k}:"));
-        }
-        println!("YAML:");
-        for line in w.yaml.lines() {
-            println!("  {line}");
-        }
-        Ok(())
-    }
-
-    pub async fn workload_apply(
-        &self,
-        yaml: String,
-        dry_run: bool,
-        request_id: String,
-        format: Format,
-    ) -> Result<(), CliError> {
-        let resp = WorkloadServiceClient::new(self.channel())
-            .apply_workload(pb::ApplyWorkloadRequest {
-                yaml,
-                dry_run,
-                request_id,
-            })
-            .await
-            .map_err(|s| self.fail(s))?
-            .into_inner();
-        let w = resp.workload.unwrap_or_default();
-        if format != Format::Table {
-            return print_structured(format, &WorkloadView::from(&w)).map_err(CliError::Output);
-        }
-        let outcome = match pb::ApplyOutcome::try_from(resp.outcome) {
-            Ok(pb::ApplyOutcome::Created) => "created",
-            Ok(pb::ApplyOutcome::Updated) => "configured",
-            Ok(pb::ApplyOutcome::Unchanged) => "unchanged",
-            Ok(pb::ApplyOutcome::Valid) => "valid (dry run)",
-            _ => "applied",
-        };
-        println!("workload/{} {outcome}", w.id);
-        Ok(())
-    }
-
-    pub async fn workload_delete(
-        &self,
-        id: &str,
-        request_id: String,
-        format: Format,
-    ) -> Result<(), CliError> {
-        let resp = WorkloadServiceClient::new(self.channel())
-            .delete_workload(pb::DeleteWorkloadRequest {
-                workload_id: id.to_owned(),
-                request_id,
-            })
-            .await
-            .map_err(|s| self.fail(s))?
-            .into_inner();
-        let w = resp.workload.unwrap_or_default();
-        if format != Format::Table {
-            return print_structured(format, &WorkloadView::from(&w)).map_err(CliError::Output);
-        }
-        println!("workload/{} deleted", w.id);
-        Ok(())
-    }
-
     pub async fn node_list(&self, format: Format) -> Result<(), CliError> {
         let resp = NodeServiceClient::new(self.channel())
             .list_nodes(pb::ListNodesRequest {})
@@ -431,107 +261,6 @@ impl Client {
         Ok(())
     }
 
-    pub async fn events(&self, args: EventsArgs, format: Format) -> Result<(), CliError> {
-        let min_severity = match args.severity.as_deref() {
-            None => pb::EventSeverity::Unspecified,
-            Some("info") => pb::EventSeverity::Info,
-            Some("warning") => pb::EventSeverity::Warning,
-            Some("error") => pb::EventSeverity::Error,
-            Some(other) => {
-                return Err(CliError::Input(format!(
-                    "--severity {other:?} is not one of info, warning, error"
-                )));
-            }
-        };
-        let filter = pb::EventFilter {
-            kinds: args.kinds.clone(),
-            node_id: args.node.clone().unwrap_or_default(),
-            workload_id: args.workload.clone().unwrap_or_default(),
-            container_id: args.container.clone().unwrap_or_default(),
-            tenant_id: args.tenant.clone().unwrap_or_default(),
-            boost_id: String::new(),
-            min_severity: min_severity as i32,
-        };
-        let mut client = EventServiceClient::new(self.channel());
-        let listed = client
-            .list_events(pb::ListEventsRequest {
-                filter: Some(filter.clone()),
-                after_id: 0,
-                since: None,
-                limit: args.limit.clamp(1, 1000),
-                latest: true,
-            })
-            .await
-            .map_err(|s| self.fail(s))?
-            .into_inner();
-        let views: Vec<EventView> = listed.events.iter().map(EventView::from).collect();
-        if !args.follow {
-            if format != Format::Table {
-                return print_structured(format, &views).map_err(CliError::Output);
-            }
-            if views.is_empty() {
-                println!("No events.");
-                return Ok(());
-            }
-            let mut t = table(&["ID", "TIME", "SEVERITY", "KIND", "SUBJECT", "MESSAGE"]);
-            for e in &views {
-                t.add_row(vec![
-                    e.id.to_string(),
-                    e.at.clone(),
-                    e.severity.clone(),
-                    e.kind.clone(),
-                    e.subject(),
-                    e.message.clone(),
-                ]);
-            }
-            print_table(&t);
-            return Ok(());
-        }
-
-        // Follow: print what was listed, then stream from the last id seen so
-        // nothing between the listing and the watch is missed.
-        if format == Format::Table {
-            println!(
-                "{:<8} {:<20} {:<8} {:<20} {:<24} MESSAGE",
-                "ID", "TIME", "SEVERITY", "KIND", "SUBJECT"
-            );
-        }
-        for e in &views {
-            print_event_line(e, format)?;
-        }
-        let last = listed.events.last().map(|e| e.id).unwrap_or(0);
-        let resume_token = if last == 0 {
-            String::new()
-        } else {
-            last.to_string()
-        };
-        let mut stream = client
-            .watch_events(pb::WatchEventsRequest {
-                filter: Some(filter),
-                resume_token,
-            })
-            .await
-            .map_err(|s| self.fail(s))?
-            .into_inner();
-        loop {
-            tokio::select! {
-                item = stream.next() => match item {
-                    Some(Ok(msg)) => {
-                        if let Some(e) = msg.event {
-                            print_event_line(&EventView::from(&e), format)?;
-                        }
-                    }
-                    Some(Err(status)) => return Err(self.fail(status)),
-                    None => {
-                        eprintln!("bh: the server closed the event stream (it is shutting down)");
-                        return Ok(());
-                    }
-                },
-                _ = tokio::signal::ctrl_c() => return Ok(()),
-            }
-        }
-    }
-
     pub async fn status(&self, format: Format) -> Result<(), CliError> {
         let s = SystemServiceClient::new(self.channel())
             .get_system_status(pb::GetSystemStatusRequest {})
@@ -584,32 +313,6 @@ impl Client {
     }
 }
 
-fn print_event_line(e: &EventView, format: Format) -> Result<(), CliError> {
-    match format {
-        Format::Table => {
-            println!(
-                "{:<8} {:<20} {:<8} {:<20} {:<24} {}",
-                e.id,
-                e.at,
-                e.severity,
-                e.kind,
-                e.subject(),
-                e.message
-            );
-        }
-        // One object per line, so a follow stream is valid NDJSON.
-        Format::Json => println!(
-            "{}",
-            serde_json::to_string(e).map_err(|x| CliError::Output(x.to_string()))?
-        ),
-        Format::Yaml => {
-            println!("---");
-            print_structured(Format::Yaml, e).map_err(CliError::Output)?;
-        }
-    }
-    Ok(())
-}
-
 fn code_name(code: Code) -> &'static str {
     match code {
         Code::InvalidArgument => "invalid argument",
@@ -625,56 +328,6 @@ fn code_name(code: Code) -> &'static str {
         Code::Aborted => "aborted",
         Code::Cancelled => "cancelled",
         _ => "error",
-    }
-}
-
-#[derive(Serialize)]
-struct WorkloadView {
-    id: String,
-    name: String,
-    image: String,
-    min_size: u32,
-    max_size: u32,
-    #[serde(skip_serializing_if = "String::is_empty")]
-    idle_timeout: String,
-    affinity_timeout: String,
-    source: String,
-    spec_hash: String,
-    updated_at: String,
-}
-
-impl From<&pb::Workload> for WorkloadView {
-    fn from(w: &pb::Workload) -> Self {
-        let pool = w.pool.unwrap_or_default();
-        Self {
-            id: w.id.clone(),
-            name: w.name.clone(),
-            image: w.image.clone(),
-            min_size: pool.min_size,
-            max_size: pool.max_size,
-            idle_timeout: output::duration(pool.idle_timeout.as_ref()),
-            affinity_timeout: output::duration(pool.affinity_timeout.as_ref()),
-            source: w.source_path.clone(),
-            spec_hash: w.spec_hash.clone(),
-            updated_at: output::time(w.updated_at.as_ref()),
-        }
-    }
-}
-
-#[derive(Serialize)]
-struct LoadErrorView {
-    path: String,
-    field: String,
-    reason: String,
-}
-
-impl From<&pb::WorkloadLoadError> for LoadErrorView {
-    fn from(e: &pb::WorkloadLoadError) -> Self {
-        Self {
-            path: e.path.clone(),
-            field: e.field.clone(),
-            reason: e.reason.clone(),
-        }
     }
 }
 
@@ -716,72 +369,6 @@ impl From<&pb::Node> for NodeView {
             labels: n.labels.clone().into_iter().collect(),
             first_seen_at: output::time(n.first_seen_at.as_ref()),
             last_heartbeat_at: output::time(n.last_heartbeat_at.as_ref()),
-        }
-    }
-}
-
-#[derive(Serialize)]
-struct EventView {
-    id: u64,
-    at: String,
-    severity: String,
-    kind: String,
-    message: String,
-    #[serde(skip_serializing_if = "String::is_empty")]
-    node_id: String,
-    #[serde(skip_serializing_if = "String::is_empty")]
-    workload_id: String,
-    #[serde(skip_serializing_if = "String::is_empty")]
-    container_id: String,
-    #[serde(skip_serializing_if = "String::is_empty")]
-    tenant_id: String,
-    #[serde(skip_serializing_if = "String::is_empty")]
-    boost_id: String,
-    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
-    attributes: std::collections::BTreeMap<String, String>,
-}
-
-impl EventView {
-    fn subject(&self) -> String {
-        let parts = [
-            ("node", &self.node_id),
-            ("workload", &self.workload_id),
-            ("container", &self.container_id),
-            ("tenant", &self.tenant_id),
-            ("boost", &self.boost_id),
-        ];
-        let named: Vec<String> = parts
-            .iter()
-            .filter(|(_, v)| !v.is_empty())
-            .map(|(k, v)| format!("{k}/{v}"))
-            .collect();
-        if named.is_empty() {
-            "-".into()
-        } else {
-            named.join(",")
-        }
-    }
-}
-
-impl From<&pb::Event> for EventView {
-    fn from(e: &pb::Event) -> Self {
-        let severity = match pb::EventSeverity::try_from(e.severity) {
-            Ok(pb::EventSeverity::Warning) => "warning",
-            Ok(pb::EventSeverity::Error) => "error",
-            _ => "info",
-        };
-        Self {
-            id: e.id,
-            at: output::time(e.at.as_ref()),
-            severity: severity.to_owned(),
-            kind: e.kind.clone(),
-            message: e.message.clone(),
-            node_id: e.node_id.clone(),
-            workload_id: e.workload_id.clone(),
-            container_id: e.container_id.clone(),
-            tenant_id: e.tenant_id.clone(),
-            boost_id: e.boost_id.clone(),
-            attributes: e.attributes.clone().into_iter().collect(),
         }
     }
 }

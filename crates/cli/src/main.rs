@@ -5,10 +5,12 @@
 mod affinity;
 mod boosts;
 mod client;
+mod events;
 mod output;
 mod pools;
 mod reconcile;
 mod syncs;
+mod workloads;
 
 use std::io::IsTerminal as _;
 use std::path::PathBuf;
