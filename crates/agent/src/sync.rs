@@ -140,6 +140,7 @@ fn split_rel(rel: &str) -> (Vec<String>, String) {
     (parts, name)
 }
 
+/// Runs file I/O on the blocking pool, its panic or error as a message.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, String> + Send + 'static,
 ) -> Result<T, String> {

@@ -18,7 +18,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use boilerhouse_core::workload::SyncSink;
 
-use super::{SyncError, TEMP_PREFIX};
+use super::{SyncError, TEMP_PREFIX, blocking};
 use crate::beneath::Beneath;
 
 /// Files up to this size go up in one request; larger ones as multipart
@@ -110,14 +110,6 @@ fn key_parts(key: &str) -> Result<(Vec<String>, String), String> {
     }
     let name = parts.pop().ok_or_else(|| format!("key {key:?} is empty"))?;
     Ok((parts, name))
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, String> + Send + 'static,
-) -> Result<T, String> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| e.to_string())?
 }
 
 impl Sink {

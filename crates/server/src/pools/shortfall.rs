@@ -151,6 +151,8 @@ impl Pools {
                 )),
             )
             .await;
+            // Shown as the pool's shortfall at once, and marked evented:
+            // the create_failed event above already said it.
             self.state().inflight.shortfall.insert(
                 record.workload_id.clone(),
                 (
