@@ -64,6 +64,9 @@ impl Backoff {
     }
 }
 
+/// How long a session must last before its end resets the backoff.
+const STABLE_SESSION: Duration = Duration::from_secs(30);
+
 /// Sleeps unless shutdown comes first; returns false on shutdown.
 async fn pause(delay: Duration, shutdown: &CancellationToken) -> bool {
     tokio::select! {
@@ -131,11 +134,17 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
                 continue;
             }
         };
+        let began = std::time::Instant::now();
         match session(&config, &engine, &executor, &mut activity, &shutdown).await {
             Ok(SessionEnd::Shutdown) => return Ok(()),
             Ok(SessionEnd::Welcomed(reason)) => {
-                tracing::warn!(reason = %reason, "session ended; reconnecting");
-                backoff.reset();
+                tracing::warn!(reason = %reason, lasted = ?began.elapsed(), "session ended; reconnecting");
+                // Only a session that held counts as healthy: on a link
+                // that flaps every few seconds, each short session keeps
+                // the backoff growing instead of reconnecting at once.
+                if began.elapsed() >= STABLE_SESSION {
+                    backoff.reset();
+                }
             }
             Err(e) => {
                 tracing::warn!(server = %config.server, error = %format!("{e:#}"), "cannot hold a session with the server");

@@ -329,6 +329,9 @@ impl Client {
         if !response.restore_warning.is_empty() {
             eprintln!("bh: warning: {}", response.restore_warning);
         }
+        if !response.node_warning.is_empty() {
+            eprintln!("bh: warning: {}", response.node_warning);
+        }
         Ok(())
     }
 

@@ -76,6 +76,9 @@ pub enum EventKind {
     NodeLost,
     /// A suspect or lost node came back.
     NodeReturned,
+    /// Too much of the fleet went silent at once: the server holds off
+    /// declaring any of it lost, since it may be the one cut off.
+    NodeLossHeld,
     /// A node was cordoned.
     NodeCordoned,
     /// A node was uncordoned.
@@ -158,6 +161,7 @@ impl EventKind {
         EventKind::NodeSuspect,
         EventKind::NodeLost,
         EventKind::NodeReturned,
+        EventKind::NodeLossHeld,
         EventKind::NodeCordoned,
         EventKind::NodeUncordoned,
         EventKind::NodeRestricted,
@@ -205,6 +209,7 @@ impl EventKind {
             EventKind::NodeSuspect => "node.suspect",
             EventKind::NodeLost => "node.lost",
             EventKind::NodeReturned => "node.returned",
+            EventKind::NodeLossHeld => "node.loss_held",
             EventKind::NodeCordoned => "node.cordoned",
             EventKind::NodeUncordoned => "node.uncordoned",
             EventKind::NodeRestricted => "node.restricted",
@@ -254,6 +259,7 @@ impl EventKind {
             | EventKind::SyncFailed
             | EventKind::SyncWarning
             | EventKind::PoolShortfall
+            | EventKind::NodeLossHeld
             | EventKind::SyncReleasePending => Severity::Warning,
             EventKind::NodeLost | EventKind::NodeRestricted | EventKind::NodeImpersonation => {
                 Severity::Error

@@ -14,7 +14,7 @@ use crate::node::NodeStatus;
 use crate::time::Timestamp;
 
 /// The liveness windows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LivenessConfig {
     /// Silence before Suspect.
     pub suspect_after: Duration,
@@ -22,6 +22,10 @@ pub struct LivenessConfig {
     pub lost_grace: Duration,
     /// After a server restart, how long before any node can be Lost.
     pub restart_grace: Duration,
+    /// The largest fraction of the nodes still up (three or more) that may
+    /// go silent together and be declared Lost; beyond it the server holds
+    /// off, since it is likelier the one cut off than they all died.
+    pub partition_threshold: f64,
 }
 
 /// What liveness knows about one node.
@@ -66,6 +70,19 @@ pub fn next_status(
     }
 }
 
+/// Whether nodes may be declared Lost now, when `silent` of the `up`
+/// nodes (every node not already Lost) have gone silent (Suspect, or due
+/// to be Lost). A server cut off from most of its fleet sees the same
+/// silence as a fleet that died; the first is far likelier, and declaring
+/// every node lost in one step would end claims on containers that are
+/// still running. So when more than `partition_threshold` of three or more
+/// nodes are silent together, none is declared Lost until some return.
+/// Nodes Lost earlier do not count: a fleet that loses hosts one by one
+/// still loses each of them.
+pub fn losses_allowed(up: usize, silent: usize, config: &LivenessConfig) -> bool {
+    up < 3 || (silent as f64) <= config.partition_threshold * up as f64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -75,7 +92,27 @@ mod tests {
         suspect_after: Duration::from_secs(6),
         lost_grace: Duration::from_secs(10),
         restart_grace: Duration::from_secs(60),
+        partition_threshold: 0.5,
     };
+
+    #[test]
+    fn a_silent_majority_of_three_or_more_is_never_declared_lost() {
+        // The server cut off from two of three agents.
+        assert!(!losses_allowed(3, 2, &CONFIG));
+        assert!(!losses_allowed(10, 6, &CONFIG));
+        // One host of three, or half of ten, really going away.
+        assert!(losses_allowed(3, 1, &CONFIG));
+        assert!(losses_allowed(10, 5, &CONFIG));
+        // A fleet of one or two cannot tell, and a lone agent's death must
+        // still end its claims.
+        assert!(losses_allowed(1, 1, &CONFIG));
+        assert!(losses_allowed(2, 2, &CONFIG));
+        let off = LivenessConfig {
+            partition_threshold: 1.0,
+            ..CONFIG
+        };
+        assert!(losses_allowed(3, 3, &off), "1.0 turns the guard off");
+    }
 
     fn at(s: i64) -> Timestamp {
         Timestamp::from_millis(s * 1000)

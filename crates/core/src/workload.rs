@@ -74,6 +74,10 @@ pub struct WorkloadSpec {
     pub security: Security,
     /// Tenant state sync, if any.
     pub sync: Option<SyncSpec>,
+    /// What happens to claims on a node that cannot be reached. Left out
+    /// of the spec hash: it changes no container.
+    #[serde(default, skip_serializing_if = "Disconnect::is_default")]
+    pub disconnect: Disconnect,
 }
 
 /// The well-known volumes and any custom ones.
@@ -192,8 +196,12 @@ impl WorkloadSpec {
     /// A short, stable hash of the validated spec. Containers carry it as a
     /// label, so a container built from an older spec can be recognised.
     pub fn spec_hash(&self) -> String {
+        let container_side = Self {
+            disconnect: Disconnect::default(),
+            ..self.clone()
+        };
         // Serialising our own plain structs to JSON cannot fail.
-        let bytes = serde_json::to_vec(self).unwrap_or_default();
+        let bytes = serde_json::to_vec(&container_side).unwrap_or_default();
         let digest = Sha256::digest(&bytes);
         hex::encode(&digest[..8])
     }
@@ -332,6 +340,11 @@ fn validate(file: &str, raw: raw::Workload) -> Result<WorkloadSpec, WorkloadErro
         .sync
         .map(|s| sync::validate(&c, s, volumes.state.as_ref()))
         .transpose()?;
+    let disconnect = raw
+        .disconnect
+        .map(|d| disconnect::validate(&c, d))
+        .transpose()?
+        .unwrap_or_default();
 
     Ok(WorkloadSpec {
         id,
@@ -349,6 +362,7 @@ fn validate(file: &str, raw: raw::Workload) -> Result<WorkloadSpec, WorkloadErro
         node_selector,
         security,
         sync,
+        disconnect,
     })
 }
 
@@ -574,6 +588,8 @@ fn validate_security(_c: &Checker<'_>, raw: raw::Security) -> Security {
     }
 }
 
+mod disconnect;
+pub use disconnect::Disconnect;
 mod raw;
 mod sync;
 pub use sync::{

@@ -99,6 +99,8 @@ struct FileConfig {
     lost_grace: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     restart_grace: Option<Duration>,
+    #[serde(default)]
+    partition_threshold: Option<f64>,
     #[serde(default, with = "humantime_serde")]
     full_report_interval: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
@@ -191,6 +193,9 @@ pub struct Config {
     /// After a server restart, how long before any node may be declared
     /// Lost, so agents have time to reconnect. Default 60s.
     pub restart_grace: Duration,
+    /// The largest fraction of three or more nodes that may go silent
+    /// together and still be declared Lost. Default 0.5.
+    pub partition_threshold: f64,
     /// How often agents send unrequested full reports. Default 30s.
     pub full_report_interval: Duration,
     /// How long to wait for an agent to answer a command. Default 30s.
@@ -333,6 +338,7 @@ impl Config {
             suspect_after: file.suspect_after.unwrap_or(heartbeat_interval * 3),
             lost_grace: file.lost_grace.unwrap_or(Duration::from_secs(30)),
             restart_grace: file.restart_grace.unwrap_or(Duration::from_secs(60)),
+            partition_threshold: file.partition_threshold.unwrap_or(0.5),
             full_report_interval: file.full_report_interval.unwrap_or(Duration::from_secs(30)),
             command_timeout: file.command_timeout.unwrap_or(Duration::from_secs(30)),
             acquire_timeout: file.acquire_timeout.unwrap_or(Duration::from_secs(30)),
@@ -395,6 +401,12 @@ impl Config {
             self.full_report_interval,
             Duration::from_secs(1),
         )?;
+        if !(0.0..=1.0).contains(&self.partition_threshold) {
+            return Err(ConfigError::Invalid {
+                field: "partition_threshold",
+                reason: "must be between 0 and 1 (1 turns the guard off)".into(),
+            });
+        }
         if self.suspect_after <= self.heartbeat_interval {
             return Err(ConfigError::Invalid {
                 field: "suspect_after",

@@ -280,9 +280,11 @@ pub async fn run(
                 suspect_after: config.suspect_after,
                 lost_grace: config.lost_grace,
                 restart_grace: config.restart_grace,
+                partition_threshold: config.partition_threshold,
             },
             started_at: crate::clock::now(),
             persisted: Default::default(),
+            holding: false,
         },
     );
 

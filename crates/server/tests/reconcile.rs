@@ -189,7 +189,9 @@ async fn after_the_database_is_deleted_every_tenant_keeps_its_container() {
 #[tokio::test]
 async fn a_lost_nodes_claims_are_lost_then_resumed_or_replaced_when_it_returns() {
     let extra = "lost_grace = \"2s\"\nreconcile_interval = \"500ms\"\n";
-    let Some(mut c) = demo("{min_size: 2, max_size: 8}")
+    // Claims given up when their node is lost (the default keeps them:
+    // see disconnect.rs).
+    let Some(mut c) = demo("{min_size: 2, max_size: 8}\ndisconnect: {replace: true}")
         .config(extra)
         .start()
         .await

@@ -27,6 +27,15 @@ pub(super) struct Workload {
     pub node_selector: Option<BTreeMap<String, String>>,
     pub security: Option<Security>,
     pub sync: Option<Sync>,
+    pub disconnect: Option<Disconnect>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Disconnect {
+    pub replace: Option<bool>,
+    pub lost_after: Option<Text>,
+    pub reconcile: Option<String>,
 }
 
 #[derive(Deserialize, Default)]

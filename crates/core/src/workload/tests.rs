@@ -427,3 +427,31 @@ fn container_paths_outside_the_state_volume_and_bad_sync_fields_are_named() {
     let spec = parse_workload("w.yaml", &with("{path: /data/a/b/}")).unwrap();
     assert_eq!(spec.sync.unwrap().mappings[0].dir.as_deref(), Some("a/b"));
 }
+
+#[test]
+fn disconnect_keeps_claims_by_default_and_replacing_is_opt_in() {
+    let minimal = "id: w\nimage: busybox\n";
+    let spec = parse_workload("w.yaml", minimal).unwrap();
+    assert!(!spec.disconnect.replace, "the safe default keeps the claim");
+    assert!(!spec.disconnect.gives_up(Duration::from_secs(86_400)));
+
+    let replacing = format!("{minimal}disconnect:\n  replace: true\n  lost_after: 5m\n");
+    let spec = parse_workload("w.yaml", &replacing).unwrap();
+    assert!(!spec.disconnect.gives_up(Duration::from_secs(299)));
+    assert!(spec.disconnect.gives_up(Duration::from_secs(300)));
+    assert_eq!(
+        spec.spec_hash(),
+        parse_workload("w.yaml", minimal).unwrap().spec_hash(),
+        "the policy changes no container, so it does not roll the pool"
+    );
+
+    let e = err(&format!("{minimal}disconnect:\n  lost_after: 5m\n"));
+    assert_eq!(e.field, "disconnect.lost_after");
+    assert!(e.reason.contains("replace"), "{e}");
+    let e = err(&format!(
+        "{minimal}disconnect:\n  replace: true\n  reconcile: best_score\n"
+    ));
+    assert_eq!(e.field, "disconnect.reconcile");
+    let e = err(&format!("{minimal}disconnect:\n  replace: yes please\n"));
+    assert!(e.field.starts_with("disconnect"), "{e}");
+}

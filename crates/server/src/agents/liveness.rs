@@ -6,8 +6,9 @@ use std::collections::HashMap;
 
 use futures::future::BoxFuture;
 
-use boilerhouse_core::liveness::{LivenessConfig, NodeLiveness, next_status};
-use boilerhouse_core::node::NodeStatus;
+use boilerhouse_core::event::{EventKind, NewEvent};
+use boilerhouse_core::liveness::{LivenessConfig, NodeLiveness, losses_allowed, next_status};
+use boilerhouse_core::node::{Node, NodeStatus};
 use boilerhouse_core::{NodeId, Timestamp};
 
 use super::Registry;
@@ -26,6 +27,9 @@ pub struct LivenessTask {
     pub started_at: Timestamp,
     /// Heartbeats already written, so unchanged ones cost nothing.
     pub persisted: HashMap<NodeId, Timestamp>,
+    /// Whether losses are being held back (too much of the fleet is
+    /// silent at once), so the event is recorded once per episode.
+    pub holding: bool,
 }
 
 impl BackgroundTask for LivenessTask {
@@ -42,21 +46,62 @@ impl BackgroundTask for LivenessTask {
             self.persisted.extend(fresh);
 
             let mut counts = [0u32; 3];
-            for node in self.store.list_nodes().await? {
-                let last = live
-                    .get(&node.id)
-                    .copied()
-                    .unwrap_or(node.last_heartbeat_at)
-                    .max(node.last_heartbeat_at);
-                let status = next_status(
-                    NodeLiveness {
-                        status: node.status,
-                        last_heartbeat_at: last,
-                    },
-                    now,
-                    self.started_at,
-                    &self.config,
+            let nodes = self.store.list_nodes().await?;
+            let mut next: Vec<(Node, Timestamp, NodeStatus)> = nodes
+                .into_iter()
+                .map(|node| {
+                    let last = live
+                        .get(&node.id)
+                        .copied()
+                        .unwrap_or(node.last_heartbeat_at)
+                        .max(node.last_heartbeat_at);
+                    let status = next_status(
+                        NodeLiveness {
+                            status: node.status,
+                            last_heartbeat_at: last,
+                        },
+                        now,
+                        self.started_at,
+                        &self.config,
+                    );
+                    (node, last, status)
+                })
+                .collect();
+            let up: Vec<_> = next
+                .iter()
+                .filter(|(node, _, _)| node.status != NodeStatus::Lost)
+                .collect();
+            let silent = up
+                .iter()
+                .filter(|(_, _, status)| *status != NodeStatus::Ready)
+                .count();
+            let allowed = losses_allowed(up.len(), silent, &self.config);
+            let due = up
+                .iter()
+                .filter(|(_, _, status)| *status == NodeStatus::Lost)
+                .count();
+            let up_count = up.len();
+            if !allowed {
+                for (node, _, status) in &mut next {
+                    if node.status != NodeStatus::Lost && *status == NodeStatus::Lost {
+                        *status = NodeStatus::Suspect;
+                    }
+                }
+            }
+            if !allowed && due > 0 && !self.holding {
+                let message = format!(
+                    "{silent} of {up_count} nodes went silent together: more than the partition_threshold ({}), so none is declared lost (this server may be the one cut off); their claims are kept until they return",
+                    self.config.partition_threshold
                 );
+                tracing::error!(silent, up = up_count, "{message}");
+                self.store
+                    .append_event(NewEvent::new(now, EventKind::NodeLossHeld, message))
+                    .await?;
+                self.holding = true;
+            } else if allowed {
+                self.holding = false;
+            }
+            for (node, last, status) in next {
                 if status != node.status {
                     let silent = now.saturating_since(last);
                     let reason = match status {
@@ -88,6 +133,7 @@ impl BackgroundTask for LivenessTask {
                 "suspect": counts[1],
                 "lost": counts[2],
                 "connected": live.len(),
+                "losses_held": !allowed,
             }))
         })
     }

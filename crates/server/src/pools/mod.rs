@@ -304,6 +304,24 @@ impl Pools {
         self.node_live(node, crate::clock::now())
     }
 
+    /// Why `node` cannot be reached now, for a tenant whose claim is
+    /// kept there; `None` while its agent heartbeats.
+    pub fn unreachable(&self, node: &NodeId) -> Option<String> {
+        let now = crate::clock::now();
+        match self.inner.agents.session(node) {
+            Some(s) if now.saturating_since(s.last_heartbeat) < self.inner.config.suspect_after => {
+                None
+            }
+            Some(s) => Some(format!(
+                "node {node} has not been heard from for {}s; the claim is kept there, and never given to anyone else, until it returns",
+                now.saturating_since(s.last_heartbeat).as_secs()
+            )),
+            None => Some(format!(
+                "node {node} has no connected agent; the claim is kept there, and never given to anyone else, until it returns"
+            )),
+        }
+    }
+
     /// Serialises decisions for one (tenant, workload).
     pub async fn lock_tenant(&self, tenant: &TenantId, workload: &WorkloadId) -> TenantGuard<'_> {
         self.inner

@@ -7,7 +7,10 @@ use boilerhouse_core::event::{EventKind, EventSubject, NewEvent};
 use boilerhouse_core::node::NodeStatus;
 use boilerhouse_core::pool::ContainerState;
 use boilerhouse_core::pool::decide;
-use boilerhouse_core::{ContainerId, NodeId};
+use std::collections::{BTreeSet, HashMap};
+
+use boilerhouse_core::workload::Disconnect;
+use boilerhouse_core::{ContainerId, NodeId, WorkloadId};
 use futures::future::BoxFuture;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
@@ -17,17 +20,34 @@ use crate::agents::NodeSignal;
 use crate::tasks::BackgroundTask;
 
 impl Pools {
-    /// A node was declared lost: its claims become LOST, so the tenants can
-    /// claim elsewhere, its reservations end, and its containers are set
+    /// A node was declared lost. Its claims are given up only where their
+    /// workload's `disconnect.replace` says so and the node has been
+    /// silent for its `lost_after`; those tenants can claim elsewhere. The
+    /// others keep their claims, and their containers, until the node
+    /// returns. Its reservations end and its idle containers are set
     /// aside (they may come back with the node; a used one then goes back
     /// only to its tenant). A reserved container whose tenant's files are
     /// still owed upstream stays reserved. Returns how many containers it
     /// set aside.
     pub async fn node_lost(&self, node: &NodeId, reason: &str) -> Result<usize, PoolError> {
         let now = crate::clock::now();
+        let Some(record) = self.inner.store.get_node(node).await? else {
+            return Ok(0);
+        };
+        if record.status != NodeStatus::Lost {
+            // It spoke again before the signal was acted on.
+            return Ok(0);
+        }
+        let silent = now.saturating_since(record.last_heartbeat_at);
+        let policies = self.disconnect_policies(node).await;
         let count = self
             .commit_decided(|index| {
-                let write = decide::node_lost(index, node, reason, |c| self.retained(c), now);
+                let gives_up = |w: &WorkloadId| {
+                    // A workload deleted since keeps the safe default.
+                    policies.get(w).is_some_and(|d| d.gives_up(silent))
+                };
+                let write =
+                    decide::node_lost(index, node, reason, |c| self.retained(c), gives_up, now);
                 Ok(write.map(|w| {
                     let n = w.containers.len();
                     (w, n)
@@ -36,15 +56,34 @@ impl Pools {
             .await?
             .unwrap_or(0);
         if count > 0 {
-            tracing::warn!(node = %node, containers = count, "claims on a lost node are lost; pools refill elsewhere");
+            tracing::warn!(node = %node, containers = count, "containers of a lost node set aside; pools refill elsewhere");
             self.inner.refill.notify_one();
         }
         Ok(count)
     }
 
+    /// The `disconnect` policy of every workload with a claim on `node`.
+    async fn disconnect_policies(&self, node: &NodeId) -> HashMap<WorkloadId, Disconnect> {
+        let workloads: BTreeSet<WorkloadId> = self.read(|index| {
+            index
+                .containers_on(node)
+                .filter_map(|c| index.claim_on(&c.id))
+                .map(|claim| claim.workload_id.clone())
+                .collect()
+        });
+        let mut policies = HashMap::new();
+        for w in workloads {
+            if let Ok(record) = self.workload_record(&w).await {
+                policies.insert(w, record.spec.disconnect);
+            }
+        }
+        policies
+    }
+
     /// Applies node loss to every node the database says is lost. The
     /// level-triggered twin of [`NodeSignal::NodeLost`]: it covers a
-    /// signal missed, or a crash between the status change and the signal.
+    /// signal missed, a crash between the status change and the signal,
+    /// and a `disconnect.lost_after` that ran out since.
     pub async fn recover_lost_nodes(&self) -> Result<usize, PoolError> {
         let mut count = 0;
         for node in self.inner.store.list_nodes().await? {

@@ -26,6 +26,12 @@ impl Tenancy {
             if now.saturating_since(g.claim.last_activity_at) < timeout {
                 continue;
             }
+            // Activity on a node that cannot be reached is not seen; its
+            // agent keeps it and reports it on return, so its silence is
+            // not the tenant's idleness.
+            if !self.pools.node_is_live(&g.claim.node_id) {
+                continue;
+            }
             let reason = format!("idle since {}", g.claim.last_activity_at);
             match self
                 .release_unless_active(

@@ -230,8 +230,15 @@ impl World {
             self.note(format!("node {node} lost"));
             self.stats.node_losses += 1;
             let now = self.now;
-            if let Some(w) =
-                self.read(|i| decide::node_lost(i, &node, "no heartbeat", |_| false, now))
+            // Both `disconnect` policies: claims kept until the node
+            // returns, or given up so their tenants claim elsewhere.
+            let replace = self.rng.random_bool(0.5);
+            self.note(format!(
+                "its claims are {}",
+                if replace { "given up" } else { "kept" }
+            ));
+            if let Some(w) = self
+                .read(|i| decide::node_lost(i, &node, "no heartbeat", |_| false, |_| replace, now))
             {
                 self.submit(w, Intent::Other("node lost")).await;
             }

@@ -120,7 +120,7 @@ async fn lose_node(w: &mut World) {
     w.hosts.get_mut(&n0()).unwrap().report = None;
     let now = w.now;
     let lost = w
-        .read(|i| decide::node_lost(i, &n0(), "no heartbeat", |_| false, now))
+        .read(|i| decide::node_lost(i, &n0(), "no heartbeat", |_| false, |_| true, now))
         .unwrap();
     w.commit(lost).await.unwrap();
 }

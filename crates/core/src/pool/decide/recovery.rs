@@ -3,7 +3,7 @@
 
 use crate::container::StateFile;
 use crate::event::EventKind;
-use crate::ids::{ContainerId, NodeId, TenantId};
+use crate::ids::{ContainerId, NodeId, TenantId, WorkloadId};
 use crate::pool::index::Index;
 use crate::pool::write::{ClaimChange, ContainerChange, PoolWrite, ReservationChange};
 use crate::pool::{ClaimRecord, ClaimSource, ClaimStatus, ContainerRecord, ContainerState};
@@ -35,16 +35,21 @@ fn lose_claim(
     ));
 }
 
-/// A node was declared lost: its claims become LOST, so their tenants can
-/// claim elsewhere, and its containers are set aside as Lost (they may
-/// come back with the node). Its reservations end, in the database as in
-/// memory, except those whose container `retained` says must be kept (it
-/// holds files whose upload is still owed).
+/// A node was declared lost. A claim on it is given up only where its
+/// workload's `disconnect` says so (`gives_up`): that claim becomes LOST,
+/// so its tenant can claim elsewhere, and its container is set aside as
+/// Lost. Every other claim is kept, with its container, until the node
+/// returns: silence is not evidence that the container is gone. The
+/// node's idle containers are set aside as Lost (they may come back with
+/// the node), and its reservations end, in the database as in memory,
+/// except those whose container `retained` says must be kept (it holds
+/// files whose upload is still owed).
 pub fn node_lost(
     index: &Index,
     node: &NodeId,
     reason: &str,
     retained: impl Fn(&ContainerId) -> bool,
+    gives_up: impl Fn(&WorkloadId) -> bool,
     now: Timestamp,
 ) -> Option<PoolWrite> {
     let mut write = PoolWrite::default();
@@ -55,6 +60,9 @@ pub fn node_lost(
             continue;
         }
         if let Some(claim) = index.claim_on(&c.id) {
+            if !gives_up(&claim.workload_id) {
+                continue;
+            }
             lose_claim(&mut write, claim, c, &why, now);
         }
         if let Some(r) = index.reservation_on(&c.id) {

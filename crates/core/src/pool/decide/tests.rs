@@ -116,7 +116,7 @@ fn a_used_container_is_never_offered_to_the_pool_again() {
     release_reserve(&mut index, &a, &wl);
     // The node is lost: the reservation ends, in the write the store
     // commits, not only in memory.
-    let write = node_lost(&index, &n, "no heartbeat", |_| false, at(30)).unwrap();
+    let write = node_lost(&index, &n, "no heartbeat", |_| false, |_| true, at(30)).unwrap();
     assert!(
         write
             .reservations
@@ -146,7 +146,7 @@ fn a_claimed_container_back_from_a_lost_node_resumes_with_a_new_generation() {
     let (a, wl, n) = (t(1), w(1), node(1));
     let c = idle(&mut index, 1, &wl, &n);
     claim_pool(&mut index, &a, &wl, 1);
-    let write = node_lost(&index, &n, "gone", |_| false, at(30)).unwrap();
+    let write = node_lost(&index, &n, "gone", |_| false, |_| true, at(30)).unwrap();
     assert!(commit(&mut index, &write));
     assert!(index.claim(&a, &wl).is_none(), "the claim is lost");
     let (write, claim) = resume(&index, &c, true, "back", "claim-2".into(), at(40)).unwrap();
@@ -402,3 +402,41 @@ fn stale_generations_and_missing_claims_are_refused() {
 }
 
 mod property;
+
+#[test]
+fn a_lost_node_keeps_claims_its_workloads_do_not_give_up_and_sets_idle_containers_aside() {
+    let mut index = Index::default();
+    let (a, b, kept, replaced, n) = (t(1), t(2), w(1), w(2), node(1));
+    let first = idle(&mut index, 1, &kept, &n);
+    idle(&mut index, 2, &replaced, &n);
+    let second = idle(&mut index, 3, &kept, &n);
+    let held = claim_pool(&mut index, &a, &kept, 1);
+    let moved = claim_pool(&mut index, &b, &replaced, 2);
+    let spare = if held == first { second } else { first };
+    let write = node_lost(
+        &index,
+        &n,
+        "no heartbeat",
+        |_| false,
+        |w| w == &replaced,
+        at(30),
+    )
+    .unwrap();
+    assert!(commit(&mut index, &write));
+    // The kept claim and its container are untouched: no one else can be
+    // handed either, and the tenant's next claim is the same one.
+    assert_eq!(index.claim(&a, &kept).unwrap().container_id, held);
+    assert_eq!(
+        index.container(&held).unwrap().state,
+        ContainerState::Claimed
+    );
+    assert!(matches!(
+        choose(&index, &a, &kept, "h", |_| false),
+        Ok(Choice::Existing(claim, _)) if claim.container_id == held
+    ));
+    // The replaced one is LOST and set aside; its tenant may claim anew.
+    assert!(index.claim(&b, &replaced).is_none());
+    assert_eq!(index.container(&moved).unwrap().state, ContainerState::Lost);
+    assert_eq!(index.container(&spare).unwrap().state, ContainerState::Lost);
+    assert!(index.check().is_empty(), "{:?}", index.check());
+}

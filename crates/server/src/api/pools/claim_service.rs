@@ -84,6 +84,12 @@ impl pb::claim_service_server::ClaimService for Claims {
                 claim: Some(info),
                 server_latency: Some(duration_to_pb(started.elapsed())),
                 restore_warning: restore.warning.clone().unwrap_or_default(),
+                node_warning: self
+                    .0
+                    .tenancy
+                    .pools
+                    .unreachable(&g.container.node_id)
+                    .unwrap_or_default(),
             }
         };
         // With a request id, the response is fixed when the decision is

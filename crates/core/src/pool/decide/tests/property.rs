@@ -156,7 +156,7 @@ fn decide(
                 .flatten()
         }
         Op::Removed { container } => removed(view, &nth(*container)?, now),
-        Op::NodeLost { node: n } => node_lost(view, &node(*n), "r", |_| false, now),
+        Op::NodeLost { node: n } => node_lost(view, &node(*n), "r", |_| false, |_| true, now),
         Op::MarkLost { container } => mark_lost(view, &nth(*container)?, "r", now),
         Op::Resume { container } => {
             resume(view, &nth(*container)?, true, "r", format!("c{step}"), now).map(|r| r.0)
