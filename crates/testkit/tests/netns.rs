@@ -170,7 +170,8 @@ fn a_one_way_partition_blocks_one_direction_only() {
     let on_a = a.udp_bind(0).unwrap();
     let on_b = b.udp_bind(0).unwrap();
     for s in [&on_a, &on_b] {
-        s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
     }
     let cut = net.partition_one_way(&a, &b).unwrap();
     let received = |to: &UdpSocket, from: &UdpSocket| {
