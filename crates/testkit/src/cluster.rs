@@ -17,6 +17,10 @@
 //! c.wait_idle("demo", 1).await;
 //! ```
 //!
+//! With [`ClusterBuilder::multihost`] every process runs on a host of its
+//! own on a private network the test can break (see `multihost.rs` and
+//! [`crate::netns`]).
+//!
 //! Admission is on, as in production, with one allowance: local sync sinks
 //! anywhere in the cluster's directory (the server's policy file and every
 //! agent's `--allow-sink-root`). [`ClusterBuilder::policy`] replaces the
@@ -28,6 +32,8 @@
 //! run's label (see [`crate::docker::TEST_RUN_LABEL`]); the run's image is
 //! shared by every test of the run and is removed by `dev/test` at the end.
 
+mod multihost;
+pub use multihost::HOST_LABEL;
 mod waits;
 
 use std::net::SocketAddr;
@@ -75,6 +81,7 @@ pub struct ClusterBuilder {
     policy: Option<String>,
     agent_args: Vec<String>,
     insecure: bool,
+    multihost: bool,
 }
 
 impl ClusterBuilder {
@@ -149,6 +156,11 @@ impl ClusterBuilder {
     /// skips, loudly); any other failure panics with the logs.
     pub async fn start(self) -> Option<Cluster> {
         let docker = require_docker().await?;
+        let hosts = if self.multihost {
+            Some(multihost::Hosts::new()?)
+        } else {
+            None
+        };
         let image = test_image(&docker).await.expect("import the test image");
         let root = self.dir.path();
         let workloads = root.join("workloads");
@@ -166,7 +178,8 @@ impl ClusterBuilder {
         config
             .entry("policy_file")
             .or_insert_with(|| policy_file.display().to_string().into());
-        let server = ServerProcess::start_in(root, server_options(&config, None, self.insecure))
+        let options = server_options(&config, None, self.insecure, hosts.as_ref());
+        let server = ServerProcess::start_in(root, options)
             .await
             .expect("start boilerhoused");
         let mut cluster = Cluster {
@@ -181,6 +194,7 @@ impl ClusterBuilder {
             agent_args: self.agent_args,
             timeout: self.timeout,
             dir: self.dir,
+            hosts,
         };
         for prefix in &self.nodes {
             cluster.spawn_agent(prefix);
@@ -203,6 +217,9 @@ pub struct Cluster {
     timeout: Duration,
     dir: tempfile::TempDir,
     agent_args: Vec<String>,
+    /// The network, when every process runs on a host of its own; dropped
+    /// after the processes.
+    hosts: Option<multihost::Hosts>,
 }
 
 /// The server's admission policy file, in the cluster's directory.
@@ -223,6 +240,7 @@ impl Cluster {
             policy: None,
             agent_args: Vec::new(),
             insecure: false,
+            multihost: false,
         }
     }
 
@@ -317,7 +335,12 @@ impl Cluster {
     pub async fn start_server(&mut self) {
         self.server = ServerProcess::start_in(
             self.dir.path(),
-            server_options(&self.config, Some(self.listen), self.insecure),
+            server_options(
+                &self.config,
+                Some(self.listen),
+                self.insecure,
+                self.hosts.as_ref(),
+            ),
         )
         .await
         .expect("start boilerhoused again");
@@ -492,6 +515,12 @@ impl Cluster {
         options.args.push("--allow-sink-root".to_owned());
         options.args.push(self.dir.path().display().to_string());
         options.args.extend(self.agent_args.iter().cloned());
+        if let Some(hosts) = &mut self.hosts {
+            options.netns = hosts.add_agent_host(&node).ns().map(str::to_owned);
+            options
+                .labels
+                .push((multihost::HOST_LABEL.to_owned(), prefix.to_owned()));
+        }
         let agent = AgentProcess::start(options).expect("start an agent");
         self.agents.push(agent);
     }
@@ -511,13 +540,18 @@ fn server_options(
     config: &toml::Table,
     listen: Option<SocketAddr>,
     insecure: bool,
+    hosts: Option<&multihost::Hosts>,
 ) -> ServerOptions {
-    ServerOptions {
+    let mut options = ServerOptions {
         config_toml: Some(toml::to_string(config).expect("serialise the server config")),
         listen,
         insecure,
         ..Default::default()
+    };
+    if let Some(hosts) = hosts {
+        hosts.place_server(&mut options);
     }
+    options
 }
 
 /// Merges the keys of `toml` over `into`.

@@ -2,11 +2,13 @@
 //! with their own directories (one `cluster::Cluster` builder for tests that
 //! need both), build the test image without a registry,
 //! drive a real agent from a fake control plane, run the real `bh` and
-//! `grpcurl`, and poll for conditions with a deadline.
+//! `grpcurl`, put processes on hosts of their own on a private network
+//! that tests can break (`netns`), and poll for conditions with a deadline.
 
 pub mod cluster;
 pub mod docker;
 pub mod fake;
+pub mod netns;
 mod processes;
 pub mod s3;
 

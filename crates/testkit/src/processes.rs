@@ -67,11 +67,16 @@ fn admin(args: &[&str]) -> anyhow::Result<String> {
 }
 
 /// Makes (or finds) the PKI and an admin token of a server rooted at
-/// `root`, in the default places under its data directory.
-fn ensure_credentials(root: &Path) -> anyhow::Result<Credentials> {
+/// `root`, in the default places under its data directory; a new server
+/// certificate also covers `sans`.
+fn ensure_credentials(root: &Path, sans: &[String]) -> anyhow::Result<Credentials> {
     let data = root.join("data");
     let data_arg = data.display().to_string();
-    admin(&["--data-dir", &data_arg, "pki", "init"])?;
+    let mut init = vec!["--data-dir", &data_arg, "pki", "init"];
+    for san in sans {
+        init.extend(["--san", san]);
+    }
+    admin(&init)?;
     let token_file = root.join("admin.token");
     if !token_file.exists() {
         let out = token_file.display().to_string();
@@ -106,6 +111,14 @@ pub struct ServerOptions {
     /// `--insecure`: plaintext and no authentication. By default a test
     /// server is secure, as a real one is.
     pub insecure: bool,
+    /// Run it in this network namespace (`ip netns exec`); see
+    /// [`crate::netns`].
+    pub netns: Option<String>,
+    /// More names or addresses its certificate covers (`pki init --san`),
+    /// besides localhost.
+    pub sans: Vec<String>,
+    /// Where its metrics listen, instead of 127.0.0.1:0.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl ServerProcess {
@@ -142,9 +155,9 @@ impl ServerProcess {
             config_args.push("--insecure".to_owned());
             None
         } else {
-            Some(ensure_credentials(root)?)
+            Some(ensure_credentials(root, &options.sans)?)
         };
-        let child = Command::new(binary("boilerhoused"))
+        let child = crate::netns::command_in(options.netns.as_deref(), binary("boilerhoused"))
             .arg("--data-dir")
             .arg(root.join("data"))
             .arg("--workloads-dir")
@@ -155,7 +168,12 @@ impl ServerProcess {
                     .listen
                     .map_or("127.0.0.1:0".to_owned(), |a| a.to_string()),
             )
-            .args(["--metrics-listen", "127.0.0.1:0"])
+            .arg("--metrics-listen")
+            .arg(
+                options
+                    .metrics_listen
+                    .map_or("127.0.0.1:0".to_owned(), |a| a.to_string()),
+            )
             .args(config_args)
             .arg("--ready-file")
             .arg(&ready)
@@ -201,6 +219,12 @@ impl ServerProcess {
         .with_context(|| format!("server log:\n{}", server.log()))?;
         server.addrs = addrs;
         Ok(server)
+    }
+
+    /// The process id of the running server (the program's own, also when
+    /// it runs in a network namespace).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// `https://host:port` (or `http://` when insecure) for clients.
@@ -417,6 +441,9 @@ pub struct AgentOptions {
     pub args: Vec<String>,
     /// Its certificate, for a secure server.
     pub tls: Option<AgentTls>,
+    /// Run it in this network namespace (`ip netns exec`); see
+    /// [`crate::netns`].
+    pub netns: Option<String>,
 }
 
 /// The files an agent presents to a secure server.
@@ -446,6 +473,7 @@ impl AgentOptions {
             labels: Vec::new(),
             args: Vec::new(),
             tls: None,
+            netns: None,
         }
     }
 }
@@ -469,7 +497,8 @@ impl AgentProcess {
                 .as_nanos()
         ));
         let log_file = std::fs::File::create(&log)?;
-        let mut cmd = Command::new(binary("boilerhouse-agent"));
+        let mut cmd =
+            crate::netns::command_in(options.netns.as_deref(), binary("boilerhouse-agent"));
         cmd.arg("--server")
             .arg(&options.server)
             .arg("--node-name")
@@ -520,6 +549,12 @@ impl AgentProcess {
     /// Everything it logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The process id of the running agent (the program's own, also when
+    /// it runs in a network namespace).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Whether the process is still running.

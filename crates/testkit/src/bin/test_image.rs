@@ -3,7 +3,9 @@
 //! boilerhouse-test-image [repo:tag]    import the busybox rootfs as an image
 //!                                      (default boilerhouse/busybox:latest)
 //! boilerhouse-test-image clean <run>   remove the containers and images
-//!                                      labelled boilerhouse.test-run=<run>
+//!                                      labelled boilerhouse.test-run=<run>,
+//!                                      and the run's test networks
+//!                                      (network namespaces, client legs)
 
 use std::collections::HashMap;
 
@@ -67,6 +69,13 @@ async fn clean(docker: &bollard::Docker, run: &str) -> anyhow::Result<()> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("clean")
+        && let Some(run) = args.get(1)
+    {
+        // Before Docker: a machine without an engine can still have them.
+        let removed = boilerhouse_testkit::netns::clean_run(run);
+        println!("removed {removed} network namespaces and links of test run {run}");
+    }
     let docker = bollard::Docker::connect_with_local_defaults()?
         .negotiate_version()
         .await?;
