@@ -107,7 +107,12 @@ impl VolumeLayout {
         let dir = self.container_dir(id);
         std::fs::create_dir_all(&dir)?;
         let path = dir.join(STATE_FILE);
-        let tmp = dir.join(format!(".{STATE_FILE}.tmp"));
+        // A name of its own: two writes for one container (a claim's and
+        // the next one's, resent after a reconnect) may run at once, and a
+        // shared temporary name made the later rename fail.
+        static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = dir.join(format!(".{STATE_FILE}.{}.{n}.tmp", std::process::id()));
         let bytes = serde_json::to_vec_pretty(state).map_err(std::io::Error::other)?;
         {
             let mut file = std::fs::File::create(&tmp)?;

@@ -75,21 +75,25 @@ impl Reconciler {
         let mut observed = BTreeMap::new();
         let mut known = Vec::new();
         for node in self.store.list_nodes().await? {
-            // Evidence only from a connected agent that has sent a full
-            // report: anything else is missing evidence.
+            // Evidence only from a connected, heartbeating agent that has
+            // sent a full report: anything else is missing evidence. A
+            // session whose link went silent still holds its last report,
+            // which says nothing of the present.
             let evidence = match (self.agents.session(&node.id), self.agents.report(&node.id)) {
-                (Some(_), Some(report)) => match report.observed_at {
-                    Some(observed_at) => {
-                        if only.is_none_or(|n| n == &node.id) {
-                            known.push((node.id.clone(), observed_at));
+                (Some(_), Some(report)) if self.pools.node_is_live(&node.id) => {
+                    match report.observed_at {
+                        Some(observed_at) => {
+                            if only.is_none_or(|n| n == &node.id) {
+                                known.push((node.id.clone(), observed_at));
+                            }
+                            Evidence::Known {
+                                observed_at,
+                                containers: report.containers.into_values().collect(),
+                            }
                         }
-                        Evidence::Known {
-                            observed_at,
-                            containers: report.containers.into_values().collect(),
-                        }
+                        None => Evidence::Unknown,
                     }
-                    None => Evidence::Unknown,
-                },
+                }
                 _ => Evidence::Unknown,
             };
             observed.insert(node.id, evidence);
