@@ -55,8 +55,11 @@ const KINDS: &[&str] = &[
     "kill_server",
     "restart_server",
     "heal_one",
-    "heal_all",
 ];
+
+/// Every this many events, everything heals (so faults last long enough,
+/// often, to make nodes Lost, and the system still gets whole again).
+const HEAL_ALL_EVERY: usize = 16;
 
 #[tokio::test]
 async fn chaos_across_hosts_partitions_heals_and_kills_under_claim_traffic() {
@@ -101,10 +104,13 @@ async fn chaos_across_hosts_partitions_heals_and_kills_under_claim_traffic() {
     let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
     let mut active: Vec<Fault> = Vec::new();
     let mut flapping: Option<usize> = None;
-    for _ in 0..events {
+    for event in 0..events {
         // Deliberate: chaos strikes at a random moment, not on a condition.
         tokio::time::sleep(Duration::from_millis(rng.random_range(200..1500))).await;
         let mut kind = KINDS[rng.random_range(0..KINDS.len())];
+        if event % HEAL_ALL_EVERY == HEAL_ALL_EVERY - 1 {
+            kind = "heal_all";
+        }
         // Too many faults at once leave nothing to observe: heal first.
         if active.len() >= 3 && !kind.starts_with("heal") {
             kind = "heal_one";
@@ -207,6 +213,19 @@ async fn chaos_across_hosts_partitions_heals_and_kills_under_claim_traffic() {
         claims_acked,
         releases_acked,
     } = check(&subject, &history).await;
+    // What the faults made the server do, from its activity log.
+    let mut outcomes = BTreeMap::new();
+    for kind in [
+        "node.suspect",
+        "node.lost",
+        "node.loss_held",
+        "claim.lost",
+        "claim.resumed",
+    ] {
+        let out = c.bh_ok(&["events", "--kind", kind, "-n", "100000", "-o", "json"]);
+        let listed: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        outcomes.insert(kind, listed.as_array().map_or(0, Vec::len));
+    }
     let agent_connects: Vec<usize> = (0..nodes.len())
         .map(|i| c.agent(i).log().matches("connected to the server").count())
         .collect();
@@ -214,7 +233,7 @@ async fn chaos_across_hosts_partitions_heals_and_kills_under_claim_traffic() {
     eprintln!(
         "multihost chaos: seed {seed}, replace {replace}, {events} fault events in {:.0?} ({counts:?}), \
          {claims_acked} claims and {releases_acked} releases acknowledged, converged in {:.1?} after the last heal, \
-         agent sessions {agent_connects:?}, {} violations",
+         server events {outcomes:?}, agent sessions {agent_connects:?}, {} violations",
         chaos_time,
         converged_in,
         violations.len()
