@@ -90,6 +90,17 @@ pub enum ActionKind {
         /// The row.
         container_id: ContainerId,
     },
+    /// A row the database calls unused (idle or warming) whose container's
+    /// state file says a tenant held it: the database is older than the
+    /// container (a backup restored over a newer one). It is set aside for
+    /// that tenant (Lost, so `Resume` gives it back to them or destroys
+    /// it), never offered to anyone else.
+    Reclaim {
+        /// The row.
+        container_id: ContainerId,
+        /// Who held it, by its state file.
+        state: crate::container::StateFile,
+    },
 }
 
 /// One planned action.
@@ -119,8 +130,27 @@ impl Action {
             | ActionKind::Resume { container_id } => Some(*container_id),
             ActionKind::Adopt { observed } => observed.container_id(),
             ActionKind::Destroy { container_id, .. } => *container_id,
+            ActionKind::Reclaim { container_id, .. } => Some(*container_id),
         }
     }
+}
+
+/// The state file of `c`'s container when it names a tenant although the
+/// row says no tenant ever held it. The state file is written only after a
+/// claim commits and a row never goes back to unused, so this means the
+/// database lost what the container remembers.
+fn held_by_a_tenant<'a>(
+    c: &ContainerRecord,
+    observed: &'a [ObservedContainer],
+) -> Option<&'a crate::container::StateFile> {
+    if !matches!(c.state, ContainerState::Idle | ContainerState::Warming) || c.used() {
+        return None;
+    }
+    observed
+        .iter()
+        .find(|o| o.container_id() == Some(c.id))
+        .and_then(|o| o.state_file.as_ref())
+        .filter(|s| s.tenant_id.is_some() || s.last_tenant_id.is_some())
 }
 
 fn after(t: Timestamp, grace: Duration, now: Timestamp) -> Option<Timestamp> {
@@ -167,7 +197,50 @@ pub fn plan(
 
         // Rows whose container is gone.
         for c in desired.containers.iter().filter(|c| &c.node_id == node) {
+            if let Some(state) = held_by_a_tenant(c, containers) {
+                actions.push(Action {
+                    kind: ActionKind::Reclaim {
+                        container_id: c.id,
+                        state: state.clone(),
+                    },
+                    node_id: node.clone(),
+                    reason: format!(
+                        "container {} is {} and unused in the database, but its state file says tenant {} held it (generation {}): the database is older than the container",
+                        c.id,
+                        c.state,
+                        state
+                            .tenant_id
+                            .as_ref()
+                            .or(state.last_tenant_id.as_ref())
+                            .map(ToString::to_string)
+                            .unwrap_or_default(),
+                        state.claim_generation
+                    ),
+                    not_before: None,
+                });
+                continue;
+            }
             if seen.contains(&c.id) {
+                // A claim kept through its node's absence, on a container
+                // that came back stopped (the host rebooted): the claim
+                // ends as LOST, and `Resume` then drains the container, so
+                // its tenant's next claim lands on a running one.
+                let stopped = containers.iter().any(|o| {
+                    o.container_id() == Some(c.id)
+                        && matches!(o.docker_state.as_str(), "exited" | "dead")
+                });
+                if c.state == ContainerState::Claimed && stopped {
+                    actions.push(Action {
+                        kind: ActionKind::MarkLost { container_id: c.id },
+                        node_id: node.clone(),
+                        reason: format!(
+                            "claimed container {} on node {node} is stopped (its host restarted, or its process ended)",
+                            c.id
+                        ),
+                        not_before: after(c.updated_at, config.lost_grace, now),
+                    });
+                    continue;
+                }
                 if c.state == ContainerState::Lost {
                     let configured = desired.workloads.contains_key(&c.workload_id);
                     // Back unclaimed for a workload that is gone: it would

@@ -285,6 +285,7 @@ pub async fn run(
             started_at: crate::clock::now(),
             persisted: Default::default(),
             holding: false,
+            hold_ended_at: boilerhouse_core::Timestamp::EPOCH,
         },
     );
 

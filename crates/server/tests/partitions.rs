@@ -302,6 +302,10 @@ async fn the_server_cut_off_from_two_of_three_agents_declares_none_lost_and_dest
         actions.is_empty().then_some(())
     })
     .await;
+    // Nor as they come back one by one: the first to return must not make
+    // the others Lost in the next second.
+    let events = c.bh_ok(&["events", "--kind", "node.lost"]);
+    assert!(!events.contains("node.lost"), "{events}");
     // Bounded by the cluster's timeout; the figure is printed.
     eprintln!("converged {:?} after the heal", healed.elapsed());
     for id in &before {

@@ -1,7 +1,8 @@
 //! Reconciliation against the real Docker engine: a stray managed
 //! container is destroyed after its grace, every claim is rebuilt after the
-//! database is lost, and a lost node's claims are resumed or replaced when
-//! it returns.
+//! database is lost, a lost node's claims are resumed or replaced when
+//! it returns, and a database restored from an older backup never hands a
+//! container claimed after the backup to another tenant.
 
 mod pool_support;
 
@@ -294,4 +295,63 @@ async fn a_lost_nodes_claims_are_lost_then_resumed_or_replaced_when_it_returns()
         current.container_id, t2_again.container_id,
         "t2 never holds two containers"
     );
+}
+
+/// A database restored from a backup older than the containers: a
+/// container claimed after the backup is idle in the restored database,
+/// but its state file remembers its tenant.
+fn copy_database(from: &std::path::Path, to: &std::path::Path) {
+    for suffix in ["", "-wal", "-shm"] {
+        let src = std::path::PathBuf::from(format!("{}{suffix}", from.display()));
+        let dst = std::path::PathBuf::from(format!("{}{suffix}", to.display()));
+        let _ = std::fs::remove_file(&dst);
+        if src.exists() {
+            std::fs::copy(&src, &dst).unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_container_claimed_after_the_backup_never_goes_to_another_tenant() {
+    let Some(mut c) = demo("{min_size: 2, max_size: 6}")
+        .config("reconcile_interval = \"500ms\"\n")
+        .start()
+        .await
+    else {
+        return;
+    };
+    c.wait_idle("demo", 2).await;
+    // The backup: taken with the server stopped, as a file copy.
+    c.stop_server().await;
+    let db = c.server().database();
+    let backup = c.dir().join("backup.db");
+    copy_database(&db, &backup);
+    c.start_server().await;
+    let node = c.node(0).to_owned();
+    c.wait_node(&node, pb::NodeStatus::Ready, Some(true)).await;
+
+    let t2 = c.claim("t2", "demo").await;
+    c.stop_server().await;
+    copy_database(&backup, &db);
+    c.start_server().await;
+    c.wait_node(&node, pb::NodeStatus::Ready, Some(true)).await;
+
+    // Whatever t3 is given, it is never t2's container.
+    let t3 = c.claim("t3", "demo").await;
+    assert_ne!(t3.container_id, t2.container_id, "{}", c.server().log());
+    // t2 gets its own container back, with a newer fencing token.
+    let back = c
+        .eventually("t2 to get its container back", || async {
+            let claim = c.try_claim("t2", "demo").await.ok()?;
+            (claim.container_id == t2.container_id).then_some(claim)
+        })
+        .await;
+    assert!(back.generation > t2.generation, "{back:?} after {t2:?}");
+    let events = c.bh_ok(&["events", "--kind", "container.lost", "-o", "json"]);
+    assert!(
+        events.contains("older than the container"),
+        "the reclaim is recorded: {events}"
+    );
+    let t4 = c.claim("t4", "demo").await;
+    assert_ne!(t4.container_id, t2.container_id);
 }

@@ -331,6 +331,14 @@ fn apply(mut w: World, actions: &[Action]) -> World {
             ActionKind::MarkLost { container_id } => {
                 w.desired.containers.retain(|c| c.id != *container_id)
             }
+            ActionKind::Reclaim { container_id, .. } => {
+                // Set aside for its tenant: no longer unused.
+                for c in &mut w.desired.containers {
+                    if c.id == *container_id {
+                        c.state = ContainerState::Lost;
+                    }
+                }
+            }
             ActionKind::Drain { container_id } => {
                 // Draining removes the container from Docker and the row.
                 w.desired.containers.retain(|c| c.id != *container_id);
@@ -411,4 +419,69 @@ proptest! {
         let again: Vec<Action> = plan(&after.desired, &after.observed, now, &CONFIG).into_iter().filter(|a| a.is_due(now)).collect();
         prop_assert!(again.is_empty(), "left after applying: {again:?}");
     }
+}
+
+#[test]
+fn an_idle_row_whose_container_a_tenant_held_is_reclaimed_never_offered() {
+    // The database was restored from a backup older than t2's claim.
+    let mut unused = row(1, "a", "demo", ContainerState::Idle, 900);
+    unused.claim_generation = 0;
+    let d = desired(vec![unused]);
+    let mut o = observed(Some(cid(1)), "a", "demo", "h1", 900);
+    o.state_file = Some(StateFile {
+        tenant_id: Some(TenantId::new("t2").unwrap()),
+        claim_generation: 3,
+        ..Default::default()
+    });
+    let obs = BTreeMap::from([(node("a"), known(vec![o]))]);
+    let actions = plan(&d, &obs, t(1000), &CONFIG);
+    assert_eq!(actions.len(), 1, "{actions:?}");
+    let ActionKind::Reclaim {
+        container_id,
+        state,
+    } = &actions[0].kind
+    else {
+        panic!("{actions:?}");
+    };
+    assert_eq!(*container_id, cid(1));
+    assert!(
+        actions[0].is_due(t(1000)),
+        "at once: it must not be offered"
+    );
+    assert!(actions[0].reason.contains("t2"), "{}", actions[0].reason);
+
+    let mut index = crate::pool::index::Index::default();
+    index.apply(&crate::pool::write::PoolWrite {
+        containers: vec![crate::pool::write::ContainerChange::Insert(
+            d.containers[0].clone(),
+        )],
+        ..Default::default()
+    });
+    let write = crate::pool::decide::reclaim(&index, container_id, state, "restored", t(1000))
+        .expect("an unused row is set aside");
+    index.apply(&write);
+    let c = index.container(&cid(1)).unwrap();
+    assert_eq!(c.state, ContainerState::Lost, "set aside for t2");
+    assert_eq!(c.tenant_id.as_ref().map(|t| t.as_str()), Some("t2"));
+    assert!(
+        c.claim_generation >= 3,
+        "the fencing token moves past the file's"
+    );
+    assert_eq!(index.idle(&wl("demo")).count(), 0, "never offered");
+}
+
+#[test]
+fn a_claimed_container_back_stopped_ends_its_claim() {
+    let d = desired(vec![row(1, "a", "demo", ContainerState::Claimed, 100)]);
+    let mut o = observed(Some(cid(1)), "a", "demo", "h1", 100);
+    o.docker_state = "exited".into();
+    let obs = BTreeMap::from([(node("a"), known(vec![o.clone()]))]);
+    let actions = plan(&d, &obs, t(1000), &CONFIG);
+    assert!(
+        matches!(actions.as_slice(), [a] if matches!(a.kind, ActionKind::MarkLost { container_id } if container_id == cid(1)) && a.is_due(t(1000))),
+        "{actions:?}"
+    );
+    o.docker_state = "running".into();
+    let obs = BTreeMap::from([(node("a"), known(vec![o]))]);
+    assert!(plan(&d, &obs, t(1000), &CONFIG).is_empty());
 }

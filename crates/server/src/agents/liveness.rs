@@ -30,6 +30,11 @@ pub struct LivenessTask {
     /// Whether losses are being held back (too much of the fleet is
     /// silent at once), so the event is recorded once per episode.
     pub holding: bool,
+    /// When the last hold ended. Silence is measured from it, as from a
+    /// restart: as a partition heals, agents reconnect one by one (each
+    /// after its own backoff), and the first to return must not make the
+    /// rest Lost in the next second.
+    pub hold_ended_at: Timestamp,
 }
 
 impl BackgroundTask for LivenessTask {
@@ -47,6 +52,7 @@ impl BackgroundTask for LivenessTask {
 
             let mut counts = [0u32; 3];
             let nodes = self.store.list_nodes().await?;
+            let floor = self.started_at.max(self.hold_ended_at);
             let mut next: Vec<(Node, Timestamp, NodeStatus)> = nodes
                 .into_iter()
                 .map(|node| {
@@ -61,7 +67,7 @@ impl BackgroundTask for LivenessTask {
                             last_heartbeat_at: last,
                         },
                         now,
-                        self.started_at,
+                        floor,
                         &self.config,
                     );
                     (node, last, status)
@@ -98,8 +104,9 @@ impl BackgroundTask for LivenessTask {
                     .append_event(NewEvent::new(now, EventKind::NodeLossHeld, message))
                     .await?;
                 self.holding = true;
-            } else if allowed {
+            } else if allowed && self.holding {
                 self.holding = false;
+                self.hold_ended_at = now;
             }
             for (node, last, status) in next {
                 if status != node.status {

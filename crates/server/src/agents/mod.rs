@@ -195,6 +195,10 @@ impl Registry {
             // reading; the command stays pending for the next session.
             let _ = outbound.try_send(Ok(message));
         }
+        // The last session's report describes the past (the node may have
+        // rebooted, or been cut off, since): a new session has no
+        // evidence until its own first full report.
+        inner.reports.remove(node);
         let old = inner.sessions.insert(
             node.clone(),
             Session {

@@ -19,6 +19,7 @@ fn action_to_pb(a: &Action, desired: &Desired) -> pb::ReconcileAction {
         ActionKind::MarkLost { .. } => ("mark_lost", String::new(), String::new()),
         ActionKind::Drain { .. } => ("drain", String::new(), String::new()),
         ActionKind::Resume { .. } => ("resume", String::new(), String::new()),
+        ActionKind::Reclaim { .. } => ("reclaim", String::new(), String::new()),
         ActionKind::Adopt { observed } => (
             "adopt",
             observed.docker_id.clone(),
@@ -36,6 +37,10 @@ fn action_to_pb(a: &Action, desired: &Desired) -> pb::ReconcileAction {
             .state_file
             .as_ref()
             .and_then(|s| s.tenant_id.clone()),
+        ActionKind::Reclaim { state, .. } => state
+            .tenant_id
+            .clone()
+            .or_else(|| state.last_tenant_id.clone()),
         _ => row.and_then(|r| r.tenant_id.clone()),
     };
     pb::ReconcileAction {

@@ -78,6 +78,11 @@ impl Pools {
             Instant::now() + acquire_timeout.unwrap_or(self.inner.config.acquire_timeout);
         // Each conflict means another change committed first; decide again
         // on the newer state, a bounded number of times.
+        // A node whose agent just (re)connected offers nothing until its
+        // first report is reconciled: the database may be older than what
+        // runs there (a restored backup), and reconciliation is what sets
+        // such containers aside.
+        let unreconciled = self.inner.agents.unreconciled();
         for _ in 0..8 {
             let mut now = crate::clock::now();
             // Choose and grant on one view of the index. A pool container
@@ -89,7 +94,9 @@ impl Pools {
                     index, inflight, ..
                 } = &mut *state;
                 let offerable = |c: &boilerhouse_core::pool::ContainerRecord| {
-                    !inflight.busy.contains(&c.id) && self.node_live(&c.node_id, now)
+                    !inflight.busy.contains(&c.id)
+                        && self.node_live(&c.node_id, now)
+                        && !unreconciled.contains(&c.node_id)
                 };
                 match decide::choose(index, tenant, workload_id, &workload.spec_hash, offerable)? {
                     Choice::Existing(claim, container) => {

@@ -304,6 +304,21 @@ impl Pools {
         self.node_live(node, crate::clock::now())
     }
 
+    /// Nodes whose activity the server cannot vouch for now: not
+    /// heartbeating, or reconnected and not yet reconciled (the activity
+    /// its agent kept while away arrives after its first full report).
+    pub fn unsettled_nodes(&self) -> std::collections::HashSet<NodeId> {
+        let now = crate::clock::now();
+        let mut nodes: std::collections::HashSet<NodeId> =
+            self.inner.agents.unreconciled().into_iter().collect();
+        for c in self.containers() {
+            if !self.node_live(&c.node_id, now) {
+                nodes.insert(c.node_id.clone());
+            }
+        }
+        nodes
+    }
+
     /// Why `node` cannot be reached now, for a tenant whose claim is
     /// kept there; `None` while its agent heartbeats.
     pub fn unreachable(&self, node: &NodeId) -> Option<String> {
@@ -313,11 +328,11 @@ impl Pools {
                 None
             }
             Some(s) => Some(format!(
-                "node {node} has not been heard from for {}s; the claim is kept there, and never given to anyone else, until it returns",
+                "node {node} has not been heard from for {}s; the claim stays there, and is never given to anyone else, until the node returns or the workload's disconnect policy gives it up",
                 now.saturating_since(s.last_heartbeat).as_secs()
             )),
             None => Some(format!(
-                "node {node} has no connected agent; the claim is kept there, and never given to anyone else, until it returns"
+                "node {node} has no connected agent; the claim stays there, and is never given to anyone else, until the node returns or the workload's disconnect policy gives it up"
             )),
         }
     }

@@ -42,6 +42,10 @@ impl Pools {
         let policies = self.disconnect_policies(node).await;
         let count = self
             .commit_decided(|index| {
+                // It may have spoken again since the status was read.
+                if self.node_live(node, crate::clock::now()) {
+                    return Ok(None);
+                }
                 let gives_up = |w: &WorkloadId| {
                     // A workload deleted since keeps the safe default.
                     policies.get(w).is_some_and(|d| d.gives_up(silent))
@@ -104,6 +108,24 @@ impl Pools {
         let now = crate::clock::now();
         self.commit_decided(|index| Ok(decide::mark_lost(index, id, reason, now).map(|w| (w, ()))))
             .await?;
+        self.inner.refill.notify_one();
+        Ok(())
+    }
+
+    /// A row the database calls unused whose container's state file names
+    /// a tenant: set aside for that tenant, never offered.
+    pub async fn reclaim(
+        &self,
+        id: &ContainerId,
+        state: &boilerhouse_core::container::StateFile,
+        reason: &str,
+    ) -> Result<(), PoolError> {
+        let now = crate::clock::now();
+        tracing::warn!(container = %id, %reason, "a container the database calls unused was held by a tenant");
+        self.commit_decided(|index| {
+            Ok(decide::reclaim(index, id, state, reason, now).map(|w| (w, ())))
+        })
+        .await?;
         self.inner.refill.notify_one();
         Ok(())
     }

@@ -21,6 +21,14 @@ impl Reconciler {
             ActionKind::MarkLost { container_id } => {
                 self.pools.mark_lost(container_id, &action.reason).await
             }
+            ActionKind::Reclaim {
+                container_id,
+                state,
+            } => {
+                self.pools
+                    .reclaim(container_id, state, &action.reason)
+                    .await
+            }
             ActionKind::Drain { container_id } => self
                 .pools
                 .drain(container_id, DrainScope::Unclaimed, &action.reason)

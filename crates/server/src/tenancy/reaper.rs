@@ -16,6 +16,7 @@ impl Tenancy {
     pub async fn reap_idle(&self) -> anyhow::Result<usize> {
         let now = crate::clock::now();
         let mut released = 0;
+        let unsettled = self.pools.unsettled_nodes();
         for g in self.pools.active_claims() {
             let Ok(workload) = self.pools.workload_record(&g.claim.workload_id).await else {
                 continue;
@@ -27,9 +28,9 @@ impl Tenancy {
                 continue;
             }
             // Activity on a node that cannot be reached is not seen; its
-            // agent keeps it and reports it on return, so its silence is
-            // not the tenant's idleness.
-            if !self.pools.node_is_live(&g.claim.node_id) {
+            // agent keeps it and reports it once back and reconciled, so
+            // its silence is not the tenant's idleness.
+            if unsettled.contains(&g.claim.node_id) {
                 continue;
             }
             let reason = format!("idle since {}", g.claim.last_activity_at);

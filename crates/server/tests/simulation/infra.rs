@@ -344,6 +344,10 @@ impl World {
                 ActionKind::MarkLost { container_id } => {
                     self.read(|i| decide::mark_lost(i, container_id, &action.reason, now))
                 }
+                ActionKind::Reclaim {
+                    container_id,
+                    state,
+                } => self.read(|i| decide::reclaim(i, container_id, state, &action.reason, now)),
                 ActionKind::Drain { container_id } => self
                     .read(|i| {
                         decide::drain(i, container_id, DrainScope::Unclaimed, &action.reason, now)

@@ -22,7 +22,7 @@ mod recovery;
 pub use affinity::{ReservationEnd, end_reservation, extend_reservation, restart_reservation};
 pub use claims::{AfterRelease, Choice, Released, choose, grant, release, touch};
 pub use lifecycle::{DrainScope, drain, insert, promote, removed, set_docker_id};
-pub use recovery::{adopt, destroyed, mark_lost, node_lost, resume};
+pub use recovery::{adopt, destroyed, mark_lost, node_lost, reclaim, resume};
 
 use crate::event::{EventKind, EventSubject, NewEvent};
 use crate::ids::{ContainerId, TenantId, WorkloadId};

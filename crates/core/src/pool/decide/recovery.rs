@@ -132,6 +132,49 @@ fn lose(
     Some(write)
 }
 
+/// A row the database calls unused whose container's state file says a
+/// tenant held it (see `reconcile::ActionKind::Reclaim`). It never serves
+/// anyone else: with a current tenant it is set aside as Lost for them (a
+/// `resume` then gives it back, or destroys it if they hold another), with
+/// only a past one it is drained. Its generation moves past the state
+/// file's, so a fencing token is never handed out twice.
+pub fn reclaim(
+    index: &Index,
+    id: &ContainerId,
+    state: &StateFile,
+    reason: &str,
+    now: Timestamp,
+) -> Option<PoolWrite> {
+    let c = index
+        .container(id)
+        .filter(|c| matches!(c.state, ContainerState::Idle | ContainerState::Warming))
+        .filter(|c| !c.used())?;
+    let mut aside = c.successor(now);
+    aside.claim_generation = aside.claim_generation.max(state.claim_generation);
+    let mut write = PoolWrite::default();
+    match (&state.tenant_id, &state.last_tenant_id) {
+        (Some(t), _) => {
+            aside.state = ContainerState::Lost;
+            aside.tenant_id = Some(t.clone());
+        }
+        (None, Some(last)) => {
+            aside.state = ContainerState::Draining;
+            aside.last_tenant_id = Some(last.clone());
+        }
+        (None, None) => return None,
+    }
+    let holder = state.tenant_id.as_ref().or(state.last_tenant_id.as_ref());
+    write.events.push(event(
+        now,
+        EventKind::ContainerLost,
+        holder,
+        c,
+        format!("container {id} is set aside as {}: {reason}", aside.state),
+    ));
+    write.containers.push(ContainerChange::update(c, aside));
+    Some(write)
+}
+
 /// A Lost container runs again. Its tenant gets it back as a new claim
 /// with the next generation (the old one was declared lost, so its fencing
 /// token must not be honoured again), unless the tenant holds another
