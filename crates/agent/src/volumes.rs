@@ -102,17 +102,23 @@ impl VolumeLayout {
     }
 
     /// Writes the state file atomically: temp file, fsync, rename, fsync
-    /// the directory. A crash leaves the old file or the new one.
+    /// the directory. A crash leaves the old file or the new one. Writes
+    /// for one container run one at a time, and one older than the file on
+    /// disk (commands resent after a reconnect may arrive out of order) is
+    /// skipped: the file only moves forward.
     pub fn write_state(&self, id: &ContainerId, state: &StateFile) -> std::io::Result<()> {
+        let _one_at_a_time = state_write_lock(id);
+        if self
+            .read_state(id)
+            .is_some_and(|on_disk| supersedes(&on_disk, state))
+        {
+            tracing::debug!(container = %id, "state file already newer; write skipped");
+            return Ok(());
+        }
         let dir = self.container_dir(id);
         std::fs::create_dir_all(&dir)?;
         let path = dir.join(STATE_FILE);
-        // A name of its own: two writes for one container (a claim's and
-        // the next one's, resent after a reconnect) may run at once, and a
-        // shared temporary name made the later rename fail.
-        static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let tmp = dir.join(format!(".{STATE_FILE}.{}.{n}.tmp", std::process::id()));
+        let tmp = dir.join(format!(".{STATE_FILE}.tmp"));
         let bytes = serde_json::to_vec_pretty(state).map_err(std::io::Error::other)?;
         {
             let mut file = std::fs::File::create(&tmp)?;
@@ -152,6 +158,24 @@ fn numeric_owner(user: Option<&str>) -> Option<(u32, u32)> {
         None => (user, user),
     };
     Some((uid.parse().ok()?, gid.parse().ok()?))
+}
+
+/// Whether the state file `on_disk` is newer than `incoming`: a later
+/// claim generation, or, within one generation, the release after the
+/// claim.
+fn supersedes(on_disk: &StateFile, incoming: &StateFile) -> bool {
+    if on_disk.claim_generation != incoming.claim_generation {
+        return on_disk.claim_generation > incoming.claim_generation;
+    }
+    let released = on_disk.tenant_id.is_none() && on_disk.last_tenant_id.is_some();
+    released && incoming.tenant_id.is_some() && incoming.tenant_id == on_disk.last_tenant_id
+}
+
+/// One lock per container (striped): its state writes never interleave.
+fn state_write_lock(id: &ContainerId) -> std::sync::MutexGuard<'static, ()> {
+    static STRIPES: [std::sync::Mutex<()>; 64] = [const { std::sync::Mutex::new(()) }; 64];
+    let stripe = (id.as_uuid().as_u128() % 64) as usize;
+    STRIPES[stripe].lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]
@@ -231,5 +255,33 @@ mod tests {
             target: "/x".into(),
             read_only: false,
         };
+    }
+
+    #[test]
+    fn a_state_write_older_than_the_file_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = VolumeLayout::new(dir.path());
+        let spec = spec(None);
+        layout.prepare(&spec).unwrap();
+        let id = spec.container_id;
+        let t1 = TenantId::new("t1").unwrap();
+        let claimed = |g| StateFile {
+            tenant_id: Some(t1.clone()),
+            claim_generation: g,
+            ..Default::default()
+        };
+        let released = StateFile {
+            last_tenant_id: Some(t1.clone()),
+            claim_generation: 3,
+            ..Default::default()
+        };
+        // The release arrives before the claim it ends (resent commands).
+        layout.write_state(&id, &released).unwrap();
+        layout.write_state(&id, &claimed(3)).unwrap();
+        assert_eq!(layout.read_state(&id), Some(released.clone()));
+        layout.write_state(&id, &claimed(2)).unwrap();
+        assert_eq!(layout.read_state(&id), Some(released));
+        layout.write_state(&id, &claimed(4)).unwrap();
+        assert_eq!(layout.read_state(&id), Some(claimed(4)));
     }
 }
