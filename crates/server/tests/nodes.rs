@@ -97,11 +97,13 @@ async fn a_killed_agent_goes_suspect_then_lost_and_returns_with_its_containers()
     c.wait_node(&name, pb::NodeStatus::Ready, Some(true)).await;
 
     // A managed container on that node, created the way the agent would.
+    // Its pool is not configured, so reconciliation would remove it once
+    // its creation grace (60 s) has passed: it is created now.
     let spec = boilerhouse_testkit::docker::managed_spec(
         c.image(),
         &name,
         "k",
-        boilerhouse_core::Timestamp::from_millis(1),
+        boilerhouse_core::Timestamp::from_system_time(std::time::SystemTime::now()),
     );
     let runtime = boilerhouse_agent::docker::DockerRuntime::connect(None)
         .await
