@@ -168,6 +168,9 @@ struct Inner {
     workloads: std::sync::RwLock<HashMap<WorkloadId, Arc<WorkloadRecord>>>,
     capacity: Arc<dyn CapacityView>,
     retention: Arc<dyn Retention>,
+    /// When this process started: a node's silence is never counted from
+    /// before it (the server's own downtime is not the node's fault).
+    started_at: Timestamp,
 }
 
 /// The pool machinery. Cheap to clone.
@@ -204,6 +207,7 @@ impl Pools {
         let index = Index::from_rows(snapshot.containers, snapshot.claims, snapshot.reservations);
         Ok(Self {
             inner: Arc::new(Inner {
+                started_at: crate::clock::now(),
                 store,
                 agents,
                 config,

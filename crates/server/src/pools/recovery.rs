@@ -38,7 +38,7 @@ impl Pools {
             // It spoke again before the signal was acted on.
             return Ok(0);
         }
-        let silent = now.saturating_since(record.last_heartbeat_at);
+        let silent = now.saturating_since(record.last_heartbeat_at.max(self.inner.started_at));
         let policies = self.disconnect_policies(node).await;
         let count = self
             .commit_decided(|index| {
