@@ -7,6 +7,7 @@
 //! reports them again, so it re-attaches to what runs and never recreates.
 
 pub mod activity;
+pub mod backoff;
 pub mod beneath;
 pub mod commands;
 pub mod config;
