@@ -457,17 +457,50 @@ fn an_idle_row_whose_container_a_tenant_held_is_reclaimed_never_offered() {
         )],
         ..Default::default()
     });
-    let write = crate::pool::decide::reclaim(&index, container_id, state, "restored", t(1000))
-        .expect("an unused row is set aside");
-    index.apply(&write);
-    let c = index.container(&cid(1)).unwrap();
-    assert_eq!(c.state, ContainerState::Lost, "set aside for t2");
-    assert_eq!(c.tenant_id.as_ref().map(|t| t.as_str()), Some("t2"));
+    // Stopped, it is drained: it served t2 and never serves anyone else.
+    let (write, claim) = crate::pool::decide::reclaim(
+        &index,
+        container_id,
+        state,
+        false,
+        "c2".into(),
+        "restored",
+        t(1000),
+    )
+    .expect("an unused row is decided");
+    assert!(claim.is_none());
     assert!(
-        c.claim_generation >= 3,
+        write.containers.iter().any(|c| matches!(
+            c,
+            crate::pool::write::ContainerChange::Update { record, .. }
+                if record.state == ContainerState::Draining
+        )),
+        "{write:?}"
+    );
+    // Running, it goes back to t2 at once, past the file's generation.
+    let (write, claim) = crate::pool::decide::reclaim(
+        &index,
+        container_id,
+        state,
+        true,
+        "c2".into(),
+        "restored",
+        t(1000),
+    )
+    .unwrap();
+    index.apply(&write);
+    let claim = claim.expect("t2 has it back");
+    assert_eq!(claim.tenant_id.as_str(), "t2");
+    assert_eq!(
+        claim.generation, 4,
         "the fencing token moves past the file's"
     );
+    assert_eq!(
+        index.container(&cid(1)).unwrap().state,
+        ContainerState::Claimed
+    );
     assert_eq!(index.idle(&wl("demo")).count(), 0, "never offered");
+    assert!(index.check().is_empty(), "{:?}", index.check());
 }
 
 #[test]

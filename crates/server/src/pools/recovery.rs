@@ -113,19 +113,29 @@ impl Pools {
     }
 
     /// A row the database calls unused whose container's state file names
-    /// a tenant: set aside for that tenant, never offered.
+    /// a tenant: back to that tenant, or drained; never offered.
     pub async fn reclaim(
         &self,
         id: &ContainerId,
         state: &boilerhouse_core::container::StateFile,
+        running: bool,
         reason: &str,
     ) -> Result<(), PoolError> {
         let now = crate::clock::now();
         tracing::warn!(container = %id, %reason, "a container the database calls unused was held by a tenant");
-        self.commit_decided(|index| {
-            Ok(decide::reclaim(index, id, state, reason, now).map(|w| (w, ())))
-        })
-        .await?;
+        let reclaimed = self
+            .commit_decided(|index| {
+                let claim_id = boilerhouse_core::ids::Uuid::now_v7().to_string();
+                Ok(decide::reclaim(
+                    index, id, state, running, claim_id, reason, now,
+                ))
+            })
+            .await?;
+        if let Some(Some(_claim)) = reclaimed
+            && let Some(c) = self.container(id)
+        {
+            self.write_state_file(&c, now);
+        }
         self.inner.refill.notify_one();
         Ok(())
     }

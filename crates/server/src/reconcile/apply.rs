@@ -25,8 +25,9 @@ impl Reconciler {
                 container_id,
                 state,
             } => {
+                let running = self.running(&action.node_id, container_id);
                 self.pools
-                    .reclaim(container_id, state, &action.reason)
+                    .reclaim(container_id, state, running, &action.reason)
                     .await
             }
             ActionKind::Drain { container_id } => self
@@ -76,16 +77,21 @@ impl Reconciler {
                     .await
             }
             ActionKind::Resume { container_id } => {
-                let running = self.agents.report(&action.node_id).is_some_and(|r| {
-                    r.containers
-                        .values()
-                        .any(|o| o.container_id() == Some(*container_id) && o.is_running())
-                });
+                let running = self.running(&action.node_id, container_id);
                 self.pools
                     .resume(container_id, running, &action.reason)
                     .await
             }
         }
+    }
+
+    /// Whether `node`'s report shows `container` running.
+    fn running(&self, node: &NodeId, container: &boilerhouse_core::ContainerId) -> bool {
+        self.agents.report(node).is_some_and(|r| {
+            r.containers
+                .values()
+                .any(|o| o.container_id() == Some(*container) && o.is_running())
+        })
     }
 
     /// A managed container with no row: take it in. Who it served comes

@@ -347,7 +347,29 @@ impl World {
                 ActionKind::Reclaim {
                     container_id,
                     state,
-                } => self.read(|i| decide::reclaim(i, container_id, state, &action.reason, now)),
+                } => {
+                    let running =
+                        self.hosts[&action.node_id]
+                            .report
+                            .as_ref()
+                            .is_some_and(|(_, seen)| {
+                                seen.iter().any(|o| {
+                                    o.container_id() == Some(*container_id) && o.is_running()
+                                })
+                            });
+                    self.read(|i| {
+                        decide::reclaim(
+                            i,
+                            container_id,
+                            state,
+                            running,
+                            claim_id,
+                            &action.reason,
+                            now,
+                        )
+                    })
+                    .map(|(w, _)| w)
+                }
                 ActionKind::Drain { container_id } => self
                     .read(|i| {
                         decide::drain(i, container_id, DrainScope::Unclaimed, &action.reason, now)

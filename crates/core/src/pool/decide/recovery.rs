@@ -134,45 +134,80 @@ fn lose(
 
 /// A row the database calls unused whose container's state file says a
 /// tenant held it (see `reconcile::ActionKind::Reclaim`). It never serves
-/// anyone else: with a current tenant it is set aside as Lost for them (a
-/// `resume` then gives it back, or destroys it if they hold another), with
-/// only a past one it is drained. Its generation moves past the state
-/// file's, so a fencing token is never handed out twice.
+/// anyone else. Its current tenant, if it is running and the tenant holds
+/// nothing else of the workload, gets it back at once as a new claim (as
+/// adoption would); otherwise it is drained. Its generation moves past
+/// the state file's, so a fencing token is never handed out twice.
 pub fn reclaim(
     index: &Index,
     id: &ContainerId,
     state: &StateFile,
+    running: bool,
+    claim_id: String,
     reason: &str,
     now: Timestamp,
-) -> Option<PoolWrite> {
+) -> Option<(PoolWrite, Option<ClaimRecord>)> {
     let c = index
         .container(id)
         .filter(|c| matches!(c.state, ContainerState::Idle | ContainerState::Warming))
         .filter(|c| !c.used())?;
-    let mut aside = c.successor(now);
-    aside.claim_generation = aside.claim_generation.max(state.claim_generation);
+    let holder = state.tenant_id.as_ref().or(state.last_tenant_id.as_ref())?;
+    let mut back = c.successor(now);
+    back.claim_generation = back.claim_generation.max(state.claim_generation);
     let mut write = PoolWrite::default();
-    match (&state.tenant_id, &state.last_tenant_id) {
-        (Some(t), _) => {
-            aside.state = ContainerState::Lost;
-            aside.tenant_id = Some(t.clone());
+    let mut claim = None;
+    match &state.tenant_id {
+        Some(t)
+            if running
+                && index.claim(t, &c.workload_id).is_none()
+                && index.reservation(t, &c.workload_id).is_none() =>
+        {
+            back.state = ContainerState::Claimed;
+            back.tenant_id = Some(t.clone());
+            back.claim_generation += 1;
+            let resumed = ClaimRecord {
+                claim_id,
+                tenant_id: t.clone(),
+                workload_id: c.workload_id.clone(),
+                container_id: c.id,
+                node_id: c.node_id.clone(),
+                generation: back.claim_generation,
+                source: ClaimSource::Existing,
+                status: ClaimStatus::Active,
+                claimed_at: state.claimed_at.unwrap_or(now),
+                last_activity_at: state.last_activity_at.unwrap_or(now).max(now),
+                released_at: None,
+                restored: false,
+            };
+            write.claims.push(ClaimChange::Insert(resumed.clone()));
+            write.events.push(event(
+                now,
+                EventKind::ClaimResumed,
+                Some(t),
+                c,
+                format!(
+                    "tenant {t} has container {id} back as generation {}: {reason}",
+                    back.claim_generation
+                ),
+            ));
+            claim = Some(resumed);
         }
-        (None, Some(last)) => {
-            aside.state = ContainerState::Draining;
-            aside.last_tenant_id = Some(last.clone());
+        _ => {
+            back.state = ContainerState::Draining;
+            back.last_tenant_id = Some(holder.clone());
+            write.events.push(event(
+                now,
+                EventKind::ContainerDraining,
+                Some(holder),
+                c,
+                format!(
+                    "container {id} served {holder} and will be destroyed (its tenant holds another, or it is stopped): {reason}"
+                ),
+            ));
         }
-        (None, None) => return None,
     }
-    let holder = state.tenant_id.as_ref().or(state.last_tenant_id.as_ref());
-    write.events.push(event(
-        now,
-        EventKind::ContainerLost,
-        holder,
-        c,
-        format!("container {id} is set aside as {}: {reason}", aside.state),
-    ));
-    write.containers.push(ContainerChange::update(c, aside));
-    Some(write)
+    write.containers.push(ContainerChange::update(c, back));
+    Some((write, claim))
 }
 
 /// A Lost container runs again. Its tenant gets it back as a new claim
