@@ -160,6 +160,12 @@ async fn an_agent_cut_off_from_the_server_goes_lost_keeps_its_containers_and_ret
         assert_eq!(claim.node_id, c.node(i));
     }
 
+    // Each pool refills after its claim: wait, so the containers counted
+    // below are all there are.
+    for prefix in HOSTS {
+        c.wait_idle(&format!("on-{prefix}"), 1).await;
+    }
+
     // Cut the third agent off from the server, silently (packets dropped).
     let (cut_node, cut_host) = (c.node(2).to_owned(), c.node_host(2).clone());
     let before = c.containers().await;
