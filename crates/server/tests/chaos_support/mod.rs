@@ -42,16 +42,22 @@ fn record(history: &History, tenant: &str, op: Op) {
         .push(op);
 }
 
-/// One tenant's traffic until `stop`: claim, touch, release, again.
+/// One tenant's traffic until `stop`: claim, touch, release, again. A
+/// tenant that `holds` keeps each claim for a few seconds, touching it, so
+/// that faults find claims in place (a node lost under them, a server
+/// restarted); the others release at once, for throughput.
 async fn tenant_traffic(
     channel: Channel,
     tenant: String,
+    holds: bool,
     history: History,
     stop: tokio_util::sync::CancellationToken,
 ) {
+    use rand::Rng as _;
     let mut client = ClaimServiceClient::new(channel);
     let mut pace = tokio::time::interval(Duration::from_millis(40));
     let mut generation = None;
+    let mut held_until = std::time::Instant::now();
     while !stop.is_cancelled() {
         pace.tick().await;
         match generation {
@@ -77,6 +83,10 @@ async fn tenant_traffic(
                         },
                     );
                     generation = Some(claim.generation);
+                    if holds {
+                        held_until = std::time::Instant::now()
+                            + Duration::from_millis(rand::rng().random_range(2_000..15_000));
+                    }
                 }
             }
             Some(g) => {
@@ -87,6 +97,9 @@ async fn tenant_traffic(
                         generation: g,
                     })
                     .await;
+                if std::time::Instant::now() < held_until {
+                    continue;
+                }
                 record(&history, &tenant, Op::ReleaseAttempt);
                 let request = pb::ReleaseRequest {
                     tenant_id: tenant.clone(),
@@ -136,6 +149,7 @@ impl Traffic {
                 tokio::spawn(tenant_traffic(
                     channel.clone(),
                     format!("tenant-{i}"),
+                    i % 2 == 1,
                     history.clone(),
                     stop.clone(),
                 ))
