@@ -162,35 +162,19 @@ pub fn reclaim(
                 && index.claim(t, &c.workload_id).is_none()
                 && index.reservation(t, &c.workload_id).is_none() =>
         {
-            back.state = ContainerState::Claimed;
-            back.tenant_id = Some(t.clone());
-            back.claim_generation += 1;
-            let resumed = ClaimRecord {
-                claim_id,
-                tenant_id: t.clone(),
-                workload_id: c.workload_id.clone(),
-                container_id: c.id,
-                node_id: c.node_id.clone(),
-                generation: back.claim_generation,
-                source: ClaimSource::Existing,
-                status: ClaimStatus::Active,
-                claimed_at: state.claimed_at.unwrap_or(now),
-                last_activity_at: state.last_activity_at.unwrap_or(now).max(now),
-                released_at: None,
-                restored: false,
-            };
-            write.claims.push(ClaimChange::Insert(resumed.clone()));
-            write.events.push(event(
-                now,
-                EventKind::ClaimResumed,
-                Some(t),
+            claim = Some(give_back(
+                &mut write,
+                &mut back,
                 c,
-                format!(
-                    "tenant {t} has container {id} back as generation {}: {reason}",
-                    back.claim_generation
+                t,
+                claim_id,
+                (
+                    state.claimed_at.unwrap_or(now),
+                    state.last_activity_at.unwrap_or(now).max(now),
                 ),
+                reason,
+                now,
             ));
-            claim = Some(resumed);
         }
         _ => {
             back.state = ContainerState::Draining;
@@ -208,6 +192,52 @@ pub fn reclaim(
     }
     write.containers.push(ContainerChange::update(c, back));
     Some((write, claim))
+}
+
+/// Gives `c` (as `back`, its next version) to `tenant` as a new claim with
+/// the next generation, recorded in `write` with its event: what `resume`
+/// and `reclaim` do when the container's tenant may have it back.
+/// `times` are the claim's start and last activity.
+#[allow(clippy::too_many_arguments)]
+fn give_back(
+    write: &mut PoolWrite,
+    back: &mut ContainerRecord,
+    c: &ContainerRecord,
+    tenant: &TenantId,
+    claim_id: String,
+    times: (Timestamp, Timestamp),
+    reason: &str,
+    now: Timestamp,
+) -> ClaimRecord {
+    back.state = ContainerState::Claimed;
+    back.tenant_id = Some(tenant.clone());
+    back.claim_generation += 1;
+    let claim = ClaimRecord {
+        claim_id,
+        tenant_id: tenant.clone(),
+        workload_id: c.workload_id.clone(),
+        container_id: c.id,
+        node_id: c.node_id.clone(),
+        generation: back.claim_generation,
+        source: ClaimSource::Existing,
+        status: ClaimStatus::Active,
+        claimed_at: times.0,
+        last_activity_at: times.1,
+        released_at: None,
+        restored: false,
+    };
+    write.claims.push(ClaimChange::Insert(claim.clone()));
+    write.events.push(event(
+        now,
+        EventKind::ClaimResumed,
+        Some(tenant),
+        c,
+        format!(
+            "tenant {tenant} has container {} back as generation {}: {reason}",
+            c.id, back.claim_generation
+        ),
+    ));
+    claim
 }
 
 /// A Lost container runs again. Its tenant gets it back as a new claim
@@ -238,34 +268,16 @@ pub fn resume(
                 && index.claim(t, &c.workload_id).is_none()
                 && index.reservation(t, &c.workload_id).is_none() =>
         {
-            back.state = ContainerState::Claimed;
-            back.claim_generation += 1;
-            let resumed = ClaimRecord {
-                claim_id,
-                tenant_id: t.clone(),
-                workload_id: c.workload_id.clone(),
-                container_id: c.id,
-                node_id: c.node_id.clone(),
-                generation: back.claim_generation,
-                source: ClaimSource::Existing,
-                status: ClaimStatus::Active,
-                claimed_at: now,
-                last_activity_at: now,
-                released_at: None,
-                restored: false,
-            };
-            write.claims.push(ClaimChange::Insert(resumed.clone()));
-            write.events.push(event(
-                now,
-                EventKind::ClaimResumed,
-                Some(t),
+            claim = Some(give_back(
+                &mut write,
+                &mut back,
                 c,
-                format!(
-                    "tenant {t} has container {id} back as generation {}: {reason}",
-                    back.claim_generation
-                ),
+                t,
+                claim_id,
+                (now, now),
+                reason,
+                now,
             ));
-            claim = Some(resumed);
         }
         _ if c.used() || !running => {
             let holder = c.tenant_id.as_ref().or(c.last_tenant_id.as_ref());
