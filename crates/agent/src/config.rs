@@ -13,13 +13,15 @@ use boilerhouse_core::NodeId;
 #[derive(Debug, Parser)]
 #[command(version, about)]
 pub struct Args {
-    /// Address of boilerhoused.
+    /// Address of boilerhoused: a URL, or several (comma-separated or
+    /// repeated) for replicas, of which the agent follows the leader.
     #[arg(
         long,
         env = "BOILERHOUSE_ADDR",
+        value_delimiter = ',',
         default_value = "http://127.0.0.1:7600"
     )]
-    pub server: String,
+    pub server: Vec<String>,
     /// This node's name: a DNS label, stable across restarts. Defaults to
     /// the host name.
     #[arg(long, env = "BOILERHOUSE_NODE_NAME")]
@@ -70,8 +72,8 @@ pub struct Args {
     /// The key of --cert (PEM).
     #[arg(long, env = "BOILERHOUSE_KEY")]
     pub key: Option<PathBuf>,
-    /// The name the server's certificate must carry, when it differs from
-    /// the host in --server.
+    /// The name every server's certificate must carry, when it differs
+    /// from the host in --server.
     #[arg(long, env = "BOILERHOUSE_SERVER_NAME")]
     pub server_name: Option<String>,
     /// What this agent will create and where it will write.
@@ -110,8 +112,8 @@ impl AgentTls {
 /// The validated agent configuration.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
-    /// Server URL.
-    pub server: String,
+    /// Server URLs, all of one scheme, in the order to try them.
+    pub servers: Vec<String>,
     /// This node.
     pub node_id: NodeId,
     /// Node labels.
@@ -156,7 +158,9 @@ fn host_name() -> Option<String> {
 impl AgentConfig {
     /// Validates the arguments.
     pub fn from_args(args: Args) -> Result<Self, String> {
-        let tls = tls_from_args(&args)?;
+        let servers = boilerhouse_proto::servers::split_addresses(&args.server);
+        let https = boilerhouse_proto::servers::check_schemes("--server", &servers)?;
+        let tls = tls_from_args(&args, https)?;
         // The certificate is the identity: the name in it wins, and a
         // --node-name that disagrees is a mistake to catch here rather
         // than as a refused connection.
@@ -203,7 +207,7 @@ impl AgentConfig {
             .map_err(|e| format!("--state-root {}: {e}", args.state_root.display()))?;
         let policy = crate::policy::LocalPolicy::from_args(&args.policy, &state_root)?;
         Ok(Self {
-            server: args.server,
+            servers,
             node_id,
             labels,
             state_root,
@@ -218,8 +222,9 @@ impl AgentConfig {
     }
 }
 
-fn tls_from_args(args: &Args) -> Result<Option<AgentTls>, String> {
-    let https = args.server.starts_with("https://");
+/// The TLS settings, which apply to every address of --server (checked
+/// to be all https or all http).
+fn tls_from_args(args: &Args, https: bool) -> Result<Option<AgentTls>, String> {
     match (&args.ca, &args.cert, &args.key) {
         (None, None, None) if !https => Ok(None),
         (Some(ca), Some(cert), Some(key)) if https => {
@@ -238,7 +243,7 @@ fn tls_from_args(args: &Args) -> Result<Option<AgentTls>, String> {
         ),
         _ => Err(format!(
             "--ca, --cert and --key need an https:// server, not {}",
-            args.server
+            args.server.join(",")
         )),
     }
 }
@@ -290,5 +295,69 @@ mod tests {
             relative.state_root.is_absolute(),
             "bind mounts need absolute host paths"
         );
+    }
+
+    #[test]
+    fn one_server_reads_as_before_and_several_as_a_list() {
+        let one = parse(&["--node-name", "a", "--server", "http://10.0.0.1:7600"]).unwrap();
+        assert_eq!(one.servers, ["http://10.0.0.1:7600"]);
+        assert!(one.tls.is_none());
+        let default = parse(&["--node-name", "a"]).unwrap();
+        assert_eq!(default.servers, ["http://127.0.0.1:7600"]);
+        // Comma-separated (as BOILERHOUSE_ADDR carries them), repeated, or
+        // both; blanks and repeats dropped.
+        let several = parse(&[
+            "--node-name",
+            "a",
+            "--server",
+            "http://a:7600, http://b:7600,",
+            "--server",
+            "http://c:7600",
+            "--server",
+            "http://a:7600/",
+        ])
+        .unwrap();
+        assert_eq!(
+            several.servers,
+            ["http://a:7600", "http://b:7600", "http://c:7600"]
+        );
+    }
+
+    #[test]
+    fn every_server_is_a_url_of_one_scheme() {
+        let mixed = parse(&[
+            "--node-name",
+            "a",
+            "--server",
+            "https://a:7600,http://b:7600",
+        ])
+        .unwrap_err();
+        assert!(
+            mixed.starts_with("--server mixes https:// and http://"),
+            "{mixed}"
+        );
+        let bare = parse(&["--node-name", "a", "--server", "a:7600"]).unwrap_err();
+        assert!(bare.contains("--server \"a:7600\""), "{bare}");
+        let none = parse(&["--node-name", "a", "--server", ","]).unwrap_err();
+        assert!(none.contains("--server names no server address"), "{none}");
+        // The TLS settings go with the list's one scheme.
+        let https = parse(&[
+            "--node-name",
+            "a",
+            "--server",
+            "https://a:7600,https://b:7600",
+        ])
+        .unwrap_err();
+        assert!(https.contains("needs --ca, --cert and --key"), "{https}");
+        let ca = parse(&[
+            "--node-name",
+            "a",
+            "--server",
+            "http://a:7600,http://b:7600",
+            "--ca",
+            "/nonexistent",
+        ])
+        .unwrap_err();
+        assert!(ca.contains("need an https:// server"), "{ca}");
     }
 }

@@ -50,7 +50,7 @@ async fn main() -> std::process::ExitCode {
         signal.cancel();
     });
 
-    tracing::info!(node = %config.node_id, server = %config.server, state_root = %config.state_root.display(), "boilerhouse-agent starting");
+    tracing::info!(node = %config.node_id, servers = %config.servers.join(","), state_root = %config.state_root.display(), "boilerhouse-agent starting");
     match boilerhouse_agent::session::run(config, shutdown).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

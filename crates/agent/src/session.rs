@@ -4,7 +4,10 @@
 //!
 //! Reconnection uses exponential backoff with full jitter and a random
 //! initial delay, so a restarted server is not hit by every agent in the
-//! same second.
+//! same second. With several server addresses (replicas, one of which
+//! leads) the agent goes through them in rounds, following a standby's
+//! hint to the leader, and backs off between rounds only; see
+//! [`boilerhouse_proto::servers`].
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,15 +19,16 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Endpoint;
 
-use boilerhouse_core::container::{ContainerSpec, ObservedContainer, StateFile};
-use boilerhouse_core::workload::SyncDirection;
+use boilerhouse_core::container::ObservedContainer;
 use boilerhouse_core::{ContainerId, Timestamp};
-use boilerhouse_proto::convert::{self, duration_from_pb, timestamp_to_pb};
+use boilerhouse_proto::convert::{duration_from_pb, timestamp_to_pb};
+use boilerhouse_proto::leader::{is_standby, leader_hint};
 use boilerhouse_proto::pb;
 use boilerhouse_proto::pb::agent_service_client::AgentServiceClient;
+use boilerhouse_proto::servers::{self, Rotation, Step};
 
 use crate::backoff::Backoff;
-use crate::commands::{Admission, Command, Executor, Outcome};
+use crate::commands::{Admission, Command, Executor, Outcome, decode_command};
 use crate::config::AgentConfig;
 use crate::docker::DockerRuntime;
 use crate::runtime::{ContainerRuntime, EngineInfo};
@@ -88,6 +92,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     // still paused now was left so by an agent that died mid-sync.
     executor.thaw_leftovers().await;
 
+    let mut rotation = Rotation::new(config.servers.clone());
     loop {
         let engine = match runtime.engine().await {
             Ok(engine) => engine,
@@ -100,33 +105,110 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
                 continue;
             }
         };
+        let server = rotation.current().to_owned();
         let began = std::time::Instant::now();
-        match session(&config, &engine, &executor, &mut activity, &shutdown).await {
-            Ok(SessionEnd::Shutdown) => return Ok(()),
-            Ok(SessionEnd::Welcomed(reason)) => {
-                tracing::warn!(reason = %reason, lasted = ?began.elapsed(), "session ended; reconnecting");
-                // Only a session that held counts as healthy: on a link
-                // that flaps every few seconds, each short session keeps
-                // the backoff growing instead of reconnecting at once.
-                if began.elapsed() >= STABLE_SESSION {
-                    backoff.reset();
-                }
-            }
-            Err(e) => {
-                tracing::warn!(server = %config.server, error = %format!("{e:#}"), "cannot hold a session with the server");
-            }
+        let mut welcomed = false;
+        let result = session(
+            &config,
+            &server,
+            &engine,
+            &executor,
+            &mut activity,
+            &shutdown,
+            &mut welcomed,
+        )
+        .await;
+        // Only a session that held counts as healthy: on a link that flaps
+        // every few seconds, each short session keeps the backoff growing
+        // instead of reconnecting at once.
+        if welcomed && began.elapsed() >= STABLE_SESSION {
+            backoff.reset();
         }
-        let delay = backoff.next_delay();
-        if !pause(delay, &shutdown).await {
-            return Ok(());
+        let attempt = match result {
+            Ok(SessionEnd::Shutdown) => return Ok(()),
+            Ok(SessionEnd::Ended { reason, leader }) => {
+                tracing::warn!(server = %server, reason = %reason, lasted = ?began.elapsed(), "session ended; reconnecting");
+                Attempt::Ended(leader)
+            }
+            Ok(SessionEnd::Local(reason)) => {
+                tracing::warn!(server = %server, reason = %reason, lasted = ?began.elapsed(), "session ended; reconnecting to the same server");
+                Attempt::Local
+            }
+            Err(e) if welcomed => {
+                tracing::warn!(server = %server, error = %format!("{e:#}"), lasted = ?began.elapsed(), "session failed; reconnecting");
+                Attempt::Ended(None)
+            }
+            Err(e) => match e.downcast_ref::<tonic::Status>().filter(|s| is_standby(s)) {
+                Some(status) => {
+                    let leader = leader_hint(status);
+                    tracing::info!(server = %server, leader = leader.as_deref().unwrap_or("unknown"), "a standby refused the session");
+                    Attempt::Refused(leader)
+                }
+                None => {
+                    tracing::warn!(server = %server, error = %format!("{e:#}"), "cannot hold a session with the server");
+                    Attempt::Failed
+                }
+            },
+        };
+        let step = match attempt.outcome() {
+            Some(outcome) => {
+                if let servers::Outcome::Refused(Some(hint)) | servers::Outcome::Ended(Some(hint)) =
+                    outcome
+                    && !rotation.accepts(hint)
+                {
+                    tracing::warn!(server = %server, leader = %hint, "not following a leader of another scheme than --server");
+                }
+                rotation.record(outcome)
+            }
+            // The server was fine: back to it after the backoff, in a round
+            // of its own.
+            None => {
+                rotation.begin();
+                Step::Wait
+            }
+        };
+        // Between addresses of one round the agent goes on at once; the
+        // backoff is for a round in which none took it.
+        if step == Step::Wait {
+            let delay = backoff.next_delay();
+            if !pause(delay, &shutdown).await {
+                return Ok(());
+            }
         }
     }
 }
 
 enum SessionEnd {
     Shutdown,
-    /// The session was established and later ended for this reason.
-    Welcomed(String),
+    /// The session was established and later ended for this reason; a
+    /// standby's refusal (the server lost the lead) may name the leader.
+    Ended {
+        reason: String,
+        leader: Option<String>,
+    },
+    /// The session was established and ended for a reason on this side
+    /// (the Docker engine's), so the server is still the one to go to.
+    Local(String),
+}
+
+/// How one attempt went: a [`servers::Outcome`] that owns the leader's name.
+enum Attempt {
+    Failed,
+    Refused(Option<String>),
+    Ended(Option<String>),
+    /// Nothing learnt about the server.
+    Local,
+}
+
+impl Attempt {
+    fn outcome(&self) -> Option<servers::Outcome<'_>> {
+        Some(match self {
+            Attempt::Failed => servers::Outcome::Failed,
+            Attempt::Refused(leader) => servers::Outcome::Refused(leader.as_deref()),
+            Attempt::Ended(leader) => servers::Outcome::Ended(leader.as_deref()),
+            Attempt::Local => return None,
+        })
+    }
 }
 
 fn hello(config: &AgentConfig, engine: &EngineInfo) -> pb::ConnectRequest {
@@ -179,12 +261,14 @@ fn usage_of(containers: &Snapshot) -> (pb::Resources, u32) {
 
 async fn session(
     config: &AgentConfig,
+    server: &str,
     engine: &EngineInfo,
     executor: &Executor,
     activity: &mut mpsc::Receiver<ContainerId>,
     shutdown: &CancellationToken,
+    welcomed: &mut bool,
 ) -> anyhow::Result<SessionEnd> {
-    let mut endpoint = Endpoint::from_shared(config.server.clone())?
+    let mut endpoint = Endpoint::from_shared(server.to_owned())?
         .connect_timeout(Duration::from_secs(5))
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5))
@@ -215,8 +299,10 @@ async fn session(
         .transpose()?
         .filter(|d| !d.is_zero())
         .unwrap_or(Duration::from_secs(2));
+    *welcomed = true;
     tracing::info!(
         node = %config.node_id,
+        server = %server,
         session = %welcome.session_id,
         heartbeat = ?heartbeat_every,
         engine = %engine.version,
@@ -244,8 +330,11 @@ async fn session(
             message = inbound.message() => {
                 let message = match message {
                     Ok(Some(m)) => m,
-                    Ok(None) => return Ok(SessionEnd::Welcomed("the server closed the stream".into())),
-                    Err(status) => return Ok(SessionEnd::Welcomed(format!("stream error: {status}"))),
+                    Ok(None) => return Ok(SessionEnd::Ended { reason: "the server closed the stream".into(), leader: None }),
+                    Err(status) => return Ok(SessionEnd::Ended {
+                        reason: format!("stream error: {status}"),
+                        leader: if is_standby(&status) { leader_hint(&status) } else { None },
+                    }),
                 };
                 if let Some(pb::connect_response::Message::Command(command)) = message.message {
                     handle_command(command, executor, &out, &results, &mut last_report).await?;
@@ -271,8 +360,8 @@ async fn session(
                         send_report(&out, &last_report, String::new()).await?;
                     }
                 }
-                Some(Err(e)) => return Ok(SessionEnd::Welcomed(format!("docker events stream failed: {e}"))),
-                None => return Ok(SessionEnd::Welcomed("docker events stream ended".into())),
+                Some(Err(e)) => return Ok(SessionEnd::Local(format!("docker events stream failed: {e}"))),
+                None => return Ok(SessionEnd::Local("docker events stream ended".into())),
             },
             // Cancel-safe: a lost tick is taken on the next poll.
             _ = heartbeat.tick() => {
@@ -394,80 +483,6 @@ fn result_message(command_id: String, outcome: &Outcome) -> pb::ConnectRequest {
     }
 }
 
-fn container_id(s: &str) -> Result<ContainerId, String> {
-    s.parse()
-        .map_err(|e: boilerhouse_core::IdError| e.to_string())
-}
-
-/// Turns a wire command into a domain one.
-pub fn decode_command(command: &pb::Command) -> Result<Command, String> {
-    use pb::command::Command as C;
-    let Some(inner) = &command.command else {
-        return Err("empty command".into());
-    };
-    Ok(match inner {
-        C::Create(c) => {
-            let spec = c.spec.as_ref().ok_or("create without a spec")?;
-            Command::Create {
-                spec: ContainerSpec::try_from(spec).map_err(|e| e.to_string())?,
-                start: c.start,
-            }
-        }
-        C::Start(s) => Command::Start(container_id(&s.container_id)?),
-        C::Stop(s) => {
-            let timeout = s
-                .timeout
-                .as_ref()
-                .map(|d| duration_from_pb("timeout", d))
-                .transpose()
-                .map_err(|e| e.to_string())?
-                .unwrap_or(Duration::from_secs(10));
-            Command::Stop(container_id(&s.container_id)?, timeout)
-        }
-        C::Remove(r) => Command::Remove {
-            id: container_id(&r.container_id)?,
-            remove_volumes: r.remove_volumes,
-        },
-        C::UpdateResources(u) => Command::UpdateLimits(
-            container_id(&u.container_id)?,
-            convert::limits_from_pb_resources(u.limits.as_ref()),
-        ),
-        C::WriteStateFile(w) => {
-            let state = w
-                .state
-                .as_ref()
-                .map(StateFile::try_from)
-                .transpose()
-                .map_err(|e| e.to_string())?;
-            Command::WriteState(container_id(&w.container_id)?, state.unwrap_or_default())
-        }
-        C::RequestFullReport(_) => Command::FullReport,
-        C::RunSync(r) => {
-            let spec: boilerhouse_core::workload::SyncSpec =
-                serde_json::from_str(&r.sync_spec_json)
-                    .map_err(|e| format!("sync_spec_json: {e}"))?;
-            let force = match pb::SyncDirection::try_from(r.force_direction) {
-                Ok(pb::SyncDirection::Upload) => Some(SyncDirection::Upload),
-                Ok(pb::SyncDirection::Download) => Some(SyncDirection::Download),
-                Ok(pb::SyncDirection::Bidirectional) => Some(SyncDirection::Bidirectional),
-                Ok(pb::SyncDirection::Unspecified) => None,
-                Err(_) => return Err(format!("unknown force_direction {}", r.force_direction)),
-            };
-            Command::Sync(
-                container_id(&r.container_id)?,
-                crate::sync::SyncJob {
-                    tenant: boilerhouse_core::TenantId::new(&r.tenant_id)
-                        .map_err(|e| format!("tenant_id: {e}"))?,
-                    spec,
-                    phase: crate::sync::Phase::parse(&r.direction)?,
-                    force,
-                    pause: r.pause,
-                },
-            )
-        }
-    })
-}
-
 async fn handle_command(
     command: pb::Command,
     executor: &Executor,
@@ -524,31 +539,4 @@ async fn handle_command(
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn unknown_or_empty_commands_are_rejected_with_a_reason() {
-        let empty = pb::Command {
-            command_id: "c1".into(),
-            generation: 0,
-            command: None,
-        };
-        assert!(decode_command(&empty).is_err());
-        let bad_id = pb::Command {
-            command_id: "c2".into(),
-            generation: 0,
-            command: Some(pb::command::Command::Start(pb::StartContainer {
-                container_id: "nope".into(),
-            })),
-        };
-        assert!(
-            decode_command(&bad_id)
-                .unwrap_err()
-                .contains("container id")
-        );
-    }
 }

@@ -10,6 +10,7 @@ use boilerhouse_proto::pb;
 use boilerhouse_proto::pb::boost_service_client::BoostServiceClient;
 
 use crate::client::{CliError, Client};
+use crate::failover::with_request_id;
 use crate::output::{self, Format, print_structured, print_table, table};
 
 /// What `bh boost request` asks for, as typed.
@@ -234,8 +235,9 @@ impl Client {
             source_node_id: args.source.unwrap_or_default(),
             request_id: args.request_id.unwrap_or_default(),
         };
+        let request_id = request.request_id.clone();
         let response = BoostServiceClient::new(self.channel())
-            .request_boost(request)
+            .request_boost(with_request_id(request, &request_id))
             .await
             .map_err(|s| self.fail(s))?
             .into_inner();
@@ -306,10 +308,13 @@ impl Client {
         format: Format,
     ) -> Result<(), CliError> {
         let boost = BoostServiceClient::new(self.channel())
-            .release_boost(pb::ReleaseBoostRequest {
-                boost_id: id.to_owned(),
-                request_id: request_id.unwrap_or_default(),
-            })
+            .release_boost(with_request_id(
+                pb::ReleaseBoostRequest {
+                    boost_id: id.to_owned(),
+                    request_id: request_id.clone().unwrap_or_default(),
+                },
+                request_id.as_deref().unwrap_or_default(),
+            ))
             .await
             .map_err(|s| self.fail(s))?
             .into_inner()

@@ -1,31 +1,39 @@
 //! The connection to boilerhoused and one method per command.
 
-use std::time::Duration;
-
 use serde::Serialize;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Endpoint;
 
-use boilerhouse_proto::tls::{AuthedChannel, BearerToken};
+use boilerhouse_proto::tls::BearerToken;
 use tonic::{Code, Status};
 
 use boilerhouse_proto::pb;
 use boilerhouse_proto::pb::node_service_client::NodeServiceClient;
 use boilerhouse_proto::pb::system_service_client::SystemServiceClient;
 
+use crate::failover::{CallError, Failover};
 use crate::output::{self, Format, print_structured, print_table, table};
 
 /// A failed command, in one sentence.
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
-    /// The server could not be reached at all.
+    /// No server could be reached, or none that would take the call.
     #[error(
-        "cannot reach boilerhoused at {addr}: {reason}. Is it running? Set --server or BOILERHOUSE_ADDR."
+        "cannot reach boilerhoused at {}. Is it running? Set --server or BOILERHOUSE_ADDR.",
+        tried_text(.tried)
     )]
     Unreachable {
-        /// Where we tried.
+        /// Each address tried, with why it failed, briefly.
+        tried: Vec<(String, String)>,
+    },
+    /// The connection broke after a call that is not safe to repeat was
+    /// sent.
+    #[error(
+        "the connection to boilerhoused at {addr} broke after the request was sent ({reason}), so it may or may not have taken effect; check before running the command again"
+    )]
+    Dropped {
+        /// The server.
         addr: String,
-        /// Why it failed, briefly.
+        /// What broke.
         reason: String,
     },
     /// The server answered with an error.
@@ -49,6 +57,20 @@ impl CliError {
     }
 }
 
+/// "at ADDR: REASON", or "at any of its addresses: A (why); B (why)".
+fn tried_text(tried: &[(String, String)]) -> String {
+    match tried {
+        [(addr, reason)] => format!("{addr}: {reason}"),
+        _ => {
+            let each: Vec<String> = tried
+                .iter()
+                .map(|(addr, reason)| format!("{addr} ({reason})"))
+                .collect();
+            format!("any of its addresses: {}", each.join("; "))
+        }
+    }
+}
+
 /// A URL from `host:port` too: https when a CA is given, as with grpcurl's
 /// `-cacert`.
 fn normalise(addr: &str, tls: bool) -> String {
@@ -58,23 +80,6 @@ fn normalise(addr: &str, tls: bool) -> String {
         format!("https://{addr}")
     } else {
         format!("http://{addr}")
-    }
-}
-
-/// The innermost cause, which is the part a person can act on
-/// ("Connection refused"), without the layers above it.
-fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut cause = e;
-    while let Some(next) = cause.source() {
-        cause = next;
-    }
-    let text = cause.to_string();
-    // "Connection refused (os error 111)" -> "connection refused"
-    let text = text.split(" (os error").next().unwrap_or(&text).to_owned();
-    let mut chars = text.chars();
-    match chars.next() {
-        Some(first) => first.to_lowercase().collect::<String>() + chars.as_str(),
-        None => text,
     }
 }
 
@@ -89,61 +94,84 @@ pub struct Credentials<'a> {
     pub server_name: Option<&'a str>,
 }
 
-/// A connected client.
+/// A client of the servers of `--server`; see [`crate::failover`].
 pub struct Client {
-    channel: AuthedChannel,
-    addr: String,
+    channel: InterceptedService<Failover, BearerToken>,
+    failover: Failover,
 }
 
 impl Client {
-    /// Connects, or explains in one sentence why it cannot.
-    pub async fn connect(addr: &str, credentials: Credentials<'_>) -> Result<Self, CliError> {
-        let addr = normalise(addr, credentials.ca.is_some());
-        let mut endpoint = Endpoint::from_shared(addr.clone())
-            .map_err(|e| CliError::Input(format!("--server {addr:?} is not a valid address: {e}")))?
-            .connect_timeout(Duration::from_secs(3));
-        if addr.starts_with("https://") {
+    /// Checks the addresses and TLS settings; the servers are connected to
+    /// by the first call.
+    pub fn connect(addrs: &[String], credentials: Credentials<'_>) -> Result<Self, CliError> {
+        let tls = credentials.ca.is_some();
+        let addrs: Vec<String> = boilerhouse_proto::servers::split_addresses(addrs)
+            .iter()
+            .map(|a| normalise(a, tls))
+            .collect();
+        let https = boilerhouse_proto::servers::check_schemes("--server", &addrs)
+            .map_err(CliError::Input)?;
+        for addr in &addrs {
+            tonic::transport::Endpoint::from_shared(addr.clone()).map_err(|e| {
+                CliError::Input(format!("--server {addr:?} is not a valid address: {e}"))
+            })?;
+        }
+        let tls = if https {
             let ca_path = credentials.ca.ok_or_else(|| {
                 CliError::Input(format!(
-                    "{addr} is https: set --ca or BOILERHOUSE_CA to the installation's ca.pem (./dev/run writes data/bh.env, which sets it)"
+                    "{} is https: set --ca or BOILERHOUSE_CA to the installation's ca.pem (./dev/run writes data/bh.env, which sets it)",
+                    addrs.join(",")
                 ))
             })?;
             let ca = std::fs::read(ca_path)
                 .map_err(|e| CliError::Input(format!("--ca {}: {e}", ca_path.display())))?;
-            endpoint = endpoint
-                .tls_config(boilerhouse_proto::tls::client_tls(
-                    &ca,
-                    None,
-                    credentials.server_name,
-                ))
-                .map_err(|e| CliError::Input(format!("TLS settings: {e}")))?;
-        }
+            Some(boilerhouse_proto::tls::client_tls(
+                &ca,
+                None,
+                credentials.server_name,
+            ))
+        } else {
+            None
+        };
         let token = BearerToken::new(credentials.token)
             .map_err(|e| CliError::Input(format!("--token: {e}")))?;
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|e| CliError::Unreachable {
-                addr: addr.clone(),
-                reason: root_cause(&e),
-            })?;
+        let failover = Failover::new(addrs, tls);
         Ok(Self {
-            channel: InterceptedService::new(channel, token),
-            addr,
+            channel: InterceptedService::new(failover.clone(), token),
+            failover,
         })
     }
 
+    /// The server the last call was answered by.
+    pub fn server(&self) -> String {
+        self.failover.current()
+    }
+
     /// The channel, for command modules.
-    pub fn channel(&self) -> AuthedChannel {
+    pub fn channel(&self) -> InterceptedService<Failover, BearerToken> {
         self.channel.clone()
     }
 
     /// Turns a status into one sentence, with field violations.
     pub fn fail(&self, status: Status) -> CliError {
+        use std::error::Error as _;
+        match status.source().and_then(|e| e.downcast_ref::<CallError>()) {
+            Some(CallError::Unreachable(tried)) => {
+                return CliError::Unreachable {
+                    tried: tried.clone(),
+                };
+            }
+            Some(CallError::Dropped { addr, reason }) => {
+                return CliError::Dropped {
+                    addr: addr.clone(),
+                    reason: reason.clone(),
+                };
+            }
+            None => {}
+        }
         if status.code() == Code::Unavailable && status.message().contains("transport") {
             return CliError::Unreachable {
-                addr: self.addr.clone(),
-                reason: "the connection dropped".into(),
+                tried: vec![(self.server(), "the connection dropped".into())],
             };
         }
         use tonic_types::StatusExt as _;
@@ -271,7 +299,7 @@ impl Client {
         if format != Format::Table {
             return print_structured(format, &view).map_err(CliError::Output);
         }
-        println!("Server:     {} (boilerhoused {})", self.addr, s.version);
+        println!("Server:     {} (boilerhoused {})", self.server(), s.version);
         println!(
             "Up since:   {} ({})",
             output::time(s.started_at.as_ref()),

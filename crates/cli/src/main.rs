@@ -6,6 +6,7 @@ mod affinity;
 mod boosts;
 mod client;
 mod events;
+mod failover;
 mod output;
 mod pools;
 mod reconcile;
@@ -25,21 +26,23 @@ use output::Format;
 #[derive(Debug, Parser)]
 #[command(name = "bh", version, about, propagate_version = true)]
 struct Cli {
-    /// Address of boilerhoused.
+    /// Address of boilerhoused; several (comma-separated or repeated) for
+    /// replicas, of which bh finds the leader.
     #[arg(
         long,
         global = true,
         env = "BOILERHOUSE_ADDR",
+        value_delimiter = ',',
         default_value = "https://127.0.0.1:7600"
     )]
-    server: String,
+    server: Vec<String>,
     /// Bearer token to present (admin, operator or tenant:<id> scope).
     #[arg(long, global = true, env = "BOILERHOUSE_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// CA certificate (PEM) to verify an https:// server against.
     #[arg(long, global = true, env = "BOILERHOUSE_CA")]
     ca: Option<std::path::PathBuf>,
-    /// The name the server's certificate carries, if not the host in
+    /// The name every server's certificate carries, if not the host in
     /// --server.
     #[arg(long, global = true, env = "BOILERHOUSE_TLS_SERVER_NAME")]
     tls_server_name: Option<String>,
@@ -432,8 +435,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             ca: cli.ca.as_deref(),
             server_name: cli.tls_server_name.as_deref(),
         },
-    )
-    .await?;
+    )?;
     match cli.command {
         Command::Workload(cmd) => match cmd {
             WorkloadCommand::List => client.workload_list(format).await,

@@ -11,6 +11,7 @@ use boilerhouse_proto::pb::container_service_client::ContainerServiceClient;
 use boilerhouse_proto::pb::pool_service_client::PoolServiceClient;
 
 use crate::client::{CliError, Client};
+use crate::failover::with_request_id;
 use crate::output::{self, Format, print_structured, print_table, table};
 
 pub(crate) fn prost_duration(d: Duration) -> prost_types::Duration {
@@ -283,7 +284,8 @@ impl Client {
         };
         let started = Instant::now();
         let mut client = ClaimServiceClient::new(self.channel());
-        let call = client.claim(request);
+        let request_id = request.request_id.clone();
+        let call = client.claim(with_request_id(request, &request_id));
         tokio::pin!(call);
         // A cold start can take seconds: say so instead of hanging silently.
         let response = loop {

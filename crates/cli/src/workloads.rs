@@ -5,6 +5,7 @@ use serde::Serialize;
 use boilerhouse_proto::pb;
 
 use crate::client::{CliError, Client};
+use crate::failover::with_request_id;
 use crate::output::{self, Format, print_structured, print_table, table};
 use boilerhouse_proto::pb::workload_service_client::WorkloadServiceClient;
 
@@ -130,11 +131,14 @@ impl Client {
         format: Format,
     ) -> Result<(), CliError> {
         let resp = WorkloadServiceClient::new(self.channel())
-            .apply_workload(pb::ApplyWorkloadRequest {
-                yaml,
-                dry_run,
-                request_id,
-            })
+            .apply_workload(with_request_id(
+                pb::ApplyWorkloadRequest {
+                    yaml,
+                    dry_run,
+                    request_id: request_id.clone(),
+                },
+                &request_id,
+            ))
             .await
             .map_err(|s| self.fail(s))?
             .into_inner();
@@ -160,10 +164,13 @@ impl Client {
         format: Format,
     ) -> Result<(), CliError> {
         let resp = WorkloadServiceClient::new(self.channel())
-            .delete_workload(pb::DeleteWorkloadRequest {
-                workload_id: id.to_owned(),
-                request_id,
-            })
+            .delete_workload(with_request_id(
+                pb::DeleteWorkloadRequest {
+                    workload_id: id.to_owned(),
+                    request_id: request_id.clone(),
+                },
+                &request_id,
+            ))
             .await
             .map_err(|s| self.fail(s))?
             .into_inner();

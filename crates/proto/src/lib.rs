@@ -11,6 +11,8 @@ pub mod pb {
 }
 
 pub mod convert;
+pub mod leader;
+pub mod servers;
 
 /// The encoded `FileDescriptorSet` of every `boilerhouse.v1` file, for gRPC
 /// reflection.

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::store::DatabaseLocation;
 use clap::{Parser, ValueEnum};
 use serde::Deserialize;
 
@@ -35,9 +36,10 @@ pub struct Args {
     /// Directory for the database (and other state).
     #[arg(long, env = "BOILERHOUSE_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Database file; defaults to <data-dir>/boilerhouse.db.
+    /// The database: a SQLite file (default <data-dir>/boilerhouse.db) or
+    /// postgres://user:password@host/dbname for PostgreSQL.
     #[arg(long, env = "BOILERHOUSE_DATABASE")]
-    pub database: Option<PathBuf>,
+    pub database: Option<String>,
     /// Directory of workload YAML files.
     #[arg(long, env = "BOILERHOUSE_WORKLOADS_DIR")]
     pub workloads_dir: Option<PathBuf>,
@@ -51,6 +53,11 @@ pub struct Args {
     /// scripts and tests use port 0.
     #[arg(long, env = "BOILERHOUSE_READY_FILE")]
     pub ready_file: Option<PathBuf>,
+    /// The URL clients reach this server at, which a standby names when it
+    /// refuses (PostgreSQL replicas). Default: https://<listen> (http://
+    /// when --insecure).
+    #[arg(long, env = "BOILERHOUSE_ADVERTISE_URL")]
+    pub advertise_url: Option<String>,
     /// Directory holding ca.pem, server.pem and server.key (as made by
     /// `boilerhoused pki init`); defaults to <data-dir>/pki.
     #[arg(long, env = "BOILERHOUSE_TLS_DIR")]
@@ -79,7 +86,7 @@ struct FileConfig {
     listen: Option<SocketAddr>,
     metrics_listen: Option<SocketAddr>,
     data_dir: Option<PathBuf>,
-    database: Option<PathBuf>,
+    database: Option<String>,
     workloads_dir: Option<PathBuf>,
     log_format: Option<LogFormat>,
     synchronous_full: Option<bool>,
@@ -101,6 +108,9 @@ struct FileConfig {
     restart_grace: Option<Duration>,
     #[serde(default)]
     partition_threshold: Option<f64>,
+    advertise_url: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    leader_lease: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     full_report_interval: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
@@ -164,8 +174,9 @@ pub struct Config {
     pub metrics_listen: SocketAddr,
     /// Directory for state. Default `./data`.
     pub data_dir: PathBuf,
-    /// The SQLite database file. Default `<data_dir>/boilerhouse.db`.
-    pub database: PathBuf,
+    /// The database: a SQLite file (default `<data_dir>/boilerhouse.db`)
+    /// or a PostgreSQL URL.
+    pub database: DatabaseLocation,
     /// Workload YAML directory. Default `./workloads`.
     pub workloads_dir: PathBuf,
     /// Log format. Default text.
@@ -196,6 +207,13 @@ pub struct Config {
     /// The largest fraction of three or more nodes that may go silent
     /// together and still be declared Lost. Default 0.5.
     pub partition_threshold: f64,
+    /// PostgreSQL replicas: the URL clients reach this one at; default
+    /// `https://<bound address>` (see `leadership::advertised`).
+    pub advertise_url: Option<String>,
+    /// PostgreSQL replicas: how long the leader's lease lasts without a
+    /// renewal (renewed every third of it). A standby takes over at most
+    /// this long after the leader dies. Default 6s.
+    pub leader_lease: Duration,
     /// How often agents send unrequested full reports. Default 30s.
     pub full_report_interval: Duration,
     /// How long to wait for an agent to answer a command. Default 30s.
@@ -274,10 +292,15 @@ impl Config {
             .data_dir
             .or(file.data_dir)
             .unwrap_or_else(|| PathBuf::from("./data"));
-        let database = args
-            .database
-            .or(file.database)
-            .unwrap_or_else(|| data_dir.join("boilerhouse.db"));
+        let database = match args.database.or(file.database) {
+            Some(value) => {
+                DatabaseLocation::parse(&value).map_err(|reason| ConfigError::Invalid {
+                    field: "database",
+                    reason,
+                })?
+            }
+            None => DatabaseLocation::Sqlite(data_dir.join("boilerhouse.db")),
+        };
         let heartbeat_interval = file.heartbeat_interval.unwrap_or(Duration::from_secs(2));
         let security = if args.insecure || file.insecure == Some(true) {
             Security::Insecure
@@ -339,6 +362,8 @@ impl Config {
             lost_grace: file.lost_grace.unwrap_or(Duration::from_secs(30)),
             restart_grace: file.restart_grace.unwrap_or(Duration::from_secs(60)),
             partition_threshold: file.partition_threshold.unwrap_or(0.5),
+            advertise_url: args.advertise_url.or(file.advertise_url),
+            leader_lease: file.leader_lease.unwrap_or(Duration::from_secs(6)),
             full_report_interval: file.full_report_interval.unwrap_or(Duration::from_secs(30)),
             command_timeout: file.command_timeout.unwrap_or(Duration::from_secs(30)),
             acquire_timeout: file.acquire_timeout.unwrap_or(Duration::from_secs(30)),
@@ -478,7 +503,10 @@ mod tests {
     #[test]
     fn defaults_put_state_under_data() {
         let c = Config::load(args(&["--insecure"])).unwrap();
-        assert_eq!(c.database, PathBuf::from("./data/boilerhouse.db"));
+        assert_eq!(
+            c.database,
+            DatabaseLocation::Sqlite(PathBuf::from("./data/boilerhouse.db"))
+        );
         assert!(c.synchronous_full);
         assert_eq!(c.listen.port(), 7600);
         assert_eq!(c.security, Security::Insecure);
@@ -549,7 +577,7 @@ mod tests {
         assert_eq!(c.listen.port(), 9100, "flag wins");
         assert_eq!(
             c.database,
-            PathBuf::from("/var/bh/boilerhouse.db"),
+            DatabaseLocation::Sqlite(PathBuf::from("/var/bh/boilerhouse.db")),
             "file fills the rest"
         );
         assert_eq!(c.workloads_rescan_interval, Duration::from_secs(5));

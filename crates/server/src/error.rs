@@ -130,6 +130,9 @@ impl From<StoreError> for ApiError {
                 )
             }
             StoreError::Closed => ApiError::Unavailable("the server is shutting down".into()),
+            StoreError::NotLeader(detail) => ApiError::Unavailable(format!(
+                "this server is no longer the leader ({detail}); try another server"
+            )),
             StoreError::Conflict(detail) => ApiError::AlreadyExists(detail),
             other => ApiError::Internal(other.to_string()),
         }

@@ -10,6 +10,7 @@ pub mod boosts;
 pub mod clock;
 pub mod config;
 pub mod error;
+pub mod leadership;
 pub mod listener;
 pub mod locks;
 pub mod metrics;

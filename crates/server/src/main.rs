@@ -80,7 +80,7 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match boilerhouse_server::server::run(config, grpc, metrics, shutdown_signal()).await {
+    match boilerhouse_server::leadership::run(config, grpc, metrics, shutdown_signal()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "boilerhoused failed");

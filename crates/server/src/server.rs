@@ -41,6 +41,9 @@ pub struct BoundAddrs {
     pub metrics: std::net::SocketAddr,
     /// The server's process id.
     pub pid: u32,
+    /// "leader", or "standby" (PostgreSQL replicas); SQLite: "leader".
+    #[serde(default)]
+    pub role: String,
 }
 
 /// Every gRPC service name, for health statuses.
@@ -65,17 +68,19 @@ pub async fn run(
     grpc_listener: TcpListener,
     metrics_listener: TcpListener,
     shutdown: impl Future<Output = ()>,
+    fence: Option<crate::store::Fence>,
 ) -> anyhow::Result<()> {
     let store = Store::open(
-        &config.database,
+        config.database.clone(),
         StoreOptions {
             synchronous_full: config.synchronous_full,
+            fence,
             ..StoreOptions::default()
         },
     )
     .await
-    .with_context(|| format!("opening database {}", config.database.display()))?;
-    tracing::info!(path = %config.database.display(), "database open");
+    .with_context(|| format!("opening database {}", config.database))?;
+    tracing::info!(database = %config.database, backend = store.backend().as_str(), "database open");
 
     tracing::info!(
         policy_file = %config.policy_file.as_deref().map_or("(none: strict defaults)".into(), |p| p.display().to_string()),
@@ -446,14 +451,7 @@ pub async fn run(
         )
         .await?;
     tracing::info!(grpc = %grpc_addr, metrics = %metrics_addr, "boilerhoused serving");
-    if let Some(path) = &config.ready_file {
-        let bound = BoundAddrs {
-            grpc: grpc_addr,
-            metrics: metrics_addr,
-            pid: std::process::id(),
-        };
-        write_ready_file(path, &bound).with_context(|| format!("writing {}", path.display()))?;
-    }
+    announce(&config, grpc_addr, Some(metrics_addr), "leader")?;
 
     let early_exit = tokio::select! {
         // Cancel-safe: we leave the select either way and never poll again.
@@ -531,7 +529,7 @@ pub async fn run(
 /// Accepted connections with TCP_NODELAY. Serving from our own listener
 /// means tonic does not set it, and Nagle's algorithm meeting the client's
 /// delayed ACKs adds ~40 ms to small responses: claims would pay it.
-fn incoming_nodelay(
+pub(crate) fn incoming_nodelay(
     listener: TcpListener,
 ) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
     use futures::StreamExt as _;
@@ -546,12 +544,34 @@ fn incoming_nodelay(
 /// health, the google.rpc error details we attach to statuses (so grpcurl
 /// can print field violations), and the other reflection version (so that
 /// `list` shows both).
-fn reflection(other_reflection: &'static [u8]) -> tonic_reflection::server::Builder<'static> {
+pub(crate) fn reflection(
+    other_reflection: &'static [u8],
+) -> tonic_reflection::server::Builder<'static> {
     tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(boilerhouse_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(other_reflection)
+}
+
+/// Writes the ready file, if asked for: where this server listens and
+/// in which role.
+pub(crate) fn announce(
+    config: &Config,
+    grpc: std::net::SocketAddr,
+    metrics: Option<std::net::SocketAddr>,
+    role: &str,
+) -> anyhow::Result<()> {
+    if let Some(path) = &config.ready_file {
+        let bound = BoundAddrs {
+            grpc,
+            metrics: metrics.unwrap_or_else(|| ([0, 0, 0, 0], 0).into()),
+            pid: std::process::id(),
+            role: role.to_owned(),
+        };
+        write_ready_file(path, &bound).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
 }
 
 fn write_ready_file(path: &std::path::Path, bound: &BoundAddrs) -> std::io::Result<()> {

@@ -82,7 +82,7 @@ async fn chaos_kill9_server_and_agents_under_claim_traffic() {
 
     let subject = Subject {
         channel: channel.clone(),
-        database: c.server().database(),
+        database: c.server().database_value(),
         state_roots: (0..nodes.len())
             .map(|i| c.agent(i).options.state_root.clone())
             .collect(),

@@ -201,10 +201,7 @@ async fn a_fresh_database_adopts_what_runs_before_it_fills_and_a_surplus_is_trim
 
     // The database is lost; the agent and its containers live on.
     c.stop_server().await;
-    let database = c.server().database();
-    for suffix in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", database.display()));
-    }
+    c.lose_database().await;
     c.start_server().await;
     c.wait_idle("keep", 2).await;
     // A few refill rounds later there are still exactly the two adopted

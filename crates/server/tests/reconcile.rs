@@ -127,10 +127,7 @@ async fn after_the_database_is_deleted_every_tenant_keeps_its_container() {
 
     // Stop, delete the database, start again on the same address.
     c.stop_server().await;
-    let database = c.server().database();
-    for suffix in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", database.display()));
-    }
+    c.lose_database().await;
     c.extend_config("reconcile_interval = \"500ms\"");
     c.start_server().await;
 
@@ -300,17 +297,6 @@ async fn a_lost_nodes_claims_are_lost_then_resumed_or_replaced_when_it_returns()
 /// A database restored from a backup older than the containers: a
 /// container claimed after the backup is idle in the restored database,
 /// but its state file remembers its tenant.
-fn copy_database(from: &std::path::Path, to: &std::path::Path) {
-    for suffix in ["", "-wal", "-shm"] {
-        let src = std::path::PathBuf::from(format!("{}{suffix}", from.display()));
-        let dst = std::path::PathBuf::from(format!("{}{suffix}", to.display()));
-        let _ = std::fs::remove_file(&dst);
-        if src.exists() {
-            std::fs::copy(&src, &dst).unwrap();
-        }
-    }
-}
-
 #[tokio::test]
 async fn a_container_claimed_after_the_backup_never_goes_to_another_tenant() {
     let Some(mut c) = demo("{min_size: 2, max_size: 6}")
@@ -321,11 +307,9 @@ async fn a_container_claimed_after_the_backup_never_goes_to_another_tenant() {
         return;
     };
     c.wait_idle("demo", 2).await;
-    // The backup: taken with the server stopped, as a file copy.
+    // The backup: taken with the server stopped (a file copy, or pg_dump).
     c.stop_server().await;
-    let db = c.server().database();
-    let backup = c.dir().join("backup.db");
-    copy_database(&db, &backup);
+    c.save_database("backup");
     c.start_server().await;
     let node = c.node(0).to_owned();
     c.wait_node(&node, pb::NodeStatus::Ready, Some(true)).await;
@@ -349,7 +333,7 @@ async fn a_container_claimed_after_the_backup_never_goes_to_another_tenant() {
     })
     .await;
     c.stop_server().await;
-    copy_database(&backup, &db);
+    c.restore_database("backup").await;
     c.start_server().await;
     c.wait_node(&node, pb::NodeStatus::Ready, Some(true)).await;
 

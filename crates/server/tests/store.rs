@@ -1,4 +1,7 @@
-//! Store tests against real SQLite files in temp directories.
+//! Store tests against real databases: SQLite files in temp directories,
+//! or, when the run is on PostgreSQL (`BOILERHOUSE_TEST_DATABASE=postgres`),
+//! a schema of their own in a real PostgreSQL server. Tests of SQLite's
+//! own file (WAL, checkpoints) use a SQLite file in either run.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -7,9 +10,11 @@ use std::time::Duration;
 use boilerhouse_core::Timestamp;
 use boilerhouse_core::event::{EventFilter, EventKind, EventSubject, NewEvent, Severity};
 use boilerhouse_core::workload::parse_workload;
+use boilerhouse_testkit::database::TestDatabase;
+
 use boilerhouse_server::store::{
-    EventQuery, IdempotencyLookup, IdempotentRecord, Store, StoreError, StoreOptions,
-    WorkloadChange,
+    DatabaseLocation, EventQuery, IdempotencyLookup, IdempotentRecord, Store, StoreError,
+    StoreOptions, WorkloadChange,
 };
 
 fn event(n: u64, kind: EventKind, workload: Option<&str>) -> NewEvent {
@@ -24,16 +29,19 @@ fn event(n: u64, kind: EventKind, workload: Option<&str>) -> NewEvent {
     })
 }
 
-async fn open(dir: &tempfile::TempDir) -> Store {
-    Store::open(&dir.path().join("bh.db"), StoreOptions::default())
+/// Opens the test's database: SQLite, or PostgreSQL when the run is on it
+/// (see `boilerhouse_testkit::database`).
+async fn open(db: &TestDatabase) -> Store {
+    let location = DatabaseLocation::parse(db.value()).expect("a database location");
+    Store::open(location, StoreOptions::default())
         .await
         .expect("open store")
 }
 
 #[tokio::test]
 async fn events_are_listed_filtered_and_resumed_in_order() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(&dir).await;
+    let db = TestDatabase::fresh().await.unwrap();
+    let store = open(&db).await;
     let mut ids = Vec::new();
     for n in 0..10 {
         let kind = if n % 2 == 0 {
@@ -123,8 +131,8 @@ async fn events_are_listed_filtered_and_resumed_in_order() {
 
 #[tokio::test]
 async fn committed_events_reach_subscribers_after_commit() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(&dir).await;
+    let db = TestDatabase::fresh().await.unwrap();
+    let store = open(&db).await;
     let mut feed = store.subscribe_events();
     let recorded = store
         .append_event(event(1, EventKind::ServerStarted, None))
@@ -139,8 +147,8 @@ async fn committed_events_reach_subscribers_after_commit() {
 
 #[tokio::test]
 async fn concurrent_writes_share_commits() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(&dir).await;
+    let db = TestDatabase::fresh().await.unwrap();
+    let store = open(&db).await;
     let tasks: Vec<_> = (0..200)
         .map(|n| {
             let store = store.clone();
@@ -164,8 +172,8 @@ async fn concurrent_writes_share_commits() {
 
 #[tokio::test]
 async fn one_failing_write_does_not_fail_its_batch() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(&dir).await;
+    let db = TestDatabase::fresh().await.unwrap();
+    let store = open(&db).await;
     let record = |hash: &str| IdempotentRecord {
         method: "m".into(),
         request_id: "r1".into(),
@@ -209,11 +217,11 @@ async fn one_failing_write_does_not_fail_its_batch() {
 
 #[tokio::test]
 async fn workloads_survive_reopening_and_report_what_changed() {
-    let dir = tempfile::tempdir().unwrap();
+    let db = TestDatabase::fresh().await.unwrap();
     let yaml = "id: demo\nimage: busybox\npool: {min_size: 2}\n";
     let spec = parse_workload("demo.yaml", yaml).unwrap();
     {
-        let store = open(&dir).await;
+        let store = open(&db).await;
         let now = Timestamp::from_millis(10);
         let (_, change) = store
             .put_workload(spec.clone(), yaml.into(), "demo.yaml".into(), now, false)
@@ -227,7 +235,7 @@ async fn workloads_survive_reopening_and_report_what_changed() {
         assert_eq!(change, WorkloadChange::Unchanged);
         store.close().await;
     }
-    let store = open(&dir).await;
+    let store = open(&db).await;
     let loaded = store.list_workloads().await.unwrap();
     assert_eq!(loaded.len(), 1);
     assert_eq!(loaded[0].spec, spec);
@@ -277,8 +285,9 @@ async fn workloads_survive_reopening_and_report_what_changed() {
 
 #[tokio::test]
 async fn the_database_is_in_wal_mode_with_full_sync() {
+    // SQLite's own file format, whatever the run's backend.
     let dir = tempfile::tempdir().unwrap();
-    let store = open(&dir).await;
+    let store = open(&TestDatabase::sqlite(&dir.path().join("bh.db"))).await;
     store
         .append_event(event(1, EventKind::ServerStarted, None))
         .await
@@ -296,10 +305,9 @@ async fn the_database_is_in_wal_mode_with_full_sync() {
 
 #[tokio::test]
 async fn kill9_in_the_middle_of_writes_loses_no_acknowledged_write() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("kill9.db");
+    let db = TestDatabase::fresh().await.unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_boilerhouse-store-load"))
-        .arg(&db)
+        .arg(db.value())
         .arg("32")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -341,7 +349,7 @@ async fn kill9_in_the_middle_of_writes_loses_no_acknowledged_write() {
         "the child acknowledged writes before the kill"
     );
 
-    let store = Store::open(&db, StoreOptions::default()).await.unwrap();
+    let store = open(&db).await;
     assert_eq!(store.integrity_check().await.unwrap(), "ok");
     let stored = store
         .list_events(&EventQuery {
@@ -365,8 +373,9 @@ async fn kill9_in_the_middle_of_writes_loses_no_acknowledged_write() {
 
 #[tokio::test]
 async fn the_wal_is_checkpointed_outside_the_write_path() {
+    // SQLite's own file format, whatever the run's backend.
     let dir = tempfile::tempdir().unwrap();
-    let store = open(&dir).await;
+    let store = open(&TestDatabase::sqlite(&dir.path().join("bh.db"))).await;
     for n in 0..200 {
         store
             .append_event(event(n, EventKind::NodeJoined, None))

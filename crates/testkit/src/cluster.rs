@@ -32,6 +32,7 @@
 //! run's label (see [`crate::docker::TEST_RUN_LABEL`]); the run's image is
 //! shared by every test of the run and is removed by `dev/test` at the end.
 
+mod database;
 mod multihost;
 pub use multihost::HOST_LABEL;
 mod waits;
@@ -60,11 +61,13 @@ use crate::{AgentOptions, AgentProcess, ServerOptions, ServerProcess, stderr, st
 pub const WAIT: Duration = Duration::from_secs(60);
 
 /// Server configuration every cluster starts from: heartbeats fast enough
-/// that tests see nodes join quickly, and a Suspect window (25 heartbeats)
-/// that a loaded machine never trips on a healthy node.
+/// that tests see nodes join quickly, a Suspect window (25 heartbeats)
+/// that a loaded machine never trips on a healthy node, and on PostgreSQL
+/// a short leader lease, so a server killed and started again leads soon.
 pub const DEFAULT_CONFIG: &str = r#"
 heartbeat_interval = "200ms"
 suspect_after = "5s"
+leader_lease = "2s"
 "#;
 
 /// Makes a workload's YAML from the test image's reference.

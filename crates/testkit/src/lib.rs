@@ -6,6 +6,7 @@
 //! that tests can break (`netns`), and poll for conditions with a deadline.
 
 pub mod cluster;
+pub mod database;
 pub mod docker;
 pub mod fake;
 pub mod netns;

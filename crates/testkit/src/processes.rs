@@ -21,6 +21,9 @@ pub struct ReadyFile {
     pub metrics: std::net::SocketAddr,
     /// Its process id.
     pub pid: u32,
+    /// "leader" or "standby".
+    #[serde(default)]
+    pub role: String,
 }
 
 /// A boilerhoused process with its own directories.
@@ -32,6 +35,7 @@ pub struct ServerProcess {
     pub addrs: ReadyFile,
     log: PathBuf,
     credentials: Option<Credentials>,
+    ready: PathBuf,
     _temp: Option<tempfile::TempDir>,
 }
 
@@ -99,6 +103,35 @@ fn ensure_credentials(root: &Path, sans: &[String]) -> anyhow::Result<Credential
     })
 }
 
+/// Where a server under `root` keeps the URL of its PostgreSQL schema, so
+/// a server started again on the same root finds the same state.
+const DATABASE_URL_FILE: &str = "database-url";
+
+/// The `--database` a server under `root` gets: none (the SQLite file
+/// under its data directory) unless the run is on PostgreSQL; then a
+/// schema made for it on first start. A server in a network namespace
+/// cannot reach the PostgreSQL server on the test's loopback and stays on
+/// SQLite.
+async fn database_for(root: &Path, options: &ServerOptions) -> anyhow::Result<Option<String>> {
+    if options.args.iter().any(|a| a == "--database")
+        || options.netns.is_some()
+        || crate::database::backend() != crate::database::TestBackend::Postgres
+    {
+        return Ok(None);
+    }
+    let file = root.join(DATABASE_URL_FILE);
+    if let Ok(url) = std::fs::read_to_string(&file) {
+        return Ok(Some(url));
+    }
+    // Kept for the run: a restarted server must find it again; dev/test
+    // drops the run's schemas at the end.
+    let url = crate::database::TestDatabase::postgres_schema()
+        .await?
+        .keep();
+    std::fs::write(&file, &url)?;
+    Ok(Some(url))
+}
+
 /// How to start a server.
 #[derive(Debug, Clone, Default)]
 pub struct ServerOptions {
@@ -119,6 +152,9 @@ pub struct ServerOptions {
     pub sans: Vec<String>,
     /// Where its metrics listen, instead of 127.0.0.1:0.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// One of several replicas sharing `root` (and its PostgreSQL
+    /// database): its name keeps its ready file apart.
+    pub replica: Option<String>,
 }
 
 impl ServerProcess {
@@ -135,7 +171,10 @@ impl ServerProcess {
     /// Starts a server whose data and workloads live under `root`; a second
     /// server started on the same root sees the same state.
     pub async fn start_in(root: &Path, options: ServerOptions) -> anyhow::Result<Self> {
-        let ready = root.join("ready.json");
+        let ready = root.join(match &options.replica {
+            Some(name) => format!("ready-{name}.json"),
+            None => "ready.json".to_owned(),
+        });
         let _ = std::fs::remove_file(&ready);
         let log = root.join(format!(
             "server-{}.log",
@@ -157,7 +196,9 @@ impl ServerProcess {
         } else {
             Some(ensure_credentials(root, &options.sans)?)
         };
+        let database = database_for(root, &options).await?;
         let child = crate::netns::command_in(options.netns.as_deref(), binary("boilerhoused"))
+            .args(database.iter().flat_map(|d| ["--database", d.as_str()]))
             .arg("--data-dir")
             .arg(root.join("data"))
             .arg("--workloads-dir")
@@ -193,11 +234,17 @@ impl ServerProcess {
                 grpc: ([0, 0, 0, 0], 0).into(),
                 metrics: ([0, 0, 0, 0], 0).into(),
                 pid: 0,
+                role: String::new(),
             },
             log,
             credentials,
+            ready: ready.clone(),
             _temp: None,
         };
+        // A replica is ready once it listens, as leader or standby; a lone
+        // server on PostgreSQL once it leads (after a kill -9 it waits out
+        // its old lease first).
+        let wants_leader = options.replica.is_none();
         let addrs = eventually(Duration::from_secs(30), "the server's ready file", || {
             let ready = ready.clone();
             let exited = server
@@ -211,7 +258,10 @@ impl ServerProcess {
                     )));
                 }
                 let text = std::fs::read_to_string(&ready).ok()?;
-                serde_json::from_str::<ReadyFile>(&text).ok().map(Ok)
+                serde_json::from_str::<ReadyFile>(&text)
+                    .ok()
+                    .filter(|r| !wants_leader || r.role != "standby")
+                    .map(Ok)
             }
         })
         .await
@@ -219,6 +269,15 @@ impl ServerProcess {
         .with_context(|| format!("server log:\n{}", server.log()))?;
         server.addrs = addrs;
         Ok(server)
+    }
+
+    /// Its role now, from its ready file: "leader" or "standby".
+    pub fn role(&self) -> String {
+        std::fs::read_to_string(&self.ready)
+            .ok()
+            .and_then(|text| serde_json::from_str::<ReadyFile>(&text).ok())
+            .map(|r| r.role)
+            .unwrap_or_default()
     }
 
     /// The process id of the running server (the program's own, also when
@@ -308,9 +367,16 @@ impl ServerProcess {
         self.root.join("workloads")
     }
 
-    /// The database file.
+    /// The SQLite database file (when the server runs on SQLite).
     pub fn database(&self) -> PathBuf {
         self.root.join("data").join("boilerhouse.db")
+    }
+
+    /// The server's database as `--database` takes it: the SQLite file,
+    /// or the PostgreSQL URL the run gave it.
+    pub fn database_value(&self) -> String {
+        std::fs::read_to_string(self.root.join(DATABASE_URL_FILE))
+            .unwrap_or_else(|_| self.database().display().to_string())
     }
 
     /// Everything the server logged so far.

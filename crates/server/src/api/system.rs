@@ -43,7 +43,7 @@ impl SystemService for System {
         Ok(Response::new(pb::GetSystemStatusResponse {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             started_at: Some(timestamp_to_pb(state.started_at)),
-            database_path: state.store.path().display().to_string(),
+            database_path: state.store.location().to_string(),
             workloads_dir: state.workloads.dir().display().to_string(),
             workload_count: workloads.len() as u32,
             workload_load_errors: state.workloads.load_errors().len() as u32,

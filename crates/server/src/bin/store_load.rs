@@ -4,22 +4,21 @@
 //! every printed id survived; operators can use it to gauge a disk.
 
 use std::io::Write as _;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use boilerhouse_core::Timestamp;
 use boilerhouse_core::event::{EventKind, NewEvent};
-use boilerhouse_server::store::{Store, StoreOptions};
+use boilerhouse_server::store::{DatabaseLocation, Store, StoreOptions};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
-    let path: PathBuf = args
-        .next()
-        .ok_or_else(|| anyhow::anyhow!("usage: boilerhouse-store-load <db-path> [writers]"))?
-        .into();
+    let database = args.next().ok_or_else(|| {
+        anyhow::anyhow!("usage: boilerhouse-store-load <db-path|postgres://…> [writers]")
+    })?;
+    let location = DatabaseLocation::parse(&database).map_err(|e| anyhow::anyhow!(e))?;
     let writers: u64 = args.next().map(|w| w.parse()).transpose()?.unwrap_or(32);
-    let store = Store::open(&path, StoreOptions::default()).await?;
+    let store = Store::open(location, StoreOptions::default()).await?;
     let out = Arc::new(Mutex::new(std::io::stdout()));
     let mut tasks = Vec::new();
     for writer in 0..writers {

@@ -14,6 +14,7 @@ use boilerhouse_core::{BoostId, ContainerId, NodeId, TenantId, Timestamp, Worklo
 
 use super::events::insert_event;
 use super::idempotency::insert_idempotent;
+use super::sql;
 use super::{IdempotentRecord, Store, StoreError};
 
 /// One atomic change to boosts.
@@ -112,7 +113,7 @@ impl Store {
                             BoostTarget::Container(_) => (None, None, None),
                             BoostTarget::Tenant(t, w) => (None, Some(t.as_str()), Some(w.as_str())),
                         };
-                        sqlx::query(
+                        sql::query(
                             "INSERT INTO boosts (boost_id, target_node_id, target_container_id, target_tenant_id, \
                              target_workload_id, resource, amount, priority, source_node_id, status, reason, \
                              requested_at, allocated_at, expires_at, ended_at) \
@@ -154,7 +155,7 @@ impl Store {
 
     /// Pending and active boosts: what the ledger is rebuilt from.
     pub async fn live_boosts(&self) -> Result<Vec<Boost>, StoreError> {
-        let rows: Vec<BoostRow> = sqlx::query_as(select_boosts!(
+        let rows: Vec<BoostRow> = sql::query_as(select_boosts!(
             "WHERE status IN ('pending', 'active') ORDER BY requested_at"
         ))
         .fetch_all(&self.reads)
@@ -172,7 +173,7 @@ impl Store {
     ) -> Result<Vec<Boost>, StoreError> {
         // A container boost's node is its source: it draws from the host
         // its container runs on.
-        let rows: Vec<BoostRow> = sqlx::query_as(select_boosts!(
+        let rows: Vec<BoostRow> = sql::query_as(select_boosts!(
             "WHERE (?1 IS NULL OR source_node_id = ?1 OR target_node_id = ?1) \
              AND (?2 OR status IN ('pending', 'active')) ORDER BY requested_at DESC LIMIT ?3"
         ))
@@ -186,7 +187,7 @@ impl Store {
 
     /// One boost.
     pub async fn get_boost(&self, id: &BoostId) -> Result<Option<Boost>, StoreError> {
-        let row: Option<BoostRow> = sqlx::query_as(select_boosts!("WHERE boost_id = ?"))
+        let row: Option<BoostRow> = sql::query_as(select_boosts!("WHERE boost_id = ?"))
             .bind(id.to_string())
             .fetch_optional(&self.reads)
             .await?;

@@ -3,11 +3,12 @@
 use std::collections::BTreeMap;
 
 use futures::FutureExt as _;
-use sqlx::{QueryBuilder, Sqlite, SqliteConnection};
+use sqlx::AnyConnection;
 
 use boilerhouse_core::Timestamp;
 use boilerhouse_core::event::{Event, EventFilter, EventSubject, NewEvent};
 
+use super::sql;
 use super::{Store, StoreError, WriteTx};
 
 /// A listing of events.
@@ -86,10 +87,10 @@ pub async fn insert_event(tx: &mut WriteTx, mut event: NewEvent) -> Result<Event
     Ok(recorded)
 }
 
-async fn insert_event_row(conn: &mut SqliteConnection, e: &NewEvent) -> Result<u64, StoreError> {
+async fn insert_event_row(conn: &mut AnyConnection, e: &NewEvent) -> Result<u64, StoreError> {
     let attributes = serde_json::to_string(&e.attributes)
         .map_err(|err| StoreError::Internal(err.to_string()))?;
-    let (id,): (i64,) = sqlx::query_as(
+    let (id,): (i64,) = sql::query_as(
         "INSERT INTO events (at, kind, severity, message, node_id, workload_id, container_id, \
          tenant_id, boost_id, attributes_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
     )
@@ -118,32 +119,35 @@ impl Store {
 
     /// Events matching `query`, oldest first.
     pub async fn list_events(&self, query: &EventQuery) -> Result<Vec<Event>, StoreError> {
-        let mut sql: QueryBuilder<Sqlite> = QueryBuilder::new(
+        /// A value bound in the order its `?` appears.
+        enum Bind {
+            Int(i64),
+            Text(String),
+        }
+        let mut sql = String::from(
             "SELECT id, at, kind, severity, message, node_id, workload_id, container_id, \
-             tenant_id, boost_id, attributes_json FROM events WHERE id > ",
+             tenant_id, boost_id, attributes_json FROM events WHERE id > ?",
         );
-        sql.push_bind(query.after_id as i64);
+        let mut binds = vec![Bind::Int(query.after_id as i64)];
         if let Some(since) = query.since {
-            sql.push(" AND at >= ").push_bind(since.as_millis());
+            sql.push_str(" AND at >= ?");
+            binds.push(Bind::Int(since.as_millis()));
         }
         let f = &query.filter;
         if !f.kinds.is_empty() {
-            sql.push(" AND (");
-            for (i, kind) in f.kinds.iter().enumerate() {
-                if i > 0 {
-                    sql.push(" OR ");
-                }
+            let mut alternatives = Vec::with_capacity(f.kinds.len());
+            for kind in &f.kinds {
                 if kind.ends_with('.') {
-                    // substr() rather than LIKE: kinds may contain '_' or '%'.
-                    sql.push("substr(kind, 1, ")
-                        .push_bind(kind.len() as i64)
-                        .push(") = ")
-                        .push_bind(kind.clone());
+                    // substr() rather than LIKE: kinds may contain '_' or
+                    // '%'. The cast: PostgreSQL's substr takes an integer.
+                    alternatives.push("substr(kind, 1, CAST(? AS INTEGER)) = ?");
+                    binds.push(Bind::Int(kind.len() as i64));
                 } else {
-                    sql.push("kind = ").push_bind(kind.clone());
+                    alternatives.push("kind = ?");
                 }
+                binds.push(Bind::Text(kind.clone()));
             }
-            sql.push(")");
+            sql.push_str(&format!(" AND ({})", alternatives.join(" OR ")));
         }
         let subject = [
             ("node_id", &f.subject.node_id),
@@ -154,8 +158,8 @@ impl Store {
         ];
         for (column, value) in subject {
             if let Some(value) = value {
-                sql.push(format_args!(" AND {column} = "))
-                    .push_bind(value.clone());
+                sql.push_str(&format!(" AND {column} = ?"));
+                binds.push(Bind::Text(value.clone()));
             }
         }
         if let Some(min) = f.min_severity {
@@ -164,20 +168,26 @@ impl Store {
                 boilerhouse_core::event::Severity::Warning => &["warning", "error"],
                 boilerhouse_core::event::Severity::Error => &["error"],
             };
-            sql.push(" AND severity IN (");
-            let mut list = sql.separated(", ");
-            for s in allowed {
-                list.push_bind(*s);
-            }
-            sql.push(")");
+            sql.push_str(&format!(
+                " AND severity IN ({})",
+                vec!["?"; allowed.len()].join(", ")
+            ));
+            binds.extend(allowed.iter().map(|s| Bind::Text((*s).to_owned())));
         }
-        let order = if query.latest {
-            " ORDER BY id DESC LIMIT "
+        sql.push_str(if query.latest {
+            " ORDER BY id DESC LIMIT ?"
         } else {
-            " ORDER BY id ASC LIMIT "
-        };
-        sql.push(order).push_bind(i64::from(query.limit.max(1)));
-        let mut rows: Vec<EventRow> = sql.build_query_as().fetch_all(&self.reads).await?;
+            " ORDER BY id ASC LIMIT ?"
+        });
+        binds.push(Bind::Int(i64::from(query.limit.max(1))));
+        let mut statement = sql::query_as::<EventRow>(&sql);
+        for bind in binds {
+            statement = match bind {
+                Bind::Int(v) => statement.bind(v),
+                Bind::Text(v) => statement.bind(v),
+            };
+        }
+        let mut rows: Vec<EventRow> = statement.fetch_all(&self.reads).await?;
         if query.latest {
             rows.reverse();
         }
@@ -186,7 +196,7 @@ impl Store {
 
     /// The newest event's id, or 0.
     pub async fn last_event_id(&self) -> Result<u64, StoreError> {
-        let (id,): (Option<i64>,) = sqlx::query_as("SELECT max(id) FROM events")
+        let (id,): (Option<i64>,) = sql::query_as("SELECT max(id) FROM events")
             .fetch_one(&self.reads)
             .await?;
         Ok(id.unwrap_or(0) as u64)
@@ -202,7 +212,7 @@ impl Store {
         self.writer
             .write(move |tx| {
                 async move {
-                    let result = sqlx::query(
+                    let result = sql::query(
                         "DELETE FROM events WHERE at < ? \
                          AND id <= (SELECT coalesce(max(id), 0) FROM events) - ?",
                     )

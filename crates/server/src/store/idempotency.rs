@@ -10,6 +10,7 @@ use futures::FutureExt as _;
 
 use boilerhouse_core::Timestamp;
 
+use super::sql;
 use super::{Store, StoreError, WriteTx};
 
 /// What a lookup found.
@@ -31,7 +32,7 @@ pub async fn insert_idempotent(
     tx: &mut WriteTx,
     record: &IdempotentRecord,
 ) -> Result<(), StoreError> {
-    sqlx::query(
+    sql::query(
         "INSERT INTO idempotency_keys (method, request_id, request_hash, response, created_at) \
          VALUES (?, ?, ?, ?, ?)",
     )
@@ -53,7 +54,7 @@ impl Store {
         request_id: &str,
         request_hash: &str,
     ) -> Result<IdempotencyLookup, StoreError> {
-        let row: Option<(String, Vec<u8>)> = sqlx::query_as(
+        let row: Option<(String, Vec<u8>)> = sql::query_as(
             "SELECT request_hash, response FROM idempotency_keys WHERE method = ? AND request_id = ?",
         )
         .bind(method)
@@ -80,7 +81,7 @@ impl Store {
         self.writer
             .write(move |tx| {
                 async move {
-                    let done = sqlx::query("DELETE FROM idempotency_keys WHERE created_at < ?")
+                    let done = sql::query("DELETE FROM idempotency_keys WHERE created_at < ?")
                         .bind(before.as_millis())
                         .execute(tx.conn())
                         .await?;

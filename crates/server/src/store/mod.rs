@@ -43,24 +43,24 @@
 //! separate read-only pool and never wait for the writer.
 
 mod boosts;
+mod connect;
 mod events;
 mod idempotency;
 pub mod maintenance;
 mod nodes;
 mod pools;
+pub mod sql;
 mod sync;
 mod workloads;
 pub mod writer;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
-use sqlx::{ConnectOptions, Connection};
+use sqlx::sqlite::SqliteConnectOptions;
+use sqlx::{AnyConnection, AnyPool, Connection};
 use tokio::sync::broadcast;
 
 use boilerhouse_core::event::Event;
@@ -70,6 +70,7 @@ pub use events::EventQuery;
 pub use idempotency::{IdempotencyLookup, IdempotentRecord};
 pub use nodes::{Arrival, NodeHello};
 pub use pools::{PoolOverride, PoolSnapshot};
+pub use sql::{Backend, DatabaseLocation};
 pub use sync::PendingReleaseUpload;
 pub use workloads::WorkloadChange;
 pub use writer::{WriteTx, Writer, WriterStats};
@@ -94,6 +95,10 @@ pub enum StoreError {
     /// A uniqueness rule was violated.
     #[error("conflict: {0}")]
     Conflict(String),
+    /// This server is not the leader (any more): another replica took the
+    /// lease. Nothing of the refused transaction was committed.
+    #[error("not the leader: {0}")]
+    NotLeader(String),
     /// A bug: a state that should be impossible.
     #[error("internal store error: {0}")]
     Internal(String),
@@ -113,14 +118,31 @@ impl From<sqlx::Error> for StoreError {
 /// How the database is opened.
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
-    /// `synchronous=FULL` (the default) fsyncs every commit; `false` uses
-    /// NORMAL, which in WAL mode can lose the last commits on power loss
-    /// but never corrupts the database.
+    /// SQLite: `synchronous=FULL` (the default) fsyncs every commit;
+    /// `false` uses NORMAL, which in WAL mode can lose the last commits on
+    /// power loss but never corrupts the database. PostgreSQL:
+    /// `synchronous_commit` on (the default) or off, with the same trade.
     pub synchronous_full: bool,
     /// Operations that may share one commit. 1 disables group commit.
     pub max_batch: usize,
     /// Read connections.
     pub read_connections: u32,
+    /// PostgreSQL: the leader's lease epoch, checked by every write
+    /// transaction (see [`writer`]). `None`: no check (SQLite, tools).
+    pub fence: Option<Fence>,
+}
+
+/// What every write transaction of a leader checks, and what it raises
+/// when it can no longer trust its memory.
+#[derive(Debug, Clone)]
+pub struct Fence {
+    /// The epoch this server's lease was taken at.
+    pub epoch: i64,
+    /// Cancelled when a write finds another epoch (this server was
+    /// deposed), or when a COMMIT's outcome is unknown (the connection
+    /// broke while committing): either way the in-memory state may differ
+    /// from the database, and the server must stop and restore from it.
+    pub lost: tokio_util::sync::CancellationToken,
 }
 
 impl Default for StoreOptions {
@@ -129,6 +151,7 @@ impl Default for StoreOptions {
             synchronous_full: true,
             max_batch: 512,
             read_connections: 4,
+            fence: None,
         }
     }
 }
@@ -137,75 +160,71 @@ impl Default for StoreOptions {
 #[derive(Clone)]
 pub struct Store {
     writer: Writer,
-    reads: SqlitePool,
+    reads: AnyPool,
     events: broadcast::Sender<Event>,
-    path: PathBuf,
+    location: DatabaseLocation,
     stats: Arc<Mutex<WriterStats>>,
-    checkpointer: Arc<tokio::sync::Mutex<sqlx::SqliteConnection>>,
+    /// SQLite only: the connection that checkpoints the WAL.
+    checkpointer: Option<Arc<tokio::sync::Mutex<AnyConnection>>>,
 }
 
 impl Store {
-    /// Opens (creating if needed) and migrates the database at `path`.
-    pub async fn open(path: &Path, options: StoreOptions) -> Result<Self, StoreError> {
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+    /// Opens (creating if needed) and migrates the database: a SQLite file
+    /// or a PostgreSQL database, as `location` says.
+    pub async fn open(
+        location: impl Into<DatabaseLocation>,
+        options: StoreOptions,
+    ) -> Result<Self, StoreError> {
+        let location = location.into();
+        if let Some(parent) = location
+            .sqlite_path()
+            .and_then(Path::parent)
+            .filter(|p| !p.as_os_str().is_empty())
+        {
             std::fs::create_dir_all(parent).map_err(|e| {
                 StoreError::Unavailable(format!("cannot create {}: {e}", parent.display()))
             })?;
         }
-        let synchronous = if options.synchronous_full {
-            SqliteSynchronous::Full
-        } else {
-            SqliteSynchronous::Normal
+        let connector = connect::Connector::new(location.clone(), options.synchronous_full);
+        let mut write_conn = connector.connect().await?;
+        migrate(&mut write_conn, location.backend()).await?;
+
+        let reads = connector.read_pool(options.read_connections).await?;
+        let checkpointer = match location.backend() {
+            Backend::Sqlite => Some(Arc::new(tokio::sync::Mutex::new(
+                connector.connect_maintenance().await?,
+            ))),
+            Backend::Postgres => None,
         };
-        let base = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(synchronous)
-            .busy_timeout(Duration::from_secs(5))
-            .foreign_keys(true)
-            .log_statements(tracing::log::LevelFilter::Trace);
-
-        // The writer never checkpoints inside a commit: SQLite's automatic
-        // checkpoint would stall every write queued behind that commit.
-        // A background task checkpoints instead (see `checkpoint`).
-        let mut write_conn = base
-            .clone()
-            .create_if_missing(true)
-            .pragma("wal_autocheckpoint", "0")
-            .connect()
-            .await?;
-        sqlx::migrate!("../../migrations/sqlite")
-            .run(&mut write_conn)
-            .await
-            .map_err(|e| StoreError::Unavailable(format!("migration failed: {e}")))?;
-
-        let reads = SqlitePoolOptions::new()
-            .max_connections(options.read_connections.max(1))
-            .connect_with(base.clone().read_only(true))
-            .await?;
-
-        let checkpointer = base
-            .clone()
-            .pragma("wal_autocheckpoint", "0")
-            .connect()
-            .await?;
         let (events, _) = broadcast::channel(4096);
         let stats = Arc::new(Mutex::new(WriterStats::default()));
-        let writer = Writer::spawn(write_conn, options.max_batch, events.clone(), stats.clone());
+        let writer = Writer::spawn(
+            write_conn,
+            connector,
+            options.fence.clone(),
+            options.max_batch,
+            events.clone(),
+            stats.clone(),
+        );
         Ok(Self {
             writer,
             reads,
             events,
-            path: path.to_owned(),
+            location,
             stats,
-            checkpointer: Arc::new(tokio::sync::Mutex::new(checkpointer)),
+            checkpointer,
         })
     }
 
-    /// Copies committed pages from the WAL into the database file without
-    /// blocking writers (PASSIVE), so the WAL stays small. Returns the WAL
-    /// pages that remain to be checkpointed.
+    /// SQLite: copies committed pages from the WAL into the database file
+    /// without blocking writers (PASSIVE), so the WAL stays small, and
+    /// returns the WAL pages that remain to be checkpointed. PostgreSQL
+    /// checkpoints by itself: 0.
     pub async fn checkpoint(&self) -> Result<i64, StoreError> {
-        let mut conn = self.checkpointer.lock().await;
+        let Some(checkpointer) = &self.checkpointer else {
+            return Ok(0);
+        };
+        let mut conn = checkpointer.lock().await;
         let (_busy, log, checkpointed): (i64, i64, i64) =
             sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
                 .fetch_one(&mut *conn)
@@ -213,9 +232,22 @@ impl Store {
         Ok((log - checkpointed).max(0))
     }
 
-    /// Where the database file is.
+    /// Which backend this store runs on.
+    pub fn backend(&self) -> Backend {
+        self.location.backend()
+    }
+
+    /// Where the database is.
+    pub fn location(&self) -> &DatabaseLocation {
+        &self.location
+    }
+
+    /// The SQLite file. Panics on PostgreSQL: callers that need a file
+    /// (tools, tests that damage it on purpose) are SQLite-only.
     pub fn path(&self) -> &Path {
-        &self.path
+        self.location
+            .sqlite_path()
+            .expect("Store::path is for SQLite databases")
     }
 
     /// The writer, for operations defined outside this module.
@@ -235,8 +267,18 @@ impl Store {
         self.events.subscribe()
     }
 
-    /// `PRAGMA integrity_check`: "ok" when the file is sound.
+    /// SQLite's `PRAGMA integrity_check`: "ok" when the file is sound.
+    /// PostgreSQL checks its own pages (and a damaged page fails the query
+    /// that reads it): "ok" once the server answers.
     pub async fn integrity_check(&self) -> Result<String, StoreError> {
+        if self.backend() == Backend::Postgres {
+            let (one,): (i32,) = sqlx::query_as("SELECT 1").fetch_one(&self.reads).await?;
+            return Ok(if one == 1 {
+                "ok".into()
+            } else {
+                format!("SELECT 1 gave {one}")
+            });
+        }
         let rows: Vec<(String,)> = sqlx::query_as("PRAGMA integrity_check")
             .fetch_all(&self.reads)
             .await?;
@@ -252,6 +294,50 @@ impl Store {
     pub async fn close(&self) {
         self.reads.close().await;
     }
+}
+
+/// Brings the schema up to date. Replicas starting together on
+/// PostgreSQL: the migrator holds an advisory lock, so one migrates and
+/// the others wait.
+async fn migrate(conn: &mut AnyConnection, backend: Backend) -> Result<(), StoreError> {
+    // run_direct: `run` is generic over `Acquire`, which a spawned
+    // task's future cannot prove `Send` for.
+    let migrated = match backend {
+        Backend::Sqlite => {
+            sqlx::migrate!("../../migrations/sqlite")
+                .run_direct(None, conn, false)
+                .await
+        }
+        Backend::Postgres => {
+            sqlx::migrate!("../../migrations/postgres")
+                .run_direct(None, conn, false)
+                .await
+        }
+    };
+    migrated.map_err(|e| StoreError::Unavailable(format!("migration failed: {e}")))
+}
+
+/// Opens a migrated database's connection for the leader election, which
+/// runs before (and beside) the store.
+pub fn open_for_leadership(
+    location: DatabaseLocation,
+) -> futures::future::BoxFuture<'static, Result<AnyConnection, StoreError>> {
+    Box::pin(async move {
+        let mut conn = connect::Connector::new(location.clone(), true)
+            .connect()
+            .await?;
+        migrate(&mut conn, location.backend()).await?;
+        Ok(conn)
+    })
+}
+
+/// Opens a single connection, on either backend, for tools and tests that
+/// inspect a database directly, without the writer task. Statements go
+/// through [`sql`] so that one text serves both.
+pub async fn open_inspector(location: &DatabaseLocation) -> Result<AnyConnection, StoreError> {
+    connect::Connector::new(location.clone(), true)
+        .connect()
+        .await
 }
 
 /// Opens a single connection for tools and tests that inspect a database

@@ -9,13 +9,14 @@ use boilerhouse_core::node::{Node, NodeStatus, Resources};
 use boilerhouse_core::{NodeId, Timestamp};
 
 use super::events::insert_event;
+use super::sql;
 use super::{Store, StoreError};
 
 #[derive(sqlx::FromRow)]
 struct NodeRow {
     node_id: String,
     status: String,
-    cordoned: bool,
+    cordoned: sql::Flag,
     boot_id: String,
     agent_version: String,
     engine_version: String,
@@ -37,7 +38,7 @@ impl TryFrom<NodeRow> for Node {
         Ok(Node {
             id: NodeId::new(row.node_id.clone()).map_err(|e| corrupt(e.to_string()))?,
             status: row.status.parse::<NodeStatus>().map_err(corrupt)?,
-            cordoned: row.cordoned,
+            cordoned: row.cordoned.0,
             boot_id: row.boot_id,
             agent_version: row.agent_version,
             engine_version: row.engine_version,
@@ -68,7 +69,7 @@ macro_rules! select_node {
 impl Store {
     /// Every known node, by name.
     pub async fn list_nodes(&self) -> Result<Vec<Node>, StoreError> {
-        let rows: Vec<NodeRow> = sqlx::query_as(select_node!("ORDER BY node_id"))
+        let rows: Vec<NodeRow> = sql::query_as(select_node!("ORDER BY node_id"))
             .fetch_all(&self.reads)
             .await?;
         rows.into_iter().map(Node::try_from).collect()
@@ -76,7 +77,7 @@ impl Store {
 
     /// One node.
     pub async fn get_node(&self, id: &NodeId) -> Result<Option<Node>, StoreError> {
-        let row: Option<NodeRow> = sqlx::query_as(select_node!("WHERE node_id = ?"))
+        let row: Option<NodeRow> = sql::query_as(select_node!("WHERE node_id = ?"))
             .bind(id.as_str())
             .fetch_optional(&self.reads)
             .await?;
@@ -132,16 +133,16 @@ impl Store {
         self.writer
             .write(move |tx| {
                 async move {
-                    let previous: Option<NodeRow> = sqlx::query_as(select_node!("WHERE node_id = ?"))
+                    let previous: Option<NodeRow> = sql::query_as(select_node!("WHERE node_id = ?"))
                         .bind(hello.id.as_str())
                         .fetch_optional(tx.conn())
                         .await?;
                     let previous = previous.map(Node::try_from).transpose()?;
                     let labels = serde_json::to_string(&hello.labels).map_err(|e| StoreError::Internal(e.to_string()))?;
-                    sqlx::query(
+                    sql::query(
                         "INSERT INTO nodes (node_id, status, cordoned, boot_id, agent_version, engine_version, \
                          capacity_cpus, capacity_memory, capacity_gpus, labels_json, state_root, first_seen_at, \
-                         last_heartbeat_at, updated_at) VALUES (?, 'ready', 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+                         last_heartbeat_at, updated_at) VALUES (?, 'ready', FALSE, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
                          ON CONFLICT (node_id) DO UPDATE SET status = 'ready', boot_id = excluded.boot_id, \
                          agent_version = excluded.agent_version, engine_version = excluded.engine_version, \
                          capacity_cpus = excluded.capacity_cpus, capacity_memory = excluded.capacity_memory, \
@@ -189,7 +190,7 @@ impl Store {
                             .with_attribute("agent_version", hello.agent_version.clone());
                         insert_event(tx, event).await?;
                     }
-                    let row: NodeRow = sqlx::query_as(select_node!("WHERE node_id = ?"))
+                    let row: NodeRow = sql::query_as(select_node!("WHERE node_id = ?"))
                         .bind(hello.id.as_str())
                         .fetch_one(tx.conn())
                         .await?;
@@ -212,7 +213,8 @@ impl Store {
             .write(move |tx| {
                 async move {
                     for (node, at) in beats {
-                        sqlx::query("UPDATE nodes SET last_heartbeat_at = max(last_heartbeat_at, ?) WHERE node_id = ?")
+                        // Only ever forward; no scalar max() on PostgreSQL.
+                        sql::query("UPDATE nodes SET last_heartbeat_at = ?1 WHERE node_id = ?2 AND last_heartbeat_at < ?1")
                             .bind(at.as_millis())
                             .bind(node.as_str())
                             .execute(tx.conn())
@@ -237,7 +239,7 @@ impl Store {
             .write(move |tx| {
                 async move {
                     let previous: Option<(String,)> =
-                        sqlx::query_as("SELECT status FROM nodes WHERE node_id = ?")
+                        sql::query_as("SELECT status FROM nodes WHERE node_id = ?")
                             .bind(id.as_str())
                             .fetch_optional(tx.conn())
                             .await?;
@@ -247,7 +249,7 @@ impl Store {
                     if previous == status.as_str() {
                         return Ok(());
                     }
-                    sqlx::query("UPDATE nodes SET status = ?, updated_at = ? WHERE node_id = ?")
+                    sql::query("UPDATE nodes SET status = ?, updated_at = ? WHERE node_id = ?")
                         .bind(status.as_str())
                         .bind(now.as_millis())
                         .bind(id.as_str())
@@ -281,14 +283,14 @@ impl Store {
         self.writer
             .write(move |tx| {
                 async move {
-                    let row: Option<NodeRow> = sqlx::query_as(select_node!("WHERE node_id = ?"))
+                    let row: Option<NodeRow> = sql::query_as(select_node!("WHERE node_id = ?"))
                         .bind(id.as_str())
                         .fetch_optional(tx.conn())
                         .await?;
                     let Some(row) = row else { return Ok(None) };
                     let mut node = Node::try_from(row)?;
                     if node.cordoned != cordoned {
-                        sqlx::query(
+                        sql::query(
                             "UPDATE nodes SET cordoned = ?, updated_at = ? WHERE node_id = ?",
                         )
                         .bind(cordoned)

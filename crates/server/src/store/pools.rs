@@ -21,6 +21,7 @@ use boilerhouse_core::{ContainerId, TenantId, Timestamp, WorkloadId};
 
 use super::events::insert_event;
 use super::idempotency::insert_idempotent;
+use super::sql;
 use super::{Store, StoreError, WriteTx};
 
 mod rows;
@@ -56,16 +57,16 @@ fn conflict(what: String) -> StoreError {
 /// decision saw it. Bound by [`bind_expected`], in this order.
 macro_rules! container_is {
     () => {
-        "container_id = ? AND revision = ? AND state = ? AND tenant_id IS ? AND claim_generation = ? \
+        "container_id = ? AND revision = ? AND state = ? AND tenant_id IS NOT DISTINCT FROM ? AND claim_generation = ? \
          AND updated_at = ?"
     };
 }
 
 fn bind_expected<'q>(
-    query: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>,
+    query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>,
     id: &ContainerId,
     e: &'q Expected,
-) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments> {
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
     query
         .bind(id.to_string())
         .bind(e.revision as i64)
@@ -78,7 +79,7 @@ fn bind_expected<'q>(
 async fn apply_reservation(tx: &mut WriteTx, change: &ReservationChange) -> Result<(), StoreError> {
     let touched = match change {
         ReservationChange::Insert(r) => {
-            sqlx::query(
+            sql::query(
                 "INSERT INTO affinity_reservations (tenant_id, workload_id, container_id, node_id, reserved_at, \
                  expires_at) VALUES (?, ?, ?, ?, ?, ?)",
             )
@@ -92,7 +93,7 @@ async fn apply_reservation(tx: &mut WriteTx, change: &ReservationChange) -> Resu
             .await?
         }
         ReservationChange::Update { expected, new } => {
-            sqlx::query(
+            sql::query(
                 "UPDATE affinity_reservations SET node_id = ?, reserved_at = ?, expires_at = ? \
                  WHERE tenant_id = ? AND workload_id = ? AND container_id = ? AND expires_at = ?",
             )
@@ -107,7 +108,7 @@ async fn apply_reservation(tx: &mut WriteTx, change: &ReservationChange) -> Resu
             .await?
         }
         ReservationChange::Remove { expected } => {
-            sqlx::query(
+            sql::query(
                 "DELETE FROM affinity_reservations \
                  WHERE tenant_id = ? AND workload_id = ? AND container_id = ? AND expires_at = ?",
             )
@@ -130,9 +131,9 @@ async fn apply_reservation(tx: &mut WriteTx, change: &ReservationChange) -> Resu
 /// Binds the columns a change may set, in the order the statements list
 /// them: docker_id through updated_at.
 fn bind_changing<'q>(
-    query: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>,
+    query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>,
     c: &'q ContainerRecord,
-) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments> {
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
     query
         .bind(&c.docker_id)
         .bind(c.state.as_str())
@@ -155,7 +156,7 @@ async fn apply_container(tx: &mut WriteTx, change: &ContainerChange) -> Result<(
             if past_generation(tx, &c.id).await? > c.claim_generation as i64 {
                 return Err(conflict(format!("container {} had newer claims", c.id)));
             }
-            let query = sqlx::query(
+            let query = sql::query(
                 "INSERT INTO containers (container_id, pool_id, workload_id, node_id, spec_hash, created_at, \
                  docker_id, state, tenant_id, last_tenant_id, claim_generation, revision, limits_cpus, \
                  limits_memory, state_path, comm_path, updated_at) \
@@ -173,7 +174,7 @@ async fn apply_container(tx: &mut WriteTx, change: &ContainerChange) -> Result<(
             expected,
             record: c,
         } => {
-            let query = sqlx::query(concat!(
+            let query = sql::query(concat!(
                 "UPDATE containers SET docker_id = ?, state = ?, tenant_id = ?, last_tenant_id = ?, ",
                 "claim_generation = ?, revision = ?, limits_cpus = ?, limits_memory = ?, state_path = ?, ",
                 "comm_path = ?, updated_at = ? WHERE ",
@@ -184,7 +185,7 @@ async fn apply_container(tx: &mut WriteTx, change: &ContainerChange) -> Result<(
                 .await?
         }
         ContainerChange::Remove { id, expected } => {
-            let query = sqlx::query(concat!("DELETE FROM containers WHERE ", container_is!()));
+            let query = sql::query(concat!("DELETE FROM containers WHERE ", container_is!()));
             bind_expected(query, id, expected)
                 .execute(tx.conn())
                 .await?
@@ -206,7 +207,7 @@ async fn apply_claim(tx: &mut WriteTx, change: &ClaimChange) -> Result<(), Store
             if past_generation(tx, &c.container_id).await? >= c.generation as i64 {
                 return Err(conflict(format!("generation {} was used", c.generation)));
             }
-            sqlx::query(
+            sql::query(
                 "INSERT INTO claims (claim_id, tenant_id, workload_id, container_id, node_id, generation, source, \
                  status, claimed_at, last_activity_at, released_at, restored) \
                  VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -227,7 +228,7 @@ async fn apply_claim(tx: &mut WriteTx, change: &ClaimChange) -> Result<(), Store
             .await?;
         }
         ClaimChange::End(c) => {
-            let touched = sqlx::query(
+            let touched = sql::query(
                 "UPDATE claims SET status = ?, released_at = ? \
                  WHERE claim_id = ? AND status = 'active' AND generation = ?",
             )
@@ -245,8 +246,9 @@ async fn apply_claim(tx: &mut WriteTx, change: &ClaimChange) -> Result<(), Store
             }
         }
         ClaimChange::Touch { claim_id, at } => {
-            sqlx::query(
-                "UPDATE claims SET last_activity_at = max(last_activity_at, ?) WHERE claim_id = ?",
+            sql::query(
+                // Only ever forward; no scalar max() on PostgreSQL.
+                "UPDATE claims SET last_activity_at = ?1 WHERE claim_id = ?2 AND last_activity_at < ?1",
             )
             .bind(at.as_millis())
             .bind(claim_id)
@@ -254,7 +256,7 @@ async fn apply_claim(tx: &mut WriteTx, change: &ClaimChange) -> Result<(), Store
             .await?;
         }
         ClaimChange::Restored { claim_id } => {
-            sqlx::query("UPDATE claims SET restored = 1 WHERE claim_id = ?")
+            sql::query("UPDATE claims SET restored = TRUE WHERE claim_id = ?")
                 .bind(claim_id)
                 .execute(tx.conn())
                 .await?;
@@ -266,7 +268,7 @@ async fn apply_claim(tx: &mut WriteTx, change: &ClaimChange) -> Result<(), Store
 /// The highest generation any claim, ended or not, had on `container`.
 async fn past_generation(tx: &mut WriteTx, container: &ContainerId) -> Result<i64, StoreError> {
     let (top,): (i64,) =
-        sqlx::query_as("SELECT COALESCE(MAX(generation), 0) FROM claims WHERE container_id = ?")
+        sql::query_as("SELECT COALESCE(MAX(generation), 0) FROM claims WHERE container_id = ?")
             .bind(container.to_string())
             .fetch_one(tx.conn())
             .await?;
@@ -297,7 +299,7 @@ async fn apply(tx: &mut WriteTx, write: &PoolWrite) -> Result<(), StoreError> {
             _ => None,
         }))
     {
-        let (held,): (i64,) = sqlx::query_as(
+        let (held,): (i64,) = sql::query_as(
             "SELECT (SELECT COUNT(*) FROM claims WHERE tenant_id = ?1 AND workload_id = ?2 AND status = 'active') \
              + (SELECT COUNT(*) FROM affinity_reservations WHERE tenant_id = ?1 AND workload_id = ?2)",
         )
@@ -348,7 +350,7 @@ impl Store {
         &self,
         container: &ContainerId,
     ) -> Result<Option<(TenantId, u64)>, StoreError> {
-        let row: Option<(String, i64)> = sqlx::query_as(
+        let row: Option<(String, i64)> = sql::query_as(
             "SELECT tenant_id, generation FROM claims WHERE container_id = ? ORDER BY generation DESC LIMIT 1",
         )
         .bind(container.to_string())
@@ -365,7 +367,7 @@ impl Store {
 
     /// One claim by id, active or ended.
     pub async fn get_claim(&self, claim_id: &str) -> Result<Option<ClaimRecord>, StoreError> {
-        let row: Option<ClaimRow> = sqlx::query_as(
+        let row: Option<ClaimRow> = sql::query_as(
             "SELECT claim_id, tenant_id, workload_id, container_id, node_id, generation, source, status, \
              claimed_at, last_activity_at, released_at, restored FROM claims WHERE claim_id = ?",
         )
@@ -378,20 +380,20 @@ impl Store {
     /// Every container, active claim and reservation: what the pool index
     /// is rebuilt from at startup.
     pub async fn load_pool_snapshot(&self) -> Result<PoolSnapshot, StoreError> {
-        let containers: Vec<ContainerRow> = sqlx::query_as(
+        let containers: Vec<ContainerRow> = sql::query_as(
             "SELECT container_id, workload_id, node_id, docker_id, state, spec_hash, tenant_id, last_tenant_id, \
              claim_generation, revision, limits_cpus, limits_memory, state_path, comm_path, created_at, updated_at \
              FROM containers ORDER BY created_at",
         )
         .fetch_all(&self.reads)
         .await?;
-        let claims: Vec<ClaimRow> = sqlx::query_as(
+        let claims: Vec<ClaimRow> = sql::query_as(
             "SELECT claim_id, tenant_id, workload_id, container_id, node_id, generation, source, status, \
              claimed_at, last_activity_at, released_at, restored FROM claims WHERE status = 'active'",
         )
         .fetch_all(&self.reads)
         .await?;
-        let reservations: Vec<ReservationRow> = sqlx::query_as(
+        let reservations: Vec<ReservationRow> = sql::query_as(
             "SELECT tenant_id, workload_id, container_id, node_id, reserved_at, expires_at FROM affinity_reservations",
         )
         .fetch_all(&self.reads)
@@ -418,7 +420,7 @@ impl Store {
         include_ended: bool,
         limit: u32,
     ) -> Result<Vec<ClaimRecord>, StoreError> {
-        let rows: Vec<ClaimRow> = sqlx::query_as(
+        let rows: Vec<ClaimRow> = sql::query_as(
             "SELECT claim_id, tenant_id, workload_id, container_id, node_id, generation, source, status, \
              claimed_at, last_activity_at, released_at, restored FROM claims WHERE (? OR status = 'active') \
              ORDER BY claimed_at DESC LIMIT ?",
@@ -432,7 +434,7 @@ impl Store {
 
     /// Every pool's operator overrides.
     pub async fn pool_overrides(&self) -> Result<Vec<(WorkloadId, PoolOverride)>, StoreError> {
-        let rows: Vec<(String, Option<i64>, Option<i64>, bool)> = sqlx::query_as(
+        let rows: Vec<(String, Option<i64>, Option<i64>, sql::Flag)> = sql::query_as(
             "SELECT pool_id, min_size_override, max_size_override, draining FROM pools",
         )
         .fetch_all(&self.reads)
@@ -444,7 +446,7 @@ impl Store {
                     PoolOverride {
                         min_size: min.map(|m| m.clamp(0, i64::from(u32::MAX)) as u32),
                         max_size: max.map(|m| m.clamp(0, i64::from(u32::MAX)) as u32),
-                        draining,
+                        draining: draining.0,
                     },
                 ))
             })
@@ -462,7 +464,7 @@ impl Store {
         self.writer
             .write(move |tx| {
                 async move {
-                    sqlx::query(
+                    sql::query(
                         "INSERT INTO pools (pool_id, min_size_override, max_size_override, draining, created_at, \
                          updated_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (pool_id) DO UPDATE SET \
                          min_size_override = excluded.min_size_override, max_size_override = excluded.max_size_override, \

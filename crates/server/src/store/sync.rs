@@ -11,6 +11,7 @@ use boilerhouse_core::sync::{ERROR_HISTORY, SyncErrorEntry, SyncState, SyncStatu
 use boilerhouse_core::{ContainerId, TenantId, Timestamp, WorkloadId};
 
 use super::events::insert_event;
+use super::sql;
 use super::{Store, StoreError};
 
 /// A container whose upload on release failed and is being retried.
@@ -82,7 +83,7 @@ impl Store {
             .write(move |tx| {
                 async move {
                     for s in &statuses {
-                        sqlx::query(
+                        sql::query(
                             "INSERT INTO sync_status (tenant_id, workload_id, sync_id, state, last_sync_at, \
                              last_upload_at, pending_count, bytes_transferred, updated_at, warning) \
                              VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
@@ -106,7 +107,7 @@ impl Store {
                         .await?;
                     }
                     for (s, e) in &new_errors {
-                        sqlx::query(
+                        sql::query(
                             "INSERT INTO sync_errors (tenant_id, workload_id, sync_id, at, mapping, message) \
                              VALUES (?, ?, ?, ?, ?, ?)",
                         )
@@ -118,7 +119,7 @@ impl Store {
                         .bind(&e.message)
                         .execute(tx.conn())
                         .await?;
-                        sqlx::query(
+                        sql::query(
                             "DELETE FROM sync_errors WHERE tenant_id = ?1 AND workload_id = ?2 AND sync_id = ?3 \
                              AND id NOT IN (SELECT id FROM sync_errors WHERE tenant_id = ?1 AND workload_id = ?2 \
                              AND sync_id = ?3 ORDER BY id DESC LIMIT ?4)",
@@ -142,13 +143,13 @@ impl Store {
 
     /// Every stored status with its recent errors.
     pub async fn sync_statuses(&self) -> Result<Vec<SyncStatus>, StoreError> {
-        let rows: Vec<StatusRow> = sqlx::query_as(
+        let rows: Vec<StatusRow> = sql::query_as(
             "SELECT tenant_id, workload_id, sync_id, state, last_sync_at, last_upload_at, \
              pending_count, bytes_transferred, warning FROM sync_status ORDER BY tenant_id, workload_id, sync_id",
         )
         .fetch_all(&self.reads)
         .await?;
-        let errors: Vec<ErrorRow> = sqlx::query_as(
+        let errors: Vec<ErrorRow> = sql::query_as(
             "SELECT tenant_id, workload_id, sync_id, at, mapping, message FROM sync_errors ORDER BY id",
         )
         .fetch_all(&self.reads)
@@ -199,7 +200,7 @@ impl Store {
         self.writer
             .write(move |tx| {
                 async move {
-                    sqlx::query(
+                    sql::query(
                         "INSERT INTO sync_release_pending (container_id, tenant_id, workload_id, since, attempts, last_error) \
                          VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (container_id) DO UPDATE SET \
                          attempts = excluded.attempts, last_error = excluded.last_error",
@@ -232,7 +233,7 @@ impl Store {
         self.writer
             .write(move |tx| {
                 async move {
-                    sqlx::query("DELETE FROM sync_release_pending WHERE container_id = ?")
+                    sql::query("DELETE FROM sync_release_pending WHERE container_id = ?")
                         .bind(container.to_string())
                         .execute(tx.conn())
                         .await?;
@@ -248,7 +249,7 @@ impl Store {
 
     /// Every owed upload.
     pub async fn pending_releases(&self) -> Result<Vec<PendingReleaseUpload>, StoreError> {
-        let rows: Vec<PendingRow> = sqlx::query_as(
+        let rows: Vec<PendingRow> = sql::query_as(
             "SELECT container_id, tenant_id, workload_id, since, attempts, last_error \
              FROM sync_release_pending ORDER BY since",
         )

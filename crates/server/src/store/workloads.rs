@@ -7,6 +7,7 @@ use boilerhouse_core::workload::{WorkloadRecord, WorkloadSpec};
 use boilerhouse_core::{Timestamp, WorkloadId};
 
 use super::events::insert_event;
+use super::sql;
 use super::{Store, StoreError};
 
 /// What storing a workload changed.
@@ -78,7 +79,7 @@ impl Store {
             .write(move |tx| {
                 async move {
                     let id = spec.id.to_string();
-                    let existing: Option<(String, String, String, i64, i64)> = sqlx::query_as(
+                    let existing: Option<(String, String, String, i64, i64)> = sql::query_as(
                         "SELECT spec_hash, yaml, source_path, created_at, updated_at \
                          FROM workloads WHERE workload_id = ?",
                     )
@@ -104,7 +105,7 @@ impl Store {
                         }
                     };
                     if change != WorkloadChange::Unchanged {
-                        sqlx::query(
+                        sql::query(
                             "INSERT INTO workloads (workload_id, name, image, spec_json, \
                              spec_hash, yaml, source_path, created_at, updated_at) \
                              VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) \
@@ -124,7 +125,7 @@ impl Store {
                         .bind(updated_at.as_millis())
                         .execute(tx.conn())
                         .await?;
-                        sqlx::query(
+                        sql::query(
                             "INSERT INTO pools (pool_id, created_at, updated_at) VALUES (?, ?, ?) \
                              ON CONFLICT (pool_id) DO NOTHING",
                         )
@@ -183,13 +184,13 @@ impl Store {
             .write(move |tx| {
                 async move {
                     let row: Option<WorkloadRow> =
-                        sqlx::query_as(select_workload!("WHERE workload_id = ?"))
+                        sql::query_as(select_workload!("WHERE workload_id = ?"))
                             .bind(id.as_str())
                             .fetch_optional(tx.conn())
                             .await?;
                     let Some(row) = row else { return Ok(None) };
                     let record = WorkloadRecord::try_from(row)?;
-                    sqlx::query("DELETE FROM workloads WHERE workload_id = ?")
+                    sql::query("DELETE FROM workloads WHERE workload_id = ?")
                         .bind(id.as_str())
                         .execute(tx.conn())
                         .await?;
@@ -213,7 +214,7 @@ impl Store {
 
     /// Every stored workload, by id.
     pub async fn list_workloads(&self) -> Result<Vec<WorkloadRecord>, StoreError> {
-        let rows: Vec<WorkloadRow> = sqlx::query_as(select_workload!("ORDER BY workload_id"))
+        let rows: Vec<WorkloadRow> = sql::query_as(select_workload!("ORDER BY workload_id"))
             .fetch_all(&self.reads)
             .await?;
         rows.into_iter().map(WorkloadRecord::try_from).collect()
@@ -224,7 +225,7 @@ impl Store {
         &self,
         id: &WorkloadId,
     ) -> Result<Option<WorkloadRecord>, StoreError> {
-        let row: Option<WorkloadRow> = sqlx::query_as(select_workload!("WHERE workload_id = ?"))
+        let row: Option<WorkloadRow> = sql::query_as(select_workload!("WHERE workload_id = ?"))
             .bind(id.as_str())
             .fetch_optional(&self.reads)
             .await?;

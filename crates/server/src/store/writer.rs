@@ -22,17 +22,19 @@ use std::any::Any;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use sqlx::{Connection, SqliteConnection};
+use sqlx::{AnyConnection, Connection};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use boilerhouse_core::event::Event;
 
-use super::StoreError;
+use super::connect::Connector;
+use super::sql::Backend;
+use super::{Fence, StoreError};
 
 /// What a write operation sees: the write connection, inside a transaction,
 /// and the events it recorded (published to watchers only after commit).
 pub struct WriteTx {
-    pub(super) conn: SqliteConnection,
+    pub(super) conn: AnyConnection,
     pub(super) new_events: Vec<Event>,
     /// Who caused the operation running now: one transaction carries the
     /// operations of many callers, so each sets this before it runs.
@@ -41,7 +43,7 @@ pub struct WriteTx {
 
 impl WriteTx {
     /// The connection, for queries.
-    pub fn conn(&mut self) -> &mut SqliteConnection {
+    pub fn conn(&mut self) -> &mut AnyConnection {
         &mut self.conn
     }
 }
@@ -78,13 +80,23 @@ impl Writer {
     /// commit; 1 turns group commit off (one transaction per write), which
     /// the benchmark uses as its baseline.
     pub(super) fn spawn(
-        conn: SqliteConnection,
+        conn: AnyConnection,
+        connector: Connector,
+        fence: Option<Fence>,
         max_batch: usize,
         events: broadcast::Sender<Event>,
         stats: std::sync::Arc<std::sync::Mutex<WriterStats>>,
     ) -> Self {
         let (tx, rx) = mpsc::channel(4096);
-        tokio::spawn(run(conn, rx, max_batch.max(1), events, stats));
+        tokio::spawn(run(
+            conn,
+            connector,
+            fence,
+            rx,
+            max_batch.max(1),
+            events,
+            stats,
+        ));
         Self { tx }
     }
 
@@ -140,7 +152,9 @@ impl Writer {
 }
 
 async fn run(
-    conn: SqliteConnection,
+    conn: AnyConnection,
+    connector: Connector,
+    fence: Option<Fence>,
     mut rx: mpsc::Receiver<WriteRequest>,
     max_batch: usize,
     events: broadcast::Sender<Event>,
@@ -151,6 +165,8 @@ async fn run(
         new_events: Vec::new(),
         caused_by: None,
     };
+    // Set when the connection broke: the next batch opens a new one.
+    let mut broken = false;
     let mut batch: Vec<WriteRequest> = Vec::with_capacity(max_batch);
     // recv() returns None only once every Writer handle is gone: the store
     // was dropped, so there is nothing left to write.
@@ -163,7 +179,25 @@ async fn run(
             }
         }
         let count = batch.len() as u64;
-        let committed = commit_batch(&mut tx, &mut batch).await;
+        if broken {
+            match connector.connect().await {
+                Ok(conn) => {
+                    tracing::info!(
+                        backend = connector.backend().as_str(),
+                        "store: write connection reopened"
+                    );
+                    // The old connection is dead or poisoned.
+                    drop(std::mem::replace(&mut tx.conn, conn));
+                }
+                Err(e) => {
+                    fail_all(&mut batch, &e);
+                    continue;
+                }
+            }
+        }
+        let outcome = commit_batch(&mut tx, connector.backend(), fence.as_ref(), &mut batch).await;
+        broken = outcome == Outcome::Broken;
+        let committed = outcome == Outcome::Committed;
         if committed {
             if let Ok(mut s) = stats.lock() {
                 s.commits += 1;
@@ -180,13 +214,55 @@ async fn run(
     let _ = tx.conn.close().await;
 }
 
+/// How a batch ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// Committed: every operation that succeeded is durable.
+    Committed,
+    /// Rolled back; the connection is fine.
+    RolledBack,
+    /// Rolled back, or never begun, and the connection cannot be trusted
+    /// (I/O error, the database server went away): open a new one.
+    Broken,
+}
+
 /// Runs one batch as one transaction and answers every request in it.
-/// Returns whether the transaction committed.
-async fn commit_batch(tx: &mut WriteTx, batch: &mut Vec<WriteRequest>) -> bool {
-    if let Err(e) = begin_immediate(&mut tx.conn).await {
+async fn commit_batch(
+    tx: &mut WriteTx,
+    backend: Backend,
+    fence: Option<&Fence>,
+    batch: &mut Vec<WriteRequest>,
+) -> Outcome {
+    if let Some(fence) = fence
+        && fence.lost.is_cancelled()
+    {
+        // Stepping down: memory may differ from the database, so nothing
+        // decided from it may be written.
+        fail_all(
+            batch,
+            &StoreError::NotLeader("this server is stepping down".into()),
+        );
+        return Outcome::RolledBack;
+    }
+    if let Err((e, broken)) = begin(&mut tx.conn, backend).await {
         tracing::error!(error = %e, "store: could not begin a write transaction");
         fail_all(batch, &e);
-        return false;
+        return if broken {
+            Outcome::Broken
+        } else {
+            Outcome::RolledBack
+        };
+    }
+    if let Some(fence) = fence
+        && let Err((e, broken)) = check_fence(&mut tx.conn, fence).await
+    {
+        let _ = sqlx::query("ROLLBACK").execute(&mut tx.conn).await;
+        fail_all(batch, &e);
+        return if broken {
+            Outcome::Broken
+        } else {
+            Outcome::RolledBack
+        };
     }
     type Answer = (oneshot::Sender<AnyResult>, AnyResult, Option<CommitHook>);
     let mut results: Vec<Answer> = Vec::with_capacity(batch.len());
@@ -198,7 +274,7 @@ async fn commit_batch(tx: &mut WriteTx, batch: &mut Vec<WriteRequest>) -> bool {
             tx.new_events.truncate(events_before);
         }
         match result {
-            Err(StoreError::Database(e)) if is_fatal(&e) => {
+            Err(StoreError::Database(e)) if is_fatal(&e, backend) => {
                 // The transaction itself is broken (I/O error, disk full):
                 // nothing in it can commit.
                 let message = e.to_string();
@@ -211,7 +287,7 @@ async fn commit_batch(tx: &mut WriteTx, batch: &mut Vec<WriteRequest>) -> bool {
                 for rest in pending {
                     let _ = rest.reply.send(Err(err.clone()));
                 }
-                return false;
+                return Outcome::Broken;
             }
             other => {
                 let hook = request.on_commit.filter(|_| other.is_ok());
@@ -236,16 +312,30 @@ async fn commit_batch(tx: &mut WriteTx, batch: &mut Vec<WriteRequest>) -> bool {
             for (reply, result) in replies {
                 let _ = reply.send(result);
             }
-            true
+            Outcome::Committed
         }
         Err(e) => {
-            tracing::error!(error = %e, "store: commit failed; the batch is rolled back");
+            let broken = is_fatal(&e, backend);
+            if broken && let Some(fence) = fence {
+                // The connection broke while committing: the database may
+                // or may not have the batch, and the mirrors (which follow
+                // commits) cannot know which. The server must restore
+                // from the database before it decides anything again.
+                tracing::error!(error = %e, "store: the outcome of a commit is unknown; this server must restore from the database");
+                fence.lost.cancel();
+            } else {
+                tracing::error!(error = %e, "store: commit failed; the batch is rolled back");
+            }
             let _ = sqlx::query("ROLLBACK").execute(&mut tx.conn).await;
             let err = StoreError::Unavailable(e.to_string());
             for (reply, _, _) in results {
                 let _ = reply.send(Err(err.clone()));
             }
-            false
+            if broken {
+                Outcome::Broken
+            } else {
+                Outcome::RolledBack
+            }
         }
     }
 }
@@ -265,22 +355,63 @@ async fn run_in_savepoint(tx: &mut WriteTx, op: WriteOp) -> AnyResult {
     }
 }
 
-/// BEGIN IMMEDIATE takes the write lock up front. Another process (an
-/// operator's sqlite3 shell) may hold it; retry with backoff on top of the
-/// connection's busy timeout rather than failing the whole batch.
-async fn begin_immediate(conn: &mut SqliteConnection) -> Result<(), StoreError> {
+/// The leader's fence, first in every write transaction: the lease row's
+/// epoch, read under a share lock held until COMMIT, must be this
+/// server's. Another epoch means another replica took the lease; the
+/// share lock means no replica can take it while this transaction is open.
+async fn check_fence(conn: &mut AnyConnection, fence: &Fence) -> Result<(), (StoreError, bool)> {
+    let row: Result<(i64, String), sqlx::Error> =
+        sqlx::query_as("SELECT epoch, address FROM leadership WHERE id = 1 FOR SHARE")
+            .fetch_one(&mut *conn)
+            .await;
+    match row {
+        Ok((epoch, _)) if epoch == fence.epoch => Ok(()),
+        Ok((epoch, address)) => {
+            tracing::error!(
+                ours = fence.epoch,
+                current = epoch,
+                leader = %address,
+                "store: fenced: another server holds the lease; this one commits nothing more"
+            );
+            fence.lost.cancel();
+            Err((
+                StoreError::NotLeader(format!("the leader is {address} (epoch {epoch})")),
+                false,
+            ))
+        }
+        Err(e) => {
+            let broken = is_fatal(&e, Backend::Postgres);
+            Err((StoreError::Unavailable(e.to_string()), broken))
+        }
+    }
+}
+
+/// Begins the batch's transaction. On SQLite, BEGIN IMMEDIATE takes the
+/// write lock up front; another process (an operator's sqlite3 shell) may
+/// hold it, so retry with backoff on top of the connection's busy timeout
+/// rather than failing the whole batch. On PostgreSQL a plain BEGIN: this
+/// task is the only writer of its server. The error says whether the
+/// connection is broken.
+async fn begin(conn: &mut AnyConnection, backend: Backend) -> Result<(), (StoreError, bool)> {
+    let statement = match backend {
+        Backend::Sqlite => "BEGIN IMMEDIATE",
+        Backend::Postgres => "BEGIN",
+    };
     let mut delay = Duration::from_millis(10);
     let mut attempt = 0;
     loop {
-        match sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await {
+        match sqlx::query(statement).execute(&mut *conn).await {
             Ok(_) => return Ok(()),
-            Err(e) if is_busy(&e) && attempt < 5 => {
+            Err(e) if backend == Backend::Sqlite && is_busy(&e) && attempt < 5 => {
                 attempt += 1;
                 tracing::warn!(attempt, "store: database is busy, retrying");
                 tokio::time::sleep(delay).await;
                 delay *= 2;
             }
-            Err(e) => return Err(StoreError::Unavailable(e.to_string())),
+            Err(e) => {
+                let broken = is_fatal(&e, backend);
+                return Err((StoreError::Unavailable(e.to_string()), broken));
+            }
         }
     }
 }
@@ -303,12 +434,29 @@ fn is_busy(e: &sqlx::Error) -> bool {
     matches!(sqlite_code(e).map(|c| c & 0xff), Some(5 | 6))
 }
 
-/// Errors after which the open transaction cannot be trusted: SQLITE_IOERR
-/// (10), SQLITE_CORRUPT (11), SQLITE_FULL (13), SQLITE_NOTADB (26), or the
-/// connection itself failing.
-fn is_fatal(e: &sqlx::Error) -> bool {
+/// Errors after which the open transaction, or the connection, cannot be
+/// trusted. SQLite: SQLITE_IOERR (10), SQLITE_CORRUPT (11), SQLITE_FULL
+/// (13), SQLITE_NOTADB (26). PostgreSQL: the SQLSTATE classes for a lost
+/// connection (08), insufficient resources such as a full disk (53), an
+/// operator intervention such as a server shutting down (57), a system
+/// error (58) and an internal error (XX). Either: the connection itself
+/// failing.
+pub(super) fn is_fatal(e: &sqlx::Error, backend: Backend) -> bool {
     match e {
-        sqlx::Error::Io(_) | sqlx::Error::WorkerCrashed => true,
-        _ => matches!(sqlite_code(e).map(|c| c & 0xff), Some(10 | 11 | 13 | 26)),
+        sqlx::Error::Io(_)
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed => true,
+        sqlx::Error::Database(db) => match backend {
+            Backend::Sqlite => matches!(sqlite_code(e).map(|c| c & 0xff), Some(10 | 11 | 13 | 26)),
+            Backend::Postgres => db.code().is_some_and(|code| {
+                ["08", "53", "57", "58", "XX"]
+                    .iter()
+                    .any(|class| code.starts_with(class))
+            }),
+        },
+        _ => false,
     }
 }

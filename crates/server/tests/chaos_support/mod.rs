@@ -17,6 +17,7 @@ use std::time::Duration;
 use boilerhouse_proto::pb;
 use boilerhouse_proto::pb::claim_service_client::ClaimServiceClient;
 use boilerhouse_proto::tls::AuthedChannel as Channel;
+use boilerhouse_server::store::{Backend, DatabaseLocation, sql};
 use boilerhouse_testkit::docker::containers_with;
 use boilerhouse_testkit::eventually;
 use tonic::Code;
@@ -208,7 +209,8 @@ pub struct Subject<'a> {
     /// An authenticated channel to the server.
     pub channel: Channel,
     /// The server's SQLite file.
-    pub database: PathBuf,
+    /// What `--database` took: the SQLite file or a PostgreSQL URL.
+    pub database: String,
     /// Each agent's state root.
     pub state_roots: Vec<PathBuf>,
     /// Every node's name.
@@ -255,10 +257,11 @@ pub async fn check(subject: &Subject<'_>, history: &BTreeMap<String, Vec<Op>>) -
         }
     }
     // ...the database...
-    let mut conn = boilerhouse_server::store::open_raw(&subject.database)
+    let location = DatabaseLocation::parse(&subject.database).unwrap();
+    let mut conn = boilerhouse_server::store::open_inspector(&location)
         .await
         .unwrap();
-    let shared: Vec<(String, i64)> = sqlx::query_as(
+    let shared: Vec<(String, i64)> = sql::query_as(
         "SELECT container_id, COUNT(DISTINCT tenant_id) FROM claims GROUP BY container_id HAVING COUNT(DISTINCT tenant_id) > 1",
     )
     .fetch_all(&mut conn)
@@ -300,7 +303,7 @@ pub async fn check(subject: &Subject<'_>, history: &BTreeMap<String, Vec<Op>>) -
                 Op::ReleaseAck { container } => (container, &["released", "lost"]),
                 _ => continue,
             };
-            let (n,): (i64,) = sqlx::query_as(
+            let (n,): (i64,) = sql::query_as(
                 "SELECT COUNT(*) FROM claims WHERE tenant_id = ? AND container_id = ? AND status IN (?, ?, ?)",
             )
             .bind(tenant)
@@ -393,13 +396,15 @@ pub async fn check(subject: &Subject<'_>, history: &BTreeMap<String, Vec<Op>>) -
         }
     }
 
-    // The database file is sound.
-    let (integrity,): (String,) = sqlx::query_as("PRAGMA integrity_check")
-        .fetch_one(&mut conn)
-        .await
-        .unwrap();
-    if integrity != "ok" {
-        violations.push(format!("integrity_check: {integrity}"));
+    // The database file is sound (PostgreSQL checks its own pages).
+    if location.backend() == Backend::Sqlite {
+        let (integrity,): (String,) = sqlx::query_as("PRAGMA integrity_check")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        if integrity != "ok" {
+            violations.push(format!("integrity_check: {integrity}"));
+        }
     }
 
     Verdict {

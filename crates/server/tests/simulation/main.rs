@@ -275,11 +275,19 @@ async fn run(seed: u64) -> world::Stats {
     w.stats
 }
 
+/// Schedules per run: 2,000 on SQLite; 200 on PostgreSQL, where every
+/// commit is a network round trip and each schedule's schema is made and
+/// migrated anew (the PostgreSQL pass checks that the store keeps the same
+/// promises there; the search for new schedules is SQLite's pass).
 fn schedules() -> u64 {
+    let default = match boilerhouse_testkit::database::backend() {
+        boilerhouse_testkit::database::TestBackend::Sqlite => 2000,
+        boilerhouse_testkit::database::TestBackend::Postgres => 200,
+    };
     std::env::var("BOILERHOUSE_SIM_SCHEDULES")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(2000)
+        .unwrap_or(default)
 }
 
 /// Runs seeds `shard, shard + shards, ...` on a single-threaded runtime,

@@ -2,8 +2,8 @@
 //! pool index mirrored from its commits exactly as the server does it, and
 //! a model of the hosts (containers, state files, reports).
 
+use boilerhouse_testkit::database::TestDatabase;
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -13,7 +13,7 @@ use boilerhouse_core::pool::index::Index;
 use boilerhouse_core::pool::write::PoolWrite;
 use boilerhouse_core::pool::{ContainerRecord, ContainerState};
 use boilerhouse_core::{ContainerId, NodeId, TenantId, Timestamp, WorkloadId};
-use boilerhouse_server::store::{Store, StoreError, StoreOptions};
+use boilerhouse_server::store::{DatabaseLocation, Store, StoreError, StoreOptions};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -98,8 +98,8 @@ pub struct World {
     pub rng: StdRng,
     pub now: Timestamp,
     pub store: Store,
-    path: PathBuf,
-    _dir: tempfile::TempDir,
+    /// SQLite, or a PostgreSQL schema when the run is on it.
+    database: TestDatabase,
     /// The mirror, changed only by the commit hook.
     pub index: Arc<Mutex<Index>>,
     pub anomalies: Arc<Mutex<Vec<String>>>,
@@ -126,13 +126,14 @@ pub struct World {
     next: u64,
 }
 
-async fn open(path: &std::path::Path) -> Store {
+async fn open(database: &TestDatabase) -> Store {
     Store::open(
-        path,
+        DatabaseLocation::parse(database.value()).expect("a database location"),
         StoreOptions {
             synchronous_full: false,
             max_batch: 64,
             read_connections: 1,
+            fence: None,
         },
     )
     .await
@@ -149,9 +150,8 @@ async fn rebuild(store: &Store) -> Index {
 
 impl World {
     pub async fn new(seed: u64) -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("sim.db");
-        let store = open(&path).await;
+        let database = TestDatabase::fresh().await.expect("a test database");
+        let store = open(&database).await;
         let mut rng = StdRng::seed_from_u64(seed);
         let nodes = rng.random_range(1..=3);
         let hosts = (0..nodes)
@@ -192,8 +192,7 @@ impl World {
             rng,
             now: Timestamp::from_millis(1_700_000_000_000),
             store,
-            path,
-            _dir: dir,
+            database,
             index: Arc::default(),
             anomalies: Arc::default(),
             hosts,
@@ -290,7 +289,7 @@ impl World {
     pub async fn restart(&mut self) {
         let before = self.index();
         self.store.close().await;
-        self.store = open(&self.path).await;
+        self.store = open(&self.database).await;
         let after = rebuild(&self.store).await;
         assert_eq!(
             before, after,

@@ -6,6 +6,8 @@
 //!                                      labelled boilerhouse.test-run=<run>,
 //!                                      and the run's test networks
 //!                                      (network namespaces, client legs)
+//!                                      and, with BOILERHOUSE_POSTGRES_URL,
+//!                                      its PostgreSQL schemas
 
 use std::collections::HashMap;
 
@@ -75,6 +77,12 @@ async fn main() -> anyhow::Result<()> {
         // Before Docker: a machine without an engine can still have them.
         let removed = boilerhouse_testkit::netns::clean_run(run);
         println!("removed {removed} network namespaces and links of test run {run}");
+        if let Ok(admin) = std::env::var("BOILERHOUSE_POSTGRES_URL") {
+            match boilerhouse_testkit::database::drop_run_schemas(&admin, run).await {
+                Ok(n) => println!("removed {n} PostgreSQL schemas of test run {run}"),
+                Err(e) => eprintln!("cannot drop the PostgreSQL schemas of test run {run}: {e}"),
+            }
+        }
     }
     let docker = bollard::Docker::connect_with_local_defaults()?
         .negotiate_version()

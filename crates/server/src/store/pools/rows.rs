@@ -79,7 +79,7 @@ pub(super) struct ClaimRow {
     claimed_at: i64,
     last_activity_at: i64,
     released_at: Option<i64>,
-    restored: bool,
+    restored: super::sql::Flag,
 }
 
 impl TryFrom<ClaimRow> for ClaimRecord {
@@ -98,7 +98,7 @@ impl TryFrom<ClaimRow> for ClaimRecord {
             claimed_at: Timestamp::from_millis(r.claimed_at),
             last_activity_at: Timestamp::from_millis(r.last_activity_at),
             released_at: r.released_at.map(Timestamp::from_millis),
-            restored: r.restored,
+            restored: r.restored.0,
         })
     }
 }

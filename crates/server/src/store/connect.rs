@@ -1,0 +1,124 @@
+//! Opening connections to either backend, configured the same way every
+//! time: the writer reopens its connection after the database server went
+//! away, and must get exactly what it had.
+
+use std::time::Duration;
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::{AnyConnection, AnyPool, ConnectOptions, Executor};
+
+use super::StoreError;
+use super::sql::{Backend, DatabaseLocation};
+
+/// Makes write connections (and the read pool) for one database.
+#[derive(Clone)]
+pub(super) struct Connector {
+    location: DatabaseLocation,
+    synchronous_full: bool,
+}
+
+impl Connector {
+    pub(super) fn new(location: DatabaseLocation, synchronous_full: bool) -> Self {
+        sqlx::any::install_default_drivers();
+        Self {
+            location,
+            synchronous_full,
+        }
+    }
+
+    pub(super) fn backend(&self) -> Backend {
+        self.location.backend()
+    }
+
+    /// The URL sqlx's `Any` driver opens. `mode` is SQLite's open mode.
+    fn url(&self, sqlite_mode: &str) -> Result<AnyConnectOptions, StoreError> {
+        let url = match &self.location {
+            DatabaseLocation::Sqlite(path) => {
+                // Percent-encoded, so a path with '?', '#' or '%' in it
+                // opens the file it names.
+                let mut url = url::Url::parse("sqlite://localhost/")
+                    .map_err(|e| StoreError::Internal(e.to_string()))?;
+                let absolute = std::path::absolute(path).map_err(|e| {
+                    StoreError::Unavailable(format!("database path {}: {e}", path.display()))
+                })?;
+                url.set_path(&absolute.to_string_lossy());
+                format!("sqlite://{}?mode={sqlite_mode}", url.path())
+            }
+            DatabaseLocation::Postgres(url) => url.clone(),
+        };
+        let options: AnyConnectOptions = url.parse().map_err(|e: sqlx::Error| {
+            StoreError::Unavailable(format!("database {}: {e}", self.location))
+        })?;
+        Ok(options.log_statements(tracing::log::LevelFilter::Trace))
+    }
+
+    /// The write connection. SQLite: WAL, `synchronous` as configured, no
+    /// automatic checkpoints (a background task checkpoints, so no commit
+    /// stalls behind one). PostgreSQL: `synchronous_commit` likewise.
+    pub(super) async fn connect(&self) -> Result<AnyConnection, StoreError> {
+        let mut conn = self
+            .url("rwc")?
+            .connect()
+            .await
+            .map_err(|e| unavailable(&self.location, e))?;
+        for statement in self.session_settings(true) {
+            conn.execute(statement)
+                .await
+                .map_err(|e| unavailable(&self.location, e))?;
+        }
+        Ok(conn)
+    }
+
+    /// A connection for maintenance (checkpoints): as the writer's, but
+    /// never the writer's.
+    pub(super) async fn connect_maintenance(&self) -> Result<AnyConnection, StoreError> {
+        self.connect().await
+    }
+
+    /// The read pool. SQLite: read-only connections, which never take the
+    /// write lock. PostgreSQL: ordinary connections, which reconnect by
+    /// themselves after the server restarts.
+    pub(super) async fn read_pool(&self, connections: u32) -> Result<AnyPool, StoreError> {
+        let settings: Vec<&'static str> = self.session_settings(false);
+        AnyPoolOptions::new()
+            .max_connections(connections.max(1))
+            .acquire_timeout(Duration::from_secs(5))
+            .after_connect(move |conn, _meta| {
+                let settings = settings.clone();
+                Box::pin(async move {
+                    for statement in settings {
+                        conn.execute(statement).await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect_with(self.url("ro")?)
+            .await
+            .map_err(|e| unavailable(&self.location, e))
+    }
+
+    fn session_settings(&self, writer: bool) -> Vec<&'static str> {
+        match (self.backend(), writer) {
+            (Backend::Sqlite, true) => vec![
+                "PRAGMA busy_timeout = 5000",
+                "PRAGMA journal_mode = WAL",
+                if self.synchronous_full {
+                    "PRAGMA synchronous = FULL"
+                } else {
+                    "PRAGMA synchronous = NORMAL"
+                },
+                "PRAGMA wal_autocheckpoint = 0",
+                "PRAGMA foreign_keys = ON",
+            ],
+            (Backend::Sqlite, false) => vec!["PRAGMA busy_timeout = 5000"],
+            (Backend::Postgres, true) if !self.synchronous_full => {
+                vec!["SET synchronous_commit = off"]
+            }
+            (Backend::Postgres, _) => vec![],
+        }
+    }
+}
+
+fn unavailable(location: &DatabaseLocation, e: sqlx::Error) -> StoreError {
+    StoreError::Unavailable(format!("database {location}: {e}"))
+}
