@@ -200,7 +200,7 @@ impl ClusterBuilder {
             hosts,
         };
         for prefix in &self.nodes {
-            cluster.spawn_agent(prefix);
+            cluster.spawn_agent(prefix, None);
         }
         cluster.wait_ready().await;
         Some(cluster)
@@ -303,7 +303,16 @@ impl Cluster {
     /// Starts an agent for a new node (named like [`ClusterBuilder::node`])
     /// and waits until it is ready; returns its index.
     pub async fn add_node(&mut self, prefix: &str) -> usize {
-        self.spawn_agent(prefix);
+        self.spawn_agent(prefix, None);
+        self.wait_ready().await;
+        self.agents.len() - 1
+    }
+
+    /// [`Cluster::add_node`] with an agent given `server` as its
+    /// `--server` (a list, say, of which this cluster's server is one),
+    /// and the cluster's TLS settings for all of it.
+    pub async fn add_node_via(&mut self, prefix: &str, server: &str) -> usize {
+        self.spawn_agent(prefix, Some(server));
         self.wait_ready().await;
         self.agents.len() - 1
     }
@@ -503,11 +512,11 @@ impl Cluster {
         body
     }
 
-    fn spawn_agent(&mut self, prefix: &str) {
+    fn spawn_agent(&mut self, prefix: &str, server: Option<&str>) {
         let node = unique_node(prefix);
         let mut options = AgentOptions::new(
             &node,
-            self.server.url(),
+            server.map_or_else(|| self.server.url(), str::to_owned),
             self.dir.path().join("agents").join(&node),
         );
         options.labels = self.labels.clone();

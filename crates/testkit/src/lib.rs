@@ -3,7 +3,8 @@
 //! need both), build the test image without a registry,
 //! drive a real agent from a fake control plane, run the real `bh` and
 //! `grpcurl`, put processes on hosts of their own on a private network
-//! that tests can break (`netns`), and poll for conditions with a deadline.
+//! that tests can break (`netns`), stand a fake standby server beside a real
+//! one (`standby`), and poll for conditions with a deadline.
 
 pub mod cluster;
 pub mod database;
@@ -12,6 +13,7 @@ pub mod fake;
 pub mod netns;
 mod processes;
 pub mod s3;
+pub mod standby;
 
 pub use processes::{
     AgentOptions, AgentProcess, AgentTls, Credentials, ReadyFile, ServerOptions, ServerProcess,
