@@ -28,7 +28,7 @@ use boilerhouse_proto::pb;
 use crate::api::{self, AppState};
 use crate::config::Config;
 use crate::metrics::{self, Metrics};
-use crate::store::{Store, StoreOptions};
+use crate::store::StoreOptions;
 use crate::tasks::Driver;
 use crate::workloads::{ReloadTask, WorkloadDir};
 
@@ -66,16 +66,18 @@ pub async fn run(
     metrics_listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let store = Store::open(
+    // Checked first, and refused rather than replaced when missing or
+    // damaged; the guard holds the database's lock until run() returns.
+    let (store, _database) = crate::database::open(
         &config.database,
+        config.rebuild_from_agents,
         StoreOptions {
             synchronous_full: config.synchronous_full,
             ..StoreOptions::default()
         },
     )
-    .await
-    .with_context(|| format!("opening database {}", config.database.display()))?;
-    tracing::info!(path = %config.database.display(), "database open");
+    .await?;
+    tracing::info!(path = %config.database.display(), origin = ?_database.origin, "database open");
 
     tracing::info!(
         policy_file = %config.policy_file.as_deref().map_or("(none: strict defaults)".into(), |p| p.display().to_string()),

@@ -45,6 +45,7 @@
 mod boosts;
 mod events;
 mod idempotency;
+pub mod integrity;
 pub mod maintenance;
 mod nodes;
 mod pools;
