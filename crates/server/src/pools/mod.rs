@@ -203,7 +203,10 @@ impl Pools {
         capacity: Arc<dyn CapacityView>,
         retention: Arc<dyn Retention>,
     ) -> Result<Self, StoreError> {
-        let snapshot = store.load_pool_snapshot().await?;
+        let snapshot = recovery::without_orphans(store.load_pool_snapshot().await?);
+        store
+            .report_unreadable(&snapshot.unreadable, crate::clock::now())
+            .await?;
         let index = Index::from_rows(snapshot.containers, snapshot.claims, snapshot.reservations);
         Ok(Self {
             inner: Arc::new(Inner {

@@ -14,6 +14,7 @@ use boilerhouse_core::{BoostId, ContainerId, NodeId, TenantId, Timestamp, Worklo
 
 use super::events::insert_event;
 use super::idempotency::insert_idempotent;
+use super::lenient::{self, Lenient};
 use super::{IdempotentRecord, Store, StoreError};
 
 /// One atomic change to boosts.
@@ -153,13 +154,15 @@ impl Store {
     }
 
     /// Pending and active boosts: what the ledger is rebuilt from.
-    pub async fn live_boosts(&self) -> Result<Vec<Boost>, StoreError> {
-        let rows: Vec<BoostRow> = sqlx::query_as(select_boosts!(
+    pub async fn live_boosts(&self) -> Result<Lenient<Boost>, StoreError> {
+        let rows = sqlx::query(select_boosts!(
             "WHERE status IN ('pending', 'active') ORDER BY requested_at"
         ))
         .fetch_all(&self.reads)
         .await?;
-        rows.into_iter().map(Boost::try_from).collect()
+        Ok(lenient::decode::<BoostRow, _>(rows, "boosts", |r| {
+            lenient::text(r, "boost_id")
+        }))
     }
 
     /// Boosts drawing from or raising `node` (all of them without a node),
