@@ -57,6 +57,7 @@ const SERVICES: &[&str] = &[
     "boilerhouse.v1.ReconcileService",
     "boilerhouse.v1.AgentService",
     "boilerhouse.v1.SystemService",
+    "boilerhouse.v1.AdminService",
 ];
 
 /// Runs the server on the given listeners until `shutdown` resolves.
@@ -367,6 +368,7 @@ pub async fn run(
     let reflection_v1alpha =
         reflection(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET).build_v1alpha()?;
 
+    use pb::admin_service_server::AdminServiceServer;
     use pb::affinity_service_server::AffinityServiceServer;
     use pb::agent_service_server::AgentServiceServer;
     use pb::boost_service_server::BoostServiceServer;
@@ -398,6 +400,7 @@ pub async fn run(
         .add_service(EventServiceServer::new(api::events::Events(state.clone())))
         .add_service(NodeServiceServer::new(api::nodes::Nodes(state.clone())))
         .add_service(SystemServiceServer::new(api::system::System(state.clone())))
+        .add_service(AdminServiceServer::new(api::admin::Admin(state.clone())))
         .add_service(PoolServiceServer::new(api::pools::PoolsApi(state.clone())))
         .add_service(ClaimServiceServer::new(api::pools::Claims(state.clone())))
         .add_service(AffinityServiceServer::new(api::pools::Affinity(

@@ -162,6 +162,31 @@ pub fn write_marker(db: &Path, origin: &str) -> std::io::Result<()> {
     write_atomic(&marker(db), text.as_bytes())
 }
 
+/// Removes copies a backup left behind (`<db>.backup-*.tmp`) when the
+/// server stopped in the middle of one; called with the lock held, so no
+/// backup of this database is in progress.
+pub fn remove_stale_copies(db: &Path) {
+    let (Some(dir), Some(name)) = (db.parent(), db.file_name()) else {
+        return;
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let prefix = format!("{}.backup-", name.to_string_lossy());
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file = entry.file_name().to_string_lossy().into_owned();
+        if file.starts_with(&prefix) && file.ends_with(".tmp") {
+            tracing::info!(path = %entry.path().display(), "removing the copy an interrupted backup left");
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
 /// Which of our files beside `db` exist (not the database itself): what
 /// shows that a server ran here before.
 pub fn evidence(db: &Path) -> Vec<PathBuf> {

@@ -42,6 +42,7 @@
 //! everything waiting as one transaction ([`writer`]); reads go through a
 //! separate read-only pool and never wait for the writer.
 
+mod backup;
 mod boosts;
 mod events;
 mod idempotency;
