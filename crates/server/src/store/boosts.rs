@@ -175,7 +175,7 @@ impl Store {
     ) -> Result<Vec<Boost>, StoreError> {
         // A container boost's node is its source: it draws from the host
         // its container runs on.
-        let rows: Vec<BoostRow> = sqlx::query_as(select_boosts!(
+        let rows = sqlx::query(select_boosts!(
             "WHERE (?1 IS NULL OR source_node_id = ?1 OR target_node_id = ?1) \
              AND (?2 OR status IN ('pending', 'active')) ORDER BY requested_at DESC LIMIT ?3"
         ))
@@ -184,7 +184,8 @@ impl Store {
         .bind(i64::from(limit))
         .fetch_all(&self.reads)
         .await?;
-        rows.into_iter().map(Boost::try_from).collect()
+        // One unreadable boost (reported at startup) must not hide the rest.
+        Ok(lenient::decode::<BoostRow, _>(rows, "boosts", |r| lenient::text(r, "boost_id")).0)
     }
 
     /// One boost.
