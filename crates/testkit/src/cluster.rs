@@ -34,6 +34,7 @@
 
 mod multihost;
 pub use multihost::HOST_LABEL;
+mod offline;
 mod waits;
 
 use std::net::SocketAddr;
