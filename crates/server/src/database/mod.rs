@@ -126,7 +126,19 @@ pub async fn open(
         .map_err(|e| refuse_open_error(db, e))
         .with_context(|| format!("opening database {}", db.display()))?;
     guard.opened(&store).await?;
+    report_unreadable_rows(&store).await?;
     Ok((store, guard))
+}
+
+/// Reports the node and workload rows that cannot be read, before the
+/// workload loader and the agents' Hellos rewrite them. The loaders of
+/// the pool index, boosts and syncs report their own.
+async fn report_unreadable_rows(store: &Store) -> Result<(), StoreError> {
+    let (_, mut unreadable) = store.list_nodes_lenient().await?;
+    unreadable.extend(store.list_workloads_lenient().await?.1);
+    store
+        .report_unreadable(&unreadable, crate::clock::now())
+        .await
 }
 
 /// Decides whether the server may open `db`, and prepares it for the
@@ -154,6 +166,7 @@ pub async fn prepare(db: &Path, rebuild: bool) -> anyhow::Result<Guard> {
             return Err(e).with_context(|| format!("locking {}", files::lock_path(db).display()));
         }
     };
+    files::remove_stale_copies(db);
     let found = if db.exists() {
         integrity::check_file(db)
             .await
