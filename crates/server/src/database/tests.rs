@@ -153,3 +153,23 @@ async fn a_rebuild_of_a_sound_database_changes_nothing() {
     };
     assert!(store.list_events(&query).await.unwrap().len() > 100);
 }
+
+#[test]
+fn damage_that_shows_only_at_open_or_migration_is_refused_too() {
+    let db = Path::new("/var/lib/boilerhouse/boilerhouse.db");
+    let migration = StoreError::Unavailable(
+        "migration failed: error returned from database: (code: 11) database disk image is malformed"
+            .into(),
+    );
+    let e = refuse_open_error(db, migration);
+    let r = e.downcast_ref::<Refused>().expect("a refusal");
+    assert!(
+        r.sentence
+            .contains("is damaged (SQLite finds it malformed)"),
+        "{r:?}"
+    );
+    assert!(r.detail.as_deref().unwrap().contains("code: 11"), "{r:?}");
+    // Anything else stays what it was.
+    let busy = refuse_open_error(db, StoreError::Unavailable("database is locked".into()));
+    assert!(busy.downcast_ref::<Refused>().is_none());
+}
