@@ -272,12 +272,23 @@ async fn a_row_that_cannot_be_read_is_skipped_and_reported() {
         (BASE_NANO_CPUS + 500_000_000, BASE_MEMORY)
     );
     let node = c.node(0).to_owned();
+    c.wait_idle("demo", 1).await;
     c.stop_server().await;
 
-    // Three rows that no longer read: valid SQL values, invalid data.
+    // Four rows that no longer read: valid SQL values, invalid data.
     let db = c.server().database();
     let mut conn = boilerhouse_server::store::open_raw(&db).await.unwrap();
+    let (idle, idle_docker): (String, String) = sqlx::query_as(
+        "SELECT container_id, docker_id FROM containers WHERE state = 'idle' LIMIT 1",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
     for (sql, key) in [
+        (
+            "UPDATE containers SET tenant_id = 'not a tenant!' WHERE container_id = ?",
+            idle.as_str(),
+        ),
         (
             "UPDATE nodes SET labels_json = '{oops' WHERE node_id = ?",
             node.as_str(),
@@ -295,6 +306,13 @@ async fn a_row_that_cannot_be_read_is_skipped_and_reported() {
         assert_eq!(done.rows_affected(), 1, "{sql}");
     }
     drop(conn);
+    // The workload changed meanwhile, so that the idle container without a
+    // readable row is stale: reconciliation would destroy such a stray
+    // once its creation grace (1 s here) has passed, were it not left alone.
+    let file = c.server().workloads_dir().join("demo.yaml");
+    let yaml = std::fs::read_to_string(&file).unwrap() + "environment: {CHANGED: \"1\"}\n";
+    std::fs::write(&file, yaml).unwrap();
+    c.extend_config("reconcile_interval = \"300ms\"\nreconcile_creation_grace = \"1s\"");
 
     c.start_server().await;
     let skipped = events(&c, "database.row_skipped");
@@ -302,6 +320,7 @@ async fn a_row_that_cannot_be_read_is_skipped_and_reported() {
         format!("nodes row {node}"),
         "workloads row demo".to_owned(),
         format!("boosts row {boost}"),
+        format!("containers row {idle}"),
     ] {
         assert!(
             skipped
@@ -331,8 +350,29 @@ async fn a_row_that_cannot_be_read_is_skipped_and_reported() {
     c.bh_ok(&["boost", "status", "--all"]);
     c.eventually("the workload row healed from its file", || async {
         c.bh_ok(&["workload", "get", "demo"])
-            .contains("demo")
+            .contains("CHANGED")
             .then_some(())
     })
     .await;
+
+    // Reconciliation runs again and again, and leaves the container whose
+    // row it could not read where it is.
+    let passes = || {
+        let status: serde_json::Value =
+            serde_json::from_str(&c.bh_ok(&["status", "-o", "json"])).unwrap();
+        status["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["name"] == "reconcile")
+            .and_then(|t| t["activations"].as_u64())
+            .unwrap_or(0)
+    };
+    let first = passes();
+    c.eventually("five more reconcile passes", || async {
+        (passes() >= first + 5).then_some(())
+    })
+    .await;
+    assert!(c.exists(&idle_docker).await, "{}", c.server().log());
+    assert!(!c.bh_ok(&["reconcile", "plan"]).contains(&idle));
 }

@@ -7,7 +7,7 @@ use boilerhouse_core::event::{EventKind, EventSubject, NewEvent};
 use boilerhouse_core::node::NodeStatus;
 use boilerhouse_core::pool::ContainerState;
 use boilerhouse_core::pool::decide;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use boilerhouse_core::workload::Disconnect;
 use boilerhouse_core::{ContainerId, NodeId, WorkloadId};
@@ -293,6 +293,15 @@ impl BackgroundTask for NodeLoss {
     }
 }
 
+/// The containers among `unreadable` rows, by the id their key names.
+pub(super) fn unreadable_containers(unreadable: &[Unreadable]) -> HashSet<ContainerId> {
+    unreadable
+        .iter()
+        .filter(|u| u.table == "containers")
+        .filter_map(|u| u.key.parse().ok())
+        .collect()
+}
+
 /// The snapshot without the claims and reservations of container rows
 /// that could not be read (they would point the index at nothing), each
 /// named among the unreadable rows.
@@ -328,5 +337,13 @@ pub(super) fn without_orphans(mut snapshot: PoolSnapshot) -> PoolSnapshot {
         keep
     });
     snapshot.unreadable.extend(orphans);
+    for u in snapshot
+        .unreadable
+        .iter_mut()
+        .filter(|u| u.table == "containers")
+    {
+        u.reason
+            .push_str("; reconciliation leaves its container alone until the row is repaired");
+    }
     snapshot
 }
