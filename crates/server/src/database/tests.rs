@@ -173,3 +173,13 @@ fn damage_that_shows_only_at_open_or_migration_is_refused_too() {
     let busy = refuse_open_error(db, StoreError::Unavailable("database is locked".into()));
     assert!(busy.downcast_ref::<Refused>().is_none());
 }
+
+#[test]
+fn the_backend_is_told_from_the_location_and_postgres_gets_its_own_recipe() {
+    let file = Path::new("/var/lib/boilerhouse/boilerhouse.db");
+    assert_eq!(Backend::of(file), Backend::Sqlite(file));
+    for url in ["postgres://bh@db/bh", "postgresql://db/bh"] {
+        assert_eq!(Backend::of(Path::new(url)), Backend::Postgres);
+    }
+    assert!(PG_DUMP_RECIPE.contains("pg_dump") && PG_DUMP_RECIPE.contains("pg_restore"));
+}
