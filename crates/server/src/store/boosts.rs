@@ -160,7 +160,7 @@ impl Store {
         ))
         .fetch_all(&self.reads)
         .await?;
-        Ok(lenient::decode::<BoostRow, _>(rows, "boosts", |r| {
+        Ok(lenient::decode::<_, BoostRow, _>(rows, "boosts", |r| {
             lenient::text(r, "boost_id")
         }))
     }
@@ -185,7 +185,7 @@ impl Store {
         .fetch_all(&self.reads)
         .await?;
         // One unreadable boost (reported at startup) must not hide the rest.
-        Ok(lenient::decode::<BoostRow, _>(rows, "boosts", |r| lenient::text(r, "boost_id")).0)
+        Ok(lenient::decode::<_, BoostRow, _>(rows, "boosts", |r| lenient::text(r, "boost_id")).0)
     }
 
     /// One boost.

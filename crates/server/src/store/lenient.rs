@@ -11,9 +11,7 @@
 //! table, key and reason). The rows stay in the database untouched, for
 //! whoever repairs them.
 
-use sqlx::FromRow;
-use sqlx::Row as _;
-use sqlx::sqlite::SqliteRow;
+use sqlx::{ColumnIndex, Decode, FromRow, Row, Type};
 
 use boilerhouse_core::Timestamp;
 use boilerhouse_core::event::{EventKind, NewEvent};
@@ -40,21 +38,28 @@ impl std::fmt::Display for Unreadable {
 /// Rows read so far and those that could not be.
 pub type Lenient<T> = (Vec<T>, Vec<Unreadable>);
 
-/// The text of column `name`, or `?`.
-pub(super) fn text(row: &SqliteRow, name: &str) -> String {
+/// The text of column `name`, or `?`. Generic over the row type, like
+/// [`decode`], so that it serves any sqlx driver.
+pub(super) fn text<DbRow>(row: &DbRow, name: &str) -> String
+where
+    DbRow: Row,
+    for<'n> &'n str: ColumnIndex<DbRow>,
+    for<'r> String: Decode<'r, DbRow::Database> + Type<DbRow::Database>,
+{
     row.try_get::<String, _>(name)
         .unwrap_or_else(|_| "?".to_owned())
 }
 
 /// Decodes each of `rows` into `R`, then converts it into `T`; what fails
 /// either step is set aside with its key (`key` of the raw row).
-pub(super) fn decode<R, T>(
-    rows: Vec<SqliteRow>,
+pub(super) fn decode<DbRow, R, T>(
+    rows: Vec<DbRow>,
     table: &'static str,
-    key: impl Fn(&SqliteRow) -> String,
+    key: impl Fn(&DbRow) -> String,
 ) -> Lenient<T>
 where
-    R: for<'r> FromRow<'r, SqliteRow>,
+    DbRow: Row,
+    R: for<'r> FromRow<'r, DbRow>,
     T: TryFrom<R, Error = StoreError>,
 {
     let mut read = Vec::with_capacity(rows.len());

@@ -77,7 +77,7 @@ impl Store {
         let rows = sqlx::query(select_node!("ORDER BY node_id"))
             .fetch_all(&self.reads)
             .await?;
-        Ok(lenient::decode::<NodeRow, _>(rows, "nodes", |r| {
+        Ok(lenient::decode::<_, NodeRow, _>(rows, "nodes", |r| {
             lenient::text(r, "node_id")
         }))
     }

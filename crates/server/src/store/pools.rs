@@ -400,14 +400,14 @@ impl Store {
         .fetch_all(&self.reads)
         .await?;
         let (containers, mut unreadable) =
-            lenient::decode::<ContainerRow, ContainerRecord>(containers, "containers", |r| {
+            lenient::decode::<_, ContainerRow, ContainerRecord>(containers, "containers", |r| {
                 lenient::text(r, "container_id")
             });
-        let (claims, more) = lenient::decode::<ClaimRow, ClaimRecord>(claims, "claims", |r| {
+        let (claims, more) = lenient::decode::<_, ClaimRow, ClaimRecord>(claims, "claims", |r| {
             lenient::text(r, "claim_id")
         });
         unreadable.extend(more);
-        let (reservations, more) = lenient::decode::<ReservationRow, Reservation>(
+        let (reservations, more) = lenient::decode::<_, ReservationRow, Reservation>(
             reservations,
             "affinity_reservations",
             |r| {

@@ -226,9 +226,11 @@ impl Store {
         let rows = sqlx::query(select_workload!("ORDER BY workload_id"))
             .fetch_all(&self.reads)
             .await?;
-        Ok(lenient::decode::<WorkloadRow, _>(rows, "workloads", |r| {
-            lenient::text(r, "workload_id")
-        }))
+        Ok(lenient::decode::<_, WorkloadRow, _>(
+            rows,
+            "workloads",
+            |r| lenient::text(r, "workload_id"),
+        ))
     }
 
     /// One workload.
