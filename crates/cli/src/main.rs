@@ -2,6 +2,7 @@
 //! nothing else: every command is one or two RPCs, so anything bh does,
 //! grpcurl or any other client can do too.
 
+mod admin;
 mod affinity;
 mod boosts;
 mod client;
@@ -110,6 +111,9 @@ enum Command {
     Events(EventsArgs),
     /// Server health and background tasks.
     Status,
+    /// Admin-only: backups of the server's database.
+    #[command(subcommand)]
+    Admin(admin::AdminCommand),
     /// Print a shell completion script.
     Completions {
         /// The shell.
@@ -571,6 +575,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Events(args) => client.events(args, format).await,
         Command::Status => client.status(format).await,
+        Command::Admin(cmd) => client.admin(cmd, format).await,
         Command::Completions { .. } => Ok(()),
     }
 }

@@ -123,9 +123,11 @@ pub enum Access {
     /// A tenant token for the tenant the request names, or an operator or
     /// admin for any tenant. The handler checks the tenant.
     Tenant,
-    /// Operator or admin. Today no RPC needs more than operator: admin
-    /// differs only in what later administrative RPCs will admit.
+    /// Operator or admin.
     Operator,
+    /// Admin only: what can copy or replace the whole installation's
+    /// state (a backup holds every tenant's assignment and history).
+    Admin,
 }
 
 /// Why a caller was turned away; maps to a gRPC code.
@@ -170,6 +172,9 @@ const OPERATOR_SERVICES: &[&str] = &[
     "boilerhouse.v1.SystemService",
 ];
 
+/// Services whose every method needs admin scope.
+const ADMIN_SERVICES: &[&str] = &["boilerhouse.v1.AdminService"];
+
 /// Who may call the gRPC method at `path` (`/package.Service/Method`);
 /// `None` for a method nobody decided on, which is refused.
 pub fn access_for(path: &str) -> Option<Access> {
@@ -187,6 +192,7 @@ pub fn access_for(path: &str) -> Option<Access> {
         }
         "boilerhouse.v1.AgentService" if method == "Connect" => Some(Access::Node),
         s if OPERATOR_SERVICES.contains(&s) => Some(Access::Operator),
+        s if ADMIN_SERVICES.contains(&s) => Some(Access::Admin),
         _ => None,
     }
 }
@@ -231,10 +237,11 @@ pub fn authorize(caller: Option<&Principal>, method: &str) -> Result<(), Denied>
         }
         Access::Tenant => return Ok(()),
         Access::Operator => "operator or admin",
+        Access::Admin => "admin",
     };
-    match scope {
-        Scope::Admin | Scope::Operator => Ok(()),
-        Scope::Tenant(_) => Err(Denied::permission(format!(
+    match (scope, access) {
+        (Scope::Admin, _) | (Scope::Operator, Access::Operator) => Ok(()),
+        _ => Err(Denied::permission(format!(
             "{method} needs scope {needed}; {caller} does not have it"
         ))),
     }

@@ -145,6 +145,17 @@ pub enum EventKind {
     /// directory is missing, nothing matched while the sink holds files, or
     /// entries that are not regular files (symlinks) were left behind.
     SyncWarning,
+    /// A missing or damaged database was moved aside and replaced by an
+    /// empty one on purpose (`--rebuild-from-agents`).
+    DatabaseReplaced,
+    /// A row could not be read at startup; it was left in the database
+    /// and skipped.
+    DatabaseRowSkipped,
+    /// A copy of the database was taken (`bh admin backup`).
+    DatabaseBackedUp,
+    /// A container ran with limits the database does not account for (a
+    /// boost the database forgot); they go back to the workload's.
+    ContainerLimitsReverted,
 }
 
 impl EventKind {
@@ -193,6 +204,10 @@ impl EventKind {
         EventKind::SyncReleasePending,
         EventKind::SyncReleaseSettled,
         EventKind::SyncWarning,
+        EventKind::DatabaseReplaced,
+        EventKind::DatabaseRowSkipped,
+        EventKind::DatabaseBackedUp,
+        EventKind::ContainerLimitsReverted,
     ];
 
     /// The dotted name.
@@ -241,6 +256,10 @@ impl EventKind {
             EventKind::SyncReleasePending => "sync.release_pending",
             EventKind::SyncReleaseSettled => "sync.release_settled",
             EventKind::SyncWarning => "sync.warning",
+            EventKind::DatabaseReplaced => "database.replaced",
+            EventKind::DatabaseRowSkipped => "database.row_skipped",
+            EventKind::DatabaseBackedUp => "database.backed_up",
+            EventKind::ContainerLimitsReverted => "container.limits_reverted",
         }
     }
 
@@ -260,10 +279,13 @@ impl EventKind {
             | EventKind::SyncWarning
             | EventKind::PoolShortfall
             | EventKind::NodeLossHeld
-            | EventKind::SyncReleasePending => Severity::Warning,
-            EventKind::NodeLost | EventKind::NodeRestricted | EventKind::NodeImpersonation => {
-                Severity::Error
-            }
+            | EventKind::SyncReleasePending
+            | EventKind::DatabaseReplaced
+            | EventKind::ContainerLimitsReverted => Severity::Warning,
+            EventKind::NodeLost
+            | EventKind::NodeRestricted
+            | EventKind::NodeImpersonation
+            | EventKind::DatabaseRowSkipped => Severity::Error,
             _ => Severity::Info,
         }
     }

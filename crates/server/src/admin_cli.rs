@@ -1,7 +1,11 @@
 //! `boilerhoused pki …` and `boilerhoused token …`: making the credentials
-//! a secure installation needs, before the server first starts.
+//! a secure installation needs, before the server first starts; and
+//! `boilerhoused restore`, which puts a backup in place while no server
+//! runs.
 
 use std::path::{Path, PathBuf};
+
+use crate::store::DatabaseLocation;
 
 use clap::Subcommand;
 
@@ -19,6 +23,20 @@ pub enum Command {
     /// Bearer tokens for callers.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Install a backup (`bh admin backup` makes them) as the database,
+    /// with the server stopped: the backup is checked first, a running
+    /// server is refused, and the current file is moved aside, not
+    /// deleted. Like pki and token, it reads --data-dir and --database,
+    /// never the config file.
+    Restore {
+        /// The backup file.
+        #[arg(long)]
+        from: PathBuf,
+        /// The database to replace; defaults to the server's --database,
+        /// else <data-dir>/boilerhouse.db.
+        #[arg(long)]
+        database: Option<PathBuf>,
+    },
 }
 
 /// `pki` subcommands.
@@ -73,9 +91,37 @@ fn node(name: &str) -> anyhow::Result<NodeId> {
     NodeId::new(name).map_err(|e| anyhow::anyhow!("node name {name:?}: {e}"))
 }
 
-/// Runs a subcommand; `data_dir` is where defaults point.
-pub fn run(command: Command, data_dir: &Path) -> anyhow::Result<()> {
+/// Runs a subcommand; `data_dir` (and the server's `database`, if given)
+/// is where defaults point.
+pub async fn run(command: Command, data_dir: &Path, database: Option<&str>) -> anyhow::Result<()> {
     match command {
+        Command::Restore {
+            from,
+            database: target,
+        } => {
+            let db = match (target, database) {
+                (Some(path), _) => path,
+                (None, Some(value)) => {
+                    match DatabaseLocation::parse(value).map_err(anyhow::Error::msg)? {
+                        DatabaseLocation::Sqlite(path) => path,
+                        DatabaseLocation::Postgres(_) => {
+                            anyhow::bail!("{}", crate::database::PG_DUMP_RECIPE)
+                        }
+                    }
+                }
+                (None, None) => data_dir.join("boilerhouse.db"),
+            };
+            let restored = crate::database::restore::restore(&from, &db).await?;
+            for moved in &restored.moved_aside {
+                eprintln!("moved aside: {}", moved.display());
+            }
+            println!(
+                "restored {} ({} bytes, integrity ok) as {}; start the server",
+                from.display(),
+                restored.bytes,
+                restored.database.display()
+            );
+        }
         Command::Pki(PkiCommand::Init { dir, sans, nodes }) => {
             let dir = PkiDir(dir.unwrap_or_else(|| data_dir.join("pki")));
             let nodes = nodes

@@ -74,7 +74,15 @@ pub struct Args {
     /// beyond the hardened defaults. Without one, the strict defaults apply.
     #[arg(long, env = "BOILERHOUSE_POLICY_FILE")]
     pub policy_file: Option<PathBuf>,
-    /// Subcommands: PKI and tokens. Without one, the server runs.
+    /// Replace a missing or damaged database with an empty one and rebuild
+    /// it from the agents' reports: the damaged file is moved aside
+    /// (`<file>.damaged-<time>`), never deleted. Only a flag, on purpose:
+    /// as a standing setting (config file, environment) it would turn the
+    /// next damaged database into a silent rebuild. Ignored, with a
+    /// warning, when the database is sound.
+    #[arg(long)]
+    pub rebuild_from_agents: bool,
+    /// Subcommands: PKI, tokens, restore. Without one, the server runs.
     #[command(subcommand)]
     pub command: Option<crate::admin_cli::Command>,
 }
@@ -177,6 +185,10 @@ pub struct Config {
     /// The database: a SQLite file (default `<data_dir>/boilerhouse.db`)
     /// or a PostgreSQL URL.
     pub database: DatabaseLocation,
+    /// `--rebuild-from-agents`: replace a missing or damaged SQLite
+    /// database with an empty one (moving a damaged file aside) instead of
+    /// refusing to start.
+    pub rebuild_from_agents: bool,
     /// Workload YAML directory. Default `./workloads`.
     pub workloads_dir: PathBuf,
     /// Log format. Default text.
@@ -334,6 +346,7 @@ impl Config {
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7601))),
             data_dir,
             database,
+            rebuild_from_agents: args.rebuild_from_agents,
             workloads_dir: args
                 .workloads_dir
                 .or(file.workloads_dir)

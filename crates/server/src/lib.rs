@@ -9,6 +9,7 @@ pub mod auth;
 pub mod boosts;
 pub mod clock;
 pub mod config;
+pub mod database;
 pub mod error;
 pub mod leadership;
 pub mod listener;

@@ -5,6 +5,7 @@ use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
 use boilerhouse_server::config::{Args, Config, LogFormat};
+use boilerhouse_server::database::{REFUSED_EXIT, Refused};
 
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
@@ -50,7 +51,10 @@ async fn main() -> std::process::ExitCode {
             .data_dir
             .clone()
             .unwrap_or_else(|| std::path::PathBuf::from("./data"));
-        return match boilerhouse_server::admin_cli::run(command, &data_dir) {
+        let database = args.database.clone();
+        return match boilerhouse_server::admin_cli::run(command, &data_dir, database.as_deref())
+            .await
+        {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("boilerhoused: {e:#}");
@@ -82,6 +86,15 @@ async fn main() -> std::process::ExitCode {
     };
     match boilerhouse_server::leadership::run(config, grpc, metrics, shutdown_signal()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(ref e) if let Some(refused) = e.downcast_ref::<Refused>() => {
+            // One sentence an operator can act on, on standard error as a
+            // bad configuration is; SQLite's words, if any, below it.
+            eprintln!("boilerhoused: {}", refused.sentence);
+            if let Some(detail) = &refused.detail {
+                eprintln!("  detail: {detail}");
+            }
+            std::process::ExitCode::from(REFUSED_EXIT)
+        }
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "boilerhoused failed");
             std::process::ExitCode::FAILURE

@@ -28,7 +28,7 @@ use boilerhouse_proto::pb;
 use crate::api::{self, AppState};
 use crate::config::Config;
 use crate::metrics::{self, Metrics};
-use crate::store::{Store, StoreOptions};
+use crate::store::StoreOptions;
 use crate::tasks::Driver;
 use crate::workloads::{ReloadTask, WorkloadDir};
 
@@ -60,6 +60,7 @@ const SERVICES: &[&str] = &[
     "boilerhouse.v1.ReconcileService",
     "boilerhouse.v1.AgentService",
     "boilerhouse.v1.SystemService",
+    "boilerhouse.v1.AdminService",
 ];
 
 /// Runs the server on the given listeners until `shutdown` resolves.
@@ -70,17 +71,19 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
     fence: Option<crate::store::Fence>,
 ) -> anyhow::Result<()> {
-    let store = Store::open(
-        config.database.clone(),
+    // Checked first, and a SQLite file is refused rather than replaced
+    // when missing or damaged; the guard holds its lock until run() returns.
+    let (store, database) = crate::database::open(
+        &config.database,
+        config.rebuild_from_agents,
         StoreOptions {
             synchronous_full: config.synchronous_full,
             fence,
             ..StoreOptions::default()
         },
     )
-    .await
-    .with_context(|| format!("opening database {}", config.database))?;
-    tracing::info!(database = %config.database, backend = store.backend().as_str(), "database open");
+    .await?;
+    tracing::info!(database = %config.database, backend = store.backend().as_str(), origin = ?database.origin(), "database open");
 
     tracing::info!(
         policy_file = %config.policy_file.as_deref().map_or("(none: strict defaults)".into(), |p| p.display().to_string()),
@@ -370,6 +373,7 @@ pub async fn run(
     let reflection_v1alpha =
         reflection(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET).build_v1alpha()?;
 
+    use pb::admin_service_server::AdminServiceServer;
     use pb::affinity_service_server::AffinityServiceServer;
     use pb::agent_service_server::AgentServiceServer;
     use pb::boost_service_server::BoostServiceServer;
@@ -401,6 +405,7 @@ pub async fn run(
         .add_service(EventServiceServer::new(api::events::Events(state.clone())))
         .add_service(NodeServiceServer::new(api::nodes::Nodes(state.clone())))
         .add_service(SystemServiceServer::new(api::system::System(state.clone())))
+        .add_service(AdminServiceServer::new(api::admin::Admin(state.clone())))
         .add_service(PoolServiceServer::new(api::pools::PoolsApi(state.clone())))
         .add_service(ClaimServiceServer::new(api::pools::Claims(state.clone())))
         .add_service(AffinityServiceServer::new(api::pools::Affinity(

@@ -199,10 +199,11 @@ async fn a_fresh_database_adopts_what_runs_before_it_fills_and_a_surplus_is_trim
     let before = docker_ids(&c, &node).await;
     assert_eq!(before.len(), 2, "{before:?}");
 
-    // The database is lost; the agent and its containers live on.
+    // The database is lost; the agent and its containers live on. The
+    // rebuild from them is asked for (never done silently).
     c.stop_server().await;
     c.lose_database().await;
-    c.start_server().await;
+    c.start_server_with(&["--rebuild-from-agents"]).await;
     c.wait_idle("keep", 2).await;
     // A few refill rounds later there are still exactly the two adopted
     // containers: nothing was created beside them.

@@ -125,11 +125,13 @@ async fn after_the_database_is_deleted_every_tenant_keeps_its_container() {
         .await;
     }
 
-    // Stop, delete the database, start again on the same address.
+    // Stop, delete the database, start again on the same address, asking
+    // for the rebuild (without the flag the server refuses to start: see
+    // database_recovery.rs).
     c.stop_server().await;
     c.lose_database().await;
     c.extend_config("reconcile_interval = \"500ms\"");
-    c.start_server().await;
+    c.start_server_with(&["--rebuild-from-agents"]).await;
 
     let mut claims = c.claims().await;
     for old in &before {

@@ -35,6 +35,7 @@
 mod database;
 mod multihost;
 pub use multihost::HOST_LABEL;
+mod offline;
 mod waits;
 
 use std::net::SocketAddr;

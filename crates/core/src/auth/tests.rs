@@ -95,6 +95,26 @@ fn operators_and_admins_act_for_any_tenant() {
 }
 
 #[test]
+fn only_admins_reach_the_admin_service() {
+    const BACKUP: &str = "/boilerhouse.v1.AdminService/BackupDatabase";
+    assert_eq!(authorize(Some(&token("admin")), BACKUP), Ok(()));
+    for scope in ["operator", "tenant:acme"] {
+        let Err(Denied::PermissionDenied(m)) = authorize(Some(&token(scope)), BACKUP) else {
+            panic!("a {scope} token took a backup");
+        };
+        assert!(m.contains("needs scope admin"), "{m}");
+    }
+    assert!(matches!(
+        authorize(Some(&node("n1")), BACKUP),
+        Err(Denied::PermissionDenied(_))
+    ));
+    assert!(matches!(
+        authorize(None, BACKUP),
+        Err(Denied::Unauthenticated(_))
+    ));
+}
+
+#[test]
 fn certificates_and_tokens_do_not_stand_in_for_each_other() {
     let n = node("n1");
     assert_eq!(authorize(Some(&n), CONNECT), Ok(()));

@@ -2,6 +2,7 @@
 //! `boilerhouse_proto::convert`, calls into the server, and maps errors
 //! through [`crate::error::ApiError`].
 
+pub mod admin;
 pub mod boosts;
 pub mod completion;
 pub mod events;

@@ -215,7 +215,9 @@ impl Boosts {
         let now = clock.now();
         let mut recovered = Recovered::default();
         let mut write = BoostWrite::default();
-        for b in store.live_boosts().await? {
+        let (live, unreadable) = store.live_boosts().await?;
+        store.report_unreadable(&unreadable, now).await?;
+        for b in live {
             if b.status == BoostStatus::Pending {
                 recovered.failed += 1;
                 let reason = "the server stopped before the host confirmed the boost".into();

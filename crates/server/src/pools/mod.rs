@@ -171,6 +171,8 @@ struct Inner {
     /// When this process started: a node's silence is never counted from
     /// before it (the server's own downtime is not the node's fault).
     started_at: Timestamp,
+    /// Containers whose rows could not be read at startup: left alone.
+    unreadable: HashSet<ContainerId>,
 }
 
 /// The pool machinery. Cheap to clone.
@@ -203,7 +205,11 @@ impl Pools {
         capacity: Arc<dyn CapacityView>,
         retention: Arc<dyn Retention>,
     ) -> Result<Self, StoreError> {
-        let snapshot = store.load_pool_snapshot().await?;
+        let snapshot = recovery::without_orphans(store.load_pool_snapshot().await?);
+        store
+            .report_unreadable(&snapshot.unreadable, crate::clock::now())
+            .await?;
+        let unreadable = recovery::unreadable_containers(&snapshot.unreadable);
         let index = Index::from_rows(snapshot.containers, snapshot.claims, snapshot.reservations);
         Ok(Self {
             inner: Arc::new(Inner {
@@ -221,8 +227,17 @@ impl Pools {
                 workloads: std::sync::RwLock::default(),
                 capacity,
                 retention,
+                unreadable,
             }),
         })
+    }
+
+    /// Whether `id`'s row could not be read at startup. Reconciliation
+    /// leaves such a container alone: without its row there is no
+    /// evidence of who holds it, and nothing destructive is done on
+    /// missing evidence.
+    pub fn row_unreadable(&self, id: &ContainerId) -> bool {
+        self.inner.unreadable.contains(id)
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {

@@ -7,7 +7,7 @@ use boilerhouse_core::event::{EventKind, EventSubject, NewEvent};
 use boilerhouse_core::node::NodeStatus;
 use boilerhouse_core::pool::ContainerState;
 use boilerhouse_core::pool::decide;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use boilerhouse_core::workload::Disconnect;
 use boilerhouse_core::{ContainerId, NodeId, WorkloadId};
@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{PoolError, Pools};
 use crate::agents::NodeSignal;
+use crate::store::{PoolSnapshot, Unreadable};
 use crate::tasks::BackgroundTask;
 
 impl Pools {
@@ -290,4 +291,59 @@ impl BackgroundTask for NodeLoss {
             Ok(serde_json::json!({ "set_aside": set_aside }))
         })
     }
+}
+
+/// The containers among `unreadable` rows, by the id their key names.
+pub(super) fn unreadable_containers(unreadable: &[Unreadable]) -> HashSet<ContainerId> {
+    unreadable
+        .iter()
+        .filter(|u| u.table == "containers")
+        .filter_map(|u| u.key.parse().ok())
+        .collect()
+}
+
+/// The snapshot without the claims and reservations of container rows
+/// that could not be read (they would point the index at nothing), each
+/// named among the unreadable rows.
+pub(super) fn without_orphans(mut snapshot: PoolSnapshot) -> PoolSnapshot {
+    let skipped: BTreeSet<&str> = snapshot
+        .unreadable
+        .iter()
+        .filter(|u| u.table == "containers")
+        .map(|u| u.key.as_str())
+        .collect();
+    if skipped.is_empty() {
+        return snapshot;
+    }
+    let orphan = |table: &'static str, key: String, container: &ContainerId| Unreadable {
+        table,
+        key,
+        reason: format!("its container {container} cannot be read"),
+    };
+    let mut orphans = Vec::new();
+    snapshot.claims.retain(|c| {
+        let keep = !skipped.contains(c.container_id.to_string().as_str());
+        if !keep {
+            orphans.push(orphan("claims", c.claim_id.clone(), &c.container_id));
+        }
+        keep
+    });
+    snapshot.reservations.retain(|r| {
+        let keep = !skipped.contains(r.container_id.to_string().as_str());
+        if !keep {
+            let key = format!("({}, {})", r.tenant_id, r.workload_id);
+            orphans.push(orphan("affinity_reservations", key, &r.container_id));
+        }
+        keep
+    });
+    snapshot.unreadable.extend(orphans);
+    for u in snapshot
+        .unreadable
+        .iter_mut()
+        .filter(|u| u.table == "containers")
+    {
+        u.reason
+            .push_str("; reconciliation leaves its container alone until the row is repaired");
+    }
+    snapshot
 }

@@ -3,10 +3,13 @@
 //! conditionally, so an action planned on a view that has since changed
 //! is decided again or dropped, never applied over what happened.
 
+use boilerhouse_core::boost::limits_match;
 use boilerhouse_core::container::ObservedContainer;
 use boilerhouse_core::event::{EventKind, EventSubject, NewEvent};
 use boilerhouse_core::pool::decide::{self, DrainScope};
+use boilerhouse_core::pool::{ContainerRecord, ContainerState};
 use boilerhouse_core::reconcile::{Action, ActionKind};
+use boilerhouse_core::workload::Limits;
 use boilerhouse_core::{NodeId, Timestamp};
 use boilerhouse_proto::pb;
 
@@ -132,7 +135,10 @@ impl Reconciler {
             created_at,
         );
         record.docker_id = Some(o.docker_id.clone());
-        record.limits = o.limits;
+        // The row's limits are the workload's (its spec hash, which names
+        // them, matched to get here), never what the container runs with:
+        // limits above them are a boost, and a boost the database does not
+        // hold would otherwise become the container's base for good.
         let prior = self.store.claim_history(&id).await?;
         let running = o.is_running();
         let adopted = self
@@ -151,12 +157,53 @@ impl Reconciler {
                 ))
             })
             .await?;
-        if let Some(Some(_claim)) = adopted
+        if let Some(Some(_claim)) = &adopted
             && let Some(c) = self.pools.container(&id)
         {
             self.pools.write_state_file(&c, now);
         }
+        if adopted.is_some()
+            && running
+            && !limits_match(&o.limits, &record.limits)
+            && let Some(c) = self.pools.container(&id)
+            // One being drained goes altogether.
+            && matches!(c.state, ContainerState::Idle | ContainerState::Claimed)
+        {
+            self.limits_reverted(&c, &o.limits, now).await?;
+        }
         self.pools.refill_notify().notify_one();
+        Ok(())
+    }
+
+    /// Says that an adopted container runs with limits the database holds
+    /// no boost for. The boost task's enforcement pass (every second) then
+    /// sets them back to the workload's: the agents report limits, not the
+    /// boosts behind them (who asked, priority, expiry), so a boost cannot
+    /// be recorded again from what they say.
+    async fn limits_reverted(
+        &self,
+        record: &ContainerRecord,
+        running_with: &Limits,
+        now: Timestamp,
+    ) -> Result<(), PoolError> {
+        let message = format!(
+            "container {} on {} runs with {}, not its workload's {}, and the database holds no boost for it (rebuilt or restored): its limits go back to the workload's",
+            record.id,
+            record.node_id,
+            crate::boosts::describe_limits(running_with),
+            crate::boosts::describe_limits(&record.limits),
+        );
+        tracing::warn!(container = %record.id, "{message}");
+        let event = NewEvent::new(now, EventKind::ContainerLimitsReverted, message).with_subject(
+            EventSubject {
+                container_id: Some(record.id.to_string()),
+                node_id: Some(record.node_id.to_string()),
+                workload_id: Some(record.workload_id.to_string()),
+                tenant_id: record.tenant_id.as_ref().map(ToString::to_string),
+                ..Default::default()
+            },
+        );
+        self.store.append_event(event).await?;
         Ok(())
     }
 }

@@ -88,7 +88,17 @@ impl Reconciler {
                             }
                             Evidence::Known {
                                 observed_at,
-                                containers: report.containers.into_values().collect(),
+                                // A container whose row could not be read is
+                                // neither adopted nor destroyed: its row is
+                                // the evidence that is missing.
+                                containers: report
+                                    .containers
+                                    .into_values()
+                                    .filter(|o| {
+                                        !o.container_id()
+                                            .is_some_and(|id| self.pools.row_unreadable(&id))
+                                    })
+                                    .collect(),
                             }
                         }
                         None => Evidence::Unknown,

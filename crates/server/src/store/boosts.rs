@@ -14,6 +14,7 @@ use boilerhouse_core::{BoostId, ContainerId, NodeId, TenantId, Timestamp, Worklo
 
 use super::events::insert_event;
 use super::idempotency::insert_idempotent;
+use super::lenient::{self, Lenient};
 use super::sql;
 use super::{IdempotentRecord, Store, StoreError};
 
@@ -154,13 +155,15 @@ impl Store {
     }
 
     /// Pending and active boosts: what the ledger is rebuilt from.
-    pub async fn live_boosts(&self) -> Result<Vec<Boost>, StoreError> {
-        let rows: Vec<BoostRow> = sql::query_as(select_boosts!(
+    pub async fn live_boosts(&self) -> Result<Lenient<Boost>, StoreError> {
+        let rows = sql::query(select_boosts!(
             "WHERE status IN ('pending', 'active') ORDER BY requested_at"
         ))
         .fetch_all(&self.reads)
         .await?;
-        rows.into_iter().map(Boost::try_from).collect()
+        Ok(lenient::decode::<_, BoostRow, _>(rows, "boosts", |r| {
+            lenient::text(r, "boost_id")
+        }))
     }
 
     /// Boosts drawing from or raising `node` (all of them without a node),
@@ -173,7 +176,7 @@ impl Store {
     ) -> Result<Vec<Boost>, StoreError> {
         // A container boost's node is its source: it draws from the host
         // its container runs on.
-        let rows: Vec<BoostRow> = sql::query_as(select_boosts!(
+        let rows = sql::query(select_boosts!(
             "WHERE (?1 IS NULL OR source_node_id = ?1 OR target_node_id = ?1) \
              AND (?2 OR status IN ('pending', 'active')) ORDER BY requested_at DESC LIMIT ?3"
         ))
@@ -182,7 +185,8 @@ impl Store {
         .bind(i64::from(limit))
         .fetch_all(&self.reads)
         .await?;
-        rows.into_iter().map(Boost::try_from).collect()
+        // One unreadable boost (reported at startup) must not hide the rest.
+        Ok(lenient::decode::<_, BoostRow, _>(rows, "boosts", |r| lenient::text(r, "boost_id")).0)
     }
 
     /// One boost.

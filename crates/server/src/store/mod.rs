@@ -42,10 +42,13 @@
 //! everything waiting as one transaction ([`writer`]); reads go through a
 //! separate read-only pool and never wait for the writer.
 
+mod backup;
 mod boosts;
 mod connect;
 mod events;
 mod idempotency;
+pub mod integrity;
+mod lenient;
 pub mod maintenance;
 mod nodes;
 mod pools;
@@ -68,6 +71,7 @@ use boilerhouse_core::event::Event;
 pub use boosts::BoostWrite;
 pub use events::EventQuery;
 pub use idempotency::{IdempotencyLookup, IdempotentRecord};
+pub use lenient::{Lenient, Unreadable};
 pub use nodes::{Arrival, NodeHello};
 pub use pools::{PoolOverride, PoolSnapshot};
 pub use sql::{Backend, DatabaseLocation};

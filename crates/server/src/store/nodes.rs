@@ -9,6 +9,7 @@ use boilerhouse_core::node::{Node, NodeStatus, Resources};
 use boilerhouse_core::{NodeId, Timestamp};
 
 use super::events::insert_event;
+use super::lenient::{self, Lenient};
 use super::sql;
 use super::{Store, StoreError};
 
@@ -67,12 +68,19 @@ macro_rules! select_node {
 }
 
 impl Store {
-    /// Every known node, by name.
+    /// Every known node that can be read, by name.
     pub async fn list_nodes(&self) -> Result<Vec<Node>, StoreError> {
-        let rows: Vec<NodeRow> = sql::query_as(select_node!("ORDER BY node_id"))
+        Ok(self.list_nodes_lenient().await?.0)
+    }
+
+    /// Every known node, by name, and the rows that cannot be read.
+    pub async fn list_nodes_lenient(&self) -> Result<Lenient<Node>, StoreError> {
+        let rows = sql::query(select_node!("ORDER BY node_id"))
             .fetch_all(&self.reads)
             .await?;
-        rows.into_iter().map(Node::try_from).collect()
+        Ok(lenient::decode::<_, NodeRow, _>(rows, "nodes", |r| {
+            lenient::text(r, "node_id")
+        }))
     }
 
     /// One node.
@@ -137,7 +145,15 @@ impl Store {
                         .bind(hello.id.as_str())
                         .fetch_optional(tx.conn())
                         .await?;
-                    let previous = previous.map(Node::try_from).transpose()?;
+                    // A row that cannot be read is overwritten below with
+                    // what the agent says, which heals it.
+                    let unreadable = previous.is_some();
+                    let previous = previous.and_then(|row| {
+                        Node::try_from(row)
+                            .inspect_err(|e| tracing::warn!(node = %hello.id, error = %e, "the node's row could not be read; the agent's Hello replaces it"))
+                            .ok()
+                    });
+                    let unreadable = unreadable && previous.is_none();
                     let labels = serde_json::to_string(&hello.labels).map_err(|e| StoreError::Internal(e.to_string()))?;
                     sql::query(
                         "INSERT INTO nodes (node_id, status, cordoned, boot_id, agent_version, engine_version, \
@@ -165,6 +181,7 @@ impl Store {
                     .execute(tx.conn())
                     .await?;
                     let arrival = match &previous {
+                        None if unreadable => Arrival::Reconnected,
                         None => Arrival::Joined,
                         Some(p) if p.status != NodeStatus::Ready => Arrival::Returned(p.status),
                         Some(_) => Arrival::Reconnected,

@@ -21,6 +21,7 @@ use boilerhouse_core::{ContainerId, TenantId, Timestamp, WorkloadId};
 
 use super::events::insert_event;
 use super::idempotency::insert_idempotent;
+use super::lenient;
 use super::sql;
 use super::{Store, StoreError, WriteTx};
 
@@ -47,6 +48,8 @@ pub struct PoolSnapshot {
     pub claims: Vec<ClaimRecord>,
     /// Reservations.
     pub reservations: Vec<Reservation>,
+    /// Rows that could not be read, and were left out.
+    pub unreadable: Vec<lenient::Unreadable>,
 }
 
 fn conflict(what: String) -> StoreError {
@@ -380,37 +383,49 @@ impl Store {
     /// Every container, active claim and reservation: what the pool index
     /// is rebuilt from at startup.
     pub async fn load_pool_snapshot(&self) -> Result<PoolSnapshot, StoreError> {
-        let containers: Vec<ContainerRow> = sql::query_as(
+        let containers = sql::query(
             "SELECT container_id, workload_id, node_id, docker_id, state, spec_hash, tenant_id, last_tenant_id, \
              claim_generation, revision, limits_cpus, limits_memory, state_path, comm_path, created_at, updated_at \
              FROM containers ORDER BY created_at",
         )
         .fetch_all(&self.reads)
         .await?;
-        let claims: Vec<ClaimRow> = sql::query_as(
+        let claims = sql::query(
             "SELECT claim_id, tenant_id, workload_id, container_id, node_id, generation, source, status, \
              claimed_at, last_activity_at, released_at, restored FROM claims WHERE status = 'active'",
         )
         .fetch_all(&self.reads)
         .await?;
-        let reservations: Vec<ReservationRow> = sql::query_as(
+        let reservations = sql::query(
             "SELECT tenant_id, workload_id, container_id, node_id, reserved_at, expires_at FROM affinity_reservations",
         )
         .fetch_all(&self.reads)
         .await?;
+        let (containers, mut unreadable) =
+            lenient::decode::<_, ContainerRow, ContainerRecord>(containers, "containers", |r| {
+                lenient::text(r, "container_id")
+            });
+        let (claims, more) = lenient::decode::<_, ClaimRow, ClaimRecord>(claims, "claims", |r| {
+            lenient::text(r, "claim_id")
+        });
+        unreadable.extend(more);
+        let (reservations, more) = lenient::decode::<_, ReservationRow, Reservation>(
+            reservations,
+            "affinity_reservations",
+            |r| {
+                format!(
+                    "({}, {})",
+                    lenient::text(r, "tenant_id"),
+                    lenient::text(r, "workload_id")
+                )
+            },
+        );
+        unreadable.extend(more);
         Ok(PoolSnapshot {
-            containers: containers
-                .into_iter()
-                .map(ContainerRecord::try_from)
-                .collect::<Result<_, _>>()?,
-            claims: claims
-                .into_iter()
-                .map(ClaimRecord::try_from)
-                .collect::<Result<_, _>>()?,
-            reservations: reservations
-                .into_iter()
-                .map(Reservation::try_from)
-                .collect::<Result<_, _>>()?,
+            containers,
+            claims,
+            reservations,
+            unreadable,
         })
     }
 

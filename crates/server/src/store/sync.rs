@@ -11,6 +11,7 @@ use boilerhouse_core::sync::{ERROR_HISTORY, SyncErrorEntry, SyncState, SyncStatu
 use boilerhouse_core::{ContainerId, TenantId, Timestamp, WorkloadId};
 
 use super::events::insert_event;
+use super::lenient::{self, Lenient};
 use super::sql;
 use super::{Store, StoreError};
 
@@ -142,7 +143,7 @@ impl Store {
     }
 
     /// Every stored status with its recent errors.
-    pub async fn sync_statuses(&self) -> Result<Vec<SyncStatus>, StoreError> {
+    pub async fn sync_statuses(&self) -> Result<Lenient<SyncStatus>, StoreError> {
         let rows: Vec<StatusRow> = sql::query_as(
             "SELECT tenant_id, workload_id, sync_id, state, last_sync_at, last_upload_at, \
              pending_count, bytes_transferred, warning FROM sync_status ORDER BY tenant_id, workload_id, sync_id",
@@ -165,8 +166,9 @@ impl Store {
                     message: e.message,
                 });
         }
-        rows.into_iter()
-            .map(|r| {
+        let rows = rows.into_iter().map(|r| {
+            let key = format!("({}, {}, {})", r.tenant_id, r.workload_id, r.sync_id);
+            let status = (|| {
                 let recent_errors = by_key
                     .remove(&(
                         r.tenant_id.clone(),
@@ -187,8 +189,10 @@ impl Store {
                     recent_errors,
                     warning: Some(r.warning).filter(|w| !w.is_empty()),
                 })
-            })
-            .collect()
+            })();
+            (key, status)
+        });
+        Ok(lenient::partition("sync_status", rows))
     }
 
     /// Records (or updates) a container's owed upload.
@@ -248,15 +252,16 @@ impl Store {
     }
 
     /// Every owed upload.
-    pub async fn pending_releases(&self) -> Result<Vec<PendingReleaseUpload>, StoreError> {
+    pub async fn pending_releases(&self) -> Result<Lenient<PendingReleaseUpload>, StoreError> {
         let rows: Vec<PendingRow> = sql::query_as(
             "SELECT container_id, tenant_id, workload_id, since, attempts, last_error \
              FROM sync_release_pending ORDER BY since",
         )
         .fetch_all(&self.reads)
         .await?;
-        rows.into_iter()
-            .map(|r| {
+        let rows = rows.into_iter().map(|r| {
+            let key = r.container_id.clone();
+            let pending = (|| {
                 Ok(PendingReleaseUpload {
                     container_id: ContainerId::from_str(&r.container_id)
                         .map_err(|e| corrupt("pending container", e))?,
@@ -268,7 +273,9 @@ impl Store {
                     attempts: u32::try_from(r.attempts).unwrap_or(u32::MAX),
                     last_error: r.last_error,
                 })
-            })
-            .collect()
+            })();
+            (key, pending)
+        });
+        Ok(lenient::partition("sync_release_pending", rows))
     }
 }

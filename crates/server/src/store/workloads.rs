@@ -7,6 +7,7 @@ use boilerhouse_core::workload::{WorkloadRecord, WorkloadSpec};
 use boilerhouse_core::{Timestamp, WorkloadId};
 
 use super::events::insert_event;
+use super::lenient::{self, Lenient};
 use super::sql;
 use super::{Store, StoreError};
 
@@ -79,8 +80,8 @@ impl Store {
             .write(move |tx| {
                 async move {
                     let id = spec.id.to_string();
-                    let existing: Option<(String, String, String, i64, i64)> = sql::query_as(
-                        "SELECT spec_hash, yaml, source_path, created_at, updated_at \
+                    let existing: Option<(String, String, String, i64, i64, String)> = sql::query_as(
+                        "SELECT spec_hash, yaml, source_path, created_at, updated_at, spec_json \
                          FROM workloads WHERE workload_id = ?",
                     )
                     .bind(&id)
@@ -88,9 +89,13 @@ impl Store {
                     .await?;
                     let (change, created_at, updated_at) = match &existing {
                         None => (WorkloadChange::Created, now, now),
-                        Some((hash, old_yaml, old_path, created, updated)) => {
-                            let same =
-                                *hash == spec_hash && *old_yaml == yaml && *old_path == source_path;
+                        Some((hash, old_yaml, old_path, created, updated, old_json)) => {
+                            // A stored spec that no longer reads is
+                            // rewritten from the file, which heals it.
+                            let same = *hash == spec_hash
+                                && *old_yaml == yaml
+                                && *old_path == source_path
+                                && serde_json::from_str::<WorkloadSpec>(old_json).is_ok();
                             let change = if same {
                                 WorkloadChange::Unchanged
                             } else {
@@ -212,12 +217,21 @@ impl Store {
             .await
     }
 
-    /// Every stored workload, by id.
+    /// Every stored workload that can be read, by id.
     pub async fn list_workloads(&self) -> Result<Vec<WorkloadRecord>, StoreError> {
-        let rows: Vec<WorkloadRow> = sql::query_as(select_workload!("ORDER BY workload_id"))
+        Ok(self.list_workloads_lenient().await?.0)
+    }
+
+    /// Every stored workload, by id, and the rows that cannot be read.
+    pub async fn list_workloads_lenient(&self) -> Result<Lenient<WorkloadRecord>, StoreError> {
+        let rows = sql::query(select_workload!("ORDER BY workload_id"))
             .fetch_all(&self.reads)
             .await?;
-        rows.into_iter().map(WorkloadRecord::try_from).collect()
+        Ok(lenient::decode::<_, WorkloadRow, _>(
+            rows,
+            "workloads",
+            |r| lenient::text(r, "workload_id"),
+        ))
     }
 
     /// One workload.

@@ -183,9 +183,12 @@ impl Syncs {
         agents: Registry,
         config: SyncsConfig,
     ) -> Result<Self, StoreError> {
-        let statuses = store
-            .sync_statuses()
-            .await?
+        let (statuses, unreadable) = store.sync_statuses().await?;
+        let (owed, more) = store.pending_releases().await?;
+        store
+            .report_unreadable(&[unreadable, more].concat(), crate::clock::now())
+            .await?;
+        let statuses = statuses
             .into_iter()
             .map(|s| {
                 (
@@ -201,9 +204,7 @@ impl Syncs {
         let now = Instant::now();
         // Owed uploads are retried at once after a restart: the retry
         // schedule did not survive, and the data has waited long enough.
-        let owed = store
-            .pending_releases()
-            .await?
+        let owed = owed
             .into_iter()
             .map(|p| (p.container_id, (p, now)))
             .collect();

@@ -1,0 +1,337 @@
+//! The database file, before the store opens it: a database is never
+//! silently replaced.
+//!
+//! At startup ([`open`]), for SQLite:
+//! - the server takes the database's lock (`<db>.lock`, flock), so a
+//!   second server, or a restore, cannot work on it at the same time;
+//! - an existing file must pass [`integrity::check_file`] (SQLite's
+//!   header, its recorded length, `PRAGMA integrity_check`, our migration
+//!   history); a damaged one is refused in one sentence naming the file
+//!   and the way out;
+//! - a missing file is created only on a fresh install: when nothing of
+//!   ours lies beside it (the marker `<db>.created`, the lock, SQLite's
+//!   `-wal`, `-shm` or `-journal`). `pki/` and `tokens.toml` are not
+//!   evidence: `pki init` and `token create` make them before the first
+//!   start. Anything else is refused;
+//! - `--rebuild-from-agents` replaces a missing or damaged database with an
+//!   empty one on purpose (the damaged file moved aside, never deleted);
+//!   reconciliation then adopts what the agents report.
+//!
+//! The restore of a backup, offline, is in [`restore`]; the backup itself
+//! is `AdminService.BackupDatabase` (`api::admin`).
+
+pub mod files;
+pub mod restore;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+
+use boilerhouse_core::event::{EventKind, NewEvent};
+
+use crate::store::integrity::{self, Verdict};
+use crate::store::{DatabaseLocation, Store, StoreError, StoreOptions};
+
+/// How to back up and restore a PostgreSQL database: its own tools do it
+/// better than a copy streamed through the server could.
+pub const PG_DUMP_RECIPE: &str = "the database is PostgreSQL: back it up with its own tools, e.g. `pg_dump --format=custom --file=boilerhouse.dump \"$DATABASE_URL\"`, and restore it with `pg_restore --clean --if-exists --dbname=\"$DATABASE_URL\" boilerhouse.dump` while every boilerhoused is stopped (docs/OPERATIONS.md, \"Back up\")";
+
+/// The way out of a missing or damaged database, for refusals.
+const WAY_OUT: &str = "restore the last backup with `boilerhoused restore --from <backup-file>` (`bh admin backup` makes them), or rebuild it from the agents on purpose with `boilerhoused --rebuild-from-agents`";
+
+/// The server will not start on this database: one sentence naming the
+/// file and the way out, and what lies beneath it.
+#[derive(Debug, thiserror::Error)]
+#[error("{sentence}")]
+pub struct Refused {
+    /// What is wrong and what to do, for people.
+    pub sentence: String,
+    /// The underlying error, if any (SQLite's words).
+    pub detail: Option<String>,
+}
+
+/// The exit status of a server that refused its database: distinct from
+/// a bad configuration (2) and a failure (1), so that a supervisor can be
+/// told not to restart it (`RestartPreventExitStatus=3` under systemd).
+pub const REFUSED_EXIT: u8 = 3;
+
+/// How the database came to be what the store opens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// It was there and sound.
+    Existing,
+    /// A fresh install: created empty.
+    Created,
+    /// `--rebuild-from-agents`: created empty in place of a missing or
+    /// damaged one, which was moved aside.
+    Rebuilt {
+        /// What was wrong with the one it replaces.
+        was: String,
+        /// Where its files went.
+        moved_aside: Vec<PathBuf>,
+    },
+}
+
+/// The database, checked and locked. Keep it alive as long as the server
+/// runs: dropping it releases the lock.
+#[derive(Debug)]
+pub struct Guard {
+    db: PathBuf,
+    /// How the database came to be.
+    pub origin: Origin,
+    _lock: files::DbLock,
+}
+
+/// What [`open`] holds while the server runs: the SQLite file's guard,
+/// or nothing for PostgreSQL, whose server guards its own data and whose
+/// replicas share it on purpose (the leader lease decides who writes).
+#[derive(Debug)]
+pub enum Opened {
+    /// A SQLite file, checked and locked.
+    Sqlite(Guard),
+    /// A PostgreSQL database.
+    Postgres,
+}
+
+impl Opened {
+    /// How a SQLite database came to be; PostgreSQL: existing.
+    pub fn origin(&self) -> Origin {
+        match self {
+            Opened::Sqlite(guard) => guard.origin.clone(),
+            Opened::Postgres => Origin::Existing,
+        }
+    }
+}
+
+/// Checks the database and opens the store on it, or refuses (the error
+/// is then a [`Refused`]).
+///
+/// PostgreSQL is opened as it is: its own server detects damage, a
+/// missing database is a connection error naming it, and
+/// `--rebuild-from-agents` has nothing to move aside there (restore it
+/// with `pg_restore`, or drop and recreate it on purpose).
+pub async fn open(
+    location: &DatabaseLocation,
+    rebuild: bool,
+    options: StoreOptions,
+) -> anyhow::Result<(Store, Opened)> {
+    let (store, opened) = match location {
+        DatabaseLocation::Sqlite(db) => {
+            let guard = prepare(db, rebuild).await?;
+            let store = Store::open(location.clone(), options)
+                .await
+                .map_err(|e| refuse_open_error(db, e))
+                .with_context(|| format!("opening database {}", db.display()))?;
+            guard.opened(&store).await?;
+            (store, Opened::Sqlite(guard))
+        }
+        DatabaseLocation::Postgres(_) => {
+            if rebuild {
+                tracing::warn!(
+                    "--rebuild-from-agents ignored: the database is PostgreSQL, which is never moved aside; restore it with pg_restore instead"
+                );
+            }
+            let store = Store::open(location.clone(), options)
+                .await
+                .with_context(|| format!("opening database {location}"))?;
+            (store, Opened::Postgres)
+        }
+    };
+    report_unreadable_rows(&store).await?;
+    Ok((store, opened))
+}
+
+/// Reports the node and workload rows that cannot be read, before the
+/// workload loader and the agents' Hellos rewrite them. The loaders of
+/// the pool index, boosts and syncs report their own.
+async fn report_unreadable_rows(store: &Store) -> Result<(), StoreError> {
+    let (_, mut unreadable) = store.list_nodes_lenient().await?;
+    unreadable.extend(store.list_workloads_lenient().await?.1);
+    store
+        .report_unreadable(&unreadable, crate::clock::now())
+        .await
+}
+
+/// Decides whether the server may open `db`, and prepares it for the
+/// store: refuses, or moves a damaged one aside when asked to rebuild.
+pub async fn prepare(db: &Path, rebuild: bool) -> anyhow::Result<Guard> {
+    if let Some(dir) = db.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    // Looked at before the lock file is created: that file is evidence
+    // only when an earlier run left it.
+    let evidence = files::evidence(db);
+    let lock = match files::lock(db) {
+        Ok(lock) => lock,
+        Err(files::LockError::Held { pid }) => {
+            return Err(Refused {
+                sentence: format!(
+                    "the database {} is in use by another boilerhoused (pid {pid}): stop that one first, or give this one a --data-dir of its own",
+                    db.display()
+                ),
+                detail: None,
+            }
+            .into());
+        }
+        Err(files::LockError::Io(e)) => {
+            return Err(e).with_context(|| format!("locking {}", files::lock_path(db).display()));
+        }
+    };
+    files::remove_stale_copies(db);
+    let found = if db.exists() {
+        integrity::check_file(db)
+            .await
+            .with_context(|| format!("checking {}", db.display()))?
+    } else {
+        Verdict::Empty
+    };
+    let damage = match (db.exists(), found) {
+        (true, Verdict::Sound) => {
+            if rebuild {
+                tracing::warn!(path = %db.display(), "--rebuild-from-agents ignored: the database is sound; remove the flag");
+            }
+            return Ok(guard(db, Origin::Existing, lock));
+        }
+        (true, Verdict::Foreign) => {
+            return Err(Refused {
+                sentence: format!(
+                    "{} is a SQLite database that Boilerhouse did not make (it has tables but no migration history): point --database at Boilerhouse's own file, or at a new path",
+                    db.display()
+                ),
+                detail: None,
+            }
+            .into());
+        }
+        // A file created and never written (a first start stopped before
+        // its first write): what SQLite would make of a new file anyway.
+        (true, Verdict::Empty) if !files::marker(db).exists() => {
+            return Ok(guard(db, Origin::Created, lock));
+        }
+        (true, Verdict::Empty) => Damage {
+            summary: "it is empty",
+            detail: None,
+        },
+        (true, Verdict::Damaged { summary, detail }) => Damage {
+            summary,
+            detail: Some(detail),
+        },
+        (false, _) if evidence.is_empty() => return Ok(guard(db, Origin::Created, lock)),
+        (false, _) => Damage {
+            summary: "missing",
+            detail: Some(format!(
+                "found beside it: {}",
+                evidence
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+        },
+    };
+    if !rebuild {
+        return Err(damage.refusal(db).into());
+    }
+    let moved_aside = files::move_aside(db, "damaged")
+        .with_context(|| format!("moving {} aside", db.display()))?;
+    let was = match &damage.detail {
+        Some(detail) if damage.summary != "missing" => format!("{} ({detail})", damage.summary),
+        _ => damage.summary.to_owned(),
+    };
+    tracing::warn!(path = %db.display(), was = %was, moved_aside = ?moved_aside, "--rebuild-from-agents: starting from an empty database");
+    Ok(guard(db, Origin::Rebuilt { was, moved_aside }, lock))
+}
+
+fn guard(db: &Path, origin: Origin, lock: files::DbLock) -> Guard {
+    Guard {
+        db: db.to_owned(),
+        origin,
+        _lock: lock,
+    }
+}
+
+/// What is wrong with a database file.
+struct Damage {
+    summary: &'static str,
+    detail: Option<String>,
+}
+
+impl Damage {
+    fn refusal(self, db: &Path) -> Refused {
+        let sentence = if self.summary == "missing" {
+            format!(
+                "the database {} is missing, though this installation ran here before: {WAY_OUT}",
+                db.display()
+            )
+        } else {
+            format!(
+                "the database {} is damaged ({}): {WAY_OUT}, which moves the damaged file aside",
+                db.display(),
+                self.summary
+            )
+        };
+        Refused {
+            sentence,
+            detail: self.detail,
+        }
+    }
+}
+
+/// Damage that only shows when the store opens or migrates the file.
+fn refuse_open_error(db: &Path, e: StoreError) -> anyhow::Error {
+    let damaged = match &e {
+        StoreError::Database(inner) => integrity::is_damage(inner),
+        StoreError::Unavailable(message) => integrity::is_damage_message(message),
+        _ => false,
+    };
+    if !damaged {
+        return e.into();
+    }
+    Damage {
+        summary: integrity::damage_summary(&e.to_string()),
+        detail: Some(e.to_string()),
+    }
+    .refusal(db)
+    .into()
+}
+
+impl Guard {
+    /// The store is open on the database: record how it came to be (the
+    /// marker, and an event for a rebuild).
+    async fn opened(&self, store: &Store) -> anyhow::Result<()> {
+        let now = crate::clock::now();
+        let origin = match &self.origin {
+            Origin::Existing if files::marker(&self.db).exists() => return Ok(()),
+            // Made before markers existed: from now on it is protected too.
+            Origin::Existing => "found at startup".to_owned(),
+            Origin::Created => "created empty (a fresh install)".to_owned(),
+            Origin::Rebuilt { was, moved_aside } => {
+                let aside = if moved_aside.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "; moved aside to {}",
+                        moved_aside
+                            .iter()
+                            .map(|p| p.display().to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                };
+                let message = format!(
+                    "database {} was {was}{aside}: started empty to rebuild from the agents' reports (--rebuild-from-agents); nodes return with their agents, claims with adoption, and history before now is in the file moved aside",
+                    self.db.display()
+                );
+                store
+                    .append_event(NewEvent::new(now, EventKind::DatabaseReplaced, message))
+                    .await?;
+                format!("created empty to rebuild from the agents (the previous one was {was})")
+            }
+        };
+        files::write_marker(&self.db, &origin)
+            .with_context(|| format!("writing {}", files::marker(&self.db).display()))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

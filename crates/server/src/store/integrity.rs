@@ -1,0 +1,273 @@
+//! Is a SQLite file a sound Boilerhouse database? Asked at startup before
+//! the store opens it, by `boilerhoused restore` of a backup, and of every
+//! copy `bh admin backup` takes.
+//!
+//! `PRAGMA integrity_check`, not `quick_check`: on a 100 MB database
+//! (230,000 events, 110,000 claims) quick_check took 0.3 s warm and 2.1 s
+//! from a cold page cache, integrity_check 1.3 s and 3.3 s. The extra
+//! second buys the check that every index matches its table, and the
+//! partial unique indexes are what keep one active claim per tenant and
+//! per container: an index that disagrees with its table would let a
+//! second claim through. Startup happens rarely and agents wait far
+//! longer than that for a restarted server (restart_grace is 60 s).
+
+use std::io::Read as _;
+use std::path::Path;
+use std::str::FromStr as _;
+use std::time::Duration;
+
+use sqlx::sqlite::SqliteConnectOptions;
+use sqlx::{ConnectOptions as _, Connection as _};
+
+/// What a database file is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// A database with our migrations, and `integrity_check` says "ok".
+    Sound,
+    /// Zero bytes, or a database with no table at all: nothing was ever
+    /// written into it (SQLite itself would take it for a new database).
+    Empty,
+    /// Not usable.
+    Damaged {
+        /// What is wrong, in a few plain words ("it was truncated").
+        summary: &'static str,
+        /// The particulars, SQLite's own words where it has them.
+        detail: String,
+    },
+    /// A sound SQLite database, but not one Boilerhouse made: it has
+    /// tables and no migration history.
+    Foreign,
+}
+
+/// SQLite's first 16 bytes.
+const HEADER: &[u8; 16] = b"SQLite format 3\0";
+
+/// Whether a SQLite error means the file is damaged or not a database
+/// (SQLITE_CORRUPT, SQLITE_NOTADB, with any extended code), as opposed
+/// to a busy or unreachable one.
+pub fn is_damage(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => db
+            .code()
+            .and_then(|c| c.parse::<i32>().ok())
+            .is_some_and(|code| matches!(code & 0xff, 11 | 26)),
+        _ => false,
+    }
+}
+
+/// The same, for an error that reached us only as text (the migrator's).
+pub fn is_damage_message(message: &str) -> bool {
+    ["database disk image is malformed", "file is not a database"]
+        .iter()
+        .any(|m| message.contains(m))
+}
+
+/// Examines the file at `path`, which exists. Opens it read-write (never
+/// creating it): a read-only connection cannot open a WAL database whose
+/// `-shm` is missing, and recovering the WAL is what the server's own
+/// open would do first anyway.
+pub async fn check_file(path: &Path) -> std::io::Result<Verdict> {
+    let len = std::fs::metadata(path)?.len();
+    if len == 0 {
+        return Ok(Verdict::Empty);
+    }
+    let mut head = [0u8; 100];
+    let read = std::fs::File::open(path)?.read(&mut head)?;
+    if read < HEADER.len() || &head[..HEADER.len()] != HEADER {
+        return Ok(Verdict::Damaged {
+            summary: "it is not a SQLite database",
+            detail: "it does not begin with SQLite's header: it is another kind of file, or its first page was overwritten".into(),
+        });
+    }
+    if let Some(detail) = truncated(path, &head, len) {
+        return Ok(Verdict::Damaged {
+            summary: "it was truncated",
+            detail,
+        });
+    }
+    Ok(match query(path).await {
+        Ok(v) => v,
+        Err(e) if is_damage(&e) => Verdict::Damaged {
+            summary: damage_summary(&e.to_string()),
+            detail: sqlite_words(&e),
+        },
+        Err(e) => {
+            return Err(std::io::Error::other(format!(
+                "cannot examine {}: {e}",
+                path.display()
+            )));
+        }
+    })
+}
+
+/// A file shorter than the pages its header records has lost its end.
+/// Only without a WAL: a checkpoint interrupted by a crash can leave the
+/// header ahead of the file, and the WAL it came from puts that right.
+fn truncated(path: &Path, head: &[u8; 100], len: u64) -> Option<String> {
+    if wal_has_frames(path) {
+        return None;
+    }
+    let page_size = match u16::from_be_bytes([head[16], head[17]]) {
+        1 => 65_536,
+        n => u64::from(n),
+    };
+    let change_counter = &head[24..28];
+    let valid_for = &head[92..96];
+    let pages = u64::from(u32::from_be_bytes([head[28], head[29], head[30], head[31]]));
+    // The in-header size is only meaningful when written by a version that
+    // keeps it (valid-for equals the change counter).
+    (change_counter == valid_for && pages > 0 && len < pages * page_size).then(|| {
+        format!(
+            "it is {len} bytes, shorter than the {pages} pages of {page_size} bytes its header records: it was truncated"
+        )
+    })
+}
+
+fn wal_has_frames(path: &Path) -> bool {
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    // A WAL header alone is 32 bytes; frames follow.
+    std::fs::metadata(wal).is_ok_and(|m| m.len() > 32)
+}
+
+async fn query(path: &Path) -> Result<Verdict, sqlx::Error> {
+    let mut conn = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
+        .create_if_missing(false)
+        .busy_timeout(Duration::from_secs(5))
+        .log_statements(tracing::log::LevelFilter::Trace)
+        .connect()
+        .await?;
+    let verdict = examine(&mut conn).await;
+    let _ = conn.close().await;
+    verdict
+}
+
+async fn examine(conn: &mut sqlx::SqliteConnection) -> Result<Verdict, sqlx::Error> {
+    let lines: Vec<(String,)> = sqlx::query_as("PRAGMA integrity_check")
+        .fetch_all(&mut *conn)
+        .await?;
+    if lines.len() != 1 || lines[0].0 != "ok" {
+        let shown: Vec<String> = lines.iter().take(3).map(|(l,)| l.clone()).collect();
+        let more = lines.len().saturating_sub(shown.len());
+        let mut detail = format!("PRAGMA integrity_check found: {}", shown.join("; "));
+        if more > 0 {
+            detail.push_str(&format!(" (and {more} more)"));
+        }
+        return Ok(Verdict::Damaged {
+            summary: "it fails SQLite's integrity check",
+            detail,
+        });
+    }
+    let (tables, migrations): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), coalesce(sum(name = '_sqlx_migrations'), 0) FROM sqlite_schema WHERE type = 'table'",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(match (tables, migrations) {
+        (0, _) => Verdict::Empty,
+        (_, 0) => Verdict::Foreign,
+        _ => Verdict::Sound,
+    })
+}
+
+/// A few plain words for a damage error's message.
+pub fn damage_summary(message: &str) -> &'static str {
+    if message.contains("file is not a database") {
+        "it is not a SQLite database"
+    } else {
+        "SQLite finds it malformed"
+    }
+}
+
+/// SQLite's message without sqlx's wrapping ("error returned from
+/// database: (code: 11) ...").
+fn sqlite_words(e: &sqlx::Error) -> String {
+    match e {
+        sqlx::Error::Database(db) => format!("SQLite says: {}", db.message()),
+        other => other.to_string(),
+    }
+}
+
+/// The highest migration version recorded in the database at `path`, for
+/// telling a backup made by a newer server from one this server can run.
+pub async fn migration_version(path: &Path) -> Result<Option<i64>, sqlx::Error> {
+    let mut conn = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
+        .create_if_missing(false)
+        .read_only(true)
+        .connect()
+        .await?;
+    let version: Option<i64> =
+        sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
+            .fetch_one(&mut conn)
+            .await?;
+    let _ = conn.close().await;
+    Ok(version)
+}
+
+/// The highest migration this server knows.
+pub fn known_migration_version() -> i64 {
+    sqlx::migrate!("../../migrations/sqlite")
+        .iter()
+        .map(|m| m.version)
+        .max()
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn made(dir: &Path) -> std::path::PathBuf {
+        let path = dir.join("t.db");
+        let store = crate::store::Store::open(&path, crate::store::StoreOptions::default())
+            .await
+            .unwrap();
+        store.close().await;
+        drop(store);
+        path
+    }
+
+    #[tokio::test]
+    async fn a_new_store_is_sound_and_damage_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = made(dir.path()).await;
+        assert_eq!(check_file(&path).await.unwrap(), Verdict::Sound);
+
+        std::fs::write(&path, b"").unwrap();
+        assert_eq!(check_file(&path).await.unwrap(), Verdict::Empty);
+
+        std::fs::write(&path, b"hello, not a database at all").unwrap();
+        let Verdict::Damaged { summary, detail } = check_file(&path).await.unwrap() else {
+            panic!("text taken for a database");
+        };
+        assert_eq!(summary, "it is not a SQLite database");
+        assert!(detail.contains("header"), "{detail}");
+    }
+
+    #[tokio::test]
+    async fn a_database_of_another_program_is_foreign() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("other.db");
+        let mut conn = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))
+            .unwrap()
+            .create_if_missing(true)
+            .connect()
+            .await
+            .unwrap();
+        sqlx::query("CREATE TABLE notes (body TEXT)")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        conn.close().await.unwrap();
+        assert_eq!(check_file(&path).await.unwrap(), Verdict::Foreign);
+    }
+
+    #[test]
+    fn damage_codes_are_told_apart_from_other_errors() {
+        assert!(is_damage_message(
+            "migration failed: error returned from database: (code: 26) file is not a database"
+        ));
+        assert!(!is_damage_message("database is locked"));
+        assert!(!is_damage(&sqlx::Error::PoolTimedOut));
+    }
+}
