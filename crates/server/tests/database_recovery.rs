@@ -76,9 +76,6 @@ fn refused(c: &Cluster, args: &[&str]) -> String {
 
 #[tokio::test]
 async fn a_removed_database_is_refused_and_rebuilt_from_the_agents_only_on_purpose() {
-    if !sqlite_only("a_removed_database_is_refused") {
-        return;
-    }
     let Some(mut c) = start(&["rebuild"], "{min_size: 1, max_size: 6}").await else {
         return;
     };
@@ -92,21 +89,34 @@ async fn a_removed_database_is_refused_and_rebuilt_from_the_agents_only_on_purpo
     let boosted = (BASE_NANO_CPUS + 500_000_000, BASE_MEMORY + (32 << 20));
     assert_eq!(limits(&c, &t1_docker).await, boosted);
 
-    // The file is removed while the containers run.
+    // The database is lost while the containers run: the file removed,
+    // or the PostgreSQL schema emptied (a URL now naming an empty one).
     c.stop_server().await;
-    let db = c.server().database();
-    remove_database(&db);
-    let sentence = refused(&c, &[]);
-    assert!(
-        sentence.contains(&format!("the database {} is missing", db.display())),
-        "{sentence}"
-    );
-    assert!(sentence.contains("--rebuild-from-agents"), "{sentence}");
-    assert!(
-        sentence.contains("boilerhoused restore --from"),
-        "{sentence}"
-    );
-    assert!(!db.exists(), "a refused start creates nothing");
+    let postgres = backend() == TestBackend::Postgres;
+    if postgres {
+        c.lose_database().await;
+        let sentence = refused(&c, &[]);
+        assert!(
+            sentence.contains("is empty, though this server used it before"),
+            "{sentence}"
+        );
+        assert!(sentence.contains("pg_restore"), "{sentence}");
+        assert!(sentence.contains("--rebuild-from-agents"), "{sentence}");
+    } else {
+        let db = c.server().database();
+        remove_database(&db);
+        let sentence = refused(&c, &[]);
+        assert!(
+            sentence.contains(&format!("the database {} is missing", db.display())),
+            "{sentence}"
+        );
+        assert!(sentence.contains("--rebuild-from-agents"), "{sentence}");
+        assert!(
+            sentence.contains("boilerhoused restore --from"),
+            "{sentence}"
+        );
+        assert!(!db.exists(), "a refused start creates nothing");
+    }
 
     // On purpose: the agents' reports rebuild it.
     c.extend_config("reconcile_interval = \"500ms\"");
@@ -170,7 +180,7 @@ async fn a_removed_database_is_refused_and_rebuilt_from_the_agents_only_on_purpo
         replaced[0]["message"]
             .as_str()
             .unwrap()
-            .contains("was missing"),
+            .contains(if postgres { "was empty" } else { "was missing" }),
         "{replaced:?}"
     );
 

@@ -21,6 +21,7 @@
 //! is `AdminService.BackupDatabase` (`api::admin`).
 
 pub mod files;
+pub mod postgres;
 pub mod restore;
 
 use std::path::{Path, PathBuf};
@@ -107,9 +108,8 @@ impl Opened {
 /// is then a [`Refused`]).
 ///
 /// PostgreSQL is opened as it is: its own server detects damage, a
-/// missing database is a connection error naming it, and
-/// `--rebuild-from-agents` has nothing to move aside there (restore it
-/// with `pg_restore`, or drop and recreate it on purpose).
+/// missing database is a connection error naming it, and an emptied one
+/// was refused by [`postgres::check`] unless rebuilt on purpose.
 pub async fn open(
     location: &DatabaseLocation,
     rebuild: bool,
@@ -125,20 +125,40 @@ pub async fn open(
             guard.opened(&store).await?;
             (store, Opened::Sqlite(guard))
         }
+        // Checked by `postgres::check` before the leader election
+        // migrated it.
         DatabaseLocation::Postgres(_) => {
-            if rebuild {
-                tracing::warn!(
-                    "--rebuild-from-agents ignored: the database is PostgreSQL, which is never moved aside; restore it with pg_restore instead"
-                );
-            }
             let store = Store::open(location.clone(), options)
                 .await
                 .with_context(|| format!("opening database {location}"))?;
+            if rebuild && store_is_new(&store).await? {
+                let message = format!(
+                    "database {location} was empty: started to rebuild from the agents' reports (--rebuild-from-agents); nodes return with their agents, claims with adoption"
+                );
+                store
+                    .append_event(NewEvent::new(
+                        crate::clock::now(),
+                        EventKind::DatabaseReplaced,
+                        message,
+                    ))
+                    .await?;
+            }
             (store, Opened::Postgres)
         }
     };
     report_unreadable_rows(&store).await?;
     Ok((store, opened))
+}
+
+/// No event was ever recorded: the schema was made by this start. (A
+/// leader elected again later finds its own events, so a rebuild is
+/// announced once.)
+async fn store_is_new(store: &Store) -> Result<bool, StoreError> {
+    let query = crate::store::EventQuery {
+        limit: 1,
+        ..Default::default()
+    };
+    Ok(store.list_events(&query).await?.is_empty())
 }
 
 /// Reports the node and workload rows that cannot be read, before the

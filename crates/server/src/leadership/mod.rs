@@ -207,7 +207,14 @@ pub async fn run(
         shutdown.await;
         signal.cancel();
     };
-    let (result, ()) = tokio::join!(replicate(config, grpc, metrics, stop.clone()), async {
+    // Whatever ends replication (a shutdown, or an error such as a refused
+    // database) ends the wait for a signal too.
+    let replication = async {
+        let result = replicate(config, grpc, metrics, stop.clone()).await;
+        stop.cancel();
+        result
+    };
+    let (result, ()) = tokio::join!(replication, async {
         tokio::select! {
             () = shutdown => {}
             () = stop.cancelled() => {}
@@ -228,7 +235,15 @@ async fn replicate(
     let reuse = |l: &std::net::TcpListener| -> anyhow::Result<TcpListener> {
         Ok(TcpListener::from_std(l.try_clone()?)?)
     };
+    // Before anything is migrated: an emptied database this server used
+    // before is refused, not made anew.
+    if !check_until(&config, &stop).await? {
+        return Ok(());
+    }
     let mut campaign = connect_until(&config, &address, &stop).await;
+    if campaign.is_some() {
+        crate::database::postgres::remember(&config.database, &config.data_dir)?;
+    }
     loop {
         let Some(mut campaign_now) = campaign.take() else {
             return Ok(());
@@ -276,6 +291,35 @@ async fn replicate(
         }
         tracing::warn!(epoch = lease.epoch, "no longer leading; standing by");
         campaign = Some(campaign_back);
+    }
+}
+
+/// [`crate::database::postgres::check`], retrying while the database is
+/// unreachable; a refusal is returned. `false`: stopped meanwhile.
+async fn check_until(config: &Config, stop: &CancellationToken) -> anyhow::Result<bool> {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match crate::database::postgres::check(
+            &config.database,
+            &config.data_dir,
+            config.rebuild_from_agents,
+        )
+        .await
+        {
+            Ok(found) => {
+                tracing::info!(database = %config.database, ?found, "database checked");
+                return Ok(true);
+            }
+            Err(e) if e.downcast_ref::<crate::database::Refused>().is_some() => return Err(e),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), ?delay, "cannot reach the database to check it; retrying");
+            }
+        }
+        tokio::select! {
+            () = stop.cancelled() => return Ok(false),
+            () = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
     }
 }
 

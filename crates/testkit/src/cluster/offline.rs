@@ -37,6 +37,7 @@ impl Cluster {
             .arg("--workloads-dir")
             .arg(root.join("workloads"))
             .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+            .args(["--database", &self.server.database_value()])
             .arg("--config")
             .arg(root.join("boilerhoused.toml"))
             .args(args)
