@@ -403,3 +403,116 @@ async fn the_wal_is_checkpointed_outside_the_write_path() {
     );
     assert_eq!(store.integrity_check().await.unwrap(), "ok");
 }
+
+/// A leader's writer that stalls inside a write transaction (SIGSTOP, a
+/// stall, a cut to the database) holds the fence's share lock on the lease
+/// row. PostgreSQL ends that session once it has sat idle for the lease,
+/// so a standby takes the lease once it has run out instead of waiting on
+/// the lock for as long as the stall lasts; and the woken writer commits
+/// nothing: its transaction is gone, and its next one is fenced.
+#[tokio::test]
+async fn a_writer_stalled_inside_a_transaction_does_not_keep_the_lease_from_a_standby() {
+    if std::env::var("BOILERHOUSE_POSTGRES_URL").is_err() {
+        assert!(
+            std::env::var("BOILERHOUSE_REQUIRE_POSTGRES").as_deref() != Ok("1"),
+            "BOILERHOUSE_REQUIRE_POSTGRES=1 but BOILERHOUSE_POSTGRES_URL is not set"
+        );
+        eprintln!("skipped: no PostgreSQL (set BOILERHOUSE_POSTGRES_URL; dev/postgres starts one)");
+        return;
+    }
+    use boilerhouse_server::store::{Fence, sql};
+    use futures::FutureExt as _;
+
+    let db = TestDatabase::postgres_schema().await.unwrap();
+    let location = DatabaseLocation::parse(db.value()).unwrap();
+    let lease = Duration::from_millis(500);
+    let lost = tokio_util::sync::CancellationToken::new();
+    let store = Store::open(
+        location.clone(),
+        StoreOptions {
+            fence: Some(Fence {
+                epoch: 1,
+                lease,
+                lost: lost.clone(),
+            }),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    // This store leads at epoch 1, for one lease.
+    let mut standby = boilerhouse_server::store::open_inspector(&location)
+        .await
+        .unwrap();
+    sql::query(
+        "UPDATE leadership SET epoch = 1, holder = 'old', \
+         expires_at = now() + CAST(? AS DOUBLE PRECISION) * INTERVAL '1 millisecond' WHERE id = 1",
+    )
+    .bind(lease.as_millis() as f64)
+    .execute(&mut standby)
+    .await
+    .unwrap();
+
+    // A write that passed the fence, then stalls until told to go on.
+    let (inside_tx, inside) = tokio::sync::oneshot::channel::<()>();
+    let (go_on, stalled) = tokio::sync::oneshot::channel::<()>();
+    let write = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .writer()
+                .write(move |_tx| {
+                    async move {
+                        let _ = inside_tx.send(());
+                        let _ = stalled.await;
+                        Ok(())
+                    }
+                    .boxed()
+                })
+                .await
+        })
+    };
+    inside.await.unwrap();
+
+    // A standby takes the lease once it has run out, while the writer
+    // still stalls.
+    let take = "UPDATE leadership SET epoch = epoch + 1, holder = 'new' \
+         WHERE id = 1 AND expires_at < now() RETURNING epoch";
+    // Polled until the lease has run out; any one attempt that waits
+    // on the lock for long means the stalled writer still holds it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let epoch = loop {
+        let attempt = sql::query_as::<(i64,)>(take).fetch_optional(&mut standby);
+        let taken = tokio::time::timeout(Duration::from_secs(30), attempt)
+            .await
+            .expect("the standby waited on the stalled writer's lock")
+            .unwrap();
+        if let Some(epoch) = taken {
+            break epoch;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the lease never ran out"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(epoch, (2,));
+
+    // Woken, the writer commits nothing.
+    go_on.send(()).unwrap();
+    let stalled_write = write.await.unwrap();
+    assert!(
+        matches!(stalled_write, Err(StoreError::Unavailable(_))),
+        "{stalled_write:?}"
+    );
+    let next = store
+        .append_event(event(1, EventKind::ServerStarted, None))
+        .await;
+    assert!(matches!(next, Err(StoreError::NotLeader(_))), "{next:?}");
+    assert!(lost.is_cancelled());
+    let (events,): (i64,) = sql::query_as("SELECT COUNT(*) FROM events")
+        .fetch_one(&mut standby)
+        .await
+        .unwrap();
+    assert_eq!(events, 0);
+}

@@ -243,6 +243,7 @@ async fn replicate(
         let lost = CancellationToken::new();
         let fence = Fence {
             epoch: lease.epoch,
+            lease: config.leader_lease,
             lost: lost.clone(),
         };
         let holder = tokio::spawn(hold(campaign_now, lease, config.leader_lease, lost.clone()));

@@ -15,6 +15,10 @@ use super::sql::{Backend, DatabaseLocation};
 pub(super) struct Connector {
     location: DatabaseLocation,
     synchronous_full: bool,
+    /// PostgreSQL: how long a write connection may sit idle inside a
+    /// transaction before the server ends its session (see
+    /// [`super::Fence::lease`]).
+    idle_transaction_limit: Option<Duration>,
 }
 
 impl Connector {
@@ -23,7 +27,15 @@ impl Connector {
         Self {
             location,
             synchronous_full,
+            idle_transaction_limit: None,
         }
+    }
+
+    /// Write connections to PostgreSQL get ended by the server when idle
+    /// inside a transaction for `limit` (none: never).
+    pub(super) fn idle_transaction_limit(mut self, limit: Option<Duration>) -> Self {
+        self.idle_transaction_limit = limit;
+        self
     }
 
     pub(super) fn backend(&self) -> Backend {
@@ -54,7 +66,8 @@ impl Connector {
 
     /// The write connection. SQLite: WAL, `synchronous` as configured, no
     /// automatic checkpoints (a background task checkpoints, so no commit
-    /// stalls behind one). PostgreSQL: `synchronous_commit` likewise.
+    /// stalls behind one). PostgreSQL: `synchronous_commit` likewise, and
+    /// the idle-in-transaction limit if there is one.
     pub(super) async fn connect(&self) -> Result<AnyConnection, StoreError> {
         let mut conn = self
             .url("rwc")?
@@ -63,6 +76,16 @@ impl Connector {
             .map_err(|e| unavailable(&self.location, e))?;
         for statement in self.session_settings(true) {
             conn.execute(statement)
+                .await
+                .map_err(|e| unavailable(&self.location, e))?;
+        }
+        if let (Backend::Postgres, Some(limit)) = (self.backend(), self.idle_transaction_limit) {
+            // At least 1 ms: 0 would turn the limit off.
+            let statement = format!(
+                "SET idle_in_transaction_session_timeout = {}",
+                limit.as_millis().max(1)
+            );
+            conn.execute(sqlx::AssertSqlSafe(statement))
                 .await
                 .map_err(|e| unavailable(&self.location, e))?;
         }

@@ -138,6 +138,14 @@ pub struct StoreOptions {
 pub struct Fence {
     /// The epoch this server's lease was taken at.
     pub epoch: i64,
+    /// The lease's length. The fence's share lock on the lease row lasts
+    /// as long as its transaction, so a leader that stalls (SIGSTOP, a
+    /// stall, a cut to the database) with a write transaction open would
+    /// keep every standby from taking the lease even once it has run out.
+    /// PostgreSQL therefore ends a write session left idle inside a
+    /// transaction this long (`idle_in_transaction_session_timeout`),
+    /// which rolls it back and frees the row.
+    pub lease: Duration,
     /// Cancelled when a write finds another epoch (this server was
     /// deposed), or when a COMMIT's outcome is unknown (the connection
     /// broke while committing): either way the in-memory state may differ
@@ -185,7 +193,8 @@ impl Store {
                 StoreError::Unavailable(format!("cannot create {}: {e}", parent.display()))
             })?;
         }
-        let connector = connect::Connector::new(location.clone(), options.synchronous_full);
+        let connector = connect::Connector::new(location.clone(), options.synchronous_full)
+            .idle_transaction_limit(options.fence.as_ref().map(|f| f.lease));
         let mut write_conn = connector.connect().await?;
         migrate(&mut write_conn, location.backend()).await?;
 
