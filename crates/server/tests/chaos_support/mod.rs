@@ -1,8 +1,10 @@
 //! The history checker shared by the chaos tests: tenants drive claim,
-//! touch and release traffic through the real API and record what they
-//! asked and what they were told; after the faults stop and the system
-//! converges, [`check`] holds the record against the database, the state
-//! files and the engine:
+//! touch and release traffic through the real API (to one server, or to
+//! replicas, following the leader as a client must) and record what they
+//! asked and what they were told, and every call with its times and its
+//! answer; after the faults stop and the system converges, [`check`]
+//! holds the record against the database, the state files and the
+//! engine:
 //! - no container ever served two tenants (client history, database, state
 //!   files);
 //! - every acknowledged claim and release is reflected;
@@ -12,8 +14,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use boilerhouse_proto::leader::{is_standby, leader_hint};
 use boilerhouse_proto::pb;
 use boilerhouse_proto::pb::claim_service_client::ClaimServiceClient;
 use boilerhouse_proto::tls::AuthedChannel as Channel;
@@ -22,7 +25,8 @@ use boilerhouse_testkit::docker::containers_with;
 use boilerhouse_testkit::eventually;
 use tonic::Code;
 
-/// What one tenant did and was told, in order.
+/// What one tenant did and was told, in order. A call a standby refused
+/// did nothing and is not here.
 #[derive(Debug, Clone)]
 pub enum Op {
     ClaimAttempt,
@@ -31,16 +35,180 @@ pub enum Op {
     ReleaseAck { container: String },
 }
 
-/// Every tenant's operations.
-pub type History = Arc<Mutex<BTreeMap<String, Vec<Op>>>>;
+/// Which RPC a call was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallKind {
+    Claim,
+    Touch,
+    Release,
+}
+
+/// How a call ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    Ok,
+    /// A standby refused it: it did nothing.
+    Standby,
+    /// Any other error the server (or the transport) answered.
+    Failed(Code),
+    /// No answer within the client's deadline.
+    TimedOut,
+}
+
+/// One RPC: to which server, when it was sent and answered, and how.
+#[derive(Debug, Clone)]
+pub struct Call {
+    pub kind: CallKind,
+    /// The index of the server in [`Servers`].
+    pub server: usize,
+    pub started: Instant,
+    pub ended: Instant,
+    pub answer: Answer,
+}
+
+/// Everything the tenants did: each one's operations, and every call.
+#[derive(Debug, Clone, Default)]
+pub struct Recorded {
+    pub ops: BTreeMap<String, Vec<Op>>,
+    pub calls: Vec<Call>,
+}
+
+impl Recorded {
+    /// Claims acknowledged so far.
+    pub fn claims_acked(&self) -> usize {
+        self.ops
+            .values()
+            .flatten()
+            .filter(|op| matches!(op, Op::ClaimAck { .. }))
+            .count()
+    }
+
+    /// The calls by kind and answer, the calls each server answered, and
+    /// the slowest answer, in a line.
+    pub fn tally(&self) -> String {
+        let mut by_answer: BTreeMap<String, usize> = BTreeMap::new();
+        let mut by_server: BTreeMap<usize, usize> = BTreeMap::new();
+        let mut slowest = Duration::ZERO;
+        for call in &self.calls {
+            let answer = match call.answer {
+                Answer::Failed(code) => format!("{code:?}"),
+                other => format!("{other:?}"),
+            };
+            *by_answer
+                .entry(format!("{:?} {answer}", call.kind))
+                .or_default() += 1;
+            if call.answer != Answer::TimedOut {
+                *by_server.entry(call.server).or_default() += 1;
+            }
+            slowest = slowest.max(call.ended - call.started);
+        }
+        format!(
+            "{} calls {by_answer:?}, answered by server {by_server:?}, slowest {slowest:.1?}",
+            self.calls.len()
+        )
+    }
+}
+
+type History = Arc<Mutex<Recorded>>;
 
 fn record(history: &History, tenant: &str, op: Op) {
     history
         .lock()
         .unwrap()
+        .ops
         .entry(tenant.to_owned())
         .or_default()
         .push(op);
+}
+
+/// The servers tenants send to: one, or replicas of which one leads.
+#[derive(Clone)]
+pub struct Servers {
+    urls: Vec<String>,
+    channels: Vec<Channel>,
+}
+
+impl Servers {
+    /// Each server's client URL (what a standby names as the leader) and
+    /// a channel to it (lazy, so it reconnects by itself when the server
+    /// comes back).
+    pub fn new(servers: impl IntoIterator<Item = (String, Channel)>) -> Self {
+        let (urls, channels) = servers.into_iter().unzip();
+        Self { urls, channels }
+    }
+}
+
+/// How tenants call.
+#[derive(Debug, Clone, Copy)]
+pub struct TrafficOptions {
+    /// How long a claim waits for an idle container.
+    pub acquire_timeout: Duration,
+    /// How long a call may take before the tenant gives up on it (its
+    /// outcome unknown) and moves to the next server.
+    pub deadline: Duration,
+}
+
+impl Default for TrafficOptions {
+    fn default() -> Self {
+        Self {
+            acquire_timeout: Duration::from_secs(5),
+            deadline: Duration::from_secs(60),
+        }
+    }
+}
+
+/// One tenant's way to the leader: the server that answered last, the
+/// leader a standby names, or else the next one.
+struct Route {
+    servers: Servers,
+    current: usize,
+    deadline: Duration,
+    history: History,
+}
+
+impl Route {
+    /// Sends one call to the current server and records it.
+    async fn call<T, F, Fut>(&mut self, kind: CallKind, rpc: F) -> Result<T, tonic::Status>
+    where
+        F: FnOnce(Channel) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let server = self.current;
+        let started = Instant::now();
+        let answered =
+            tokio::time::timeout(self.deadline, rpc(self.servers.channels[server].clone())).await;
+        let ended = Instant::now();
+        let (result, answer) = match answered {
+            Ok(Ok(response)) => (Ok(response.into_inner()), Answer::Ok),
+            Ok(Err(status)) if is_standby(&status) => (Err(status), Answer::Standby),
+            Ok(Err(status)) => {
+                let code = status.code();
+                (Err(status), Answer::Failed(code))
+            }
+            Err(_) => (
+                Err(tonic::Status::deadline_exceeded(
+                    "no answer within the client's deadline",
+                )),
+                Answer::TimedOut,
+            ),
+        };
+        self.history.lock().unwrap().calls.push(Call {
+            kind,
+            server,
+            started,
+            ended,
+            answer,
+        });
+        let next = (server + 1) % self.servers.urls.len();
+        self.current = match (&result, answer) {
+            (Err(s), Answer::Standby) => leader_hint(s)
+                .and_then(|hint| self.servers.urls.iter().position(|u| *u == hint))
+                .unwrap_or(next),
+            (_, Answer::TimedOut | Answer::Failed(Code::Unavailable)) => next,
+            _ => server,
+        };
+        result
+    }
 }
 
 /// One tenant's traffic until `stop`: claim, touch, release, again. A
@@ -48,33 +216,42 @@ fn record(history: &History, tenant: &str, op: Op) {
 /// that faults find claims in place (a node lost under them, a server
 /// restarted); the others release at once, for throughput.
 async fn tenant_traffic(
-    channel: Channel,
+    mut route: Route,
+    options: TrafficOptions,
     tenant: String,
     holds: bool,
-    history: History,
     stop: tokio_util::sync::CancellationToken,
 ) {
     use rand::Rng as _;
-    let mut client = ClaimServiceClient::new(channel);
+    let history = route.history.clone();
     let mut pace = tokio::time::interval(Duration::from_millis(40));
     let mut generation = None;
-    let mut held_until = std::time::Instant::now();
+    let mut held_until = Instant::now();
     while !stop.is_cancelled() {
         pace.tick().await;
         match generation {
             None => {
-                record(&history, &tenant, Op::ClaimAttempt);
                 let request = pb::ClaimRequest {
                     tenant_id: tenant.clone(),
                     workload_id: "demo".into(),
-                    acquire_timeout: Some(prost_types::Duration {
-                        seconds: 5,
-                        nanos: 0,
-                    }),
+                    acquire_timeout: Some(boilerhouse_proto::convert::duration_to_pb(
+                        options.acquire_timeout,
+                    )),
                     ..Default::default()
                 };
-                if let Ok(r) = client.claim(request).await {
-                    let claim = r.into_inner().claim.unwrap();
+                let answer = route
+                    .call(CallKind::Claim, |ch| async move {
+                        ClaimServiceClient::new(ch).claim(request).await
+                    })
+                    .await;
+                // Recorded once answered: a tenant's operations are only
+                // ever read in its own order.
+                if matches!(&answer, Err(s) if is_standby(s)) {
+                    continue;
+                }
+                record(&history, &tenant, Op::ClaimAttempt);
+                if let Ok(r) = answer {
+                    let claim = r.claim.unwrap();
                     record(
                         &history,
                         &tenant,
@@ -85,32 +262,43 @@ async fn tenant_traffic(
                     );
                     generation = Some(claim.generation);
                     if holds {
-                        held_until = std::time::Instant::now()
+                        held_until = Instant::now()
                             + Duration::from_millis(rand::rng().random_range(2_000..15_000));
                     }
                 }
             }
             Some(g) => {
-                let _ = client
-                    .touch(pb::TouchRequest {
-                        tenant_id: tenant.clone(),
-                        workload_id: "demo".into(),
-                        generation: g,
+                let touch = pb::TouchRequest {
+                    tenant_id: tenant.clone(),
+                    workload_id: "demo".into(),
+                    generation: g,
+                };
+                let _ = route
+                    .call(CallKind::Touch, |ch| async move {
+                        ClaimServiceClient::new(ch).touch(touch).await
                     })
                     .await;
-                if std::time::Instant::now() < held_until {
+                if Instant::now() < held_until {
                     continue;
                 }
-                record(&history, &tenant, Op::ReleaseAttempt);
                 let request = pb::ReleaseRequest {
                     tenant_id: tenant.clone(),
                     workload_id: "demo".into(),
                     generation: g,
                     request_id: String::new(),
                 };
-                match client.release(request).await {
+                let answer = route
+                    .call(CallKind::Release, |ch| async move {
+                        ClaimServiceClient::new(ch).release(request).await
+                    })
+                    .await;
+                if matches!(&answer, Err(s) if is_standby(s)) {
+                    continue;
+                }
+                record(&history, &tenant, Op::ReleaseAttempt);
+                match answer {
                     Ok(r) => {
-                        let claim = r.into_inner().claim.unwrap();
+                        let claim = r.claim.unwrap();
                         record(
                             &history,
                             &tenant,
@@ -141,17 +329,23 @@ pub struct Traffic {
 
 impl Traffic {
     /// Starts `tenants` tenants (`tenant-0`, ...) claiming, touching and
-    /// releasing `demo` through `channel`.
-    pub fn start(channel: &Channel, tenants: usize) -> Self {
+    /// releasing `demo` on `servers`, each starting at the first.
+    pub fn start(servers: &Servers, tenants: usize, options: TrafficOptions) -> Self {
         let history: History = Arc::default();
         let stop = tokio_util::sync::CancellationToken::new();
         let tasks = (0..tenants)
             .map(|i| {
+                let route = Route {
+                    servers: servers.clone(),
+                    current: 0,
+                    deadline: options.deadline,
+                    history: history.clone(),
+                };
                 tokio::spawn(tenant_traffic(
-                    channel.clone(),
+                    route,
+                    options,
                     format!("tenant-{i}"),
                     i % 2 == 1,
-                    history.clone(),
                     stop.clone(),
                 ))
             })
@@ -163,13 +357,18 @@ impl Traffic {
         }
     }
 
+    /// What the tenants did and were told so far.
+    pub fn recorded(&self) -> Recorded {
+        self.history.lock().unwrap().clone()
+    }
+
     /// Stops every tenant and returns what they did.
-    pub async fn stop(self) -> BTreeMap<String, Vec<Op>> {
+    pub async fn stop(mut self) -> Recorded {
         self.stop.cancel();
-        for t in self.tasks {
+        for t in std::mem::take(&mut self.tasks) {
             t.await.unwrap();
         }
-        self.history.lock().unwrap().clone()
+        self.recorded()
     }
 }
 
@@ -230,17 +429,18 @@ pub struct Verdict {
 }
 
 /// Holds `history` against the converged system.
-pub async fn check(subject: &Subject<'_>, history: &BTreeMap<String, Vec<Op>>) -> Verdict {
+pub async fn check(subject: &Subject<'_>, recorded: &Recorded) -> Verdict {
+    let history = &recorded.ops;
     let mut violations = Vec::new();
 
     // No container ever served two tenants: client history...
     let mut tenants_of: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    let (mut claims_acked, mut releases_acked) = (0, 0);
+    let claims_acked = recorded.claims_acked();
+    let mut releases_acked = 0;
     for (tenant, ops) in history {
         for op in ops {
             match op {
                 Op::ClaimAck { container, .. } => {
-                    claims_acked += 1;
                     tenants_of
                         .entry(container.clone())
                         .or_default()
