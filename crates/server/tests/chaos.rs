@@ -17,7 +17,8 @@ use rand::Rng as _;
 use tonic::service::interceptor::InterceptedService;
 
 use boilerhouse_testkit::cluster::Cluster;
-use chaos_support::{Servers, Subject, Traffic, TrafficOptions, Verdict, check, converge};
+use chaos_support::traffic::{Servers, Traffic, TrafficOptions};
+use chaos_support::{Subject, Verdict, check, converge};
 
 const TENANTS: usize = 12;
 

@@ -38,7 +38,8 @@ use boilerhouse_testkit::eventually;
 use boilerhouse_testkit::replicas::Replicas;
 use tonic::Code;
 
-use chaos_support::{Subject, Traffic, TrafficOptions, Verdict, check, converge};
+use chaos_support::traffic::{Traffic, TrafficOptions};
+use chaos_support::{Subject, Verdict, check, converge};
 use failover_support::{WAIT, claims_flow, first_claim_since, servers};
 
 const TENANTS: usize = 8;

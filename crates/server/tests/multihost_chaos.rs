@@ -25,7 +25,8 @@ use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
 use tonic::service::interceptor::InterceptedService;
 
-use chaos_support::{Servers, Subject, Traffic, TrafficOptions, Verdict, check, converge};
+use chaos_support::traffic::{Servers, Traffic, TrafficOptions};
+use chaos_support::{Subject, Verdict, check, converge};
 
 const TENANTS: usize = 12;
 const AGENTS: usize = 3;

@@ -33,7 +33,8 @@ use boilerhouse_testkit::postgres::{PrivatePostgres, StopMode};
 use boilerhouse_testkit::replicas::Replicas;
 use tonic::Code;
 
-use chaos_support::{Answer, Subject, Traffic, TrafficOptions, Verdict, check, converge};
+use chaos_support::traffic::{Answer, Traffic, TrafficOptions};
+use chaos_support::{Subject, Verdict, check, converge};
 use failover_support::{WAIT, claims_flow, first_claim_since, servers};
 
 const TENANTS: usize = 6;

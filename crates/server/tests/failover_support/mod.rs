@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use boilerhouse_testkit::eventually;
 use boilerhouse_testkit::replicas::Replicas;
 
-use super::chaos_support::{Answer, CallKind, Servers, Traffic};
+use super::chaos_support::traffic::{Answer, CallKind, Servers, Traffic};
 
 /// How long a wait may take before the test fails.
 pub const WAIT: Duration = Duration::from_secs(60);
