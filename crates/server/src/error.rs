@@ -122,6 +122,14 @@ impl From<boilerhouse_core::auth::Denied> for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
+        if e.is_database_unreachable() {
+            // A read while the database restarts, say: nothing happened,
+            // and the client should try again, not report a bug.
+            tracing::warn!(error = %e, "database unreachable");
+            return ApiError::Unavailable(
+                "the database cannot be reached right now; try again shortly".into(),
+            );
+        }
         match e {
             StoreError::Unavailable(detail) => {
                 tracing::error!(error = %detail, "store unavailable");
@@ -236,6 +244,19 @@ mod tests {
         let status = Status::from(ApiError::Internal("disk /var/x: EIO".into()));
         assert_eq!(status.code(), Code::Internal);
         assert!(!status.message().contains("EIO"));
+    }
+
+    #[test]
+    fn a_database_out_of_reach_is_unavailable_not_internal() {
+        for e in [
+            sqlx::Error::PoolTimedOut,
+            sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused)),
+        ] {
+            let status = Status::from(ApiError::from(StoreError::from(e)));
+            assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        }
+        let bug = StoreError::from(sqlx::Error::RowNotFound);
+        assert_eq!(Status::from(ApiError::from(bug)).code(), Code::Internal);
     }
 
     #[test]

@@ -17,7 +17,8 @@ use rand::Rng as _;
 use tonic::service::interceptor::InterceptedService;
 
 use boilerhouse_testkit::cluster::Cluster;
-use chaos_support::{Subject, Traffic, Verdict, check, converge};
+use chaos_support::traffic::{Servers, Traffic, TrafficOptions};
+use chaos_support::{Subject, Verdict, check, converge};
 
 const TENANTS: usize = 12;
 
@@ -57,7 +58,8 @@ async fn chaos_kill9_server_and_agents_under_claim_traffic() {
         BearerToken::new(c.server().admin_token()).unwrap(),
     );
 
-    let traffic = Traffic::start(&channel, TENANTS);
+    let servers = Servers::new([(c.url(), channel.clone())]);
+    let traffic = Traffic::start(&servers, TENANTS, TrafficOptions::default());
 
     let (mut server_kills, mut agent_kills) = (0, 0);
     for _ in 0..iterations {
@@ -97,8 +99,9 @@ async fn chaos_kill9_server_and_agents_under_claim_traffic() {
 
     eprintln!(
         "chaos: {iterations} iterations, {server_kills} server kills, {agent_kills} agent kills, \
-         {claims_acked} claims and {releases_acked} releases acknowledged, {} violations",
-        violations.len()
+         {claims_acked} claims and {releases_acked} releases acknowledged, {} violations; {}",
+        violations.len(),
+        history.tally()
     );
     assert!(
         violations.is_empty(),

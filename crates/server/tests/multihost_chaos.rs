@@ -25,7 +25,8 @@ use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
 use tonic::service::interceptor::InterceptedService;
 
-use chaos_support::{Subject, Traffic, Verdict, check, converge};
+use chaos_support::traffic::{Servers, Traffic, TrafficOptions};
+use chaos_support::{Subject, Verdict, check, converge};
 
 const TENANTS: usize = 12;
 const AGENTS: usize = 3;
@@ -98,7 +99,8 @@ async fn chaos_across_hosts_partitions_heals_and_kills_under_claim_traffic() {
         c.server().endpoint().unwrap().connect_lazy(),
         BearerToken::new(c.server().admin_token()).unwrap(),
     );
-    let traffic = Traffic::start(&channel, TENANTS);
+    let servers = Servers::new([(c.url(), channel.clone())]);
+    let traffic = Traffic::start(&servers, TENANTS, TrafficOptions::default());
     let started = Instant::now();
 
     let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
@@ -233,10 +235,11 @@ async fn chaos_across_hosts_partitions_heals_and_kills_under_claim_traffic() {
     eprintln!(
         "multihost chaos: seed {seed}, replace {replace}, {events} fault events in {:.0?} ({counts:?}), \
          {claims_acked} claims and {releases_acked} releases acknowledged, converged in {:.1?} after the last heal, \
-         server events {outcomes:?}, agent sessions {agent_connects:?}, {} violations",
+         server events {outcomes:?}, agent sessions {agent_connects:?}, {} violations; {}",
         chaos_time,
         converged_in,
-        violations.len()
+        violations.len(),
+        history.tally()
     );
     assert!(
         violations.is_empty(),

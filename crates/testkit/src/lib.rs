@@ -4,14 +4,19 @@
 //! drive a real agent from a fake control plane, run the real `bh` and
 //! `grpcurl`, put processes on hosts of their own on a private network
 //! that tests can break (`netns`), stand a fake standby server beside a real
-//! one (`standby`), and poll for conditions with a deadline.
+//! one (`standby`), run replicas on one PostgreSQL database with agents
+//! that follow the leader (`replicas`), give a test a PostgreSQL server of
+//! its own to stop and crash (`postgres`), and poll for conditions with a
+//! deadline.
 
 pub mod cluster;
 pub mod database;
 pub mod docker;
 pub mod fake;
 pub mod netns;
+pub mod postgres;
 mod processes;
+pub mod replicas;
 pub mod s3;
 pub mod standby;
 

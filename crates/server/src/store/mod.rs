@@ -108,6 +108,37 @@ pub enum StoreError {
     Internal(String),
 }
 
+impl StoreError {
+    /// Whether the database was out of reach: its server gone or
+    /// restarting, the connection lost, no connection to be had in time.
+    /// A read that failed so may succeed a moment later; writes fail as
+    /// [`StoreError::Unavailable`] already (see [`writer`]).
+    pub fn is_database_unreachable(&self) -> bool {
+        let StoreError::Database(e) = self else {
+            return false;
+        };
+        match &**e {
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed => true,
+            // PostgreSQL's connection exceptions (08), insufficient
+            // resources such as too many connections (53), and a server
+            // shutting down, crashed or starting (57P01-57P03).
+            sqlx::Error::Database(db) => db
+                .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                .is_some_and(|pg| {
+                    ["08", "53", "57P"]
+                        .iter()
+                        .any(|class| pg.code().starts_with(class))
+                }),
+            _ => false,
+        }
+    }
+}
+
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
         if let sqlx::Error::Database(db) = &e

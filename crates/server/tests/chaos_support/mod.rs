@@ -1,8 +1,10 @@
 //! The history checker shared by the chaos tests: tenants drive claim,
-//! touch and release traffic through the real API and record what they
-//! asked and what they were told; after the faults stop and the system
-//! converges, [`check`] holds the record against the database, the state
-//! files and the engine:
+//! touch and release traffic through the real API (to one server, or to
+//! replicas, following the leader as a client must) and record what they
+//! asked and what they were told, and every call with its times and its
+//! answer ([`traffic`]); after the faults stop and the system converges, [`check`]
+//! holds the record against the database, the state files and the
+//! engine:
 //! - no container ever served two tenants (client history, database, state
 //!   files);
 //! - every acknowledged claim and release is reflected;
@@ -11,7 +13,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use boilerhouse_proto::pb;
@@ -20,158 +21,10 @@ use boilerhouse_proto::tls::AuthedChannel as Channel;
 use boilerhouse_server::store::{Backend, DatabaseLocation, sql};
 use boilerhouse_testkit::docker::containers_with;
 use boilerhouse_testkit::eventually;
-use tonic::Code;
 
-/// What one tenant did and was told, in order.
-#[derive(Debug, Clone)]
-pub enum Op {
-    ClaimAttempt,
-    ClaimAck { container: String, generation: u64 },
-    ReleaseAttempt,
-    ReleaseAck { container: String },
-}
+pub mod traffic;
 
-/// Every tenant's operations.
-pub type History = Arc<Mutex<BTreeMap<String, Vec<Op>>>>;
-
-fn record(history: &History, tenant: &str, op: Op) {
-    history
-        .lock()
-        .unwrap()
-        .entry(tenant.to_owned())
-        .or_default()
-        .push(op);
-}
-
-/// One tenant's traffic until `stop`: claim, touch, release, again. A
-/// tenant that `holds` keeps each claim for a few seconds, touching it, so
-/// that faults find claims in place (a node lost under them, a server
-/// restarted); the others release at once, for throughput.
-async fn tenant_traffic(
-    channel: Channel,
-    tenant: String,
-    holds: bool,
-    history: History,
-    stop: tokio_util::sync::CancellationToken,
-) {
-    use rand::Rng as _;
-    let mut client = ClaimServiceClient::new(channel);
-    let mut pace = tokio::time::interval(Duration::from_millis(40));
-    let mut generation = None;
-    let mut held_until = std::time::Instant::now();
-    while !stop.is_cancelled() {
-        pace.tick().await;
-        match generation {
-            None => {
-                record(&history, &tenant, Op::ClaimAttempt);
-                let request = pb::ClaimRequest {
-                    tenant_id: tenant.clone(),
-                    workload_id: "demo".into(),
-                    acquire_timeout: Some(prost_types::Duration {
-                        seconds: 5,
-                        nanos: 0,
-                    }),
-                    ..Default::default()
-                };
-                if let Ok(r) = client.claim(request).await {
-                    let claim = r.into_inner().claim.unwrap();
-                    record(
-                        &history,
-                        &tenant,
-                        Op::ClaimAck {
-                            container: claim.container_id.clone(),
-                            generation: claim.generation,
-                        },
-                    );
-                    generation = Some(claim.generation);
-                    if holds {
-                        held_until = std::time::Instant::now()
-                            + Duration::from_millis(rand::rng().random_range(2_000..15_000));
-                    }
-                }
-            }
-            Some(g) => {
-                let _ = client
-                    .touch(pb::TouchRequest {
-                        tenant_id: tenant.clone(),
-                        workload_id: "demo".into(),
-                        generation: g,
-                    })
-                    .await;
-                if std::time::Instant::now() < held_until {
-                    continue;
-                }
-                record(&history, &tenant, Op::ReleaseAttempt);
-                let request = pb::ReleaseRequest {
-                    tenant_id: tenant.clone(),
-                    workload_id: "demo".into(),
-                    generation: g,
-                    request_id: String::new(),
-                };
-                match client.release(request).await {
-                    Ok(r) => {
-                        let claim = r.into_inner().claim.unwrap();
-                        record(
-                            &history,
-                            &tenant,
-                            Op::ReleaseAck {
-                                container: claim.container_id,
-                            },
-                        );
-                        generation = None;
-                    }
-                    // The claim is gone (lost, or released by an earlier
-                    // attempt whose answer never arrived): start over.
-                    Err(s) if matches!(s.code(), Code::NotFound | Code::FailedPrecondition) => {
-                        generation = None
-                    }
-                    Err(_) => {}
-                }
-            }
-        }
-    }
-}
-
-/// Tenants' traffic under way.
-pub struct Traffic {
-    history: History,
-    stop: tokio_util::sync::CancellationToken,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Traffic {
-    /// Starts `tenants` tenants (`tenant-0`, ...) claiming, touching and
-    /// releasing `demo` through `channel`.
-    pub fn start(channel: &Channel, tenants: usize) -> Self {
-        let history: History = Arc::default();
-        let stop = tokio_util::sync::CancellationToken::new();
-        let tasks = (0..tenants)
-            .map(|i| {
-                tokio::spawn(tenant_traffic(
-                    channel.clone(),
-                    format!("tenant-{i}"),
-                    i % 2 == 1,
-                    history.clone(),
-                    stop.clone(),
-                ))
-            })
-            .collect();
-        Self {
-            history,
-            stop,
-            tasks,
-        }
-    }
-
-    /// Stops every tenant and returns what they did.
-    pub async fn stop(self) -> BTreeMap<String, Vec<Op>> {
-        self.stop.cancel();
-        for t in self.tasks {
-            t.await.unwrap();
-        }
-        self.history.lock().unwrap().clone()
-    }
-}
+use traffic::{Op, Recorded};
 
 /// Waits until `nodes` nodes are connected and Ready and reconciliation
 /// has nothing left to do.
@@ -230,17 +83,18 @@ pub struct Verdict {
 }
 
 /// Holds `history` against the converged system.
-pub async fn check(subject: &Subject<'_>, history: &BTreeMap<String, Vec<Op>>) -> Verdict {
+pub async fn check(subject: &Subject<'_>, recorded: &Recorded) -> Verdict {
+    let history = &recorded.ops;
     let mut violations = Vec::new();
 
     // No container ever served two tenants: client history...
     let mut tenants_of: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    let (mut claims_acked, mut releases_acked) = (0, 0);
+    let claims_acked = recorded.claims_acked();
+    let mut releases_acked = 0;
     for (tenant, ops) in history {
         for op in ops {
             match op {
                 Op::ClaimAck { container, .. } => {
-                    claims_acked += 1;
                     tenants_of
                         .entry(container.clone())
                         .or_default()

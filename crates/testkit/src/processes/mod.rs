@@ -290,6 +290,13 @@ impl ServerProcess {
         self.child.as_ref().map(Child::id)
     }
 
+    /// Whether the process is still running (not exited, not killed).
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
     /// `https://host:port` (or `http://` when insecure) for clients.
     pub fn url(&self) -> String {
         let scheme = if self.credentials.is_some() {
