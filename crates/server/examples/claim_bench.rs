@@ -1,7 +1,9 @@
 //! Claim benchmark: warm claims through the real gRPC API against a cold
-//! `docker create` + `start`, side by side in one run.
+//! `docker create` + `start`, side by side in one run, on SQLite and, when
+//! given a PostgreSQL database, on PostgreSQL in the same run.
 //!
-//! cargo run --release -p boilerhouse-server --example claim_bench -- [pool-size] [quiet|churn]
+//! cargo run --release -p boilerhouse-server --example claim_bench -- \
+//!     [pool-size] [quiet|churn] [--postgres URL]
 //!
 //! `quiet` sizes the pool so nothing refills during the measurement
 //! (max_size = min_size): it measures the control plane alone. `churn`
@@ -9,8 +11,10 @@
 //! creating replacements competes with the server for the CPU, as it would
 //! if boilerhoused shared a host with a busy agent.
 //!
-//! It starts boilerhoused and an agent as processes on loopback, fills a
-//! pool of busybox containers (the registry-free test image), then:
+//! For each backend it starts boilerhoused (on a SQLite file, then on a
+//! fresh schema of the database `--postgres` or `BOILERHOUSE_POSTGRES_URL`
+//! names, dropped afterwards) and an agent as processes on loopback, fills
+//! a pool of busybox containers (the registry-free test image), then:
 //! - cold: creates and starts containers straight through the Docker API,
 //!   one after another, as a claim without a pool would have to;
 //! - warm POOL claims: one claim per new tenant, issued open-loop at
@@ -18,20 +22,34 @@
 //! - EXISTING claims: the same tenants claiming again at 1,000 claims/s
 //!   for 3 seconds (the path a reconnecting client takes).
 //!
-//! Latencies are measured by the client, around the gRPC call.
+//! Each backend gets the same machine, pool size, workload and offered
+//! rate; its cluster is torn down before the next one starts. Latencies
+//! are measured by the client around the gRPC call; the server-side ones
+//! are the `server_latency` each response reports.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
+use bollard::Docker;
 use bollard::models::{ContainerCreateBody, HostConfig};
 use bollard::query_parameters::{CreateContainerOptions, RemoveContainerOptions};
 
 use boilerhouse_proto::pb;
 use boilerhouse_proto::pb::claim_service_client::ClaimServiceClient;
 use boilerhouse_proto::pb::pool_service_client::PoolServiceClient;
+use boilerhouse_server::store::{DatabaseLocation, sql};
 use boilerhouse_testkit::cluster::Cluster;
+use boilerhouse_testkit::database::TestDatabase;
 use boilerhouse_testkit::docker::{TEST_RUN_LABEL, test_run_id};
 use boilerhouse_testkit::eventually;
+
+/// Claims offered per second, open-loop, in both warm runs.
+const RATE: f64 = 1000.0;
+/// EXISTING claims: 3 seconds at [`RATE`].
+const EXISTING_CLAIMS: usize = 3000;
+/// Cold creates, one after another.
+const COLD: usize = 20;
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
@@ -42,7 +60,17 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 }
 
 fn ms(d: Duration) -> String {
-    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+    format!("{:.2}", d.as_secs_f64() * 1000.0)
+}
+
+/// "p50 / p99 / max ms" of sorted latencies.
+fn spread(sorted: &[Duration]) -> String {
+    format!(
+        "{} / {} / {} ms",
+        ms(percentile(sorted, 50.0)),
+        ms(percentile(sorted, 99.0)),
+        ms(sorted.last().copied().unwrap_or_default())
+    )
 }
 
 /// What one open-loop run measured.
@@ -54,6 +82,14 @@ struct Run {
     sources: HashMap<i32, usize>,
     wall: Duration,
     failures: usize,
+}
+
+impl Run {
+    /// Granted claims per second of wall time, from the first offer to
+    /// the last answer.
+    fn rate(&self) -> f64 {
+        self.client.len() as f64 / self.wall.as_secs_f64()
+    }
 }
 
 /// Issues one claim per entry of `tenants`, open-loop at `rate` per second.
@@ -116,52 +152,12 @@ async fn open_loop(
     run
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let pool_size: u32 = std::env::args()
-        .nth(1)
-        .map(|s| s.parse())
-        .transpose()?
-        .unwrap_or(150);
-    let churn = std::env::args().nth(2).as_deref() == Some("churn");
-    let max_size = if churn { pool_size * 2 } else { pool_size };
-    let cluster = Cluster::builder()
-        .config("heartbeat_interval = \"1s\"")
-        .node("bench")
-        .workload("bench", move |image| {
-            format!(
-                "id: bench\nimage: {image}\ncommand: [sleep, infinity]\nvolumes: {{state: {{target: /state}}}}\n\
-                 pool: {{min_size: {pool_size}, max_size: {max_size}, fill_concurrency: 16}}\n"
-            )
-        })
-        .start()
-        .await
-        .ok_or_else(|| anyhow::anyhow!("the benchmark needs Docker"))?;
-    let docker = cluster.docker();
-    let image = cluster.image().to_owned();
-    let channel = cluster.channel().await;
-
-    let fill_started = Instant::now();
-    eventually(Duration::from_secs(900), "the pool to fill", || {
-        let mut pools = PoolServiceClient::new(channel.clone());
-        async move {
-            let pool = pools
-                .get_pool(pb::GetPoolRequest {
-                    pool_id: "bench".into(),
-                })
-                .await
-                .ok()?
-                .into_inner()
-                .pool?;
-            (pool.counts?.idle >= pool_size).then_some(())
-        }
-    })
-    .await?;
-    let fill = fill_started.elapsed();
-
-    // Cold: what a claim costs without a pool.
+/// What a claim costs without a pool: `COLD` containers created and
+/// started straight through the Docker API, one after another, each
+/// removed after it is timed. Sorted.
+async fn cold_floor(docker: &Docker, image: &str) -> anyhow::Result<Vec<Duration>> {
     let mut cold = Vec::new();
-    for i in 0..20 {
+    for i in 0..COLD {
         let name = format!("bh-bench-cold-{}-{i}", std::process::id());
         let t = Instant::now();
         docker
@@ -171,7 +167,7 @@ async fn main() -> anyhow::Result<()> {
                     ..Default::default()
                 }),
                 ContainerCreateBody {
-                    image: Some(image.clone()),
+                    image: Some(image.to_owned()),
                     cmd: Some(vec!["sleep".into(), "infinity".into()]),
                     labels: Some(HashMap::from([(TEST_RUN_LABEL.to_owned(), test_run_id())])),
                     host_config: Some(HostConfig {
@@ -196,20 +192,230 @@ async fn main() -> anyhow::Result<()> {
             .await?;
     }
     cold.sort();
+    Ok(cold)
+}
 
+/// The backends of one run, in the order they are measured.
+enum Backend {
+    Sqlite,
+    /// A database the run may make schemas in.
+    Postgres(String),
+}
+
+impl Backend {
+    fn title(&self) -> &'static str {
+        match self {
+            Backend::Sqlite => "SQLite",
+            Backend::Postgres(_) => "PostgreSQL",
+        }
+    }
+}
+
+/// What one backend's cluster measured.
+struct Phase {
+    fill: Duration,
+    cold: Vec<Duration>,
+    pool: Run,
+    existing: Run,
+}
+
+/// Starts a cluster on `backend`, fills its pool and measures it; the
+/// cluster and its database are gone when this returns.
+async fn measure(backend: &Backend, pool_size: u32, churn: bool) -> anyhow::Result<Phase> {
+    let max_size = if churn { pool_size * 2 } else { pool_size };
+    let builder = Cluster::builder()
+        .config("heartbeat_interval = \"1s\"")
+        .node("bench")
+        .workload("bench", move |image| {
+            format!(
+                "id: bench\nimage: {image}\ncommand: [sleep, infinity]\nvolumes: {{state: {{target: /state}}}}\n\
+                 pool: {{min_size: {pool_size}, max_size: {max_size}, fill_concurrency: 16}}\n"
+            )
+        });
+    // Named explicitly on both backends, so that a developer's
+    // BOILERHOUSE_TEST_DATABASE cannot move the SQLite run elsewhere.
+    let schema = match backend {
+        Backend::Sqlite => None,
+        Backend::Postgres(url) => Some(TestDatabase::postgres_schema_in(url).await?),
+    };
+    let database = match &schema {
+        Some(schema) => schema.value().to_owned(),
+        None => builder
+            .dir()
+            .join("data")
+            .join("boilerhouse.db")
+            .display()
+            .to_string(),
+    };
+    let cluster = builder
+        .database(&database)
+        .start()
+        .await
+        .ok_or_else(|| anyhow::anyhow!("the benchmark needs Docker"))?;
+    let channel = cluster.channel().await;
+
+    let fill_started = Instant::now();
+    eventually(Duration::from_secs(900), "the pool to fill", || {
+        let mut pools = PoolServiceClient::new(channel.clone());
+        async move {
+            let pool = pools
+                .get_pool(pb::GetPoolRequest {
+                    pool_id: "bench".into(),
+                })
+                .await
+                .ok()?
+                .into_inner()
+                .pool?;
+            (pool.counts?.idle >= pool_size).then_some(())
+        }
+    })
+    .await?;
+    let fill = fill_started.elapsed();
+
+    let cold = cold_floor(cluster.docker(), cluster.image()).await?;
     let tenants: Vec<String> = (0..pool_size).map(|i| format!("tenant-{i}")).collect();
-    let pool_run = open_loop(channel.clone(), tenants.clone(), 1000.0).await;
-    let repeat: Vec<String> = (0..3000)
+    let pool = open_loop(channel.clone(), tenants.clone(), RATE).await;
+    let repeat: Vec<String> = (0..EXISTING_CLAIMS)
         .map(|i| tenants[i % tenants.len()].clone())
         .collect();
-    let existing_run = open_loop(channel.clone(), repeat, 1000.0).await;
+    let existing = open_loop(channel.clone(), repeat, RATE).await;
+    // The server goes (and its containers with it) before its schema.
+    drop(channel);
+    drop(cluster);
+    drop(schema);
+    Ok(Phase {
+        fill,
+        cold,
+        pool,
+        existing,
+    })
+}
 
-    let name = |s: i32| match pb::ClaimSource::try_from(s) {
+/// The durability settings of the PostgreSQL server `url` names, as a
+/// session that does not change them (the store's writer, by default)
+/// gets them.
+async fn postgres_settings(url: &str) -> anyhow::Result<String> {
+    let location = DatabaseLocation::parse(url).map_err(anyhow::Error::msg)?;
+    let mut conn = boilerhouse_server::store::open_inspector(&location).await?;
+    let mut shown = Vec::new();
+    for name in [
+        "server_version",
+        "fsync",
+        "synchronous_commit",
+        "wal_sync_method",
+    ] {
+        let value: String = sql::query_scalar(&format!("SHOW {name}"))
+            .fetch_one(&mut conn)
+            .await?;
+        shown.push(format!("{name}={value}"));
+    }
+    Ok(shown.join(", "))
+}
+
+fn source_name(s: i32) -> &'static str {
+    match pb::ClaimSource::try_from(s) {
         Ok(pb::ClaimSource::Pool) => "POOL",
         Ok(pb::ClaimSource::Existing) => "EXISTING",
         Ok(pb::ClaimSource::Cold) => "COLD",
         _ => "other",
-    };
+    }
+}
+
+fn sources(run: &Run) -> String {
+    let mut named: Vec<_> = run
+        .sources
+        .iter()
+        .map(|(k, v)| format!("{} {v}", source_name(*k)))
+        .collect();
+    named.sort();
+    named.join(", ")
+}
+
+/// One table, a column group per backend.
+fn print_table(results: &[(&Backend, Phase)]) {
+    let mut header = String::from("| what |");
+    let mut rule = String::from("|---|");
+    for (backend, _) in results {
+        let b = backend.title();
+        header.push_str(&format!(
+            " {b} n | {b} per s | {b} p50 / p99 / max | {b} server p50 / p99 / max |"
+        ));
+        rule.push_str("---:|---:|---:|---:|");
+    }
+    println!("{header}");
+    println!("{rule}");
+    let mut cold = String::from("| cold `docker create` + `start` (Docker API, sequential) |");
+    for (_, phase) in results {
+        cold.push_str(&format!(
+            " {} | {:.1} | {} | - |",
+            phase.cold.len(),
+            phase.cold.len() as f64 / phase.cold.iter().sum::<Duration>().as_secs_f64(),
+            spread(&phase.cold)
+        ));
+    }
+    println!("{cold}");
+    for (what, existing) in [
+        ("warm claim, POOL, offered at 1000/s (gRPC)", false),
+        ("warm claim, EXISTING, offered at 1000/s (gRPC)", true),
+    ] {
+        let mut row = format!("| {what} |");
+        for (_, phase) in results {
+            let run = if existing {
+                &phase.existing
+            } else {
+                &phase.pool
+            };
+            row.push_str(&format!(
+                " {} | {:.0} | {} | {} |",
+                run.client.len(),
+                run.rate(),
+                spread(&run.client),
+                spread(&run.server)
+            ));
+        }
+        println!("{row}");
+    }
+    println!();
+    for (backend, phase) in results {
+        let cold_p50 = percentile(&phase.cold, 50.0).as_secs_f64();
+        println!(
+            "{}: cold p50 / warm POOL p50 = {:.0}x ({:.0}x server-side); sources: POOL run {}, EXISTING run {}; failures: {} and {}",
+            backend.title(),
+            cold_p50 / percentile(&phase.pool.client, 50.0).as_secs_f64(),
+            cold_p50 / percentile(&phase.pool.server, 50.0).as_secs_f64(),
+            sources(&phase.pool),
+            sources(&phase.existing),
+            phase.pool.failures,
+            phase.existing.failures,
+        );
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let mut pool_size = 150u32;
+    let mut churn = false;
+    let mut postgres = std::env::var("BOILERHOUSE_POSTGRES_URL")
+        .ok()
+        .filter(|v| !v.is_empty());
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "quiet" => churn = false,
+            "churn" => churn = true,
+            "--postgres" => postgres = Some(args.next().context("--postgres needs a URL")?),
+            other => {
+                pool_size = other
+                    .parse()
+                    .with_context(|| format!("{other:?}: expected a pool size, quiet or churn"))?;
+            }
+        }
+    }
+    let mut backends = vec![Backend::Sqlite];
+    if let Some(url) = postgres {
+        backends.push(Backend::Postgres(url));
+    }
+
     println!(
         "mode: {}",
         if churn {
@@ -218,56 +424,22 @@ async fn main() -> anyhow::Result<()> {
             "quiet (max_size = min_size: nothing refills)"
         }
     );
-    println!(
-        "pool of {pool_size} filled in {:.1} s ({:.1} containers/s)",
-        fill.as_secs_f64(),
-        f64::from(pool_size) / fill.as_secs_f64()
-    );
-    println!();
-    println!("| what | n | p50 | p99 | max | server-side p50 / p99 | throughput |");
-    println!("|---|---:|---:|---:|---:|---:|---:|");
-    println!(
-        "| cold `docker create` + `start` (Docker API, sequential) | {} | {} | {} | {} | - | {:.1}/s |",
-        cold.len(),
-        ms(percentile(&cold, 50.0)),
-        ms(percentile(&cold, 99.0)),
-        ms(*cold.last().unwrap()),
-        cold.len() as f64 / cold.iter().sum::<Duration>().as_secs_f64()
-    );
-    for (what, run) in [
-        ("warm claim, POOL, offered at 1000/s (gRPC)", &pool_run),
-        (
-            "warm claim, EXISTING, offered at 1000/s (gRPC)",
-            &existing_run,
-        ),
-    ] {
+    let mut results = Vec::new();
+    for backend in &backends {
+        let settings = match backend {
+            Backend::Sqlite => "WAL, synchronous=FULL".to_owned(),
+            Backend::Postgres(url) => postgres_settings(url).await?,
+        };
+        let phase = measure(backend, pool_size, churn).await?;
         println!(
-            "| {what} | {} | {} | {} | {} | {} / {} | {:.0}/s |",
-            run.client.len(),
-            ms(percentile(&run.client, 50.0)),
-            ms(percentile(&run.client, 99.0)),
-            ms(run.client.last().copied().unwrap_or_default()),
-            ms(percentile(&run.server, 50.0)),
-            ms(percentile(&run.server, 99.0)),
-            run.client.len() as f64 / run.wall.as_secs_f64()
+            "{}: {settings}; pool of {pool_size} filled in {:.1} s ({:.1} containers/s)",
+            backend.title(),
+            phase.fill.as_secs_f64(),
+            f64::from(pool_size) / phase.fill.as_secs_f64()
         );
+        results.push((backend, phase));
     }
     println!();
-    println!(
-        "cold p50 / warm POOL p50 = {:.0}x; sources: POOL run {:?}, EXISTING run {:?}; failures: {} and {}",
-        percentile(&cold, 50.0).as_secs_f64() / percentile(&pool_run.client, 50.0).as_secs_f64(),
-        pool_run
-            .sources
-            .iter()
-            .map(|(k, v)| (name(*k), *v))
-            .collect::<Vec<_>>(),
-        existing_run
-            .sources
-            .iter()
-            .map(|(k, v)| (name(*k), *v))
-            .collect::<Vec<_>>(),
-        pool_run.failures,
-        existing_run.failures,
-    );
+    print_table(&results);
     Ok(())
 }

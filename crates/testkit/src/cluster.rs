@@ -86,6 +86,9 @@ pub struct ClusterBuilder {
     agent_args: Vec<String>,
     insecure: bool,
     multihost: bool,
+    /// `--database`, when the cluster names its own (see
+    /// [`ClusterBuilder::database`]).
+    database: Option<String>,
 }
 
 impl ClusterBuilder {
@@ -182,7 +185,13 @@ impl ClusterBuilder {
         config
             .entry("policy_file")
             .or_insert_with(|| policy_file.display().to_string().into());
-        let options = server_options(&config, None, self.insecure, hosts.as_ref());
+        let options = server_options(
+            &config,
+            None,
+            self.insecure,
+            hosts.as_ref(),
+            self.database.as_deref(),
+        );
         let server = ServerProcess::start_in(root, options)
             .await
             .expect("start boilerhoused");
@@ -199,6 +208,7 @@ impl ClusterBuilder {
             timeout: self.timeout,
             dir: self.dir,
             hosts,
+            database: self.database,
         };
         for prefix in &self.nodes {
             cluster.spawn_agent(prefix, None);
@@ -224,6 +234,7 @@ pub struct Cluster {
     /// The network, when every process runs on a host of its own; dropped
     /// after the processes.
     hosts: Option<multihost::Hosts>,
+    database: Option<String>,
 }
 
 /// The server's admission policy file, in the cluster's directory.
@@ -245,6 +256,7 @@ impl Cluster {
             agent_args: Vec::new(),
             insecure: false,
             multihost: false,
+            database: None,
         }
     }
 
@@ -353,6 +365,7 @@ impl Cluster {
                 Some(self.listen),
                 self.insecure,
                 self.hosts.as_ref(),
+                self.database.as_deref(),
             ),
         )
         .await
@@ -554,6 +567,7 @@ fn server_options(
     listen: Option<SocketAddr>,
     insecure: bool,
     hosts: Option<&multihost::Hosts>,
+    database: Option<&str>,
 ) -> ServerOptions {
     let mut options = ServerOptions {
         config_toml: Some(toml::to_string(config).expect("serialise the server config")),
@@ -563,6 +577,11 @@ fn server_options(
     };
     if let Some(hosts) = hosts {
         hosts.place_server(&mut options);
+    }
+    if let Some(database) = database {
+        options
+            .args
+            .extend(["--database".to_owned(), database.to_owned()]);
     }
     options
 }

@@ -73,7 +73,13 @@ impl TestDatabase {
 
     /// A fresh schema in the run's PostgreSQL server.
     pub async fn postgres_schema() -> anyhow::Result<Self> {
-        let admin = postgres_admin_url()?;
+        Self::postgres_schema_in(&postgres_admin_url()?).await
+    }
+
+    /// A fresh schema in the database `admin` names: for benchmarks, which
+    /// are given a database of their own rather than the run's server.
+    pub async fn postgres_schema_in(admin: &str) -> anyhow::Result<Self> {
+        let admin = admin.to_owned();
         let schema = format!(
             "bh_{}_{}",
             sanitize(&crate::docker::test_run_id()),

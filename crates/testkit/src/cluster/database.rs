@@ -8,7 +8,18 @@ use std::process::Command;
 use anyhow::Context as _;
 use sqlx::{Connection as _, Executor as _};
 
-use super::Cluster;
+use super::{Cluster, ClusterBuilder};
+
+impl ClusterBuilder {
+    /// The server's `--database` (a SQLite path or a postgres:// URL),
+    /// whatever the run's backend: for benchmarks that compare backends
+    /// in one run. The caller owns that database and removes it; the
+    /// helpers below know only the run's own databases and ignore it.
+    pub fn database(mut self, value: &str) -> Self {
+        self.database = Some(value.to_owned());
+        self
+    }
+}
 
 impl Cluster {
     /// The database is gone (a deleted file, a dropped schema) while the
