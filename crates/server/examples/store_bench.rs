@@ -123,6 +123,8 @@ async fn run_case(
             max_batch,
             fence: (target.backend() == Backend::Postgres).then(|| Fence {
                 epoch: 0,
+                // The server's default lease; the bench never stalls.
+                lease: Duration::from_secs(6),
                 lost: lost.clone(),
             }),
             ..StoreOptions::default()

@@ -17,6 +17,7 @@ impl Cluster {
             Some(self.listen),
             self.insecure,
             self.hosts.as_ref(),
+            self.database.as_deref(),
         );
         options.args.extend(args.iter().map(|a| (*a).to_owned()));
         self.server = ServerProcess::start_in(self.dir.path(), options)
