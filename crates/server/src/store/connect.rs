@@ -134,10 +134,15 @@ impl Connector {
                 "PRAGMA foreign_keys = ON",
             ],
             (Backend::Sqlite, false) => vec!["PRAGMA busy_timeout = 5000"],
-            (Backend::Postgres, true) if !self.synchronous_full => {
-                vec!["SET synchronous_commit = off"]
-            }
-            (Backend::Postgres, _) => vec![],
+            // Set either way: a database or role configured with
+            // `synchronous_commit = off` must not make acknowledged writes
+            // lossy behind the server's back.
+            (Backend::Postgres, true) => vec![if self.synchronous_full {
+                "SET synchronous_commit = on"
+            } else {
+                "SET synchronous_commit = off"
+            }],
+            (Backend::Postgres, false) => vec![],
         }
     }
 }

@@ -156,7 +156,9 @@ pub struct StoreOptions {
     /// SQLite: `synchronous=FULL` (the default) fsyncs every commit;
     /// `false` uses NORMAL, which in WAL mode can lose the last commits on
     /// power loss but never corrupts the database. PostgreSQL:
-    /// `synchronous_commit` on (the default) or off, with the same trade.
+    /// `synchronous_commit` on (the default, set explicitly whatever the
+    /// database's own setting) or off, which loses the last commits if
+    /// PostgreSQL itself crashes, not only on power loss: a weaker trade.
     pub synchronous_full: bool,
     /// Operations that may share one commit. 1 disables group commit.
     pub max_batch: usize,
