@@ -82,7 +82,7 @@ async fn containers_that_never_become_healthy_are_replaced_with_the_engines_reas
         .workload("sick", |image| {
             format!(
                 "id: sick\nimage: {image}\ncommand: [sleep, infinity]\n\
-                 healthcheck: {{test: [CMD-SHELL, 'echo database unreachable; exit 1'], interval: 1s, timeout: 1s, retries: 1}}\n\
+                 healthcheck: {{test: [CMD-SHELL, 'echo database unreachable; exit 1'], interval: 1s, timeout: 10s, retries: 1}}\n\
                  pool: {{min_size: 1, max_size: 3}}\n"
             )
         })
