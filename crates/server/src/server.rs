@@ -63,13 +63,16 @@ const SERVICES: &[&str] = &[
     "boilerhouse.v1.AdminService",
 ];
 
-/// Runs the server on the given listeners until `shutdown` resolves.
+/// Runs the server on the given listeners until `shutdown` resolves. A
+/// replica elected leader passes its `fence` and its `warm` copy of the
+/// pool's rows.
 pub async fn run(
     config: Config,
     grpc_listener: TcpListener,
     metrics_listener: TcpListener,
     shutdown: impl Future<Output = ()>,
     fence: Option<crate::store::Fence>,
+    warm: Option<crate::store::WarmPool>,
 ) -> anyhow::Result<()> {
     // Checked first, and a SQLite file is refused rather than replaced
     // when missing or damaged; the guard holds its lock until run() returns.
@@ -192,6 +195,7 @@ pub async fn run(
         },
         Arc::new(boost_ledger.clone()),
         Arc::new(syncs.clone()),
+        warm,
     )
     .await
     .context("rebuilding the pool index")?;

@@ -114,6 +114,14 @@ async fn takeover(traffic: &Traffic, replicas: &Replicas, old: usize, at: Instan
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", replicas.logs()));
     let elected = at.elapsed();
+    // It stood by with a warm copy of the pool's rows and restored from
+    // it and what changed since, not from every row.
+    let log = replicas.server(leader).log();
+    let restored = log
+        .lines()
+        .rfind(|l| l.contains("pool index restored from the standby's warm copy"))
+        .unwrap_or_else(|| panic!("replica {leader} restored from its warm copy:\n{log}"));
+    println!("replica {leader}: {restored}");
     nodes_ready(replicas, leader).await;
     let nodes_back = at.elapsed();
     let claims_back = first_claim_since(traffic, at, Some(old), replicas).await;

@@ -174,6 +174,14 @@ async fn one_leads_standbys_name_it_and_a_killed_or_paused_leader_is_replaced_an
         served, 3,
         "the new leader serves what the old one acknowledged"
     );
+    // It stood by with a warm copy of the pool's rows, and restored from
+    // that copy and what changed since, not from every row.
+    let log = replicas[second].log();
+    assert!(
+        log.contains("standby: read the pool's rows for a warm copy")
+            && log.contains("pool index restored from the standby's warm copy"),
+        "the new leader restored from its warm copy:\n{log}"
+    );
 
     // SIGSTOP the leader past its lease: the last standby takes over; the
     // old leader wakes up deposed and commits nothing.

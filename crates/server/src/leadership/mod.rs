@@ -16,6 +16,10 @@
 //!   it restores again.
 //! - A standby decides nothing: it refuses every call but health checks
 //!   with UNAVAILABLE naming the leader, so clients and agents go there.
+//!   It keeps a warm copy of the pool's rows from the database's change
+//!   feed ([`WarmPool`]); once elected, it reads only what changed since
+//!   (after the lease is its own, so nothing the old leader committed is
+//!   missed) instead of every row.
 //!
 //! The lease is timed by the database's clock (`now()`), so the replicas'
 //! clocks need not agree. The leader's own view of its lease is kept on
@@ -37,7 +41,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::store::{Backend, Fence, StoreError, sql};
+use crate::store::{Backend, Fence, Refreshed, StoreError, WarmPool, sql};
 
 /// A lease this server holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,6 +160,21 @@ impl Campaign {
         })
     }
 
+    /// Brings a standby's warm copy of the pool's rows up to date.
+    pub fn refresh<'a>(
+        &'a mut self,
+        warm: &'a mut WarmPool,
+    ) -> BoxFuture<'a, Result<Refreshed, StoreError>> {
+        Box::pin(async move {
+            self.connect_if_needed().await?;
+            let refreshed = warm.refresh(self.conn()?).await;
+            if refreshed.is_err() {
+                self.conn = None;
+            }
+            refreshed
+        })
+    }
+
     /// The current leader, if its lease has not run out.
     pub fn leader(&mut self) -> BoxFuture<'_, Result<Option<Leader>, StoreError>> {
         Box::pin(async move {
@@ -199,7 +218,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     if config.database.backend() == Backend::Sqlite {
-        return crate::server::run(config, grpc, metrics, shutdown, None).await;
+        return crate::server::run(config, grpc, metrics, shutdown, None, None).await;
     }
     let stop = CancellationToken::new();
     let signal = stop.clone();
@@ -248,9 +267,17 @@ async fn replicate(
         let Some(mut campaign_now) = campaign.take() else {
             return Ok(());
         };
-        // Standing by: refuse calls, naming the leader, until elected.
-        let elected =
-            standby::stand_by(&config, reuse(&grpc)?, &mut campaign_now, stop.clone()).await?;
+        // Standing by: refuse calls, naming the leader, and keep a warm
+        // copy of the pool's rows, until elected.
+        let mut warm = WarmPool::default();
+        let elected = standby::stand_by(
+            &config,
+            reuse(&grpc)?,
+            &mut campaign_now,
+            &mut warm,
+            stop.clone(),
+        )
+        .await?;
         let Some(lease) = elected else {
             return Ok(());
         };
@@ -277,6 +304,7 @@ async fn replicate(
                 }
             },
             Some(fence),
+            Some(warm),
         )
         .await;
         lost.cancel();

@@ -4,7 +4,8 @@
 //! and in the `boilerhouse-leader` metadata for clients that follow it),
 //! while it stands for leader. Reads are refused too rather than served
 //! from a copy that may be behind: a client that follows the hint reads
-//! from the leader, which is never behind.
+//! from the leader, which is never behind. Between campaigns it keeps its
+//! warm copy of the pool's rows up to date, for the day it is elected.
 
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -17,6 +18,7 @@ use tonic_health::ServingStatus;
 
 use super::{Campaign, Lease, campaign_interval};
 use crate::config::Config;
+use crate::store::WarmPool;
 
 /// Serves as a standby on `listener` and campaigns until elected
 /// (`Some`) or stopped (`None`).
@@ -24,6 +26,7 @@ pub(super) async fn stand_by(
     config: &Config,
     listener: TcpListener,
     campaign: &mut Campaign,
+    warm: &mut WarmPool,
     stop: CancellationToken,
 ) -> anyhow::Result<Option<Lease>> {
     let (leader_tx, leader_rx) = watch::channel::<Option<String>>(None);
@@ -69,6 +72,23 @@ pub(super) async fn stand_by(
                 last_leader.clone_from(&address);
             }
             leader_tx.send_replace(address);
+        }
+        // Between campaigns, so that an election finds the copy at most
+        // one interval behind. A failed read leaves it as it was.
+        match campaign.refresh(warm).await {
+            Ok(refreshed) if refreshed.full => tracing::info!(
+                version = refreshed.version,
+                rows = refreshed.rows,
+                "standby: read the pool's rows for a warm copy"
+            ),
+            Ok(refreshed) => tracing::debug!(
+                version = refreshed.version,
+                rows = refreshed.rows,
+                "standby: warm copy brought up to date"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "standby: could not bring the warm copy up to date; retrying")
+            }
         }
         tokio::select! {
             () = stop.cancelled() => break None,

@@ -50,7 +50,7 @@ use boilerhouse_proto::pb;
 
 use crate::agents::Registry;
 use crate::locks::{KeyGuard, KeyedLocks};
-use crate::store::{PoolOverride, Store, StoreError};
+use crate::store::{PoolOverride, Store, StoreError, WarmPool};
 
 /// Why a pool operation failed, in terms the API maps to status codes.
 #[derive(Debug, thiserror::Error)]
@@ -197,15 +197,46 @@ impl Drop for BusyGuard {
 }
 
 impl Pools {
-    /// Rebuilds the index from the database.
+    /// Rebuilds the index from the database, or from a standby's `warm`
+    /// copy of the pool's rows brought up to date with what changed since.
     pub async fn load(
         store: Store,
         agents: Registry,
         config: PoolsConfig,
         capacity: Arc<dyn CapacityView>,
         retention: Arc<dyn Retention>,
+        warm: Option<WarmPool>,
     ) -> Result<Self, StoreError> {
-        let snapshot = recovery::without_orphans(store.load_pool_snapshot().await?);
+        let started = std::time::Instant::now();
+        let snapshot = match warm {
+            // Read after the lease became this server's: what the old
+            // leader committed up to its end is in the catch-up.
+            Some(mut warm) => {
+                let from = warm.version();
+                let caught_up = store.catch_up(&mut warm).await?;
+                let snapshot = warm.into_snapshot();
+                tracing::info!(
+                    from_version = ?from,
+                    version = caught_up.version,
+                    rows_read = caught_up.rows,
+                    read_everything = caught_up.full,
+                    containers = snapshot.containers.len(),
+                    elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+                    "pool index restored from the standby's warm copy"
+                );
+                snapshot
+            }
+            None => {
+                let snapshot = store.load_pool_snapshot().await?;
+                tracing::info!(
+                    containers = snapshot.containers.len(),
+                    elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+                    "pool index restored from the database"
+                );
+                snapshot
+            }
+        };
+        let snapshot = recovery::without_orphans(snapshot);
         store
             .report_unreadable(&snapshot.unreadable, crate::clock::now())
             .await?;

@@ -62,28 +62,50 @@ where
     R: for<'r> FromRow<'r, DbRow>,
     T: TryFrom<R, Error = StoreError>,
 {
-    let mut read = Vec::with_capacity(rows.len());
+    split(
+        rows.iter()
+            .map(|row| decode_one::<DbRow, R, T>(row, table, &key)),
+    )
+}
+
+/// Splits rows into those read and those that could not be.
+pub(super) fn split<T>(rows: impl Iterator<Item = Result<T, Unreadable>>) -> Lenient<T> {
+    let mut read = Vec::with_capacity(rows.size_hint().0);
     let mut unreadable = Vec::new();
     for row in rows {
-        match R::from_row(&row)
-            .map_err(StoreError::from)
-            .and_then(T::try_from)
-        {
+        match row {
             Ok(value) => read.push(value),
-            Err(e) => {
-                let skipped = Unreadable {
-                    table,
-                    key: key(&row),
-                    reason: e.to_string(),
-                };
-                // Debug only: startup reports each one once, and some of
-                // these reads run every second.
-                tracing::debug!(row = %skipped, "skipped a row that cannot be read");
-                unreadable.push(skipped);
-            }
+            Err(skipped) => unreadable.push(skipped),
         }
     }
     (read, unreadable)
+}
+
+/// Decodes one row as [`decode`] does.
+pub(super) fn decode_one<DbRow, R, T>(
+    row: &DbRow,
+    table: &'static str,
+    key: impl Fn(&DbRow) -> String,
+) -> Result<T, Unreadable>
+where
+    DbRow: Row,
+    R: for<'r> FromRow<'r, DbRow>,
+    T: TryFrom<R, Error = StoreError>,
+{
+    R::from_row(row)
+        .map_err(StoreError::from)
+        .and_then(T::try_from)
+        .map_err(|e| {
+            let skipped = Unreadable {
+                table,
+                key: key(row),
+                reason: e.to_string(),
+            };
+            // Debug only: startup reports each one once, and some of
+            // these reads run every second.
+            tracing::debug!(row = %skipped, "skipped a row that cannot be read");
+            skipped
+        })
 }
 
 /// Splits converted rows, each with its key, into those read and those

@@ -1,5 +1,5 @@
-//! Background upkeep of the store: trimming the activity log and expired
-//! request ids, and checkpointing the WAL outside the write path.
+//! Background upkeep of the store: trimming the activity log, expired
+//! request ids and (PostgreSQL) the change feed's tombstones, and checkpointing the WAL outside the write path.
 
 use std::time::Duration;
 
@@ -8,7 +8,7 @@ use futures::future::BoxFuture;
 use super::Store;
 use crate::tasks::BackgroundTask;
 
-/// Trims the activity log and expired idempotency keys.
+/// Trims the activity log, expired idempotency keys and old tombstones.
 pub struct TrimTask {
     /// The store.
     pub store: Store,
@@ -46,7 +46,13 @@ impl BackgroundTask for TrimTask {
                 .store
                 .trim_idempotency_keys(cutoff(now, self.idempotency_retention))
                 .await?;
-            Ok(serde_json::json!({ "events_trimmed": events, "idempotency_keys_trimmed": keys }))
+            // PostgreSQL: deleted rows' tombstones, which standbys read.
+            let tombstones = self.store.trim_tombstones().await?;
+            Ok(serde_json::json!({
+                "events_trimmed": events,
+                "idempotency_keys_trimmed": keys,
+                "tombstones_trimmed": tombstones,
+            }))
         })
     }
 }

@@ -44,6 +44,7 @@
 
 mod backup;
 mod boosts;
+mod changes;
 mod connect;
 mod events;
 mod idempotency;
@@ -69,6 +70,7 @@ use tokio::sync::broadcast;
 use boilerhouse_core::event::Event;
 
 pub use boosts::BoostWrite;
+pub use changes::{Refreshed, TOMBSTONE_RETENTION, WarmPool};
 pub use events::EventQuery;
 pub use idempotency::{IdempotencyLookup, IdempotentRecord};
 pub use lenient::{Lenient, Unreadable};

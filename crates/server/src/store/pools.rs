@@ -52,6 +52,66 @@ pub struct PoolSnapshot {
     pub unreadable: Vec<lenient::Unreadable>,
 }
 
+/// The columns a container row is read with ([`ContainerRow`]).
+macro_rules! container_columns {
+    () => {
+        "container_id, workload_id, node_id, docker_id, state, spec_hash, tenant_id, last_tenant_id, \
+         claim_generation, revision, limits_cpus, limits_memory, state_path, comm_path, created_at, updated_at"
+    };
+}
+pub(super) use container_columns;
+
+/// The columns a claim row is read with ([`ClaimRow`]).
+macro_rules! claim_columns {
+    () => {
+        "claim_id, tenant_id, workload_id, container_id, node_id, generation, source, status, \
+         claimed_at, last_activity_at, released_at, restored"
+    };
+}
+pub(super) use claim_columns;
+
+/// The columns a reservation row is read with ([`ReservationRow`]).
+macro_rules! reservation_columns {
+    () => {
+        "tenant_id, workload_id, container_id, node_id, reserved_at, expires_at"
+    };
+}
+pub(super) use reservation_columns;
+
+/// A container row as read, or why it cannot be; keyed by its id.
+pub(super) fn read_container(
+    row: &sqlx::any::AnyRow,
+) -> Result<ContainerRecord, lenient::Unreadable> {
+    lenient::decode_one::<_, ContainerRow, ContainerRecord>(row, "containers", |r| {
+        lenient::text(r, "container_id")
+    })
+}
+
+/// A claim row as read, or why it cannot be.
+pub(super) fn read_claim(row: &sqlx::any::AnyRow) -> Result<ClaimRecord, lenient::Unreadable> {
+    lenient::decode_one::<_, ClaimRow, ClaimRecord>(row, "claims", |r| lenient::text(r, "claim_id"))
+}
+
+/// A reservation row as read, or why it cannot be.
+pub(super) fn read_reservation(
+    row: &sqlx::any::AnyRow,
+) -> Result<Reservation, lenient::Unreadable> {
+    lenient::decode_one::<_, ReservationRow, Reservation>(
+        row,
+        "affinity_reservations",
+        reservation_key,
+    )
+}
+
+/// How a reservation is named when it cannot be read.
+fn reservation_key(row: &sqlx::any::AnyRow) -> String {
+    format!(
+        "({}, {})",
+        lenient::text(row, "tenant_id"),
+        lenient::text(row, "workload_id")
+    )
+}
+
 fn conflict(what: String) -> StoreError {
     StoreError::Conflict(what)
 }
@@ -383,43 +443,31 @@ impl Store {
     /// Every container, active claim and reservation: what the pool index
     /// is rebuilt from at startup.
     pub async fn load_pool_snapshot(&self) -> Result<PoolSnapshot, StoreError> {
-        let containers = sql::query(
-            "SELECT container_id, workload_id, node_id, docker_id, state, spec_hash, tenant_id, last_tenant_id, \
-             claim_generation, revision, limits_cpus, limits_memory, state_path, comm_path, created_at, updated_at \
-             FROM containers ORDER BY created_at",
-        )
+        let containers = sql::query(concat!(
+            "SELECT ",
+            container_columns!(),
+            " FROM containers ORDER BY created_at"
+        ))
         .fetch_all(&self.reads)
         .await?;
-        let claims = sql::query(
-            "SELECT claim_id, tenant_id, workload_id, container_id, node_id, generation, source, status, \
-             claimed_at, last_activity_at, released_at, restored FROM claims WHERE status = 'active'",
-        )
+        let claims = sql::query(concat!(
+            "SELECT ",
+            claim_columns!(),
+            " FROM claims WHERE status = 'active'"
+        ))
         .fetch_all(&self.reads)
         .await?;
-        let reservations = sql::query(
-            "SELECT tenant_id, workload_id, container_id, node_id, reserved_at, expires_at FROM affinity_reservations",
-        )
+        let reservations = sql::query(concat!(
+            "SELECT ",
+            reservation_columns!(),
+            " FROM affinity_reservations"
+        ))
         .fetch_all(&self.reads)
         .await?;
-        let (containers, mut unreadable) =
-            lenient::decode::<_, ContainerRow, ContainerRecord>(containers, "containers", |r| {
-                lenient::text(r, "container_id")
-            });
-        let (claims, more) = lenient::decode::<_, ClaimRow, ClaimRecord>(claims, "claims", |r| {
-            lenient::text(r, "claim_id")
-        });
+        let (containers, mut unreadable) = lenient::split(containers.iter().map(read_container));
+        let (claims, more) = lenient::split(claims.iter().map(read_claim));
         unreadable.extend(more);
-        let (reservations, more) = lenient::decode::<_, ReservationRow, Reservation>(
-            reservations,
-            "affinity_reservations",
-            |r| {
-                format!(
-                    "({}, {})",
-                    lenient::text(r, "tenant_id"),
-                    lenient::text(r, "workload_id")
-                )
-            },
-        );
+        let (reservations, more) = lenient::split(reservations.iter().map(read_reservation));
         unreadable.extend(more);
         Ok(PoolSnapshot {
             containers,

@@ -13,7 +13,9 @@ use boilerhouse_core::pool::index::Index;
 use boilerhouse_core::pool::write::PoolWrite;
 use boilerhouse_core::pool::{ContainerRecord, ContainerState};
 use boilerhouse_core::{ContainerId, NodeId, TenantId, Timestamp, WorkloadId};
-use boilerhouse_server::store::{DatabaseLocation, Store, StoreError, StoreOptions};
+use boilerhouse_server::store::{
+    Backend, DatabaseLocation, Store, StoreError, StoreOptions, WarmPool, open_inspector,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -123,6 +125,10 @@ pub struct World {
     pub trace: Vec<String>,
     /// Set while settling: nothing is skipped at random any more.
     pub settling: bool,
+    /// PostgreSQL: a standby's warm copy of the pool's rows, on a
+    /// connection of its own, read from the change feed as a real standby
+    /// reads it.
+    pub standby: Option<(sqlx::AnyConnection, WarmPool)>,
     next: u64,
 }
 
@@ -152,6 +158,15 @@ impl World {
     pub async fn new(seed: u64) -> Self {
         let database = TestDatabase::fresh().await.expect("a test database");
         let store = open(&database).await;
+        let standby = match store.backend() {
+            Backend::Postgres => Some((
+                open_inspector(store.location())
+                    .await
+                    .expect("a standby's connection"),
+                WarmPool::default(),
+            )),
+            Backend::Sqlite => None,
+        };
         let mut rng = StdRng::seed_from_u64(seed);
         let nodes = rng.random_range(1..=3);
         let hosts = (0..nodes)
@@ -207,6 +222,7 @@ impl World {
             stats: Stats::default(),
             trace: Vec::new(),
             settling: false,
+            standby,
             next: 0,
         }
     }
@@ -296,6 +312,23 @@ impl World {
             "seed {}: the index rebuilt after a restart differs from the one before",
             self.seed
         );
+        // A failover: the standby's warm copy, caught up as an elected
+        // server catches it up, makes the same index.
+        if let Some((_, warm)) = &mut self.standby {
+            let mut elected = std::mem::take(warm);
+            self.store
+                .catch_up(&mut elected)
+                .await
+                .expect("catch the warm copy up");
+            let s = elected.clone().into_snapshot();
+            let from_warm = Index::from_rows(s.containers, s.claims, s.reservations);
+            assert_eq!(
+                before, from_warm,
+                "seed {}: the index an elected standby built from its warm copy differs",
+                self.seed
+            );
+            *warm = elected;
+        }
         *self.index.lock().unwrap() = after;
         self.pending.clear();
         self.warming_for.clear();
@@ -304,6 +337,15 @@ impl World {
             host.report = None;
         }
         self.stats.restarts += 1;
+    }
+
+    /// The standby reads the change feed (PostgreSQL): the rows its warm
+    /// copy then holds, or `None` on SQLite.
+    pub async fn standby_rows(&mut self) -> Option<Index> {
+        let (conn, warm) = self.standby.as_mut()?;
+        warm.refresh(conn).await.expect("read the change feed");
+        let s = warm.clone().into_snapshot();
+        Some(Index::from_rows(s.containers, s.claims, s.reservations))
     }
 
     /// A random skip, never while settling.

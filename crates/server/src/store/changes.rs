@@ -1,0 +1,348 @@
+//! A standby's warm copy of the pool's rows, kept up to date from the
+//! database's change feed (PostgreSQL only; see
+//! `migrations/postgres/0003_change_feed.sql`).
+//!
+//! A server elected leader must read the database after it holds the
+//! lease: until the lease was its own, the old leader could commit. With a
+//! warm copy that read is only what changed since the standby last looked,
+//! a few rows, instead of every container, claim and reservation; the
+//! index is then built from memory.
+//!
+//! # Invariants
+//!
+//! - Every read is one REPEATABLE READ transaction: the clock's version and
+//!   the rows come from one snapshot, so the copy is exactly the database
+//!   as of `version`. Versions are taken in commit order (the clock row's
+//!   lock), so nothing committed later can carry a version at or below it.
+//! - A change read is applied whole, after its transaction ended, or not
+//!   at all: a failed read leaves the copy as it was.
+//! - The copy reads everything again whenever a delta could be incomplete:
+//!   the tombstones it needs were trimmed, or the clock went backwards (a
+//!   restored backup).
+
+use std::collections::HashMap;
+
+use sqlx::AnyConnection;
+use sqlx::any::AnyRow;
+
+use boilerhouse_core::pool::{ClaimRecord, ContainerRecord, Reservation};
+
+use super::lenient::{self, Unreadable};
+use super::pools::{
+    PoolSnapshot, claim_columns, container_columns, read_claim, read_container, read_reservation,
+    reservation_columns,
+};
+use super::{Backend, Store, StoreError, sql};
+
+/// How long a deleted row's tombstone is kept. A standby that has not
+/// read the feed for longer reads everything again.
+pub const TOMBSTONE_RETENTION: std::time::Duration = std::time::Duration::from_secs(3600);
+
+type Read<T> = Result<T, Unreadable>;
+
+/// The pool's rows as of one version of the database.
+#[derive(Debug, Default, Clone)]
+pub struct WarmPool {
+    /// The version the copy is at; `None` until first read.
+    version: Option<i64>,
+    containers: HashMap<String, Read<ContainerRecord>>,
+    /// Active claims only, as the pool index holds.
+    claims: HashMap<String, Read<ClaimRecord>>,
+    reservations: HashMap<(String, String), Read<Reservation>>,
+}
+
+/// What one refresh read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refreshed {
+    /// Everything was read, not a delta.
+    pub full: bool,
+    /// Rows read or removed.
+    pub rows: usize,
+    /// The version the copy is now at.
+    pub version: i64,
+}
+
+/// Everything one read brought, applied only once its transaction ended.
+struct Changes {
+    version: i64,
+    full: bool,
+    containers: Vec<(String, Read<ContainerRecord>)>,
+    claims: Vec<(String, Read<ClaimRecord>)>,
+    /// Claims that ended since (no longer in the index).
+    ended_claims: Vec<String>,
+    reservations: Vec<((String, String), Read<Reservation>)>,
+    /// Tombstones: (table, key, second key).
+    deleted: Vec<(String, String, String)>,
+}
+
+impl Changes {
+    fn len(&self) -> usize {
+        self.containers.len()
+            + self.claims.len()
+            + self.ended_claims.len()
+            + self.reservations.len()
+            + self.deleted.len()
+    }
+}
+
+impl WarmPool {
+    /// The version the copy is at, once read.
+    pub fn version(&self) -> Option<i64> {
+        self.version
+    }
+
+    /// Brings the copy up to the database's current version on `conn`:
+    /// what changed since it last looked, or everything the first time
+    /// (and whenever a delta could be incomplete).
+    pub async fn refresh(&mut self, conn: &mut AnyConnection) -> Result<Refreshed, StoreError> {
+        sql::query("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .execute(&mut *conn)
+            .await?;
+        let read = read_changes(conn, self.version).await;
+        // A read-only transaction: ending it either way changes nothing.
+        let ended = sql::query(if read.is_ok() { "COMMIT" } else { "ROLLBACK" })
+            .execute(&mut *conn)
+            .await;
+        let changes = read?;
+        ended?;
+        let refreshed = Refreshed {
+            full: changes.full,
+            rows: changes.len(),
+            version: changes.version,
+        };
+        self.apply(changes);
+        Ok(refreshed)
+    }
+
+    fn apply(&mut self, changes: Changes) {
+        if changes.full {
+            *self = WarmPool::default();
+        }
+        self.version = Some(changes.version);
+        // Tombstones first: the rows read are the rows as they are now,
+        // so a row deleted and then made again (a container adopted back
+        // under its old id, a tenant reserving again) is there, whatever
+        // its tombstone says.
+        for (table, key, key2) in changes.deleted {
+            match table.as_str() {
+                "containers" => {
+                    self.containers.remove(&key);
+                }
+                "claims" => {
+                    self.claims.remove(&key);
+                }
+                "affinity_reservations" => {
+                    self.reservations.remove(&(key, key2));
+                }
+                _ => {}
+            }
+        }
+        for id in changes.ended_claims {
+            self.claims.remove(&id);
+        }
+        self.containers.extend(changes.containers);
+        self.claims.extend(changes.claims);
+        self.reservations.extend(changes.reservations);
+    }
+
+    /// The rows, as the pool index is built from them: containers by
+    /// creation, as a cold load reads them.
+    pub fn into_snapshot(self) -> PoolSnapshot {
+        let (mut containers, mut unreadable) = lenient::split(self.containers.into_values());
+        containers.sort_by_key(|c| (c.created_at, c.id));
+        let (claims, more) = lenient::split(self.claims.into_values());
+        unreadable.extend(more);
+        let (reservations, more) = lenient::split(self.reservations.into_values());
+        unreadable.extend(more);
+        PoolSnapshot {
+            containers,
+            claims,
+            reservations,
+            unreadable,
+        }
+    }
+}
+
+/// Reads, inside the caller's transaction, everything above `since` (or
+/// everything, when `since` is `None` or the feed cannot cover it).
+async fn read_changes(conn: &mut AnyConnection, since: Option<i64>) -> Result<Changes, StoreError> {
+    let (version, trimmed_through): (i64, i64) =
+        sql::query_as("SELECT version, trimmed_through FROM change_clock WHERE id = 1")
+            .fetch_one(&mut *conn)
+            .await?;
+    // Tombstones at or below trimmed_through may be gone; a clock behind
+    // the copy is a database restored from a backup.
+    let since = since.filter(|&s| s >= trimmed_through && s <= version);
+    let Some(since) = since else {
+        let containers = fetch(
+            conn,
+            concat!("SELECT ", container_columns!(), " FROM containers"),
+            None,
+        )
+        .await?;
+        let claims = fetch(
+            conn,
+            concat!(
+                "SELECT ",
+                claim_columns!(),
+                " FROM claims WHERE status = 'active'"
+            ),
+            None,
+        )
+        .await?;
+        let reservations = fetch(
+            conn,
+            concat!(
+                "SELECT ",
+                reservation_columns!(),
+                " FROM affinity_reservations"
+            ),
+            None,
+        )
+        .await?;
+        return Ok(Changes {
+            version,
+            full: true,
+            containers: keyed_containers(&containers),
+            claims: keyed_claims(&claims),
+            ended_claims: Vec::new(),
+            reservations: keyed_reservations(&reservations),
+            deleted: Vec::new(),
+        });
+    };
+    let containers = fetch(
+        conn,
+        concat!(
+            "SELECT ",
+            container_columns!(),
+            " FROM containers WHERE change_version > ?"
+        ),
+        Some(since),
+    )
+    .await?;
+    let claims = fetch(
+        conn,
+        concat!(
+            "SELECT ",
+            claim_columns!(),
+            " FROM claims WHERE change_version > ? AND status = 'active'"
+        ),
+        Some(since),
+    )
+    .await?;
+    let ended_claims: Vec<(String,)> = sql::query_as(
+        "SELECT claim_id FROM claims WHERE change_version > ? AND status <> 'active'",
+    )
+    .bind(since)
+    .fetch_all(&mut *conn)
+    .await?;
+    let reservations = fetch(
+        conn,
+        concat!(
+            "SELECT ",
+            reservation_columns!(),
+            " FROM affinity_reservations WHERE change_version > ?"
+        ),
+        Some(since),
+    )
+    .await?;
+    let deleted: Vec<(String, String, String)> = sql::query_as(
+        "SELECT table_name, row_key, row_key2 FROM deleted_rows WHERE change_version > ? \
+         ORDER BY change_version",
+    )
+    .bind(since)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(Changes {
+        version,
+        full: false,
+        containers: keyed_containers(&containers),
+        claims: keyed_claims(&claims),
+        ended_claims: ended_claims.into_iter().map(|(id,)| id).collect(),
+        reservations: keyed_reservations(&reservations),
+        deleted,
+    })
+}
+
+async fn fetch(
+    conn: &mut AnyConnection,
+    statement: &'static str,
+    since: Option<i64>,
+) -> Result<Vec<AnyRow>, StoreError> {
+    let mut query = sql::query(statement);
+    if let Some(since) = since {
+        query = query.bind(since);
+    }
+    Ok(query.fetch_all(&mut *conn).await?)
+}
+
+fn keyed_containers(rows: &[AnyRow]) -> Vec<(String, Read<ContainerRecord>)> {
+    rows.iter()
+        .map(|r| (lenient::text(r, "container_id"), read_container(r)))
+        .collect()
+}
+
+fn keyed_claims(rows: &[AnyRow]) -> Vec<(String, Read<ClaimRecord>)> {
+    rows.iter()
+        .map(|r| (lenient::text(r, "claim_id"), read_claim(r)))
+        .collect()
+}
+
+fn keyed_reservations(rows: &[AnyRow]) -> Vec<((String, String), Read<Reservation>)> {
+    rows.iter()
+        .map(|r| {
+            (
+                (
+                    lenient::text(r, "tenant_id"),
+                    lenient::text(r, "workload_id"),
+                ),
+                read_reservation(r),
+            )
+        })
+        .collect()
+}
+
+impl Store {
+    /// Brings a standby's warm copy up to date on a read connection: at
+    /// election, after the lease is this server's, so nothing the old
+    /// leader committed is missed.
+    pub async fn catch_up(&self, warm: &mut WarmPool) -> Result<Refreshed, StoreError> {
+        let mut conn = self.reads.acquire().await?;
+        let refreshed = warm.refresh(&mut conn).await;
+        if refreshed.is_err() {
+            // Its transaction may still be open; never hand it back.
+            conn.detach();
+        }
+        refreshed
+    }
+
+    /// Trims tombstones older than [`TOMBSTONE_RETENTION`] and records the
+    /// newest version trimmed. Nothing to do on SQLite, which keeps no
+    /// feed.
+    pub async fn trim_tombstones(&self) -> Result<u64, StoreError> {
+        if self.backend() != Backend::Postgres {
+            return Ok(0);
+        }
+        let retention_ms = TOMBSTONE_RETENTION.as_millis() as f64;
+        self.writer
+            .write(move |tx| {
+                use futures::FutureExt as _;
+                async move {
+                    let (trimmed,): (i64,) = sql::query_as(
+                        "WITH gone AS (DELETE FROM deleted_rows \
+                         WHERE deleted_at < now() - CAST(? AS DOUBLE PRECISION) * INTERVAL '1 millisecond' \
+                         RETURNING change_version), \
+                         raised AS (UPDATE change_clock SET trimmed_through = \
+                         GREATEST(trimmed_through, (SELECT max(change_version) FROM gone)) WHERE id = 1) \
+                         SELECT count(*) FROM gone",
+                    )
+                    .bind(retention_ms)
+                    .fetch_one(tx.conn())
+                    .await?;
+                    Ok(trimmed.max(0) as u64)
+                }
+                .boxed()
+            })
+            .await
+    }
+}
