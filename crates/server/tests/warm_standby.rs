@@ -10,10 +10,9 @@
 //! Needs `BOILERHOUSE_POSTGRES_URL` (dev/test starts one with
 //! dev/postgres). Skipped without it unless `BOILERHOUSE_REQUIRE_POSTGRES=1`.
 
-use std::collections::BTreeMap;
-
+use boilerhouse_core::pool::index::Index;
 use boilerhouse_server::store::{
-    DatabaseLocation, PoolSnapshot, Store, StoreOptions, WarmPool, open_inspector,
+    DatabaseLocation, Store, StoreOptions, Unreadable, WarmPool, open_inspector,
 };
 use boilerhouse_testkit::database::TestDatabase;
 use sqlx::{AnyConnection, Executor as _};
@@ -89,34 +88,23 @@ async fn release(conn: &mut AnyConnection, tenant: &str, i: u32) {
     .unwrap();
 }
 
-/// The rows as comparable values: containers, claims and reservations by
-/// key, and the unreadable rows' keys.
-fn rows(s: PoolSnapshot) -> (BTreeMap<String, String>, Vec<String>) {
-    let mut by_key = BTreeMap::new();
-    for c in s.containers {
-        by_key.insert(format!("container {}", c.id), format!("{c:?}"));
-    }
-    for c in s.claims {
-        by_key.insert(format!("claim {}", c.claim_id), format!("{c:?}"));
-    }
-    for r in s.reservations {
-        by_key.insert(
-            format!("reservation {}/{}", r.tenant_id, r.workload_id),
-            format!("{r:?}"),
-        );
-    }
-    let mut unreadable: Vec<String> = s.unreadable.iter().map(|u| u.to_string()).collect();
-    unreadable.sort();
-    (by_key, unreadable)
+/// The unreadable rows, comparable.
+fn named(unreadable: &[Unreadable]) -> Vec<String> {
+    let mut named: Vec<String> = unreadable.iter().map(|u| u.to_string()).collect();
+    named.sort();
+    named
 }
 
 async fn assert_same(warm: &WarmPool, store: &Store, when: &str) {
     let cold = store.load_pool_snapshot().await.unwrap();
-    assert_eq!(
-        rows(warm.clone().into_snapshot()),
-        rows(cold),
-        "{when}: the warm copy differs from a cold load"
+    let unreadable = named(&cold.unreadable);
+    let index = Index::from_rows(cold.containers, cold.claims, cold.reservations);
+    assert!(
+        warm.index() == &index,
+        "{when}: the warm copy differs from a cold load\nwarm: {:#?}\ncold: {index:#?}",
+        warm.index()
     );
+    assert_eq!(named(&warm.unreadable()), unreadable, "{when}");
 }
 
 #[tokio::test]
@@ -202,10 +190,8 @@ async fn the_warm_copy_reads_only_what_changed_and_equals_a_cold_load() {
     assert!(!delta.full, "{delta:?}");
     assert_same(&warm, &store, "after a row deleted and made again").await;
     assert!(
-        warm.clone()
-            .into_snapshot()
-            .containers
-            .iter()
+        warm.index()
+            .containers()
             .any(|c| c.id.to_string() == container_id(12)),
         "the container made again is in the copy"
     );
@@ -239,10 +225,10 @@ async fn an_unreadable_row_is_named_in_the_copy_as_in_a_cold_load_until_it_is_me
         .await
         .unwrap();
     warm.refresh(&mut standby).await.unwrap();
-    let snapshot = warm.clone().into_snapshot();
-    assert_eq!(snapshot.containers.len(), 4);
-    assert_eq!(snapshot.unreadable.len(), 1, "{:?}", snapshot.unreadable);
-    assert_eq!(snapshot.unreadable[0].key, id);
+    assert_eq!(warm.index().containers().count(), 4);
+    let unreadable = warm.unreadable();
+    assert_eq!(unreadable.len(), 1, "{unreadable:?}");
+    assert_eq!(unreadable[0].key, id);
     assert_same(&warm, &store, "with an unreadable row").await;
     writer
         .execute(sqlx::AssertSqlSafe(format!(
@@ -251,9 +237,8 @@ async fn an_unreadable_row_is_named_in_the_copy_as_in_a_cold_load_until_it_is_me
         .await
         .unwrap();
     warm.refresh(&mut standby).await.unwrap();
-    let snapshot = warm.clone().into_snapshot();
-    assert_eq!(snapshot.containers.len(), 5);
-    assert!(snapshot.unreadable.is_empty());
+    assert_eq!(warm.index().containers().count(), 5);
+    assert!(warm.unreadable().is_empty());
 }
 
 #[tokio::test]

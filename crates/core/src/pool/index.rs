@@ -2,11 +2,12 @@
 //! active-claim and reservation rows, with the lookups the claim hot path
 //! needs (idle containers per pool, claims by tenant and by container).
 //!
-//! It has one mutator, [`Index::apply`], called with each [`PoolWrite`]
-//! after the store committed it. Nothing else changes it, so memory is
-//! always exactly what was committed: a restart rebuilds the same value
-//! from the rows ([`Index::from_rows`]), and [`Index::check`] states the
-//! rules a committed state must satisfy. Maps are ordered so that every
+//! A leader's index has one mutator, [`Index::apply`], called with each
+//! [`PoolWrite`] after the store committed it. Nothing else changes it
+//! (a standby's warm copy follows the rows instead, [`Index::put_rows`]),
+//! so memory is always exactly what was committed: a restart rebuilds the
+//! same value from the rows ([`Index::from_rows`]), and [`Index::check`]
+//! states the rules a committed state must satisfy. Maps are ordered so that every
 //! iteration, and with it every decision, is deterministic.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -32,6 +33,25 @@ pub struct Index {
     claim_of_container: BTreeMap<ContainerId, TenantKey>,
     claim_by_id: BTreeMap<String, TenantKey>,
     reservations: BTreeMap<TenantKey, Reservation>,
+}
+
+/// Rows read from the database since some moment, for
+/// [`Index::put_rows`]: the keys of rows gone (deleted, ended, or no
+/// longer readable) and the rows as they now are.
+#[derive(Debug, Clone, Default)]
+pub struct RowChanges {
+    /// Containers gone.
+    pub removed_containers: Vec<ContainerId>,
+    /// Claims, by claim id, no longer active.
+    pub removed_claims: Vec<String>,
+    /// Reservations gone.
+    pub removed_reservations: Vec<TenantKey>,
+    /// Container rows as they now are.
+    pub containers: Vec<ContainerRecord>,
+    /// Claim rows as they now are (an ended one is removed).
+    pub claims: Vec<ClaimRecord>,
+    /// Reservation rows as they now are.
+    pub reservations: Vec<Reservation>,
 }
 
 /// A committed write that did not fit what memory held: the mirror had
@@ -66,7 +86,41 @@ impl Index {
         index
     }
 
-    /// Makes memory what `write` committed. The only mutator.
+    /// Brings an index kept beside a database that another server writes
+    /// (a standby's warm copy) to the rows as they now are: the named rows
+    /// go, then the given ones are put. A leader's index never changes
+    /// this way, only by [`Index::apply`]; a copy changed this way equals
+    /// [`Index::from_rows`] of the same rows.
+    pub fn put_rows(&mut self, changes: RowChanges) {
+        for id in &changes.removed_containers {
+            self.remove_container(id);
+        }
+        for claim_id in &changes.removed_claims {
+            if let Some(key) = self.claim_by_id.get(claim_id).cloned() {
+                self.remove_claim(&key);
+            }
+        }
+        for key in &changes.removed_reservations {
+            self.reservations.remove(key);
+        }
+        for c in changes.containers {
+            self.put_container(c);
+        }
+        for claim in changes.claims {
+            if claim.status == ClaimStatus::Active {
+                self.put_claim(claim);
+            } else if let Some(key) = self.claim_by_id.get(&claim.claim_id).cloned() {
+                self.remove_claim(&key);
+            }
+        }
+        for r in changes.reservations {
+            self.reservations
+                .insert((r.tenant_id.clone(), r.workload_id.clone()), r);
+        }
+    }
+
+    /// Makes memory what `write` committed. The only mutator of a
+    /// leader's index.
     pub fn apply(&mut self, write: &PoolWrite) -> Vec<Anomaly> {
         let mut anomalies = Vec::new();
         let mut drift = |what: String| anomalies.push(Anomaly(what));

@@ -208,40 +208,42 @@ impl Pools {
         warm: Option<WarmPool>,
     ) -> Result<Self, StoreError> {
         let started = std::time::Instant::now();
-        let snapshot = match warm {
-            // Read after the lease became this server's: what the old
-            // leader committed up to its end is in the catch-up.
-            Some(mut warm) => {
+        let (index, unreadable) = match warm {
+            // A copy never read (elected at its first campaign) is no
+            // warmer than the database.
+            Some(mut warm) if warm.version().is_some() => {
+                // Read after the lease became this server's: what the old
+                // leader committed up to its end is in the catch-up.
                 let from = warm.version();
                 let caught_up = store.catch_up(&mut warm).await?;
-                let snapshot = warm.into_snapshot();
+                let (index, unreadable) = warm.into_parts();
                 tracing::info!(
                     from_version = ?from,
                     version = caught_up.version,
                     rows_read = caught_up.rows,
                     read_everything = caught_up.full,
-                    containers = snapshot.containers.len(),
+                    containers = index.containers().count(),
                     elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
                     "pool index restored from the standby's warm copy"
                 );
-                snapshot
+                (index, unreadable)
             }
-            None => {
-                let snapshot = store.load_pool_snapshot().await?;
+            _ => {
+                let s = store.load_pool_snapshot().await?;
+                let index = Index::from_rows(s.containers, s.claims, s.reservations);
                 tracing::info!(
-                    containers = snapshot.containers.len(),
+                    containers = index.containers().count(),
                     elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
                     "pool index restored from the database"
                 );
-                snapshot
+                (index, s.unreadable)
             }
         };
-        let snapshot = recovery::without_orphans(snapshot);
+        let (index, unreadable) = recovery::without_orphans(index, unreadable);
         store
-            .report_unreadable(&snapshot.unreadable, crate::clock::now())
+            .report_unreadable(&unreadable, crate::clock::now())
             .await?;
-        let unreadable = recovery::unreadable_containers(&snapshot.unreadable);
-        let index = Index::from_rows(snapshot.containers, snapshot.claims, snapshot.reservations);
+        let unreadable = recovery::unreadable_containers(&unreadable);
         Ok(Self {
             inner: Arc::new(Inner {
                 started_at: crate::clock::now(),

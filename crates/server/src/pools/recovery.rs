@@ -7,6 +7,7 @@ use boilerhouse_core::event::{EventKind, EventSubject, NewEvent};
 use boilerhouse_core::node::NodeStatus;
 use boilerhouse_core::pool::ContainerState;
 use boilerhouse_core::pool::decide;
+use boilerhouse_core::pool::index::{Index, RowChanges};
 use std::collections::{BTreeSet, HashMap, HashSet};
 
 use boilerhouse_core::workload::Disconnect;
@@ -17,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{PoolError, Pools};
 use crate::agents::NodeSignal;
-use crate::store::{PoolSnapshot, Unreadable};
+use crate::store::Unreadable;
 use crate::tasks::BackgroundTask;
 
 impl Pools {
@@ -302,18 +303,20 @@ pub(super) fn unreadable_containers(unreadable: &[Unreadable]) -> HashSet<Contai
         .collect()
 }
 
-/// The snapshot without the claims and reservations of container rows
-/// that could not be read (they would point the index at nothing), each
-/// named among the unreadable rows.
-pub(super) fn without_orphans(mut snapshot: PoolSnapshot) -> PoolSnapshot {
-    let skipped: BTreeSet<&str> = snapshot
-        .unreadable
+/// The index without the claims and reservations of container rows that
+/// could not be read (they would point it at nothing), each named among
+/// the unreadable rows.
+pub(super) fn without_orphans(
+    mut index: Index,
+    mut unreadable: Vec<Unreadable>,
+) -> (Index, Vec<Unreadable>) {
+    let skipped: BTreeSet<&str> = unreadable
         .iter()
         .filter(|u| u.table == "containers")
         .map(|u| u.key.as_str())
         .collect();
     if skipped.is_empty() {
-        return snapshot;
+        return (index, unreadable);
     }
     let orphan = |table: &'static str, key: String, container: &ContainerId| Unreadable {
         table,
@@ -321,29 +324,27 @@ pub(super) fn without_orphans(mut snapshot: PoolSnapshot) -> PoolSnapshot {
         reason: format!("its container {container} cannot be read"),
     };
     let mut orphans = Vec::new();
-    snapshot.claims.retain(|c| {
-        let keep = !skipped.contains(c.container_id.to_string().as_str());
-        if !keep {
+    let mut gone = RowChanges::default();
+    for c in index.claims() {
+        if skipped.contains(c.container_id.to_string().as_str()) {
             orphans.push(orphan("claims", c.claim_id.clone(), &c.container_id));
+            gone.removed_claims.push(c.claim_id.clone());
         }
-        keep
-    });
-    snapshot.reservations.retain(|r| {
-        let keep = !skipped.contains(r.container_id.to_string().as_str());
-        if !keep {
+    }
+    for r in index.reservations() {
+        if skipped.contains(r.container_id.to_string().as_str()) {
             let key = format!("({}, {})", r.tenant_id, r.workload_id);
             orphans.push(orphan("affinity_reservations", key, &r.container_id));
+            gone.removed_reservations
+                .push((r.tenant_id.clone(), r.workload_id.clone()));
         }
-        keep
-    });
-    snapshot.unreadable.extend(orphans);
-    for u in snapshot
-        .unreadable
-        .iter_mut()
-        .filter(|u| u.table == "containers")
-    {
+    }
+    // Still being built: no write has been applied to it yet.
+    index.put_rows(gone);
+    unreadable.extend(orphans);
+    for u in unreadable.iter_mut().filter(|u| u.table == "containers") {
         u.reason
             .push_str("; reconciliation leaves its container alone until the row is repaired");
     }
-    snapshot
+    (index, unreadable)
 }

@@ -5,8 +5,9 @@
 //! A server elected leader must read the database after it holds the
 //! lease: until the lease was its own, the old leader could commit. With a
 //! warm copy that read is only what changed since the standby last looked,
-//! a few rows, instead of every container, claim and reservation; the
-//! index is then built from memory.
+//! a few rows, instead of every container, claim and reservation, and the
+//! copy is the pool index itself, kept in step with the rows
+//! ([`Index::put_rows`]): nothing is built at election.
 //!
 //! # Invariants
 //!
@@ -16,20 +17,24 @@
 //!   lock), so nothing committed later can carry a version at or below it.
 //! - A change read is applied whole, after its transaction ended, or not
 //!   at all: a failed read leaves the copy as it was.
+//! - The copy's index equals `Index::from_rows` of the readable rows at
+//!   its version, and its unreadable rows are those a cold load skips.
 //! - The copy reads everything again whenever a delta could be incomplete:
 //!   the tombstones it needs were trimmed, or the clock went backwards (a
 //!   restored backup).
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use sqlx::AnyConnection;
 use sqlx::any::AnyRow;
 
+use boilerhouse_core::pool::index::{Index, RowChanges};
 use boilerhouse_core::pool::{ClaimRecord, ContainerRecord, Reservation};
+use boilerhouse_core::{ContainerId, TenantId, WorkloadId};
 
 use super::lenient::{self, Unreadable};
 use super::pools::{
-    PoolSnapshot, claim_columns, container_columns, read_claim, read_container, read_reservation,
+    claim_columns, container_columns, read_claim, read_container, read_reservation,
     reservation_columns,
 };
 use super::{Backend, Store, StoreError, sql};
@@ -40,15 +45,15 @@ pub const TOMBSTONE_RETENTION: std::time::Duration = std::time::Duration::from_s
 
 type Read<T> = Result<T, Unreadable>;
 
-/// The pool's rows as of one version of the database.
+/// The pool index as of one version of the database, and the rows a cold
+/// load would skip as unreadable.
 #[derive(Debug, Default, Clone)]
 pub struct WarmPool {
     /// The version the copy is at; `None` until first read.
     version: Option<i64>,
-    containers: HashMap<String, Read<ContainerRecord>>,
-    /// Active claims only, as the pool index holds.
-    claims: HashMap<String, Read<ClaimRecord>>,
-    reservations: HashMap<(String, String), Read<Reservation>>,
+    index: Index,
+    /// By table and key.
+    unreadable: BTreeMap<(&'static str, String), Unreadable>,
 }
 
 /// What one refresh read.
@@ -91,6 +96,21 @@ impl WarmPool {
         self.version
     }
 
+    /// The index of the readable rows.
+    pub fn index(&self) -> &Index {
+        &self.index
+    }
+
+    /// The rows a cold load would skip, by table and key.
+    pub fn unreadable(&self) -> Vec<Unreadable> {
+        self.unreadable.values().cloned().collect()
+    }
+
+    /// The index and the unreadable rows, for the elected server.
+    pub fn into_parts(self) -> (Index, Vec<Unreadable>) {
+        (self.index, self.unreadable.into_values().collect())
+    }
+
     /// Brings the copy up to the database's current version on `conn`:
     /// what changed since it last looked, or everything the first time
     /// (and whenever a delta could be incomplete).
@@ -119,48 +139,75 @@ impl WarmPool {
             *self = WarmPool::default();
         }
         self.version = Some(changes.version);
-        // Tombstones first: the rows read are the rows as they are now,
-        // so a row deleted and then made again (a container adopted back
+        let mut rows = RowChanges::default();
+        // Removals first: the rows read are the rows as they are now, so
+        // a row deleted and then made again (a container adopted back
         // under its old id, a tenant reserving again) is there, whatever
         // its tombstone says.
         for (table, key, key2) in changes.deleted {
             match table.as_str() {
                 "containers" => {
-                    self.containers.remove(&key);
+                    self.unreadable.remove(&("containers", key.clone()));
+                    rows.removed_containers
+                        .extend(key.parse::<ContainerId>().ok());
                 }
                 "claims" => {
-                    self.claims.remove(&key);
+                    self.unreadable.remove(&("claims", key.clone()));
+                    rows.removed_claims.push(key);
                 }
                 "affinity_reservations" => {
-                    self.reservations.remove(&(key, key2));
+                    self.unreadable
+                        .remove(&("affinity_reservations", format!("({key}, {key2})")));
+                    rows.removed_reservations.extend(tenant_key(&key, &key2));
                 }
                 _ => {}
             }
         }
         for id in changes.ended_claims {
-            self.claims.remove(&id);
+            self.unreadable.remove(&("claims", id.clone()));
+            rows.removed_claims.push(id);
         }
-        self.containers.extend(changes.containers);
-        self.claims.extend(changes.claims);
-        self.reservations.extend(changes.reservations);
+        for (key, row) in changes.containers {
+            // A row that no longer reads leaves the index, as a cold load
+            // would skip it.
+            rows.removed_containers
+                .extend(key.parse::<ContainerId>().ok());
+            self.put(("containers", key), row, &mut rows.containers);
+        }
+        for (key, row) in changes.claims {
+            rows.removed_claims.push(key.clone());
+            self.put(("claims", key), row, &mut rows.claims);
+        }
+        for ((tenant, workload), row) in changes.reservations {
+            rows.removed_reservations
+                .extend(tenant_key(&tenant, &workload));
+            let key = format!("({tenant}, {workload})");
+            self.put(("affinity_reservations", key), row, &mut rows.reservations);
+        }
+        self.index.put_rows(rows);
     }
 
-    /// The rows, as the pool index is built from them: containers by
-    /// creation, as a cold load reads them.
-    pub fn into_snapshot(self) -> PoolSnapshot {
-        let (mut containers, mut unreadable) = lenient::split(self.containers.into_values());
-        containers.sort_by_key(|c| (c.created_at, c.id));
-        let (claims, more) = lenient::split(self.claims.into_values());
-        unreadable.extend(more);
-        let (reservations, more) = lenient::split(self.reservations.into_values());
-        unreadable.extend(more);
-        PoolSnapshot {
-            containers,
-            claims,
-            reservations,
-            unreadable,
+    /// A row read under `key`: into `readable`, or among the unreadable
+    /// ones (and out of them once it reads again).
+    fn put<T>(&mut self, key: (&'static str, String), row: Read<T>, readable: &mut Vec<T>) {
+        match row {
+            Ok(value) => {
+                self.unreadable.remove(&key);
+                readable.push(value);
+            }
+            Err(skipped) => {
+                self.unreadable.insert(key, skipped);
+            }
         }
     }
+}
+
+/// A reservation's key, if its ids read.
+fn tenant_key(tenant: &str, workload: &str) -> Option<(TenantId, WorkloadId)> {
+    Some((
+        TenantId::new(tenant.to_owned()).ok()?,
+        WorkloadId::new(workload.to_owned()).ok()?,
+    ))
 }
 
 /// Reads, inside the caller's transaction, everything above `since` (or
