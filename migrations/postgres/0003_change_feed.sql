@@ -13,12 +13,30 @@
 -- above the version it last saw. Tombstones are trimmed after a while,
 -- raising trimmed_through: a standby further behind than that reads
 -- everything again.
+--
+-- While a transaction that changed a pool row is open it holds the clock
+-- row: every other such transaction waits for it. The server's single
+-- writer is not slowed by that, but a hand-made transaction in psql that
+-- changes a pool row holds up the leader's writes until it ends.
 CREATE TABLE change_clock (
     id              INTEGER PRIMARY KEY CHECK (id = 1),
     version         BIGINT NOT NULL,
     trimmed_through BIGINT NOT NULL
 );
 INSERT INTO change_clock (id, version, trimmed_through) VALUES (1, 0, 0);
+
+-- A random token per version, so that a version number handed out twice
+-- is told apart: a history rewound under a running standby (a backup
+-- restored, a failover to a PostgreSQL replica that was behind, commits
+-- lost with synchronous_commit off) hands out the same numbers again for
+-- other changes. A standby whose version no longer has its token reads
+-- everything again. Trimmed with the tombstones; the newest is kept.
+CREATE TABLE change_versions (
+    version  BIGINT PRIMARY KEY,
+    token    UUID NOT NULL,
+    taken_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+INSERT INTO change_versions (version, token) VALUES (0, gen_random_uuid());
 
 CREATE TABLE deleted_rows (
     table_name     TEXT NOT NULL,
@@ -51,6 +69,9 @@ BEGIN
         RETURN taken::BIGINT;
     END IF;
     UPDATE change_clock SET version = version + 1 WHERE id = 1 RETURNING change_clock.version INTO new_version;
+    -- A number handed out again (a rewound history) gets a new token.
+    INSERT INTO change_versions (version, token) VALUES (new_version, gen_random_uuid())
+        ON CONFLICT (version) DO UPDATE SET token = EXCLUDED.token, taken_at = now();
     PERFORM set_config('boilerhouse.change_version', new_version::TEXT, true);
     RETURN new_version;
 END $$;

@@ -20,13 +20,14 @@
 //! - The copy's index equals `Index::from_rows` of the readable rows at
 //!   its version, and its unreadable rows are those a cold load skips.
 //! - The copy reads everything again whenever a delta could be incomplete:
-//!   the tombstones it needs were trimmed, or the clock went backwards (a
-//!   restored backup).
+//!   the tombstones it needs were trimmed, or its version is not the
+//!   database's any more (the clock went back, or the number was handed
+//!   out again with another token: a rewound history).
 
 use std::collections::BTreeMap;
 
-use sqlx::AnyConnection;
 use sqlx::any::AnyRow;
+use sqlx::{AnyConnection, Connection as _};
 
 use boilerhouse_core::pool::index::{Index, RowChanges};
 use boilerhouse_core::pool::{ClaimRecord, ContainerRecord, Reservation};
@@ -51,6 +52,9 @@ type Read<T> = Result<T, Unreadable>;
 pub struct WarmPool {
     /// The version the copy is at; `None` until first read.
     version: Option<i64>,
+    /// That version's token: the same number with another token is
+    /// another history.
+    token: Option<String>,
     index: Index,
     /// By table and key.
     unreadable: BTreeMap<(&'static str, String), Unreadable>,
@@ -70,6 +74,7 @@ pub struct Refreshed {
 /// Everything one read brought, applied only once its transaction ended.
 struct Changes {
     version: i64,
+    token: Option<String>,
     full: bool,
     containers: Vec<(String, Read<ContainerRecord>)>,
     claims: Vec<(String, Read<ClaimRecord>)>,
@@ -115,16 +120,14 @@ impl WarmPool {
     /// what changed since it last looked, or everything the first time
     /// (and whenever a delta could be incomplete).
     pub async fn refresh(&mut self, conn: &mut AnyConnection) -> Result<Refreshed, StoreError> {
-        sql::query("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            .execute(&mut *conn)
+        // Rolled back if dropped before its end (read-only: either way
+        // it changes nothing).
+        let mut tx = conn
+            .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             .await?;
-        let read = read_changes(conn, self.version).await;
-        // A read-only transaction: ending it either way changes nothing.
-        let ended = sql::query(if read.is_ok() { "COMMIT" } else { "ROLLBACK" })
-            .execute(&mut *conn)
-            .await;
-        let changes = read?;
-        ended?;
+        let since = self.version.zip(self.token.as_deref());
+        let changes = read_changes(&mut tx, since).await?;
+        tx.commit().await?;
         let refreshed = Refreshed {
             full: changes.full,
             rows: changes.len(),
@@ -139,6 +142,7 @@ impl WarmPool {
             *self = WarmPool::default();
         }
         self.version = Some(changes.version);
+        self.token = changes.token;
         let mut rows = RowChanges::default();
         // Removals first: the rows read are the rows as they are now, so
         // a row deleted and then made again (a container adopted back
@@ -210,16 +214,29 @@ fn tenant_key(tenant: &str, workload: &str) -> Option<(TenantId, WorkloadId)> {
     ))
 }
 
-/// Reads, inside the caller's transaction, everything above `since` (or
-/// everything, when `since` is `None` or the feed cannot cover it).
-async fn read_changes(conn: &mut AnyConnection, since: Option<i64>) -> Result<Changes, StoreError> {
-    let (version, trimmed_through): (i64, i64) =
-        sql::query_as("SELECT version, trimmed_through FROM change_clock WHERE id = 1")
-            .fetch_one(&mut *conn)
-            .await?;
-    // Tombstones at or below trimmed_through may be gone; a clock behind
-    // the copy is a database restored from a backup.
-    let since = since.filter(|&s| s >= trimmed_through && s <= version);
+/// Reads, inside the caller's transaction, everything above `since` (a
+/// version and its token), or everything when there is no `since` or the
+/// feed cannot cover it.
+async fn read_changes(
+    conn: &mut AnyConnection,
+    since: Option<(i64, &str)>,
+) -> Result<Changes, StoreError> {
+    let (version, trimmed_through, token, since_token): (i64, i64, Option<String>, Option<String>) =
+        sql::query_as(
+            "SELECT version, trimmed_through, \
+             (SELECT CAST(token AS TEXT) FROM change_versions WHERE version = c.version), \
+             (SELECT CAST(token AS TEXT) FROM change_versions WHERE version = ?) \
+             FROM change_clock c WHERE id = 1",
+        )
+        .bind(since.map_or(-1, |(v, _)| v))
+        .fetch_one(&mut *conn)
+        .await?;
+    // Tombstones at or below trimmed_through may be gone; a version whose
+    // token changed or is gone, or a clock behind the copy, is another
+    // history (a rewound database).
+    let since = since
+        .filter(|&(s, t)| s >= trimmed_through && s <= version && since_token.as_deref() == Some(t))
+        .map(|(s, _)| s);
     let Some(since) = since else {
         let containers = fetch(
             conn,
@@ -249,6 +266,7 @@ async fn read_changes(conn: &mut AnyConnection, since: Option<i64>) -> Result<Ch
         .await?;
         return Ok(Changes {
             version,
+            token,
             full: true,
             containers: keyed_containers(&containers),
             claims: keyed_claims(&claims),
@@ -302,6 +320,7 @@ async fn read_changes(conn: &mut AnyConnection, since: Option<i64>) -> Result<Ch
     .await?;
     Ok(Changes {
         version,
+        token,
         full: false,
         containers: keyed_containers(&containers),
         claims: keyed_claims(&claims),
@@ -355,12 +374,7 @@ impl Store {
     /// leader committed is missed.
     pub async fn catch_up(&self, warm: &mut WarmPool) -> Result<Refreshed, StoreError> {
         let mut conn = self.reads.acquire().await?;
-        let refreshed = warm.refresh(&mut conn).await;
-        if refreshed.is_err() {
-            // Its transaction may still be open; never hand it back.
-            conn.detach();
-        }
-        refreshed
+        warm.refresh(&mut conn).await
     }
 
     /// Trims tombstones older than [`TOMBSTONE_RETENTION`] and records the
@@ -375,14 +389,19 @@ impl Store {
             .write(move |tx| {
                 use futures::FutureExt as _;
                 async move {
+                    // Versions' tokens go with them; the newest stays.
                     let (trimmed,): (i64,) = sql::query_as(
                         "WITH gone AS (DELETE FROM deleted_rows \
                          WHERE deleted_at < now() - CAST(? AS DOUBLE PRECISION) * INTERVAL '1 millisecond' \
                          RETURNING change_version), \
                          raised AS (UPDATE change_clock SET trimmed_through = \
-                         GREATEST(trimmed_through, (SELECT max(change_version) FROM gone)) WHERE id = 1) \
+                         GREATEST(trimmed_through, (SELECT max(change_version) FROM gone)) WHERE id = 1), \
+                         tokens AS (DELETE FROM change_versions \
+                         WHERE taken_at < now() - CAST(? AS DOUBLE PRECISION) * INTERVAL '1 millisecond' \
+                         AND version < (SELECT version FROM change_clock WHERE id = 1)) \
                          SELECT count(*) FROM gone",
                     )
+                    .bind(retention_ms)
                     .bind(retention_ms)
                     .fetch_one(tx.conn())
                     .await?;
