@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use boilerhouse_proto::pb;
 use boilerhouse_proto::pb::node_service_client::NodeServiceClient;
-use boilerhouse_testkit::database::TestDatabase;
+use boilerhouse_testkit::database::{TestDatabase, postgres_available};
 use boilerhouse_testkit::docker::{
     remove_node_containers_blocking, require_docker, test_image, unique_node,
 };
@@ -24,18 +24,6 @@ use boilerhouse_testkit::{
 };
 
 const WAIT: Duration = Duration::from_secs(60);
-
-fn postgres_available() -> bool {
-    if std::env::var("BOILERHOUSE_POSTGRES_URL").is_ok() {
-        return true;
-    }
-    assert!(
-        std::env::var("BOILERHOUSE_REQUIRE_POSTGRES").as_deref() != Ok("1"),
-        "BOILERHOUSE_REQUIRE_POSTGRES=1 but BOILERHOUSE_POSTGRES_URL is not set"
-    );
-    eprintln!("skipped: no PostgreSQL (set BOILERHOUSE_POSTGRES_URL; dev/postgres starts one)");
-    false
-}
 
 async fn replica(root: &Path, name: &str, database: &str) -> ServerProcess {
     ServerProcess::start_in(

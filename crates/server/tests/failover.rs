@@ -32,7 +32,7 @@ use boilerhouse_proto::pb;
 use boilerhouse_proto::pb::claim_service_client::ClaimServiceClient;
 use boilerhouse_proto::pb::node_service_client::NodeServiceClient;
 use boilerhouse_proto::pb::pool_service_client::PoolServiceClient;
-use boilerhouse_testkit::database::TestDatabase;
+use boilerhouse_testkit::database::{TestDatabase, postgres_available};
 use boilerhouse_testkit::docker::{require_docker, test_image};
 use boilerhouse_testkit::eventually;
 use boilerhouse_testkit::replicas::Replicas;
@@ -57,18 +57,6 @@ reconcile_lost_grace = "5s"
 reconcile_creation_grace = "3s"
 "#
     )
-}
-
-fn postgres_available() -> bool {
-    if std::env::var("BOILERHOUSE_POSTGRES_URL").is_ok() {
-        return true;
-    }
-    assert!(
-        std::env::var("BOILERHOUSE_REQUIRE_POSTGRES").as_deref() != Ok("1"),
-        "BOILERHOUSE_REQUIRE_POSTGRES=1 but BOILERHOUSE_POSTGRES_URL is not set"
-    );
-    eprintln!("skipped: no PostgreSQL (set BOILERHOUSE_POSTGRES_URL; dev/postgres starts one)");
-    false
 }
 
 /// Waits until every agent's node is connected and Ready at `leader`.

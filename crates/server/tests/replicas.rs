@@ -13,25 +13,13 @@ use std::time::{Duration, Instant};
 
 use boilerhouse_proto::pb;
 use boilerhouse_proto::pb::pool_service_client::PoolServiceClient;
-use boilerhouse_testkit::database::TestDatabase;
+use boilerhouse_testkit::database::{TestDatabase, postgres_available};
 use boilerhouse_testkit::{ServerOptions, ServerProcess, eventually};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tonic::Code;
 
 const LEASE: &str = "2s";
-
-fn postgres_available() -> bool {
-    if std::env::var("BOILERHOUSE_POSTGRES_URL").is_ok() {
-        return true;
-    }
-    assert!(
-        std::env::var("BOILERHOUSE_REQUIRE_POSTGRES").as_deref() != Ok("1"),
-        "BOILERHOUSE_REQUIRE_POSTGRES=1 but BOILERHOUSE_POSTGRES_URL is not set"
-    );
-    eprintln!("skipped: no PostgreSQL (set BOILERHOUSE_POSTGRES_URL; dev/postgres starts one)");
-    false
-}
 
 async fn replica(root: &Path, name: &str, database: &str) -> ServerProcess {
     ServerProcess::start_in(

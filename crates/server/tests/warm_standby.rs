@@ -15,20 +15,8 @@ use boilerhouse_core::pool::index::Index;
 use boilerhouse_server::store::{
     DatabaseLocation, Store, StoreOptions, Unreadable, WarmPool, open_inspector,
 };
-use boilerhouse_testkit::database::TestDatabase;
+use boilerhouse_testkit::database::{TestDatabase, postgres_available};
 use sqlx::{AnyConnection, Executor as _};
-
-fn postgres_available() -> bool {
-    if std::env::var("BOILERHOUSE_POSTGRES_URL").is_ok() {
-        return true;
-    }
-    assert!(
-        std::env::var("BOILERHOUSE_REQUIRE_POSTGRES").as_deref() != Ok("1"),
-        "BOILERHOUSE_REQUIRE_POSTGRES=1 but BOILERHOUSE_POSTGRES_URL is not set"
-    );
-    eprintln!("skipped: no PostgreSQL (set BOILERHOUSE_POSTGRES_URL; dev/postgres starts one)");
-    false
-}
 
 /// A migrated schema, the store on it and a second connection (a
 /// standby's, or a writer's).

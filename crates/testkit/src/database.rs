@@ -31,6 +31,22 @@ pub fn backend() -> TestBackend {
     }
 }
 
+/// Whether the run has a PostgreSQL server (`BOILERHOUSE_POSTGRES_URL`),
+/// for tests that need one whatever the run's backend (replicas, the
+/// change feed). Without one such a test skips, saying so, unless
+/// `BOILERHOUSE_REQUIRE_POSTGRES=1`, which makes that a failure.
+pub fn postgres_available() -> bool {
+    if std::env::var("BOILERHOUSE_POSTGRES_URL").is_ok() {
+        return true;
+    }
+    assert!(
+        std::env::var("BOILERHOUSE_REQUIRE_POSTGRES").as_deref() != Ok("1"),
+        "BOILERHOUSE_REQUIRE_POSTGRES=1 but BOILERHOUSE_POSTGRES_URL is not set"
+    );
+    eprintln!("skipped: no PostgreSQL (set BOILERHOUSE_POSTGRES_URL; dev/postgres starts one)");
+    false
+}
+
 /// The admin URL of the PostgreSQL server tests use.
 pub fn postgres_admin_url() -> anyhow::Result<String> {
     std::env::var("BOILERHOUSE_POSTGRES_URL").context(
