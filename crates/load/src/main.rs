@@ -80,13 +80,19 @@ struct Args {
     /// Every call's deadline.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     timeout: Duration,
+    /// Health checks sent one after another before the run, through the
+    /// same channel: the floor (one round trip through TLS, the token
+    /// check and the server's router) the claims are set beside.
+    #[arg(long, default_value_t = 200)]
+    floor_calls: u32,
     /// Also write the report as JSON to this file (`-`: standard output,
     /// instead of the table).
     #[arg(long)]
     json: Option<PathBuf>,
 }
 
-type Client = ClaimServiceClient<InterceptedService<Channel, BearerToken>>;
+type Authed = InterceptedService<Channel, BearerToken>;
+type Client = ClaimServiceClient<Authed>;
 
 /// What the workers share.
 struct Shared {
@@ -97,7 +103,7 @@ struct Shared {
     hold: Duration,
 }
 
-async fn connect(args: &Args) -> anyhow::Result<Client> {
+async fn connect(args: &Args) -> anyhow::Result<Authed> {
     let mut endpoint = Endpoint::from_shared(args.server.clone())
         .with_context(|| format!("--server {:?}", args.server))?
         .tcp_nodelay(true)
@@ -116,9 +122,24 @@ async fn connect(args: &Args) -> anyhow::Result<Client> {
         .with_context(|| format!("connecting to {}", args.server))?;
     let token =
         BearerToken::new(args.token.as_deref()).map_err(|e| anyhow::anyhow!("--token: {e}"))?;
-    Ok(ClaimServiceClient::new(InterceptedService::new(
-        channel, token,
-    )))
+    Ok(InterceptedService::new(channel, token))
+}
+
+/// The floor: `calls` health checks, one after another.
+async fn floor(channel: Authed, calls: u32) -> report::Operation {
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let mut floor = report::Operation::default();
+    for _ in 0..calls {
+        let sent = Instant::now();
+        let answer = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await;
+        let code = answer.map_or_else(|s| s.code(), |_| tonic::Code::Ok);
+        floor.record(code, sent.elapsed(), None);
+    }
+    floor
 }
 
 /// One cycle for a tenant that is free, counted from `due`.
@@ -268,7 +289,9 @@ async fn main() -> anyhow::Result<()> {
         "--concurrency {concurrency} needs at least as many --tenants ({}): a tenant is in one cycle at a time",
         args.tenants
     );
-    let client = connect(&args).await?;
+    let channel = connect(&args).await?;
+    let floor = floor(channel.clone(), args.floor_calls).await;
+    let client = ClaimServiceClient::new(channel);
     let mode = match args.rate {
         Some(rate) => format!("open loop at {rate}/s"),
         None => format!("closed loop, concurrency {concurrency}"),
@@ -292,6 +315,11 @@ async fn main() -> anyhow::Result<()> {
         }),
         hold: args.hold,
     });
+    shared
+        .report
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .floor = floor;
     let started = Instant::now();
     let until = started + args.duration;
     match args.rate {

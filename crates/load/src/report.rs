@@ -80,6 +80,8 @@ pub struct Report {
     pub sources: BTreeMap<String, u64>,
     /// Open loop: cycles due while every tenant was busy, not sent.
     pub skipped: u64,
+    /// Health checks one after another before the run: the floor.
+    pub floor: Operation,
 }
 
 /// Latency percentiles, in milliseconds.
@@ -125,6 +127,7 @@ struct ReportJson {
     release: OperationJson,
     claim_sources: BTreeMap<String, u64>,
     skipped_all_tenants_busy: u64,
+    floor_health_check: OperationJson,
 }
 
 impl Report {
@@ -152,6 +155,7 @@ impl Report {
             release: self.json_of(&self.release, false),
             claim_sources: self.sources.clone(),
             skipped_all_tenants_busy: self.skipped,
+            floor_health_check: self.json_of(&self.floor, false),
         })
         .expect("a report serializes")
     }
@@ -165,11 +169,17 @@ impl Report {
         );
         let mut row = |what: &str, op: &Operation, h: &Histogram<u64>| {
             let p = Percentiles::of(h);
+            // The floor ran before the run, one call at a time: its rate
+            // says nothing.
+            let rate = if std::ptr::eq(op, &self.floor) {
+                "-".to_owned()
+            } else {
+                format!("{:.0}", self.per_second(op.ok()))
+            };
             out.push_str(&format!(
-                "| {what} | {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |\n",
+                "| {what} | {} | {} | {rate} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |\n",
                 op.ok(),
                 op.errors(),
-                self.per_second(op.ok()),
                 p.p50,
                 p.p90,
                 p.p99,
@@ -180,6 +190,11 @@ impl Report {
         row("claim (client)", &self.claim, &self.claim.client);
         row("claim (server)", &self.claim, &self.claim.server);
         row("release (client)", &self.release, &self.release.client);
+        row(
+            "floor: health check, one at a time",
+            &self.floor,
+            &self.floor.client,
+        );
         let answers = |op: &Operation| {
             op.answers
                 .iter()

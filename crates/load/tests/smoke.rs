@@ -70,6 +70,12 @@ async fn closed_and_open_loops_claim_and_release_through_the_api() {
     assert!(sources["AFFINITY"].as_u64().unwrap_or(0) > 0, "{closed:#}");
     assert!(closed["claim"]["client_ms"]["p50"].as_f64().unwrap() > 0.0);
     assert!(closed["claim"]["server_ms"]["count"].as_u64().unwrap() == claims);
+    // The floor: health checks before the run, all answered.
+    assert_eq!(
+        closed["floor_health_check"]["ok"].as_u64(),
+        Some(200),
+        "{closed:#}"
+    );
 
     let open = run(&c, &["--rate", "20", "--duration", "2s", "--hold", "50ms"]);
     let (claims, releases, errors) = counts(&open);
