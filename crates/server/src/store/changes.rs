@@ -237,44 +237,11 @@ async fn read_changes(
     let since = since
         .filter(|&(s, t)| s >= trimmed_through && s <= version && since_token.as_deref() == Some(t))
         .map(|(s, _)| s);
-    let Some(since) = since else {
-        let containers = fetch(
-            conn,
-            concat!("SELECT ", container_columns!(), " FROM containers"),
-            None,
-        )
-        .await?;
-        let claims = fetch(
-            conn,
-            concat!(
-                "SELECT ",
-                claim_columns!(),
-                " FROM claims WHERE status = 'active'"
-            ),
-            None,
-        )
-        .await?;
-        let reservations = fetch(
-            conn,
-            concat!(
-                "SELECT ",
-                reservation_columns!(),
-                " FROM affinity_reservations"
-            ),
-            None,
-        )
-        .await?;
-        return Ok(Changes {
-            version,
-            token,
-            full: true,
-            containers: keyed_containers(&containers),
-            claims: keyed_claims(&claims),
-            ended_claims: Vec::new(),
-            reservations: keyed_reservations(&reservations),
-            deleted: Vec::new(),
-        });
-    };
+    // Everything is a delta from below every version (a row's
+    // change_version is 0 or more); a copy read whole starts empty, so it
+    // has nothing to remove.
+    let full = since.is_none();
+    let above = since.unwrap_or(-1);
     let containers = fetch(
         conn,
         concat!(
@@ -282,7 +249,7 @@ async fn read_changes(
             container_columns!(),
             " FROM containers WHERE change_version > ?"
         ),
-        Some(since),
+        above,
     )
     .await?;
     let claims = fetch(
@@ -292,14 +259,8 @@ async fn read_changes(
             claim_columns!(),
             " FROM claims WHERE change_version > ? AND status = 'active'"
         ),
-        Some(since),
+        above,
     )
-    .await?;
-    let ended_claims: Vec<(String,)> = sql::query_as(
-        "SELECT claim_id FROM claims WHERE change_version > ? AND status <> 'active'",
-    )
-    .bind(since)
-    .fetch_all(&mut *conn)
     .await?;
     let reservations = fetch(
         conn,
@@ -308,23 +269,34 @@ async fn read_changes(
             reservation_columns!(),
             " FROM affinity_reservations WHERE change_version > ?"
         ),
-        Some(since),
+        above,
     )
     .await?;
-    let deleted: Vec<(String, String, String)> = sql::query_as(
-        "SELECT table_name, row_key, row_key2 FROM deleted_rows WHERE change_version > ? \
-         ORDER BY change_version",
-    )
-    .bind(since)
-    .fetch_all(&mut *conn)
-    .await?;
+    let (ended_claims, deleted) = if full {
+        (Vec::new(), Vec::new())
+    } else {
+        let ended: Vec<(String,)> = sql::query_as(
+            "SELECT claim_id FROM claims WHERE change_version > ? AND status <> 'active'",
+        )
+        .bind(above)
+        .fetch_all(&mut *conn)
+        .await?;
+        let deleted: Vec<(String, String, String)> = sql::query_as(
+            "SELECT table_name, row_key, row_key2 FROM deleted_rows WHERE change_version > ? \
+             ORDER BY change_version",
+        )
+        .bind(above)
+        .fetch_all(&mut *conn)
+        .await?;
+        (ended.into_iter().map(|(id,)| id).collect(), deleted)
+    };
     Ok(Changes {
         version,
         token,
-        full: false,
+        full,
         containers: keyed_containers(&containers),
         claims: keyed_claims(&claims),
-        ended_claims: ended_claims.into_iter().map(|(id,)| id).collect(),
+        ended_claims,
         reservations: keyed_reservations(&reservations),
         deleted,
     })
@@ -333,13 +305,12 @@ async fn read_changes(
 async fn fetch(
     conn: &mut AnyConnection,
     statement: &'static str,
-    since: Option<i64>,
+    above: i64,
 ) -> Result<Vec<AnyRow>, StoreError> {
-    let mut query = sql::query(statement);
-    if let Some(since) = since {
-        query = query.bind(since);
-    }
-    Ok(query.fetch_all(&mut *conn).await?)
+    Ok(sql::query(statement)
+        .bind(above)
+        .fetch_all(&mut *conn)
+        .await?)
 }
 
 fn keyed_containers(rows: &[AnyRow]) -> Vec<(String, Read<ContainerRecord>)> {
