@@ -19,6 +19,7 @@
 //! `--server`, `--ca` and `--token` default to `BOILERHOUSE_ADDR`,
 //! `BOILERHOUSE_CA` and `BOILERHOUSE_TOKEN`, as for `bh`.
 
+mod probe;
 mod report;
 
 use std::collections::VecDeque;
@@ -85,6 +86,11 @@ struct Args {
     /// check and the server's router) the claims are set beside.
     #[arg(long, default_value_t = 200)]
     floor_calls: u32,
+    /// Instead of a run: claim as one tenant (`<prefix>-probe`) every
+    /// 10 ms until a claim is granted or this long has passed, and print
+    /// how long it took as JSON; the server need not be up yet.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    until_granted: Option<Duration>,
     /// Also write the report as JSON to this file (`-`: standard output,
     /// instead of the table).
     #[arg(long)]
@@ -104,6 +110,12 @@ struct Shared {
 }
 
 async fn connect(args: &Args) -> anyhow::Result<Authed> {
+    connect_as(args, false).await
+}
+
+/// A channel to the server; `lazy` connects at the first call, so the
+/// server may not be listening yet.
+async fn connect_as(args: &Args, lazy: bool) -> anyhow::Result<Authed> {
     let mut endpoint = Endpoint::from_shared(args.server.clone())
         .with_context(|| format!("--server {:?}", args.server))?
         .tcp_nodelay(true)
@@ -116,10 +128,14 @@ async fn connect(args: &Args) -> anyhow::Result<Authed> {
         let ca = std::fs::read(ca_path).with_context(|| format!("--ca {}", ca_path.display()))?;
         endpoint = endpoint.tls_config(boilerhouse_proto::tls::client_tls(&ca, None, None))?;
     }
-    let channel = endpoint
-        .connect()
-        .await
-        .with_context(|| format!("connecting to {}", args.server))?;
+    let channel = if lazy {
+        endpoint.connect_lazy()
+    } else {
+        endpoint
+            .connect()
+            .await
+            .with_context(|| format!("connecting to {}", args.server))?
+    };
     let token =
         BearerToken::new(args.token.as_deref()).map_err(|e| anyhow::anyhow!("--token: {e}"))?;
     Ok(InterceptedService::new(channel, token))
@@ -289,6 +305,17 @@ async fn main() -> anyhow::Result<()> {
         "--concurrency {concurrency} needs at least as many --tenants ({}): a tenant is in one cycle at a time",
         args.tenants
     );
+    if let Some(give_up) = args.until_granted {
+        let channel = connect_as(&args, true).await?;
+        let tenant = format!("{}-probe", args.tenant_prefix);
+        let report = probe::until_granted(channel, &tenant, &args.workloads[0], give_up).await;
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        anyhow::ensure!(
+            report.granted_after_ms.is_some(),
+            "no claim granted within {give_up:?}"
+        );
+        return Ok(());
+    }
     let channel = connect(&args).await?;
     let floor = floor(channel.clone(), args.floor_calls).await;
     let client = ClaimServiceClient::new(channel);

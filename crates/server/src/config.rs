@@ -107,6 +107,8 @@ struct FileConfig {
     #[serde(default, with = "humantime_serde")]
     idempotency_retention: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
+    history_retention: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
     heartbeat_interval: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     suspect_after: Option<Duration>,
@@ -205,6 +207,11 @@ pub struct Config {
     pub event_retention: Duration,
     /// How long idempotency keys are honoured. Default 24 hours.
     pub idempotency_retention: Duration,
+    /// How long what has ended is kept: released and lost claims (the
+    /// newest of a container that still has a row is kept), ended boosts,
+    /// finished sync status of tenants holding nothing, and lost nodes
+    /// with no containers.
+    pub history_retention: Duration,
     /// Where to write the bound addresses once listening.
     pub ready_file: Option<PathBuf>,
     /// How often agents send heartbeats. Default 2s.
@@ -369,6 +376,9 @@ impl Config {
             idempotency_retention: file
                 .idempotency_retention
                 .unwrap_or(Duration::from_secs(24 * 3600)),
+            history_retention: file
+                .history_retention
+                .unwrap_or(Duration::from_secs(7 * 24 * 3600)),
             ready_file: args.ready_file,
             heartbeat_interval,
             suspect_after: file.suspect_after.unwrap_or(heartbeat_interval * 3),
@@ -422,6 +432,11 @@ impl Config {
         at_least(
             "event_retention",
             self.event_retention,
+            Duration::from_secs(60),
+        )?;
+        at_least(
+            "history_retention",
+            self.history_retention,
             Duration::from_secs(60),
         )?;
         at_least(

@@ -140,6 +140,7 @@ pub async fn run(
             store: store.clone(),
             event_retention: config.event_retention,
             idempotency_retention: config.idempotency_retention,
+            history_retention: config.history_retention,
         },
     );
 

@@ -38,6 +38,27 @@ pub struct Reconciler {
     pub command_timeout: std::time::Duration,
 }
 
+/// What one pass cost, for the task's status and the benchmarks: the
+/// planner alone (pure, in memory) apart from gathering its inputs and
+/// carrying out its actions.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct PassCost {
+    /// Container rows the plan compared.
+    pub rows: usize,
+    /// Containers in the fresh reports it compared them with.
+    pub observed: usize,
+    /// Reading the index, the workloads, the nodes and their reports.
+    pub gather_ms: f64,
+    /// The planner.
+    pub plan_ms: f64,
+    /// Carrying out the due actions.
+    pub apply_ms: f64,
+}
+
+fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
 /// One applied action and how it went.
 #[derive(Debug, Clone)]
 pub struct Applied {
@@ -54,7 +75,9 @@ impl Reconciler {
         only: Option<&NodeId>,
         now: Timestamp,
     ) -> Result<(Vec<Action>, Desired), StoreError> {
-        let (actions, desired, _) = self.plan_with_evidence(only, now).await?;
+        let (actions, desired, _) = self
+            .plan_with_evidence(only, now, &mut PassCost::default())
+            .await?;
         Ok((actions, desired))
     }
 
@@ -63,7 +86,9 @@ impl Reconciler {
         &self,
         only: Option<&NodeId>,
         now: Timestamp,
+        cost: &mut PassCost,
     ) -> Result<(Vec<Action>, Desired, Vec<(NodeId, Timestamp)>), StoreError> {
+        let began = std::time::Instant::now();
         let workloads = self.store.list_workloads().await?;
         let desired = Desired {
             containers: self.pools.containers(),
@@ -108,17 +133,38 @@ impl Reconciler {
             };
             observed.insert(node.id, evidence);
         }
+        cost.rows = desired.containers.len();
+        cost.observed = observed
+            .values()
+            .map(|e| match e {
+                Evidence::Known { containers, .. } => containers.len(),
+                Evidence::Unknown => 0,
+            })
+            .sum();
+        cost.gather_ms = ms(began.elapsed());
+        let planning = std::time::Instant::now();
         let actions = plan(&desired, &observed, now, &self.config)
             .into_iter()
             .filter(|a| only.is_none_or(|n| &a.node_id == n))
             .collect();
+        cost.plan_ms = ms(planning.elapsed());
         Ok((actions, desired, known))
     }
 
     /// Plans and applies every due action.
     pub async fn apply(&self, only: Option<&NodeId>) -> Result<Vec<Applied>, StoreError> {
+        Ok(self.apply_measured(only).await?.0)
+    }
+
+    /// [`Reconciler::apply`], and what the pass cost.
+    pub async fn apply_measured(
+        &self,
+        only: Option<&NodeId>,
+    ) -> Result<(Vec<Applied>, PassCost), StoreError> {
         let now = crate::clock::now();
-        let (actions, _, known) = self.plan_with_evidence(only, now).await?;
+        let mut cost = PassCost::default();
+        let (actions, _, known) = self.plan_with_evidence(only, now, &mut cost).await?;
+        let applying = std::time::Instant::now();
         let mut applied = Vec::new();
         for action in actions.into_iter().filter(|a| a.is_due(now)) {
             let result = self.apply_action(&action).await.map_err(|e| e.to_string());
@@ -162,7 +208,8 @@ impl Reconciler {
                 .append_event(NewEvent::new(now, EventKind::ReconcileRebuilt, message))
                 .await?;
         }
-        Ok(applied)
+        cost.apply_ms = ms(applying.elapsed());
+        Ok((applied, cost))
     }
 }
 
@@ -172,9 +219,13 @@ pub struct ReconcileTask(pub Reconciler);
 impl BackgroundTask for ReconcileTask {
     fn activate(&mut self) -> BoxFuture<'_, anyhow::Result<serde_json::Value>> {
         Box::pin(async move {
-            let applied = self.0.apply(None).await?;
+            let (applied, cost) = self.0.apply_measured(None).await?;
             let failed = applied.iter().filter(|a| a.result.is_err()).count();
-            Ok(serde_json::json!({ "applied": applied.len() - failed, "failed": failed }))
+            Ok(serde_json::json!({
+                "applied": applied.len() - failed,
+                "failed": failed,
+                "cost": cost,
+            }))
         })
     }
 }

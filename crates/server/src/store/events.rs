@@ -209,21 +209,13 @@ impl Store {
         before: Timestamp,
         keep_newest: u64,
     ) -> Result<u64, StoreError> {
-        self.writer
-            .write(move |tx| {
-                async move {
-                    let result = sql::query(
-                        "DELETE FROM events WHERE at < ? \
-                         AND id <= (SELECT coalesce(max(id), 0) FROM events) - ?",
-                    )
-                    .bind(before.as_millis())
-                    .bind(keep_newest as i64)
-                    .execute(tx.conn())
-                    .await?;
-                    Ok(result.rows_affected())
-                }
-                .boxed()
-            })
-            .await
+        // In batches (see `retention`): an hour of a busy day's events is
+        // millions of rows, too many for one transaction in the writer.
+        let statement = format!(
+            "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE at < ? \
+             AND id <= (SELECT coalesce(max(id), 0) FROM events) - {keep_newest} \
+             ORDER BY id LIMIT ?)"
+        );
+        self.delete_in_batches(&statement, before.as_millis()).await
     }
 }

@@ -78,17 +78,11 @@ impl Store {
 
     /// Forgets keys older than `before`.
     pub async fn trim_idempotency_keys(&self, before: Timestamp) -> Result<u64, StoreError> {
-        self.writer
-            .write(move |tx| {
-                async move {
-                    let done = sql::query("DELETE FROM idempotency_keys WHERE created_at < ?")
-                        .bind(before.as_millis())
-                        .execute(tx.conn())
-                        .await?;
-                    Ok(done.rows_affected())
-                }
-                .boxed()
-            })
-            .await
+        self.delete_in_batches(
+            "DELETE FROM idempotency_keys WHERE (method, request_id) IN ( \
+             SELECT method, request_id FROM idempotency_keys WHERE created_at < ? LIMIT ?)",
+            before.as_millis(),
+        )
+        .await
     }
 }

@@ -1,5 +1,5 @@
 //! Background upkeep of the store: trimming the activity log, expired
-//! request ids and (PostgreSQL) the change feed's tombstones, and checkpointing the WAL outside the write path.
+//! request ids, what has ended (`retention`) and (PostgreSQL) the change feed's tombstones, and checkpointing the WAL outside the write path.
 
 use std::time::Duration;
 
@@ -16,6 +16,9 @@ pub struct TrimTask {
     pub event_retention: Duration,
     /// How long request ids are remembered.
     pub idempotency_retention: Duration,
+    /// How long ended claims, boosts, sync status and lost nodes are kept
+    /// (see [`super::retention`]).
+    pub history_retention: Duration,
 }
 
 /// Keeps the WAL short outside the write path.
@@ -46,11 +49,17 @@ impl BackgroundTask for TrimTask {
                 .store
                 .trim_idempotency_keys(cutoff(now, self.idempotency_retention))
                 .await?;
+            let history = self
+                .store
+                .trim_history(cutoff(now, self.history_retention))
+                .await?;
             // PostgreSQL: deleted rows' tombstones, which standbys read.
+            // Last, so that the rows trimmed above leave theirs first.
             let tombstones = self.store.trim_tombstones().await?;
             Ok(serde_json::json!({
                 "events_trimmed": events,
                 "idempotency_keys_trimmed": keys,
+                "history_trimmed": history,
                 "tombstones_trimmed": tombstones,
             }))
         })

@@ -53,6 +53,7 @@ mod lenient;
 pub mod maintenance;
 mod nodes;
 mod pools;
+pub mod retention;
 pub mod sql;
 mod sync;
 mod workloads;

@@ -1,0 +1,203 @@
+//! Retention of what has ended (issue 18), against the real database of
+//! the run (SQLite, or PostgreSQL in its pass): old ended claims, boosts,
+//! finished sync status and lost empty nodes go, in batches; everything
+//! that still means something stays, however old.
+
+use futures::FutureExt as _;
+
+use boilerhouse_core::Timestamp;
+use boilerhouse_server::store::retention::BATCH;
+use boilerhouse_server::store::{DatabaseLocation, Store, StoreOptions, sql};
+use boilerhouse_testkit::database::TestDatabase;
+
+const OLD: i64 = 1_000;
+const CUTOFF: i64 = 1_000_000;
+const RECENT: i64 = 2_000_000;
+
+async fn open(db: &TestDatabase) -> Store {
+    let location = DatabaseLocation::parse(db.value()).expect("a database location");
+    Store::open(location, StoreOptions::default())
+        .await
+        .expect("open store")
+}
+
+/// Runs statements in one transaction.
+async fn exec(store: &Store, statements: Vec<String>) {
+    store
+        .writer()
+        .write(move |tx| {
+            async move {
+                for s in &statements {
+                    sql::query(s).execute(tx.conn()).await?;
+                }
+                Ok(())
+            }
+            .boxed()
+        })
+        .await
+        .expect("setup statements");
+}
+
+async fn ids(store: &Store, query: &str) -> Vec<String> {
+    let query = query.to_owned();
+    let mut ids: Vec<String> = store
+        .writer()
+        .write(move |tx| {
+            async move {
+                let rows: Vec<(String,)> = sql::query_as(&query).fetch_all(tx.conn()).await?;
+                Ok(rows.into_iter().map(|(s,)| s).collect())
+            }
+            .boxed()
+        })
+        .await
+        .expect("query");
+    ids.sort();
+    ids
+}
+
+async fn count(store: &Store, table: &str) -> i64 {
+    let query = format!("SELECT COUNT(*) FROM {table}");
+    store
+        .writer()
+        .write(move |tx| {
+            async move {
+                let (n,): (i64,) = sql::query_as(&query).fetch_one(tx.conn()).await?;
+                Ok(n)
+            }
+            .boxed()
+        })
+        .await
+        .expect("count")
+}
+
+fn container(id: &str, node: &str) -> String {
+    format!(
+        "INSERT INTO containers (container_id, pool_id, workload_id, node_id, state, spec_hash, created_at, updated_at) \
+         VALUES ('{id}', 'w', 'w', '{node}', 'idle', 'h', {OLD}, {OLD})"
+    )
+}
+
+fn claim(id: &str, tenant: &str, container: &str, generation: i64, ended: Option<i64>) -> String {
+    let (status, released) = match ended {
+        Some(at) => ("released", at.to_string()),
+        None => ("active", "NULL".to_owned()),
+    };
+    format!(
+        "INSERT INTO claims (claim_id, tenant_id, workload_id, container_id, node_id, generation, source, \
+         status, claimed_at, last_activity_at, released_at) \
+         VALUES ('{id}', '{tenant}', 'w', '{container}', 'n', {generation}, 'pool', '{status}', {OLD}, {OLD}, {released})"
+    )
+}
+
+fn boost(id: &str, status: &str, ended: Option<i64>) -> String {
+    let ended = ended.map_or("NULL".to_owned(), |t| t.to_string());
+    format!(
+        "INSERT INTO boosts (boost_id, resource, amount, priority, source_node_id, status, requested_at, expires_at, ended_at) \
+         VALUES ('{id}', 'cpu', 1.0, 'normal', 'n', '{status}', {OLD}, {OLD}, {ended})"
+    )
+}
+
+fn sync_status(tenant: &str, state: &str, updated: i64) -> String {
+    format!(
+        "INSERT INTO sync_status (tenant_id, workload_id, sync_id, state, updated_at) \
+         VALUES ('{tenant}', 'w', 'm', '{state}', {updated})"
+    )
+}
+
+fn node(id: &str, status: &str, heartbeat: i64) -> String {
+    format!(
+        "INSERT INTO nodes (node_id, status, first_seen_at, last_heartbeat_at, updated_at) \
+         VALUES ('{id}', '{status}', {OLD}, {heartbeat}, {heartbeat})"
+    )
+}
+
+#[tokio::test]
+async fn what_ended_long_ago_goes_and_what_still_means_something_stays() {
+    let db = TestDatabase::fresh().await.unwrap();
+    let store = open(&db).await;
+    exec(
+        &store,
+        vec![
+            // k1 has a row: its older claim goes, its newest (the fencing
+            // token the next claim must exceed) stays.
+            container("k1", "n-lost-busy"),
+            claim("c-k1-g1", "t1", "k1", 1, Some(OLD)),
+            claim("c-k1-g2", "t2", "k1", 2, Some(OLD)),
+            // k2 has no row: its claim goes once old, k3's is recent.
+            claim("c-k2", "t1", "k2", 1, Some(OLD)),
+            claim("c-k3", "t1", "k3", 1, Some(RECENT)),
+            // An active claim stays, however old.
+            container("k4", "n-ready"),
+            claim("c-k4", "t-active", "k4", 1, None),
+            boost("b-old", "expired", Some(OLD)),
+            boost("b-recent", "released", Some(RECENT)),
+            boost("b-active", "active", None),
+            sync_status("t-gone", "ok", OLD),
+            "INSERT INTO sync_errors (tenant_id, workload_id, sync_id, at, message) \
+             VALUES ('t-gone', 'w', 'm', 1000, 'old failure')"
+                .to_owned(),
+            sync_status("t-error", "error", OLD),
+            sync_status("t-active", "ok", OLD),
+            sync_status("t-reserved", "ok", OLD),
+            container("k5", "n-ready"),
+            "INSERT INTO affinity_reservations (tenant_id, workload_id, container_id, node_id, reserved_at, expires_at) \
+             VALUES ('t-reserved', 'w', 'k5', 'n-ready', 1000, 9000000)"
+                .to_owned(),
+            sync_status("t-owed", "ok", OLD),
+            "INSERT INTO sync_release_pending (container_id, tenant_id, workload_id, since) \
+             VALUES ('k9', 't-owed', 'w', 1000)"
+                .to_owned(),
+            sync_status("t-recent", "ok", RECENT),
+            node("n-lost", "lost", OLD),
+            node("n-lost-busy", "lost", OLD),
+            node("n-ready", "ready", OLD),
+        ],
+    )
+    .await;
+    // More old claims than one batch, on containers long gone: every one
+    // goes, over several transactions.
+    let many = (BATCH as usize) + 500;
+    for chunk in (0..many).collect::<Vec<_>>().chunks(1000) {
+        exec(
+            &store,
+            chunk
+                .iter()
+                .map(|i| claim(&format!("bulk-{i}"), "t-bulk", &format!("gone-{i}"), 1, Some(OLD)))
+                .collect(),
+        )
+        .await;
+    }
+
+    let trimmed = store
+        .trim_history(Timestamp::from_millis(CUTOFF))
+        .await
+        .expect("trim");
+    assert_eq!(trimmed.claims, many as u64 + 2, "{trimmed:?}");
+    assert_eq!(
+        ids(&store, "SELECT claim_id FROM claims").await,
+        ["c-k1-g2", "c-k3", "c-k4"]
+    );
+    assert_eq!(trimmed.boosts, 1, "{trimmed:?}");
+    assert_eq!(
+        ids(&store, "SELECT boost_id FROM boosts").await,
+        ["b-active", "b-recent"]
+    );
+    assert_eq!(
+        ids(&store, "SELECT tenant_id FROM sync_status").await,
+        ["t-active", "t-error", "t-owed", "t-recent", "t-reserved"]
+    );
+    assert_eq!(count(&store, "sync_errors").await, 0);
+    assert_eq!(
+        ids(&store, "SELECT node_id FROM nodes").await,
+        ["n-lost-busy", "n-ready"]
+    );
+    // A second trim finds nothing more.
+    let again = store
+        .trim_history(Timestamp::from_millis(CUTOFF))
+        .await
+        .expect("trim again");
+    assert_eq!(
+        (again.claims, again.boosts, again.sync_status, again.nodes),
+        (0, 0, 0, 0)
+    );
+}
