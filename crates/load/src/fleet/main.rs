@@ -100,6 +100,11 @@ struct Args {
     /// instead of the table).
     #[arg(long)]
     json: Option<PathBuf>,
+    /// After the window, write its report (--json) and keep the agents
+    /// running until SIGINT or SIGTERM, then write a second report, of the
+    /// whole run (its outages: a server restart's, say), to this file.
+    #[arg(long, requires = "json")]
+    hold_then: Option<PathBuf>,
 }
 
 #[derive(Debug, Serialize)]
@@ -134,26 +139,42 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("a tokio runtime")?;
-    let report = runtime.block_on(run(&args))?;
-    let connected = report.all_connected;
-    match &args.json {
-        Some(path) if path.as_os_str() == "-" => {
-            println!("{}", serde_json::to_string_pretty(&report)?);
-        }
-        Some(path) => {
-            std::fs::write(path, serde_json::to_vec_pretty(&report)?)
-                .with_context(|| format!("--json {}", path.display()))?;
-            print_table(&report);
-        }
-        None => print_table(&report),
+    let report = runtime.block_on(run(&args, &|report| write(&args.json, report)))?;
+    if let Some(path) = &args.hold_then {
+        write(&Some(path.clone()), &report)?;
     }
-    if !connected {
+    if !report.all_connected {
         anyhow::bail!("not every agent had a session at the end");
     }
     Ok(())
 }
 
-async fn run(args: &Args) -> anyhow::Result<FleetReport> {
+fn write(to: &Option<PathBuf>, report: &FleetReport) -> anyhow::Result<()> {
+    match to {
+        Some(path) if path.as_os_str() == "-" => {
+            println!("{}", serde_json::to_string_pretty(report)?);
+        }
+        Some(path) => {
+            // Written whole, then renamed: a script waiting for the file
+            // never reads half of it.
+            let partial = path.with_extension("partial");
+            std::fs::write(&partial, serde_json::to_vec_pretty(report)?)
+                .and_then(|()| std::fs::rename(&partial, path))
+                .with_context(|| format!("writing {}", path.display()))?;
+            print_table(report);
+        }
+        None => print_table(report),
+    }
+    Ok(())
+}
+
+/// Runs the fleet; `window_done` gets the window's report. With
+/// `--hold-then` the agents go on until a signal and the report returned
+/// is the whole run's; otherwise it is the window's.
+async fn run(
+    args: &Args,
+    window_done: &dyn Fn(&FleetReport) -> anyhow::Result<()>,
+) -> anyhow::Result<FleetReport> {
     let config = Arc::new(FleetConfig {
         server: args.server.clone(),
         pki: args.pki.clone(),
@@ -247,9 +268,7 @@ async fn run(args: &Args) -> anyhow::Result<FleetReport> {
     }
     fleet.tick();
     let counts = stats.counts();
-    shutdown.cancel();
-    while agents.join_next().await.is_some() {}
-    Ok(FleetReport {
+    let mut report = FleetReport {
         agents: args.agents,
         server: args.server.clone(),
         containers_ready_after_s: containers_ready_after,
@@ -257,7 +276,25 @@ async fn run(args: &Args) -> anyhow::Result<FleetReport> {
         server_usage: server.and_then(|s| s.usage()),
         fleet_usage: fleet.usage(),
         counts,
-    })
+    };
+    if args.hold_then.is_some() {
+        window_done(&report)?;
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => break,
+                _ = terminate.recv() => break,
+                _ = ticker.tick() => progress("holding"),
+            }
+        }
+        report.counts = stats.counts();
+        report.all_connected = report.counts.connected == args.agents as usize;
+    }
+    shutdown.cancel();
+    while agents.join_next().await.is_some() {}
+    if args.hold_then.is_none() {
+        window_done(&report)?;
+    }
+    Ok(report)
 }
 
 fn print_table(r: &FleetReport) {
