@@ -162,7 +162,15 @@ async fn what_ended_long_ago_goes_and_what_still_means_something_stays() {
             &store,
             chunk
                 .iter()
-                .map(|i| claim(&format!("bulk-{i}"), "t-bulk", &format!("gone-{i}"), 1, Some(OLD)))
+                .map(|i| {
+                    claim(
+                        &format!("bulk-{i}"),
+                        "t-bulk",
+                        &format!("gone-{i}"),
+                        1,
+                        Some(OLD),
+                    )
+                })
                 .collect(),
         )
         .await;
@@ -200,4 +208,76 @@ async fn what_ended_long_ago_goes_and_what_still_means_something_stays() {
         (again.claims, again.boosts, again.sync_status, again.nodes),
         (0, 0, 0, 0)
     );
+}
+
+/// The node list is read once and reused (placement reads it for every
+/// container it creates), but never across a write: each change is in the
+/// very next read, however soon.
+#[tokio::test]
+async fn the_node_list_shows_every_write_at_once() {
+    use boilerhouse_core::NodeId;
+    use boilerhouse_core::node::{NodeStatus, Resources};
+    use boilerhouse_server::store::NodeHello;
+
+    let db = TestDatabase::fresh().await.unwrap();
+    let store = open(&db).await;
+    let now = Timestamp::from_millis(RECENT);
+    let hello = |id: &str| NodeHello {
+        id: NodeId::new(id).unwrap(),
+        boot_id: "b".into(),
+        agent_version: "v".into(),
+        engine_version: "e".into(),
+        capacity: Resources {
+            cpus: 4.0,
+            memory_bytes: 1 << 30,
+            gpus: 0,
+        },
+        labels: Default::default(),
+        state_root: "/r".into(),
+    };
+    store.register_node(hello("a"), now).await.unwrap();
+    let names = |nodes: Vec<boilerhouse_core::node::Node>| {
+        nodes
+            .into_iter()
+            .map(|n| n.id.to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(names(store.list_nodes().await.unwrap()), ["a"]);
+    // Read again at once: the copy. Then a write, and the next read has it.
+    assert_eq!(names(store.list_nodes().await.unwrap()), ["a"]);
+    store.register_node(hello("b"), now).await.unwrap();
+    assert_eq!(names(store.list_nodes().await.unwrap()), ["a", "b"]);
+    store
+        .set_cordoned(NodeId::new("a").unwrap(), true, now)
+        .await
+        .unwrap();
+    let a = store.list_nodes().await.unwrap().remove(0);
+    assert!(a.cordoned, "{a:?}");
+    store
+        .set_node_status(
+            NodeId::new("b").unwrap(),
+            NodeStatus::Suspect,
+            "test".into(),
+            now,
+        )
+        .await
+        .unwrap();
+    let b = store.list_nodes().await.unwrap().remove(1);
+    assert_eq!(b.status, NodeStatus::Suspect);
+    // Writes this store did not make show within the copy's lifetime.
+    exec(
+        &store,
+        vec!["UPDATE nodes SET cordoned = FALSE WHERE node_id = 'a'".to_owned()],
+    )
+    .await;
+    let seen = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            if !store.list_nodes().await.unwrap()[0].cordoned {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(seen.is_ok(), "an outside write never showed");
 }

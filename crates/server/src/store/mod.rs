@@ -214,6 +214,8 @@ pub struct Store {
     stats: Arc<Mutex<WriterStats>>,
     /// SQLite only: the connection that checkpoints the WAL.
     checkpointer: Option<Arc<tokio::sync::Mutex<AnyConnection>>>,
+    /// The last read of every node (see [`nodes::NodeListCache`]).
+    node_list: Arc<nodes::NodeListCache>,
 }
 
 impl Store {
@@ -262,6 +264,7 @@ impl Store {
             location,
             stats,
             checkpointer,
+            node_list: Arc::default(),
         })
     }
 

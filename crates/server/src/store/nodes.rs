@@ -67,6 +67,40 @@ macro_rules! select_node {
     };
 }
 
+/// How long a read of every node may be reused. Every write to `nodes`
+/// through this store drops the copy at once; the limit bounds how stale
+/// it can be after a write this process did not make (another replica
+/// that led meanwhile).
+const NODE_LIST_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The last read of every node. Placement reads the node list for each
+/// container it creates: at a thousand nodes, reading them from the
+/// database each time capped filling a pool at ~40 containers/s.
+#[derive(Default)]
+pub(super) struct NodeListCache {
+    state: std::sync::Mutex<CacheState>,
+}
+
+#[derive(Default)]
+struct CacheState {
+    /// Bumped by every write: a read that began before it is not kept.
+    generation: u64,
+    copy: Option<(std::time::Instant, std::sync::Arc<Lenient<Node>>)>,
+}
+
+impl NodeListCache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, CacheState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Called after every committed write to `nodes`.
+    pub(super) fn invalidate(&self) {
+        let mut state = self.lock();
+        state.generation += 1;
+        state.copy = None;
+    }
+}
+
 impl Store {
     /// Every known node that can be read, by name.
     pub async fn list_nodes(&self) -> Result<Vec<Node>, StoreError> {
@@ -75,12 +109,24 @@ impl Store {
 
     /// Every known node, by name, and the rows that cannot be read.
     pub async fn list_nodes_lenient(&self) -> Result<Lenient<Node>, StoreError> {
+        let generation = {
+            let state = self.node_list.lock();
+            if let Some((at, copy)) = &state.copy
+                && at.elapsed() < NODE_LIST_TTL
+            {
+                return Ok((**copy).clone());
+            }
+            state.generation
+        };
         let rows = sql::query(select_node!("ORDER BY node_id"))
             .fetch_all(&self.reads)
             .await?;
-        Ok(lenient::decode::<_, NodeRow, _>(rows, "nodes", |r| {
-            lenient::text(r, "node_id")
-        }))
+        let read = lenient::decode::<_, NodeRow, _>(rows, "nodes", |r| lenient::text(r, "node_id"));
+        let mut state = self.node_list.lock();
+        if state.generation == generation {
+            state.copy = Some((std::time::Instant::now(), std::sync::Arc::new(read.clone())));
+        }
+        Ok(read)
     }
 
     /// One node.
@@ -138,7 +184,8 @@ impl Store {
         hello: NodeHello,
         now: Timestamp,
     ) -> Result<(Node, Arrival), StoreError> {
-        self.writer
+        let written = self
+            .writer
             .write(move |tx| {
                 async move {
                     let previous: Option<NodeRow> = sql::query_as(select_node!("WHERE node_id = ?"))
@@ -215,7 +262,11 @@ impl Store {
                 }
                 .boxed()
             })
-            .await
+            .await;
+        // Committed or not, the next read of every node goes to the
+        // database.
+        self.node_list.invalidate();
+        written
     }
 
     /// Records heartbeats: one write for a whole batch of nodes.
@@ -226,7 +277,8 @@ impl Store {
         if beats.is_empty() {
             return Ok(());
         }
-        self.writer
+        let written = self
+            .writer
             .write(move |tx| {
                 async move {
                     for (node, at) in beats {
@@ -241,7 +293,11 @@ impl Store {
                 }
                 .boxed()
             })
-            .await
+            .await;
+        // Committed or not, the next read of every node goes to the
+        // database.
+        self.node_list.invalidate();
+        written
     }
 
     /// Moves a node to `status`, recording the matching event.
@@ -252,7 +308,8 @@ impl Store {
         reason: String,
         now: Timestamp,
     ) -> Result<(), StoreError> {
-        self.writer
+        let written = self
+            .writer
             .write(move |tx| {
                 async move {
                     let previous: Option<(String,)> =
@@ -286,7 +343,11 @@ impl Store {
                 }
                 .boxed()
             })
-            .await
+            .await;
+        // Committed or not, the next read of every node goes to the
+        // database.
+        self.node_list.invalidate();
+        written
     }
 
     /// Cordons or uncordons a node; records an event when it changes.
@@ -297,7 +358,8 @@ impl Store {
         cordoned: bool,
         now: Timestamp,
     ) -> Result<Option<Node>, StoreError> {
-        self.writer
+        let written = self
+            .writer
             .write(move |tx| {
                 async move {
                     let row: Option<NodeRow> = sql::query_as(select_node!("WHERE node_id = ?"))
@@ -335,6 +397,10 @@ impl Store {
                 }
                 .boxed()
             })
-            .await
+            .await;
+        // Committed or not, the next read of every node goes to the
+        // database.
+        self.node_list.invalidate();
+        written
     }
 }

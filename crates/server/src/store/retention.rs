@@ -79,13 +79,17 @@ impl Store {
     /// Removes what ended before `before`, in batches.
     pub async fn trim_history(&self, before: Timestamp) -> Result<Trimmed, StoreError> {
         let cutoff = before.as_millis();
-        Ok(Trimmed {
+        let trimmed = Trimmed {
             claims: self.delete_in_batches(CLAIMS, cutoff).await?,
             boosts: self.delete_in_batches(BOOSTS, cutoff).await?,
             sync_status: self.delete_in_batches(SYNC_STATUS, cutoff).await?,
             sync_errors: self.delete_in_batches(SYNC_ERRORS, cutoff).await?,
             nodes: self.delete_in_batches(NODES, cutoff).await?,
-        })
+        };
+        if trimmed.nodes > 0 {
+            self.node_list.invalidate();
+        }
+        Ok(trimmed)
     }
 
     /// Runs `statement` (binds: the cutoff, then the batch size) until a
