@@ -10,7 +10,11 @@
 //! states the rules a committed state must satisfy. Maps are ordered so that every
 //! iteration, and with it every decision, is deterministic.
 
+mod load;
+
 use std::collections::{BTreeMap, BTreeSet};
+
+use load::NodeLoad;
 
 use crate::ids::{ContainerId, NodeId, TenantId, WorkloadId};
 use crate::pool::write::{ClaimChange, ContainerChange, PoolWrite, ReservationChange};
@@ -33,6 +37,8 @@ pub struct Index {
     claim_of_container: BTreeMap<ContainerId, TenantKey>,
     claim_by_id: BTreeMap<String, TenantKey>,
     reservations: BTreeMap<TenantKey, Reservation>,
+    /// Each node's containers and what their limits sum to.
+    by_node: BTreeMap<NodeId, NodeLoad>,
 }
 
 /// Rows read from the database since some moment, for
@@ -326,12 +332,18 @@ impl Index {
                 .or_default()
                 .insert((c.created_at, c.id));
         }
+        self.by_node.entry(c.node_id.clone()).or_default().add(&c);
         self.containers.insert(c.id, c);
         old
     }
 
     fn remove_container(&mut self, id: &ContainerId) -> Option<ContainerRecord> {
         let old = self.containers.remove(id)?;
+        if let Some(load) = self.by_node.get_mut(&old.node_id)
+            && load.remove(&old)
+        {
+            self.by_node.remove(&old.node_id);
+        }
         if let Some(counts) = self.counts.get_mut(&old.workload_id) {
             counts.remove(old.state);
             if *counts == PoolCounts::default() {
@@ -381,7 +393,17 @@ impl Index {
         &'a self,
         node: &'a NodeId,
     ) -> impl Iterator<Item = &'a ContainerRecord> + 'a {
-        self.containers.values().filter(move |c| &c.node_id == node)
+        self.by_node
+            .get(node)
+            .into_iter()
+            .flat_map(|load| load.containers.iter())
+            .filter_map(|id| self.containers.get(id))
+    }
+
+    /// What the limits of the containers on each node that has any sum to,
+    /// whatever their state.
+    pub fn allocations(&self) -> impl Iterator<Item = (&NodeId, crate::node::Resources)> {
+        self.by_node.iter().map(|(node, load)| (node, load.resources()))
     }
 
     /// The tenant's active claim of the workload.
@@ -513,6 +535,9 @@ impl Index {
                     c.state, c.id, c.tenant_id
                 ));
             }
+        }
+        if load::recount(self.containers.values()) != self.by_node {
+            broken.push("the per-node sums disagree with the containers".into());
         }
         if counts != self.counts {
             broken.push(format!(

@@ -485,14 +485,12 @@ impl Pools {
     /// (Container boosts are counted by the boost ledger, as drawn from the
     /// node.)
     pub fn allocations(&self) -> HashMap<NodeId, Resources> {
-        let state = self.state();
-        let mut sums: HashMap<NodeId, Resources> = HashMap::new();
-        for c in state.index.containers() {
-            let entry = sums.entry(c.node_id.clone()).or_default();
-            entry.cpus += c.limits.cpus.unwrap_or(0.0);
-            entry.memory_bytes += c.limits.memory_bytes.unwrap_or(0);
-        }
-        sums
+        self.read(|index| {
+            index
+                .allocations()
+                .map(|(node, sums)| (node.clone(), sums))
+                .collect()
+        })
     }
 
     /// The tenant's active claim, with its last activity as seen so far.
