@@ -403,7 +403,9 @@ impl Index {
     /// What the limits of the containers on each node that has any sum to,
     /// whatever their state.
     pub fn allocations(&self) -> impl Iterator<Item = (&NodeId, crate::node::Resources)> {
-        self.by_node.iter().map(|(node, load)| (node, load.resources()))
+        self.by_node
+            .iter()
+            .map(|(node, load)| (node, load.resources()))
     }
 
     /// The tenant's active claim of the workload.

@@ -62,7 +62,9 @@ struct PendingCommand {
 #[derive(Default)]
 struct Inner {
     sessions: HashMap<NodeId, Session>,
-    reports: HashMap<NodeId, NodeReport>,
+    /// Shared with readers (reconciliation, boost enforcement) without a
+    /// copy; a change while one is read copies it (`Arc::make_mut`).
+    reports: HashMap<NodeId, Arc<NodeReport>>,
     pending: HashMap<NodeId, BTreeMap<String, PendingCommand>>,
 }
 
@@ -252,7 +254,7 @@ impl Registry {
         containers: Vec<ObservedContainer>,
     ) {
         let mut inner = self.lock();
-        let report = inner.reports.entry(node.clone()).or_default();
+        let report = Arc::make_mut(inner.reports.entry(node.clone()).or_default());
         let first = report.reconciled_at.is_none();
         report.observed_at = Some(observed_at);
         report.containers = containers
@@ -275,7 +277,7 @@ impl Registry {
     /// at `observed_at`.
     pub fn mark_reconciled(&self, node: &NodeId, observed_at: Timestamp) {
         let mut inner = self.lock();
-        if let Some(report) = inner.reports.get_mut(node) {
+        if let Some(report) = inner.reports.get_mut(node).map(Arc::make_mut) {
             report.reconciled_at = Some(
                 report
                     .reconciled_at
@@ -312,7 +314,7 @@ impl Registry {
     /// Applies an incremental event to the node's report.
     pub fn container_event(&self, node: &NodeId, event: &ContainerEvent) {
         let mut inner = self.lock();
-        let Some(report) = inner.reports.get_mut(node) else {
+        let Some(report) = inner.reports.get_mut(node).map(Arc::make_mut) else {
             return;
         };
         match event.kind {
@@ -366,7 +368,7 @@ impl Registry {
         {
             if container.node_id() != Some(node.as_str()) {
                 foreign = Some(container.docker_id.clone());
-            } else if let Some(report) = inner.reports.get_mut(node) {
+            } else if let Some(report) = inner.reports.get_mut(node).map(Arc::make_mut) {
                 report
                     .containers
                     .insert(container.docker_id.clone(), container);
@@ -481,7 +483,7 @@ impl Registry {
     }
 
     /// A node's last report.
-    pub fn report(&self, node: &NodeId) -> Option<NodeReport> {
+    pub fn report(&self, node: &NodeId) -> Option<Arc<NodeReport>> {
         self.lock().reports.get(node).cloned()
     }
 }

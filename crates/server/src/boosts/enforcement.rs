@@ -23,9 +23,10 @@ impl Boosts {
         let inner = &self.inner;
         let live = inner.ledger.live();
         let mut started = 0;
-        // One report per node, read once: a report holds every container
-        // of its node, so reading it per container would copy it n times.
-        let mut reports: HashMap<NodeId, Option<crate::agents::NodeReport>> = HashMap::new();
+        // One report per node, looked up once (a shared copy, not a clone
+        // of its containers).
+        let mut reports: HashMap<NodeId, Option<std::sync::Arc<crate::agents::NodeReport>>> =
+            HashMap::new();
         for c in inner.pools.containers().into_iter().filter(runs) {
             let Some(docker_id) = c.docker_id.as_deref() else {
                 continue;

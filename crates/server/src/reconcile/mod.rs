@@ -118,11 +118,12 @@ impl Reconciler {
                                 // the evidence that is missing.
                                 containers: report
                                     .containers
-                                    .into_values()
+                                    .values()
                                     .filter(|o| {
                                         !o.container_id()
                                             .is_some_and(|id| self.pools.row_unreadable(&id))
                                     })
+                                    .cloned()
                                     .collect(),
                             }
                         }
