@@ -108,6 +108,7 @@ struct FileConfig {
     idempotency_retention: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     history_retention: Option<Duration>,
+    group_commit_max: Option<usize>,
     #[serde(default, with = "humantime_serde")]
     heartbeat_interval: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
@@ -212,6 +213,9 @@ pub struct Config {
     /// finished sync status of tenants holding nothing, and lost nodes
     /// with no containers.
     pub history_retention: Duration,
+    /// The most writes one commit carries (group commit); 1 commits each
+    /// write alone, the floor benchmarks compare group commit with.
+    pub group_commit_max: usize,
     /// Where to write the bound addresses once listening.
     pub ready_file: Option<PathBuf>,
     /// How often agents send heartbeats. Default 2s.
@@ -376,6 +380,7 @@ impl Config {
             idempotency_retention: file
                 .idempotency_retention
                 .unwrap_or(Duration::from_secs(24 * 3600)),
+            group_commit_max: file.group_commit_max.unwrap_or(512),
             history_retention: file
                 .history_retention
                 .unwrap_or(Duration::from_secs(7 * 24 * 3600)),
@@ -418,6 +423,12 @@ impl Config {
                 Ok(())
             }
         };
+        if !(1..=10_000).contains(&self.group_commit_max) {
+            return Err(ConfigError::Invalid {
+                field: "group_commit_max",
+                reason: "must be from 1 to 10000".into(),
+            });
+        }
         at_least(
             "workloads_rescan_interval",
             self.workloads_rescan_interval,

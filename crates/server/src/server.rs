@@ -82,6 +82,7 @@ pub async fn run(
         StoreOptions {
             synchronous_full: config.synchronous_full,
             fence,
+            max_batch: config.group_commit_max,
             ..StoreOptions::default()
         },
     )
