@@ -78,6 +78,11 @@ struct Args {
     /// How long a tenant holds its claim before releasing it.
     #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
     hold: Duration,
+    /// Claims only: no release, and each tenant claims once (its claim
+    /// stays). Measures granting alone; give as many --tenants as claims
+    /// the run may make, and a pool to match.
+    #[arg(long)]
+    claims_only: bool,
     /// Every call's deadline.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     timeout: Duration,
@@ -107,6 +112,7 @@ struct Shared {
     idle_tenants: Mutex<VecDeque<String>>,
     report: Mutex<Report>,
     hold: Duration,
+    claims_only: bool,
 }
 
 async fn connect(args: &Args) -> anyhow::Result<Authed> {
@@ -200,6 +206,9 @@ async fn cycle(shared: &Shared, tenant: &str, workload: &str, due: Instant) {
     let Some(generation) = generation else {
         return;
     };
+    if shared.claims_only {
+        return;
+    }
     if !shared.hold.is_zero() {
         tokio::time::sleep(shared.hold).await;
     }
@@ -249,7 +258,9 @@ async fn closed_loop(shared: Arc<Shared>, concurrency: usize, until: Instant) {
                     return;
                 };
                 cycle(&shared, &tenant, shared.workload(n), Instant::now()).await;
-                shared.give_back(tenant);
+                if !shared.claims_only {
+                    shared.give_back(tenant);
+                }
                 n += concurrency as u64;
             }
         }));
@@ -280,7 +291,9 @@ async fn open_loop(shared: Arc<Shared>, rate: f64, until: Instant) {
         let shared = shared.clone();
         cycles.spawn(async move {
             cycle(&shared, &tenant, shared.workload(n), due).await;
-            shared.give_back(tenant);
+            if !shared.claims_only {
+                shared.give_back(tenant);
+            }
         });
         // Reap finished cycles as we go, so the set stays small.
         while cycles.try_join_next().is_some() {}
@@ -333,7 +346,8 @@ async fn main() -> anyhow::Result<()> {
         ),
         report: Mutex::new(Report {
             mode: format!(
-                "{mode}, {} tenants, workloads {}, hold {:?}",
+                "{mode}{}, {} tenants, workloads {}, hold {:?}",
+                if args.claims_only { ", claims only" } else { "" },
                 args.tenants,
                 args.workloads.join(","),
                 args.hold
@@ -341,6 +355,7 @@ async fn main() -> anyhow::Result<()> {
             ..Report::default()
         }),
         hold: args.hold,
+        claims_only: args.claims_only,
     });
     shared
         .report

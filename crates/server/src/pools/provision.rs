@@ -8,12 +8,14 @@
 //! (`Inflight::creating`) before that commit, so concurrent creates can
 //! never push a pool past `max_size`.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use boilerhouse_core::container::{ContainerSpec, ObservedContainer, VolumeKind, volume_host_path};
 use boilerhouse_core::pool::decide::{self, DrainScope};
 use boilerhouse_core::pool::{ContainerRecord, ContainerState, NodeCandidate, choose_node};
 use boilerhouse_core::workload::{WorkloadRecord, WorkloadSpec};
+use boilerhouse_core::node::Resources;
 use boilerhouse_core::{ContainerId, NodeId, Timestamp, WorkloadId};
 use boilerhouse_proto::pb;
 
@@ -90,14 +92,15 @@ impl Pools {
     }
 
     /// The node for a new container, with its state root; or why no node
-    /// can take one.
-    async fn place(
+    /// can take one. `nodes` and `allocated` are read by the caller, so
+    /// that a batch reads them once and counts its own choices.
+    fn place(
         &self,
+        nodes: &[boilerhouse_core::node::Node],
+        allocated: &HashMap<NodeId, Resources>,
         spec: &WorkloadSpec,
         now: Timestamp,
-    ) -> Result<Result<(NodeId, String), String>, PoolError> {
-        let nodes = self.inner.store.list_nodes().await?;
-        let allocated = self.allocations();
+    ) -> Result<(NodeId, String), String> {
         let candidates: Vec<NodeCandidate> = nodes
             .iter()
             .map(|n| NodeCandidate {
@@ -111,13 +114,13 @@ impl Pools {
             })
             .collect();
         let Some(chosen) = choose_node(&candidates, spec).map(|c| c.id.clone()) else {
-            return Ok(Err(boilerhouse_core::pool::why_no_node(&candidates, spec)));
+            return Err(boilerhouse_core::pool::why_no_node(&candidates, spec));
         };
-        Ok(nodes
-            .into_iter()
+        nodes
+            .iter()
             .find(|n| n.id == chosen)
-            .map(|n| (n.id, n.state_root))
-            .ok_or_else(|| format!("node {chosen} is gone")))
+            .map(|n| (n.id.clone(), n.state_root.clone()))
+            .ok_or_else(|| format!("node {chosen} is gone"))
     }
 
     /// Takes up to `wanted` create slots of `pool` under `max`, counting
@@ -139,27 +142,50 @@ impl Pools {
             .collect()
     }
 
-    /// Places and records a new warming container, busy for the caller.
+    /// Places and records new warming containers, one per slot, busy for
+    /// the caller: placed one after another on one reading of the nodes
+    /// (each counting the ones before it), committed together. A slot that
+    /// no node can take ends the batch with the reason; the ones placed
+    /// before it are still recorded.
     async fn record_new(
         &self,
         workload: &WorkloadRecord,
-        slot: SlotGuard,
+        slots: Vec<SlotGuard>,
         now: Timestamp,
-    ) -> Result<Result<(ContainerRecord, BusyGuard), String>, PoolError> {
+    ) -> Result<(Vec<(ContainerRecord, BusyGuard)>, Option<String>), PoolError> {
         let spec = &workload.spec;
-        let node = match self.place(spec, now).await? {
-            Ok(node) => node,
-            Err(why) => return Ok(Err(why)),
-        };
-        let id = ContainerId::from_uuid(boilerhouse_core::ids::Uuid::now_v7());
-        let record = Self::new_container(spec, &workload.spec_hash, id, node, now);
-        let busy = self.take_busy(id).ok_or_else(|| {
-            PoolError::Unavailable(format!("container id {id} is already in use"))
-        })?;
-        self.commit(decide::insert(record.clone())).await?;
-        // Committed: the index counts it now, the slot is no longer needed.
-        drop(slot);
-        Ok(Ok((record, busy)))
+        let nodes = self.inner.store.list_nodes().await?;
+        let mut allocated = self.allocations();
+        let mut placed = Vec::new();
+        let mut write = boilerhouse_core::pool::write::PoolWrite::default();
+        let mut why_not = None;
+        let mut used = Vec::new();
+        for slot in slots {
+            let node = match self.place(&nodes, &allocated, spec, now) {
+                Ok(node) => node,
+                Err(why) => {
+                    why_not = Some(why);
+                    break;
+                }
+            };
+            let id = ContainerId::from_uuid(boilerhouse_core::ids::Uuid::now_v7());
+            let record = Self::new_container(spec, &workload.spec_hash, id, node, now);
+            let busy = self.take_busy(id).ok_or_else(|| {
+                PoolError::Unavailable(format!("container id {id} is already in use"))
+            })?;
+            let sums = allocated.entry(record.node_id.clone()).or_default();
+            sums.cpus += record.limits.cpus.unwrap_or(0.0);
+            sums.memory_bytes += record.limits.memory_bytes.unwrap_or(0);
+            write.extend(decide::insert(record.clone()));
+            placed.push((record, busy));
+            used.push(slot);
+        }
+        if !placed.is_empty() {
+            self.commit(write).await?;
+        }
+        // Committed: the index counts them now, the slots are not needed.
+        drop(used);
+        Ok((placed, why_not))
     }
 
     /// Creates a container for one claim and waits until it is ready.
@@ -185,10 +211,12 @@ impl Pools {
             )));
         };
         let now = crate::clock::now();
-        let (record, busy) = self.record_new(workload, slot, now).await?.map_err(|why| {
+        let (mut placed, why_not) = self.record_new(workload, vec![slot], now).await?;
+        let (record, busy) = placed.pop().ok_or_else(|| {
             PoolError::Exhausted(format!(
-                "no node can take a container of {}: {why}",
-                spec.id
+                "no node can take a container of {}: {}",
+                spec.id,
+                why_not.unwrap_or_default()
             ))
         })?;
         match self.create_and_wait(spec, &record, deadline).await {
@@ -518,15 +546,16 @@ impl Pools {
             if wanted == 0 && !backing_off {
                 self.clear_shortfall(&spec.id);
             }
-            for slot in self.take_slots(&spec.id, wanted, max) {
-                let (record, busy) = match self.record_new(workload, slot, now).await? {
-                    Ok(placed) => placed,
-                    Err(why) => {
-                        self.note_shortfall(&spec.id, min, why).await;
-                        break;
-                    }
-                };
-                self.clear_shortfall(&spec.id);
+            let slots = self.take_slots(&spec.id, wanted, max);
+            if slots.is_empty() {
+                continue;
+            }
+            let (placed, why_not) = self.record_new(workload, slots, now).await?;
+            match why_not {
+                Some(why) => self.note_shortfall(&spec.id, min, why).await,
+                None => self.clear_shortfall(&spec.id),
+            }
+            for (record, busy) in placed {
                 started += 1;
                 let pools = self.clone();
                 let workload = workload.clone();
