@@ -347,7 +347,11 @@ async fn main() -> anyhow::Result<()> {
         report: Mutex::new(Report {
             mode: format!(
                 "{mode}{}, {} tenants, workloads {}, hold {:?}",
-                if args.claims_only { ", claims only" } else { "" },
+                if args.claims_only {
+                    ", claims only"
+                } else {
+                    ""
+                },
                 args.tenants,
                 args.workloads.join(","),
                 args.hold

@@ -12,10 +12,10 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use boilerhouse_core::container::{ContainerSpec, ObservedContainer, VolumeKind, volume_host_path};
+use boilerhouse_core::node::Resources;
 use boilerhouse_core::pool::decide::{self, DrainScope};
 use boilerhouse_core::pool::{ContainerRecord, ContainerState, NodeCandidate, choose_node};
 use boilerhouse_core::workload::{WorkloadRecord, WorkloadSpec};
-use boilerhouse_core::node::Resources;
 use boilerhouse_core::{ContainerId, NodeId, Timestamp, WorkloadId};
 use boilerhouse_proto::pb;
 
