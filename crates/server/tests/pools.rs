@@ -108,16 +108,32 @@ async fn concurrent_claims_never_share_a_container() {
         let channel = channel.clone();
         tasks.push(tokio::spawn(async move {
             let tenant = format!("tenant-{}", i % 50);
-            let response = ClaimServiceClient::new(channel)
-                .claim(pb::ClaimRequest {
-                    acquire_timeout: Some(prost_types::Duration {
-                        seconds: 60,
-                        nanos: 0,
-                    }),
-                    ..claim_request(&tenant)
-                })
-                .await;
-            (tenant, response)
+            // 50 tenants and a min_size of 10 fill max_size 60 exactly: a
+            // claim that meets the refiller's creates at the cap is told
+            // RESOURCE_EXHAUSTED with a RetryInfo, and retries as a
+            // client must. What may never happen is two tenants on one
+            // container.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            loop {
+                let response = ClaimServiceClient::new(channel.clone())
+                    .claim(pb::ClaimRequest {
+                        acquire_timeout: Some(prost_types::Duration {
+                            seconds: 60,
+                            nanos: 0,
+                        }),
+                        ..claim_request(&tenant)
+                    })
+                    .await;
+                match response {
+                    Err(s)
+                        if s.code() == tonic::Code::ResourceExhausted
+                            && std::time::Instant::now() < deadline =>
+                    {
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    }
+                    response => break (tenant, response),
+                }
+            }
         }));
     }
     let mut by_tenant: HashMap<String, HashSet<String>> = HashMap::new();
