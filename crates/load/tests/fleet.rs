@@ -59,7 +59,7 @@ async fn a_fleet_of_fake_agents_carries_a_pool_and_survives_a_server_restart() {
         .expect("start boilerhouse-fleet");
 
     // Every fake agent is a Ready node, and the pool fills on them.
-    wait_fleet_ready(&c, &names).await;
+    c.wait_nodes_ready(names.clone()).await;
     c.wait_idle("w", POOL).await;
 
     // A claim lands on a fleet container, and the release returns it.
@@ -85,7 +85,7 @@ async fn a_fleet_of_fake_agents_carries_a_pool_and_survives_a_server_restart() {
     // reservation included.
     c.kill_server();
     c.start_server().await;
-    wait_fleet_ready(&c, &names).await;
+    c.wait_nodes_ready(names.clone()).await;
     let pool = c.wait_idle("w", POOL - 1).await;
     assert_eq!(pool.counts.expect("counts").reserved, 1);
     // The tenant is served again. (Which container it gets depends on
@@ -136,28 +136,4 @@ async fn a_fleet_of_fake_agents_carries_a_pool_and_survives_a_server_restart() {
         report["fleet_usage"]["rss_mib_max"].as_f64() > Some(0.0),
         "{report:#}"
     );
-}
-
-async fn wait_fleet_ready(c: &Cluster, names: &[String]) {
-    let nodes = c.nodes().await;
-    c.eventually("every fleet node ready", || {
-        let mut nodes = nodes.clone();
-        async move {
-            let listed = nodes
-                .list_nodes(pb::ListNodesRequest::default())
-                .await
-                .ok()?
-                .into_inner()
-                .nodes;
-            names
-                .iter()
-                .all(|n| {
-                    listed.iter().any(|l| {
-                        &l.node_id == n && l.connected && l.status == pb::NodeStatus::Ready as i32
-                    })
-                })
-                .then_some(())
-        }
-    })
-    .await;
 }

@@ -26,7 +26,13 @@ impl Cluster {
     /// Waits until every node of the cluster is ready and connected;
     /// returns them in the cluster's order.
     pub async fn wait_ready(&self) -> Vec<pb::Node> {
-        let names = self.node_names();
+        self.wait_nodes_ready(self.node_names()).await
+    }
+
+    /// Waits until each named node is ready and connected (agents the
+    /// cluster did not start, such as a simulated fleet's, included);
+    /// returns them in the order given.
+    pub async fn wait_nodes_ready(&self, names: Vec<String>) -> Vec<pb::Node> {
         let nodes = self.nodes().await;
         self.eventually("every node ready", || {
             let mut nodes = nodes.clone();
