@@ -216,14 +216,13 @@ async fn apply_container(tx: &mut WriteTx, change: &ContainerChange) -> Result<(
         ContainerChange::Insert(c) => {
             // A row comes back only with the history its claims wrote: a
             // stale adoption never revives a used container as unused.
-            if past_generation(tx, &c.id).await? > c.claim_generation as i64 {
-                return Err(conflict(format!("container {} had newer claims", c.id)));
-            }
+            // The check is part of the statement (one round trip, not two).
             let query = sql::query(
                 "INSERT INTO containers (container_id, pool_id, workload_id, node_id, spec_hash, created_at, \
                  docker_id, state, tenant_id, last_tenant_id, claim_generation, revision, limits_cpus, \
                  limits_memory, state_path, comm_path, updated_at) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? \
+                 WHERE NOT EXISTS (SELECT 1 FROM claims WHERE container_id = ? AND generation > ?)",
             )
             .bind(c.id.to_string())
             .bind(c.workload_id.as_str())
@@ -231,7 +230,15 @@ async fn apply_container(tx: &mut WriteTx, change: &ContainerChange) -> Result<(
             .bind(c.node_id.as_str())
             .bind(&c.spec_hash)
             .bind(c.created_at.as_millis());
-            bind_changing(query, c).execute(tx.conn()).await?
+            let inserted = bind_changing(query, c)
+                .bind(c.id.to_string())
+                .bind(c.claim_generation as i64)
+                .execute(tx.conn())
+                .await?;
+            if inserted.rows_affected() == 0 {
+                return Err(conflict(format!("container {} had newer claims", c.id)));
+            }
+            inserted
         }
         ContainerChange::Update {
             expected,
@@ -266,14 +273,18 @@ async fn apply_container(tx: &mut WriteTx, change: &ContainerChange) -> Result<(
 async fn apply_claim(tx: &mut WriteTx, change: &ClaimChange) -> Result<(), StoreError> {
     match change {
         ClaimChange::Insert(c) => {
-            // A fencing token is never handed out twice.
-            if past_generation(tx, &c.container_id).await? >= c.generation as i64 {
-                return Err(conflict(format!("generation {} was used", c.generation)));
-            }
-            sql::query(
+            // Two checks, in the statement itself (one round trip, not
+            // three): a fencing token is never handed out twice, and a
+            // tenant never holds a claim and a reservation of one workload
+            // (reservation changes are applied before claim changes, so
+            // this sees what the write leaves; the unique index
+            // claims_one_per_tenant rules out two claims).
+            let inserted = sql::query(
                 "INSERT INTO claims (claim_id, tenant_id, workload_id, container_id, node_id, generation, source, \
                  status, claimed_at, last_activity_at, released_at, restored) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12 \
+                 WHERE NOT EXISTS (SELECT 1 FROM claims WHERE container_id = ?4 AND generation >= ?6) \
+                 AND NOT EXISTS (SELECT 1 FROM affinity_reservations WHERE tenant_id = ?2 AND workload_id = ?3)",
             )
             .bind(&c.claim_id)
             .bind(c.tenant_id.as_str())
@@ -289,6 +300,12 @@ async fn apply_claim(tx: &mut WriteTx, change: &ClaimChange) -> Result<(), Store
             .bind(c.restored)
             .execute(tx.conn())
             .await?;
+            if inserted.rows_affected() == 0 {
+                return Err(conflict(format!(
+                    "generation {} on container {} was used, or {}/{} holds a reservation",
+                    c.generation, c.container_id, c.tenant_id, c.workload_id
+                )));
+            }
         }
         ClaimChange::End(c) => {
             let touched = sql::query(
@@ -328,16 +345,6 @@ async fn apply_claim(tx: &mut WriteTx, change: &ClaimChange) -> Result<(), Store
     Ok(())
 }
 
-/// The highest generation any claim, ended or not, had on `container`.
-async fn past_generation(tx: &mut WriteTx, container: &ContainerId) -> Result<i64, StoreError> {
-    let (top,): (i64,) =
-        sql::query_as("SELECT COALESCE(MAX(generation), 0) FROM claims WHERE container_id = ?")
-            .bind(container.to_string())
-            .fetch_one(tx.conn())
-            .await?;
-    Ok(top)
-}
-
 async fn apply(tx: &mut WriteTx, write: &PoolWrite) -> Result<(), StoreError> {
     for change in &write.reservations {
         apply_reservation(tx, change).await?;
@@ -348,20 +355,13 @@ async fn apply(tx: &mut WriteTx, write: &PoolWrite) -> Result<(), StoreError> {
     for change in &write.claims {
         apply_claim(tx, change).await?;
     }
-    // Checked on what the write leaves: a claim decided before its
-    // tenant's release (which reserved) is refused when it lands after.
-    for (tenant, workload) in write
-        .claims
-        .iter()
-        .filter_map(|c| match c {
-            ClaimChange::Insert(c) => Some((&c.tenant_id, &c.workload_id)),
-            _ => None,
-        })
-        .chain(write.reservations.iter().filter_map(|r| match r {
-            ReservationChange::Insert(r) => Some((&r.tenant_id, &r.workload_id)),
-            _ => None,
-        }))
-    {
+    // Checked on what the write leaves: a release (which reserves) that
+    // lands after a claim decided before it is refused. Claim inserts
+    // check the same in their own statement.
+    for (tenant, workload) in write.reservations.iter().filter_map(|r| match r {
+        ReservationChange::Insert(r) => Some((&r.tenant_id, &r.workload_id)),
+        _ => None,
+    }) {
         let (held,): (i64,) = sql::query_as(
             "SELECT (SELECT COUNT(*) FROM claims WHERE tenant_id = ?1 AND workload_id = ?2 AND status = 'active') \
              + (SELECT COUNT(*) FROM affinity_reservations WHERE tenant_id = ?1 AND workload_id = ?2)",
@@ -443,27 +443,27 @@ impl Store {
     /// Every container, active claim and reservation: what the pool index
     /// is rebuilt from at startup.
     pub async fn load_pool_snapshot(&self) -> Result<PoolSnapshot, StoreError> {
-        let containers = sql::query(concat!(
-            "SELECT ",
-            container_columns!(),
-            " FROM containers ORDER BY created_at"
-        ))
-        .fetch_all(&self.reads)
-        .await?;
-        let claims = sql::query(concat!(
-            "SELECT ",
-            claim_columns!(),
-            " FROM claims WHERE status = 'active'"
-        ))
-        .fetch_all(&self.reads)
-        .await?;
-        let reservations = sql::query(concat!(
-            "SELECT ",
-            reservation_columns!(),
-            " FROM affinity_reservations"
-        ))
-        .fetch_all(&self.reads)
-        .await?;
+        // The three read at once, each on a connection of its own: no
+        // less consistent than one after another, as they were, since no
+        // pool write is made before the index they build exists. No ORDER
+        // BY: the index orders everything itself, and sorting 100,000 rows
+        // was a visible part of a restart.
+        let (containers, claims, reservations) = tokio::try_join!(
+            sql::query(concat!("SELECT ", container_columns!(), " FROM containers"))
+                .fetch_all(&self.reads),
+            sql::query(concat!(
+                "SELECT ",
+                claim_columns!(),
+                " FROM claims WHERE status = 'active'"
+            ))
+            .fetch_all(&self.reads),
+            sql::query(concat!(
+                "SELECT ",
+                reservation_columns!(),
+                " FROM affinity_reservations"
+            ))
+            .fetch_all(&self.reads),
+        )?;
         let (containers, mut unreadable) = lenient::split(containers.iter().map(read_container));
         let (claims, more) = lenient::split(claims.iter().map(read_claim));
         unreadable.extend(more);
