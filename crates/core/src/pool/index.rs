@@ -10,6 +10,7 @@
 //! states the rules a committed state must satisfy. Maps are ordered so that every
 //! iteration, and with it every decision, is deterministic.
 
+mod check;
 mod load;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -33,6 +34,10 @@ pub struct Index {
     /// Idle containers per pool, oldest first.
     idle: BTreeMap<WorkloadId, BTreeSet<(Timestamp, ContainerId)>>,
     counts: BTreeMap<WorkloadId, PoolCounts>,
+    /// The same counts per spec: a refill compares a pool with its current
+    /// spec on every claim, and counting the pool's containers each time
+    /// held the index lock for a scan of the whole pool.
+    spec_counts: BTreeMap<(WorkloadId, String), PoolCounts>,
     claims: BTreeMap<TenantKey, ClaimRecord>,
     claim_of_container: BTreeMap<ContainerId, TenantKey>,
     claim_by_id: BTreeMap<String, TenantKey>,
@@ -326,6 +331,10 @@ impl Index {
             .entry(c.workload_id.clone())
             .or_default()
             .add(c.state);
+        self.spec_counts
+            .entry((c.workload_id.clone(), c.spec_hash.clone()))
+            .or_default()
+            .add(c.state);
         if c.state == ContainerState::Idle {
             self.idle
                 .entry(c.workload_id.clone())
@@ -348,6 +357,13 @@ impl Index {
             counts.remove(old.state);
             if *counts == PoolCounts::default() {
                 self.counts.remove(&old.workload_id);
+            }
+        }
+        let spec = (old.workload_id.clone(), old.spec_hash.clone());
+        if let Some(counts) = self.spec_counts.get_mut(&spec) {
+            counts.remove(old.state);
+            if *counts == PoolCounts::default() {
+                self.spec_counts.remove(&spec);
             }
         }
         if old.state == ContainerState::Idle
@@ -398,6 +414,11 @@ impl Index {
             .into_iter()
             .flat_map(|load| load.containers.iter())
             .filter_map(|id| self.containers.get(id))
+    }
+
+    /// The nodes that hold containers.
+    pub fn nodes(&self) -> impl Iterator<Item = &NodeId> {
+        self.by_node.keys()
     }
 
     /// What the limits of the containers on each node that has any sum to,
@@ -459,131 +480,20 @@ impl Index {
         self.counts.get(pool).copied().unwrap_or_default()
     }
 
-    /// Checks the rules every committed state satisfies; returns each one
-    /// broken, in words. Used by tests and the simulation after every step.
-    pub fn check(&self) -> Vec<String> {
-        let mut broken = Vec::new();
-        let mut counts: BTreeMap<WorkloadId, PoolCounts> = BTreeMap::new();
-        for c in self.containers.values() {
-            counts
-                .entry(c.workload_id.clone())
-                .or_default()
-                .add(c.state);
-            let idle_listed = self
-                .idle
-                .get(&c.workload_id)
-                .is_some_and(|s| s.contains(&(c.created_at, c.id)));
-            if idle_listed != (c.state == ContainerState::Idle) {
-                broken.push(format!(
-                    "container {} ({}) idle list says {idle_listed}",
-                    c.id, c.state
-                ));
-            }
-            let claim = self.claim_on(&c.id);
-            match c.state {
-                ContainerState::Warming | ContainerState::Idle => {
-                    if c.used() {
-                        broken.push(format!(
-                            "{} container {} was used (tenant {:?}, last {:?}, generation {})",
-                            c.state, c.id, c.tenant_id, c.last_tenant_id, c.claim_generation
-                        ));
-                    }
-                }
-                ContainerState::Claimed => match claim {
-                    Some(claim) => {
-                        if c.tenant_id.as_ref() != Some(&claim.tenant_id)
-                            || c.workload_id != claim.workload_id
-                            || c.node_id != claim.node_id
-                            || c.claim_generation != claim.generation
-                        {
-                            broken.push(format!(
-                                "claimed container {} (tenant {:?}, generation {}) disagrees with claim {} of {} (generation {})",
-                                c.id, c.tenant_id, c.claim_generation, claim.claim_id, claim.tenant_id, claim.generation
-                            ));
-                        }
-                    }
-                    None => broken.push(format!("claimed container {} has no active claim", c.id)),
-                },
-                ContainerState::Reserved => {
-                    let reservation = self.reservation_on(&c.id);
-                    let ok = reservation.is_some_and(|r| {
-                        c.tenant_id.is_none()
-                            && c.last_tenant_id.as_ref() == Some(&r.tenant_id)
-                            && c.workload_id == r.workload_id
-                    });
-                    if !ok {
-                        broken.push(format!(
-                            "reserved container {} (last tenant {:?}) has reservation {reservation:?}",
-                            c.id, c.last_tenant_id
-                        ));
-                    }
-                }
-                ContainerState::Draining | ContainerState::Lost => {}
-            }
-            if c.state != ContainerState::Claimed && claim.is_some() {
-                broken.push(format!(
-                    "{} container {} has an active claim",
-                    c.state, c.id
-                ));
-            }
-            if c.tenant_id.is_some()
-                && !matches!(
-                    c.state,
-                    ContainerState::Claimed | ContainerState::Lost | ContainerState::Draining
-                )
-            {
-                broken.push(format!(
-                    "{} container {} names tenant {:?}",
-                    c.state, c.id, c.tenant_id
-                ));
-            }
-        }
-        if load::recount(self.containers.values()) != self.by_node {
-            broken.push("the per-node sums disagree with the containers".into());
-        }
-        if counts != self.counts {
-            broken.push(format!(
-                "counts {:?} but containers give {counts:?}",
-                self.counts
-            ));
-        }
-        for claim in self.claims.values() {
-            if !self.containers.contains_key(&claim.container_id) {
-                broken.push(format!(
-                    "claim {} points at missing container {}",
-                    claim.claim_id, claim.container_id
-                ));
-            }
-        }
-        if self.claim_of_container.len() != self.claims.len()
-            || self.claim_by_id.len() != self.claims.len()
-        {
-            broken.push("claim lookups disagree with the claims".into());
-        }
-        for key in self.reservations.keys() {
-            if self.claims.contains_key(key) {
-                broken.push(format!(
-                    "{}/{} holds a claim and a reservation",
-                    key.0, key.1
-                ));
-            }
-        }
-        let mut reserved = BTreeSet::new();
-        for r in self.reservations.values() {
-            if !reserved.insert(r.container_id) {
-                broken.push(format!("container {} has two reservations", r.container_id));
-            }
-            match self.containers.get(&r.container_id) {
-                Some(c) if c.state == ContainerState::Reserved => {}
-                other => broken.push(format!(
-                    "reservation of {} points at {} in state {:?}",
-                    r.tenant_id,
-                    r.container_id,
-                    other.map(|c| c.state)
-                )),
-            }
-        }
-        broken
+    /// Every pool with containers, and how many it has in each state.
+    pub fn pools(&self) -> impl Iterator<Item = (&WorkloadId, &PoolCounts)> {
+        self.counts.iter()
+    }
+
+    /// How many containers of a pool made from the spec `spec_hash` are in
+    /// each state.
+    pub fn spec_counts(&self, pool: &WorkloadId, spec_hash: &str) -> PoolCounts {
+        // A borrowed key would need a tuple of references; pools are few
+        // enough per server that building the owned key is cheap.
+        self.spec_counts
+            .get(&(pool.clone(), spec_hash.to_owned()))
+            .copied()
+            .unwrap_or_default()
     }
 }
 

@@ -476,16 +476,26 @@ impl Pools {
     pub(super) async fn fill(&self, workloads: &[WorkloadRecord]) -> Result<usize, PoolError> {
         let overrides = self.inner.store.pool_overrides().await?;
         let now = crate::clock::now();
+        // Found by pool first (this runs after every claim; a scan of
+        // every container under the index lock did not scale), then the
+        // containers of the few pools that are orphaned.
         let orphans: Vec<ContainerId> = self.read(|index| {
+            let orphaned: Vec<&WorkloadId> = index
+                .pools()
+                .filter(|(_, counts)| counts.idle + counts.warming > 0)
+                .map(|(pool, _)| pool)
+                .filter(|pool| {
+                    let drained = overrides.iter().any(|(id, o)| id == *pool && o.draining);
+                    drained || !workloads.iter().any(|w| &w.spec.id == *pool)
+                })
+                .collect();
+            if orphaned.is_empty() {
+                return Vec::new();
+            }
             index
                 .containers()
                 .filter(|c| matches!(c.state, ContainerState::Idle | ContainerState::Warming))
-                .filter(|c| {
-                    let drained = overrides
-                        .iter()
-                        .any(|(id, o)| id == &c.workload_id && o.draining);
-                    drained || !workloads.iter().any(|w| w.spec.id == c.workload_id)
-                })
+                .filter(|c| orphaned.contains(&&c.workload_id))
                 .map(|c| c.id)
                 .collect()
         });

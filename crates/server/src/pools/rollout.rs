@@ -6,7 +6,7 @@
 use std::time::Instant;
 
 use boilerhouse_core::ContainerId;
-use boilerhouse_core::pool::{ContainerRecord, ContainerState, Stale, roll};
+use boilerhouse_core::pool::{ContainerRecord, Stale, roll};
 use boilerhouse_core::workload::WorkloadRecord;
 
 use super::Pools;
@@ -25,41 +25,32 @@ impl Pools {
         let spec = &workload.spec;
         let mut state = self.state();
         let mut counts = state.index.counts(&spec.id);
-        counts.warming += state.inflight.creating.get(&spec.id).copied().unwrap_or(0);
-        // Idle and warming containers of an older spec: a rollout.
-        let stale_idle: Vec<ContainerId> = state
-            .index
-            .idle(&spec.id)
-            .filter(|c| c.spec_hash != workload.spec_hash)
-            .map(|c| c.id)
-            .collect();
+        // Idle and warming containers of an older spec: a rollout. Counted
+        // from the index's sums: this runs on every claim's refill.
+        let current = state.index.spec_counts(&spec.id, &workload.spec_hash);
         let stale = Stale {
-            idle: u32::try_from(stale_idle.len()).unwrap_or(u32::MAX),
-            warming: u32::try_from(
-                state
-                    .index
-                    .containers()
-                    .filter(|c| {
-                        c.workload_id == spec.id
-                            && c.state == ContainerState::Warming
-                            && c.spec_hash != workload.spec_hash
-                    })
-                    .count(),
-            )
-            .unwrap_or(u32::MAX),
+            idle: counts.idle.saturating_sub(current.idle),
+            warming: counts.warming.saturating_sub(current.warming),
         };
+        counts.warming += state.inflight.creating.get(&spec.id).copied().unwrap_or(0);
         let (create, drain) = roll(&counts, stale, min, max, spec.pool.fill_concurrency);
-        let mut replace: Vec<(ContainerId, &str)> = stale_idle
-            .iter()
-            .filter(|id| !state.inflight.busy.contains(id))
-            .take(drain as usize)
-            .map(|id| {
-                (
-                    *id,
-                    "replaced: its workload's spec changed and current containers are ready",
-                )
-            })
-            .collect();
+        let mut replace: Vec<(ContainerId, &str)> = if drain == 0 {
+            Vec::new()
+        } else {
+            state
+                .index
+                .idle(&spec.id)
+                .filter(|c| c.spec_hash != workload.spec_hash)
+                .filter(|c| !state.inflight.busy.contains(&c.id))
+                .take(drain as usize)
+                .map(|c| {
+                    (
+                        c.id,
+                        "replaced: its workload's spec changed and current containers are ready",
+                    )
+                })
+                .collect()
+        };
         // More current idle containers than the pool wants (a
         // scale down, an adoption): the newest go after a grace.
         let current_idle = counts.idle.saturating_sub(stale.idle);
