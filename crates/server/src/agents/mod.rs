@@ -66,6 +66,10 @@ struct Inner {
     /// copy; a change while one is read copies it (`Arc::make_mut`).
     reports: HashMap<NodeId, Arc<NodeReport>>,
     pending: HashMap<NodeId, BTreeMap<String, PendingCommand>>,
+    /// Nodes attached since their last reconciled report, a superset of
+    /// what [`Registry::unreconciled`] answers: every claim asks, and
+    /// asking the whole fleet each time cost a pass over every session.
+    awaiting: std::collections::HashSet<NodeId>,
 }
 
 /// Why a command could not be delivered or answered.
@@ -201,6 +205,7 @@ impl Registry {
         // rebooted, or been cut off, since): a new session has no
         // evidence until its own first full report.
         inner.reports.remove(node);
+        inner.awaiting.insert(node.clone());
         let old = inner.sessions.insert(
             node.clone(),
             Session {
@@ -290,19 +295,20 @@ impl Registry {
     /// yet: the refiller waits for them, or it would create containers
     /// beside ones about to be adopted.
     pub fn unreconciled(&self) -> Vec<NodeId> {
-        let inner = self.lock();
-        inner
-            .sessions
-            .iter()
-            .filter(|(_, s)| s.attached.elapsed() < FIRST_REPORT_WAIT)
-            .filter(|(n, _)| {
-                inner
-                    .reports
-                    .get(*n)
-                    .is_none_or(|r| r.reconciled_at.is_none())
-            })
-            .map(|(n, _)| n.clone())
-            .collect()
+        let mut inner = self.lock();
+        let Inner {
+            sessions,
+            reports,
+            awaiting,
+            ..
+        } = &mut *inner;
+        awaiting.retain(|n| {
+            sessions
+                .get(n)
+                .is_some_and(|s| s.attached.elapsed() < FIRST_REPORT_WAIT)
+                && reports.get(n).is_none_or(|r| r.reconciled_at.is_none())
+        });
+        awaiting.iter().cloned().collect()
     }
 
     /// Notified whenever any node's report changes. Create (and enable)

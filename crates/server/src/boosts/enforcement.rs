@@ -22,39 +22,51 @@ impl Boosts {
     pub fn enforce_all(&self) -> usize {
         let inner = &self.inner;
         let live = inner.ledger.live();
-        let mut started = 0;
         // One report per node, looked up once (a shared copy, not a clone
         // of its containers).
         let mut reports: HashMap<NodeId, Option<std::sync::Arc<crate::agents::NodeReport>>> =
             HashMap::new();
-        for c in inner.pools.containers().into_iter().filter(runs) {
-            let Some(docker_id) = c.docker_id.as_deref() else {
-                continue;
-            };
-            let report = reports.entry(c.node_id.clone()).or_insert_with(|| {
-                inner
-                    .agents
-                    .session(&c.node_id)
-                    .and_then(|_| inner.agents.report(&c.node_id))
-            });
-            let Some(observed) = report.as_ref().and_then(|r| r.containers.get(docker_id)) else {
-                continue;
-            };
-            if !observed.is_running() {
-                continue;
-            }
-            let wanted = boost::boosted_limits(&c.limits, &c.id, &live);
-            if !boost::limits_match(&observed.limits, &wanted) {
-                tracing::info!(
-                    container = %c.id,
-                    node = %c.node_id,
-                    reported = %describe_limits(&observed.limits),
-                    wanted = %describe_limits(&wanted),
-                    "container limits differ from base plus live boosts; correcting"
-                );
-                if self.spawn_enforce(c.id) {
-                    started += 1;
-                }
+        // Compared in place, under the index lock, and only those that
+        // differ copied out: this runs every tick over every container.
+        let differ: Vec<(ContainerId, NodeId, String, String)> = inner.pools.read(|index| {
+            index
+                .containers()
+                .filter(|c| runs(c))
+                .filter_map(|c| {
+                    let docker_id = c.docker_id.as_deref()?;
+                    let report = reports.entry(c.node_id.clone()).or_insert_with(|| {
+                        inner
+                            .agents
+                            .session(&c.node_id)
+                            .and_then(|_| inner.agents.report(&c.node_id))
+                    });
+                    let observed = report.as_ref()?.containers.get(docker_id)?;
+                    if !observed.is_running() {
+                        return None;
+                    }
+                    let wanted = boost::boosted_limits(&c.limits, &c.id, &live);
+                    (!boost::limits_match(&observed.limits, &wanted)).then(|| {
+                        (
+                            c.id,
+                            c.node_id.clone(),
+                            describe_limits(&observed.limits),
+                            describe_limits(&wanted),
+                        )
+                    })
+                })
+                .collect()
+        });
+        let mut started = 0;
+        for (id, node, reported, wanted) in differ {
+            tracing::info!(
+                container = %id,
+                node = %node,
+                %reported,
+                %wanted,
+                "container limits differ from base plus live boosts; correcting"
+            );
+            if self.spawn_enforce(id) {
+                started += 1;
             }
         }
         started

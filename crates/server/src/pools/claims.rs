@@ -390,4 +390,38 @@ impl Pools {
         }
         Ok(count)
     }
+
+    /// The active claims idle past their workload's entry in `timeouts`
+    /// at `now` (activity not yet flushed counted). Filtered under the
+    /// index lock, so a tick of the reaper copies only the claims it will
+    /// release, not every claim.
+    pub fn idle_claims(
+        &self,
+        timeouts: &std::collections::HashMap<WorkloadId, Duration>,
+        now: Timestamp,
+    ) -> Vec<ClaimRecord> {
+        let state = self.state();
+        state
+            .index
+            .claims()
+            .filter(|claim| {
+                let Some(timeout) = timeouts.get(&claim.workload_id) else {
+                    return false;
+                };
+                let seen = state
+                    .inflight
+                    .activity
+                    .get(&claim.claim_id)
+                    .map_or(claim.last_activity_at, |at| claim.last_activity_at.max(*at));
+                now.saturating_since(seen) >= *timeout
+            })
+            .map(|claim| {
+                let mut claim = claim.clone();
+                if let Some(at) = state.inflight.activity.get(&claim.claim_id) {
+                    claim.last_activity_at = claim.last_activity_at.max(*at);
+                }
+                claim
+            })
+            .collect()
+    }
 }

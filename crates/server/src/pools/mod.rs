@@ -363,11 +363,9 @@ impl Pools {
         let now = crate::clock::now();
         let mut nodes: std::collections::HashSet<NodeId> =
             self.inner.agents.unreconciled().into_iter().collect();
-        for c in self.containers() {
-            if !self.node_live(&c.node_id, now) {
-                nodes.insert(c.node_id.clone());
-            }
-        }
+        // Per node, not per container: this runs on every reaper tick.
+        let held: Vec<NodeId> = self.read(|index| index.nodes().cloned().collect());
+        nodes.extend(held.into_iter().filter(|n| !self.node_live(n, now)));
         nodes
     }
 

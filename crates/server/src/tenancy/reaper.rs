@@ -1,6 +1,9 @@
 //! The idle reaper: releases claims idle for longer than their workload's
 //! idle_timeout, with the upload a release does.
 
+use std::collections::HashMap;
+
+use boilerhouse_core::WorkloadId;
 use futures::future::BoxFuture;
 
 use super::Tenancy;
@@ -17,40 +20,43 @@ impl Tenancy {
         let now = crate::clock::now();
         let mut released = 0;
         let unsettled = self.pools.unsettled_nodes();
-        for g in self.pools.active_claims() {
-            let Ok(workload) = self.pools.workload_record(&g.claim.workload_id).await else {
-                continue;
-            };
-            let Some(timeout) = workload.spec.pool.idle_timeout else {
-                continue;
-            };
-            if now.saturating_since(g.claim.last_activity_at) < timeout {
-                continue;
+        // Each pool's idle timeout: a few lookups, not one per claim.
+        let pools: Vec<WorkloadId> = self
+            .pools
+            .read(|index| index.pools().map(|(pool, _)| pool.clone()).collect());
+        let mut timeouts = HashMap::new();
+        for pool in pools {
+            if let Ok(workload) = self.pools.workload_record(&pool).await
+                && let Some(timeout) = workload.spec.pool.idle_timeout
+            {
+                timeouts.insert(pool, timeout);
             }
+        }
+        for claim in self.pools.idle_claims(&timeouts, now) {
             // Activity on a node that cannot be reached is not seen; its
             // agent keeps it and reports it once back and reconciled, so
             // its silence is not the tenant's idleness.
-            if unsettled.contains(&g.claim.node_id) {
+            if unsettled.contains(&claim.node_id) {
                 continue;
             }
-            let reason = format!("idle since {}", g.claim.last_activity_at);
+            let reason = format!("idle since {}", claim.last_activity_at);
             match self
                 .release_unless_active(
-                    &g.claim.tenant_id,
-                    &g.claim.workload_id,
-                    Some(g.claim.generation),
+                    &claim.tenant_id,
+                    &claim.workload_id,
+                    Some(claim.generation),
                     &reason,
                     None,
-                    Some(g.claim.last_activity_at),
+                    Some(claim.last_activity_at),
                 )
                 .await
             {
                 Ok(_) => {
                     released += 1;
-                    tracing::info!(tenant = %g.claim.tenant_id, workload = %g.claim.workload_id, "released an idle claim");
+                    tracing::info!(tenant = %claim.tenant_id, workload = %claim.workload_id, "released an idle claim");
                 }
                 Err(e) => {
-                    tracing::warn!(tenant = %g.claim.tenant_id, error = %e, "cannot release an idle claim")
+                    tracing::warn!(tenant = %claim.tenant_id, error = %e, "cannot release an idle claim")
                 }
             }
         }
