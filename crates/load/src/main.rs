@@ -304,6 +304,18 @@ async fn open_loop(shared: Arc<Shared>, rate: f64, until: Instant) {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // The probe is one tenant claiming: the load's options do not apply.
+    if let Some(give_up) = args.until_granted {
+        let channel = connect_as(&args, true).await?;
+        let tenant = format!("{}-probe", args.tenant_prefix);
+        let report = probe::until_granted(channel, &tenant, &args.workloads[0], give_up).await;
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        anyhow::ensure!(
+            report.granted_after_ms.is_some(),
+            "no claim granted within {give_up:?}"
+        );
+        return Ok(());
+    }
     anyhow::ensure!(args.tenants > 0, "--tenants: at least 1");
     if let Some(rate) = args.rate {
         anyhow::ensure!(
@@ -318,17 +330,6 @@ async fn main() -> anyhow::Result<()> {
         "--concurrency {concurrency} needs at least as many --tenants ({}): a tenant is in one cycle at a time",
         args.tenants
     );
-    if let Some(give_up) = args.until_granted {
-        let channel = connect_as(&args, true).await?;
-        let tenant = format!("{}-probe", args.tenant_prefix);
-        let report = probe::until_granted(channel, &tenant, &args.workloads[0], give_up).await;
-        println!("{}", serde_json::to_string_pretty(&report)?);
-        anyhow::ensure!(
-            report.granted_after_ms.is_some(),
-            "no claim granted within {give_up:?}"
-        );
-        return Ok(());
-    }
     let channel = connect(&args).await?;
     let floor = floor(channel.clone(), args.floor_calls).await;
     let client = ClaimServiceClient::new(channel);

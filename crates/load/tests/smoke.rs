@@ -1,6 +1,7 @@
-//! The load generator against a real server, agent and Docker engine: a
-//! short closed-loop and a short open-loop run each claim and release
-//! for real, and their JSON reports say so. A smoke run that asserts it
+//! The load generator against a real server, agent and Docker engine: the
+//! `--until-granted` probe, a short closed-loop and a short open-loop run
+//! and a `--claims-only` run each claim (and release) for real, and their
+//! JSON reports say so. A smoke run that asserts it
 //! worked, not how fast (figures belong in docs/BENCHMARKS.md).
 
 use std::process::Command;
@@ -43,13 +44,13 @@ fn counts(report: &serde_json::Value) -> (u64, u64, u64) {
 }
 
 #[tokio::test]
-async fn closed_and_open_loops_claim_and_release_through_the_api() {
+async fn the_probe_both_loops_and_claims_only_claim_through_the_api() {
     let Some(c) = Cluster::builder()
         .node("load")
         .workload("w", |image| {
             format!(
                 "id: w\nimage: {image}\ncommand: [sleep, infinity]\n\
-                 pool: {{min_size: 6, max_size: 6, affinity_timeout: 5m}}\n"
+                 pool: {{min_size: 7, max_size: 7, affinity_timeout: 5m}}\n"
             )
         })
         .start()
@@ -57,7 +58,20 @@ async fn closed_and_open_loops_claim_and_release_through_the_api() {
     else {
         return;
     };
-    c.wait_idle("w", 6).await;
+    c.wait_idle("w", 7).await;
+
+    // The probe: one tenant of its own claims until granted, then
+    // releases (its container is then reserved for it, so six are left
+    // for the six tenants below).
+    let probe = run(&c, &["--until-granted", "30s", "--tenant-prefix", "probe"]);
+    assert!(
+        probe["granted_after_ms"]
+            .as_f64()
+            .is_some_and(|ms| ms > 0.0),
+        "{probe:#}"
+    );
+    assert_eq!(probe["source"], "CLAIM_SOURCE_POOL", "{probe:#}");
+    assert!(probe["attempts"].as_u64().unwrap() >= 1, "{probe:#}");
 
     let closed = run(&c, &["--concurrency", "3", "--duration", "2s"]);
     let (claims, releases, errors) = counts(&closed);
@@ -91,4 +105,19 @@ async fn closed_and_open_loops_claim_and_release_through_the_api() {
     // The server holds what the generator saw: nothing left claimed.
     let pool = c.wait_idle("w", 0).await;
     assert_eq!(pool.counts.unwrap().claimed, 0);
+
+    // Claims only: each tenant claims once (its reservation) and keeps it.
+    let held = run(
+        &c,
+        &["--claims-only", "--concurrency", "3", "--duration", "2s"],
+    );
+    let (claims, releases, errors) = counts(&held);
+    assert_eq!((claims, releases, errors), (6, 0, 0), "{held:#}");
+    assert_eq!(
+        held["claim_sources"]["AFFINITY"].as_u64(),
+        Some(6),
+        "{held:#}"
+    );
+    let pool = c.wait_idle("w", 0).await;
+    assert_eq!(pool.counts.unwrap().claimed, 6);
 }
