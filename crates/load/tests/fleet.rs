@@ -88,12 +88,12 @@ async fn a_fleet_of_fake_agents_carries_a_pool_and_survives_a_server_restart() {
     c.wait_nodes_ready(names.clone()).await;
     let pool = c.wait_idle("w", POOL - 1).await;
     assert_eq!(pool.counts.expect("counts").reserved, 1);
-    // The tenant is served again. (Which container it gets depends on
-    // whether the first reconcile pass after the restart has run: until
-    // then the server offers nothing on the reconnected nodes and a claim
-    // supersedes the reservation; see the issue 18 note.)
+    // The tenant is served again from its own container: a claim that
+    // finds its reservation on a node not yet reconciled since the
+    // restart waits for the node instead of ending the reservation.
     let again = c.claim("t-1", "w").await;
-    assert!(names.contains(&again.node_id), "{again:?}");
+    assert_eq!(again.container_id, claim.container_id, "{again:?}");
+    assert_eq!(again.source, pb::ClaimSource::Affinity as i32, "{again:?}");
 
     // The fleet's window ends at SIGTERM, and it reports.
     let pid = nix::unistd::Pid::from_raw(fleet.id() as i32);

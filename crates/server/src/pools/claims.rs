@@ -55,6 +55,10 @@ enum Decided {
         Option<boilerhouse_core::ContainerId>,
     ),
     Cold(Option<Reservation>),
+    /// The tenant's reservation is on a node whose agent has reconnected
+    /// and not yet been reconciled: the container is very likely there
+    /// and the tenant's; wait for the node rather than end it.
+    AwaitNode(NodeId),
 }
 
 fn claim_id() -> String {
@@ -82,7 +86,7 @@ impl Pools {
         // first report is reconciled: the database may be older than what
         // runs there (a restored backup), and reconciliation is what sets
         // such containers aside.
-        let unreconciled = self.inner.agents.unreconciled();
+        let mut unreconciled = self.inner.agents.unreconciled();
         for _ in 0..8 {
             let mut now = crate::clock::now();
             // Choose and grant on one view of the index. A pool container
@@ -124,6 +128,11 @@ impl Pools {
                         ClaimSource::Affinity,
                         None,
                     ),
+                    Choice::Pool(_, Some(r)) | Choice::Cold(Some(r))
+                        if unreconciled.contains(&r.node_id) =>
+                    {
+                        Decided::AwaitNode(r.node_id.clone())
+                    }
                     Choice::Pool(c, superseded) => {
                         self.check_superseded(superseded.as_ref())?;
                         let grant = decide::grant(
@@ -159,6 +168,11 @@ impl Pools {
                         id,
                     });
                     (grant, source, busy)
+                }
+                Decided::AwaitNode(node) => {
+                    self.await_reconciled(&node, deadline, tenant).await?;
+                    unreconciled = self.inner.agents.unreconciled();
+                    continue;
                 }
                 Decided::Cold(superseded) => {
                     // The container is ours (busy) while it warms; it is
@@ -212,6 +226,36 @@ impl Pools {
         Err(PoolError::Unavailable(format!(
             "pool {workload_id} kept changing while claiming for {tenant}; retry"
         )))
+    }
+
+    /// Waits until `node` (whose agent reconnected) has had its first
+    /// report reconciled, or `deadline`. A restarted server must not end a
+    /// tenant's reservation, and destroy its container, only because the
+    /// node's report has not been read yet.
+    async fn await_reconciled(
+        &self,
+        node: &NodeId,
+        deadline: Instant,
+        tenant: &TenantId,
+    ) -> Result<(), PoolError> {
+        let agents = &self.inner.agents;
+        loop {
+            let changed = agents.report_changed();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if !agents.unreconciled().contains(node) {
+                return Ok(());
+            }
+            // Reconciliation marks a report after it changed: look again
+            // now and then as well as on every change.
+            let wake = (Instant::now() + Duration::from_millis(100)).min(deadline);
+            let _ = tokio::time::timeout_at(wake.into(), changed).await;
+            if Instant::now() >= deadline {
+                return Err(PoolError::Unavailable(format!(
+                    "{tenant}'s reserved container is on node {node}, whose agent reconnected and has not been reconciled yet; retry shortly"
+                )));
+            }
+        }
     }
 
     /// A tenant claiming away from a reservation on an unreachable node
