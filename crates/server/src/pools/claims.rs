@@ -449,21 +449,13 @@ impl Pools {
             .index
             .claims()
             .filter(|claim| {
-                let Some(timeout) = timeouts.get(&claim.workload_id) else {
-                    return false;
-                };
-                let seen = state
-                    .inflight
-                    .activity
-                    .get(&claim.claim_id)
-                    .map_or(claim.last_activity_at, |at| claim.last_activity_at.max(*at));
-                now.saturating_since(seen) >= *timeout
+                timeouts.get(&claim.workload_id).is_some_and(|timeout| {
+                    now.saturating_since(super::last_seen(&state, claim)) >= *timeout
+                })
             })
             .map(|claim| {
                 let mut claim = claim.clone();
-                if let Some(at) = state.inflight.activity.get(&claim.claim_id) {
-                    claim.last_activity_at = claim.last_activity_at.max(*at);
-                }
+                claim.last_activity_at = super::last_seen(&state, &claim);
                 claim
             })
             .collect()

@@ -584,8 +584,15 @@ impl Pools {
 fn granted(state: &State, claim: &ClaimRecord) -> Option<Granted> {
     let container = state.index.container(&claim.container_id)?.clone();
     let mut claim = claim.clone();
-    if let Some(at) = state.inflight.activity.get(&claim.claim_id) {
-        claim.last_activity_at = claim.last_activity_at.max(*at);
-    }
+    claim.last_activity_at = last_seen(state, &claim);
     Some(Granted { claim, container })
+}
+
+/// A claim's newest activity: committed, or seen since and not yet flushed.
+fn last_seen(state: &State, claim: &ClaimRecord) -> Timestamp {
+    state
+        .inflight
+        .activity
+        .get(&claim.claim_id)
+        .map_or(claim.last_activity_at, |at| claim.last_activity_at.max(*at))
 }
