@@ -170,6 +170,81 @@ async fn concurrent_writes_share_commits() {
     );
 }
 
+/// Within one batch, an operation that wrote and then failed is rolled
+/// back alone: what the operation before it wrote (whose savepoint the
+/// failing one released when it entered its own) and what the one after
+/// it writes both commit.
+#[tokio::test]
+async fn a_failing_operation_undoes_only_its_own_writes_in_a_batch() {
+    use boilerhouse_server::store::sql;
+    use futures::FutureExt as _;
+
+    let db = TestDatabase::fresh().await.unwrap();
+    let store = open(&db).await;
+    let insert = |message: &'static str, fail: bool| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .writer()
+                .write(move |tx| {
+                    async move {
+                        sql::query(
+                            "INSERT INTO events (at, kind, severity, message) VALUES (1, 'test', 'info', ?)",
+                        )
+                        .bind(message)
+                        .execute(tx.conn())
+                        .await?;
+                        if fail {
+                            return Err(StoreError::Conflict(format!("{message} refused")));
+                        }
+                        Ok(())
+                    }
+                    .boxed()
+                })
+                .await
+        })
+    };
+    // A write that holds the writer until the three below are queued, so
+    // that they share the next batch.
+    let (queued, held) = tokio::sync::oneshot::channel::<()>();
+    let holder = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .writer()
+                .write(move |_tx| {
+                    async move {
+                        let _ = held.await;
+                        Ok(())
+                    }
+                    .boxed()
+                })
+                .await
+        })
+    };
+    let before = insert("before", false);
+    let failing = insert("failing", true);
+    let after = insert("after", false);
+    tokio::task::yield_now().await;
+    queued.send(()).unwrap();
+    holder.await.unwrap().unwrap();
+    before.await.unwrap().expect("the write before commits");
+    assert!(matches!(failing.await.unwrap(), Err(StoreError::Conflict(_))));
+    after.await.unwrap().expect("the write after commits");
+    let mut inspector = boilerhouse_server::store::open_inspector(
+        &DatabaseLocation::parse(db.value()).unwrap(),
+    )
+    .await
+    .unwrap();
+    let rows: Vec<(String,)> =
+        sql::query_as("SELECT message FROM events WHERE kind = 'test' ORDER BY message")
+            .fetch_all(&mut inspector)
+            .await
+            .unwrap();
+    let messages: Vec<&str> = rows.iter().map(|(m,)| m.as_str()).collect();
+    assert_eq!(messages, ["after", "before"]);
+}
+
 #[tokio::test]
 async fn one_failing_write_does_not_fail_its_batch() {
     let db = TestDatabase::fresh().await.unwrap();
