@@ -229,13 +229,15 @@ async fn a_failing_operation_undoes_only_its_own_writes_in_a_batch() {
     queued.send(()).unwrap();
     holder.await.unwrap().unwrap();
     before.await.unwrap().expect("the write before commits");
-    assert!(matches!(failing.await.unwrap(), Err(StoreError::Conflict(_))));
+    assert!(matches!(
+        failing.await.unwrap(),
+        Err(StoreError::Conflict(_))
+    ));
     after.await.unwrap().expect("the write after commits");
-    let mut inspector = boilerhouse_server::store::open_inspector(
-        &DatabaseLocation::parse(db.value()).unwrap(),
-    )
-    .await
-    .unwrap();
+    let mut inspector =
+        boilerhouse_server::store::open_inspector(&DatabaseLocation::parse(db.value()).unwrap())
+            .await
+            .unwrap();
     let rows: Vec<(String,)> =
         sql::query_as("SELECT message FROM events WHERE kind = 'test' ORDER BY message")
             .fetch_all(&mut inspector)
