@@ -98,6 +98,10 @@ struct Memory {
     results: BTreeMap<String, Outcome>,
     order: VecDeque<String>,
     in_flight: HashSet<String>,
+    /// Containers an admitted Create is making, until the session has taken
+    /// its result: their engine events need no full report, since the
+    /// result tells the server about them.
+    creating: HashSet<ContainerId>,
 }
 
 /// What to do with an incoming command id.
@@ -171,8 +175,28 @@ impl Executor {
         }
     }
 
-    /// Runs one container command. `FullReport` is the session's job.
+    /// Whether `id` is being made by a Create whose result the session has
+    /// not taken yet (see [`Executor::created`]).
+    pub fn creating(&self, id: &ContainerId) -> bool {
+        let memory = self.memory.lock().unwrap_or_else(|e| e.into_inner());
+        memory.creating.contains(id)
+    }
+
+    /// The session took the result of the Create that made `id`, or will
+    /// never take it.
+    pub fn created(&self, id: &ContainerId) {
+        let mut memory = self.memory.lock().unwrap_or_else(|e| e.into_inner());
+        memory.creating.remove(id);
+    }
+
+    /// Runs one container command. `FullReport` is the session's job. A
+    /// Create marks its container [`Executor::creating`] until
+    /// [`Executor::created`].
     pub async fn execute(&self, command: Command) -> Outcome {
+        if let Command::Create { spec, .. } = &command {
+            let mut memory = self.memory.lock().unwrap_or_else(|e| e.into_inner());
+            memory.creating.insert(spec.container_id);
+        }
         if let Command::Sync(id, job) = command {
             return self.sync(&id, &job).await;
         }

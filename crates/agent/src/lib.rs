@@ -12,6 +12,7 @@ pub mod beneath;
 pub mod commands;
 pub mod config;
 pub mod docker;
+pub mod heartbeat;
 pub mod host;
 pub mod policy;
 pub mod runtime;

@@ -31,6 +31,7 @@ use crate::backoff::Backoff;
 use crate::commands::{Admission, Command, Executor, Outcome, decode_command};
 use crate::config::AgentConfig;
 use crate::docker::DockerRuntime;
+use crate::heartbeat::{Heartbeats, Usage};
 use crate::runtime::{ContainerRuntime, EngineInfo};
 use crate::volumes::VolumeLayout;
 
@@ -239,7 +240,7 @@ fn now() -> Timestamp {
 /// The node's containers as last seen, by Docker id: replaced by each full
 /// report and kept current between reports by events and command results,
 /// so heartbeats never carry a stale picture.
-type Snapshot = std::collections::BTreeMap<String, ObservedContainer>;
+pub type Snapshot = std::collections::BTreeMap<String, ObservedContainer>;
 
 fn snapshot(containers: Vec<ObservedContainer>) -> Snapshot {
     containers
@@ -248,15 +249,18 @@ fn snapshot(containers: Vec<ObservedContainer>) -> Snapshot {
         .collect()
 }
 
-/// What the node's running containers reserve.
-fn usage_of(containers: &Snapshot) -> (pb::Resources, u32) {
-    let running: Vec<_> = containers.values().filter(|c| c.is_running()).collect();
-    let usage = pb::Resources {
-        cpus: running.iter().filter_map(|c| c.limits.cpus).sum(),
-        memory_bytes: running.iter().filter_map(|c| c.limits.memory_bytes).sum(),
-        gpus: 0,
-    };
-    (usage, running.len() as u32)
+/// How long a full report owed for a container this agent did not make
+/// waits for others: a burst of such containers (an engine restored, an
+/// operator's script) costs one report, not one each.
+const REPORT_DEBOUNCE: Duration = Duration::from_secs(1);
+
+/// A command's outcome on its way back to the session.
+struct Finished {
+    command_id: String,
+    /// The container a Create made, to clear from
+    /// [`Executor::creating`] once the snapshot holds it.
+    created: Option<ContainerId>,
+    outcome: Outcome,
 }
 
 async fn session(
@@ -311,17 +315,19 @@ async fn session(
 
     let mut last_report = snapshot(executor.full_report().await?);
     send_report(&out, &last_report, String::new()).await?;
+    let heartbeats = Heartbeats::start(out.clone(), heartbeat_every, Usage::of(&last_report));
 
     let mut events = executor.runtime().events(&config.node_id);
-    let mut heartbeat = tokio::time::interval(heartbeat_every);
-    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut resync = tokio::time::interval_at(
         tokio::time::Instant::now() + config.full_report_interval,
         config.full_report_interval,
     );
-    let (results, mut result_rx) = mpsc::channel::<(String, Outcome)>(256);
+    // When a full report is owed for a container someone else made.
+    let mut report_due: Option<tokio::time::Instant> = None;
+    let (results, mut result_rx) = mpsc::channel::<Finished>(256);
 
     loop {
+        heartbeats.update(&last_report);
         tokio::select! {
             // Cancel-safe: observing the token loses nothing.
             () = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
@@ -337,12 +343,14 @@ async fn session(
                     }),
                 };
                 if let Some(pb::connect_response::Message::Command(command)) = message.message {
+                    let _busy = heartbeats.busy();
                     handle_command(command, executor, &out, &results, &mut last_report).await?;
                 }
             }
             // Cancel-safe: the events stream buffers undelivered items.
             event = events.next() => match event {
                 Some(Ok(mut event)) => {
+                    let _busy = heartbeats.busy();
                     // Inspected first, so a health event carries what the
                     // check printed: the engine's reason for "unhealthy".
                     let new = refresh(executor, &mut last_report, &event.docker_id).await;
@@ -355,27 +363,28 @@ async fn session(
                         message: Some(pb::connect_request::Message::ContainerEvent(pb::ContainerEvent::from(&event))),
                     };
                     out.send(message).await?;
-                    if new {
-                        last_report = snapshot(executor.full_report().await?);
-                        send_report(&out, &last_report, String::new()).await?;
+                    // The server learns of a container only from a report
+                    // or a command's result: one this agent is making comes
+                    // with its Create's result; for any other one a report
+                    // is owed, and one report serves a burst of them.
+                    if new && !event.container_id.is_some_and(|id| executor.creating(&id)) {
+                        report_due.get_or_insert_with(|| tokio::time::Instant::now() + REPORT_DEBOUNCE);
                     }
                 }
                 Some(Err(e)) => return Ok(SessionEnd::Local(format!("docker events stream failed: {e}"))),
                 None => return Ok(SessionEnd::Local("docker events stream ended".into())),
             },
-            // Cancel-safe: a lost tick is taken on the next poll.
-            _ = heartbeat.tick() => {
-                let (usage, count) = usage_of(&last_report);
-                let message = pb::ConnectRequest {
-                    message: Some(pb::connect_request::Message::Heartbeat(pb::Heartbeat {
-                        at: Some(timestamp_to_pb(now())),
-                        usage: Some(usage),
-                        container_count: count,
-                    })),
-                };
-                out.send(message).await?;
-            }
+            // Cancel-safe: a lost tick is taken on the next poll, and a
+            // sleep that did not finish is made again from `report_due`.
             _ = resync.tick() => {
+                let _busy = heartbeats.busy();
+                report_due = None;
+                last_report = snapshot(executor.full_report().await?);
+                send_report(&out, &last_report, String::new()).await?;
+            }
+            () = sleep_until_due(report_due), if report_due.is_some() => {
+                let _busy = heartbeats.busy();
+                report_due = None;
                 last_report = snapshot(executor.full_report().await?);
                 send_report(&out, &last_report, String::new()).await?;
             }
@@ -401,13 +410,23 @@ async fn session(
                 .await?;
             }
             // Cancel-safe: mpsc::Receiver::recv loses nothing when dropped.
-            Some((command_id, outcome)) = result_rx.recv() => {
+            Some(Finished { command_id, created, outcome }) = result_rx.recv() => {
                 if let Some(c) = &outcome.container {
                     last_report.insert(c.docker_id.clone(), c.clone());
+                }
+                if let Some(id) = created {
+                    executor.created(&id);
                 }
                 out.send(result_message(command_id, &outcome)).await?;
             }
         }
+    }
+}
+
+async fn sleep_until_due(due: Option<tokio::time::Instant>) {
+    match due {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -487,7 +506,7 @@ async fn handle_command(
     command: pb::Command,
     executor: &Executor,
     out: &mpsc::Sender<pb::ConnectRequest>,
-    results: &mpsc::Sender<(String, Outcome)>,
+    results: &mpsc::Sender<Finished>,
     last_report: &mut Snapshot,
 ) -> anyhow::Result<()> {
     let id = command.command_id.clone();
@@ -526,6 +545,10 @@ async fn handle_command(
         Admission::Run => {
             let executor = executor.clone();
             let results = results.clone();
+            let created = match &decoded {
+                Command::Create { spec, .. } => Some(spec.container_id),
+                _ => None,
+            };
             tokio::spawn(async move {
                 let outcome = executor.execute(decoded).await;
                 if !outcome.ok {
@@ -533,8 +556,14 @@ async fn handle_command(
                 }
                 executor.finish(&id, &outcome);
                 // If the session is gone the server resends the command
-                // and gets this result from memory.
-                let _ = results.send((id, outcome)).await;
+                // and gets this result from memory, and the next session
+                // begins with a full report.
+                let finished = Finished { command_id: id, created, outcome };
+                if let Err(mpsc::error::SendError(finished)) = results.send(finished).await
+                    && let Some(id) = finished.created
+                {
+                    executor.created(&id);
+                }
             });
         }
     }
