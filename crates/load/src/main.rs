@@ -164,9 +164,16 @@ async fn floor(channel: Authed, calls: u32) -> report::Operation {
     floor
 }
 
-/// One cycle for a tenant that is free, counted from `due`.
-async fn cycle(shared: &Shared, tenant: &str, workload: &str, due: Instant) {
+/// One cycle for a tenant that is free; `due` is when the open loop meant
+/// to send it.
+async fn cycle(shared: &Shared, tenant: &str, workload: &str, due: Option<Instant>) {
     let mut client = shared.client.clone();
+    let sent = Instant::now();
+    if let Some(due) = due {
+        let lag = sent.saturating_duration_since(due);
+        let mut report = shared.report.lock().unwrap_or_else(|e| e.into_inner());
+        report.record_lag(lag);
+    }
     let claimed = client
         .claim(pb::ClaimRequest {
             tenant_id: tenant.to_owned(),
@@ -174,7 +181,7 @@ async fn cycle(shared: &Shared, tenant: &str, workload: &str, due: Instant) {
             ..Default::default()
         })
         .await;
-    let took = due.elapsed();
+    let took = sent.elapsed();
     let generation = {
         let mut report = shared.report.lock().unwrap_or_else(|e| e.into_inner());
         match &claimed {
@@ -257,7 +264,7 @@ async fn closed_loop(shared: Arc<Shared>, concurrency: usize, until: Instant) {
                 let Some(tenant) = shared.take_tenant() else {
                     return;
                 };
-                cycle(&shared, &tenant, shared.workload(n), Instant::now()).await;
+                cycle(&shared, &tenant, shared.workload(n), None).await;
                 if !shared.claims_only {
                     shared.give_back(tenant);
                 }
@@ -290,7 +297,7 @@ async fn open_loop(shared: Arc<Shared>, rate: f64, until: Instant) {
         };
         let shared = shared.clone();
         cycles.spawn(async move {
-            cycle(&shared, &tenant, shared.workload(n), due).await;
+            cycle(&shared, &tenant, shared.workload(n), Some(due)).await;
             if !shared.claims_only {
                 shared.give_back(tenant);
             }

@@ -17,7 +17,8 @@ fn histogram() -> Histogram<u64> {
 #[derive(Debug)]
 pub struct Operation {
     /// Client-observed latency of the answered calls, from the moment the
-    /// call was due (open loop) or sent (closed loop).
+    /// call was sent. In the open loop the generator's own lateness (the
+    /// time from a call's due moment to its send) is [`Report::lag`].
     pub client: Histogram<u64>,
     /// What the server reported it spent (claims only).
     pub server: Histogram<u64>,
@@ -66,7 +67,7 @@ fn micros(d: Duration) -> u64 {
 }
 
 /// Everything a run measured.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Report {
     /// "open loop at 1000/s" or "closed loop, concurrency 16".
     pub mode: String,
@@ -82,6 +83,33 @@ pub struct Report {
     pub skipped: u64,
     /// Health checks one after another before the run: the floor.
     pub floor: Operation,
+    /// Open loop: how late each claim was sent after its due moment, in
+    /// microseconds. Tokio's timer has millisecond resolution and the
+    /// generator shares the machine's cores, so this is the generator's
+    /// error, shown beside the latency rather than hidden in it.
+    pub lag: Histogram<u64>,
+}
+
+impl Default for Report {
+    fn default() -> Self {
+        Self {
+            mode: String::new(),
+            elapsed: Duration::ZERO,
+            claim: Operation::default(),
+            release: Operation::default(),
+            sources: BTreeMap::new(),
+            skipped: 0,
+            floor: Operation::default(),
+            lag: histogram(),
+        }
+    }
+}
+
+impl Report {
+    /// Records how late an open-loop call was sent.
+    pub fn record_lag(&mut self, lag: Duration) {
+        self.lag.saturating_record(micros(lag));
+    }
 }
 
 /// Latency percentiles, in milliseconds.
@@ -128,6 +156,8 @@ struct ReportJson {
     claim_sources: BTreeMap<String, u64>,
     skipped_all_tenants_busy: u64,
     floor_health_check: OperationJson,
+    /// Open loop only.
+    send_lag_ms: Option<Percentiles>,
 }
 
 impl Report {
@@ -156,6 +186,7 @@ impl Report {
             claim_sources: self.sources.clone(),
             skipped_all_tenants_busy: self.skipped,
             floor_health_check: self.json_of(&self.floor, false),
+            send_lag_ms: (!self.lag.is_empty()).then(|| Percentiles::of(&self.lag)),
         })
         .expect("a report serializes")
     }
@@ -195,6 +226,13 @@ impl Report {
             &self.floor,
             &self.floor.client,
         );
+        if !self.lag.is_empty() {
+            let p = Percentiles::of(&self.lag);
+            out.push_str(&format!(
+                "| open loop: send lag behind schedule | {} | - | - | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |\n",
+                p.count, p.p50, p.p90, p.p99, p.p999, p.max
+            ));
+        }
         let answers = |op: &Operation| {
             op.answers
                 .iter()
