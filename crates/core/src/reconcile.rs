@@ -38,8 +38,9 @@ pub enum Evidence {
 /// The planner's inputs from the database.
 #[derive(Debug, Clone, Default)]
 pub struct Desired {
-    /// Every container row.
-    pub containers: Vec<ContainerRecord>,
+    /// Every container row (shared with the pool index, which is how a
+    /// pass copies them all at one instant cheaply).
+    pub containers: Vec<std::sync::Arc<ContainerRecord>>,
     /// Configured workloads and the spec hash of each.
     pub workloads: BTreeMap<WorkloadId, String>,
 }
@@ -165,14 +166,17 @@ pub fn plan(
     config: &PlanConfig,
 ) -> Vec<Action> {
     let mut actions = Vec::new();
-    let rows: BTreeMap<ContainerId, &ContainerRecord> =
-        desired.containers.iter().map(|c| (c.id, c)).collect();
+    let rows: BTreeMap<ContainerId, &ContainerRecord> = desired
+        .containers
+        .iter()
+        .map(|c| (c.id, c.as_ref()))
+        .collect();
     // Rows by node and reports by container id, each built once: looking
     // them up by scanning made a pass over 100,000 containers on 1,000
     // nodes take seconds.
     let mut rows_by_node: BTreeMap<&NodeId, Vec<&ContainerRecord>> = BTreeMap::new();
     for c in &desired.containers {
-        rows_by_node.entry(&c.node_id).or_default().push(c);
+        rows_by_node.entry(&c.node_id).or_default().push(c.as_ref());
     }
 
     // Workloads that are no longer configured: drain what no tenant holds.

@@ -14,6 +14,7 @@ mod check;
 mod load;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use load::NodeLoad;
 
@@ -30,7 +31,10 @@ pub type TenantKey = (TenantId, WorkloadId);
 /// The mirror. See the module documentation.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Index {
-    containers: BTreeMap<ContainerId, ContainerRecord>,
+    /// Shared, so a pass that needs every container at one instant (the
+    /// reconciler) copies pointers under the lock claims wait on, not
+    /// 100,000 records.
+    containers: BTreeMap<ContainerId, Arc<ContainerRecord>>,
     /// Idle containers per pool, oldest first.
     idle: BTreeMap<WorkloadId, BTreeSet<(Timestamp, ContainerId)>>,
     counts: BTreeMap<WorkloadId, PoolCounts>,
@@ -44,6 +48,11 @@ pub struct Index {
     reservations: BTreeMap<TenantKey, Reservation>,
     /// Each node's containers and what their limits sum to.
     by_node: BTreeMap<NodeId, NodeLoad>,
+    /// The containers in each state a container passes through (see
+    /// [`Index::passing`]): the refiller looks for these after every burst
+    /// of claims, and scanning 100,000 containers for the few warming or
+    /// draining ones held the index lock claims wait on.
+    passing: BTreeMap<ContainerState, BTreeSet<ContainerId>>,
 }
 
 /// Rows read from the database since some moment, for
@@ -342,12 +351,15 @@ impl Index {
                 .insert((c.created_at, c.id));
         }
         self.by_node.entry(c.node_id.clone()).or_default().add(&c);
-        self.containers.insert(c.id, c);
+        if Self::passing(c.state) {
+            self.passing.entry(c.state).or_default().insert(c.id);
+        }
+        self.containers.insert(c.id, Arc::new(c));
         old
     }
 
     fn remove_container(&mut self, id: &ContainerId) -> Option<ContainerRecord> {
-        let old = self.containers.remove(id)?;
+        let old = Arc::unwrap_or_clone(self.containers.remove(id)?);
         if let Some(load) = self.by_node.get_mut(&old.node_id)
             && load.remove(&old)
         {
@@ -364,6 +376,12 @@ impl Index {
             counts.remove(old.state);
             if *counts == PoolCounts::default() {
                 self.spec_counts.remove(&spec);
+            }
+        }
+        if let Some(ids) = self.passing.get_mut(&old.state) {
+            ids.remove(&old.id);
+            if ids.is_empty() {
+                self.passing.remove(&old.state);
             }
         }
         if old.state == ContainerState::Idle
@@ -396,12 +414,63 @@ impl Index {
 
     /// One container.
     pub fn container(&self, id: &ContainerId) -> Option<&ContainerRecord> {
-        self.containers.get(id)
+        self.containers.get(id).map(Arc::as_ref)
     }
 
     /// Every container, by id.
     pub fn containers(&self) -> impl Iterator<Item = &ContainerRecord> {
+        self.containers.values().map(Arc::as_ref)
+    }
+
+    /// Every container, by id, shared: for a copy of all of them at one
+    /// instant.
+    pub fn containers_shared(&self) -> impl Iterator<Item = &Arc<ContainerRecord>> {
         self.containers.values()
+    }
+
+    /// Up to `n` containers by id, from the first one after `after` (from
+    /// the start without it): a pass over every container taken a slice
+    /// at a time, so it never holds the index for long.
+    pub fn containers_after(
+        &self,
+        after: Option<ContainerId>,
+        n: usize,
+    ) -> impl Iterator<Item = &ContainerRecord> {
+        use std::ops::Bound;
+        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+        self.containers
+            .range((from, Bound::Unbounded))
+            .take(n)
+            .map(|(_, c)| c.as_ref())
+    }
+
+    /// Whether containers in `state` are kept in a set of their own: the
+    /// states a container passes through on its way in (warming) and out
+    /// (draining, or on a lost node), which few containers are in at once.
+    pub fn passing(state: ContainerState) -> bool {
+        matches!(
+            state,
+            ContainerState::Warming | ContainerState::Draining | ContainerState::Lost
+        )
+    }
+
+    /// The containers in `state`, by id: from its own set for the states
+    /// [`Index::passing`] names, by a scan of every container otherwise.
+    pub fn containers_in(
+        &self,
+        state: ContainerState,
+    ) -> Box<dyn Iterator<Item = &ContainerRecord> + '_> {
+        if Self::passing(state) {
+            Box::new(
+                self.passing
+                    .get(&state)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|id| self.container(id)),
+            )
+        } else {
+            Box::new(self.containers().filter(move |c| c.state == state))
+        }
     }
 
     /// The containers of `node`.
@@ -413,7 +482,7 @@ impl Index {
             .get(node)
             .into_iter()
             .flat_map(|load| load.containers.iter())
-            .filter_map(|id| self.containers.get(id))
+            .filter_map(|id| self.container(id))
     }
 
     /// The nodes that hold containers.
@@ -472,7 +541,7 @@ impl Index {
             .get(pool)
             .into_iter()
             .flatten()
-            .filter_map(|(_, id)| self.containers.get(id))
+            .filter_map(|(_, id)| self.container(id))
     }
 
     /// How many containers of a pool are in each state.

@@ -90,7 +90,7 @@ fn observed(
 
 fn desired(rows: Vec<ContainerRecord>) -> Desired {
     Desired {
-        containers: rows,
+        containers: rows.into_iter().map(std::sync::Arc::new).collect(),
         workloads: BTreeMap::from([(wl("demo"), "h1".to_owned())]),
     }
 }
@@ -335,7 +335,7 @@ fn apply(mut w: World, actions: &[Action]) -> World {
                 // Set aside for its tenant: no longer unused.
                 for c in &mut w.desired.containers {
                     if c.id == *container_id {
-                        c.state = ContainerState::Lost;
+                        std::sync::Arc::make_mut(c).state = ContainerState::Lost;
                     }
                 }
             }
@@ -358,6 +358,7 @@ fn apply(mut w: World, actions: &[Action]) -> World {
                     .iter_mut()
                     .filter(|c| c.id == *container_id)
                 {
+                    let c = std::sync::Arc::make_mut(c);
                     c.state = if c.tenant_id.is_some() {
                         ContainerState::Claimed
                     } else {
@@ -384,7 +385,7 @@ fn apply(mut w: World, actions: &[Action]) -> World {
                     ContainerState::Idle
                 };
                 r.tenant_id = tenant;
-                w.desired.containers.push(r);
+                w.desired.containers.push(std::sync::Arc::new(r));
             }
         }
     }
@@ -453,7 +454,7 @@ fn an_idle_row_whose_container_a_tenant_held_is_reclaimed_never_offered() {
     let mut index = crate::pool::index::Index::default();
     index.apply(&crate::pool::write::PoolWrite {
         containers: vec![crate::pool::write::ContainerChange::Insert(
-            d.containers[0].clone(),
+            (*d.containers[0]).clone(),
         )],
         ..Default::default()
     });

@@ -107,7 +107,7 @@ impl pb::reconcile_service_server::ReconcileService for Reconcile {
             &req,
             || async {
                 let desired = Desired {
-                    containers: state.pools.containers(),
+                    containers: state.pools.containers_shared(),
                     workloads: BTreeMap::new(),
                 };
                 let applied = state.reconciler.apply(only.as_ref()).await?;

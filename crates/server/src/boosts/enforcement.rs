@@ -26,35 +26,35 @@ impl Boosts {
         // of its containers).
         let mut reports: HashMap<NodeId, Option<std::sync::Arc<crate::agents::NodeReport>>> =
             HashMap::new();
-        // Compared in place, under the index lock, and only those that
-        // differ copied out: this runs every tick over every container.
-        let differ: Vec<(ContainerId, NodeId, String, String)> = inner.pools.read(|index| {
-            index
-                .containers()
-                .filter(|c| runs(c))
-                .filter_map(|c| {
-                    let docker_id = c.docker_id.as_deref()?;
-                    let report = reports.entry(c.node_id.clone()).or_insert_with(|| {
-                        inner
-                            .agents
-                            .session(&c.node_id)
-                            .and_then(|_| inner.agents.report(&c.node_id))
-                    });
-                    let observed = report.as_ref()?.containers.get(docker_id)?;
-                    if !observed.is_running() {
-                        return None;
-                    }
-                    let wanted = boost::boosted_limits(&c.limits, &c.id, &live);
-                    (!boost::limits_match(&observed.limits, &wanted)).then(|| {
-                        (
-                            c.id,
-                            c.node_id.clone(),
-                            describe_limits(&observed.limits),
-                            describe_limits(&wanted),
-                        )
-                    })
-                })
-                .collect()
+        // Compared in place, a slice at a time under the index lock, and
+        // only those that differ copied out: this runs every tick over
+        // every container. A container seen in one state and changed
+        // before its update runs is fine: `enforce` computes the wanted
+        // limits afresh under the container's lock.
+        let differ: Vec<(ContainerId, NodeId, String, String)> = inner.pools.scan(|_, c| {
+            if !runs(c) {
+                return None;
+            }
+            let docker_id = c.docker_id.as_deref()?;
+            let report = reports.entry(c.node_id.clone()).or_insert_with(|| {
+                inner
+                    .agents
+                    .session(&c.node_id)
+                    .and_then(|_| inner.agents.report(&c.node_id))
+            });
+            let observed = report.as_ref()?.containers.get(docker_id)?;
+            if !observed.is_running() {
+                return None;
+            }
+            let wanted = boost::boosted_limits(&c.limits, &c.id, &live);
+            (!boost::limits_match(&observed.limits, &wanted)).then(|| {
+                (
+                    c.id,
+                    c.node_id.clone(),
+                    describe_limits(&observed.limits),
+                    describe_limits(&wanted),
+                )
+            })
         });
         let mut started = 0;
         for (id, node, reported, wanted) in differ {

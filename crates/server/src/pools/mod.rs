@@ -33,6 +33,9 @@ pub mod recovery;
 mod rollout;
 mod shortfall;
 pub mod tasks;
+mod views;
+
+pub use views::SCAN_SLICE;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -43,7 +46,7 @@ use boilerhouse_core::node::Resources;
 use boilerhouse_core::pool::decide::{self, Refusal};
 use boilerhouse_core::pool::index::Index;
 use boilerhouse_core::pool::write::PoolWrite;
-use boilerhouse_core::pool::{ClaimRecord, ContainerRecord, PoolCounts, Reservation};
+use boilerhouse_core::pool::{ClaimRecord, ContainerRecord};
 use boilerhouse_core::workload::WorkloadRecord;
 use boilerhouse_core::{ContainerId, NodeId, TenantId, Timestamp, WorkloadId};
 use boilerhouse_proto::pb;
@@ -51,7 +54,6 @@ use boilerhouse_proto::pb;
 use crate::agents::Registry;
 use crate::locks::{KeyGuard, KeyedLocks};
 use crate::store::{PoolOverride, Store, StoreError, WarmPool};
-
 /// Why a pool operation failed, in terms the API maps to status codes.
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
@@ -477,75 +479,6 @@ impl Pools {
                 tracing::warn!(node = %node, error = %e, "state file not written yet; it stays pending for the agent");
             }
         });
-    }
-
-    /// What each node's containers reserve: the sum of their base limits.
-    /// (Container boosts are counted by the boost ledger, as drawn from the
-    /// node.)
-    pub fn allocations(&self) -> HashMap<NodeId, Resources> {
-        self.read(|index| {
-            index
-                .allocations()
-                .map(|(node, sums)| (node.clone(), sums))
-                .collect()
-        })
-    }
-
-    /// The tenant's active claim, with its last activity as seen so far.
-    pub fn active_claim(&self, tenant: &TenantId, workload: &WorkloadId) -> Option<Granted> {
-        let state = self.state();
-        let claim = state.index.claim(tenant, workload)?;
-        granted(&state, claim)
-    }
-
-    /// Every active claim with its container.
-    pub fn active_claims(&self) -> Vec<Granted> {
-        let state = self.state();
-        state
-            .index
-            .claims()
-            .filter_map(|claim| granted(&state, claim))
-            .collect()
-    }
-
-    /// Every reservation.
-    pub fn reservations(&self) -> Vec<Reservation> {
-        self.read(|i| i.reservations().cloned().collect())
-    }
-
-    /// Every container.
-    pub fn containers(&self) -> Vec<ContainerRecord> {
-        self.read(|i| i.containers().cloned().collect())
-    }
-
-    /// One container.
-    pub fn container(&self, id: &ContainerId) -> Option<ContainerRecord> {
-        self.read(|i| i.container(id).cloned())
-    }
-
-    /// Counts per state for one pool.
-    pub fn counts(&self, pool: &WorkloadId) -> PoolCounts {
-        self.read(|i| i.counts(pool))
-    }
-
-    /// Containers of `pool`, draining and lost aside, whose spec is not
-    /// `spec_hash`.
-    pub fn stale(&self, pool: &WorkloadId, spec_hash: &str) -> u32 {
-        self.read(|index| {
-            index
-                .containers()
-                .filter(|c| &c.workload_id == pool && c.spec_hash != spec_hash)
-                .filter(|c| {
-                    !matches!(
-                        c.state,
-                        boilerhouse_core::pool::ContainerState::Draining
-                            | boilerhouse_core::pool::ContainerState::Lost
-                    )
-                })
-                .count()
-        })
-        .try_into()
-        .unwrap_or(u32::MAX)
     }
 
     /// A pool's operator overrides.

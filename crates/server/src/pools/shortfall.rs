@@ -128,10 +128,8 @@ impl Pools {
             let state = self.state();
             state
                 .index
-                .containers()
-                .filter(|c| {
-                    c.state == ContainerState::Warming && !state.inflight.busy.contains(&c.id)
-                })
+                .containers_in(ContainerState::Warming)
+                .filter(|c| !state.inflight.busy.contains(&c.id))
                 .filter_map(|c| {
                     let seen = self.reported(&c.node_id, c.docker_id.as_deref()?)?;
                     (seen.health.as_deref() == Some("unhealthy"))

@@ -91,7 +91,7 @@ impl Reconciler {
         let began = std::time::Instant::now();
         let workloads = self.store.list_workloads().await?;
         let desired = Desired {
-            containers: self.pools.containers(),
+            containers: self.pools.containers_shared(),
             workloads: workloads
                 .iter()
                 .map(|w| (w.spec.id.clone(), w.spec_hash.clone()))

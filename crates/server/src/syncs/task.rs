@@ -55,7 +55,20 @@ impl SyncScheduler {
         let now = crate::clock::now();
         let mut started = 0;
         let mut max_lag = 0i64;
-        for granted in self.pools.active_claims() {
+        // Only the claims of pools that upload periodically are copied out
+        // of the index: with thousands of claims and none of them syncing,
+        // copying every one each pass held the lock claims wait on.
+        let mut periodic = HashSet::new();
+        for pool in self.pools.pool_ids() {
+            if let Ok(workload) = self.pools.workload_record(&pool).await
+                && let Some(spec) = &workload.spec.sync
+                && spec.policy.interval.is_some()
+                && runs_in(spec, Phase::Upload)
+            {
+                periodic.insert(pool);
+            }
+        }
+        for granted in self.pools.active_claims_in(|pool| periodic.contains(pool)) {
             let tenant = granted.claim.tenant_id.clone();
             let workload_id = granted.claim.workload_id.clone();
             let Ok(workload) = self.pools.workload_record(&workload_id).await else {

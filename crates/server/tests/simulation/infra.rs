@@ -303,7 +303,7 @@ impl World {
     pub async fn reconcile(&mut self) {
         let now = self.now;
         let desired = Desired {
-            containers: self.read(|i| i.containers().cloned().collect()),
+            containers: self.read(|i| i.containers_shared().cloned().collect()),
             workloads: self
                 .workloads
                 .values()

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::{Index, load};
-use crate::ids::WorkloadId;
+use crate::ids::{ContainerId, WorkloadId};
 use crate::pool::{ContainerState, PoolCounts};
 
 impl Index {
@@ -87,7 +87,7 @@ impl Index {
                 ));
             }
         }
-        if load::recount(self.containers.values()) != self.by_node {
+        if load::recount(self.containers()) != self.by_node {
             broken.push("the per-node sums disagree with the containers".into());
         }
         let mut spec_counts: BTreeMap<(WorkloadId, String), PoolCounts> = BTreeMap::new();
@@ -96,6 +96,16 @@ impl Index {
                 .entry((c.workload_id.clone(), c.spec_hash.clone()))
                 .or_default()
                 .add(c.state);
+        }
+        let mut passing: BTreeMap<ContainerState, BTreeSet<ContainerId>> = BTreeMap::new();
+        for c in self.containers.values().filter(|c| Self::passing(c.state)) {
+            passing.entry(c.state).or_default().insert(c.id);
+        }
+        if passing != self.passing {
+            broken.push(format!(
+                "containers by passing state {:?} but containers give {passing:?}",
+                self.passing
+            ));
         }
         if spec_counts != self.spec_counts {
             broken.push(format!(

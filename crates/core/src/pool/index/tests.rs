@@ -129,3 +129,73 @@ fn ended_claims_are_not_rebuilt() {
     let index = Index::from_rows([c], [ended], []);
     assert_eq!(index.claims().count(), 0);
 }
+
+#[test]
+fn containers_in_a_passing_state_follow_every_change_and_a_slice_scan_sees_each_once() {
+    let mut index = Index::default();
+    let rows: Vec<ContainerRecord> = (1..=40)
+        .map(|n| {
+            let state = match n % 4 {
+                0 => ContainerState::Warming,
+                1 => ContainerState::Draining,
+                2 => ContainerState::Lost,
+                _ => ContainerState::Idle,
+            };
+            container(n, state)
+        })
+        .collect();
+    for c in &rows {
+        insert(&mut index, c);
+    }
+    let ids_in = |index: &Index, state| -> Vec<ContainerId> {
+        index.containers_in(state).map(|c| c.id).collect()
+    };
+    let scanned = |index: &Index, state| -> Vec<ContainerId> {
+        index
+            .containers()
+            .filter(|c| c.state == state)
+            .map(|c| c.id)
+            .collect()
+    };
+    for state in [
+        ContainerState::Warming,
+        ContainerState::Draining,
+        ContainerState::Lost,
+        ContainerState::Idle,
+    ] {
+        assert_eq!(ids_in(&index, state), scanned(&index, state), "{state:?}");
+    }
+    assert_eq!(ids_in(&index, ContainerState::Warming).len(), 10);
+    // A warming container promoted leaves the set; one drained joins it.
+    let warming = rows[3].clone();
+    let mut idle = warming.successor(Timestamp::from_millis(1));
+    idle.state = ContainerState::Idle;
+    let idle_one = rows[2].clone();
+    let mut drained = idle_one.successor(Timestamp::from_millis(1));
+    drained.state = ContainerState::Draining;
+    let write = PoolWrite {
+        containers: vec![
+            ContainerChange::update(&warming, idle),
+            ContainerChange::update(&idle_one, drained),
+        ],
+        ..Default::default()
+    };
+    assert!(index.apply(&write).is_empty());
+    assert_eq!(ids_in(&index, ContainerState::Warming).len(), 9);
+    assert!(ids_in(&index, ContainerState::Draining).contains(&idle_one.id));
+    assert!(index.check().is_empty(), "{:?}", index.check());
+
+    // Slices of 7 see every container once, in id order.
+    let mut after = None;
+    let mut seen: Vec<ContainerId> = Vec::new();
+    loop {
+        let slice: Vec<ContainerId> = index.containers_after(after, 7).map(|c| c.id).collect();
+        seen.extend(&slice);
+        match slice.last() {
+            Some(last) if slice.len() == 7 => after = Some(*last),
+            _ => break,
+        }
+    }
+    let all: Vec<ContainerId> = index.containers().map(|c| c.id).collect();
+    assert_eq!(seen, all);
+}
