@@ -174,6 +174,119 @@ async fn concurrent_writes_share_commits() {
 /// back alone: what the operation before it wrote (whose savepoint the
 /// failing one released when it entered its own) and what the one after
 /// it writes both commit.
+/// Queues `routine` writes with no caller, then `urgent` ones as an RPC's
+/// caller, all behind a write that holds the writer; returns the order
+/// they ran in and how many commits they took.
+async fn queued_behind_a_held_write(
+    store: &Store,
+    routine: usize,
+    urgent: usize,
+) -> (Vec<String>, u64) {
+    use futures::FutureExt as _;
+    use std::sync::{Arc, Mutex};
+
+    let order: Arc<Mutex<Vec<String>>> = Arc::default();
+    let write = |name: String| {
+        let store = store.clone();
+        let order = order.clone();
+        async move {
+            store
+                .writer()
+                .write(move |_tx| {
+                    async move {
+                        order.lock().unwrap().push(name);
+                        Ok(())
+                    }
+                    .boxed()
+                })
+                .await
+        }
+    };
+    // The holder's batch is formed (it runs) before the others queue.
+    let (queued, held) = tokio::sync::oneshot::channel::<()>();
+    let (running, started) = tokio::sync::oneshot::channel::<()>();
+    let holder = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .writer()
+                .write(move |_tx| {
+                    async move {
+                        let _ = running.send(());
+                        let _ = held.await;
+                        Ok(())
+                    }
+                    .boxed()
+                })
+                .await
+        })
+    };
+    started.await.unwrap();
+    let mut writes = Vec::new();
+    for n in 0..routine {
+        writes.push(tokio::spawn(write(format!("routine {n}"))));
+        // Queued in this order.
+        tokio::task::yield_now().await;
+    }
+    for n in 0..urgent {
+        let caller = boilerhouse_core::auth::Principal::Insecure;
+        writes.push(tokio::spawn(boilerhouse_server::auth::serving(
+            caller,
+            write(format!("urgent {n}")),
+        )));
+        tokio::task::yield_now().await;
+    }
+    let commits_before = store.writer_stats().commits;
+    queued.send(()).unwrap();
+    holder.await.unwrap().unwrap();
+    for w in writes {
+        w.await.unwrap().unwrap();
+    }
+    let order = order.lock().unwrap().clone();
+    (order, store.writer_stats().commits - commits_before)
+}
+
+/// A write an RPC's caller waits on goes ahead of the server's own that
+/// were queued before it, and a batch carries at most
+/// `ROUTINE_PER_BATCH` routine writes: what a claim may find ahead of it.
+#[tokio::test]
+async fn a_callers_write_goes_ahead_of_routine_ones_and_batches_hold_few_routine_writes() {
+    use boilerhouse_server::store::writer::ROUTINE_PER_BATCH;
+
+    let db = TestDatabase::fresh().await.unwrap();
+    let store = open(&db).await;
+    let routine = 2 * ROUTINE_PER_BATCH + 3;
+    let (order, commits) = queued_behind_a_held_write(&store, routine, 1).await;
+    let mut expected = vec!["urgent 0".to_owned()];
+    expected.extend((0..routine).map(|n| format!("routine {n}")));
+    assert_eq!(
+        order, expected,
+        "the caller's write first, the rest in order"
+    );
+    // The held batch, then one per ROUTINE_PER_BATCH routine writes, the
+    // first of them with the urgent write.
+    assert_eq!(commits, 1 + routine.div_ceil(ROUTINE_PER_BATCH) as u64);
+}
+
+/// With one write per commit, callers' writes and the server's own take
+/// turns: neither queue starves the other.
+#[tokio::test]
+async fn with_one_write_per_commit_callers_and_routine_writes_take_turns() {
+    let db = TestDatabase::fresh().await.unwrap();
+    let location = DatabaseLocation::parse(db.value()).expect("a database location");
+    let options = StoreOptions {
+        max_batch: 1,
+        ..StoreOptions::default()
+    };
+    let store = Store::open(location, options).await.expect("open store");
+    let (order, commits) = queued_behind_a_held_write(&store, 2, 3).await;
+    assert_eq!(
+        order,
+        ["urgent 0", "routine 0", "urgent 1", "routine 1", "urgent 2"],
+    );
+    assert_eq!(commits, 1 + 5);
+}
+
 #[tokio::test]
 async fn a_failing_operation_undoes_only_its_own_writes_in_a_batch() {
     use boilerhouse_server::store::sql;

@@ -14,3 +14,10 @@ tokio::task_local! {
 pub fn current() -> Option<Principal> {
     CALLER.try_with(Clone::clone).ok().flatten()
 }
+
+/// Runs `f` as the handler of an RPC from `caller` would run: what it
+/// writes is recorded as caused by `caller`, and goes ahead of the
+/// server's own writes (see [`crate::store::writer`]).
+pub async fn serving<F: std::future::Future>(caller: Principal, f: F) -> F::Output {
+    CALLER.scope(Some(caller), f).await
+}

@@ -9,5 +9,5 @@ pub mod layer;
 pub mod pki;
 pub mod tokens;
 
-pub use caller::current;
+pub use caller::{current, serving};
 pub use layer::{AuthLayer, Authenticator};

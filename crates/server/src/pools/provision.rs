@@ -22,6 +22,9 @@ use boilerhouse_proto::pb;
 use super::shortfall::last_check;
 use super::{BusyGuard, PoolError, Pools};
 
+/// How many new container rows share a write; see `Pools::record_new`.
+const ROWS_PER_COMMIT: usize = 8;
+
 /// Gives a create slot back when dropped (the row committed, or not).
 struct SlotGuard {
     pools: Pools,
@@ -144,9 +147,9 @@ impl Pools {
 
     /// Places and records new warming containers, one per slot, busy for
     /// the caller: placed one after another on one reading of the nodes
-    /// (each counting the ones before it), committed together. A slot that
-    /// no node can take ends the batch with the reason; the ones placed
-    /// before it are still recorded.
+    /// (each counting the ones before it), committed [`ROWS_PER_COMMIT`] at
+    /// a time. A slot that no node can take ends the batch with the reason;
+    /// the ones placed before it are still recorded.
     async fn record_new(
         &self,
         workload: &WorkloadRecord,
@@ -157,7 +160,6 @@ impl Pools {
         let nodes = self.inner.store.list_nodes().await?;
         let mut allocated = self.allocations();
         let mut placed = Vec::new();
-        let mut write = boilerhouse_core::pool::write::PoolWrite::default();
         let mut why_not = None;
         let mut used = Vec::new();
         for slot in slots {
@@ -176,15 +178,22 @@ impl Pools {
             let sums = allocated.entry(record.node_id.clone()).or_default();
             sums.cpus += record.limits.cpus.unwrap_or(0.0);
             sums.memory_bytes += record.limits.memory_bytes.unwrap_or(0);
-            write.extend(decide::insert(record.clone()));
             placed.push((record, busy));
             used.push(slot);
         }
-        if !placed.is_empty() {
+        // A few rows per write: one write of sixty-four took ten
+        // milliseconds of the single writer, and every claim that arrived
+        // meanwhile waited for all of it. Each chunk's slots go once it is
+        // committed: the index counts those rows from then on.
+        let mut used = used.into_iter();
+        for chunk in placed.chunks(ROWS_PER_COMMIT) {
+            let mut write = boilerhouse_core::pool::write::PoolWrite::default();
+            for (record, _) in chunk {
+                write.extend(decide::insert(record.clone()));
+            }
             self.commit(write).await?;
+            used.by_ref().take(chunk.len()).for_each(drop);
         }
-        // Committed: the index counts them now, the slots are not needed.
-        drop(used);
         Ok((placed, why_not))
     }
 
@@ -349,8 +358,8 @@ impl Pools {
         let now = crate::clock::now();
         let stuck: Vec<ContainerRecord> = self.read(|index| {
             index
-                .containers()
-                .filter(|c| c.state == ContainerState::Warming && c.docker_id.is_none())
+                .containers_in(ContainerState::Warming)
+                .filter(|c| c.docker_id.is_none())
                 .filter(|c| self.node_live(&c.node_id, now))
                 .cloned()
                 .collect()
@@ -387,10 +396,8 @@ impl Pools {
             let state = self.state();
             state
                 .index
-                .containers()
-                .filter(|c| {
-                    c.state == ContainerState::Warming && !state.inflight.busy.contains(&c.id)
-                })
+                .containers_in(ContainerState::Warming)
+                .filter(|c| !state.inflight.busy.contains(&c.id))
                 .filter(|c| {
                     let needs_health = workloads
                         .iter()
@@ -426,8 +433,7 @@ impl Pools {
     pub(super) fn remove_draining(&self) -> usize {
         let targets: Vec<ContainerRecord> = self.read(|index| {
             index
-                .containers()
-                .filter(|c| c.state == ContainerState::Draining)
+                .containers_in(ContainerState::Draining)
                 .cloned()
                 .collect()
         });

@@ -12,6 +12,14 @@
 //! (a constraint violation, say) is rolled back alone and the rest of the
 //! batch still commits. No caller hears "ok" before the COMMIT returns.
 //!
+//! Writes a caller waits on (an RPC's) go ahead of the server's own
+//! (refills, agents' results, housekeeping), and a batch carries at most
+//! [`ROUTINE_PER_BATCH`] of the latter: a claim that arrives while a fill
+//! commits its results waits for a short batch, not for sixty-four
+//! container updates. Neither starves: every batch leaves room for
+//! routine writes when any wait, and after a batch that took none (one
+//! write per batch) the next begins with one.
+//!
 //! An operation may carry a commit hook. Hooks run here, in commit order,
 //! right after the COMMIT and before any caller is answered, and only for
 //! operations that committed. That is how in-memory mirrors follow the
@@ -60,10 +68,17 @@ struct WriteRequest {
     reply: oneshot::Sender<AnyResult>,
 }
 
+/// At most this many routine writes (no caller waits on them) share a
+/// batch: they are what a waiting claim may find ahead of it.
+pub const ROUTINE_PER_BATCH: usize = 16;
+
 /// A handle for queuing writes. Cheap to clone.
 #[derive(Clone)]
 pub struct Writer {
-    tx: mpsc::Sender<WriteRequest>,
+    /// Writes an RPC's caller waits on.
+    urgent: mpsc::Sender<WriteRequest>,
+    /// The server's own writes.
+    routine: mpsc::Sender<WriteRequest>,
 }
 
 /// Figures about the writer, for metrics and the benchmark.
@@ -87,17 +102,22 @@ impl Writer {
         events: broadcast::Sender<Event>,
         stats: std::sync::Arc<std::sync::Mutex<WriterStats>>,
     ) -> Self {
-        let (tx, rx) = mpsc::channel(4096);
+        let (urgent, urgent_rx) = mpsc::channel(4096);
+        let (routine, routine_rx) = mpsc::channel(4096);
         tokio::spawn(run(
             conn,
             connector,
             fence,
-            rx,
+            Queues {
+                urgent: urgent_rx,
+                routine: routine_rx,
+                routine_owed: false,
+            },
             max_batch.max(1),
             events,
             stats,
         ));
-        Self { tx }
+        Self { urgent, routine }
     }
 
     /// Runs `op` in the next transaction and returns its result once that
@@ -131,11 +151,17 @@ impl Writer {
         let (reply, answer) = oneshot::channel();
         // Read here, on the caller's task: the writer task has no caller.
         let caused_by = crate::auth::current();
+        // An RPC has a caller; the server's own tasks have none.
+        let queue = if caused_by.is_some() {
+            &self.urgent
+        } else {
+            &self.routine
+        };
         let op: WriteOp = Box::new(move |tx| {
             tx.caused_by = caused_by;
             Box::pin(async move { op(tx).await.map(|v| Box::new(v) as Box<dyn Any + Send>) })
         });
-        self.tx
+        queue
             .send(WriteRequest {
                 op,
                 on_commit,
@@ -151,11 +177,67 @@ impl Writer {
     }
 }
 
+/// The writer's two queues; see the module documentation.
+struct Queues {
+    urgent: mpsc::Receiver<WriteRequest>,
+    routine: mpsc::Receiver<WriteRequest>,
+    /// The last batch took no routine write while some waited: the next
+    /// begins with one, so a flood of callers' writes (or one write per
+    /// batch) never stalls the server's own.
+    routine_owed: bool,
+}
+
+impl Queues {
+    /// Waits for a write and fills `batch` with it and what else waits:
+    /// urgent writes first, leaving room for up to [`ROUTINE_PER_BATCH`]
+    /// routine ones. False once every [`Writer`] handle is gone.
+    async fn next_batch(&mut self, batch: &mut Vec<WriteRequest>, max_batch: usize) -> bool {
+        let owed = if self.routine_owed {
+            self.routine.try_recv().ok()
+        } else {
+            None
+        };
+        let mut routine = usize::from(owed.is_some());
+        let first = match owed {
+            Some(first) => first,
+            None => tokio::select! {
+                biased;
+                Some(first) = self.urgent.recv() => first,
+                Some(first) = self.routine.recv() => {
+                    routine += 1;
+                    first
+                }
+                else => return false,
+            },
+        };
+        batch.push(first);
+        let room_for_routine = ROUTINE_PER_BATCH.min(self.routine.len());
+        let urgent_cap = max_batch.saturating_sub(room_for_routine).max(batch.len());
+        while batch.len() < urgent_cap {
+            match self.urgent.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        while routine < ROUTINE_PER_BATCH && batch.len() < max_batch {
+            match self.routine.try_recv() {
+                Ok(next) => {
+                    batch.push(next);
+                    routine += 1;
+                }
+                Err(_) => break,
+            }
+        }
+        self.routine_owed = routine == 0 && !self.routine.is_empty();
+        true
+    }
+}
+
 async fn run(
     conn: AnyConnection,
     connector: Connector,
     fence: Option<Fence>,
-    mut rx: mpsc::Receiver<WriteRequest>,
+    mut queues: Queues,
     max_batch: usize,
     events: broadcast::Sender<Event>,
     stats: std::sync::Arc<std::sync::Mutex<WriterStats>>,
@@ -168,16 +250,9 @@ async fn run(
     // Set when the connection broke: the next batch opens a new one.
     let mut broken = false;
     let mut batch: Vec<WriteRequest> = Vec::with_capacity(max_batch);
-    // recv() returns None only once every Writer handle is gone: the store
-    // was dropped, so there is nothing left to write.
-    while let Some(first) = rx.recv().await {
-        batch.push(first);
-        while batch.len() < max_batch {
-            match rx.try_recv() {
-                Ok(next) => batch.push(next),
-                Err(_) => break,
-            }
-        }
+    // Ends only once every Writer handle is gone: the store was dropped,
+    // so there is nothing left to write.
+    while queues.next_batch(&mut batch, max_batch).await {
         let count = batch.len() as u64;
         if broken {
             match connector.connect().await {
