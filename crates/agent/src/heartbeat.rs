@@ -193,7 +193,10 @@ mod tests {
         tokio::time::advance(STUCK).await;
         let _ = rx.try_recv();
         let quiet = tokio::time::timeout(every * 3, rx.recv()).await;
-        assert!(quiet.is_err(), "a heartbeat went out while stuck: {quiet:?}");
+        assert!(
+            quiet.is_err(),
+            "a heartbeat went out while stuck: {quiet:?}"
+        );
         drop(busy);
         assert_eq!(heartbeat(rx.recv().await.unwrap()).container_count, 1);
 

@@ -410,11 +410,25 @@ async fn session(
                 .await?;
             }
             // Cancel-safe: mpsc::Receiver::recv loses nothing when dropped.
-            Some(Finished { command_id, created, outcome }) = result_rx.recv() => {
+            Some(Finished { command_id, created, mut outcome }) = result_rx.recv() => {
                 if let Some(c) = &outcome.container {
                     last_report.insert(c.docker_id.clone(), c.clone());
                 }
                 if let Some(id) = created {
+                    // The server learns of this container from this result,
+                    // and ignored its events until then (it did not know
+                    // it): so the result carries the container as it is
+                    // now, not as the create left it, and later events find
+                    // it known.
+                    if let Some(docker_id) = outcome.container.as_ref().map(|c| c.docker_id.clone()) {
+                        let _busy = heartbeats.busy();
+                        refresh(executor, &mut last_report, &docker_id).await;
+                        if let Some(current) = last_report.get(&docker_id) {
+                            let mut current = current.clone();
+                            current.state_file = outcome.container.as_ref().and_then(|c| c.state_file.clone());
+                            outcome.container = Some(current);
+                        }
+                    }
                     executor.created(&id);
                 }
                 out.send(result_message(command_id, &outcome)).await?;
@@ -558,7 +572,11 @@ async fn handle_command(
                 // If the session is gone the server resends the command
                 // and gets this result from memory, and the next session
                 // begins with a full report.
-                let finished = Finished { command_id: id, created, outcome };
+                let finished = Finished {
+                    command_id: id,
+                    created,
+                    outcome,
+                };
                 if let Err(mpsc::error::SendError(finished)) = results.send(finished).await
                     && let Some(id) = finished.created
                 {
