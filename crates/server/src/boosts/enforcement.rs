@@ -6,9 +6,10 @@
 //! order. The periodic pass compares agents' reports with the wanted
 //! limits and corrects what differs.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use boilerhouse_core::boost;
+use boilerhouse_core::pool::ContainerRecord;
 use boilerhouse_core::workload::Limits;
 use boilerhouse_core::{ContainerId, NodeId};
 use boilerhouse_proto::{convert, pb};
@@ -16,32 +17,48 @@ use boilerhouse_proto::{convert, pb};
 use super::{Boosts, runs};
 
 impl Boosts {
-    /// Compares every running container's reported limits with its base
-    /// plus live boosts and corrects those that differ. Returns how many
-    /// updates it started.
-    pub fn enforce_all(&self) -> usize {
+    /// Compares running containers' reported limits with their base plus
+    /// live boosts and corrects those that differ: every container when
+    /// `full`, otherwise those with live boosts and those whose last update
+    /// failed. Returns how many updates it started.
+    pub fn enforce_all(&self, full: bool) -> usize {
         let inner = &self.inner;
         let live = inner.ledger.live();
+        let targets: Option<HashSet<ContainerId>> = (!full).then(|| {
+            let mut targets: HashSet<ContainerId> =
+                live.iter().filter_map(|b| b.container_id).collect();
+            targets.extend(
+                inner
+                    .unsettled
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .iter()
+                    .copied(),
+            );
+            targets
+        });
         // One report per node, looked up once (a shared copy, not a clone
         // of its containers).
         let mut reports: HashMap<NodeId, Option<std::sync::Arc<crate::agents::NodeReport>>> =
             HashMap::new();
         // Compared in place, a slice at a time under the index lock, and
-        // only those that differ copied out: this runs every tick over
-        // every container. A container seen in one state and changed
+        // only those that differ copied out: a full pass goes over every
+        // container. A container seen in one state and changed
         // before its update runs is fine: `enforce` computes the wanted
         // limits afresh under the container's lock.
-        let differ: Vec<(ContainerId, NodeId, String, String)> = inner.pools.scan(|_, c| {
+        let mut compare = |c: &ContainerRecord| {
             if !runs(c) {
                 return None;
             }
             let docker_id = c.docker_id.as_deref()?;
-            let report = reports.entry(c.node_id.clone()).or_insert_with(|| {
-                inner
+            if !reports.contains_key(&c.node_id) {
+                let report = inner
                     .agents
                     .session(&c.node_id)
-                    .and_then(|_| inner.agents.report(&c.node_id))
-            });
+                    .and_then(|_| inner.agents.report(&c.node_id));
+                reports.insert(c.node_id.clone(), report);
+            }
+            let report = reports.get(&c.node_id)?;
             let observed = report.as_ref()?.containers.get(docker_id)?;
             if !observed.is_running() {
                 return None;
@@ -55,7 +72,26 @@ impl Boosts {
                     describe_limits(&wanted),
                 )
             })
-        });
+        };
+        let differ: Vec<(ContainerId, NodeId, String, String)> = match &targets {
+            None => inner.pools.scan(|_, c| compare(c)),
+            Some(ids) => {
+                let (present, gone): (Vec<_>, Vec<_>) = ids
+                    .iter()
+                    .map(|id| (*id, inner.pools.container(id)))
+                    .partition(|(_, c)| c.is_some());
+                // A container that is gone needs no limits.
+                let mut unsettled = inner.unsettled.lock().unwrap_or_else(|e| e.into_inner());
+                for (id, _) in gone {
+                    unsettled.remove(&id);
+                }
+                drop(unsettled);
+                present
+                    .into_iter()
+                    .filter_map(|(_, c)| c.and_then(|c| compare(&c)))
+                    .collect()
+            }
+        };
         let mut started = 0;
         for (id, node, reported, wanted) in differ {
             tracing::info!(
@@ -103,6 +139,20 @@ impl Boosts {
     /// its agent, and confirms them from the agent's inspection. Returns
     /// the limits in force.
     pub(super) async fn enforce(&self, container: ContainerId) -> Result<Limits, String> {
+        let result = self.enforce_now(container).await;
+        let mut unsettled = self
+            .inner
+            .unsettled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match &result {
+            Ok(_) => unsettled.remove(&container),
+            Err(_) => unsettled.insert(container),
+        };
+        result
+    }
+
+    async fn enforce_now(&self, container: ContainerId) -> Result<Limits, String> {
         let inner = &self.inner;
         let _lock = inner.container_locks.lock(&container.to_string()).await;
         let c = inner
