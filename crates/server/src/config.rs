@@ -114,6 +114,8 @@ struct FileConfig {
     #[serde(default, with = "humantime_serde")]
     suspect_after: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
+    boost_full_pass_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
     lost_grace: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     restart_grace: Option<Duration>,
@@ -222,6 +224,11 @@ pub struct Config {
     pub heartbeat_interval: Duration,
     /// Silence before a node is Suspect. Default 3 × heartbeat_interval.
     pub suspect_after: Duration,
+    /// How often every container's limits are compared with its report,
+    /// to undo changes made behind the server's back; containers with
+    /// live boosts or a failed update are compared every second. Default
+    /// 10s.
+    pub boost_full_pass_interval: Duration,
     /// Further silence before a Suspect node is Lost. Default 30s.
     pub lost_grace: Duration,
     /// After a server restart, how long before any node may be declared
@@ -387,6 +394,9 @@ impl Config {
             ready_file: args.ready_file,
             heartbeat_interval,
             suspect_after: file.suspect_after.unwrap_or(heartbeat_interval * 3),
+            boost_full_pass_interval: file
+                .boost_full_pass_interval
+                .unwrap_or(crate::boosts::FULL_PASS_EVERY),
             lost_grace: file.lost_grace.unwrap_or(Duration::from_secs(30)),
             restart_grace: file.restart_grace.unwrap_or(Duration::from_secs(60)),
             partition_threshold: file.partition_threshold.unwrap_or(0.5),

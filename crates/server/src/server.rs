@@ -334,7 +334,7 @@ pub async fn run(
         "boost_expiry",
         Duration::from_secs(1),
         None,
-        crate::boosts::BoostTask::new(boosts.clone()),
+        crate::boosts::BoostTask::new(boosts.clone(), config.boost_full_pass_interval),
     );
     tracker.spawn(crate::boosts::expiry::wake_at_deadlines(
         boost_ledger.clone(),

@@ -265,8 +265,9 @@ impl Boosts {
     }
 }
 
-/// How often the periodic pass compares every container with its report,
-/// to undo changes made behind the server's back. Every tick it compares
+/// How often, by default, the periodic pass compares every container with
+/// its report, to undo changes made behind the server's back
+/// (`boost_full_pass_interval`). Every tick it compares
 /// the containers that matter sooner: those with live boosts and those
 /// whose last update failed. Comparing all 100,000 every second was a
 /// quarter of the server's CPU.
@@ -275,14 +276,17 @@ pub const FULL_PASS_EVERY: std::time::Duration = std::time::Duration::from_secs(
 /// Expires boosts and keeps container limits at base plus live boosts.
 pub struct BoostTask {
     boosts: Boosts,
+    full_pass_every: std::time::Duration,
     last_full_pass: Option<std::time::Instant>,
 }
 
 impl BoostTask {
-    /// The task for `boosts`.
-    pub fn new(boosts: Boosts) -> Self {
+    /// The task for `boosts`, comparing every container every
+    /// `full_pass_every`.
+    pub fn new(boosts: Boosts, full_pass_every: std::time::Duration) -> Self {
         Self {
             boosts,
+            full_pass_every,
             last_full_pass: None,
         }
     }
@@ -294,7 +298,7 @@ impl BackgroundTask for BoostTask {
             let ended = self.boosts.expire().await?;
             let full = self
                 .last_full_pass
-                .is_none_or(|at| at.elapsed() >= FULL_PASS_EVERY);
+                .is_none_or(|at| at.elapsed() >= self.full_pass_every);
             if full {
                 self.last_full_pass = Some(std::time::Instant::now());
             }

@@ -22,7 +22,14 @@ fn workload(image: &str, pool: &str) -> String {
 /// A server and one agent per entry of `nodes` (prefixes made unique),
 /// serving `demo` with this `pool:` section; every node is ready.
 pub async fn start(nodes: &[&str], pool: &'static str) -> Option<Cluster> {
-    let mut builder = Cluster::builder().workload("demo", move |image| workload(image, pool));
+    start_with(nodes, pool, "").await
+}
+
+/// As [`start`], with these lines added to the server's configuration.
+pub async fn start_with(nodes: &[&str], pool: &'static str, config: &str) -> Option<Cluster> {
+    let mut builder = Cluster::builder()
+        .workload("demo", move |image| workload(image, pool))
+        .config(config);
     for node in nodes {
         builder = builder.node(node);
     }
