@@ -120,6 +120,43 @@ async fn an_agent_restart_reapplies_live_boosts_and_reverts_ended_ones() {
     .await;
 }
 
+/// A release that could not reach the agent is retried every tick until
+/// it lands, not only at the next comparison of every container (here
+/// off): the container has no live boost left to draw the pass to it.
+#[tokio::test]
+async fn a_release_the_agent_missed_is_retried_until_the_limits_are_back() {
+    let Some(mut c) = start_with(
+        &["boostretry"],
+        "{min_size: 1, max_size: 2}",
+        "boost_full_pass_interval = \"1h\"\n",
+    )
+    .await
+    else {
+        return;
+    };
+    let (_container, docker_id) = claim(&c, "t1").await;
+    let memory = first_line(&c.bh_ok(&["boost", "request", "tenant/t1/demo", "memory", "32M"]));
+    assert_eq!(
+        limits(&c, &docker_id).await,
+        (BASE_NANO_CPUS, BASE_MEMORY + (32 << 20))
+    );
+    c.kill_agent(0);
+    c.bh_ok(&["boost", "release", &memory]);
+    assert_eq!(
+        limits(&c, &docker_id).await,
+        (BASE_NANO_CPUS, BASE_MEMORY + (32 << 20)),
+        "nothing reaches Docker while the agent is down"
+    );
+    c.restart_agent(0);
+    wait_limits(
+        &c,
+        &docker_id,
+        (BASE_NANO_CPUS, BASE_MEMORY),
+        "the released memory boost reverted once the agent is back",
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn boosts_that_expire_while_the_server_is_down_are_reverted_at_startup() {
     let Some(mut c) = start(&["boostdown"], "{min_size: 1, max_size: 2}").await else {
