@@ -58,18 +58,21 @@ async fn a_short_boost_expires_on_time_and_docker_returns_to_base() {
     assert!(b.reason.contains("expired"), "{}", b.reason);
 }
 
-#[tokio::test]
-async fn an_agent_restart_reapplies_live_boosts_and_reverts_ended_ones() {
-    // No comparison of every container during the test: what follows is
-    // put right by the every-second pass over containers with live boosts
-    // and those whose last update failed.
-    let Some(mut c) = start_with(
-        &["boostagent"],
+/// One node, with no comparison of every container during the test: what
+/// the tests below see put right is put right by the every-second pass
+/// over containers with live boosts and those whose last update failed.
+async fn start_without_full_pass(node: &str) -> Option<Cluster> {
+    start_with(
+        &[node],
         "{min_size: 1, max_size: 2}",
         "boost_full_pass_interval = \"1h\"\n",
     )
     .await
-    else {
+}
+
+#[tokio::test]
+async fn an_agent_restart_reapplies_live_boosts_and_reverts_ended_ones() {
+    let Some(mut c) = start_without_full_pass("boostagent").await else {
         return;
     };
     let (_container, docker_id) = claim(&c, "t1").await;
@@ -125,13 +128,7 @@ async fn an_agent_restart_reapplies_live_boosts_and_reverts_ended_ones() {
 /// off): the container has no live boost left to draw the pass to it.
 #[tokio::test]
 async fn a_release_the_agent_missed_is_retried_until_the_limits_are_back() {
-    let Some(mut c) = start_with(
-        &["boostretry"],
-        "{min_size: 1, max_size: 2}",
-        "boost_full_pass_interval = \"1h\"\n",
-    )
-    .await
-    else {
+    let Some(mut c) = start_without_full_pass("boostretry").await else {
         return;
     };
     let (_container, docker_id) = claim(&c, "t1").await;
