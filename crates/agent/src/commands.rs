@@ -11,7 +11,7 @@
 //! whatever the server sent: a refused command fails with the reason and
 //! touches neither the engine nor the disk.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,6 +25,11 @@ use crate::policy::LocalPolicy;
 use crate::runtime::{ContainerRuntime, RuntimeError};
 use crate::sync::{MappingReport, SyncJob, SyncRunner};
 use crate::volumes::VolumeLayout;
+
+mod memory;
+
+pub use memory::Admission;
+use memory::Memory;
 
 /// A command, decoded from the wire.
 #[derive(Debug, Clone, PartialEq)]
@@ -90,30 +95,6 @@ impl Outcome {
     }
 }
 
-/// How many command results are remembered for duplicate ids.
-const REMEMBERED: usize = 4096;
-
-#[derive(Default)]
-struct Memory {
-    results: BTreeMap<String, Outcome>,
-    order: VecDeque<String>,
-    in_flight: HashSet<String>,
-    /// Containers an admitted Create is making, until the session has taken
-    /// its result: their engine events need no full report, since the
-    /// result tells the server about them.
-    creating: HashSet<ContainerId>,
-}
-
-/// What to do with an incoming command id.
-pub enum Admission {
-    /// New: execute it.
-    Run,
-    /// Done before: here is the answer.
-    Answered(Outcome),
-    /// Being executed right now: its answer will follow.
-    InFlight,
-}
-
 /// Executes commands against the runtime and the host directories.
 #[derive(Clone)]
 pub struct Executor {
@@ -148,54 +129,12 @@ impl Executor {
         }
     }
 
-    /// Decides whether `command_id` must run, and marks it in flight if so.
-    pub fn admit(&self, command_id: &str) -> Admission {
-        let mut memory = self.memory.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(outcome) = memory.results.get(command_id) {
-            return Admission::Answered(outcome.clone());
-        }
-        if !memory.in_flight.insert(command_id.to_owned()) {
-            return Admission::InFlight;
-        }
-        Admission::Run
-    }
-
-    /// Records the outcome of an admitted command.
-    pub fn finish(&self, command_id: &str, outcome: &Outcome) {
-        let mut memory = self.memory.lock().unwrap_or_else(|e| e.into_inner());
-        memory.in_flight.remove(command_id);
-        memory
-            .results
-            .insert(command_id.to_owned(), outcome.clone());
-        memory.order.push_back(command_id.to_owned());
-        while memory.order.len() > REMEMBERED {
-            if let Some(old) = memory.order.pop_front() {
-                memory.results.remove(&old);
-            }
-        }
-    }
-
-    /// Whether `id` is being made by a Create whose result the session has
-    /// not taken yet (see [`Executor::created`]).
-    pub fn creating(&self, id: &ContainerId) -> bool {
-        let memory = self.memory.lock().unwrap_or_else(|e| e.into_inner());
-        memory.creating.contains(id)
-    }
-
-    /// The session took the result of the Create that made `id`, or will
-    /// never take it.
-    pub fn created(&self, id: &ContainerId) {
-        let mut memory = self.memory.lock().unwrap_or_else(|e| e.into_inner());
-        memory.creating.remove(id);
-    }
-
     /// Runs one container command. `FullReport` is the session's job. A
     /// Create marks its container [`Executor::creating`] until
     /// [`Executor::created`].
     pub async fn execute(&self, command: Command) -> Outcome {
         if let Command::Create { spec, .. } = &command {
-            let mut memory = self.memory.lock().unwrap_or_else(|e| e.into_inner());
-            memory.creating.insert(spec.container_id);
+            self.begin_create(spec.container_id);
         }
         if let Command::Sync(id, job) = command {
             return self.sync(&id, &job).await;
