@@ -364,3 +364,134 @@ async fn a_writer_stalled_inside_a_transaction_does_not_keep_the_lease_from_a_st
         .unwrap();
     assert_eq!(events, 0);
 }
+
+/// A container row as the fill writes it.
+fn container(n: u128) -> boilerhouse_core::pool::ContainerRecord {
+    use boilerhouse_core::pool::{ContainerRecord, ContainerState};
+    ContainerRecord {
+        id: boilerhouse_core::ContainerId::from_uuid(uuid::Uuid::from_u128(n)),
+        workload_id: "batch".parse().unwrap(),
+        node_id: boilerhouse_core::NodeId::new("node-a").unwrap(),
+        docker_id: Some(format!("docker-{n}")),
+        state: ContainerState::Idle,
+        spec_hash: "h".into(),
+        tenant_id: None,
+        last_tenant_id: None,
+        claim_generation: 0,
+        revision: 1,
+        limits: Default::default(),
+        state_path: String::new(),
+        comm_path: String::new(),
+        created_at: Timestamp::from_millis(1),
+        updated_at: Timestamp::from_millis(1),
+    }
+}
+
+/// Pool writes send their statements together (on SQLite, savepoint
+/// included, in one round trip) and check what came back afterwards: a
+/// write whose first statement changed a row and whose second found
+/// nothing to change is undone whole, and the writes around it in the
+/// same batch commit with the events they recorded, under the ids the
+/// database gave them.
+#[tokio::test]
+async fn a_pool_write_refused_after_its_first_statement_is_undone_whole_in_its_batch() {
+    use boilerhouse_core::pool::ContainerState;
+    use boilerhouse_core::pool::write::{ClaimChange, ContainerChange, Expected, PoolWrite};
+    use boilerhouse_server::store::sql;
+
+    let db = TestDatabase::fresh().await.unwrap();
+    let store = open(&db).await;
+    let insert = |n: u128| PoolWrite {
+        containers: vec![ContainerChange::Insert(container(n))],
+        events: vec![event(n as u64, EventKind::ContainerDraining)],
+        ..PoolWrite::default()
+    };
+    store
+        .commit_pool_write(insert(1), |_| {})
+        .await
+        .expect("the first container is written");
+    let mut events = store.subscribe_events();
+
+    let commit = |write: PoolWrite| {
+        let store = store.clone();
+        tokio::spawn(async move { store.commit_pool_write(write, |_| {}).await })
+    };
+    let (queued, holder) = hold_writer(&store).await;
+    let before = commit(insert(2));
+    // Changes container 1 (its expected state is right), then ends a claim
+    // that does not exist: nothing of it may stay.
+    let old = container(1);
+    let mut drained = old.clone();
+    drained.state = ContainerState::Draining;
+    drained.revision = 2;
+    let refused = commit(PoolWrite {
+        containers: vec![ContainerChange::Update {
+            expected: Expected::of(&old),
+            record: drained,
+        }],
+        claims: vec![ClaimChange::End(boilerhouse_core::pool::ClaimRecord {
+            claim_id: "no-such-claim".into(),
+            tenant_id: "t".parse().unwrap(),
+            workload_id: "batch".parse().unwrap(),
+            container_id: old.id,
+            node_id: old.node_id.clone(),
+            generation: 1,
+            source: boilerhouse_core::pool::ClaimSource::Pool,
+            status: boilerhouse_core::pool::ClaimStatus::Released,
+            claimed_at: Timestamp::from_millis(1),
+            last_activity_at: Timestamp::from_millis(1),
+            released_at: Some(Timestamp::from_millis(2)),
+            restored: false,
+        })],
+        events: vec![event(99, EventKind::ContainerDraining)],
+        ..PoolWrite::default()
+    });
+    let after = commit(insert(3));
+    tokio::task::yield_now().await;
+    queued.send(()).unwrap();
+    holder.await.unwrap().unwrap();
+    before.await.unwrap().expect("the write before commits");
+    let refusal = refused.await.unwrap();
+    assert!(
+        matches!(&refusal, Err(StoreError::Conflict(m)) if m.contains("no-such-claim")),
+        "{refusal:?}"
+    );
+    after.await.unwrap().expect("the write after commits");
+
+    let mut inspector =
+        boilerhouse_server::store::open_inspector(&DatabaseLocation::parse(db.value()).unwrap())
+            .await
+            .unwrap();
+    let rows: Vec<(String, String, i64)> =
+        sql::query_as("SELECT docker_id, state, revision FROM containers ORDER BY docker_id")
+            .fetch_all(&mut inspector)
+            .await
+            .unwrap();
+    assert_eq!(
+        rows,
+        [
+            ("docker-1".to_owned(), "idle".to_owned(), 1),
+            ("docker-2".to_owned(), "idle".to_owned(), 1),
+            ("docker-3".to_owned(), "idle".to_owned(), 1),
+        ]
+    );
+    let stored: Vec<(i64, String)> =
+        sql::query_as("SELECT id, message FROM events WHERE message <> 'event 1' ORDER BY id")
+            .fetch_all(&mut inspector)
+            .await
+            .unwrap();
+    let published: Vec<(i64, String)> =
+        [events.recv().await.unwrap(), events.recv().await.unwrap()]
+            .into_iter()
+            .map(|e| (e.id as i64, e.event.message))
+            .collect();
+    assert_eq!(published, stored, "published events carry their rows' ids");
+    assert_eq!(
+        stored.iter().map(|(_, m)| m.as_str()).collect::<Vec<_>>(),
+        ["event 2", "event 3"]
+    );
+    assert!(
+        events.try_recv().is_err(),
+        "the refused write's event is not published"
+    );
+}

@@ -136,6 +136,12 @@ impl Connector {
                 // cut back when the log restarts after a full checkpoint.
                 "PRAGMA journal_size_limit = 67108864",
                 "PRAGMA foreign_keys = ON",
+                // Each operation of a batch runs in a savepoint, and SQLite
+                // copies every page an operation changes first into a
+                // statement journal: a temporary file (a write system call
+                // a page) unless it is kept in memory. It holds one
+                // operation's pages and is gone at its release.
+                "PRAGMA temp_store = MEMORY",
             ],
             (Backend::Sqlite, false) => vec!["PRAGMA busy_timeout = 5000"],
             // Set either way: a database or role configured with

@@ -3,12 +3,13 @@
 use std::collections::BTreeMap;
 
 use futures::FutureExt as _;
-use sqlx::AnyConnection;
 
 use boilerhouse_core::Timestamp;
+use boilerhouse_core::auth::Principal;
 use boilerhouse_core::event::{Event, EventFilter, EventSubject, NewEvent};
 
 use super::sql;
+use super::statements::{Expect, Statements};
 use super::{Store, StoreError, WriteTx};
 
 /// A listing of events.
@@ -74,39 +75,71 @@ pub const PRINCIPAL_ATTRIBUTE: &str = "principal";
 
 /// Inserts an event inside the caller's transaction. It is published to
 /// watchers only once that transaction commits.
-pub async fn insert_event(tx: &mut WriteTx, mut event: NewEvent) -> Result<Event, StoreError> {
-    if let Some(caller) = &tx.caused_by {
+pub async fn insert_event(tx: &mut WriteTx, event: NewEvent) -> Result<Event, StoreError> {
+    let mut statements = Statements::default();
+    let event = push_event(&mut statements, tx.caused_by.as_ref(), event)?;
+    let ids = statements.run(tx).await?;
+    recorded(tx, ids, vec![event])?;
+    Ok(tx.new_events.last().cloned().expect("just recorded"))
+}
+
+/// Adds the insert of `event` to a write's statements, naming `caused_by`
+/// as its principal; returns the event as it will be stored. Its id comes
+/// back from [`Statements::run`] and is given to it by [`recorded`].
+pub(super) fn push_event(
+    statements: &mut Statements,
+    caused_by: Option<&Principal>,
+    mut event: NewEvent,
+) -> Result<NewEvent, StoreError> {
+    if let Some(caller) = caused_by {
         event
             .attributes
             .entry(PRINCIPAL_ATTRIBUTE.to_owned())
             .or_insert_with(|| caller.to_string());
     }
-    let id = insert_event_row(&mut tx.conn, &event).await?;
-    let recorded = Event { id, event };
-    tx.new_events.push(recorded.clone());
-    Ok(recorded)
-}
-
-async fn insert_event_row(conn: &mut AnyConnection, e: &NewEvent) -> Result<u64, StoreError> {
-    let attributes = serde_json::to_string(&e.attributes)
+    let attributes = serde_json::to_string(&event.attributes)
         .map_err(|err| StoreError::Internal(err.to_string()))?;
-    let (id,): (i64,) = sql::query_as(
+    statements.push(
         "INSERT INTO events (at, kind, severity, message, node_id, workload_id, container_id, \
          tenant_id, boost_id, attributes_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-    )
-    .bind(e.at.as_millis())
-    .bind(&e.kind)
-    .bind(e.severity.as_str())
-    .bind(&e.message)
-    .bind(&e.subject.node_id)
-    .bind(&e.subject.workload_id)
-    .bind(&e.subject.container_id)
-    .bind(&e.subject.tenant_id)
-    .bind(&e.subject.boost_id)
-    .bind(attributes)
-    .fetch_one(conn)
-    .await?;
-    Ok(id as u64)
+        vec![
+            event.at.as_millis().into(),
+            (&event.kind).into(),
+            event.severity.as_str().into(),
+            (&event.message).into(),
+            (&event.subject.node_id).into(),
+            (&event.subject.workload_id).into(),
+            (&event.subject.container_id).into(),
+            (&event.subject.tenant_id).into(),
+            (&event.subject.boost_id).into(),
+            attributes.into(),
+        ],
+        Expect::Returns,
+    );
+    Ok(event)
+}
+
+/// Gives the events a write inserted the ids their statements returned
+/// (in order; the write's only returning statements are its events) and
+/// keeps them to be published once the transaction commits.
+pub(super) fn recorded(
+    tx: &mut WriteTx,
+    ids: Vec<i64>,
+    events: Vec<NewEvent>,
+) -> Result<(), StoreError> {
+    if ids.len() != events.len() {
+        return Err(StoreError::Internal(format!(
+            "{} events inserted, {} ids returned",
+            events.len(),
+            ids.len()
+        )));
+    }
+    tx.new_events
+        .extend(ids.into_iter().zip(events).map(|(id, event)| Event {
+            id: id as u64,
+            event,
+        }));
+    Ok(())
 }
 
 impl Store {

@@ -11,6 +11,7 @@ use futures::FutureExt as _;
 use boilerhouse_core::Timestamp;
 
 use super::sql;
+use super::statements::{Expect, Statements};
 use super::{Store, StoreError, WriteTx};
 
 /// What a lookup found.
@@ -32,18 +33,26 @@ pub async fn insert_idempotent(
     tx: &mut WriteTx,
     record: &IdempotentRecord,
 ) -> Result<(), StoreError> {
-    sql::query(
+    let mut statements = Statements::default();
+    push_idempotent(&mut statements, record);
+    statements.run(tx).await?;
+    Ok(())
+}
+
+/// Adds the record of `record` to a write's statements.
+pub(super) fn push_idempotent(statements: &mut Statements, record: &IdempotentRecord) {
+    statements.push(
         "INSERT INTO idempotency_keys (method, request_id, request_hash, response, created_at) \
          VALUES (?, ?, ?, ?, ?)",
-    )
-    .bind(&record.method)
-    .bind(&record.request_id)
-    .bind(&record.request_hash)
-    .bind(&record.response)
-    .bind(record.created_at.as_millis())
-    .execute(tx.conn())
-    .await?;
-    Ok(())
+        vec![
+            (&record.method).into(),
+            (&record.request_id).into(),
+            (&record.request_hash).into(),
+            (&record.response).into(),
+            record.created_at.as_millis().into(),
+        ],
+        Expect::Anything,
+    );
 }
 
 impl Store {

@@ -55,6 +55,7 @@ mod nodes;
 mod pools;
 pub mod retention;
 pub mod sql;
+mod statements;
 mod sync;
 mod workloads;
 pub mod writer;
@@ -256,7 +257,7 @@ impl Store {
             options.max_batch,
             events.clone(),
             stats.clone(),
-        );
+        )?;
         Ok(Self {
             writer,
             reads,

@@ -19,10 +19,11 @@ use boilerhouse_core::pool::write::{
 use boilerhouse_core::pool::{ClaimRecord, ContainerRecord, Reservation};
 use boilerhouse_core::{ContainerId, TenantId, Timestamp, WorkloadId};
 
-use super::events::insert_event;
-use super::idempotency::insert_idempotent;
+use super::events::{insert_event, push_event, recorded};
+use super::idempotency::push_idempotent;
 use super::lenient;
 use super::sql;
+use super::statements::{Expect, Param, Statements};
 use super::{Store, StoreError, WriteTx};
 
 mod rows;
@@ -112,12 +113,8 @@ fn reservation_key(row: &sqlx::any::AnyRow) -> String {
     )
 }
 
-fn conflict(what: String) -> StoreError {
-    StoreError::Conflict(what)
-}
-
 /// The `WHERE` of a conditional container change: the row is as the
-/// decision saw it. Bound by [`bind_expected`], in this order.
+/// decision saw it. Bound from [`expected_params`], in this order.
 macro_rules! container_is {
     () => {
         "container_id = ? AND revision = ? AND state = ? AND tenant_id IS NOT DISTINCT FROM ? AND claim_generation = ? \
@@ -125,235 +122,220 @@ macro_rules! container_is {
     };
 }
 
-fn bind_expected<'q>(
-    query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>,
-    id: &ContainerId,
-    e: &'q Expected,
-) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
-    query
-        .bind(id.to_string())
-        .bind(e.revision as i64)
-        .bind(e.state.as_str())
-        .bind(e.tenant_id.as_ref().map(TenantId::as_str))
-        .bind(e.claim_generation as i64)
-        .bind(e.updated_at.as_millis())
+/// The values [`container_is!`] compares, in its order.
+fn expected_params(id: &ContainerId, e: &Expected) -> [Param; 6] {
+    [
+        id.to_string().into(),
+        (e.revision as i64).into(),
+        e.state.as_str().into(),
+        e.tenant_id.as_ref().map(TenantId::as_str).into(),
+        (e.claim_generation as i64).into(),
+        e.updated_at.as_millis().into(),
+    ]
 }
 
-async fn apply_reservation(tx: &mut WriteTx, change: &ReservationChange) -> Result<(), StoreError> {
-    let touched = match change {
-        ReservationChange::Insert(r) => {
-            sql::query(
-                "INSERT INTO affinity_reservations (tenant_id, workload_id, container_id, node_id, reserved_at, \
-                 expires_at) VALUES (?, ?, ?, ?, ?, ?)",
-            )
-            .bind(r.tenant_id.as_str())
-            .bind(r.workload_id.as_str())
-            .bind(r.container_id.to_string())
-            .bind(r.node_id.as_str())
-            .bind(r.reserved_at.as_millis())
-            .bind(r.expires_at.as_millis())
-            .execute(tx.conn())
-            .await?
-        }
-        ReservationChange::Update { expected, new } => {
-            sql::query(
-                "UPDATE affinity_reservations SET node_id = ?, reserved_at = ?, expires_at = ? \
-                 WHERE tenant_id = ? AND workload_id = ? AND container_id = ? AND expires_at = ?",
-            )
-            .bind(new.node_id.as_str())
-            .bind(new.reserved_at.as_millis())
-            .bind(new.expires_at.as_millis())
-            .bind(expected.tenant_id.as_str())
-            .bind(expected.workload_id.as_str())
-            .bind(expected.container_id.to_string())
-            .bind(expected.expires_at.as_millis())
-            .execute(tx.conn())
-            .await?
-        }
-        ReservationChange::Remove { expected } => {
-            sql::query(
-                "DELETE FROM affinity_reservations \
-                 WHERE tenant_id = ? AND workload_id = ? AND container_id = ? AND expires_at = ?",
-            )
-            .bind(expected.tenant_id.as_str())
-            .bind(expected.workload_id.as_str())
-            .bind(expected.container_id.to_string())
-            .bind(expected.expires_at.as_millis())
-            .execute(tx.conn())
-            .await?
-        }
+fn push_reservation(statements: &mut Statements, change: &ReservationChange) {
+    let (sql, params): (&'static str, Vec<Param>) = match change {
+        ReservationChange::Insert(r) => (
+            "INSERT INTO affinity_reservations (tenant_id, workload_id, container_id, node_id, reserved_at, \
+             expires_at) VALUES (?, ?, ?, ?, ?, ?)",
+            vec![
+                r.tenant_id.as_str().into(),
+                r.workload_id.as_str().into(),
+                r.container_id.to_string().into(),
+                r.node_id.as_str().into(),
+                r.reserved_at.as_millis().into(),
+                r.expires_at.as_millis().into(),
+            ],
+        ),
+        ReservationChange::Update { expected, new } => (
+            "UPDATE affinity_reservations SET node_id = ?, reserved_at = ?, expires_at = ? \
+             WHERE tenant_id = ? AND workload_id = ? AND container_id = ? AND expires_at = ?",
+            vec![
+                new.node_id.as_str().into(),
+                new.reserved_at.as_millis().into(),
+                new.expires_at.as_millis().into(),
+                expected.tenant_id.as_str().into(),
+                expected.workload_id.as_str().into(),
+                expected.container_id.to_string().into(),
+                expected.expires_at.as_millis().into(),
+            ],
+        ),
+        ReservationChange::Remove { expected } => (
+            "DELETE FROM affinity_reservations \
+             WHERE tenant_id = ? AND workload_id = ? AND container_id = ? AND expires_at = ?",
+            vec![
+                expected.tenant_id.as_str().into(),
+                expected.workload_id.as_str().into(),
+                expected.container_id.to_string().into(),
+                expected.expires_at.as_millis().into(),
+            ],
+        ),
     };
-    if touched.rows_affected() == 0 {
-        return Err(conflict(format!(
+    statements.push(
+        sql,
+        params,
+        Expect::Changes(format!(
             "the reservation changed since it was read ({change:?})"
-        )));
-    }
-    Ok(())
+        )),
+    );
 }
 
-/// Binds the columns a change may set, in the order the statements list
-/// them: docker_id through updated_at.
-fn bind_changing<'q>(
-    query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>,
-    c: &'q ContainerRecord,
-) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
-    query
-        .bind(&c.docker_id)
-        .bind(c.state.as_str())
-        .bind(c.tenant_id.as_ref().map(TenantId::as_str))
-        .bind(c.last_tenant_id.as_ref().map(TenantId::as_str))
-        .bind(c.claim_generation as i64)
-        .bind(c.revision as i64)
-        .bind(c.limits.cpus)
-        .bind(c.limits.memory_bytes.map(|m| m as i64))
-        .bind(&c.state_path)
-        .bind(&c.comm_path)
-        .bind(c.updated_at.as_millis())
+/// The columns a change may set, in the order the statements list them:
+/// docker_id through updated_at.
+fn changing_params(c: &ContainerRecord) -> [Param; 11] {
+    [
+        (&c.docker_id).into(),
+        c.state.as_str().into(),
+        c.tenant_id.as_ref().map(TenantId::as_str).into(),
+        c.last_tenant_id.as_ref().map(TenantId::as_str).into(),
+        (c.claim_generation as i64).into(),
+        (c.revision as i64).into(),
+        c.limits.cpus.into(),
+        c.limits.memory_bytes.map(|m| m as i64).into(),
+        (&c.state_path).into(),
+        (&c.comm_path).into(),
+        c.updated_at.as_millis().into(),
+    ]
 }
 
-async fn apply_container(tx: &mut WriteTx, change: &ContainerChange) -> Result<(), StoreError> {
-    let touched = match change {
+fn push_container(statements: &mut Statements, change: &ContainerChange) {
+    let changed = || format!("container {} changed since it was read", change.id());
+    match change {
         ContainerChange::Insert(c) => {
             // A row comes back only with the history its claims wrote: a
             // stale adoption never revives a used container as unused.
-            // The check is part of the statement (one round trip, not two).
-            let query = sql::query(
+            // The check is part of the statement.
+            let mut params: Vec<Param> = vec![
+                c.id.to_string().into(),
+                c.workload_id.as_str().into(),
+                c.workload_id.as_str().into(),
+                c.node_id.as_str().into(),
+                (&c.spec_hash).into(),
+                c.created_at.as_millis().into(),
+            ];
+            params.extend(changing_params(c));
+            params.push(c.id.to_string().into());
+            params.push((c.claim_generation as i64).into());
+            statements.push(
                 "INSERT INTO containers (container_id, pool_id, workload_id, node_id, spec_hash, created_at, \
                  docker_id, state, tenant_id, last_tenant_id, claim_generation, revision, limits_cpus, \
                  limits_memory, state_path, comm_path, updated_at) \
                  SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? \
                  WHERE NOT EXISTS (SELECT 1 FROM claims WHERE container_id = ? AND generation > ?)",
-            )
-            .bind(c.id.to_string())
-            .bind(c.workload_id.as_str())
-            .bind(c.workload_id.as_str())
-            .bind(c.node_id.as_str())
-            .bind(&c.spec_hash)
-            .bind(c.created_at.as_millis());
-            let inserted = bind_changing(query, c)
-                .bind(c.id.to_string())
-                .bind(c.claim_generation as i64)
-                .execute(tx.conn())
-                .await?;
-            if inserted.rows_affected() == 0 {
-                return Err(conflict(format!("container {} had newer claims", c.id)));
-            }
-            inserted
+                params,
+                Expect::Changes(format!("container {} had newer claims", c.id)),
+            );
         }
         ContainerChange::Update {
             expected,
             record: c,
         } => {
-            let query = sql::query(concat!(
-                "UPDATE containers SET docker_id = ?, state = ?, tenant_id = ?, last_tenant_id = ?, ",
-                "claim_generation = ?, revision = ?, limits_cpus = ?, limits_memory = ?, state_path = ?, ",
-                "comm_path = ?, updated_at = ? WHERE ",
-                container_is!()
-            ));
-            bind_expected(bind_changing(query, c), &c.id, expected)
-                .execute(tx.conn())
-                .await?
+            let mut params: Vec<Param> = Vec::with_capacity(17);
+            params.extend(changing_params(c));
+            params.extend(expected_params(&c.id, expected));
+            statements.push(
+                concat!(
+                    "UPDATE containers SET docker_id = ?, state = ?, tenant_id = ?, last_tenant_id = ?, ",
+                    "claim_generation = ?, revision = ?, limits_cpus = ?, limits_memory = ?, state_path = ?, ",
+                    "comm_path = ?, updated_at = ? WHERE ",
+                    container_is!()
+                ),
+                params,
+                Expect::Changes(changed()),
+            );
         }
         ContainerChange::Remove { id, expected } => {
-            let query = sql::query(concat!("DELETE FROM containers WHERE ", container_is!()));
-            bind_expected(query, id, expected)
-                .execute(tx.conn())
-                .await?
+            statements.push(
+                concat!("DELETE FROM containers WHERE ", container_is!()),
+                expected_params(id, expected).into(),
+                Expect::Changes(changed()),
+            );
         }
-    };
-    if touched.rows_affected() == 0 {
-        return Err(conflict(format!(
-            "container {} changed since it was read",
-            change.id()
-        )));
     }
-    Ok(())
 }
 
-async fn apply_claim(tx: &mut WriteTx, change: &ClaimChange) -> Result<(), StoreError> {
+fn push_claim(statements: &mut Statements, change: &ClaimChange) {
     match change {
         ClaimChange::Insert(c) => {
-            // Two checks, in the statement itself (one round trip, not
-            // three): a fencing token is never handed out twice, and a
-            // tenant never holds a claim and a reservation of one workload
-            // (reservation changes are applied before claim changes, so
-            // this sees what the write leaves; the unique index
-            // claims_one_per_tenant rules out two claims).
-            let inserted = sql::query(
+            // Two checks, in the statement itself: a fencing token is
+            // never handed out twice, and a tenant never holds a claim and
+            // a reservation of one workload (reservation changes are
+            // applied before claim changes, so this sees what the write
+            // leaves; the unique index claims_one_per_tenant rules out two
+            // claims).
+            statements.push(
                 "INSERT INTO claims (claim_id, tenant_id, workload_id, container_id, node_id, generation, source, \
                  status, claimed_at, last_activity_at, released_at, restored) \
-                 SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12 \
-                 WHERE NOT EXISTS (SELECT 1 FROM claims WHERE container_id = ?4 AND generation >= ?6) \
-                 AND NOT EXISTS (SELECT 1 FROM affinity_reservations WHERE tenant_id = ?2 AND workload_id = ?3)",
-            )
-            .bind(&c.claim_id)
-            .bind(c.tenant_id.as_str())
-            .bind(c.workload_id.as_str())
-            .bind(c.container_id.to_string())
-            .bind(c.node_id.as_str())
-            .bind(c.generation as i64)
-            .bind(c.source.as_str())
-            .bind(c.status.as_str())
-            .bind(c.claimed_at.as_millis())
-            .bind(c.last_activity_at.as_millis())
-            .bind(c.released_at.map(|t| t.as_millis()))
-            .bind(c.restored)
-            .execute(tx.conn())
-            .await?;
-            if inserted.rows_affected() == 0 {
-                return Err(conflict(format!(
+                 SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? \
+                 WHERE NOT EXISTS (SELECT 1 FROM claims WHERE container_id = ? AND generation >= ?) \
+                 AND NOT EXISTS (SELECT 1 FROM affinity_reservations WHERE tenant_id = ? AND workload_id = ?)",
+                vec![
+                    (&c.claim_id).into(),
+                    c.tenant_id.as_str().into(),
+                    c.workload_id.as_str().into(),
+                    c.container_id.to_string().into(),
+                    c.node_id.as_str().into(),
+                    (c.generation as i64).into(),
+                    c.source.as_str().into(),
+                    c.status.as_str().into(),
+                    c.claimed_at.as_millis().into(),
+                    c.last_activity_at.as_millis().into(),
+                    c.released_at.map(|t| t.as_millis()).into(),
+                    c.restored.into(),
+                    c.container_id.to_string().into(),
+                    (c.generation as i64).into(),
+                    c.tenant_id.as_str().into(),
+                    c.workload_id.as_str().into(),
+                ],
+                Expect::Changes(format!(
                     "generation {} on container {} was used, or {}/{} holds a reservation",
                     c.generation, c.container_id, c.tenant_id, c.workload_id
-                )));
-            }
+                )),
+            );
         }
-        ClaimChange::End(c) => {
-            let touched = sql::query(
-                "UPDATE claims SET status = ?, released_at = ? \
-                 WHERE claim_id = ? AND status = 'active' AND generation = ?",
-            )
-            .bind(c.status.as_str())
-            .bind(c.released_at.map(|t| t.as_millis()))
-            .bind(&c.claim_id)
-            .bind(c.generation as i64)
-            .execute(tx.conn())
-            .await?;
-            if touched.rows_affected() == 0 {
-                return Err(conflict(format!(
-                    "claim {} of {} is no longer active at generation {}",
-                    c.claim_id, c.tenant_id, c.generation
-                )));
-            }
-        }
-        ClaimChange::Touch { claim_id, at } => {
-            sql::query(
-                // Only ever forward; no scalar max() on PostgreSQL.
-                "UPDATE claims SET last_activity_at = ?1 WHERE claim_id = ?2 AND last_activity_at < ?1",
-            )
-            .bind(at.as_millis())
-            .bind(claim_id)
-            .execute(tx.conn())
-            .await?;
-        }
-        ClaimChange::Restored { claim_id } => {
-            sql::query("UPDATE claims SET restored = TRUE WHERE claim_id = ?")
-                .bind(claim_id)
-                .execute(tx.conn())
-                .await?;
-        }
+        ClaimChange::End(c) => statements.push(
+            "UPDATE claims SET status = ?, released_at = ? \
+             WHERE claim_id = ? AND status = 'active' AND generation = ?",
+            vec![
+                c.status.as_str().into(),
+                c.released_at.map(|t| t.as_millis()).into(),
+                (&c.claim_id).into(),
+                (c.generation as i64).into(),
+            ],
+            Expect::Changes(format!(
+                "claim {} of {} is no longer active at generation {}",
+                c.claim_id, c.tenant_id, c.generation
+            )),
+        ),
+        ClaimChange::Touch { claim_id, at } => statements.push(
+            // Only ever forward; no scalar max() on PostgreSQL.
+            "UPDATE claims SET last_activity_at = ? WHERE claim_id = ? AND last_activity_at < ?",
+            vec![
+                at.as_millis().into(),
+                claim_id.into(),
+                at.as_millis().into(),
+            ],
+            Expect::Anything,
+        ),
+        ClaimChange::Restored { claim_id } => statements.push(
+            "UPDATE claims SET restored = TRUE WHERE claim_id = ?",
+            vec![claim_id.into()],
+            Expect::Anything,
+        ),
     }
-    Ok(())
 }
 
 async fn apply(tx: &mut WriteTx, write: &PoolWrite) -> Result<(), StoreError> {
+    let mut statements = Statements::default();
     for change in &write.reservations {
-        apply_reservation(tx, change).await?;
+        push_reservation(&mut statements, change);
     }
     for change in &write.containers {
-        apply_container(tx, change).await?;
+        push_container(&mut statements, change);
     }
     for change in &write.claims {
-        apply_claim(tx, change).await?;
+        push_claim(&mut statements, change);
     }
     // Checked on what the write leaves: a release (which reserves) that
     // lands after a claim decided before it is refused. Claim inserts
@@ -362,27 +344,34 @@ async fn apply(tx: &mut WriteTx, write: &PoolWrite) -> Result<(), StoreError> {
         ReservationChange::Insert(r) => Some((&r.tenant_id, &r.workload_id)),
         _ => None,
     }) {
-        let (held,): (i64,) = sql::query_as(
-            "SELECT (SELECT COUNT(*) FROM claims WHERE tenant_id = ?1 AND workload_id = ?2 AND status = 'active') \
-             + (SELECT COUNT(*) FROM affinity_reservations WHERE tenant_id = ?1 AND workload_id = ?2)",
-        )
-        .bind(tenant.as_str())
-        .bind(workload.as_str())
-        .fetch_one(tx.conn())
-        .await?;
-        if held > 1 {
-            return Err(conflict(format!(
-                "{tenant}/{workload} would hold a claim and a reservation"
-            )));
-        }
+        statements.push(
+            "SELECT (SELECT COUNT(*) FROM claims WHERE tenant_id = ? AND workload_id = ? AND status = 'active') \
+             + (SELECT COUNT(*) FROM affinity_reservations WHERE tenant_id = ? AND workload_id = ?)",
+            vec![
+                tenant.as_str().into(),
+                workload.as_str().into(),
+                tenant.as_str().into(),
+                workload.as_str().into(),
+            ],
+            Expect::AtMost(
+                1,
+                format!("{tenant}/{workload} would hold a claim and a reservation"),
+            ),
+        );
     }
     if let Some(record) = &write.idempotency {
-        insert_idempotent(tx, record).await?;
+        push_idempotent(&mut statements, record);
     }
+    let mut events = Vec::with_capacity(write.events.len());
     for event in &write.events {
-        insert_event(tx, event.clone()).await?;
+        events.push(push_event(
+            &mut statements,
+            tx.caused_by.as_ref(),
+            event.clone(),
+        )?);
     }
-    Ok(())
+    let ids = statements.run(tx).await?;
+    recorded(tx, ids, events)
 }
 
 impl Store {
@@ -399,7 +388,7 @@ impl Store {
         let write = std::sync::Arc::new(write);
         let committed = write.clone();
         self.writer
-            .write_then(
+            .write_statements_then(
                 move |tx| async move { apply(tx, &write).await }.boxed(),
                 move || on_commit(&committed),
             )

@@ -27,7 +27,6 @@
 //! the same order, whether or not the caller is still waiting.
 
 use std::any::Any;
-use std::time::Duration;
 
 use futures::future::BoxFuture;
 use sqlx::{AnyConnection, Connection};
@@ -39,6 +38,9 @@ use super::connect::Connector;
 use super::sql::Backend;
 use super::{Fence, StoreError};
 
+mod transaction;
+use transaction::{Savepoint, begin, check_fence, is_fatal, run_in_savepoint};
+
 /// What a write operation sees: the write connection, inside a transaction,
 /// and the events it recorded (published to watchers only after commit).
 pub struct WriteTx {
@@ -47,11 +49,24 @@ pub struct WriteTx {
     /// Who caused the operation running now: one transaction carries the
     /// operations of many callers, so each sets this before it runs.
     pub(super) caused_by: Option<boilerhouse_core::auth::Principal>,
+    pub(super) backend: Backend,
+    /// The statements that enter the operation's savepoint, when the
+    /// writer left them to the operation: its [`Statements`](super::statements::Statements) send them
+    /// with its own, in one round trip.
+    pub(super) enter: Option<&'static str>,
+    /// Entering the savepoint failed partway: the previous operation's
+    /// savepoint may be open or gone, so only the whole transaction can
+    /// be rolled back.
+    pub(super) savepoint_lost: bool,
 }
 
 impl WriteTx {
     /// The connection, for queries.
     pub fn conn(&mut self) -> &mut AnyConnection {
+        debug_assert!(
+            self.enter.is_none(),
+            "an operation that defers its savepoint runs its statements first"
+        );
         &mut self.conn
     }
 }
@@ -66,6 +81,9 @@ struct WriteRequest {
     op: WriteOp,
     on_commit: Option<CommitHook>,
     reply: oneshot::Sender<AnyResult>,
+    /// The operation's first database work is [`Statements::run`](super::statements::Statements::run), which
+    /// enters the savepoint itself.
+    defers_entry: bool,
 }
 
 /// At most this many routine writes (no caller waits on them) share a
@@ -91,9 +109,15 @@ pub struct WriterStats {
 }
 
 impl Writer {
-    /// Starts the writer task. `max_batch` caps how many operations share a
-    /// commit; 1 turns group commit off (one transaction per write), which
-    /// the benchmark uses as its baseline.
+    /// Starts the writer on a thread of its own. `max_batch` caps how
+    /// many operations share a commit; 1 turns group commit off (one
+    /// transaction per write), which the benchmark uses as its baseline.
+    ///
+    /// Why a thread: each statement is a trip to the database's thread (or
+    /// socket) and back, and a task on the server's runtime that wakes
+    /// from one waits behind every RPC ready to run (at 256 claims in
+    /// flight, some 100 µs a trip, most of a claim's cost). On its own
+    /// thread the writer runs the moment its answer comes.
     pub(super) fn spawn(
         conn: AnyConnection,
         connector: Connector,
@@ -101,23 +125,33 @@ impl Writer {
         max_batch: usize,
         events: broadcast::Sender<Event>,
         stats: std::sync::Arc<std::sync::Mutex<WriterStats>>,
-    ) -> Self {
+    ) -> Result<Self, StoreError> {
         let (urgent, urgent_rx) = mpsc::channel(4096);
         let (routine, routine_rx) = mpsc::channel(4096);
-        tokio::spawn(run(
-            conn,
-            connector,
-            fence,
-            Queues {
-                urgent: urgent_rx,
-                routine: routine_rx,
-                routine_owed: false,
-            },
-            max_batch.max(1),
-            events,
-            stats,
-        ));
-        Self { urgent, routine }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Internal(format!("writer runtime: {e}")))?;
+        let queues = Queues {
+            urgent: urgent_rx,
+            routine: routine_rx,
+            routine_owed: false,
+        };
+        std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || {
+                runtime.block_on(run(
+                    conn,
+                    connector,
+                    fence,
+                    queues,
+                    max_batch.max(1),
+                    events,
+                    stats,
+                ));
+            })
+            .map_err(|e| StoreError::Internal(format!("writer thread: {e}")))?;
+        Ok(Self { urgent, routine })
     }
 
     /// Runs `op` in the next transaction and returns its result once that
@@ -127,7 +161,7 @@ impl Writer {
         T: Send + 'static,
         F: for<'c> FnOnce(&'c mut WriteTx) -> BoxFuture<'c, Result<T, StoreError>> + Send + 'static,
     {
-        self.submit(op, None).await
+        self.submit(op, None, false).await
     }
 
     /// Like [`Writer::write`], and runs `on_commit` once `op` has committed,
@@ -140,10 +174,31 @@ impl Writer {
         F: for<'c> FnOnce(&'c mut WriteTx) -> BoxFuture<'c, Result<T, StoreError>> + Send + 'static,
         H: FnOnce() + Send + 'static,
     {
-        self.submit(op, Some(Box::new(on_commit))).await
+        self.submit(op, Some(Box::new(on_commit)), false).await
     }
 
-    async fn submit<T, F>(&self, op: F, on_commit: Option<CommitHook>) -> Result<T, StoreError>
+    /// Like [`Writer::write_then`], for an operation whose first database
+    /// work is one [`Statements::run`](super::statements::Statements::run): the savepoint is entered in the
+    /// same round trip as its statements.
+    pub(super) async fn write_statements_then<T, F, H>(
+        &self,
+        op: F,
+        on_commit: H,
+    ) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(&'c mut WriteTx) -> BoxFuture<'c, Result<T, StoreError>> + Send + 'static,
+        H: FnOnce() + Send + 'static,
+    {
+        self.submit(op, Some(Box::new(on_commit)), true).await
+    }
+
+    async fn submit<T, F>(
+        &self,
+        op: F,
+        on_commit: Option<CommitHook>,
+        defers_entry: bool,
+    ) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: for<'c> FnOnce(&'c mut WriteTx) -> BoxFuture<'c, Result<T, StoreError>> + Send + 'static,
@@ -166,6 +221,7 @@ impl Writer {
                 op,
                 on_commit,
                 reply,
+                defers_entry,
             })
             .await
             .map_err(|_| StoreError::Closed)?;
@@ -246,6 +302,9 @@ async fn run(
         conn,
         new_events: Vec::new(),
         caused_by: None,
+        backend: connector.backend(),
+        enter: None,
+        savepoint_lost: false,
     };
     // Set when the connection broke: the next batch opens a new one.
     let mut broken = false;
@@ -253,7 +312,6 @@ async fn run(
     // Ends only once every Writer handle is gone: the store was dropped,
     // so there is nothing left to write.
     while queues.next_batch(&mut batch, max_batch).await {
-        let count = batch.len() as u64;
         if broken {
             match connector.connect().await {
                 Ok(conn) => {
@@ -270,23 +328,27 @@ async fn run(
                 }
             }
         }
-        let outcome = commit_batch(&mut tx, connector.backend(), fence.as_ref(), &mut batch).await;
+        let outcome = commit_batch(
+            &mut tx,
+            connector.backend(),
+            fence.as_ref(),
+            &Published {
+                events: &events,
+                stats: &stats,
+            },
+            &mut batch,
+        )
+        .await;
         broken = outcome == Outcome::Broken;
-        let committed = outcome == Outcome::Committed;
-        if committed {
-            if let Ok(mut s) = stats.lock() {
-                s.commits += 1;
-                s.operations += count;
-            }
-            for event in tx.new_events.drain(..) {
-                // No receivers is normal: nobody is watching.
-                let _ = events.send(event);
-            }
-        } else {
-            tx.new_events.clear();
-        }
+        tx.new_events.clear();
     }
     let _ = tx.conn.close().await;
+}
+
+/// Where a committed batch is announced before its callers hear of it.
+struct Published<'a> {
+    events: &'a broadcast::Sender<Event>,
+    stats: &'a std::sync::Mutex<WriterStats>,
 }
 
 /// How a batch ended.
@@ -306,6 +368,7 @@ async fn commit_batch(
     tx: &mut WriteTx,
     backend: Backend,
     fence: Option<&Fence>,
+    published: &Published<'_>,
     batch: &mut Vec<WriteRequest>,
 ) -> Outcome {
     if let Some(fence) = fence
@@ -345,10 +408,21 @@ async fn commit_batch(
     let mut savepoint = Savepoint::None;
     while let Some(request) = pending.next() {
         let events_before = tx.new_events.len();
-        let result = run_in_savepoint(tx, &mut savepoint, request.op).await;
+        let result = run_in_savepoint(tx, &mut savepoint, request.op, request.defers_entry).await;
         if result.is_err() {
             tx.new_events.truncate(events_before);
         }
+        let result = match result {
+            Err(e) if std::mem::take(&mut tx.savepoint_lost) => {
+                // Not a statement of this operation failed but the
+                // transaction's bookkeeping: the whole batch is rolled
+                // back, as after any fatal error (a protocol error is one).
+                Err(StoreError::Database(std::sync::Arc::new(
+                    sqlx::Error::Protocol(format!("entering a savepoint failed: {e}")),
+                )))
+            }
+            other => other,
+        };
         match result {
             Err(StoreError::Database(e)) if is_fatal(&e, backend) => {
                 // The transaction itself is broken (I/O error, disk full):
@@ -385,6 +459,17 @@ async fn commit_batch(
                 }
                 replies.push((reply, result));
             }
+            // Then the figures and the events: a caller that hears "ok"
+            // finds its write counted, and if it then starts watching it
+            // sees only what comes after its write.
+            if let Ok(mut stats) = published.stats.lock() {
+                stats.commits += 1;
+                stats.operations += replies.len() as u64;
+            }
+            for event in tx.new_events.drain(..) {
+                // No receivers is normal: nobody is watching.
+                let _ = published.events.send(event);
+            }
             for (reply, result) in replies {
                 let _ = reply.send(result);
             }
@@ -416,147 +501,8 @@ async fn commit_batch(
     }
 }
 
-/// Whether the operation before left its savepoint open.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Savepoint {
-    /// None open: the batch's first operation, or one after a rollback.
-    None,
-    /// The previous operation succeeded and its savepoint is still open:
-    /// the next one releases it in the same round trip as it opens its
-    /// own, and COMMIT releases the last. Each statement is a round trip
-    /// to the database's thread or socket, which at thousands of writes a
-    /// second costs more than the statement.
-    Open,
-}
-
-async fn run_in_savepoint(tx: &mut WriteTx, open: &mut Savepoint, op: WriteOp) -> AnyResult {
-    let enter = match open {
-        Savepoint::None => "SAVEPOINT op",
-        Savepoint::Open => "RELEASE op; SAVEPOINT op",
-    };
-    *open = Savepoint::None;
-    sqlx::raw_sql(enter).execute(&mut tx.conn).await?;
-    match op(tx).await {
-        Ok(value) => {
-            *open = Savepoint::Open;
-            Ok(value)
-        }
-        Err(e) => {
-            sqlx::raw_sql("ROLLBACK TO op; RELEASE op")
-                .execute(&mut tx.conn)
-                .await?;
-            Err(e)
-        }
-    }
-}
-
-/// The leader's fence, first in every write transaction: the lease row's
-/// epoch, read under a share lock held until COMMIT, must be this
-/// server's. Another epoch means another replica took the lease; the
-/// share lock means no replica can take it while this transaction is open.
-async fn check_fence(conn: &mut AnyConnection, fence: &Fence) -> Result<(), (StoreError, bool)> {
-    let row: Result<(i64, String), sqlx::Error> =
-        sqlx::query_as("SELECT epoch, address FROM leadership WHERE id = 1 FOR SHARE")
-            .fetch_one(&mut *conn)
-            .await;
-    match row {
-        Ok((epoch, _)) if epoch == fence.epoch => Ok(()),
-        Ok((epoch, address)) => {
-            tracing::error!(
-                ours = fence.epoch,
-                current = epoch,
-                leader = %address,
-                "store: fenced: another server holds the lease; this one commits nothing more"
-            );
-            fence.lost.cancel();
-            Err((
-                StoreError::NotLeader(format!("the leader is {address} (epoch {epoch})")),
-                false,
-            ))
-        }
-        Err(e) => {
-            let broken = is_fatal(&e, Backend::Postgres);
-            Err((StoreError::Unavailable(e.to_string()), broken))
-        }
-    }
-}
-
-/// Begins the batch's transaction. On SQLite, BEGIN IMMEDIATE takes the
-/// write lock up front; another process (an operator's sqlite3 shell) may
-/// hold it, so retry with backoff on top of the connection's busy timeout
-/// rather than failing the whole batch. On PostgreSQL a plain BEGIN: this
-/// task is the only writer of its server. The error says whether the
-/// connection is broken.
-async fn begin(conn: &mut AnyConnection, backend: Backend) -> Result<(), (StoreError, bool)> {
-    let statement = match backend {
-        Backend::Sqlite => "BEGIN IMMEDIATE",
-        Backend::Postgres => "BEGIN",
-    };
-    let mut delay = Duration::from_millis(10);
-    let mut attempt = 0;
-    loop {
-        match sqlx::query(statement).execute(&mut *conn).await {
-            Ok(_) => return Ok(()),
-            Err(e) if backend == Backend::Sqlite && is_busy(&e) && attempt < 5 => {
-                attempt += 1;
-                tracing::warn!(attempt, "store: database is busy, retrying");
-                tokio::time::sleep(delay).await;
-                delay *= 2;
-            }
-            Err(e) => {
-                let broken = is_fatal(&e, backend);
-                return Err((StoreError::Unavailable(e.to_string()), broken));
-            }
-        }
-    }
-}
-
 fn fail_all(batch: &mut Vec<WriteRequest>, err: &StoreError) {
     for request in batch.drain(..) {
         let _ = request.reply.send(Err(err.clone()));
-    }
-}
-
-fn sqlite_code(e: &sqlx::Error) -> Option<i32> {
-    match e {
-        sqlx::Error::Database(db) => db.code().and_then(|c| c.parse::<i32>().ok()),
-        _ => None,
-    }
-}
-
-fn is_busy(e: &sqlx::Error) -> bool {
-    // SQLITE_BUSY (5) and SQLITE_LOCKED (6), with extended codes.
-    matches!(sqlite_code(e).map(|c| c & 0xff), Some(5 | 6))
-}
-
-/// Errors after which the open transaction, or the connection, cannot be
-/// trusted. SQLite: SQLITE_IOERR (10), SQLITE_CORRUPT (11), SQLITE_FULL
-/// (13), SQLITE_NOTADB (26). PostgreSQL: the SQLSTATE classes for a lost
-/// connection (08), insufficient resources such as a full disk (53), an
-/// operator intervention such as a server shutting down (57), a system
-/// error (58) and an internal error (XX), and a session ended for idling in
-/// its transaction (25P03). Either: the connection itself
-/// failing.
-pub(super) fn is_fatal(e: &sqlx::Error, backend: Backend) -> bool {
-    match e {
-        sqlx::Error::Io(_)
-        | sqlx::Error::WorkerCrashed
-        | sqlx::Error::Protocol(_)
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed => true,
-        sqlx::Error::Database(db) => match backend {
-            Backend::Sqlite => matches!(sqlite_code(e).map(|c| c & 0xff), Some(10 | 11 | 13 | 26)),
-            Backend::Postgres => db.code().is_some_and(|code| {
-                // 25P03: the server ended a session left idle inside its
-                // transaction (idle_in_transaction_session_timeout); the
-                // error is the last thing it sends before closing.
-                code == "25P03"
-                    || ["08", "53", "57", "58", "XX"]
-                        .iter()
-                        .any(|class| code.starts_with(class))
-            }),
-        },
-        _ => false,
     }
 }

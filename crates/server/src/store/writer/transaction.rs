@@ -1,0 +1,173 @@
+//! The writer's transaction: beginning it, the leader's fence, each
+//! operation's savepoint, and which errors break the transaction.
+
+use std::time::Duration;
+
+use sqlx::AnyConnection;
+
+use super::super::sql::Backend;
+use super::super::{Fence, StoreError};
+use super::{AnyResult, WriteOp, WriteTx};
+
+/// Whether the operation before left its savepoint open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Savepoint {
+    /// None open: the batch's first operation, or one after a rollback.
+    None,
+    /// The previous operation succeeded and its savepoint is still open:
+    /// the next one releases it in the same round trip as it opens its
+    /// own, and COMMIT releases the last. Each statement is a round trip
+    /// to the database's thread or socket, which at thousands of writes a
+    /// second costs more than the statement.
+    Open,
+}
+
+pub(super) async fn run_in_savepoint(
+    tx: &mut WriteTx,
+    open: &mut Savepoint,
+    op: WriteOp,
+    defers_entry: bool,
+) -> AnyResult {
+    let enter = match open {
+        Savepoint::None => "SAVEPOINT op",
+        Savepoint::Open => "RELEASE op; SAVEPOINT op",
+    };
+    if defers_entry {
+        tx.enter = Some(enter);
+    } else {
+        *open = Savepoint::None;
+        sqlx::raw_sql(enter).execute(&mut tx.conn).await?;
+    }
+    let result = op(tx).await;
+    // Still pending: the operation touched nothing, and the savepoint
+    // state is as before it.
+    let entered = tx.enter.take().is_none();
+    if !entered {
+        return result;
+    }
+    *open = Savepoint::None;
+    match result {
+        Ok(value) => {
+            *open = Savepoint::Open;
+            Ok(value)
+        }
+        Err(e) if tx.savepoint_lost => Err(e),
+        Err(e) => {
+            sqlx::raw_sql("ROLLBACK TO op; RELEASE op")
+                .execute(&mut tx.conn)
+                .await?;
+            Err(e)
+        }
+    }
+}
+
+/// The leader's fence, first in every write transaction: the lease row's
+/// epoch, read under a share lock held until COMMIT, must be this
+/// server's. Another epoch means another replica took the lease; the
+/// share lock means no replica can take it while this transaction is open.
+pub(super) async fn check_fence(
+    conn: &mut AnyConnection,
+    fence: &Fence,
+) -> Result<(), (StoreError, bool)> {
+    let row: Result<(i64, String), sqlx::Error> =
+        sqlx::query_as("SELECT epoch, address FROM leadership WHERE id = 1 FOR SHARE")
+            .fetch_one(&mut *conn)
+            .await;
+    match row {
+        Ok((epoch, _)) if epoch == fence.epoch => Ok(()),
+        Ok((epoch, address)) => {
+            tracing::error!(
+                ours = fence.epoch,
+                current = epoch,
+                leader = %address,
+                "store: fenced: another server holds the lease; this one commits nothing more"
+            );
+            fence.lost.cancel();
+            Err((
+                StoreError::NotLeader(format!("the leader is {address} (epoch {epoch})")),
+                false,
+            ))
+        }
+        Err(e) => {
+            let broken = is_fatal(&e, Backend::Postgres);
+            Err((StoreError::Unavailable(e.to_string()), broken))
+        }
+    }
+}
+
+/// Begins the batch's transaction. On SQLite, BEGIN IMMEDIATE takes the
+/// write lock up front; another process (an operator's sqlite3 shell) may
+/// hold it, so retry with backoff on top of the connection's busy timeout
+/// rather than failing the whole batch. On PostgreSQL a plain BEGIN: this
+/// task is the only writer of its server. The error says whether the
+/// connection is broken.
+pub(super) async fn begin(
+    conn: &mut AnyConnection,
+    backend: Backend,
+) -> Result<(), (StoreError, bool)> {
+    let statement = match backend {
+        Backend::Sqlite => "BEGIN IMMEDIATE",
+        Backend::Postgres => "BEGIN",
+    };
+    let mut delay = Duration::from_millis(10);
+    let mut attempt = 0;
+    loop {
+        match sqlx::query(statement).execute(&mut *conn).await {
+            Ok(_) => return Ok(()),
+            Err(e) if backend == Backend::Sqlite && is_busy(&e) && attempt < 5 => {
+                attempt += 1;
+                tracing::warn!(attempt, "store: database is busy, retrying");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+            Err(e) => {
+                let broken = is_fatal(&e, backend);
+                return Err((StoreError::Unavailable(e.to_string()), broken));
+            }
+        }
+    }
+}
+
+fn sqlite_code(e: &sqlx::Error) -> Option<i32> {
+    match e {
+        sqlx::Error::Database(db) => db.code().and_then(|c| c.parse::<i32>().ok()),
+        _ => None,
+    }
+}
+
+fn is_busy(e: &sqlx::Error) -> bool {
+    // SQLITE_BUSY (5) and SQLITE_LOCKED (6), with extended codes.
+    matches!(sqlite_code(e).map(|c| c & 0xff), Some(5 | 6))
+}
+
+/// Errors after which the open transaction, or the connection, cannot be
+/// trusted. SQLite: SQLITE_IOERR (10), SQLITE_CORRUPT (11), SQLITE_FULL
+/// (13), SQLITE_NOTADB (26). PostgreSQL: the SQLSTATE classes for a lost
+/// connection (08), insufficient resources such as a full disk (53), an
+/// operator intervention such as a server shutting down (57), a system
+/// error (58) and an internal error (XX), and a session ended for idling in
+/// its transaction (25P03). Either: the connection itself
+/// failing.
+pub(in crate::store) fn is_fatal(e: &sqlx::Error, backend: Backend) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed => true,
+        sqlx::Error::Database(db) => match backend {
+            Backend::Sqlite => matches!(sqlite_code(e).map(|c| c & 0xff), Some(10 | 11 | 13 | 26)),
+            Backend::Postgres => db.code().is_some_and(|code| {
+                // 25P03: the server ended a session left idle inside its
+                // transaction (idle_in_transaction_session_timeout); the
+                // error is the last thing it sends before closing.
+                code == "25P03"
+                    || ["08", "53", "57", "58", "XX"]
+                        .iter()
+                        .any(|class| code.starts_with(class))
+            }),
+        },
+        _ => false,
+    }
+}
