@@ -1,5 +1,6 @@
-//! The single writer: one task owns the only write connection and commits
-//! every write that is waiting as one transaction (group commit).
+//! The single writer: one task, on a thread of its own, owns the only
+//! write connection and commits every write that is waiting as one
+//! transaction (group commit).
 //!
 //! Why: with `synchronous=FULL` each commit costs an fsync, which is the
 //! price of "an acknowledged claim survives power loss". Batching all
