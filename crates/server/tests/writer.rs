@@ -495,3 +495,58 @@ async fn a_pool_write_refused_after_its_first_statement_is_undone_whole_in_its_b
         "the refused write's event is not published"
     );
 }
+
+/// Another process holding SQLite's write lock (an operator's sqlite3
+/// shell in a transaction) delays a pool write, whose first statements
+/// begin the transaction, and loses nothing: the write commits once the
+/// lock is let go, well inside the connection's busy timeout.
+#[tokio::test]
+async fn a_pool_write_waits_out_another_processs_write_lock() {
+    use boilerhouse_core::pool::write::{ContainerChange, PoolWrite};
+    use boilerhouse_server::store::sql;
+    use sqlx::Connection as _;
+
+    let db = TestDatabase::fresh().await.unwrap();
+    let location = DatabaseLocation::parse(db.value()).unwrap();
+    let Some(path) = location.sqlite_path().map(|p| p.to_owned()) else {
+        return; // PostgreSQL has no file lock to hold.
+    };
+    let store = open(&db).await;
+    let mut shell = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    sqlx::raw_sql("BEGIN IMMEDIATE")
+        .execute(&mut shell)
+        .await
+        .unwrap();
+    let write = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .commit_pool_write(
+                    PoolWrite {
+                        containers: vec![ContainerChange::Insert(container(7))],
+                        ..PoolWrite::default()
+                    },
+                    |_| {},
+                )
+                .await
+        })
+    };
+    // Held for a while: the write must still be waiting, not failed.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!write.is_finished(), "the write waits for the lock");
+    sqlx::raw_sql("ROLLBACK").execute(&mut shell).await.unwrap();
+    write
+        .await
+        .unwrap()
+        .expect("the write commits once the lock is free");
+    let mut inspector = boilerhouse_server::store::open_inspector(&location)
+        .await
+        .unwrap();
+    let (rows,): (i64,) = sql::query_as("SELECT COUNT(*) FROM containers")
+        .fetch_one(&mut inspector)
+        .await
+        .unwrap();
+    assert_eq!(rows, 1);
+}

@@ -383,7 +383,13 @@ async fn commit_batch(
         );
         return Outcome::RolledBack;
     }
-    if let Err((e, broken)) = begin(&mut tx.conn, backend).await {
+    // On SQLite without a fence, the first operation that touches the
+    // database begins the transaction in its own round trip; BEGIN
+    // IMMEDIATE waits out another process's write lock for the
+    // connection's busy timeout (5 s), where begin() would retry for
+    // 0.3 s more.
+    let begun_by_first = backend == Backend::Sqlite && fence.is_none();
+    if !begun_by_first && let Err((e, broken)) = begin(&mut tx.conn, backend).await {
         tracing::error!(error = %e, "store: could not begin a write transaction");
         fail_all(batch, &e);
         return if broken {
@@ -406,7 +412,11 @@ async fn commit_batch(
     type Answer = (oneshot::Sender<AnyResult>, AnyResult, Option<CommitHook>);
     let mut results: Vec<Answer> = Vec::with_capacity(batch.len());
     let mut pending = std::mem::take(batch).into_iter();
-    let mut savepoint = Savepoint::None;
+    let mut savepoint = if begun_by_first {
+        Savepoint::Unbegun
+    } else {
+        Savepoint::None
+    };
     while let Some(request) = pending.next() {
         let events_before = tx.new_events.len();
         let result = run_in_savepoint(tx, &mut savepoint, request.op, request.defers_entry).await;
@@ -446,7 +456,13 @@ async fn commit_batch(
             }
         }
     }
-    match sqlx::query("COMMIT").execute(&mut tx.conn).await {
+    let committed = if savepoint == Savepoint::Unbegun {
+        // No operation touched the database: nothing to commit.
+        Ok(Default::default())
+    } else {
+        sqlx::query("COMMIT").execute(&mut tx.conn).await
+    };
+    match committed {
         Ok(_) => {
             // Every hook first, in commit order: a caller that hears "ok"
             // finds every mirror already up to date.
