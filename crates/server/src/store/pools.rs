@@ -12,6 +12,7 @@
 
 use futures::FutureExt as _;
 
+use boilerhouse_core::auth::Principal;
 use boilerhouse_core::event::NewEvent;
 use boilerhouse_core::pool::write::{
     ClaimChange, ContainerChange, Expected, PoolWrite, ReservationChange,
@@ -24,7 +25,7 @@ use super::idempotency::push_idempotent;
 use super::lenient;
 use super::sql;
 use super::statements::{Expect, Param, Statements};
-use super::{Store, StoreError, WriteTx};
+use super::{Store, StoreError};
 
 mod rows;
 use rows::{ClaimRow, ContainerRow, ReservationRow, corrupt};
@@ -326,7 +327,13 @@ fn push_claim(statements: &mut Statements, change: &ClaimChange) {
     }
 }
 
-async fn apply(tx: &mut WriteTx, write: &PoolWrite) -> Result<(), StoreError> {
+/// The statements of `write`, and the events they insert, made on the
+/// caller's task: the writer, which runs everything in series, only sends
+/// them.
+fn statements_of(
+    write: &PoolWrite,
+    caused_by: Option<&Principal>,
+) -> Result<(Statements, Vec<NewEvent>), StoreError> {
     let mut statements = Statements::default();
     for change in &write.reservations {
         push_reservation(&mut statements, change);
@@ -364,14 +371,9 @@ async fn apply(tx: &mut WriteTx, write: &PoolWrite) -> Result<(), StoreError> {
     }
     let mut events = Vec::with_capacity(write.events.len());
     for event in &write.events {
-        events.push(push_event(
-            &mut statements,
-            tx.caused_by.as_ref(),
-            event.clone(),
-        )?);
+        events.push(push_event(&mut statements, caused_by, event.clone())?);
     }
-    let ids = statements.run(tx).await?;
-    recorded(tx, ids, events)
+    Ok((statements, events))
 }
 
 impl Store {
@@ -385,12 +387,17 @@ impl Store {
         write: PoolWrite,
         on_commit: impl FnOnce(&PoolWrite) + Send + 'static,
     ) -> Result<(), StoreError> {
-        let write = std::sync::Arc::new(write);
-        let committed = write.clone();
+        let (statements, events) = statements_of(&write, crate::auth::current().as_ref())?;
         self.writer
             .write_statements_then(
-                move |tx| async move { apply(tx, &write).await }.boxed(),
-                move || on_commit(&committed),
+                move |tx| {
+                    async move {
+                        let ids = statements.run(tx).await?;
+                        recorded(tx, ids, events)
+                    }
+                    .boxed()
+                },
+                move || on_commit(&write),
             )
             .await
     }

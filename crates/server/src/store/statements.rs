@@ -226,7 +226,9 @@ impl Statements {
             }
             text.push_str(statement.sql);
         }
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql::numbered(&text)));
+        // Plain `?`s: sqlx binds SQLite's unnumbered parameters in order across
+        // the statements of a text, so no numbering pass is needed.
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(text));
         let mut expects = Vec::with_capacity(self.list.len());
         for statement in self.list {
             for param in statement.params {
