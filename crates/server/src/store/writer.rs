@@ -129,8 +129,16 @@ impl Writer {
     ) -> Result<Self, StoreError> {
         let (urgent, urgent_rx) = mpsc::channel(4096);
         let (routine, routine_rx) = mpsc::channel(4096);
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
+        let mut runtime = tokio::runtime::Builder::new_current_thread();
+        match connector.backend() {
+            // SQLite answers through a channel from its own thread: no
+            // sockets, so the thread parks on a futex, which is cheaper to
+            // wake than the I/O driver's epoll (4 % of the SQLite thread's
+            // time went to waking this one).
+            Backend::Sqlite => runtime.enable_time(),
+            Backend::Postgres => runtime.enable_all(),
+        };
+        let runtime = runtime
             .build()
             .map_err(|e| StoreError::Internal(format!("writer runtime: {e}")))?;
         let queues = Queues {
