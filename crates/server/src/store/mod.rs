@@ -214,7 +214,8 @@ pub struct Store {
     location: DatabaseLocation,
     stats: Arc<Mutex<WriterStats>>,
     /// SQLite only: the connection that checkpoints the WAL.
-    checkpointer: Option<Arc<tokio::sync::Mutex<AnyConnection>>>,
+    /// Taken (None) once the store is closed.
+    checkpointer: Option<Arc<tokio::sync::Mutex<Option<AnyConnection>>>>,
     /// The last read of every node (see [`nodes::NodeListCache`]).
     node_list: Arc<nodes::NodeListCache>,
 }
@@ -243,9 +244,9 @@ impl Store {
 
         let reads = connector.read_pool(options.read_connections).await?;
         let checkpointer = match location.backend() {
-            Backend::Sqlite => Some(Arc::new(tokio::sync::Mutex::new(
+            Backend::Sqlite => Some(Arc::new(tokio::sync::Mutex::new(Some(
                 connector.connect_maintenance().await?,
-            ))),
+            )))),
             Backend::Postgres => None,
         };
         let (events, _) = broadcast::channel(4096);
@@ -278,9 +279,12 @@ impl Store {
             return Ok(0);
         };
         let mut conn = checkpointer.lock().await;
+        let Some(conn) = conn.as_mut() else {
+            return Err(StoreError::Closed);
+        };
         let (_busy, log, checkpointed): (i64, i64, i64) =
             sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
-                .fetch_one(&mut *conn)
+                .fetch_one(conn)
                 .await?;
         Ok((log - checkpointed).max(0))
     }
@@ -342,10 +346,20 @@ impl Store {
             .join("\n"))
     }
 
-    /// Closes the read pool. Queued writes finish first because the writer
-    /// drains its queue before it stops.
+    /// Closes the read pool, the checkpointer and then the writer: writes
+    /// queued before finish first, later ones fail as
+    /// [`StoreError::Closed`]. Returns once every connection is closed, so
+    /// the files are left as a clean close leaves them (on SQLite, the
+    /// WAL folded into the database and removed): a connection dropped
+    /// instead closes on its own thread, some time later.
     pub async fn close(&self) {
         self.reads.close().await;
+        if let Some(checkpointer) = &self.checkpointer
+            && let Some(conn) = checkpointer.lock().await.take()
+        {
+            let _ = conn.close().await;
+        }
+        self.writer.close().await;
     }
 }
 

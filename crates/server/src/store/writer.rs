@@ -85,6 +85,9 @@ struct WriteRequest {
     /// The operation's first database work is [`Statements::run`](super::statements::Statements::run), which
     /// enters the savepoint itself.
     defers_entry: bool,
+    /// Set on the request [`Writer::close`] sends: once its batch is done
+    /// the writer closes the connection, says so here, and stops.
+    closing: Option<oneshot::Sender<()>>,
 }
 
 /// At most this many routine writes (no caller waits on them) share a
@@ -231,6 +234,7 @@ impl Writer {
                 on_commit,
                 reply,
                 defers_entry,
+                closing: None,
             })
             .await
             .map_err(|_| StoreError::Closed)?;
@@ -239,6 +243,28 @@ impl Writer {
             .downcast::<T>()
             .map(|v| *v)
             .map_err(|_| StoreError::Internal("write result had an unexpected type".into()))
+    }
+}
+
+impl Writer {
+    /// Stops the writer once what was queued before is done, and returns
+    /// once its connection is closed (its WAL checkpointed and removed on
+    /// SQLite, when it was the last). Writes queued after fail as
+    /// [`StoreError::Closed`].
+    pub(super) async fn close(&self) {
+        let (closing, closed) = oneshot::channel();
+        let (reply, _) = oneshot::channel();
+        let request = WriteRequest {
+            op: Box::new(|_tx| Box::pin(async { Ok(Box::new(()) as Box<dyn Any + Send>) })),
+            on_commit: None,
+            reply,
+            defers_entry: false,
+            closing: Some(closing),
+        };
+        // Behind every routine write, and after the urgent ones.
+        if self.routine.send(request).await.is_ok() {
+            let _ = closed.await;
+        }
     }
 }
 
@@ -318,9 +344,11 @@ async fn run(
     // Set when the connection broke: the next batch opens a new one.
     let mut broken = false;
     let mut batch: Vec<WriteRequest> = Vec::with_capacity(max_batch);
-    // Ends only once every Writer handle is gone: the store was dropped,
-    // so there is nothing left to write.
-    while queues.next_batch(&mut batch, max_batch).await {
+    // Ends once the store is closed, or every Writer handle is gone (the
+    // store was dropped), so there is nothing left to write.
+    let mut closing = Vec::new();
+    while closing.is_empty() && queues.next_batch(&mut batch, max_batch).await {
+        closing.extend(batch.iter_mut().filter_map(|r| r.closing.take()));
         if broken {
             match connector.connect().await {
                 Ok(conn) => {
@@ -352,6 +380,9 @@ async fn run(
         tx.new_events.clear();
     }
     let _ = tx.conn.close().await;
+    for closed in closing {
+        let _ = closed.send(());
+    }
 }
 
 /// Where a committed batch is announced before its callers hear of it.
