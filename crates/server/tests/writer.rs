@@ -519,7 +519,7 @@ async fn a_pool_write_waits_out_another_processs_write_lock() {
         .execute(&mut shell)
         .await
         .unwrap();
-    let write = {
+    let mut write = {
         let store = store.clone();
         tokio::spawn(async move {
             store
@@ -533,9 +533,14 @@ async fn a_pool_write_waits_out_another_processs_write_lock() {
                 .await
         })
     };
-    // Held for a while: the write must still be waiting, not failed.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!write.is_finished(), "the write waits for the lock");
+    // While the lock is held the write neither commits nor fails: it is
+    // still pending when this bound runs out.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut write)
+            .await
+            .is_err(),
+        "the write waits for the lock"
+    );
     sqlx::raw_sql("ROLLBACK").execute(&mut shell).await.unwrap();
     write
         .await

@@ -178,13 +178,11 @@ impl Statements {
     /// first if the writer left that to this write), checks each, and
     /// returns the values of the [`Expect::Returns`] statements in order.
     pub(super) async fn run(self, tx: &mut WriteTx) -> Result<Vec<i64>, StoreError> {
-        let outcomes =
-            if tx.backend == Backend::Sqlite && self.list.len() <= MAX_STATEMENTS_TOGETHER {
-                self.run_together(tx).await?
-            } else {
-                self.run_one_by_one(tx).await?
-            };
-        Ok(outcomes)
+        if tx.backend == Backend::Sqlite && self.list.len() <= MAX_STATEMENTS_TOGETHER {
+            self.run_together(tx).await
+        } else {
+            self.run_one_by_one(tx).await
+        }
     }
 
     async fn run_one_by_one(self, tx: &mut WriteTx) -> Result<Vec<i64>, StoreError> {
