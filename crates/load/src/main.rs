@@ -83,6 +83,11 @@ struct Args {
     /// the run may make, and a pool to match.
     #[arg(long)]
     claims_only: bool,
+    /// Send a fresh request id with every claim and release, as a client
+    /// that retries safely does (the server then keeps an idempotency
+    /// record of each for `idempotency_retention`).
+    #[arg(long)]
+    request_ids: bool,
     /// Every call's deadline.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     timeout: Duration,
@@ -113,6 +118,7 @@ struct Shared {
     report: Mutex<Report>,
     hold: Duration,
     claims_only: bool,
+    request_ids: bool,
 }
 
 async fn connect(args: &Args) -> anyhow::Result<Authed> {
@@ -178,6 +184,7 @@ async fn cycle(shared: &Shared, tenant: &str, workload: &str, due: Option<Instan
         .claim(pb::ClaimRequest {
             tenant_id: tenant.to_owned(),
             workload_id: workload.to_owned(),
+            request_id: shared.request_id(),
             ..Default::default()
         })
         .await;
@@ -225,7 +232,7 @@ async fn cycle(shared: &Shared, tenant: &str, workload: &str, due: Option<Instan
             tenant_id: tenant.to_owned(),
             workload_id: workload.to_owned(),
             generation,
-            request_id: String::new(),
+            request_id: shared.request_id(),
         })
         .await;
     let took = sent.elapsed();
@@ -235,6 +242,14 @@ async fn cycle(shared: &Shared, tenant: &str, workload: &str, due: Option<Instan
 }
 
 impl Shared {
+    fn request_id(&self) -> String {
+        if self.request_ids {
+            uuid::Uuid::now_v7().to_string()
+        } else {
+            String::new()
+        }
+    }
+
     fn take_tenant(&self) -> Option<String> {
         self.idle_tenants
             .lock()
@@ -368,6 +383,7 @@ async fn main() -> anyhow::Result<()> {
         }),
         hold: args.hold,
         claims_only: args.claims_only,
+        request_ids: args.request_ids,
     });
     shared
         .report

@@ -108,6 +108,8 @@ struct FileConfig {
     idempotency_retention: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     history_retention: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    trim_interval: Option<Duration>,
     group_commit_max: Option<usize>,
     #[serde(default, with = "humantime_serde")]
     heartbeat_interval: Option<Duration>,
@@ -215,6 +217,8 @@ pub struct Config {
     /// finished sync status of tenants holding nothing, and lost nodes
     /// with no containers.
     pub history_retention: Duration,
+    /// How often the retention windows above are applied. Default 1 hour.
+    pub trim_interval: Duration,
     /// The most writes one commit carries (group commit); 1 commits each
     /// write alone, the floor benchmarks compare group commit with.
     pub group_commit_max: usize,
@@ -391,6 +395,7 @@ impl Config {
             history_retention: file
                 .history_retention
                 .unwrap_or(Duration::from_secs(7 * 24 * 3600)),
+            trim_interval: file.trim_interval.unwrap_or(Duration::from_secs(3600)),
             ready_file: args.ready_file,
             heartbeat_interval,
             suspect_after: file.suspect_after.unwrap_or(heartbeat_interval * 3),
@@ -465,6 +470,7 @@ impl Config {
             self.idempotency_retention,
             Duration::from_secs(60),
         )?;
+        at_least("trim_interval", self.trim_interval, Duration::from_secs(1))?;
         at_least(
             "heartbeat_interval",
             self.heartbeat_interval,

@@ -135,7 +135,7 @@ pub async fn run(
     );
     driver.register(
         "activity_log_trim",
-        Duration::from_secs(3600),
+        config.trim_interval,
         None,
         crate::store::maintenance::TrimTask {
             store: store.clone(),

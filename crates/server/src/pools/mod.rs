@@ -232,9 +232,11 @@ impl Pools {
             }
             _ => {
                 let s = store.load_pool_snapshot().await?;
+                let read_ms = started.elapsed().as_secs_f64() * 1e3;
                 let index = Index::from_rows(s.containers, s.claims, s.reservations);
                 tracing::info!(
                     containers = index.containers().count(),
+                    read_ms,
                     elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
                     "pool index restored from the database"
                 );

@@ -171,6 +171,10 @@ pub struct StoreOptions {
     /// PostgreSQL: the leader's lease epoch, checked by every write
     /// transaction (see [`writer`]). `None`: no check (SQLite, tools).
     pub fence: Option<Fence>,
+    /// SQLite: once the WAL holds this many frames, the writer is asked to
+    /// let it start over (see [`Store::checkpoint`]). Default 16,384 (64
+    /// MiB of 4 KiB pages, the WAL's `journal_size_limit`).
+    pub restart_log_after_frames: i64,
 }
 
 /// What every write transaction of a leader checks, and what it raises
@@ -201,9 +205,15 @@ impl Default for StoreOptions {
             max_batch: 512,
             read_connections: 4,
             fence: None,
+            restart_log_after_frames: 16_384,
         }
     }
 }
+
+/// SQLite: the writer is asked to let a long WAL start over only when the
+/// checkpointer left at most this many frames uncopied: what the writer
+/// then copies, between two batches, is a few commits' worth.
+const RESTART_LOG_BEHIND_FRAMES: i64 = 2_048;
 
 /// The database: a writer handle, a read pool, and the event feed.
 #[derive(Clone)]
@@ -216,6 +226,11 @@ pub struct Store {
     /// SQLite only: the connection that checkpoints the WAL.
     /// Taken (None) once the store is closed.
     checkpointer: Option<Arc<tokio::sync::Mutex<Option<AnyConnection>>>>,
+    /// Set by [`Store::checkpoint`] when the WAL is long and all but its
+    /// last frames are copied: the writer copies those between two
+    /// batches, so that the WAL starts over.
+    restart_log: Arc<std::sync::atomic::AtomicBool>,
+    restart_log_after_frames: i64,
     /// The last read of every node (see [`nodes::NodeListCache`]).
     node_list: Arc<nodes::NodeListCache>,
 }
@@ -251,6 +266,7 @@ impl Store {
         };
         let (events, _) = broadcast::channel(4096);
         let stats = Arc::new(Mutex::new(WriterStats::default()));
+        let restart_log = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let writer = Writer::spawn(
             write_conn,
             connector,
@@ -258,6 +274,7 @@ impl Store {
             options.max_batch,
             events.clone(),
             stats.clone(),
+            restart_log.clone(),
         )?;
         Ok(Self {
             writer,
@@ -266,14 +283,19 @@ impl Store {
             location,
             stats,
             checkpointer,
+            restart_log,
+            restart_log_after_frames: options.restart_log_after_frames,
             node_list: Arc::default(),
         })
     }
 
     /// SQLite: copies committed pages from the WAL into the database file
-    /// without blocking writers (PASSIVE), so the WAL stays small, and
-    /// returns the WAL pages that remain to be checkpointed. PostgreSQL
-    /// checkpoints by itself: 0.
+    /// without blocking writers (PASSIVE), and returns the WAL pages that
+    /// remain to be checkpointed. Copying alone does not shorten the WAL:
+    /// it starts over only at a transaction that finds every frame copied,
+    /// which under steady writes never happens; so once it is long and
+    /// nearly all copied, the writer is asked to copy the rest between two
+    /// batches. PostgreSQL checkpoints by itself: 0.
     pub async fn checkpoint(&self) -> Result<i64, StoreError> {
         let Some(checkpointer) = &self.checkpointer else {
             return Ok(0);
@@ -286,7 +308,12 @@ impl Store {
             sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
                 .fetch_one(conn)
                 .await?;
-        Ok((log - checkpointed).max(0))
+        let remaining = (log - checkpointed).max(0);
+        if log >= self.restart_log_after_frames && remaining <= RESTART_LOG_BEHIND_FRAMES {
+            self.restart_log
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(remaining)
     }
 
     /// Which backend this store runs on.

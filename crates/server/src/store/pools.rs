@@ -28,6 +28,7 @@ use super::statements::{Expect, Param, Statements};
 use super::{Store, StoreError};
 
 mod rows;
+mod snapshot;
 use rows::{ClaimRow, ContainerRow, ReservationRow, corrupt};
 
 /// Operator overrides of a pool.
@@ -434,43 +435,6 @@ impl Store {
         .fetch_optional(&self.reads)
         .await?;
         row.map(ClaimRecord::try_from).transpose()
-    }
-
-    /// Every container, active claim and reservation: what the pool index
-    /// is rebuilt from at startup.
-    pub async fn load_pool_snapshot(&self) -> Result<PoolSnapshot, StoreError> {
-        // The three read at once, each on a connection of its own: no
-        // less consistent than one after another, as they were, since no
-        // pool write is made before the index they build exists. No ORDER
-        // BY: the index orders everything itself, and sorting 100,000 rows
-        // was a visible part of a restart.
-        let (containers, claims, reservations) = tokio::try_join!(
-            sql::query(concat!("SELECT ", container_columns!(), " FROM containers"))
-                .fetch_all(&self.reads),
-            sql::query(concat!(
-                "SELECT ",
-                claim_columns!(),
-                " FROM claims WHERE status = 'active'"
-            ))
-            .fetch_all(&self.reads),
-            sql::query(concat!(
-                "SELECT ",
-                reservation_columns!(),
-                " FROM affinity_reservations"
-            ))
-            .fetch_all(&self.reads),
-        )?;
-        let (containers, mut unreadable) = lenient::split(containers.iter().map(read_container));
-        let (claims, more) = lenient::split(claims.iter().map(read_claim));
-        unreadable.extend(more);
-        let (reservations, more) = lenient::split(reservations.iter().map(read_reservation));
-        unreadable.extend(more);
-        Ok(PoolSnapshot {
-            containers,
-            claims,
-            reservations,
-            unreadable,
-        })
     }
 
     /// Claims, newest first; ended ones only when asked.

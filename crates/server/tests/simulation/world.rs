@@ -140,6 +140,7 @@ async fn open(database: &TestDatabase) -> Store {
             max_batch: 64,
             read_connections: 1,
             fence: None,
+            ..StoreOptions::default()
         },
     )
     .await
