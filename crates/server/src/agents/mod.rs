@@ -483,6 +483,11 @@ impl Registry {
             .collect()
     }
 
+    /// The nodes with a session now.
+    pub fn connected_nodes(&self) -> std::collections::HashSet<NodeId> {
+        self.lock().sessions.keys().cloned().collect()
+    }
+
     /// How many agents are connected.
     pub fn connected(&self) -> usize {
         self.lock().sessions.len()

@@ -5,11 +5,21 @@
 
 use std::time::Duration;
 
+use futures::StreamExt as _;
+
 use boilerhouse_core::pool::Reservation;
 use boilerhouse_core::pool::decide::{self, Refusal, ReservationEnd};
+use boilerhouse_core::pool::write::PoolWrite;
 use boilerhouse_core::{ContainerId, TenantId, WorkloadId};
 
 use super::{PoolError, Pools};
+
+/// Expired reservations ended in one write (each a reservation, a
+/// container and an event)...
+const EXPIRED_PER_WRITE: usize = 128;
+
+/// ... and writes of them in flight at once, sharing commits.
+const WRITES_AT_ONCE: usize = 4;
 
 impl Pools {
     /// Pushes a reservation's expiry later.
@@ -95,27 +105,65 @@ impl Pools {
     /// reservations that expired during downtime.
     pub async fn expire_reservations(&self) -> Result<usize, PoolError> {
         let now = crate::clock::now();
-        let expired: Vec<Reservation> = self.read(|index| {
+        let expired: Vec<(TenantId, WorkloadId)> = self.read(|index| {
             index
                 .reservations()
                 .filter(|r| r.expires_at <= now && !self.retained(&r.container_id))
-                .cloned()
+                .map(|r| (r.tenant_id.clone(), r.workload_id.clone()))
                 .collect()
         });
+        // Many to a write, and several writes at once: one reservation a
+        // commit, the 22,739 that expired while a server was down after a
+        // day of churn took 26 s of its restart.
+        let chunks: Vec<Vec<(TenantId, WorkloadId)>> = expired
+            .chunks(EXPIRED_PER_WRITE)
+            .map(<[_]>::to_vec)
+            .collect();
+        let mut writes = futures::stream::iter(chunks)
+            .map(|chunk| self.end_expired(chunk, now))
+            .buffer_unordered(WRITES_AT_ONCE);
         let mut ended = 0;
-        for r in expired {
-            match self
-                .end_reservation(&r.tenant_id, &r.workload_id, ReservationEnd::Expired)
-                .await
-            {
-                Ok(_) => ended += 1,
-                // Claimed back, revoked or retained meanwhile.
-                Err(PoolError::Refused(why)) => {
-                    tracing::debug!(tenant = %r.tenant_id, %why, "reservation not expired")
-                }
-                Err(e) => return Err(e),
-            }
+        while let Some(outcome) = writes.next().await {
+            ended += outcome?;
+        }
+        if ended > 0 {
+            self.inner.refill.notify_one();
         }
         Ok(ended)
+    }
+
+    /// Ends those of `chunk` that are still reserved, expired at `now` and
+    /// not retained, in one write; how many.
+    async fn end_expired(
+        &self,
+        chunk: Vec<(TenantId, WorkloadId)>,
+        now: boilerhouse_core::Timestamp,
+    ) -> Result<usize, PoolError> {
+        let ended = self
+            .commit_decided(|index| {
+                let mut write = PoolWrite::default();
+                let mut ended = 0;
+                for (tenant, workload) in &chunk {
+                    // Claimed back, revoked, extended or retained meanwhile.
+                    let Some(r) = index.reservation(tenant, workload) else {
+                        continue;
+                    };
+                    if r.expires_at > now || self.retained(&r.container_id) {
+                        continue;
+                    }
+                    let (one, _) = decide::end_reservation(
+                        index,
+                        tenant,
+                        workload,
+                        ReservationEnd::Expired,
+                        now,
+                    )?;
+                    write.extend(one);
+                    ended += 1;
+                }
+                Ok((ended > 0).then_some((write, ended)))
+            })
+            .await?;
+        Ok(ended.unwrap_or(0))
     }
 }

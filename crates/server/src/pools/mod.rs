@@ -30,6 +30,7 @@ pub mod affinity;
 pub mod claims;
 pub mod provision;
 pub mod recovery;
+mod removal;
 mod rollout;
 mod shortfall;
 pub mod tasks;

@@ -429,54 +429,6 @@ impl Pools {
         promoted
     }
 
-    /// Starts removal of every draining container no operation owns.
-    pub(super) fn remove_draining(&self) -> usize {
-        let targets: Vec<ContainerRecord> = self.read(|index| {
-            index
-                .containers_in(ContainerState::Draining)
-                .cloned()
-                .collect()
-        });
-        let mut started = 0;
-        for c in targets {
-            let Some(busy) = self.take_busy(c.id) else {
-                continue;
-            };
-            started += 1;
-            let pools = self.clone();
-            tokio::spawn(async move {
-                let command = pb::Command {
-                    command_id: format!("remove-{}", c.id),
-                    generation: 0,
-                    command: Some(pb::command::Command::Remove(pb::RemoveContainer {
-                        container_id: c.id.to_string(),
-                        remove_volumes: true,
-                    })),
-                };
-                let timeout = pools.inner.config.command_timeout;
-                match pools.inner.agents.send(&c.node_id, command, timeout).await {
-                    Ok(_) => {
-                        let now = crate::clock::now();
-                        let removed = pools
-                            .commit_decided(|index| {
-                                Ok(decide::removed(index, &c.id, now).map(|w| (w, ())))
-                            })
-                            .await;
-                        if let Err(e) = removed {
-                            tracing::warn!(container = %c.id, error = %e, "removed, but the row is not forgotten yet");
-                        }
-                        pools.inner.refill.notify_one();
-                    }
-                    Err(e) => {
-                        tracing::warn!(container = %c.id, node = %c.node_id, error = %e, "removal not confirmed; will retry")
-                    }
-                }
-                drop(busy);
-            });
-        }
-        started
-    }
-
     /// Drains idle containers of drained pools and of removed workloads,
     /// then starts creating containers for every pool below min_size.
     pub(super) async fn fill(&self, workloads: &[WorkloadRecord]) -> Result<usize, PoolError> {
