@@ -120,7 +120,7 @@ impl Pools {
             .map(<[_]>::to_vec)
             .collect();
         let mut writes = futures::stream::iter(chunks)
-            .map(|chunk| self.end_expired(chunk, now))
+            .map(|chunk| self.end_expired(chunk))
             .buffer_unordered(WRITES_AT_ONCE);
         let mut ended = 0;
         while let Some(outcome) = writes.next().await {
@@ -132,15 +132,14 @@ impl Pools {
         Ok(ended)
     }
 
-    /// Ends those of `chunk` that are still reserved, expired at `now` and
-    /// not retained, in one write; how many.
-    async fn end_expired(
-        &self,
-        chunk: Vec<(TenantId, WorkloadId)>,
-        now: boilerhouse_core::Timestamp,
-    ) -> Result<usize, PoolError> {
+    /// Ends those of `chunk` that are still reserved, expired and not
+    /// retained, in one write; how many.
+    async fn end_expired(&self, chunk: Vec<(TenantId, WorkloadId)>) -> Result<usize, PoolError> {
         let ended = self
             .commit_decided(|index| {
+                // Read at each decision: a retry's rows and events carry its
+                // own time.
+                let now = crate::clock::now();
                 let mut write = PoolWrite::default();
                 let mut ended = 0;
                 for (tenant, workload) in &chunk {

@@ -10,14 +10,22 @@ impl Pools {
     /// Starts removal of every draining container no operation owns on a
     /// node with an agent; the others wait for theirs (trying each pass
     /// warned 1.3 million times in 30 s while a fleet was away).
-    pub(super) fn remove_draining(&self) -> usize {
+    /// Returns how many removals it started and how many draining
+    /// containers wait for their node's agent (the refiller's status shows
+    /// them: a lost node's draining rows stay until it comes back).
+    pub(super) fn remove_draining(&self) -> (usize, usize) {
         let connected = self.inner.agents.connected_nodes();
-        let targets: Vec<ContainerRecord> = self.read(|index| {
-            index
-                .containers_in(ContainerState::Draining)
-                .filter(|c| connected.contains(&c.node_id))
-                .cloned()
-                .collect()
+        let (targets, waiting) = self.read(|index| {
+            let mut targets: Vec<ContainerRecord> = Vec::new();
+            let mut waiting = 0;
+            for c in index.containers_in(ContainerState::Draining) {
+                if connected.contains(&c.node_id) {
+                    targets.push(c.clone());
+                } else {
+                    waiting += 1;
+                }
+            }
+            (targets, waiting)
         });
         let mut started = 0;
         for c in targets {
@@ -56,6 +64,6 @@ impl Pools {
                 drop(busy);
             });
         }
-        started
+        (started, waiting)
     }
 }

@@ -21,12 +21,13 @@ impl BackgroundTask for Refiller {
             let resent = pools.resend_unfinished_creates(&workloads).await?;
             let promoted = pools.promote_ready(&workloads).await;
             let unhealthy = pools.replace_unhealthy().await;
-            let removing = pools.remove_draining();
+            let (removing, removal_waits_for_agent) = pools.remove_draining();
             let created = pools.fill(&workloads).await?;
             Ok(serde_json::json!({
                 "promoted": promoted,
                 "creating": created,
                 "removing": removing,
+                "removal_waits_for_agent": removal_waits_for_agent,
                 "resent": resent,
                 "unhealthy": unhealthy,
             }))
