@@ -362,11 +362,18 @@ async fn the_wal_starts_over_under_writes_that_never_pause() {
             })
         })
         .collect();
+    // The checkpointer's cadence (every second in the server), faster.
+    let mut checkpointer = tokio::time::interval(Duration::from_millis(5));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     let mut longest = 0;
     while !writers.iter().all(|w| w.is_finished()) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the writes did not finish in 120 s"
+        );
+        checkpointer.tick().await;
         store.checkpoint().await.unwrap();
         longest = longest.max(std::fs::metadata(&wal).map_or(0, |m| m.len()));
-        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     for writer in writers {
         writer.await.unwrap();

@@ -150,15 +150,23 @@ impl Pools {
                     if r.expires_at > now || self.retained(&r.container_id) {
                         continue;
                     }
-                    let (one, _) = decide::end_reservation(
+                    // A refusal skips this one, as when each was its own
+                    // write, and never the rest of the chunk.
+                    match decide::end_reservation(
                         index,
                         tenant,
                         workload,
                         ReservationEnd::Expired,
                         now,
-                    )?;
-                    write.extend(one);
-                    ended += 1;
+                    ) {
+                        Ok((one, _)) => {
+                            write.extend(one);
+                            ended += 1;
+                        }
+                        Err(why) => {
+                            tracing::debug!(%tenant, %why, "reservation not expired");
+                        }
+                    }
                 }
                 Ok((ended > 0).then_some((write, ended)))
             })
