@@ -101,6 +101,8 @@ impl Client {
             node: String,
             container: String,
             ok: bool,
+            /// Done, but the state had moved on: nothing was left to do.
+            moot: bool,
             #[serde(skip_serializing_if = "String::is_empty")]
             error: String,
             reason: String,
@@ -114,6 +116,7 @@ impl Client {
                     node: a.node_id,
                     container: a.container_id,
                     ok: r.ok,
+                    moot: r.moot,
                     error: r.error.clone(),
                     reason: a.reason,
                 }
@@ -128,7 +131,9 @@ impl Client {
         }
         let mut t = table(&["ACTION", "NODE", "CONTAINER", "RESULT", "REASON"]);
         for v in &views {
-            let result = if v.ok {
+            let result = if v.ok && v.moot {
+                "moot (the state moved on since the plan)".to_owned()
+            } else if v.ok {
                 "done".to_owned()
             } else {
                 format!("failed: {}", v.error)

@@ -10,6 +10,7 @@ use boilerhouse_proto::pb;
 
 use super::{AppState, idempotency};
 use crate::error::ApiError;
+use crate::reconcile::Outcome;
 
 /// ReconcileService.
 pub struct Reconcile(pub AppState);
@@ -117,6 +118,7 @@ impl pb::reconcile_service_server::ReconcileService for Reconcile {
                         .map(|a| pb::ReconcileActionResult {
                             action: Some(action_to_pb(&a.action, &desired)),
                             ok: a.result.is_ok(),
+                            moot: a.result == Ok(Outcome::Moot),
                             error: a.result.clone().err().unwrap_or_default(),
                         })
                         .collect(),

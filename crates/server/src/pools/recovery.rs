@@ -106,12 +106,14 @@ impl Pools {
     /// reservation ends; a claimed container's row stays, as Lost with its
     /// tenant, so that if it turns up again it goes back only to that
     /// tenant. Anything else is forgotten.
-    pub async fn mark_lost(&self, id: &ContainerId, reason: &str) -> Result<(), PoolError> {
+    /// Returns whether it was marked (not when the state moved on).
+    pub async fn mark_lost(&self, id: &ContainerId, reason: &str) -> Result<bool, PoolError> {
         let now = crate::clock::now();
-        self.commit_decided(|index| Ok(decide::mark_lost(index, id, reason, now).map(|w| (w, ()))))
+        let marked = self
+            .commit_decided(|index| Ok(decide::mark_lost(index, id, reason, now).map(|w| (w, ()))))
             .await?;
         self.inner.refill.notify_one();
-        Ok(())
+        Ok(marked.is_some())
     }
 
     /// A row the database calls unused whose container's state file names
@@ -122,9 +124,8 @@ impl Pools {
         state: &boilerhouse_core::container::StateFile,
         running: bool,
         reason: &str,
-    ) -> Result<(), PoolError> {
+    ) -> Result<bool, PoolError> {
         let now = crate::clock::now();
-        tracing::warn!(container = %id, %reason, "a container the database calls unused was held by a tenant");
         let reclaimed = self
             .commit_decided(|index| {
                 let claim_id = boilerhouse_core::ids::Uuid::now_v7().to_string();
@@ -133,13 +134,18 @@ impl Pools {
                 ))
             })
             .await?;
-        if let Some(Some(_claim)) = reclaimed
+        if reclaimed.is_some() {
+            // Only now: planned on a view a moment old, a container claimed
+            // in that moment is no such thing, and the decision says so.
+            tracing::warn!(container = %id, %reason, "a container the database calls unused was held by a tenant");
+        }
+        if let Some(Some(_)) = &reclaimed
             && let Some(c) = self.container(id)
         {
             self.write_state_file(&c, now);
         }
         self.inner.refill.notify_one();
-        Ok(())
+        Ok(reclaimed.is_some())
     }
 
     /// The engine destroyed a container its node's agent watches: act at
@@ -199,7 +205,7 @@ impl Pools {
         id: &ContainerId,
         running: bool,
         reason: &str,
-    ) -> Result<(), PoolError> {
+    ) -> Result<bool, PoolError> {
         let now = crate::clock::now();
         let resumed = self
             .commit_decided(|index| {
@@ -207,13 +213,13 @@ impl Pools {
                 Ok(decide::resume(index, id, running, reason, claim_id, now))
             })
             .await?;
-        if let Some(Some(_claim)) = resumed
+        if let Some(Some(_)) = &resumed
             && let Some(c) = self.container(id)
         {
             self.write_state_file(&c, now);
         }
         self.inner.refill.notify_one();
-        Ok(())
+        Ok(resumed.is_some())
     }
 
     /// Records that `node`'s agent reported `what` about a container of

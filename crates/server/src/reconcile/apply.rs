@@ -13,17 +13,19 @@ use boilerhouse_core::workload::Limits;
 use boilerhouse_core::{NodeId, Timestamp};
 use boilerhouse_proto::pb;
 
-use super::Reconciler;
+use super::{Outcome, Reconciler};
 use crate::pools::{PoolError, Pools};
 
 impl Reconciler {
     /// Carries out one reconciliation action, recording it as an event.
-    pub async fn apply_action(&self, action: &Action) -> Result<(), PoolError> {
+    pub async fn apply_action(&self, action: &Action) -> Result<Outcome, PoolError> {
         let now = crate::clock::now();
         match &action.kind {
-            ActionKind::MarkLost { container_id } => {
-                self.pools.mark_lost(container_id, &action.reason).await
-            }
+            ActionKind::MarkLost { container_id } => self
+                .pools
+                .mark_lost(container_id, &action.reason)
+                .await
+                .map(Outcome::of_changed),
             ActionKind::Reclaim {
                 container_id,
                 state,
@@ -32,12 +34,13 @@ impl Reconciler {
                 self.pools
                     .reclaim(container_id, state, running, &action.reason)
                     .await
+                    .map(Outcome::of_changed)
             }
             ActionKind::Drain { container_id } => self
                 .pools
                 .drain(container_id, DrainScope::Unclaimed, &action.reason)
                 .await
-                .map(|_| ()),
+                .map(|_| Outcome::Done),
             ActionKind::Destroy {
                 docker_id,
                 container_id,
@@ -73,7 +76,7 @@ impl Reconciler {
                     ..Default::default()
                 });
                 self.store.append_event(event).await?;
-                Ok(())
+                Ok(Outcome::Done)
             }
             ActionKind::Adopt { observed } => {
                 self.adopt(observed, &action.node_id, &action.reason, now)
@@ -84,6 +87,7 @@ impl Reconciler {
                 self.pools
                     .resume(container_id, running, &action.reason)
                     .await
+                    .map(Outcome::of_changed)
             }
         }
     }
@@ -107,7 +111,7 @@ impl Reconciler {
         node: &NodeId,
         reason: &str,
         now: Timestamp,
-    ) -> Result<(), PoolError> {
+    ) -> Result<Outcome, PoolError> {
         let (Some(id), Some(workload_id)) = (o.container_id(), o.workload_id()) else {
             return Err(PoolError::Unavailable(
                 "adoption needs valid container and workload labels".into(),
@@ -172,7 +176,7 @@ impl Reconciler {
             self.limits_reverted(&c, &o.limits, now).await?;
         }
         self.pools.refill_notify().notify_one();
-        Ok(())
+        Ok(Outcome::of(adopted))
     }
 
     /// Says that an adopted container runs with limits the database holds

@@ -65,7 +65,31 @@ pub struct Applied {
     /// The action.
     pub action: Action,
     /// `Err` with a reason when it could not be carried out.
-    pub result: Result<(), String>,
+    pub result: Result<Outcome, String>,
+}
+
+/// What a carried-out action did. A plan is made on a view of the index
+/// and the reports taken a moment apart, and each action is decided again
+/// on the committed state: a container the server created meanwhile is
+/// not adopted, one claimed meanwhile is not reclaimed. Such an action is
+/// moot, and is not counted or reported as done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// It changed what it was planned to change.
+    Done,
+    /// The state had moved on; nothing was left to do.
+    Moot,
+}
+
+impl Outcome {
+    /// Done when the decision made a write (`Some`).
+    fn of<T>(decided: Option<T>) -> Self {
+        Self::of_changed(decided.is_some())
+    }
+
+    fn of_changed(changed: bool) -> Self {
+        if changed { Self::Done } else { Self::Moot }
+    }
 }
 
 impl Reconciler {
@@ -183,7 +207,7 @@ impl Reconciler {
         // one event what was rebuilt from the agents' labels and state files.
         let adopted: Vec<_> = applied
             .iter()
-            .filter(|a| a.result.is_ok())
+            .filter(|a| a.result == Ok(Outcome::Done))
             .filter_map(|a| match &a.action.kind {
                 ActionKind::Adopt { observed } => Some(observed),
                 _ => None,
@@ -196,6 +220,7 @@ impl Reconciler {
                 .count();
             let nodes: std::collections::BTreeSet<_> = applied
                 .iter()
+                .filter(|a| a.result == Ok(Outcome::Done))
                 .filter(|a| matches!(a.action.kind, ActionKind::Adopt { .. }))
                 .map(|a| a.action.node_id.to_string())
                 .collect();
@@ -222,11 +247,19 @@ impl BackgroundTask for ReconcileTask {
         Box::pin(async move {
             let (applied, cost) = self.0.apply_measured(None).await?;
             let failed = applied.iter().filter(|a| a.result.is_err()).count();
+            let moot = applied
+                .iter()
+                .filter(|a| a.result == Ok(Outcome::Moot))
+                .count();
             Ok(serde_json::json!({
-                "applied": applied.len() - failed,
+                "applied": applied.len() - failed - moot,
+                "moot": moot,
                 "failed": failed,
                 "cost": cost,
             }))
         })
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,165 @@
+//! Actions planned on a view that has since moved on.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use boilerhouse_core::container::{ObservedContainer, labels};
+use boilerhouse_core::event::{EventFilter, EventKind};
+use boilerhouse_core::ids::Uuid;
+use boilerhouse_core::pool::ContainerState;
+use boilerhouse_core::pool::write::{ContainerChange, PoolWrite};
+use boilerhouse_core::reconcile::{Action, ActionKind, PlanConfig};
+use boilerhouse_core::workload::Limits;
+use boilerhouse_core::{ContainerId, NodeId, Timestamp};
+
+use super::{Outcome, Reconciler};
+use crate::agents::Registry;
+use crate::pools::{Plain, Pools, PoolsConfig};
+use crate::store::{EventQuery, Store, StoreOptions};
+
+const WORKLOAD: &str = "id: demo\nimage: demo:1\npool: {min_size: 0, max_size: 4}\n";
+
+async fn reconciler(dir: &std::path::Path) -> Reconciler {
+    let store = Store::open(&dir.join("t.db"), StoreOptions::default())
+        .await
+        .unwrap();
+    let spec = boilerhouse_core::workload::parse_workload("demo.yaml", WORKLOAD).unwrap();
+    store
+        .put_workload(
+            spec,
+            WORKLOAD.into(),
+            "demo.yaml".into(),
+            Timestamp::from_millis(1),
+            false,
+        )
+        .await
+        .unwrap();
+    let agents = Registry::default();
+    let pools = Pools::load(
+        store.clone(),
+        agents.clone(),
+        PoolsConfig {
+            suspect_after: Duration::from_secs(15),
+            command_timeout: Duration::from_secs(5),
+            acquire_timeout: Duration::from_secs(5),
+            surplus_grace: Duration::from_secs(60),
+        },
+        Arc::new(Plain),
+        Arc::new(Plain),
+        None,
+    )
+    .await
+    .unwrap();
+    Reconciler {
+        store,
+        pools,
+        agents,
+        config: PlanConfig {
+            lost_grace: Duration::from_secs(30),
+            creation_grace: Duration::from_secs(60),
+        },
+        command_timeout: Duration::from_secs(5),
+    }
+}
+
+/// The container as a full report shows it: labelled, running, never
+/// claimed.
+fn reported(id: ContainerId, node: &NodeId, hash: &str) -> ObservedContainer {
+    let labels = BTreeMap::from([
+        (labels::MANAGED.to_owned(), "true".to_owned()),
+        (labels::NODE_ID.to_owned(), node.to_string()),
+        (labels::WORKLOAD_ID.to_owned(), "demo".to_owned()),
+        (labels::SPEC_HASH.to_owned(), hash.to_owned()),
+        (labels::CREATED_AT.to_owned(), "1000".to_owned()),
+        (labels::CONTAINER_ID.to_owned(), id.to_string()),
+    ]);
+    ObservedContainer {
+        docker_id: format!("docker-{id}"),
+        name: id.docker_name(),
+        labels,
+        docker_state: "running".into(),
+        health: None,
+        health_output: None,
+        exit_code: 0,
+        started_at: Some(Timestamp::from_millis(1000)),
+        oom_killed: false,
+        limits: Limits::default(),
+        state_file: None,
+    }
+}
+
+async fn rebuilt_events(r: &Reconciler) -> usize {
+    let query = EventQuery {
+        filter: EventFilter {
+            kinds: vec![EventKind::ReconcileRebuilt.as_str().to_owned()],
+            ..Default::default()
+        },
+        after_id: 0,
+        since: None,
+        limit: 100,
+        latest: false,
+    };
+    r.store.list_events(&query).await.unwrap().len()
+}
+
+/// A container the server created between the plan's view of the index
+/// and its view of the reports has a row by the time the adoption is
+/// decided: nothing is adopted, the action says it was moot, and no
+/// "rebuilt from the labels" is recorded. One with no row is adopted and
+/// said to be done.
+#[tokio::test]
+async fn an_adoption_planned_before_the_row_was_committed_is_moot() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = reconciler(dir.path()).await;
+    let node = NodeId::new("node-a").unwrap();
+    let workload = r
+        .pools
+        .workload_record(&"demo".parse().unwrap())
+        .await
+        .unwrap();
+    let adopt = |id| Action {
+        kind: ActionKind::Adopt {
+            observed: Box::new(reported(id, &node, &workload.spec_hash)),
+        },
+        node_id: node.clone(),
+        reason: "managed container with no row".into(),
+        not_before: None,
+    };
+
+    // The server's own create: the row commits after the plan was made.
+    let created = ContainerId::from_uuid(Uuid::now_v7());
+    let mut record = Pools::new_container(
+        &workload.spec,
+        &workload.spec_hash,
+        created,
+        (node.clone(), "/var/lib/boilerhouse".into()),
+        Timestamp::from_millis(1000),
+    );
+    record.state = ContainerState::Idle;
+    r.pools
+        .commit(PoolWrite {
+            containers: vec![ContainerChange::Insert(record.clone())],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        r.apply_action(&adopt(created)).await.unwrap(),
+        Outcome::Moot
+    );
+    assert_eq!(
+        r.pools.container(&created).unwrap(),
+        record,
+        "the row is untouched"
+    );
+    assert_eq!(rebuilt_events(&r).await, 0);
+
+    // A container nobody has a row for is taken in.
+    let stray = ContainerId::from_uuid(Uuid::now_v7());
+    assert_eq!(r.apply_action(&adopt(stray)).await.unwrap(), Outcome::Done);
+    assert_eq!(
+        r.pools.container(&stray).unwrap().state,
+        ContainerState::Idle
+    );
+}
