@@ -468,18 +468,20 @@ async fn send_report(
     containers: &Snapshot,
     command_id: String,
 ) -> anyhow::Result<()> {
-    let report = pb::FullReport {
-        observed_at: Some(timestamp_to_pb(now())),
-        containers: containers
+    let parts = boilerhouse_proto::convert::full_report_parts(
+        timestamp_to_pb(now()),
+        containers
             .values()
             .map(pb::ObservedContainer::from)
             .collect(),
         command_id,
-    };
-    out.send(pb::ConnectRequest {
-        message: Some(pb::connect_request::Message::FullReport(report)),
-    })
-    .await?;
+    );
+    for part in parts {
+        out.send(pb::ConnectRequest {
+            message: Some(pb::connect_request::Message::FullReport(part)),
+        })
+        .await?;
+    }
     Ok(())
 }
 

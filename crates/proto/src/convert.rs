@@ -493,7 +493,9 @@ pub fn node_to_pb(n: &Node, connected: bool) -> pb::Node {
 
 mod agent;
 use agent::optional_timestamp;
-pub use agent::{limits_from_pb_resources, limits_to_pb_resources};
+pub use agent::{
+    REPORT_PART_CONTAINERS, full_report_parts, limits_from_pb_resources, limits_to_pb_resources,
+};
 
 #[cfg(test)]
 mod tests;

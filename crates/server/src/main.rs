@@ -10,7 +10,8 @@ use boilerhouse_server::database::{REFUSED_EXIT, Refused};
 /// jemalloc, as most long-running Rust servers use: with glibc's malloc
 /// the server at 100,000 containers held 816 MiB, ~200 MiB of it freed
 /// memory kept in per-thread arenas; with jemalloc, 522 MiB
-/// (docs/BENCHMARKS.md, P5).
+/// (docs/BENCHMARKS.md, P5). Its settings are compiled in from
+/// `.cargo/config.toml` (JEMALLOC_SYS_WITH_MALLOC_CONF).
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

@@ -345,6 +345,7 @@ async fn agents_are_who_their_certificate_says_and_touch_only_their_own_containe
                 ..Default::default()
             }],
             command_id: String::new(),
+            more: false,
         })),
     })
     .await

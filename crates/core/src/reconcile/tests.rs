@@ -98,7 +98,7 @@ fn desired(rows: Vec<ContainerRecord>) -> Desired {
 fn known(containers: Vec<ObservedContainer>) -> Evidence {
     Evidence::Known {
         observed_at: t(1000),
-        containers,
+        containers: containers.into_iter().map(std::sync::Arc::new).collect(),
     }
 }
 

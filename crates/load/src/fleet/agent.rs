@@ -298,11 +298,14 @@ async fn send_report(
     stats: &Stats,
     command_id: String,
 ) -> Result<(), String> {
-    let report = lock(engine).report(now(), command_id);
-    stats.report(report.containers.len());
-    out.send(up(Up::FullReport(report)))
-        .await
-        .map_err(|e| e.to_string())
+    let parts = lock(engine).report(now(), command_id);
+    stats.report(parts.iter().map(|p| p.containers.len()).sum());
+    for part in parts {
+        out.send(up(Up::FullReport(part)))
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
 
 fn lock(engine: &Mutex<Engine>) -> std::sync::MutexGuard<'_, Engine> {

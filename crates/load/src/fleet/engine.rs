@@ -50,17 +50,18 @@ impl Engine {
         Self::default()
     }
 
-    /// Every container, as a full report lists them.
+    /// Every container, as a full report lists them, in the parts a real
+    /// agent sends it in.
     pub fn report(
         &self,
         observed_at: prost_types::Timestamp,
         command_id: String,
-    ) -> pb::FullReport {
-        pb::FullReport {
-            observed_at: Some(observed_at),
-            containers: self.containers.values().cloned().collect(),
+    ) -> Vec<pb::FullReport> {
+        boilerhouse_proto::convert::full_report_parts(
+            observed_at,
+            self.containers.values().cloned().collect(),
             command_id,
-        }
+        )
     }
 
     /// How many run, and what their limits reserve (the heartbeat's usage).
@@ -380,7 +381,7 @@ mod tests {
         };
         let w = e.execute(&write, t());
         assert!(w.result.ok && w.result.container.is_none());
-        let report = e.report(t(), String::new());
+        let report = e.report(t(), String::new()).remove(0);
         assert_eq!(
             report.containers[0].state_file.as_ref().unwrap().tenant_id,
             "t"
@@ -410,7 +411,8 @@ mod tests {
         let r = e.execute(&remove, t());
         assert!(r.result.ok);
         assert_eq!(r.events[0].kind, pb::ContainerEventKind::Destroy as i32);
-        assert_eq!(e.report(t(), String::new()).containers.len(), 0);
+        let empty = e.report(t(), String::new());
+        assert_eq!((empty.len(), empty[0].containers.len()), (1, 0));
         // A command about a container that is not there fails, and says so.
         let missing = e.execute(&write, t());
         // ("w" was answered before: memory, not a second write.)

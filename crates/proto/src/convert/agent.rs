@@ -25,6 +25,35 @@ pub fn limits_from_pb_resources(r: Option<&pb::Resources>) -> Limits {
     limits_from_pb(r)
 }
 
+/// Containers in one part of a full report (`FullReport.more`): ~20 KiB
+/// on the wire with our labels.
+pub const REPORT_PART_CONTAINERS: usize = 32;
+
+/// A full report as the parts it is sent in: one for a node with few
+/// containers (or none), each but the last with `more` set.
+pub fn full_report_parts(
+    observed_at: prost_types::Timestamp,
+    containers: Vec<pb::ObservedContainer>,
+    command_id: String,
+) -> Vec<pb::FullReport> {
+    let mut parts: Vec<pb::FullReport> =
+        Vec::with_capacity(containers.len() / REPORT_PART_CONTAINERS + 1);
+    let mut containers = containers.into_iter().peekable();
+    loop {
+        let part: Vec<_> = containers.by_ref().take(REPORT_PART_CONTAINERS).collect();
+        let more = containers.peek().is_some();
+        parts.push(pb::FullReport {
+            observed_at: Some(observed_at),
+            containers: part,
+            command_id: command_id.clone(),
+            more,
+        });
+        if !more {
+            return parts;
+        }
+    }
+}
+
 pub(super) fn optional_timestamp(t: Option<Timestamp>) -> Option<prost_types::Timestamp> {
     t.map(timestamp_to_pb)
 }

@@ -34,8 +34,9 @@ pub struct NodeReport {
     /// on: until there is one, what the node runs is not in the index
     /// (adoption has not happened) and the refiller must not count.
     pub reconciled_at: Option<Timestamp>,
-    /// The containers, by Docker id, kept current by incremental events.
-    pub containers: BTreeMap<String, ObservedContainer>,
+    /// The containers, by Docker id, kept current by incremental events;
+    /// each shared with the reconciliation passes that plan on it.
+    pub containers: BTreeMap<String, Arc<ObservedContainer>>,
 }
 
 struct Session {
@@ -264,7 +265,7 @@ impl Registry {
         report.observed_at = Some(observed_at);
         report.containers = containers
             .into_iter()
-            .map(|c| (c.docker_id.clone(), c))
+            .map(|c| (c.docker_id.clone(), Arc::new(c)))
             .collect();
         drop(inner);
         self.reports_changed.notify_waiters();
@@ -328,24 +329,40 @@ impl Registry {
                 report.containers.remove(&event.docker_id);
             }
             ContainerEventKind::Start => {
-                if let Some(c) = report.containers.get_mut(&event.docker_id) {
+                if let Some(c) = report
+                    .containers
+                    .get_mut(&event.docker_id)
+                    .map(Arc::make_mut)
+                {
                     c.docker_state = "running".into();
                     c.started_at = Some(event.at);
                 }
             }
             ContainerEventKind::Die => {
-                if let Some(c) = report.containers.get_mut(&event.docker_id) {
+                if let Some(c) = report
+                    .containers
+                    .get_mut(&event.docker_id)
+                    .map(Arc::make_mut)
+                {
                     c.docker_state = "exited".into();
                     c.exit_code = event.exit_code.unwrap_or(c.exit_code);
                 }
             }
             ContainerEventKind::Oom => {
-                if let Some(c) = report.containers.get_mut(&event.docker_id) {
+                if let Some(c) = report
+                    .containers
+                    .get_mut(&event.docker_id)
+                    .map(Arc::make_mut)
+                {
                     c.oom_killed = true;
                 }
             }
             ContainerEventKind::Health => {
-                if let Some(c) = report.containers.get_mut(&event.docker_id) {
+                if let Some(c) = report
+                    .containers
+                    .get_mut(&event.docker_id)
+                    .map(Arc::make_mut)
+                {
                     c.health = event.health.clone();
                     c.health_output = event.health_output.clone();
                 }
@@ -377,7 +394,7 @@ impl Registry {
             } else if let Some(report) = inner.reports.get_mut(node).map(Arc::make_mut) {
                 report
                     .containers
-                    .insert(container.docker_id.clone(), container);
+                    .insert(container.docker_id.clone(), Arc::new(container));
             }
         }
         drop(inner);

@@ -185,6 +185,7 @@ async fn read_loop(
     session_cancel: &CancellationToken,
     shutdown: &CancellationToken,
 ) -> String {
+    let mut report = ReportParts::default();
     loop {
         let message = tokio::select! {
             // Cancel-safe: observing a token loses nothing.
@@ -221,24 +222,20 @@ async fn read_loop(
                     .unwrap_or_default();
                 registry.heartbeat(node, at, usage, beat.container_count);
             }
-            pb::connect_request::Message::FullReport(report) => {
-                let observed_at: Timestamp = report
+            pb::connect_request::Message::FullReport(part) => {
+                let observed_at: Timestamp = part
                     .observed_at
                     .as_ref()
                     .map(timestamp_from_pb)
                     .unwrap_or_else(crate::clock::now);
-                let mut containers = Vec::with_capacity(report.containers.len());
-                let mut foreign = Vec::new();
-                for c in &report.containers {
-                    match ObservedContainer::try_from(c) {
-                        // Each agent reports only its own node's containers.
-                        Ok(c) if c.node_id() == Some(node.as_str()) => containers.push(c),
-                        Ok(c) => foreign.push(c.docker_id),
-                        Err(e) => {
-                            tracing::warn!(node = %node, error = %e, "unreadable container in report")
-                        }
-                    }
-                }
+                let Some(containers) = report.add(node, observed_at, part) else {
+                    continue;
+                };
+                let (containers, foreign): (Vec<_>, Vec<_>) = containers
+                    .into_iter()
+                    .partition(|c| c.node_id() == Some(node.as_str()));
+                let foreign: Vec<String> = foreign.into_iter().map(|c| c.docker_id).collect();
+                // Each agent reports only its own node's containers.
                 if !foreign.is_empty() {
                     restricted(store, node, "a full report", &foreign).await;
                 }
@@ -314,5 +311,134 @@ async fn restricted(store: &Store, node: &NodeId, what: &str, docker_ids: &[Stri
 async fn record(store: &Store, event: NewEvent) {
     if let Err(e) = store.append_event(event).await {
         tracing::warn!(error = %e, "cannot record an agent's refused message");
+    }
+}
+
+/// Most containers one node's report may hold: parts beyond it are a
+/// misbehaving agent, not a host (a report is dropped, not grown).
+const MOST_REPORTED: usize = 65_536;
+
+/// The parts of a full report received so far on one session.
+#[derive(Default)]
+struct ReportParts {
+    /// The report being put together: when it was taken, what it holds.
+    pending: Option<(Timestamp, Vec<ObservedContainer>)>,
+}
+
+impl ReportParts {
+    /// Takes in one part; the whole report once its last part is in. A
+    /// part of another report (a new one began before the last ended)
+    /// starts over from it: only whole reports ever replace the node's.
+    fn add(
+        &mut self,
+        node: &NodeId,
+        observed_at: Timestamp,
+        part: pb::FullReport,
+    ) -> Option<Vec<ObservedContainer>> {
+        if self
+            .pending
+            .as_ref()
+            .is_some_and(|(at, _)| *at != observed_at)
+        {
+            tracing::warn!(node = %node, "a full report was cut short by the next one; the partial one is dropped");
+            self.pending = None;
+        }
+        let (_, containers) = self
+            .pending
+            .get_or_insert_with(|| (observed_at, Vec::with_capacity(part.containers.len())));
+        for c in &part.containers {
+            match ObservedContainer::try_from(c) {
+                Ok(c) => containers.push(c),
+                Err(e) => {
+                    tracing::warn!(node = %node, error = %e, "unreadable container in report")
+                }
+            }
+        }
+        if containers.len() > MOST_REPORTED {
+            tracing::warn!(node = %node, most = MOST_REPORTED, "a full report names more containers than any node holds; it is dropped");
+            self.pending = None;
+            return None;
+        }
+        if part.more {
+            return None;
+        }
+        self.pending.take().map(|(_, containers)| containers)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn container(n: usize, node: &str) -> pb::ObservedContainer {
+        pb::ObservedContainer {
+            docker_id: format!("docker-{n}"),
+            name: format!("c{n}"),
+            labels: [(
+                boilerhouse_core::container::labels::NODE_ID.to_owned(),
+                node.to_owned(),
+            )]
+            .into_iter()
+            .collect(),
+            docker_state: "running".into(),
+            ..Default::default()
+        }
+    }
+
+    fn parts(at: i64, n: usize) -> Vec<pb::FullReport> {
+        convert::full_report_parts(
+            convert::timestamp_to_pb(Timestamp::from_millis(at)),
+            (0..n).map(|i| container(i, "node-a")).collect(),
+            String::new(),
+        )
+    }
+
+    /// A report is taken whole once its last part is in, never before;
+    /// one cut short by the next report is dropped, not mixed into it.
+    #[test]
+    fn a_full_report_is_taken_only_whole() {
+        let node = NodeId::new("node-a").unwrap();
+        let mut report = ReportParts::default();
+
+        let whole = parts(1_000, 100);
+        assert_eq!(whole.len(), 4, "100 containers in parts of 32");
+        let mut taken = None;
+        for (i, part) in whole.into_iter().enumerate() {
+            assert!(taken.is_none(), "taken before part {i}");
+            taken = report.add(&node, Timestamp::from_millis(1_000), part);
+        }
+        let taken = taken.expect("the last part completes the report");
+        assert_eq!(
+            taken
+                .iter()
+                .map(|c| c.docker_id.as_str())
+                .collect::<Vec<_>>(),
+            (0..100).map(|i| format!("docker-{i}")).collect::<Vec<_>>()
+        );
+
+        // Two parts of a report, then a newer report of one part.
+        let cut = parts(2_000, 64);
+        for part in cut.into_iter().take(1) {
+            assert!(
+                report
+                    .add(&node, Timestamp::from_millis(2_000), part)
+                    .is_none()
+            );
+        }
+        let next = parts(3_000, 3).remove(0);
+        let taken = report
+            .add(&node, Timestamp::from_millis(3_000), next)
+            .expect("a report of one part");
+        assert_eq!(taken.len(), 3, "nothing of the report cut short");
+
+        // No containers: one part, taken.
+        let none = parts(4_000, 0);
+        assert_eq!(none.len(), 1);
+        let taken = report.add(
+            &node,
+            Timestamp::from_millis(4_000),
+            none.into_iter().next().unwrap(),
+        );
+        assert_eq!(taken.map(|c| c.len()), Some(0));
     }
 }

@@ -9,6 +9,7 @@
 //! never push a pool past `max_size`.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use boilerhouse_core::container::{ContainerSpec, ObservedContainer, VolumeKind, volume_host_path};
@@ -335,7 +336,11 @@ impl Pools {
     }
 
     /// A container as its node last reported it.
-    pub(super) fn reported(&self, node: &NodeId, docker_id: &str) -> Option<ObservedContainer> {
+    pub(super) fn reported(
+        &self,
+        node: &NodeId,
+        docker_id: &str,
+    ) -> Option<Arc<ObservedContainer>> {
         self.inner
             .agents
             .report(node)

@@ -3,6 +3,7 @@
 //! delivery and reconciliation.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use boilerhouse_core::pool::decide::{self, DrainScope};
 use boilerhouse_core::pool::{ContainerRecord, ContainerState};
@@ -318,7 +319,7 @@ impl World {
                 let e = match (&h.report, h.up) {
                     (Some((at, containers)), true) => Evidence::Known {
                         observed_at: *at,
-                        containers: containers.clone(),
+                        containers: containers.iter().cloned().map(Arc::new).collect(),
                     },
                     _ => Evidence::Unknown,
                 };
