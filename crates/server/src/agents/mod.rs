@@ -383,6 +383,22 @@ impl Registry {
             .get_mut(node)
             .and_then(|p| p.remove(&result.command_id));
         let mut foreign = None;
+        // A container the agent says it removed leaves the report now,
+        // before its row goes (the caller deletes the row once it hears
+        // this): the engine's destroy event can come later, and a reconcile
+        // pass in between would find a managed container with no row and
+        // adopt it, an unused one back into the pool though it is gone.
+        if result.ok
+            && let Some(pb::command::Command::Remove(remove)) =
+                done.as_ref().and_then(|p| p.command.command.as_ref())
+            && let Some(report) = inner.reports.get_mut(node).map(Arc::make_mut)
+        {
+            report.containers.retain(|_, c| {
+                c.labels
+                    .get(boilerhouse_core::container::labels::CONTAINER_ID)
+                    != Some(&remove.container_id)
+            });
+        }
         // Keep the report current with what the command produced.
         if let Some(container) = result
             .container
@@ -517,96 +533,4 @@ impl Registry {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn node() -> NodeId {
-        NodeId::new("n1").unwrap()
-    }
-
-    fn command(id: &str) -> pb::Command {
-        pb::Command {
-            command_id: id.into(),
-            generation: 1,
-            command: Some(pb::command::Command::RequestFullReport(
-                pb::RequestFullReport {},
-            )),
-        }
-    }
-
-    async fn next_command(
-        rx: &mut mpsc::Receiver<Result<pb::ConnectResponse, Status>>,
-    ) -> pb::Command {
-        match rx.recv().await.unwrap().unwrap().message {
-            Some(pb::connect_response::Message::Command(c)) => c,
-            other => panic!("expected a command, got {other:?}"),
-        }
-    }
-
-    #[tokio::test]
-    async fn unanswered_commands_are_resent_to_the_next_session() {
-        let registry = Registry::default();
-        let (tx_a, mut rx_a) = mpsc::channel(16);
-        registry.attach(&node(), "a".into(), tx_a, Timestamp::from_millis(1));
-
-        let sender = registry.clone();
-        let pending = tokio::spawn(async move {
-            sender
-                .send(&node(), command("c1"), Duration::from_secs(30))
-                .await
-        });
-        assert_eq!(next_command(&mut rx_a).await.command_id, "c1");
-
-        // Session a dies without answering; session b takes over.
-        registry.detach(&node(), "a");
-        let (tx_b, mut rx_b) = mpsc::channel(16);
-        registry.attach(&node(), "b".into(), tx_b, Timestamp::from_millis(2));
-        assert_eq!(
-            next_command(&mut rx_b).await.command_id,
-            "c1",
-            "resent on reconnect"
-        );
-
-        registry.complete(
-            &node(),
-            pb::CommandResult {
-                command_id: "c1".into(),
-                ok: true,
-                error: String::new(),
-                container: None,
-                sync: None,
-            },
-        );
-        let result = pending.await.unwrap().unwrap();
-        assert!(result.ok);
-
-        // Answered commands are not resent again.
-        let (tx_c, mut rx_c) = mpsc::channel(16);
-        registry.attach(&node(), "c".into(), tx_c, Timestamp::from_millis(3));
-        assert!(rx_c.try_recv().is_err());
-    }
-
-    #[tokio::test]
-    async fn a_newer_session_replaces_and_cancels_the_old_one() {
-        let registry = Registry::default();
-        let (tx_a, _rx_a) = mpsc::channel(16);
-        let cancel_a = registry.attach(&node(), "a".into(), tx_a, Timestamp::from_millis(1));
-        let (tx_b, _rx_b) = mpsc::channel(16);
-        registry.attach(&node(), "b".into(), tx_b, Timestamp::from_millis(2));
-        assert!(cancel_a.is_cancelled());
-        // The old session's late detach must not remove the new one.
-        registry.detach(&node(), "a");
-        assert_eq!(registry.session(&node()).unwrap().session_id, "b");
-        assert_eq!(registry.connected(), 1);
-    }
-
-    #[tokio::test]
-    async fn commands_to_a_node_without_an_agent_fail_at_once() {
-        let registry = Registry::default();
-        let err = registry
-            .send(&node(), command("c1"), Duration::from_secs(1))
-            .await
-            .unwrap_err();
-        assert_eq!(err, CommandError::NotConnected(node()));
-    }
-}
+mod tests;
