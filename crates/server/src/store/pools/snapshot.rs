@@ -11,8 +11,9 @@ use futures::TryFutureExt as _;
 use boilerhouse_core::pool::ContainerRecord;
 
 use super::super::lenient;
-use super::super::sql::{self, Backend};
+use super::super::sql;
 use super::super::{Store, StoreError};
+use super::rows::ContainerRow;
 use super::{
     PoolSnapshot, claim_columns, container_columns, read_claim, read_container, read_reservation,
     reservation_columns,
@@ -22,6 +23,9 @@ use super::{
 /// that an uneven part does not leave one idle; no more than the read
 /// connections, or parts would wait for one.
 const CONTAINER_PARTS: i64 = 4;
+
+/// Rows a part's SQLite thread may read ahead of its decoding.
+const ROW_CHANNEL: usize = 4096;
 
 impl Store {
     /// Every container, active claim and reservation.
@@ -64,41 +68,22 @@ impl Store {
     /// Every container row, read and decoded in parts at once on SQLite
     /// (by rowid range), in one query on PostgreSQL.
     async fn read_all_containers(&self) -> Result<lenient::Lenient<ContainerRecord>, StoreError> {
-        let ranges = match self.backend() {
-            Backend::Sqlite => {
-                let (low, high): (Option<i64>, Option<i64>) =
-                    sql::query_as("SELECT MIN(rowid), MAX(rowid) FROM containers")
-                        .fetch_one(&self.reads)
-                        .await?;
-                match (low, high) {
-                    (Some(low), Some(high)) => rowid_ranges(low, high, CONTAINER_PARTS),
-                    _ => return Ok((Vec::new(), Vec::new())),
-                }
-            }
-            Backend::Postgres => vec![(i64::MIN, i64::MAX)],
+        let Some(path) = self.location.sqlite_path() else {
+            let rows = sql::query(concat!("SELECT ", container_columns!(), " FROM containers"))
+                .fetch_all(&self.reads)
+                .await?;
+            return Ok(lenient::split(rows.iter().map(read_container)));
         };
-        let parts = ranges.into_iter().map(|(from, to)| {
-            let reads = self.reads.clone();
-            let postgres = self.backend() == Backend::Postgres;
-            tokio::spawn(async move {
-                let rows = if postgres {
-                    sql::query(concat!("SELECT ", container_columns!(), " FROM containers"))
-                        .fetch_all(&reads)
-                        .await?
-                } else {
-                    sql::query(concat!(
-                        "SELECT ",
-                        container_columns!(),
-                        " FROM containers WHERE rowid BETWEEN ? AND ?"
-                    ))
-                    .bind(from)
-                    .bind(to)
-                    .fetch_all(&reads)
-                    .await?
-                };
-                Ok::<_, StoreError>(lenient::split(rows.iter().map(read_container)))
-            })
-        });
+        let (low, high): (Option<i64>, Option<i64>) =
+            sql::query_as("SELECT MIN(rowid), MAX(rowid) FROM containers")
+                .fetch_one(&self.reads)
+                .await?;
+        let (Some(low), Some(high)) = (low, high) else {
+            return Ok((Vec::new(), Vec::new()));
+        };
+        let parts = rowid_ranges(low, high, CONTAINER_PARTS)
+            .into_iter()
+            .map(|range| tokio::spawn(read_container_range(path.to_owned(), range)));
         let mut containers = Vec::new();
         let mut unreadable = Vec::new();
         for part in futures::future::join_all(parts).await {
@@ -109,6 +94,47 @@ impl Store {
         }
         Ok((containers, unreadable))
     }
+}
+
+/// The container rows whose rowid is in `range`, on a native SQLite
+/// connection of their own: through sqlx's `Any` driver each row was built
+/// twice (a SQLite row, then an `Any` row with every value copied), and
+/// that copy was most of a restart's read at 100,000 containers.
+async fn read_container_range(
+    path: std::path::PathBuf,
+    (from, to): (i64, i64),
+) -> Result<lenient::Lenient<ContainerRecord>, StoreError> {
+    use futures::TryStreamExt as _;
+    use sqlx::ConnectOptions as _;
+    let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(&path)
+        .busy_timeout(std::time::Duration::from_secs(5))
+        // Rows cross from SQLite's thread to ours through this channel;
+        // at sqlx's 50 each side waited on the other for every row.
+        .row_buffer_size(ROW_CHANNEL)
+        .connect()
+        .await?;
+    let mut rows = sqlx::query(concat!(
+        "SELECT ",
+        container_columns!(),
+        " FROM containers WHERE rowid BETWEEN ? AND ?"
+    ))
+    .bind(from)
+    .bind(to)
+    .fetch(&mut conn);
+    let mut read = Vec::new();
+    let mut unreadable = Vec::new();
+    while let Some(row) = rows.try_next().await? {
+        match lenient::decode_one::<_, ContainerRow, ContainerRecord>(&row, "containers", |r| {
+            lenient::text(r, "container_id")
+        }) {
+            Ok(c) => read.push(c),
+            Err(u) => unreadable.push(u),
+        }
+    }
+    drop(rows);
+    let _ = sqlx::Connection::close(conn).await;
+    Ok((read, unreadable))
 }
 
 /// `parts` inclusive ranges covering `low..=high` in order, without gaps
