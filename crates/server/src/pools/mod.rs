@@ -514,6 +514,23 @@ impl Pools {
         self.container(id)
             .ok_or(PoolError::Refused(Refusal::UnknownContainer(*id)))
     }
+    /// Drains a container no tenant holds, for reconciliation; whether it
+    /// did. One already draining, claimed since the plan was made, or gone
+    /// is left as it is: the plan's view had moved on.
+    pub async fn drain_unclaimed(&self, id: &ContainerId, reason: &str) -> Result<bool, PoolError> {
+        let now = crate::clock::now();
+        let drained = self
+            .commit_decided(|index| {
+                match decide::drain(index, id, decide::DrainScope::Unclaimed, reason, now) {
+                    Ok(write) => Ok(write.map(|w| (w, ()))),
+                    Err(Refusal::Precondition(_) | Refusal::UnknownContainer(_)) => Ok(None),
+                    Err(e) => Err(e.into()),
+                }
+            })
+            .await?;
+        self.inner.refill.notify_one();
+        Ok(drained.is_some())
+    }
 }
 
 /// A claim with its container and the newest activity seen.

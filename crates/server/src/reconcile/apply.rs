@@ -6,7 +6,7 @@
 use boilerhouse_core::boost::limits_match;
 use boilerhouse_core::container::ObservedContainer;
 use boilerhouse_core::event::{EventKind, EventSubject, NewEvent};
-use boilerhouse_core::pool::decide::{self, DrainScope};
+use boilerhouse_core::pool::decide;
 use boilerhouse_core::pool::{ContainerRecord, ContainerState};
 use boilerhouse_core::reconcile::{Action, ActionKind};
 use boilerhouse_core::workload::Limits;
@@ -38,9 +38,9 @@ impl Reconciler {
             }
             ActionKind::Drain { container_id } => self
                 .pools
-                .drain(container_id, DrainScope::Unclaimed, &action.reason)
+                .drain_unclaimed(container_id, &action.reason)
                 .await
-                .map(|_| Outcome::Done),
+                .map(Outcome::of_changed),
             ActionKind::Destroy {
                 docker_id,
                 container_id,

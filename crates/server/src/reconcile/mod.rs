@@ -205,31 +205,8 @@ impl Reconciler {
         }
         // After a database loss, adoption is how state comes back: say in
         // one event what was rebuilt from the agents' labels and state files.
-        let adopted: Vec<_> = applied
-            .iter()
-            .filter(|a| a.result == Ok(Outcome::Done))
-            .filter_map(|a| match &a.action.kind {
-                ActionKind::Adopt { observed } => Some(observed),
-                _ => None,
-            })
-            .collect();
-        if !adopted.is_empty() {
-            let with_tenant = adopted
-                .iter()
-                .filter(|o| o.state_file.as_ref().is_some_and(|s| s.tenant_id.is_some()))
-                .count();
-            let nodes: std::collections::BTreeSet<_> = applied
-                .iter()
-                .filter(|a| a.result == Ok(Outcome::Done))
-                .filter(|a| matches!(a.action.kind, ActionKind::Adopt { .. }))
-                .map(|a| a.action.node_id.to_string())
-                .collect();
-            let message = format!(
-                "rebuilt {} containers and {with_tenant} tenant claims from the labels and state files on {}",
-                adopted.len(),
-                nodes.into_iter().collect::<Vec<_>>().join(", ")
-            );
-            tracing::warn!(adopted = adopted.len(), claims = with_tenant, "{message}");
+        if let Some((adopted, with_tenant, message)) = rebuilt(&applied) {
+            tracing::warn!(adopted, claims = with_tenant, "{message}");
             self.store
                 .append_event(NewEvent::new(now, EventKind::ReconcileRebuilt, message))
                 .await?;
@@ -237,6 +214,36 @@ impl Reconciler {
         cost.apply_ms = ms(applying.elapsed());
         Ok((applied, cost))
     }
+}
+
+/// What a pass rebuilt from the labels and state files: the containers
+/// adopted, those of them given back to a tenant, and the sentence that
+/// says so. Adoptions that were moot (the server made the row meanwhile)
+/// rebuilt nothing and are not counted.
+fn rebuilt(applied: &[Applied]) -> Option<(usize, usize, String)> {
+    let adopted: Vec<_> = applied
+        .iter()
+        .filter(|a| a.result == Ok(Outcome::Done))
+        .filter_map(|a| match &a.action.kind {
+            ActionKind::Adopt { observed } => Some((observed, &a.action.node_id)),
+            _ => None,
+        })
+        .collect();
+    if adopted.is_empty() {
+        return None;
+    }
+    let with_tenant = adopted
+        .iter()
+        .filter(|(o, _)| o.state_file.as_ref().is_some_and(|s| s.tenant_id.is_some()))
+        .count();
+    let nodes: std::collections::BTreeSet<_> =
+        adopted.iter().map(|(_, node)| node.to_string()).collect();
+    let message = format!(
+        "rebuilt {} containers and {with_tenant} tenant claims from the labels and state files on {}",
+        adopted.len(),
+        nodes.into_iter().collect::<Vec<_>>().join(", ")
+    );
+    Some((adopted.len(), with_tenant, message))
 }
 
 /// The periodic reconciliation.

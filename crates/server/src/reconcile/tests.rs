@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use boilerhouse_core::container::{ObservedContainer, labels};
-use boilerhouse_core::event::{EventFilter, EventKind};
 use boilerhouse_core::ids::Uuid;
 use boilerhouse_core::pool::ContainerState;
 use boilerhouse_core::pool::write::{ContainerChange, PoolWrite};
@@ -13,10 +12,10 @@ use boilerhouse_core::reconcile::{Action, ActionKind, PlanConfig};
 use boilerhouse_core::workload::Limits;
 use boilerhouse_core::{ContainerId, NodeId, Timestamp};
 
-use super::{Outcome, Reconciler};
+use super::{Applied, Outcome, Reconciler};
 use crate::agents::Registry;
 use crate::pools::{Plain, Pools, PoolsConfig};
-use crate::store::{EventQuery, Store, StoreOptions};
+use crate::store::{Store, StoreOptions};
 
 const WORKLOAD: &str = "id: demo\nimage: demo:1\npool: {min_size: 0, max_size: 4}\n";
 
@@ -89,25 +88,11 @@ fn reported(id: ContainerId, node: &NodeId, hash: &str) -> ObservedContainer {
     }
 }
 
-async fn rebuilt_events(r: &Reconciler) -> usize {
-    let query = EventQuery {
-        filter: EventFilter {
-            kinds: vec![EventKind::ReconcileRebuilt.as_str().to_owned()],
-            ..Default::default()
-        },
-        after_id: 0,
-        since: None,
-        limit: 100,
-        latest: false,
-    };
-    r.store.list_events(&query).await.unwrap().len()
-}
-
 /// A container the server created between the plan's view of the index
 /// and its view of the reports has a row by the time the adoption is
-/// decided: nothing is adopted, the action says it was moot, and no
-/// "rebuilt from the labels" is recorded. One with no row is adopted and
-/// said to be done.
+/// decided: nothing is adopted, the action says it was moot, and the
+/// pass's "rebuilt from the labels" does not count it. One with no row is
+/// adopted and said to be done.
 #[tokio::test]
 async fn an_adoption_planned_before_the_row_was_committed_is_moot() {
     let dir = tempfile::tempdir().unwrap();
@@ -144,22 +129,42 @@ async fn an_adoption_planned_before_the_row_was_committed_is_moot() {
         })
         .await
         .unwrap();
-    assert_eq!(
-        r.apply_action(&adopt(created)).await.unwrap(),
-        Outcome::Moot
-    );
+    let moot = r.apply_action(&adopt(created)).await.unwrap();
+    assert_eq!(moot, Outcome::Moot);
     assert_eq!(
         r.pools.container(&created).unwrap(),
         record,
         "the row is untouched"
     );
-    assert_eq!(rebuilt_events(&r).await, 0);
 
     // A container nobody has a row for is taken in.
     let stray = ContainerId::from_uuid(Uuid::now_v7());
-    assert_eq!(r.apply_action(&adopt(stray)).await.unwrap(), Outcome::Done);
+    let done = r.apply_action(&adopt(stray)).await.unwrap();
+    assert_eq!(done, Outcome::Done);
     assert_eq!(
         r.pools.container(&stray).unwrap().state,
         ContainerState::Idle
+    );
+
+    let (adopted, with_tenant, message) = super::rebuilt(&[
+        Applied {
+            action: adopt(created),
+            result: Ok(moot),
+        },
+        Applied {
+            action: adopt(stray),
+            result: Ok(done),
+        },
+    ])
+    .expect("one container was rebuilt");
+    assert_eq!((adopted, with_tenant), (1, 0), "{message}");
+    assert!(message.starts_with("rebuilt 1 containers"), "{message}");
+    assert!(
+        super::rebuilt(&[Applied {
+            action: adopt(created),
+            result: Ok(Outcome::Moot),
+        }])
+        .is_none(),
+        "a moot adoption rebuilt nothing"
     );
 }
