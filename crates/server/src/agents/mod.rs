@@ -393,11 +393,11 @@ impl Registry {
                 done.as_ref().and_then(|p| p.command.command.as_ref())
             && let Some(report) = inner.reports.get_mut(node).map(Arc::make_mut)
         {
-            report.containers.retain(|_, c| {
-                c.labels
-                    .get(boilerhouse_core::container::labels::CONTAINER_ID)
-                    != Some(&remove.container_id)
-            });
+            // By name, as the agent removes it (`bh-<id>`).
+            if let Ok(id) = remove.container_id.parse::<ContainerId>() {
+                let name = id.docker_name();
+                report.containers.retain(|_, c| c.name != name);
+            }
         }
         // Keep the report current with what the command produced.
         if let Some(container) = result

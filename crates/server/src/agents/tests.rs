@@ -91,7 +91,7 @@ async fn a_confirmed_removal_leaves_the_report_before_the_engines_event() {
     registry.attach(&node(), "a".into(), tx, Timestamp::from_millis(1));
     let observed = |n: u128| ObservedContainer {
         docker_id: format!("docker-{n}"),
-        name: format!("bh-{n}"),
+        name: ContainerId::from_uuid(boilerhouse_core::ids::Uuid::from_u128(n)).docker_name(),
         labels: [(
             boilerhouse_core::container::labels::CONTAINER_ID.to_owned(),
             ContainerId::from_uuid(boilerhouse_core::ids::Uuid::from_u128(n)).to_string(),
