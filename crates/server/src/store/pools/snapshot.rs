@@ -108,6 +108,7 @@ async fn read_container_range(
     use sqlx::ConnectOptions as _;
     let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
         .filename(&path)
+        .read_only(true)
         .busy_timeout(std::time::Duration::from_secs(5))
         // Rows cross from SQLite's thread to ours through this channel;
         // at sqlx's 50 each side waited on the other for every row.
