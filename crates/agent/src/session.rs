@@ -304,6 +304,7 @@ async fn session(
         .filter(|d| !d.is_zero())
         .unwrap_or(Duration::from_secs(2));
     *welcomed = true;
+    let part_size = boilerhouse_proto::convert::report_part_size(&welcome);
     tracing::info!(
         node = %config.node_id,
         server = %server,
@@ -314,7 +315,7 @@ async fn session(
     );
 
     let mut last_report = snapshot(executor.full_report().await?);
-    send_report(&out, &last_report, String::new()).await?;
+    send_report(&out, &last_report, String::new(), part_size).await?;
     let heartbeats = Heartbeats::start(out.clone(), heartbeat_every, Usage::of(&last_report));
 
     let mut events = executor.runtime().events(&config.node_id);
@@ -344,7 +345,7 @@ async fn session(
                 };
                 if let Some(pb::connect_response::Message::Command(command)) = message.message {
                     let _busy = heartbeats.busy();
-                    handle_command(command, executor, &out, &results, &mut last_report).await?;
+                    handle_command(command, executor, &out, &results, &mut last_report, part_size).await?;
                 }
             }
             // Cancel-safe: the events stream buffers undelivered items.
@@ -380,13 +381,13 @@ async fn session(
                 let _busy = heartbeats.busy();
                 report_due = None;
                 last_report = snapshot(executor.full_report().await?);
-                send_report(&out, &last_report, String::new()).await?;
+                send_report(&out, &last_report, String::new(), part_size).await?;
             }
             () = sleep_until_due(report_due), if report_due.is_some() => {
                 let _busy = heartbeats.busy();
                 report_due = None;
                 last_report = snapshot(executor.full_report().await?);
-                send_report(&out, &last_report, String::new()).await?;
+                send_report(&out, &last_report, String::new(), part_size).await?;
             }
             // Cancel-safe: mpsc::Receiver::recv loses nothing when dropped.
             Some(container_id) = activity.recv() => {
@@ -467,6 +468,7 @@ async fn send_report(
     out: &mpsc::Sender<pb::ConnectRequest>,
     containers: &Snapshot,
     command_id: String,
+    part_size: usize,
 ) -> anyhow::Result<()> {
     let parts = boilerhouse_proto::convert::full_report_parts(
         timestamp_to_pb(now()),
@@ -475,6 +477,7 @@ async fn send_report(
             .map(pb::ObservedContainer::from)
             .collect(),
         command_id,
+        part_size,
     );
     for part in parts {
         out.send(pb::ConnectRequest {
@@ -524,6 +527,7 @@ async fn handle_command(
     out: &mpsc::Sender<pb::ConnectRequest>,
     results: &mpsc::Sender<Finished>,
     last_report: &mut Snapshot,
+    part_size: usize,
 ) -> anyhow::Result<()> {
     let id = command.command_id.clone();
     let decoded = match decode_command(&command) {
@@ -542,7 +546,7 @@ async fn handle_command(
     };
     if decoded == Command::FullReport {
         *last_report = snapshot(executor.full_report().await?);
-        send_report(out, last_report, id.clone()).await?;
+        send_report(out, last_report, id.clone(), part_size).await?;
         out.send(result_message(
             id,
             &Outcome {

@@ -495,6 +495,7 @@ mod agent;
 use agent::optional_timestamp;
 pub use agent::{
     REPORT_PART_CONTAINERS, full_report_parts, limits_from_pb_resources, limits_to_pb_resources,
+    report_part_size,
 };
 
 #[cfg(test)]

@@ -346,6 +346,7 @@ async fn agents_are_who_their_certificate_says_and_touch_only_their_own_containe
             }],
             command_id: String::new(),
             more: false,
+            part: 0,
         })),
     })
     .await

@@ -68,6 +68,9 @@ impl AgentService for Service {
             heartbeat_interval: Some(duration_to_pb(Duration::from_millis(500))),
             desired_generation: 0,
             full_report_interval: Some(duration_to_pb(Duration::from_secs(30))),
+            // As a server before report parts: each report comes whole,
+            // which the agent tests read one message at a time.
+            report_parts: false,
         };
         let _ = tx.send(Ok(pb::ConnectResponse {
             message: Some(pb::connect_response::Message::Welcome(welcome)),

@@ -176,8 +176,9 @@ async fn session(
     };
     let heartbeat_every = interval(welcome.heartbeat_interval, Duration::from_secs(2));
     let report_every = interval(welcome.full_report_interval, Duration::from_secs(60));
+    let part_size = boilerhouse_proto::convert::report_part_size(&welcome);
 
-    send_report(&out, engine, stats, String::new()).await?;
+    send_report(&out, engine, stats, String::new(), part_size).await?;
     let mut heartbeat = tokio::time::interval(heartbeat_every);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let start = tokio::time::Instant::now();
@@ -200,7 +201,7 @@ async fn session(
                     stats.command(kind_name(&command));
                     if config.command_delay.is_zero() {
                         let messages = answer(engine, stats, &command);
-                        deliver(&out, engine, stats, messages).await?;
+                        deliver(&out, engine, stats, messages, part_size).await?;
                     } else {
                         // The engine's time: answered later, other commands
                         // meanwhile, as the real agent runs them in tasks.
@@ -219,7 +220,7 @@ async fn session(
                 Ok(None) => return Err("the server closed the stream".to_owned()),
                 Err(s) => return Err(status_reason(&s)),
             },
-            Some(messages) = delayed_rx.recv() => deliver(&out, engine, stats, messages).await?,
+            Some(messages) = delayed_rx.recv() => deliver(&out, engine, stats, messages, part_size).await?,
             _ = heartbeat.tick() => {
                 let (usage, count) = lock(engine).usage();
                 out.send(up(Up::Heartbeat(pb::Heartbeat {
@@ -231,7 +232,7 @@ async fn session(
                 .map_err(|e| e.to_string())?;
                 stats.heartbeat();
             }
-            _ = resync.tick() => send_report(&out, engine, stats, String::new()).await?,
+            _ = resync.tick() => send_report(&out, engine, stats, String::new(), part_size).await?,
             _ = activity.tick() => {
                 activity_n += 1;
                 let target = lock(engine).nth_running(activity_n);
@@ -281,10 +282,11 @@ async fn deliver(
     engine: &Mutex<Engine>,
     stats: &Stats,
     messages: Vec<pb::ConnectRequest>,
+    part_size: usize,
 ) -> Result<(), String> {
     for m in messages {
         if let Some(Up::FullReport(marker)) = m.message {
-            send_report(out, engine, stats, marker.command_id).await?;
+            send_report(out, engine, stats, marker.command_id, part_size).await?;
         } else {
             out.send(m).await.map_err(|e| e.to_string())?;
         }
@@ -297,8 +299,9 @@ async fn send_report(
     engine: &Mutex<Engine>,
     stats: &Stats,
     command_id: String,
+    part_size: usize,
 ) -> Result<(), String> {
-    let parts = lock(engine).report(now(), command_id);
+    let parts = lock(engine).report(now(), command_id, part_size);
     stats.report(parts.iter().map(|p| p.containers.len()).sum());
     for part in parts {
         out.send(up(Up::FullReport(part)))

@@ -56,11 +56,13 @@ impl Engine {
         &self,
         observed_at: prost_types::Timestamp,
         command_id: String,
+        part_size: usize,
     ) -> Vec<pb::FullReport> {
         boilerhouse_proto::convert::full_report_parts(
             observed_at,
             self.containers.values().cloned().collect(),
             command_id,
+            part_size,
         )
     }
 
@@ -381,7 +383,7 @@ mod tests {
         };
         let w = e.execute(&write, t());
         assert!(w.result.ok && w.result.container.is_none());
-        let report = e.report(t(), String::new()).remove(0);
+        let report = e.report(t(), String::new(), 32).remove(0);
         assert_eq!(
             report.containers[0].state_file.as_ref().unwrap().tenant_id,
             "t"
@@ -411,7 +413,7 @@ mod tests {
         let r = e.execute(&remove, t());
         assert!(r.result.ok);
         assert_eq!(r.events[0].kind, pb::ContainerEventKind::Destroy as i32);
-        let empty = e.report(t(), String::new());
+        let empty = e.report(t(), String::new(), 32);
         assert_eq!((empty.len(), empty[0].containers.len()), (1, 0));
         // A command about a container that is not there fails, and says so.
         let missing = e.execute(&write, t());

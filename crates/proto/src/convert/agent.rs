@@ -29,28 +29,43 @@ pub fn limits_from_pb_resources(r: Option<&pb::Resources>) -> Limits {
 /// on the wire with our labels.
 pub const REPORT_PART_CONTAINERS: usize = 32;
 
-/// A full report as the parts it is sent in: one for a node with few
-/// containers (or none), each but the last with `more` set.
+/// A full report as the parts it is sent in, `per_part` containers each
+/// (`REPORT_PART_CONTAINERS`, or `usize::MAX` for a server that takes
+/// reports whole): one for a node with few containers (or none), numbered
+/// from 0, each but the last with `more` set.
 pub fn full_report_parts(
     observed_at: prost_types::Timestamp,
     containers: Vec<pb::ObservedContainer>,
     command_id: String,
+    per_part: usize,
 ) -> Vec<pb::FullReport> {
-    let mut parts: Vec<pb::FullReport> =
-        Vec::with_capacity(containers.len() / REPORT_PART_CONTAINERS + 1);
+    let per_part = per_part.max(1);
+    let mut parts: Vec<pb::FullReport> = Vec::with_capacity(containers.len() / per_part + 1);
     let mut containers = containers.into_iter().peekable();
-    loop {
-        let part: Vec<_> = containers.by_ref().take(REPORT_PART_CONTAINERS).collect();
+    for part in 0u32.. {
+        let these: Vec<_> = containers.by_ref().take(per_part).collect();
         let more = containers.peek().is_some();
         parts.push(pb::FullReport {
             observed_at: Some(observed_at),
-            containers: part,
+            containers: these,
             command_id: command_id.clone(),
             more,
+            part,
         });
         if !more {
-            return parts;
+            break;
         }
+    }
+    parts
+}
+
+/// How many containers an agent puts in each part of its full reports,
+/// given what the server's Welcome said.
+pub fn report_part_size(welcome: &pb::Welcome) -> usize {
+    if welcome.report_parts {
+        REPORT_PART_CONTAINERS
+    } else {
+        usize::MAX
     }
 }
 

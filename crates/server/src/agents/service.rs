@@ -135,6 +135,7 @@ impl AgentService for Agents {
                 heartbeat_interval: Some(duration_to_pb(self.timing.heartbeat_interval)),
                 desired_generation: 0,
                 full_report_interval: Some(duration_to_pb(self.timing.full_report_interval)),
+                report_parts: true,
             })),
         };
         outbound
@@ -223,12 +224,7 @@ async fn read_loop(
                 registry.heartbeat(node, at, usage, beat.container_count);
             }
             pb::connect_request::Message::FullReport(part) => {
-                let observed_at: Timestamp = part
-                    .observed_at
-                    .as_ref()
-                    .map(timestamp_from_pb)
-                    .unwrap_or_else(crate::clock::now);
-                let Some(containers) = report.add(node, observed_at, part) else {
+                let Some((observed_at, containers)) = report.add(node, part) else {
                     continue;
                 };
                 let (containers, foreign): (Vec<_>, Vec<_>) = containers
@@ -314,55 +310,95 @@ async fn record(store: &Store, event: NewEvent) {
     }
 }
 
-/// Most containers one node's report may hold: parts beyond it are a
-/// misbehaving agent, not a host (a report is dropped, not grown).
+/// Most containers one node's report may hold, and most bytes its parts
+/// may take on the wire: beyond either is a misbehaving agent, not a host,
+/// and its report is dropped, never taken in part. (Before parts, one
+/// report was one message, under gRPC's 4 MiB.)
 const MOST_REPORTED: usize = 65_536;
+const MOST_REPORT_BYTES: usize = 64 << 20;
 
 /// The parts of a full report received so far on one session.
 #[derive(Default)]
 struct ReportParts {
-    /// The report being put together: when it was taken, what it holds.
-    pending: Option<(Timestamp, Vec<ObservedContainer>)>,
+    /// The report being put together, if any.
+    pending: Option<Pending>,
+}
+
+struct Pending {
+    observed_at: Timestamp,
+    /// The part expected next.
+    next: u32,
+    bytes: usize,
+    containers: Vec<ObservedContainer>,
 }
 
 impl ReportParts {
-    /// Takes in one part; the whole report once its last part is in. A
-    /// part of another report (a new one began before the last ended)
-    /// starts over from it: only whole reports ever replace the node's.
+    /// Takes in one part; the whole report, and when it was taken, once
+    /// its last part is in. Only a report whose parts all came, in order,
+    /// from part 0 is ever taken: a part out of place drops the report
+    /// being put together (it was cut short), and parts after it are
+    /// ignored until the next part 0.
     fn add(
         &mut self,
         node: &NodeId,
-        observed_at: Timestamp,
         part: pb::FullReport,
-    ) -> Option<Vec<ObservedContainer>> {
-        if self
-            .pending
-            .as_ref()
-            .is_some_and(|(at, _)| *at != observed_at)
-        {
-            tracing::warn!(node = %node, "a full report was cut short by the next one; the partial one is dropped");
-            self.pending = None;
+    ) -> Option<(Timestamp, Vec<ObservedContainer>)> {
+        let whole = part.part == 0 && !part.more;
+        let observed_at = match part.observed_at.as_ref().map(timestamp_from_pb) {
+            Some(at) => at,
+            // A report in one message, as before parts, may leave it out.
+            None if whole => crate::clock::now(),
+            None => {
+                tracing::warn!(node = %node, "a part of a full report without observed_at is ignored");
+                self.pending = None;
+                return None;
+            }
+        };
+        if part.part == 0 {
+            if self.pending.take().is_some() {
+                tracing::warn!(node = %node, "a full report was cut short by the next one; the partial one is dropped");
+            }
+            self.pending = Some(Pending {
+                observed_at,
+                next: 0,
+                bytes: 0,
+                containers: Vec::with_capacity(part.containers.len()),
+            });
         }
-        let (_, containers) = self
+        let Some(pending) = self
             .pending
-            .get_or_insert_with(|| (observed_at, Vec::with_capacity(part.containers.len())));
+            .as_mut()
+            .filter(|p| p.observed_at == observed_at && p.next == part.part)
+        else {
+            if self.pending.take().is_some() {
+                tracing::warn!(node = %node, part = part.part, "a part of a full report came out of place; the report is dropped");
+            }
+            return None;
+        };
+        pending.next += 1;
+        pending.bytes += prost::Message::encoded_len(&part);
         for c in &part.containers {
             match ObservedContainer::try_from(c) {
-                Ok(c) => containers.push(c),
+                Ok(c) => pending.containers.push(c),
                 Err(e) => {
                     tracing::warn!(node = %node, error = %e, "unreadable container in report")
                 }
             }
         }
-        if containers.len() > MOST_REPORTED {
-            tracing::warn!(node = %node, most = MOST_REPORTED, "a full report names more containers than any node holds; it is dropped");
+        if pending.containers.len() > MOST_REPORTED || pending.bytes > MOST_REPORT_BYTES {
+            tracing::warn!(
+                node = %node,
+                most_containers = MOST_REPORTED,
+                most_bytes = MOST_REPORT_BYTES,
+                "a full report is larger than any node's; it is dropped"
+            );
             self.pending = None;
             return None;
         }
         if part.more {
             return None;
         }
-        self.pending.take().map(|(_, containers)| containers)
+        self.pending.take().map(|p| (p.observed_at, p.containers))
     }
 }
 
@@ -370,13 +406,13 @@ impl ReportParts {
 mod tests {
     use super::*;
 
-    fn container(n: usize, node: &str) -> pb::ObservedContainer {
+    fn container(n: usize) -> pb::ObservedContainer {
         pb::ObservedContainer {
             docker_id: format!("docker-{n}"),
             name: format!("c{n}"),
             labels: [(
                 boilerhouse_core::container::labels::NODE_ID.to_owned(),
-                node.to_owned(),
+                "node-a".to_owned(),
             )]
             .into_iter()
             .collect(),
@@ -388,26 +424,39 @@ mod tests {
     fn parts(at: i64, n: usize) -> Vec<pb::FullReport> {
         convert::full_report_parts(
             convert::timestamp_to_pb(Timestamp::from_millis(at)),
-            (0..n).map(|i| container(i, "node-a")).collect(),
+            (0..n).map(container).collect(),
             String::new(),
+            convert::REPORT_PART_CONTAINERS,
         )
     }
 
-    /// A report is taken whole once its last part is in, never before;
-    /// one cut short by the next report is dropped, not mixed into it.
+    fn node() -> NodeId {
+        NodeId::new("node-a").unwrap()
+    }
+
+    /// Feeds `parts` in; what was taken, by the number of containers.
+    fn feed(report: &mut ReportParts, parts: Vec<pb::FullReport>) -> Vec<usize> {
+        parts
+            .into_iter()
+            .filter_map(|p| report.add(&node(), p))
+            .map(|(_, c)| c.len())
+            .collect()
+    }
+
+    /// A report is taken whole once its last part is in, never before,
+    /// with every container in order.
     #[test]
     fn a_full_report_is_taken_only_whole() {
-        let node = NodeId::new("node-a").unwrap();
         let mut report = ReportParts::default();
-
         let whole = parts(1_000, 100);
         assert_eq!(whole.len(), 4, "100 containers in parts of 32");
         let mut taken = None;
         for (i, part) in whole.into_iter().enumerate() {
             assert!(taken.is_none(), "taken before part {i}");
-            taken = report.add(&node, Timestamp::from_millis(1_000), part);
+            taken = report.add(&node(), part);
         }
-        let taken = taken.expect("the last part completes the report");
+        let (at, taken) = taken.expect("the last part completes the report");
+        assert_eq!(at, Timestamp::from_millis(1_000));
         assert_eq!(
             taken
                 .iter()
@@ -415,30 +464,57 @@ mod tests {
                 .collect::<Vec<_>>(),
             (0..100).map(|i| format!("docker-{i}")).collect::<Vec<_>>()
         );
-
-        // Two parts of a report, then a newer report of one part.
-        let cut = parts(2_000, 64);
-        for part in cut.into_iter().take(1) {
-            assert!(
-                report
-                    .add(&node, Timestamp::from_millis(2_000), part)
-                    .is_none()
-            );
-        }
-        let next = parts(3_000, 3).remove(0);
-        let taken = report
-            .add(&node, Timestamp::from_millis(3_000), next)
-            .expect("a report of one part");
-        assert_eq!(taken.len(), 3, "nothing of the report cut short");
-
         // No containers: one part, taken.
-        let none = parts(4_000, 0);
-        assert_eq!(none.len(), 1);
-        let taken = report.add(
-            &node,
-            Timestamp::from_millis(4_000),
-            none.into_iter().next().unwrap(),
+        assert_eq!(feed(&mut report, parts(2_000, 0)), vec![0]);
+        // A report in one message from an agent that sends them whole.
+        let one = convert::full_report_parts(
+            convert::timestamp_to_pb(Timestamp::from_millis(3_000)),
+            (0..100).map(container).collect(),
+            String::new(),
+            usize::MAX,
         );
-        assert_eq!(taken.map(|c| c.len()), Some(0));
+        assert_eq!(feed(&mut report, one), vec![100]);
+    }
+
+    /// What is cut short, out of order or too large is dropped whole,
+    /// never taken in part: a partial report would make every container
+    /// it leaves out look gone.
+    #[test]
+    fn a_report_cut_short_out_of_order_or_too_large_is_never_taken_in_part() {
+        let mut report = ReportParts::default();
+        // Two parts of a report, then a newer report of three containers.
+        let mut cut = parts(1_000, 64);
+        cut.truncate(1);
+        let mut next = parts(2_000, 3);
+        cut.append(&mut next);
+        assert_eq!(
+            feed(&mut report, cut),
+            vec![3],
+            "nothing of the report cut short"
+        );
+
+        // A part missing from the middle: the rest of that report is
+        // ignored, the next report is taken.
+        let mut gap = parts(3_000, 100);
+        gap.remove(1);
+        gap.extend(parts(4_000, 5));
+        assert_eq!(feed(&mut report, gap), vec![5]);
+
+        // Parts of two reports interleaved: neither is taken.
+        let a = parts(5_000, 64);
+        let b = parts(6_000, 64);
+        let mixed = vec![a[0].clone(), b[1].clone(), a[1].clone()];
+        assert!(feed(&mut report, mixed).is_empty());
+
+        // A part with no observed_at: dropped with its report.
+        let mut unstamped = parts(7_000, 64);
+        unstamped[1].observed_at = None;
+        assert!(feed(&mut report, unstamped).is_empty());
+
+        // Past the limit, the report is dropped and its later parts,
+        // the last among them, do not make a report of their own.
+        let huge = parts(8_000, MOST_REPORTED + 100);
+        assert!(feed(&mut report, huge).is_empty());
+        assert_eq!(feed(&mut report, parts(9_000, 40)), vec![40]);
     }
 }
