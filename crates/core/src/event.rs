@@ -153,6 +153,9 @@ pub enum EventKind {
     DatabaseRowSkipped,
     /// A copy of the database was taken (`bh admin backup`).
     DatabaseBackedUp,
+    /// The full integrity check after startup found the database damaged;
+    /// the server stopped.
+    DatabaseDamaged,
     /// A container ran with limits the database does not account for (a
     /// boost the database forgot); they go back to the workload's.
     ContainerLimitsReverted,
@@ -207,6 +210,7 @@ impl EventKind {
         EventKind::DatabaseReplaced,
         EventKind::DatabaseRowSkipped,
         EventKind::DatabaseBackedUp,
+        EventKind::DatabaseDamaged,
         EventKind::ContainerLimitsReverted,
     ];
 
@@ -259,6 +263,7 @@ impl EventKind {
             EventKind::DatabaseReplaced => "database.replaced",
             EventKind::DatabaseRowSkipped => "database.row_skipped",
             EventKind::DatabaseBackedUp => "database.backed_up",
+            EventKind::DatabaseDamaged => "database.damaged",
             EventKind::ContainerLimitsReverted => "container.limits_reverted",
         }
     }

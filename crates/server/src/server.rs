@@ -464,11 +464,25 @@ pub async fn run(
     tracing::info!(grpc = %grpc_addr, metrics = %metrics_addr, "boilerhoused serving");
     announce(&config, grpc_addr, Some(metrics_addr), "leader")?;
 
+    // The rest of the startup check, while serving: a damaged database
+    // stops the server as it would have refused to start.
+    let full_check = database.full_check();
+    let damaged = async move {
+        match full_check {
+            Some(check) => check.await,
+            None => std::future::pending().await,
+        }
+    };
     let early_exit = tokio::select! {
         // Cancel-safe: we leave the select either way and never poll again.
         () = shutdown => None,
         // Cancel-safe: JoinHandle can be polled again after a lost race.
         result = &mut grpc => Some(result),
+        refused = damaged => {
+            stop_accepting.cancel();
+            cancel.cancel();
+            return Err(stop_on_damage(&store, refused).await);
+        }
     };
     if let Some(result) = early_exit {
         stop_accepting.cancel();
@@ -535,6 +549,24 @@ pub async fn run(
     store.close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The full integrity check failed: said loudly, recorded where the
+/// database still takes it, and returned as the refusal main() exits on.
+async fn stop_on_damage(
+    store: &crate::store::Store,
+    refused: crate::database::Refused,
+) -> anyhow::Error {
+    tracing::error!(detail = ?refused.detail, "{}; the server stops", refused.sentence);
+    let _ = store
+        .append_event(NewEvent::new(
+            crate::clock::now(),
+            EventKind::DatabaseDamaged,
+            format!("{}; the server stopped", refused.sentence),
+        ))
+        .await;
+    store.close().await;
+    refused.into()
 }
 
 /// Accepted connections with TCP_NODELAY. Serving from our own listener

@@ -288,6 +288,106 @@ async fn a_damaged_or_truncated_database_is_refused_in_one_sentence() {
     c.wait_idle("demo", 2).await;
 }
 
+/// Empties the index `name` of the SQLite file `db` while keeping every
+/// page well formed and its schema text as it was: damage that only the
+/// full integrity check (index against table) finds.
+async fn empty_index(db: &Path, name: &str) {
+    let mut conn = boilerhouse_server::store::open_raw(db).await.unwrap();
+    let (sql,): (String,) = sqlx::query_as("SELECT sql FROM sqlite_schema WHERE name = ?")
+        .bind(name)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    let (partial, _) = sql.split_once(" WHERE ").unwrap_or((&sql, ""));
+    for statement in [format!("DROP INDEX {name}"), format!("{partial} WHERE 0")] {
+        sqlx::query(sqlx::AssertSqlSafe(statement))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    }
+    sqlx::query("PRAGMA writable_schema = ON")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE sqlite_schema SET sql = ? WHERE name = ?")
+        .bind(&sql)
+        .bind(name)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    sqlx::Connection::close(conn).await.unwrap();
+}
+
+/// Startup checks the pages before it serves and every index against its
+/// table just after: the unique index that keeps one active claim per
+/// tenant, emptied, is found then, and the server stops with the same
+/// refusal as at startup.
+#[tokio::test]
+async fn an_index_found_damaged_after_startup_stops_the_server() {
+    if !sqlite_only("an_index_found_damaged_after_startup_stops_the_server") {
+        return;
+    }
+    let Some(mut c) = Cluster::builder()
+        .node("verify")
+        .workload("demo", |image| {
+            format!(
+                "id: demo\nimage: {image}\ncommand: [sleep, infinity]\npool: {{min_size: 2, max_size: 4}}\n"
+            )
+        })
+        .start()
+        .await
+    else {
+        return;
+    };
+    c.wait_idle("demo", 2).await;
+    c.claim("t1", "demo").await;
+    c.stop_server().await;
+    let db = c.server().database();
+    empty_index(&db, "claims_one_per_tenant").await;
+
+    let out = c.run_server_to_exit(&[]);
+    let log = stdout(&out);
+    let text = format!("{log}{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(3), "{text}");
+    // In the log, in the order written: it served, then it found the
+    // damage and stopped.
+    let serving = log
+        .find("boilerhoused serving")
+        .unwrap_or_else(|| panic!("it never served:\n{text}"));
+    let stops = log
+        .find("the server stops")
+        .unwrap_or_else(|| panic!("no word of stopping in the log:\n{text}"));
+    assert!(stops > serving, "stopped before serving:\n{text}");
+    let sentence = stderr(&out)
+        .lines()
+        .find(|l| l.starts_with("boilerhoused: "))
+        .unwrap_or_else(|| panic!("no refusal sentence in:\n{text}"))
+        .to_owned();
+    assert!(
+        sentence.contains(&format!(
+            "the database {} is damaged (it fails SQLite's integrity check)",
+            db.display()
+        )),
+        "{sentence}"
+    );
+    assert!(sentence.contains("--rebuild-from-agents"), "{sentence}");
+    assert!(text.contains("claims_one_per_tenant"), "{text}");
+    // Recorded where the damaged database still takes it, for whoever
+    // reads the history after a restore or rebuild.
+    let mut conn = boilerhouse_server::store::open_raw(&db).await.unwrap();
+    let (recorded,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM events WHERE kind = 'database.damaged'")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    sqlx::Connection::close(conn).await.unwrap();
+    assert_eq!(recorded, 1, "{text}");
+}
+
 #[tokio::test]
 async fn a_row_that_cannot_be_read_is_skipped_and_reported() {
     let Some(mut c) = start(&["rows"], "{min_size: 1, max_size: 4}").await else {

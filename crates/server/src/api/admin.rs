@@ -65,7 +65,7 @@ impl AdminService for Admin {
         let copy = Scratch(scratch_path(&db));
         let taken_at = crate::clock::now();
         store.vacuum_into(&copy.0).await.map_err(ApiError::from)?;
-        let integrity = match integrity::check_file(&copy.0).await {
+        let integrity = match integrity::check_file(&copy.0, integrity::Depth::Full).await {
             Ok(Verdict::Sound) => "ok".to_owned(),
             Ok(Verdict::Damaged { summary, detail }) => format!("{summary}: {detail}"),
             Ok(other) => format!("{other:?}"),

@@ -5,9 +5,13 @@
 //! - the server takes the database's lock (`<db>.lock`, flock), so a
 //!   second server, or a restore, cannot work on it at the same time;
 //! - an existing file must pass [`integrity::check_file`] (SQLite's
-//!   header, its recorded length, `PRAGMA integrity_check`, our migration
+//!   header, its recorded length, `PRAGMA quick_check`, our migration
 //!   history); a damaged one is refused in one sentence naming the file
-//!   and the way out;
+//!   and the way out. The whole `PRAGMA integrity_check` (every index
+//!   against its table) runs once the server serves
+//!   ([`Opened::full_check`]): it costs three times the quick one, and
+//!   time before serving is what a restart's claims wait for. A database
+//!   that fails it stops the server with the same refusal;
 //! - a missing file is created only on a fresh install: when nothing of
 //!   ours lies beside it (the marker `<db>.created`, the lock, SQLite's
 //!   `-wal`, `-shm` or `-journal`). `pki/` and `tokens.toml` are not
@@ -95,6 +99,48 @@ pub enum Opened {
 }
 
 impl Opened {
+    /// The part of the startup check left for after serving: the whole
+    /// `PRAGMA integrity_check` of an existing SQLite file. Resolves to
+    /// the refusal when the database fails it, and never otherwise (a
+    /// check that cannot run is logged: the file passed the quick one).
+    /// `None` when there is nothing to check (PostgreSQL, a database this
+    /// start created).
+    pub fn full_check(&self) -> Option<futures::future::BoxFuture<'static, Refused>> {
+        let Opened::Sqlite(guard) = self else {
+            return None;
+        };
+        if guard.origin != Origin::Existing {
+            return None;
+        }
+        let db = guard.db.clone();
+        Some(Box::pin(async move {
+            let started = std::time::Instant::now();
+            match integrity::full_check_open(&db).await {
+                Ok(None) => {
+                    tracing::info!(
+                        path = %db.display(),
+                        elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+                        "database passed the full integrity check"
+                    );
+                }
+                Ok(Some(Verdict::Damaged { summary, detail })) => {
+                    return Damage {
+                        summary,
+                        detail: Some(detail),
+                    }
+                    .refusal(&db);
+                }
+                Ok(Some(other)) => {
+                    tracing::error!(path = %db.display(), verdict = ?other, "the full integrity check gave no verdict on damage");
+                }
+                Err(e) => {
+                    tracing::error!(path = %db.display(), error = %e, "the full integrity check could not run; the database passed the quick one");
+                }
+            }
+            std::future::pending().await
+        }))
+    }
+
     /// How a SQLite database came to be; PostgreSQL: existing.
     pub fn origin(&self) -> Origin {
         match self {
@@ -199,7 +245,7 @@ pub async fn prepare(db: &Path, rebuild: bool) -> anyhow::Result<Guard> {
     };
     files::remove_stale_copies(db);
     let found = if db.exists() {
-        integrity::check_file(db)
+        integrity::check_file(db, integrity::Depth::Quick)
             .await
             .with_context(|| format!("checking {}", db.display()))?
     } else {

@@ -43,7 +43,7 @@ pub async fn restore(backup: &Path, db: &Path) -> anyhow::Result<Restored> {
         "{} does not exist: pass the server's --data-dir (or --database) so the backup goes where the server reads it",
         dir.display()
     );
-    match integrity::check_file(backup)
+    match integrity::check_file(backup, integrity::Depth::Full)
         .await
         .with_context(|| format!("checking {}", backup.display()))?
     {
