@@ -20,7 +20,10 @@ fn opt_tenant(s: Option<String>) -> Result<Option<TenantId>, StoreError> {
         .transpose()
 }
 
-#[derive(sqlx::FromRow)]
+/// Also read from JSON: an array of the columns in this order (the
+/// restart's read, `snapshot::CONTAINER_ROWS_AS_JSON`), where `limits_cpus`
+/// is text, since SQLite's JSON keeps only 15 digits of a REAL.
+#[derive(sqlx::FromRow, serde::Deserialize)]
 pub(super) struct ContainerRow {
     container_id: String,
     workload_id: String,
@@ -32,12 +35,28 @@ pub(super) struct ContainerRow {
     last_tenant_id: Option<String>,
     claim_generation: i64,
     revision: i64,
+    #[serde(deserialize_with = "real_from_text")]
     limits_cpus: Option<f64>,
     limits_memory: Option<i64>,
     state_path: String,
     comm_path: String,
     created_at: i64,
     updated_at: i64,
+}
+
+impl ContainerRow {
+    /// Its key, for naming it when it does not convert.
+    pub(super) fn key(&self) -> &str {
+        &self.container_id
+    }
+}
+
+/// A REAL written out in full by SQLite's `printf('%!.17g', ...)`.
+fn real_from_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+    use serde::Deserialize as _;
+    Option::<String>::deserialize(d)?
+        .map(|text| text.parse::<f64>().map_err(serde::de::Error::custom))
+        .transpose()
 }
 
 impl TryFrom<ContainerRow> for ContainerRecord {

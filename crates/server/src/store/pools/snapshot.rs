@@ -5,6 +5,14 @@
 //! read in parts at once, each on a read connection of its own (SQLite
 //! steps each on that connection's own thread) and decoded on a task of
 //! its own, so both cores work on it.
+//!
+//! Each part comes back from SQLite as one JSON array of rows
+//! ([`CONTAINER_ROWS_AS_JSON`]). Row by row, the driver copied every
+//! value into an allocation of its own and handed each row across
+//! threads: 0.57 s of CPU-bound work for 100,000 rows that SQLite itself
+//! steps through in 0.05 s. A part whose JSON does not decode (a value
+//! that is not UTF-8, a column of the wrong type) is read again row by
+//! row, which names each row it cannot read.
 
 use futures::TryFutureExt as _;
 
@@ -19,10 +27,23 @@ use super::{
     reservation_columns,
 };
 
-/// Parts the container rows are read in (SQLite). More than the cores, so
-/// that an uneven part does not leave one idle; no more than the read
-/// connections, or parts would wait for one.
-const CONTAINER_PARTS: i64 = 4;
+/// Parts read at once (SQLite). More than the cores, so that an uneven
+/// part does not leave one idle.
+const PARTS_AT_ONCE: usize = 4;
+
+/// The rowids of one part at most: its JSON (~230 bytes a row) stays a
+/// few MiB, far below SQLite's limit on a value (1 GB) at any size.
+const PART_ROWIDS: i64 = 16_384;
+
+/// One part's container rows as one JSON array of arrays, the columns in
+/// [`ContainerRow`]'s order. The REAL as text of 17 digits: JSON's
+/// rendering keeps 15, and a limit must read back as it was written.
+const CONTAINER_ROWS_AS_JSON: &str = "SELECT CAST(json_group_array(json_array(\
+     container_id, workload_id, node_id, docker_id, state, spec_hash, tenant_id, last_tenant_id, \
+     claim_generation, revision, \
+     iif(limits_cpus IS NULL, NULL, printf('%!.17g', limits_cpus)), \
+     limits_memory, state_path, comm_path, created_at, updated_at)) AS BLOB) \
+     FROM containers WHERE rowid BETWEEN ? AND ?";
 
 /// Rows a part's SQLite thread may read ahead of its decoding.
 const ROW_CHANNEL: usize = 4096;
@@ -81,12 +102,17 @@ impl Store {
         let (Some(low), Some(high)) = (low, high) else {
             return Ok((Vec::new(), Vec::new()));
         };
-        let parts = rowid_ranges(low, high, CONTAINER_PARTS)
-            .into_iter()
-            .map(|range| tokio::spawn(read_container_range(path.to_owned(), range)));
-        let mut containers = Vec::new();
+        use futures::StreamExt as _;
+        let span = high.saturating_sub(low).saturating_add(1);
+        let parts = (span / PART_ROWIDS + 1).max(PARTS_AT_ONCE as i64);
+        let parts: Vec<_> = futures::stream::iter(rowid_ranges(low, high, parts))
+            .map(|range| tokio::spawn(read_container_part(path.to_owned(), range)))
+            .buffered(PARTS_AT_ONCE)
+            .collect()
+            .await;
+        let mut containers = Vec::with_capacity(usize::try_from(span).unwrap_or(0));
         let mut unreadable = Vec::new();
-        for part in futures::future::join_all(parts).await {
+        for part in parts {
             let (read, skipped) = part
                 .map_err(|e| StoreError::Internal(format!("reading the container rows: {e}")))??;
             containers.extend(read);
@@ -94,6 +120,51 @@ impl Store {
         }
         Ok((containers, unreadable))
     }
+}
+
+/// The container rows whose rowid is in `range`, as one JSON value; row
+/// by row when that does not decode.
+async fn read_container_part(
+    path: std::path::PathBuf,
+    range: (i64, i64),
+) -> Result<lenient::Lenient<ContainerRecord>, StoreError> {
+    match read_container_json(&path, range).await? {
+        Some(rows) => Ok(lenient::partition(
+            "containers",
+            rows.into_iter()
+                .map(|row| (row.key().to_owned(), ContainerRecord::try_from(row))),
+        )),
+        None => read_container_range(path, range).await,
+    }
+}
+
+/// `None` when the part's JSON is not UTF-8 or does not decode into rows.
+async fn read_container_json(
+    path: &std::path::Path,
+    (from, to): (i64, i64),
+) -> Result<Option<Vec<ContainerRow>>, StoreError> {
+    use sqlx::ConnectOptions as _;
+    let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(path)
+        .read_only(true)
+        .busy_timeout(std::time::Duration::from_secs(5))
+        .connect()
+        .await?;
+    // Bytes, not text: text that is not UTF-8 would fail the driver's
+    // decoding; here serde_json refuses it and the rows are read one by one.
+    let json: Vec<u8> = sqlx::query_scalar(CONTAINER_ROWS_AS_JSON)
+        .bind(from)
+        .bind(to)
+        .fetch_one(&mut conn)
+        .await?;
+    let _ = sqlx::Connection::close(conn).await;
+    Ok(match serde_json::from_slice(&json) {
+        Ok(rows) => Some(rows),
+        Err(e) => {
+            tracing::debug!(from, to, error = %e, "container rows' JSON does not decode; reading them row by row");
+            None
+        }
+    })
 }
 
 /// The container rows whose rowid is in `range`, on a native SQLite
@@ -163,7 +234,101 @@ fn rowid_ranges(low: i64, high: i64, parts: i64) -> Vec<(i64, i64)> {
 
 #[cfg(test)]
 mod tests {
-    use super::rowid_ranges;
+    use super::{read_container_json, read_container_part, read_container_range, rowid_ranges};
+
+    /// Rows of every shape: NULLs, limits whose REAL needs all 17 digits,
+    /// a row that does not convert, seeded at random.
+    async fn database_with_rows(
+        dir: &std::path::Path,
+        seed: u64,
+        rows: usize,
+    ) -> std::path::PathBuf {
+        use rand::{Rng as _, SeedableRng as _};
+        let path = dir.join("t.db");
+        let store = crate::store::Store::open(&path, crate::store::StoreOptions::default())
+            .await
+            .unwrap();
+        store.close().await;
+        drop(store);
+        let mut conn = crate::store::open_raw(&path).await.unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        for i in 0..rows {
+            let id = uuid::Uuid::from_u128(rng.random()).to_string();
+            let cpus: Option<f64> = match i % 3 {
+                0 => None,
+                1 => Some(f64::from(rng.random_range(1..64u32)) * 0.1 * 3.0),
+                _ => Some(rng.random::<f64>() * 7.0),
+            };
+            let tenant = match i % 5 {
+                0 => None,
+                // Not a tenant id: the row is skipped and named.
+                1 if i % 7 == 0 => Some("not a tenant!".to_owned()),
+                _ => Some(format!("tenant-{i}")),
+            };
+            sqlx::query(
+                "INSERT INTO containers (container_id, pool_id, workload_id, node_id, docker_id, state, spec_hash, \
+                 tenant_id, last_tenant_id, claim_generation, revision, limits_cpus, limits_memory, state_path, comm_path, created_at, updated_at) \
+                 VALUES (?, 'w', 'w', 'n', ?, ?, 'h', ?, ?, ?, ?, ?, ?, ?, '', ?, ?)",
+            )
+            .bind(&id)
+            .bind((i % 4 != 0).then(|| format!("{i:064x}")))
+            .bind(if tenant.is_some() { "claimed" } else { "idle" })
+            .bind(&tenant)
+            .bind((i % 2 == 0).then(|| format!("last-{i}")))
+            .bind(rng.random_range(0..1_000_000i64))
+            .bind(rng.random_range(0..1_000i64))
+            .bind(cpus)
+            .bind((i % 3 != 0).then(|| rng.random_range(1..1i64 << 40)))
+            .bind(format!("/state/\"{i}\"\\ü"))
+            .bind(rng.random_range(0..i64::MAX / 2))
+            .bind(rng.random_range(0..i64::MAX / 2))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        }
+        sqlx::Connection::close(conn).await.unwrap();
+        path
+    }
+
+    /// The JSON read gives exactly what the row-by-row read gives, limits
+    /// to the last bit, and names the same rows it cannot read.
+    #[tokio::test]
+    async fn the_json_read_equals_the_row_by_row_read() {
+        for seed in [1, 2, 3] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = database_with_rows(dir.path(), seed, 300).await;
+            let json = read_container_json(&path, (1, 300)).await.unwrap();
+            assert!(json.is_some(), "seed {seed}: the JSON did not decode");
+            let fast = read_container_part(path.clone(), (1, 300)).await.unwrap();
+            let slow = read_container_range(path.clone(), (1, 300)).await.unwrap();
+            assert_eq!(fast.0.len() + fast.1.len(), 300, "seed {seed}");
+            assert!(!fast.1.is_empty(), "seed {seed}: no unreadable row made");
+            assert_eq!(fast, slow, "seed {seed}");
+        }
+    }
+
+    /// Text that is not UTF-8 is no JSON: that part is read row by row,
+    /// which names the row.
+    #[tokio::test]
+    async fn a_part_whose_json_does_not_decode_is_read_row_by_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = database_with_rows(dir.path(), 9, 20).await;
+        let mut conn = crate::store::open_raw(&path).await.unwrap();
+        sqlx::query("UPDATE containers SET spec_hash = CAST(x'ff00ff' AS TEXT) WHERE rowid = 5")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        sqlx::Connection::close(conn).await.unwrap();
+        assert!(read_container_json(&path, (1, 20)).await.unwrap().is_none());
+        let (read, unreadable) = read_container_part(path.clone(), (1, 20)).await.unwrap();
+        let slow = read_container_range(path, (1, 20)).await.unwrap();
+        assert_eq!((read.clone(), unreadable.clone()), slow);
+        assert!(
+            unreadable.iter().any(|u| u.reason.contains("spec_hash")),
+            "{unreadable:?}"
+        );
+        assert!(read.len() >= 15, "{} read", read.len());
+    }
 
     /// Every rowid between the lowest and the highest is in exactly one
     /// range, whatever the span and the number of parts.
