@@ -15,15 +15,16 @@ use std::time::Duration;
 
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
-use tonic::Status;
 
 use boilerhouse_core::container::{ContainerEvent, ContainerEventKind, ObservedContainer};
 use boilerhouse_core::node::Resources;
 use boilerhouse_core::{ContainerId, NodeId, Timestamp};
 use boilerhouse_proto::pb;
 
-/// The outbound half of a session.
-type Outbound = mpsc::Sender<Result<pb::ConnectResponse, Status>>;
+/// The outbound half of a session. Boxed: a channel allocates its slots
+/// in blocks of 32 whatever it holds, and a message inline made each
+/// session's first block 18 KB, 18 MB for 1,000 idle agents.
+pub(crate) type Outbound = mpsc::Sender<Box<pb::ConnectResponse>>;
 
 /// What the server knows of one node's containers, from its agent.
 #[derive(Debug, Clone, Default)]
@@ -200,7 +201,7 @@ impl Registry {
             };
             // A full buffer on a fresh session means the agent is not
             // reading; the command stays pending for the next session.
-            let _ = outbound.try_send(Ok(message));
+            let _ = outbound.try_send(Box::new(message));
         }
         // The last session's report describes the past (the node may have
         // rebooted, or been cut off, since): a new session has no
@@ -470,7 +471,7 @@ impl Registry {
         // reconnect. The sender is dropped here: holding it while waiting
         // would keep the session's stream open after the session ends, and
         // stall shutdown.
-        let _ = outbound.send(Ok(message)).await;
+        let _ = outbound.send(Box::new(message)).await;
         Ok(answer)
     }
 

@@ -139,7 +139,7 @@ impl AgentService for Agents {
             })),
         };
         outbound
-            .send(Ok(welcome))
+            .send(Box::new(welcome))
             .await
             .map_err(|_| Status::unavailable("the agent closed the stream"))?;
         let session_cancel = self
@@ -173,7 +173,10 @@ impl AgentService for Agents {
             registry.detach(&node, &session_id);
             tracing::info!(node = %node, session = %session_id, reason = %reason, "agent disconnected");
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(outbound_rx))))
+        Ok(Response::new(Box::pin(futures::StreamExt::map(
+            ReceiverStream::new(outbound_rx),
+            |message| Ok(*message),
+        ))))
     }
 }
 

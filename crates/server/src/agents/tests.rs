@@ -16,8 +16,8 @@ fn command(id: &str) -> pb::Command {
     }
 }
 
-async fn next_command(rx: &mut mpsc::Receiver<Result<pb::ConnectResponse, Status>>) -> pb::Command {
-    match rx.recv().await.unwrap().unwrap().message {
+async fn next_command(rx: &mut mpsc::Receiver<Box<pb::ConnectResponse>>) -> pb::Command {
+    match rx.recv().await.unwrap().message {
         Some(pb::connect_response::Message::Command(c)) => c,
         other => panic!("expected a command, got {other:?}"),
     }
