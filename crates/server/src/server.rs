@@ -465,23 +465,17 @@ pub async fn run(
     announce(&config, grpc_addr, Some(metrics_addr), "leader")?;
 
     // The rest of the startup check, while serving: a damaged database
-    // stops the server as it would have refused to start.
-    let full_check = database.full_check();
-    let damaged = async move {
-        match full_check {
-            Some(check) => check.await,
-            None => std::future::pending().await,
-        }
-    };
+    // stops the server (an orderly stop) as it would have refused to start.
+    let mut damaged = None;
     let early_exit = tokio::select! {
         // Cancel-safe: we leave the select either way and never poll again.
         () = shutdown => None,
         // Cancel-safe: JoinHandle can be polled again after a lost race.
         result = &mut grpc => Some(result),
-        refused = damaged => {
-            stop_accepting.cancel();
-            cancel.cancel();
-            return Err(stop_on_damage(&store, refused).await);
+        refused = database.full_check() => {
+            crate::database::record_damage(&store, &refused).await;
+            damaged = Some(refused);
+            None
         }
     };
     if let Some(result) = early_exit {
@@ -548,25 +542,7 @@ pub async fn run(
     let _ = metrics_task.await;
     store.close().await;
     tracing::info!("stopped");
-    Ok(())
-}
-
-/// The full integrity check failed: said loudly, recorded where the
-/// database still takes it, and returned as the refusal main() exits on.
-async fn stop_on_damage(
-    store: &crate::store::Store,
-    refused: crate::database::Refused,
-) -> anyhow::Error {
-    tracing::error!(detail = ?refused.detail, "{}; the server stops", refused.sentence);
-    let _ = store
-        .append_event(NewEvent::new(
-            crate::clock::now(),
-            EventKind::DatabaseDamaged,
-            format!("{}; the server stopped", refused.sentence),
-        ))
-        .await;
-    store.close().await;
-    refused.into()
+    damaged.map_or(Ok(()), |refused| Err(refused.into()))
 }
 
 /// Accepted connections with TCP_NODELAY. Serving from our own listener

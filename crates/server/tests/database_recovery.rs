@@ -288,47 +288,31 @@ async fn a_damaged_or_truncated_database_is_refused_in_one_sentence() {
     c.wait_idle("demo", 2).await;
 }
 
-/// Empties the index `name` of the SQLite file `db` while keeping every
-/// page well formed and its schema text as it was: damage that only the
-/// full integrity check (index against table) finds.
-async fn empty_index(db: &Path, name: &str) {
-    let mut conn = boilerhouse_server::store::open_raw(db).await.unwrap();
-    let (sql,): (String,) = sqlx::query_as("SELECT sql FROM sqlite_schema WHERE name = ?")
-        .bind(name)
-        .fetch_one(&mut conn)
-        .await
-        .unwrap();
-    let (partial, _) = sql.split_once(" WHERE ").unwrap_or((&sql, ""));
-    for statement in [format!("DROP INDEX {name}"), format!("{partial} WHERE 0")] {
-        sqlx::query(sqlx::AssertSqlSafe(statement))
-            .execute(&mut conn)
-            .await
-            .unwrap();
-    }
-    sqlx::query("PRAGMA writable_schema = ON")
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    sqlx::query("UPDATE sqlite_schema SET sql = ? WHERE name = ?")
-        .bind(&sql)
-        .bind(name)
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    sqlx::Connection::close(conn).await.unwrap();
+/// A start that exits with status 3: its log (stdout), the refusal
+/// sentence (stderr's first `boilerhoused:` line), and both for messages.
+fn refused_run(c: &Cluster) -> (String, String, String) {
+    let out = c.run_server_to_exit(&[]);
+    let log = stdout(&out);
+    let text = format!("{log}{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(3), "{text}");
+    let sentence = stderr(&out)
+        .lines()
+        .find(|l| l.starts_with("boilerhoused: "))
+        .unwrap_or_else(|| panic!("no refusal sentence in:\n{text}"))
+        .to_owned();
+    (log, sentence, text)
 }
 
-/// Startup checks the pages before it serves and every index against its
-/// table just after: the unique index that keeps one active claim per
-/// tenant, emptied, is found then, and the server stops with the same
-/// refusal as at startup.
+/// Before it serves, startup checks every page and the whole of every
+/// table but the containers and the history; those it checks whole just
+/// after. An emptied claims index (one active claim per tenant) is refused
+/// before serving. An emptied container index is found once the server
+/// serves: it stops with the same refusal, records it, and the next start
+/// checks the whole file before serving, so a supervisor that restarts it
+/// does not serve the damage again.
 #[tokio::test]
-async fn an_index_found_damaged_after_startup_stops_the_server() {
-    if !sqlite_only("an_index_found_damaged_after_startup_stops_the_server") {
+async fn an_index_that_disagrees_with_its_table_is_never_served_twice() {
+    if !sqlite_only("an_index_that_disagrees_with_its_table_is_never_served_twice") {
         return;
     }
     let Some(mut c) = Cluster::builder()
@@ -347,14 +331,35 @@ async fn an_index_found_damaged_after_startup_stops_the_server() {
     c.claim("t1", "demo").await;
     c.stop_server().await;
     let db = c.server().database();
-    empty_index(&db, "claims_one_per_tenant").await;
+    let mut conn = boilerhouse_server::store::open_raw(&db).await.unwrap();
+    sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    sqlx::Connection::close(conn).await.unwrap();
+    let pristine = std::fs::read(&db).unwrap();
+    let damaged = |sentence: &str| {
+        sentence.contains(&format!(
+            "the database {} is damaged (it fails SQLite's integrity check)",
+            db.display()
+        )) && sentence.contains("--rebuild-from-agents")
+    };
 
-    let out = c.run_server_to_exit(&[]);
-    let log = stdout(&out);
-    let text = format!("{log}{}", stderr(&out));
-    assert_eq!(out.status.code(), Some(3), "{text}");
+    boilerhouse_server::store::damage::empty_index(&db, "claims_one_per_tenant").await;
+    let (log, sentence, text) = refused_run(&c);
+    assert!(damaged(&sentence), "{sentence}");
+    assert!(!log.contains("boilerhoused serving"), "served:\n{text}");
+    assert!(text.contains("claims_one_per_tenant"), "{text}");
+
+    // The file alone, whole: no WAL of the run before to replay over it.
+    remove_database(&db);
+    std::fs::write(&db, &pristine).unwrap();
+    boilerhouse_server::store::damage::empty_index(&db, "containers_docker_id").await;
+    let (log, sentence, text) = refused_run(&c);
+    assert!(damaged(&sentence), "{sentence}");
+    assert!(text.contains("containers_docker_id"), "{text}");
     // In the log, in the order written: it served, then it found the
-    // damage and stopped.
+    // damage and stopped as it stops on SIGTERM.
     let serving = log
         .find("boilerhoused serving")
         .unwrap_or_else(|| panic!("it never served:\n{text}"));
@@ -362,20 +367,7 @@ async fn an_index_found_damaged_after_startup_stops_the_server() {
         .find("the server stops")
         .unwrap_or_else(|| panic!("no word of stopping in the log:\n{text}"));
     assert!(stops > serving, "stopped before serving:\n{text}");
-    let sentence = stderr(&out)
-        .lines()
-        .find(|l| l.starts_with("boilerhoused: "))
-        .unwrap_or_else(|| panic!("no refusal sentence in:\n{text}"))
-        .to_owned();
-    assert!(
-        sentence.contains(&format!(
-            "the database {} is damaged (it fails SQLite's integrity check)",
-            db.display()
-        )),
-        "{sentence}"
-    );
-    assert!(sentence.contains("--rebuild-from-agents"), "{sentence}");
-    assert!(text.contains("claims_one_per_tenant"), "{text}");
+    assert!(log.contains("shutting down"), "{text}");
     // Recorded where the damaged database still takes it, for whoever
     // reads the history after a restore or rebuild.
     let mut conn = boilerhouse_server::store::open_raw(&db).await.unwrap();
@@ -386,6 +378,23 @@ async fn an_index_found_damaged_after_startup_stops_the_server() {
             .unwrap();
     sqlx::Connection::close(conn).await.unwrap();
     assert_eq!(recorded, 1, "{text}");
+
+    // Restarted as a supervisor would: refused before serving now.
+    let (log, sentence, text) = refused_run(&c);
+    assert!(damaged(&sentence), "{sentence}");
+    assert!(
+        !log.contains("boilerhoused serving"),
+        "served again:\n{text}"
+    );
+
+    // Repaired (here: the pristine file back), it serves, and the mark
+    // that asked for the whole check is gone.
+    remove_database(&db);
+    std::fs::write(&db, &pristine).unwrap();
+    c.start_server_with(&[]).await;
+    c.wait_idle("demo", 2).await;
+    let marker = format!("{}.check-whole", db.display());
+    assert!(!Path::new(&marker).exists(), "{marker} is still there");
 }
 
 #[tokio::test]

@@ -25,6 +25,14 @@ pub fn marker(db: &Path) -> PathBuf {
     sidecar(db, ".created")
 }
 
+/// Written when the whole integrity check, after startup, found the
+/// database damaged: while it is here, the next start checks the whole
+/// file before it serves (and removes it once the file passes), so a
+/// supervisor restarting the server does not serve the damage again.
+pub fn check_whole_marker(db: &Path) -> PathBuf {
+    sidecar(db, ".check-whole")
+}
+
 /// The lock file a running server holds (flock) for its whole life.
 pub fn lock_path(db: &Path) -> PathBuf {
     sidecar(db, ".lock")

@@ -5,13 +5,16 @@
 //! - the server takes the database's lock (`<db>.lock`, flock), so a
 //!   second server, or a restore, cannot work on it at the same time;
 //! - an existing file must pass [`integrity::check_file`] (SQLite's
-//!   header, its recorded length, `PRAGMA quick_check`, our migration
-//!   history); a damaged one is refused in one sentence naming the file
-//!   and the way out. The whole `PRAGMA integrity_check` (every index
-//!   against its table) runs once the server serves
+//!   header, its recorded length, `PRAGMA quick_check`, the whole
+//!   `integrity_check` of every table but the containers and the history,
+//!   our migration history); a damaged one is refused in one sentence
+//!   naming the file and the way out. The whole file's `integrity_check`
+//!   (every index against its table) runs once the server serves
 //!   ([`Opened::full_check`]): it costs three times the quick one, and
 //!   time before serving is what a restart's claims wait for. A database
-//!   that fails it stops the server with the same refusal;
+//!   that fails it stops the server with the same refusal, and is marked
+//!   (`<db>.check-whole`) to be checked whole before the next start
+//!   serves;
 //! - a missing file is created only on a fresh install: when nothing of
 //!   ours lies beside it (the marker `<db>.created`, the lock, SQLite's
 //!   `-wal`, `-shm` or `-journal`). `pki/` and `tokens.toml` are not
@@ -101,44 +104,53 @@ pub enum Opened {
 impl Opened {
     /// The part of the startup check left for after serving: the whole
     /// `PRAGMA integrity_check` of an existing SQLite file. Resolves to
-    /// the refusal when the database fails it, and never otherwise (a
-    /// check that cannot run is logged: the file passed the quick one).
-    /// `None` when there is nothing to check (PostgreSQL, a database this
-    /// start created).
-    pub fn full_check(&self) -> Option<futures::future::BoxFuture<'static, Refused>> {
-        let Opened::Sqlite(guard) = self else {
-            return None;
+    /// the refusal when the database fails it (and marks it to be checked
+    /// whole before the next start serves), and never otherwise; a check
+    /// that cannot run is retried. Never resolves when there is nothing
+    /// to check (PostgreSQL, a database this start created).
+    pub fn full_check(&self) -> futures::future::BoxFuture<'static, Refused> {
+        let db = match self {
+            Opened::Sqlite(guard) if guard.origin == Origin::Existing => guard.db.clone(),
+            _ => return Box::pin(std::future::pending()),
         };
-        if guard.origin != Origin::Existing {
-            return None;
-        }
-        let db = guard.db.clone();
-        Some(Box::pin(async move {
-            let started = std::time::Instant::now();
-            match integrity::full_check_open(&db).await {
-                Ok(None) => {
-                    tracing::info!(
-                        path = %db.display(),
-                        elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
-                        "database passed the full integrity check"
-                    );
-                }
-                Ok(Some(Verdict::Damaged { summary, detail })) => {
-                    return Damage {
-                        summary,
-                        detail: Some(detail),
+        Box::pin(async move {
+            // A check that cannot run (the file busy, an I/O error) is
+            // tried again, and said each time: never skipped in silence.
+            let mut retry_in = std::time::Duration::from_secs(1);
+            loop {
+                let started = std::time::Instant::now();
+                match integrity::full_check_open(&db).await {
+                    Ok(None) => {
+                        tracing::info!(
+                            path = %db.display(),
+                            elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+                            "database passed the full integrity check"
+                        );
+                        return std::future::pending().await;
                     }
-                    .refusal(&db);
+                    Ok(Some(Verdict::Damaged { summary, detail })) => {
+                        let marker = files::check_whole_marker(&db);
+                        if let Err(e) = std::fs::write(&marker, format!("{summary}: {detail}\n")) {
+                            tracing::error!(path = %marker.display(), error = %e, "cannot mark the database for a whole check at the next start");
+                        }
+                        return Damage {
+                            summary,
+                            detail: Some(detail),
+                        }
+                        .refusal(&db);
+                    }
+                    Ok(Some(other)) => {
+                        tracing::error!(path = %db.display(), verdict = ?other, "the full integrity check gave no verdict on damage");
+                        return std::future::pending().await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(path = %db.display(), error = %e, ?retry_in, "the full integrity check could not run; trying again");
+                    }
                 }
-                Ok(Some(other)) => {
-                    tracing::error!(path = %db.display(), verdict = ?other, "the full integrity check gave no verdict on damage");
-                }
-                Err(e) => {
-                    tracing::error!(path = %db.display(), error = %e, "the full integrity check could not run; the database passed the quick one");
-                }
+                tokio::time::sleep(retry_in).await;
+                retry_in = (retry_in * 2).min(std::time::Duration::from_secs(60));
             }
-            std::future::pending().await
-        }))
+        })
     }
 
     /// How a SQLite database came to be; PostgreSQL: existing.
@@ -244,13 +256,26 @@ pub async fn prepare(db: &Path, rebuild: bool) -> anyhow::Result<Guard> {
         }
     };
     files::remove_stale_copies(db);
+    // Found damaged after a start: the whole file is checked before it
+    // is served again.
+    let check_whole = files::check_whole_marker(db);
+    let depth = if check_whole.exists() {
+        tracing::warn!(path = %db.display(), marker = %check_whole.display(), "the last start found this database damaged after it began to serve: checking the whole file before serving");
+        integrity::Depth::Full
+    } else {
+        integrity::Depth::Startup
+    };
     let found = if db.exists() {
-        integrity::check_file(db, integrity::Depth::Quick)
+        integrity::check_file(db, depth)
             .await
             .with_context(|| format!("checking {}", db.display()))?
     } else {
         Verdict::Empty
     };
+    if depth == integrity::Depth::Full && found == Verdict::Sound {
+        tracing::info!(path = %db.display(), "the whole database passed its integrity check");
+        let _ = std::fs::remove_file(&check_whole);
+    }
     let damage = match (db.exists(), found) {
         (true, Verdict::Sound) => {
             if rebuild {
@@ -313,6 +338,19 @@ fn guard(db: &Path, origin: Origin, lock: files::DbLock) -> Guard {
         origin,
         _lock: lock,
     }
+}
+
+/// The whole check found the database damaged while the server served:
+/// said loudly, and recorded where the database still takes it.
+pub async fn record_damage(store: &Store, refused: &Refused) {
+    tracing::error!(detail = ?refused.detail, "{}; the server stops", refused.sentence);
+    let _ = store
+        .append_event(NewEvent::new(
+            crate::clock::now(),
+            EventKind::DatabaseDamaged,
+            format!("{}; the server stopped", refused.sentence),
+        ))
+        .await;
 }
 
 /// What is wrong with a database file.

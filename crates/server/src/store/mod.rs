@@ -46,6 +46,8 @@ mod backup;
 mod boosts;
 mod changes;
 mod connect;
+#[doc(hidden)]
+pub mod damage;
 mod events;
 mod idempotency;
 pub mod integrity;
