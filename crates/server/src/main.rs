@@ -92,20 +92,26 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    let database = config.database.clone();
     match boilerhouse_server::leadership::run(config, grpc, metrics, shutdown_signal()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(ref e) if let Some(refused) = e.downcast_ref::<Refused>() => {
-            // One sentence an operator can act on, on standard error as a
-            // bad configuration is; SQLite's words, if any, below it.
-            eprintln!("boilerhoused: {}", refused.sentence);
-            if let Some(detail) = &refused.detail {
-                eprintln!("  detail: {detail}");
-            }
-            std::process::ExitCode::from(REFUSED_EXIT)
-        }
+        Err(ref e) if let Some(refused) = e.downcast_ref::<Refused>() => refuse(refused),
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "boilerhoused failed");
-            std::process::ExitCode::FAILURE
+            match boilerhouse_server::database::damage_behind_failure(&database).await {
+                Some(refused) => refuse(&refused),
+                None => std::process::ExitCode::FAILURE,
+            }
         }
     }
+}
+
+/// One sentence an operator can act on, on standard error as a bad
+/// configuration is; SQLite's words, if any, below it.
+fn refuse(refused: &Refused) -> std::process::ExitCode {
+    eprintln!("boilerhoused: {}", refused.sentence);
+    if let Some(detail) = &refused.detail {
+        eprintln!("  detail: {detail}");
+    }
+    std::process::ExitCode::from(REFUSED_EXIT)
 }

@@ -16,7 +16,6 @@ use std::time::Duration;
 use anyhow::Context as _;
 use notify::Watcher as _;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic_health::ServingStatus;
@@ -142,6 +141,7 @@ pub async fn run(
             event_retention: config.event_retention,
             idempotency_retention: config.idempotency_retention,
             history_retention: config.history_retention,
+            whole_checked: database.whole_checked(),
         },
     );
 
@@ -440,7 +440,7 @@ pub async fn run(
         // Its own token: shutdown stops new RPCs first, while the agents'
         // streams stay open for the final uploads.
         .serve_with_incoming_shutdown(
-            incoming_nodelay(grpc_listener),
+            crate::listener::incoming_nodelay(grpc_listener),
             stop_accepting.clone().cancelled_owned(),
         );
     let mut grpc = tokio::spawn(grpc);
@@ -524,7 +524,9 @@ pub async fn run(
     tracker.close();
     let deadline = config.shutdown_timeout;
     match tokio::time::timeout(deadline, &mut grpc).await {
-        Ok(result) => result??,
+        // A refusal outranks how the gRPC server ended.
+        Ok(result) if damaged.is_none() => result??,
+        Ok(_) => {}
         Err(_) => {
             tracing::warn!(
                 ?deadline,
@@ -543,20 +545,6 @@ pub async fn run(
     store.close().await;
     tracing::info!("stopped");
     damaged.map_or(Ok(()), |refused| Err(refused.into()))
-}
-
-/// Accepted connections with TCP_NODELAY. Serving from our own listener
-/// means tonic does not set it, and Nagle's algorithm meeting the client's
-/// delayed ACKs adds ~40 ms to small responses: claims would pay it.
-pub(crate) fn incoming_nodelay(
-    listener: TcpListener,
-) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use futures::StreamExt as _;
-    TcpListenerStream::new(listener).map(|accepted| {
-        let stream = accepted?;
-        stream.set_nodelay(true)?;
-        Ok(stream)
-    })
 }
 
 /// A reflection builder that knows every file a client may meet: our API,

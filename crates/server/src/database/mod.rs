@@ -32,6 +32,8 @@ pub mod postgres;
 pub mod restore;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context as _;
 
@@ -87,6 +89,10 @@ pub struct Guard {
     db: PathBuf,
     /// How the database came to be.
     pub origin: Origin,
+    /// Whether the whole file has passed `PRAGMA integrity_check` (at
+    /// startup, or since, by [`Opened::full_check`]): until it has,
+    /// nothing deletes history through indexes not yet checked.
+    whole_checked: Arc<AtomicBool>,
     _lock: files::DbLock,
 }
 
@@ -109,8 +115,10 @@ impl Opened {
     /// that cannot run is retried. Never resolves when there is nothing
     /// to check (PostgreSQL, a database this start created).
     pub fn full_check(&self) -> futures::future::BoxFuture<'static, Refused> {
-        let db = match self {
-            Opened::Sqlite(guard) if guard.origin == Origin::Existing => guard.db.clone(),
+        let (db, whole_checked) = match self {
+            Opened::Sqlite(guard) if !guard.whole_checked.load(Ordering::Acquire) => {
+                (guard.db.clone(), guard.whole_checked.clone())
+            }
             _ => return Box::pin(std::future::pending()),
         };
         Box::pin(async move {
@@ -126,6 +134,7 @@ impl Opened {
                             elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
                             "database passed the full integrity check"
                         );
+                        whole_checked.store(true, Ordering::Release);
                         return std::future::pending().await;
                     }
                     Ok(Some(Verdict::Damaged { summary, detail })) => {
@@ -151,6 +160,16 @@ impl Opened {
                 retry_in = (retry_in * 2).min(std::time::Duration::from_secs(60));
             }
         })
+    }
+
+    /// Whether the whole database has passed its integrity check: true
+    /// from the start for PostgreSQL (its server checks its own pages) and
+    /// for a SQLite file this start created or checked whole.
+    pub fn whole_checked(&self) -> Arc<AtomicBool> {
+        match self {
+            Opened::Sqlite(guard) => guard.whole_checked.clone(),
+            Opened::Postgres => Arc::new(AtomicBool::new(true)),
+        }
     }
 
     /// How a SQLite database came to be; PostgreSQL: existing.
@@ -281,7 +300,11 @@ pub async fn prepare(db: &Path, rebuild: bool) -> anyhow::Result<Guard> {
             if rebuild {
                 tracing::warn!(path = %db.display(), "--rebuild-from-agents ignored: the database is sound; remove the flag");
             }
-            return Ok(guard(db, Origin::Existing, lock));
+            let guard = guard(db, Origin::Existing, lock);
+            guard
+                .whole_checked
+                .store(depth == integrity::Depth::Full, Ordering::Release);
+            return Ok(guard);
         }
         (true, Verdict::Foreign) => {
             return Err(Refused {
@@ -324,6 +347,8 @@ pub async fn prepare(db: &Path, rebuild: bool) -> anyhow::Result<Guard> {
     }
     let moved_aside = files::move_aside(db, "damaged")
         .with_context(|| format!("moving {} aside", db.display()))?;
+    // The mark was about the file just moved aside.
+    let _ = std::fs::remove_file(&check_whole);
     let was = match &damage.detail {
         Some(detail) if damage.summary != "missing" => format!("{} ({detail})", damage.summary),
         _ => damage.summary.to_owned(),
@@ -335,8 +360,41 @@ pub async fn prepare(db: &Path, rebuild: bool) -> anyhow::Result<Guard> {
 fn guard(db: &Path, origin: Origin, lock: files::DbLock) -> Guard {
     Guard {
         db: db.to_owned(),
+        whole_checked: Arc::new(AtomicBool::new(origin != Origin::Existing)),
         origin,
         _lock: lock,
+    }
+}
+
+/// A start that failed after the database opened (a load, an expiry at
+/// startup) may have failed on damage the checks before serving do not
+/// look for. Asked once the server has stopped and let go of the file:
+/// the whole check, and the refusal when the file fails it (marked to be
+/// checked whole first next time), so that a supervisor's restarts end in
+/// the refusal and its way out rather than the same failure. `None` for a
+/// sound file, PostgreSQL, or a file that is not there.
+pub async fn damage_behind_failure(location: &DatabaseLocation) -> Option<Refused> {
+    let DatabaseLocation::Sqlite(db) = location else {
+        return None;
+    };
+    if !db.exists() {
+        return None;
+    }
+    match integrity::check_file(db, integrity::Depth::Full).await {
+        Ok(Verdict::Damaged { summary, detail }) => {
+            let _ = std::fs::write(
+                files::check_whole_marker(db),
+                format!("{summary}: {detail}\n"),
+            );
+            Some(
+                Damage {
+                    summary,
+                    detail: Some(detail),
+                }
+                .refusal(db),
+            )
+        }
+        _ => None,
     }
 }
 

@@ -103,6 +103,9 @@ pub async fn restore(backup: &Path, db: &Path) -> anyhow::Result<Restored> {
         .with_context(|| format!("renaming {} to {}", staged.display(), db.display()))?;
     files::fsync_dir(dir)?;
     files::write_marker(db, &format!("restored from {}", backup.display()))?;
+    // The backup passed the whole check above; a mark about the file it
+    // replaces no longer applies.
+    let _ = std::fs::remove_file(files::check_whole_marker(db));
     Ok(Restored {
         database: db.to_owned(),
         bytes,

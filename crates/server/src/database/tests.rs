@@ -200,3 +200,100 @@ fn the_backend_is_told_from_the_location_and_postgres_gets_its_own_recipe() {
     }
     assert!(PG_DUMP_RECIPE.contains("pg_dump") && PG_DUMP_RECIPE.contains("pg_restore"));
 }
+
+/// A database whose container index (one row per Docker id, partial, so
+/// `quick_check` cannot count it) disagrees with its table.
+async fn with_a_damaged_container_index(db: &Path) {
+    filled(db).await;
+    let mut conn = crate::store::open_raw(db).await.unwrap();
+    sqlx::query(
+        "INSERT INTO containers (container_id, pool_id, workload_id, node_id, docker_id, state, spec_hash, created_at, updated_at) VALUES ('k1', 'w', 'w', 'n', 'd1', 'idle', 'h', 0, 0)",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    sqlx::Connection::close(conn).await.unwrap();
+    crate::store::damage::empty_index(db, "containers_docker_id").await;
+}
+
+/// Polls `flag` until it is set; fails after 10 s.
+async fn set_within_10s(flag: &AtomicBool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !flag.load(Ordering::Acquire) {
+        assert!(std::time::Instant::now() < deadline, "never set");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+/// A sound existing file opens before its whole check, which runs after:
+/// until it passes, `whole_checked` is false (the history trim waits on
+/// it); then true.
+#[tokio::test]
+async fn the_whole_check_of_a_sound_file_follows_the_open_and_is_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("boilerhouse.db");
+    filled(&db).await;
+    let (store, opened) = open(
+        &DatabaseLocation::Sqlite(db.clone()),
+        false,
+        StoreOptions::default(),
+    )
+    .await
+    .unwrap();
+    let whole_checked = opened.whole_checked();
+    assert!(!whole_checked.load(Ordering::Acquire));
+    tokio::select! {
+        refused = opened.full_check() => panic!("a sound file refused: {refused:?}"),
+        () = set_within_10s(&whole_checked) => {}
+    }
+    store.close().await;
+}
+
+/// A start that failed on a damaged file ends in the refusal, and marks
+/// it: the next start checks the whole file before serving and refuses
+/// it there. The marked file repaired (here: the damage undone by a
+/// restore of the pristine copy), a start passes and the mark goes.
+#[tokio::test]
+async fn a_failed_start_on_a_damaged_file_ends_in_the_refusal_and_the_next_is_checked_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("boilerhouse.db");
+    with_a_damaged_container_index(&db).await;
+    let location = DatabaseLocation::Sqlite(db.clone());
+
+    // The checks before serving pass it: the damage is where only the
+    // whole check looks.
+    let (store, guard) = open_at(&db, false).await.unwrap();
+    assert!(!guard.whole_checked.load(Ordering::Acquire));
+    store.close().await;
+    drop(store);
+    drop(guard);
+
+    let behind = damage_behind_failure(&location)
+        .await
+        .expect("the damage behind a failed start");
+    assert!(behind.sentence.contains("is damaged"), "{behind:?}");
+    assert!(files::check_whole_marker(&db).exists());
+
+    let r = refused(open_at(&db, false).await);
+    assert!(r.sentence.contains("is damaged"), "{r:?}");
+    assert!(
+        r.detail
+            .as_deref()
+            .unwrap_or("")
+            .contains("containers_docker_id"),
+        "{r:?}"
+    );
+
+    let sound = dir.path().join("sound.db");
+    filled(&sound).await;
+    assert!(
+        damage_behind_failure(&DatabaseLocation::Sqlite(sound.clone()))
+            .await
+            .is_none()
+    );
+    std::fs::write(files::check_whole_marker(&sound), "test\n").unwrap();
+    let (store, guard) = open_at(&sound, false).await.unwrap();
+    assert!(guard.whole_checked.load(Ordering::Acquire));
+    assert!(!files::check_whole_marker(&sound).exists());
+    store.close().await;
+}

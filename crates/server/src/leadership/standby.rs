@@ -48,7 +48,7 @@ pub(super) async fn stand_by(
             .add_optional_service(config.reflection.then_some(reflection_v1))
             .add_optional_service(config.reflection.then_some(reflection_v1alpha))
             .serve_with_incoming_shutdown(
-                crate::server::incoming_nodelay(listener),
+                crate::listener::incoming_nodelay(listener),
                 serving.clone().cancelled_owned(),
             ),
     );

@@ -22,7 +22,6 @@
 
 use std::io::Read as _;
 use std::path::Path;
-use std::str::FromStr as _;
 use std::time::Duration;
 
 use sqlx::sqlite::SqliteConnectOptions;
@@ -41,8 +40,9 @@ pub enum Depth {
 /// The tables whose whole check may wait until the server serves: the
 /// container rows (most of the file; the restore reads them through the
 /// table, never an index, and no second claim can pass through them: a
-/// container holds one tenant in one column) and the history (read by
-/// nothing at startup).
+/// container holds one tenant in one column) and the history (read at
+/// startup only by whole-table scans; the trim, which deletes through
+/// the container rows' indexes, waits for the whole check).
 pub const CHECKED_AFTER_STARTUP: &[&str] = &["containers", "events", "sync_errors"];
 
 /// What a database file is.
@@ -180,13 +180,18 @@ async fn query(path: &Path, depth: Depth) -> Result<Verdict, sqlx::Error> {
 /// runs beside the writer (WAL: it reads one snapshot, writes go on).
 /// `None` when it is sound, the damage when not.
 pub async fn full_check_open(path: &Path) -> Result<Option<Verdict>, sqlx::Error> {
-    let mut conn = connect(path, true).await?;
+    let damaged = |e: &sqlx::Error| Verdict::Damaged {
+        summary: damage_summary(&e.to_string()),
+        detail: sqlite_words(e),
+    };
+    let mut conn = match connect(path, true).await {
+        Ok(conn) => conn,
+        Err(e) if is_damage(&e) => return Ok(Some(damaged(&e))),
+        Err(e) => return Err(e),
+    };
     let found = match pragma_check(&mut conn, "integrity_check", None).await {
         Ok(found) => found,
-        Err(e) if is_damage(&e) => Some(Verdict::Damaged {
-            summary: damage_summary(&e.to_string()),
-            detail: sqlite_words(&e),
-        }),
+        Err(e) if is_damage(&e) => Some(damaged(&e)),
         Err(e) => return Err(e),
     };
     let _ = conn.close().await;
@@ -283,11 +288,7 @@ fn sqlite_words(e: &sqlx::Error) -> String {
 /// The highest migration version recorded in the database at `path`, for
 /// telling a backup made by a newer server from one this server can run.
 pub async fn migration_version(path: &Path) -> Result<Option<i64>, sqlx::Error> {
-    let mut conn = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
-        .create_if_missing(false)
-        .read_only(true)
-        .connect()
-        .await?;
+    let mut conn = connect(path, true).await?;
     let version: Option<i64> =
         sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
             .fetch_one(&mut conn)
@@ -307,6 +308,8 @@ pub fn known_migration_version() -> i64 {
 
 #[cfg(test)]
 mod tests {
+    use std::str::FromStr as _;
+
     use super::*;
 
     async fn made(dir: &Path) -> std::path::PathBuf {

@@ -19,6 +19,12 @@ pub struct TrimTask {
     /// How long ended claims, boosts, sync status and lost nodes are kept
     /// (see [`super::retention`]).
     pub history_retention: Duration,
+    /// Whether the whole database has passed its integrity check
+    /// (`database::Opened::whole_checked`). The trim decides what to delete
+    /// through indexes of the container rows, which startup checks whole
+    /// only after it serves: it waits for that, or an index that disagrees
+    /// with its table could delete history that must stay.
+    pub whole_checked: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Keeps the WAL short outside the write path.
@@ -40,6 +46,14 @@ const EVENTS_ALWAYS_KEPT: u64 = 10_000;
 impl BackgroundTask for TrimTask {
     fn activate(&mut self) -> BoxFuture<'_, anyhow::Result<serde_json::Value>> {
         Box::pin(async move {
+            if !self
+                .whole_checked
+                .load(std::sync::atomic::Ordering::Acquire)
+            {
+                return Ok(serde_json::json!({
+                    "waiting": "for the database's whole integrity check"
+                }));
+            }
             let now = crate::clock::now();
             let events = self
                 .store
