@@ -51,7 +51,7 @@ impl BackgroundTask for TrimTask {
                 .load(std::sync::atomic::Ordering::Acquire)
             {
                 return Ok(serde_json::json!({
-                    "waiting": "for the database's whole integrity check"
+                    "skipped": "the database's whole integrity check had not passed yet; the next run trims"
                 }));
             }
             let now = crate::clock::now();
