@@ -39,6 +39,10 @@ impl BackgroundTask for CheckpointTask {
     }
 }
 
+/// How long a trim waits for the database's whole integrity check before
+/// it skips its run.
+const WHOLE_CHECK_WAIT: Duration = Duration::from_secs(60);
+
 /// The newest events are kept even when old, so a quiet system still shows
 /// its recent history.
 const EVENTS_ALWAYS_KEPT: u64 = 10_000;
@@ -46,13 +50,20 @@ const EVENTS_ALWAYS_KEPT: u64 = 10_000;
 impl BackgroundTask for TrimTask {
     fn activate(&mut self) -> BoxFuture<'_, anyhow::Result<serde_json::Value>> {
         Box::pin(async move {
-            if !self
+            // The first run comes at startup, before the whole check has
+            // passed: it waits for it (0.3 s to a few seconds), or a server
+            // restarted more often than the trim's period would never trim.
+            let deadline = tokio::time::Instant::now() + WHOLE_CHECK_WAIT;
+            while !self
                 .whole_checked
                 .load(std::sync::atomic::Ordering::Acquire)
             {
-                return Ok(serde_json::json!({
-                    "skipped": "the database's whole integrity check had not passed yet; the next run trims"
-                }));
+                if tokio::time::Instant::now() >= deadline {
+                    return Ok(serde_json::json!({
+                        "skipped": "the database's whole integrity check had not passed yet; the next run trims"
+                    }));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
             let now = crate::clock::now();
             let events = self
@@ -85,4 +96,49 @@ fn cutoff(now: boilerhouse_core::Timestamp, retention: Duration) -> boilerhouse_
         now.as_millis()
             .saturating_sub(i64::try_from(retention.as_millis()).unwrap_or(i64::MAX)),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+
+    /// The trim's first run waits for the whole integrity check and then
+    /// trims; a check that never passes makes it skip the run, saying so.
+    #[tokio::test]
+    async fn the_trim_waits_for_the_whole_check_then_trims() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(
+            dir.path().join("t.db"),
+            super::super::StoreOptions::default(),
+        )
+        .await
+        .unwrap();
+        let whole_checked = Arc::new(AtomicBool::new(false));
+        let mut trim = TrimTask {
+            store: store.clone(),
+            event_retention: Duration::from_secs(60),
+            idempotency_retention: Duration::from_secs(60),
+            history_retention: Duration::from_secs(60),
+            whole_checked: whole_checked.clone(),
+        };
+        let setter = {
+            let flag = whole_checked.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                flag.store(true, Ordering::Release);
+            })
+        };
+        let ran = trim.activate().await.unwrap();
+        setter.await.unwrap();
+        assert!(ran.get("events_trimmed").is_some(), "{ran}");
+
+        whole_checked.store(false, Ordering::Release);
+        tokio::time::pause();
+        let skipped = trim.activate().await.unwrap();
+        assert!(skipped.get("skipped").is_some(), "{skipped}");
+        store.close().await;
+    }
 }
