@@ -11,6 +11,9 @@ use crate::ids::{ContainerId, NodeId, TenantId, WorkloadId};
 use crate::time::Timestamp;
 use crate::workload::{Limits, WorkloadSpec};
 
+mod label_set;
+pub use label_set::Labels;
+
 /// Docker labels, set once at creation (Docker labels cannot change).
 pub mod labels {
     /// `true` on every container Boilerhouse manages.
@@ -209,7 +212,7 @@ pub struct ObservedContainer {
     /// Docker's name, without the leading '/'.
     pub name: String,
     /// All labels.
-    pub labels: BTreeMap<String, String>,
+    pub labels: Labels,
     /// created, running, paused, restarting, removing, exited or dead.
     pub docker_state: String,
     /// starting, healthy or unhealthy; None without a healthcheck.
@@ -238,12 +241,12 @@ impl ObservedContainer {
 
     /// The node label.
     pub fn node_id(&self) -> Option<&str> {
-        self.labels.get(labels::NODE_ID).map(String::as_str)
+        self.labels.get(labels::NODE_ID)
     }
 
     /// The workload label, if valid.
     pub fn workload_id(&self) -> Option<WorkloadId> {
-        WorkloadId::new(self.labels.get(labels::WORKLOAD_ID)?.clone()).ok()
+        WorkloadId::new(self.labels.get(labels::WORKLOAD_ID)?.to_owned()).ok()
     }
 
     /// Whether the process is up.

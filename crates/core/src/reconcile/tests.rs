@@ -76,7 +76,7 @@ fn observed(
         name: id
             .map(|i| i.docker_name())
             .unwrap_or_else(|| "stray".into()),
-        labels: l,
+        labels: l.into(),
         docker_state: "running".into(),
         health: None,
         health_output: None,

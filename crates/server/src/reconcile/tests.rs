@@ -76,7 +76,7 @@ fn reported(id: ContainerId, node: &NodeId, hash: &str) -> ObservedContainer {
     ObservedContainer {
         docker_id: format!("docker-{id}"),
         name: id.docker_name(),
-        labels,
+        labels: labels.into(),
         docker_state: "running".into(),
         health: None,
         health_output: None,

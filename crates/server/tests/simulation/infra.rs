@@ -412,7 +412,7 @@ impl World {
                     row.id = id;
                     row.docker_id = Some(observed.docker_id.clone());
                     row.spec_hash =
-                        observed.labels[boilerhouse_core::container::labels::SPEC_HASH].clone();
+                        observed.labels[boilerhouse_core::container::labels::SPEC_HASH].to_owned();
                     let state = observed.state_file.clone().unwrap_or_default();
                     self.read(|i| {
                         decide::adopt(
