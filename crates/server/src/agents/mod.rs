@@ -7,7 +7,9 @@
 //! is idempotent, so a resend never acts twice.
 
 pub mod liveness;
+mod report;
 pub mod service;
+pub use report::ReportedContainers;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -37,7 +39,7 @@ pub struct NodeReport {
     pub reconciled_at: Option<Timestamp>,
     /// The containers, by Docker id, kept current by incremental events;
     /// each shared with the reconciliation passes that plan on it.
-    pub containers: BTreeMap<String, Arc<ObservedContainer>>,
+    pub containers: ReportedContainers,
 }
 
 struct Session {
@@ -264,10 +266,7 @@ impl Registry {
         let report = Arc::make_mut(inner.reports.entry(node.clone()).or_default());
         let first = report.reconciled_at.is_none();
         report.observed_at = Some(observed_at);
-        report.containers = containers
-            .into_iter()
-            .map(|c| (c.docker_id.clone(), Arc::new(c)))
-            .collect();
+        report.containers = containers.into_iter().collect();
         drop(inner);
         self.reports_changed.notify_waiters();
         if first {
@@ -330,43 +329,27 @@ impl Registry {
                 report.containers.remove(&event.docker_id);
             }
             ContainerEventKind::Start => {
-                if let Some(c) = report
-                    .containers
-                    .get_mut(&event.docker_id)
-                    .map(Arc::make_mut)
-                {
+                report.containers.update(&event.docker_id, |c| {
                     c.docker_state = "running".into();
                     c.started_at = Some(event.at);
-                }
+                });
             }
             ContainerEventKind::Die => {
-                if let Some(c) = report
-                    .containers
-                    .get_mut(&event.docker_id)
-                    .map(Arc::make_mut)
-                {
+                report.containers.update(&event.docker_id, |c| {
                     c.docker_state = "exited".into();
                     c.exit_code = event.exit_code.unwrap_or(c.exit_code);
-                }
+                });
             }
             ContainerEventKind::Oom => {
-                if let Some(c) = report
-                    .containers
-                    .get_mut(&event.docker_id)
-                    .map(Arc::make_mut)
-                {
+                report.containers.update(&event.docker_id, |c| {
                     c.oom_killed = true;
-                }
+                });
             }
             ContainerEventKind::Health => {
-                if let Some(c) = report
-                    .containers
-                    .get_mut(&event.docker_id)
-                    .map(Arc::make_mut)
-                {
+                report.containers.update(&event.docker_id, |c| {
                     c.health = event.health.clone();
                     c.health_output = event.health_output.clone();
-                }
+                });
             }
             ContainerEventKind::Activity => return,
         }
@@ -397,7 +380,7 @@ impl Registry {
             // By name, as the agent removes it (`bh-<id>`).
             if let Ok(id) = remove.container_id.parse::<ContainerId>() {
                 let name = id.docker_name();
-                report.containers.retain(|_, c| c.name != name);
+                report.containers.retain(|c| c.name != name);
             }
         }
         // Keep the report current with what the command produced.
@@ -409,9 +392,7 @@ impl Registry {
             if container.node_id() != Some(node.as_str()) {
                 foreign = Some(container.docker_id.clone());
             } else if let Some(report) = inner.reports.get_mut(node).map(Arc::make_mut) {
-                report
-                    .containers
-                    .insert(container.docker_id.clone(), Arc::new(container));
+                report.containers.insert(Arc::new(container));
             }
         }
         drop(inner);

@@ -137,7 +137,7 @@ async fn a_confirmed_removal_leaves_the_report_before_the_engines_event() {
             .unwrap()
             .containers
             .keys()
-            .cloned()
+            .map(str::to_owned)
             .collect::<Vec<_>>()
     };
 
