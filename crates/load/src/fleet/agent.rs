@@ -37,6 +37,9 @@ pub struct FleetConfig {
     /// Agents start spread over this long, as real ones do.
     pub spread: Duration,
     pub max_backoff: Duration,
+    /// Containers in each part of a full report, to a server that takes
+    /// parts.
+    pub report_part: usize,
 }
 
 /// How long a session must last before its end resets the backoff, as in
@@ -176,7 +179,11 @@ async fn session(
     };
     let heartbeat_every = interval(welcome.heartbeat_interval, Duration::from_secs(2));
     let report_every = interval(welcome.full_report_interval, Duration::from_secs(60));
-    let part_size = boilerhouse_proto::convert::report_part_size(&welcome);
+    let part_size = if welcome.report_parts {
+        config.report_part
+    } else {
+        usize::MAX
+    };
 
     send_report(&out, engine, stats, String::new(), part_size).await?;
     let mut heartbeat = tokio::time::interval(heartbeat_every);

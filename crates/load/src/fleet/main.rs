@@ -78,6 +78,10 @@ struct Args {
     /// The longest reconnect backoff (the agent's default).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     max_backoff: Duration,
+    /// Containers in each part of a full report (the real agent's
+    /// number by default), to compare message sizes.
+    #[arg(long, default_value_t = boilerhouse_proto::convert::REPORT_PART_CONTAINERS, value_parser = clap::value_parser!(usize))]
+    report_part: usize,
     /// Give up waiting for every agent's session after this long.
     #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
     connect_timeout: Duration,
@@ -186,6 +190,7 @@ async fn run(
         activity_every: args.activity_every,
         spread: args.spread,
         max_backoff: args.max_backoff,
+        report_part: args.report_part.max(1),
     });
     // SIGINT or SIGTERM ends the window early, with the report; taken
     // from the start, so one sent while filling ends the window at once.

@@ -25,9 +25,12 @@ pub fn limits_from_pb_resources(r: Option<&pb::Resources>) -> Limits {
     limits_from_pb(r)
 }
 
-/// Containers in one part of a full report (`FullReport.more`): ~20 KiB
-/// on the wire with our labels.
-pub const REPORT_PART_CONTAINERS: usize = 32;
+/// Containers in one part of a full report (`FullReport.more`): ~5 KiB
+/// on the wire with our labels. Why so few: a gRPC stream's receive
+/// buffer holds the largest message plus an HTTP/2 frame (16 KiB) and
+/// grows by doubling, for the stream's life; at 32 a part (~20 KiB) the
+/// server's buffers averaged 78 KiB per agent, at 8 they stay at 32 KiB.
+pub const REPORT_PART_CONTAINERS: usize = 8;
 
 /// A full report as the parts it is sent in, `per_part` containers each
 /// (`REPORT_PART_CONTAINERS`, or `usize::MAX` for a server that takes
@@ -120,7 +123,7 @@ impl From<&ObservedContainer> for pb::ObservedContainer {
         pb::ObservedContainer {
             docker_id: c.docker_id.clone(),
             name: c.name.clone(),
-            labels: c.labels.clone().into_iter().collect(),
+            labels: c.labels.to_map(),
             docker_state: c.docker_state.clone(),
             health: c.health.clone().unwrap_or_default(),
             health_output: c.health_output.clone().unwrap_or_default(),
@@ -142,7 +145,7 @@ impl TryFrom<&pb::ObservedContainer> for ObservedContainer {
         Ok(ObservedContainer {
             docker_id: c.docker_id.clone(),
             name: c.name.clone(),
-            labels: c.labels.clone().into_iter().collect(),
+            labels: c.labels.iter().collect(),
             docker_state: c.docker_state.clone(),
             health: optional(&c.health),
             health_output: optional(&c.health_output),
