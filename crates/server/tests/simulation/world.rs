@@ -138,7 +138,7 @@ async fn open(database: &TestDatabase) -> Store {
         StoreOptions {
             synchronous_full: false,
             max_batch: 64,
-            read_connections: 1,
+            read_connections: 4,
             fence: None,
             ..StoreOptions::default()
         },

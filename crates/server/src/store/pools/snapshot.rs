@@ -2,9 +2,12 @@
 //!
 //! A restart is not serving claims until this read is done, and at
 //! 100,000 containers it was most of the restart: the container rows are
-//! read in parts at once, each on a read connection of its own (SQLite
+//! read in parts at once, each on a read connection of the pool (SQLite
 //! steps each on that connection's own thread) and decoded on a task of
-//! its own, so both cores work on it.
+//! its own, so both cores work on it. The pool's connections, not new
+//! ones: a connection's first statement parses the whole schema, and a
+//! read that opened four each time (the seeded simulation reads after
+//! every step) spent most of its time there.
 //!
 //! Each part comes back from SQLite as one JSON array of rows
 //! ([`CONTAINER_ROWS_AS_JSON`]). Row by row, the driver copied every
@@ -34,6 +37,9 @@ const PARTS_AT_ONCE: usize = 4;
 /// Rows in one part at most: its JSON (~230 bytes a row) stays a few
 /// MiB, far below SQLite's limit on a value (1 GB) at any size.
 const PART_ROWS: i64 = 32_768;
+
+/// Rows read as a single part, whatever the parts at once.
+const ONE_PART_ROWS: i64 = 1024;
 
 /// One part's container rows as one JSON array of arrays, the columns in
 /// [`ContainerRow`]'s order. The REAL as text of 17 digits: JSON's
@@ -100,10 +106,32 @@ impl Store {
         let (rows,): (i64,) = sql::query_as("SELECT count(*) FROM containers")
             .fetch_one(&self.reads)
             .await?;
-        let part_rows = (rows / PARTS_AT_ONCE as i64 + 1).min(PART_ROWS);
+        // A small table is one part: finding part boundaries costs a
+        // query each, more than reading a few hundred rows on one thread.
+        let ranges = if rows <= ONE_PART_ROWS {
+            vec![(i64::MIN, i64::MAX)]
+        } else {
+            let part_rows = (rows / PARTS_AT_ONCE as i64 + 1).min(PART_ROWS);
+            self.container_parts(part_rows).await?
+        };
+        self.read_container_ranges(path, ranges).await
+    }
+
+    /// The container rows of each of `ranges`, read and decoded at once.
+    async fn read_container_ranges(
+        &self,
+        path: &std::path::Path,
+        ranges: Vec<(i64, i64)>,
+    ) -> Result<lenient::Lenient<ContainerRecord>, StoreError> {
         use futures::StreamExt as _;
-        let parts: Vec<_> = futures::stream::iter(self.container_parts(part_rows).await?)
-            .map(|range| tokio::spawn(read_container_part(path.to_owned(), range)))
+        let parts: Vec<_> = futures::stream::iter(ranges)
+            .map(|range| {
+                tokio::spawn(read_container_part(
+                    self.reads.clone(),
+                    path.to_owned(),
+                    range,
+                ))
+            })
             .buffered(PARTS_AT_ONCE)
             .collect()
             .await;
@@ -156,12 +184,14 @@ impl Store {
 }
 
 /// The container rows whose rowid is in `range`, as one JSON value; row
-/// by row when that cannot be read or does not decode.
+/// by row (on a native connection of its own, `path`'s) when that cannot
+/// be read or does not decode.
 async fn read_container_part(
+    reads: sqlx::AnyPool,
     path: std::path::PathBuf,
     range: (i64, i64),
 ) -> Result<lenient::Lenient<ContainerRecord>, StoreError> {
-    match read_container_json(&path, range).await {
+    match read_container_json(&reads, range).await {
         Ok(Some(rows)) => Ok(lenient::partition(
             "containers",
             rows.into_iter()
@@ -179,24 +209,16 @@ async fn read_container_part(
 
 /// `None` when the part's JSON is not UTF-8 or does not decode into rows.
 async fn read_container_json(
-    path: &std::path::Path,
+    reads: &sqlx::AnyPool,
     (from, to): (i64, i64),
 ) -> Result<Option<Vec<ContainerRow>>, StoreError> {
-    use sqlx::ConnectOptions as _;
-    let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
-        .filename(path)
-        .read_only(true)
-        .busy_timeout(std::time::Duration::from_secs(5))
-        .connect()
-        .await?;
     // Bytes, not text: text that is not UTF-8 would fail the driver's
     // decoding; here serde_json refuses it and the rows are read one by one.
-    let json: Vec<u8> = sqlx::query_scalar(CONTAINER_ROWS_AS_JSON)
+    let json: Vec<u8> = sql::query_scalar(CONTAINER_ROWS_AS_JSON)
         .bind(from)
         .bind(to)
-        .fetch_one(&mut conn)
+        .fetch_one(reads)
         .await?;
-    let _ = sqlx::Connection::close(conn).await;
     Ok(match serde_json::from_slice(&json) {
         Ok(rows) => Some(rows),
         Err(e) => {
@@ -251,6 +273,12 @@ async fn read_container_range(
 #[cfg(test)]
 mod tests {
     use super::{read_container_json, read_container_part, read_container_range};
+
+    async fn open(path: &std::path::Path) -> crate::store::Store {
+        crate::store::Store::open(path, crate::store::StoreOptions::default())
+            .await
+            .unwrap()
+    }
 
     /// Rows of every shape: NULLs, limits whose REAL needs all 17 digits,
     /// a row that does not convert, seeded at random.
@@ -313,13 +341,17 @@ mod tests {
         for seed in [1, 2, 3] {
             let dir = tempfile::tempdir().unwrap();
             let path = database_with_rows(dir.path(), seed, 300).await;
-            let json = read_container_json(&path, (1, 300)).await.unwrap();
+            let store = open(&path).await;
+            let json = read_container_json(&store.reads, (1, 300)).await.unwrap();
             assert!(json.is_some(), "seed {seed}: the JSON did not decode");
-            let fast = read_container_part(path.clone(), (1, 300)).await.unwrap();
+            let fast = read_container_part(store.reads.clone(), path.clone(), (1, 300))
+                .await
+                .unwrap();
             let slow = read_container_range(path.clone(), (1, 300)).await.unwrap();
             assert_eq!(fast.0.len() + fast.1.len(), 300, "seed {seed}");
             assert!(!fast.1.is_empty(), "seed {seed}: no unreadable row made");
             assert_eq!(fast, slow, "seed {seed}");
+            store.close().await;
         }
     }
 
@@ -335,8 +367,16 @@ mod tests {
             .await
             .unwrap();
         sqlx::Connection::close(conn).await.unwrap();
-        assert!(read_container_json(&path, (1, 20)).await.unwrap().is_none());
-        let (read, unreadable) = read_container_part(path.clone(), (1, 20)).await.unwrap();
+        let store = open(&path).await;
+        assert!(
+            read_container_json(&store.reads, (1, 20))
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let (read, unreadable) = read_container_part(store.reads.clone(), path.clone(), (1, 20))
+            .await
+            .unwrap();
         let slow = read_container_range(path, (1, 20)).await.unwrap();
         assert_eq!((read.clone(), unreadable.clone()), slow);
         assert!(
@@ -344,6 +384,7 @@ mod tests {
             "{unreadable:?}"
         );
         assert!(read.len() >= 15, "{} read", read.len());
+        store.close().await;
     }
 
     /// Rowids far apart (a long-lived row among months of churn, one near
@@ -375,17 +416,20 @@ mod tests {
             assert_eq!(pair[0].1 + 1, pair[1].0, "{ranges:?}");
         }
 
-        let (read, unreadable) = store.read_all_containers().await.unwrap();
-        assert_eq!(read.len() + unreadable.len(), 100);
         let slow = read_container_range(path.clone(), (i64::MIN, i64::MAX))
             .await
             .unwrap();
+        // In those parts, and whole (one part, the table being small).
+        let (read, unreadable) = store.read_container_ranges(&path, ranges).await.unwrap();
+        assert_eq!(read.len() + unreadable.len(), 100);
+        let (whole, _) = store.read_all_containers().await.unwrap();
         let ids = |records: &[boilerhouse_core::pool::ContainerRecord]| {
             let mut ids: Vec<String> = records.iter().map(|c| c.id.to_string()).collect();
             ids.sort();
             ids
         };
         assert_eq!(ids(&read), ids(&slow.0));
+        assert_eq!(ids(&whole), ids(&slow.0));
         store.close().await;
     }
 }
