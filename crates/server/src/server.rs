@@ -317,7 +317,7 @@ pub async fn run(
         "reconcile",
         config.reconcile_interval,
         None,
-        crate::reconcile::ReconcileTask(reconciler.clone()),
+        crate::reconcile::ReconcileTask::new(reconciler.clone(), config.reconcile_interval),
     );
     // A node's first report is reconciled at once: the refiller waits for
     // it (see Registry::unreconciled).

@@ -478,11 +478,19 @@ impl Index {
         &'a self,
         node: &'a NodeId,
     ) -> impl Iterator<Item = &'a ContainerRecord> + 'a {
+        self.containers_on_shared(node).map(Arc::as_ref)
+    }
+
+    /// The containers of `node`, by id, shared.
+    pub fn containers_on_shared<'a>(
+        &'a self,
+        node: &'a NodeId,
+    ) -> impl Iterator<Item = &'a Arc<ContainerRecord>> + 'a {
         self.by_node
             .get(node)
             .into_iter()
             .flat_map(|load| load.containers.iter())
-            .filter_map(|id| self.container(id))
+            .filter_map(|id| self.containers.get(id))
     }
 
     /// The nodes that hold containers.

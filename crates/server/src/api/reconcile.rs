@@ -1,7 +1,5 @@
 //! ReconcileService: the plan (a dry run) and applying it.
 
-use std::collections::BTreeMap;
-
 use tonic::{Request, Response, Status};
 
 use boilerhouse_core::reconcile::{Action, ActionKind, Desired};
@@ -74,7 +72,11 @@ impl pb::reconcile_service_server::ReconcileService for Reconcile {
         let only = if req.node_id.is_empty() {
             None
         } else {
-            Some(convert::node_id("node_id", &req.node_id).map_err(ApiError::from)?)
+            Some(std::collections::BTreeSet::from([convert::node_id(
+                "node_id",
+                &req.node_id,
+            )
+            .map_err(ApiError::from)?]))
         };
         let now = crate::clock::now();
         let (actions, desired) = self
@@ -97,7 +99,11 @@ impl pb::reconcile_service_server::ReconcileService for Reconcile {
         let only = if req.node_id.is_empty() {
             None
         } else {
-            Some(convert::node_id("node_id", &req.node_id).map_err(ApiError::from)?)
+            Some(std::collections::BTreeSet::from([convert::node_id(
+                "node_id",
+                &req.node_id,
+            )
+            .map_err(ApiError::from)?]))
         };
         let state = &self.0;
         let response = idempotency::once(
@@ -109,7 +115,7 @@ impl pb::reconcile_service_server::ReconcileService for Reconcile {
             || async {
                 let desired = Desired {
                     containers: state.pools.containers_shared(),
-                    workloads: BTreeMap::new(),
+                    ..Default::default()
                 };
                 let applied = state.reconciler.apply(only.as_ref()).await?;
                 Ok(pb::ApplyReconcileResponse {

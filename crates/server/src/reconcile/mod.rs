@@ -10,7 +10,7 @@
 
 mod apply;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use futures::future::BoxFuture;
 
@@ -93,10 +93,10 @@ impl Outcome {
 }
 
 impl Reconciler {
-    /// The current plan, optionally for one node.
+    /// The current plan, optionally for some nodes only.
     pub async fn plan(
         &self,
-        only: Option<&NodeId>,
+        only: Option<&BTreeSet<NodeId>>,
         now: Timestamp,
     ) -> Result<(Vec<Action>, Desired), StoreError> {
         let (actions, desired, _) = self
@@ -106,24 +106,32 @@ impl Reconciler {
     }
 
     /// The plan, and the reports (node, observed_at) it was made from.
+    /// With `only`, a pass over those nodes' rows and reports alone (see
+    /// [`Desired::gather`]).
     async fn plan_with_evidence(
         &self,
-        only: Option<&NodeId>,
+        only: Option<&BTreeSet<NodeId>>,
         now: Timestamp,
         cost: &mut PassCost,
     ) -> Result<(Vec<Action>, Desired, Vec<(NodeId, Timestamp)>), StoreError> {
         let began = std::time::Instant::now();
-        let workloads = self.store.list_workloads().await?;
-        let desired = Desired {
-            containers: self.pools.containers_shared(),
-            workloads: workloads
-                .iter()
-                .map(|w| (w.spec.id.clone(), w.spec_hash.clone()))
-                .collect(),
-        };
+        let workloads = self
+            .store
+            .list_workloads()
+            .await?
+            .iter()
+            .map(|w| (w.spec.id.clone(), w.spec_hash.clone()))
+            .collect();
+        // The rows before the reports (see `Desired::gather`).
+        let mut desired = self
+            .pools
+            .read(|index| Desired::gather(index, workloads, only));
         let mut observed = BTreeMap::new();
         let mut known = Vec::new();
         for node in self.store.list_nodes().await? {
+            if only.is_some_and(|nodes| !nodes.contains(&node.id)) {
+                continue;
+            }
             // Evidence only from a connected, heartbeating agent that has
             // sent a full report: anything else is missing evidence. A
             // session whose link went silent still holds its last report,
@@ -132,9 +140,7 @@ impl Reconciler {
                 (Some(_), Some(report)) if self.pools.node_is_live(&node.id) => {
                     match report.observed_at {
                         Some(observed_at) => {
-                            if only.is_none_or(|n| n == &node.id) {
-                                known.push((node.id.clone(), observed_at));
-                            }
+                            known.push((node.id.clone(), observed_at));
                             Evidence::Known {
                                 observed_at,
                                 // A container whose row could not be read is
@@ -158,6 +164,10 @@ impl Reconciler {
             };
             observed.insert(node.id, evidence);
         }
+        if only.is_some() {
+            self.pools
+                .read(|index| desired.find_rows_elsewhere(index, &observed));
+        }
         cost.rows = desired.containers.len();
         cost.observed = observed
             .values()
@@ -168,23 +178,20 @@ impl Reconciler {
             .sum();
         cost.gather_ms = ms(began.elapsed());
         let planning = std::time::Instant::now();
-        let actions = plan(&desired, &observed, now, &self.config)
-            .into_iter()
-            .filter(|a| only.is_none_or(|n| &a.node_id == n))
-            .collect();
+        let actions = plan(&desired, &observed, now, &self.config);
         cost.plan_ms = ms(planning.elapsed());
         Ok((actions, desired, known))
     }
 
     /// Plans and applies every due action.
-    pub async fn apply(&self, only: Option<&NodeId>) -> Result<Vec<Applied>, StoreError> {
+    pub async fn apply(&self, only: Option<&BTreeSet<NodeId>>) -> Result<Vec<Applied>, StoreError> {
         Ok(self.apply_measured(only).await?.0)
     }
 
     /// [`Reconciler::apply`], and what the pass cost.
     pub async fn apply_measured(
         &self,
-        only: Option<&NodeId>,
+        only: Option<&BTreeSet<NodeId>>,
     ) -> Result<(Vec<Applied>, PassCost), StoreError> {
         let now = crate::clock::now();
         let mut cost = PassCost::default();
@@ -246,24 +253,77 @@ fn rebuilt(applied: &[Applied]) -> Option<(usize, usize, String)> {
     Some((adopted.len(), with_tenant, message))
 }
 
-/// The periodic reconciliation.
-pub struct ReconcileTask(pub Reconciler);
+/// The periodic reconciliation, and the reconciliation of nodes whose
+/// first report is waiting (woken by its arrival): a pass over those
+/// nodes alone, so that their containers are offered as soon as they are
+/// reconciled rather than after a pass over every row of the fleet.
+pub struct ReconcileTask {
+    reconciler: Reconciler,
+    /// The task's period: woken by first reports more often than this, a
+    /// pass over every row still runs at most twice a period.
+    interval: std::time::Duration,
+    last_whole: Option<std::time::Instant>,
+}
+
+impl ReconcileTask {
+    /// The task for `reconciler`, run every `interval`.
+    pub fn new(reconciler: Reconciler, interval: std::time::Duration) -> Self {
+        Self {
+            reconciler,
+            interval,
+            last_whole: None,
+        }
+    }
+}
+
+fn summary(applied: &[Applied], cost: PassCost) -> serde_json::Value {
+    let failed = applied.iter().filter(|a| a.result.is_err()).count();
+    let moot = applied
+        .iter()
+        .filter(|a| a.result == Ok(Outcome::Moot))
+        .count();
+    serde_json::json!({
+        "applied": applied.len() - failed - moot,
+        "moot": moot,
+        "failed": failed,
+        "cost": cost,
+    })
+}
 
 impl BackgroundTask for ReconcileTask {
     fn activate(&mut self) -> BoxFuture<'_, anyhow::Result<serde_json::Value>> {
         Box::pin(async move {
-            let (applied, cost) = self.0.apply_measured(None).await?;
-            let failed = applied.iter().filter(|a| a.result.is_err()).count();
-            let moot = applied
-                .iter()
-                .filter(|a| a.result == Ok(Outcome::Moot))
-                .count();
-            Ok(serde_json::json!({
-                "applied": applied.len() - failed - moot,
-                "moot": moot,
-                "failed": failed,
-                "cost": cost,
-            }))
+            // Nodes whose first report has arrived (not those still
+            // connecting, whose rows the pass would read for nothing).
+            let agents = &self.reconciler.agents;
+            let waiting: BTreeSet<NodeId> = agents
+                .unreconciled()
+                .into_iter()
+                .filter(|n| agents.report(n).is_some_and(|r| r.observed_at.is_some()))
+                .collect();
+            let first = if waiting.is_empty() {
+                None
+            } else {
+                let (applied, cost) = self.reconciler.apply_measured(Some(&waiting)).await?;
+                let mut s = summary(&applied, cost);
+                s["nodes"] = waiting.len().into();
+                Some(s)
+            };
+            let whole_due = first.is_none()
+                || self
+                    .last_whole
+                    .is_none_or(|t| t.elapsed() >= self.interval / 2);
+            let mut status = if whole_due {
+                self.last_whole = Some(std::time::Instant::now());
+                let (applied, cost) = self.reconciler.apply_measured(None).await?;
+                summary(&applied, cost)
+            } else {
+                serde_json::json!({})
+            };
+            if let Some(first) = first {
+                status["first_reports"] = first;
+            }
+            Ok(status)
         })
     }
 }

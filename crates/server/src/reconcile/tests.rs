@@ -168,3 +168,97 @@ async fn an_adoption_planned_before_the_row_was_committed_is_moot() {
         "a moot adoption rebuilt nothing"
     );
 }
+
+/// A node's first report is reconciled by a pass over that node alone
+/// (after a restart, 1,000 agents report again, and each waited for whole
+/// passes over every row): its container without a row is adopted and
+/// the node is marked reconciled, while a container without a row on a
+/// node already reconciled waits for the next whole pass, which runs at
+/// most twice a period however often first reports wake the task.
+#[tokio::test]
+async fn a_first_report_is_reconciled_by_a_pass_over_its_node_alone() {
+    use crate::tasks::BackgroundTask as _;
+    let dir = tempfile::tempdir().unwrap();
+    let r = reconciler(dir.path()).await;
+    let hash = r
+        .pools
+        .workload_record(&"demo".parse().unwrap())
+        .await
+        .unwrap()
+        .spec_hash
+        .clone();
+    let (a, b) = (
+        NodeId::new("node-a").unwrap(),
+        NodeId::new("node-b").unwrap(),
+    );
+    let now = crate::clock::now();
+    let mut sessions = Vec::new();
+    for n in [&a, &b] {
+        r.store
+            .register_node(
+                crate::store::NodeHello {
+                    id: n.clone(),
+                    boot_id: "boot".into(),
+                    agent_version: "test".into(),
+                    engine_version: "test".into(),
+                    capacity: Default::default(),
+                    labels: BTreeMap::new(),
+                    state_root: "/var/lib/boilerhouse".into(),
+                },
+                now,
+            )
+            .await
+            .unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        r.agents.attach(n, format!("session-{n}"), tx, now);
+        sessions.push(rx);
+    }
+    let mut task = super::ReconcileTask::new(r.clone(), Duration::from_secs(60));
+
+    // Node a's first report: a pass over it, and the first whole pass.
+    r.agents.full_report(&a, now, vec![]);
+    let status = task.activate().await.unwrap();
+    assert_eq!(status["first_reports"]["nodes"], 1, "{status}");
+    assert!(
+        status.get("cost").is_some(),
+        "the first whole pass: {status}"
+    );
+    assert_eq!(r.agents.unreconciled(), vec![b.clone()]);
+
+    // Then a container with no row on a (reconciled already) and node b's
+    // first report, with one of its own.
+    let (on_a, on_b) = (
+        ContainerId::from_uuid(Uuid::now_v7()),
+        ContainerId::from_uuid(Uuid::now_v7()),
+    );
+    r.agents
+        .full_report(&a, now, vec![reported(on_a, &a, &hash)]);
+    r.agents
+        .full_report(&b, now, vec![reported(on_b, &b, &hash)]);
+    let status = task.activate().await.unwrap();
+    assert_eq!(status["first_reports"]["nodes"], 1, "{status}");
+    assert_eq!(status["first_reports"]["applied"], 1, "{status}");
+    assert_eq!(
+        status["first_reports"]["cost"]["rows"], 0,
+        "node b's rows only: {status}"
+    );
+    assert!(status.get("cost").is_none(), "no whole pass yet: {status}");
+    assert_eq!(
+        r.pools.container(&on_b).map(|c| c.state),
+        Some(ContainerState::Idle),
+        "node b's container is adopted"
+    );
+    assert!(
+        r.pools.container(&on_a).is_none(),
+        "node a was not in the pass"
+    );
+    assert!(r.agents.unreconciled().is_empty());
+
+    // The whole pass takes in the rest.
+    r.apply(None).await.unwrap();
+    assert_eq!(
+        r.pools.container(&on_a).map(|c| c.state),
+        Some(ContainerState::Idle)
+    );
+    drop(sessions);
+}

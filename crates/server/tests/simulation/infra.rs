@@ -2,7 +2,7 @@
 //! removals, node loss and return, engine destroys, reports, state-file
 //! delivery and reconciliation.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use boilerhouse_core::pool::decide::{self, DrainScope};
@@ -303,15 +303,27 @@ impl World {
     /// action decided on the current state.
     pub async fn reconcile(&mut self) {
         let now = self.now;
-        let desired = Desired {
-            containers: self.read(|i| i.containers_shared().cloned().collect()),
-            workloads: self
-                .workloads
-                .values()
-                .filter(|w| w.configured)
-                .map(|w| (w.id.clone(), w.hash.clone()))
-                .collect(),
+        let workloads = self
+            .workloads
+            .values()
+            .filter(|w| w.configured)
+            .map(|w| (w.id.clone(), w.hash.clone()))
+            .collect();
+        // Half the passes cover some nodes only, as the server's pass over
+        // nodes whose first report is waiting does (never while settling,
+        // which needs every node covered).
+        let scope: Option<BTreeSet<NodeId>> = if !self.settling && self.scope_rng.random_bool(0.5) {
+            let nodes: Vec<NodeId> = self.hosts.keys().cloned().collect();
+            let scope: BTreeSet<NodeId> = nodes
+                .into_iter()
+                .filter(|_| self.scope_rng.random_bool(0.5))
+                .collect();
+            self.note(format!("reconcile pass over {scope:?}"));
+            Some(scope)
+        } else {
+            None
         };
+        let mut desired = self.read(|i| Desired::gather(i, workloads, scope.as_ref()));
         let observed: BTreeMap<NodeId, Evidence> = self
             .hosts
             .iter()
@@ -326,6 +338,7 @@ impl World {
                 (n.clone(), e)
             })
             .collect();
+        self.read(|i| desired.find_rows_elsewhere(i, &observed));
         let config = PlanConfig {
             lost_grace: LOST_GRACE,
             creation_grace: CREATION_GRACE,

@@ -98,6 +98,10 @@ pub struct Stats {
 pub struct World {
     pub seed: u64,
     pub rng: StdRng,
+    /// Which nodes a reconcile pass covers (every one, or a few as a
+    /// node's first report is reconciled): a stream of its own, so that
+    /// the schedules seeds made before it existed stay as they were.
+    pub scope_rng: StdRng,
     pub now: Timestamp,
     pub store: Store,
     /// SQLite, or a PostgreSQL schema when the run is on it.
@@ -206,6 +210,7 @@ impl World {
         Self {
             seed,
             rng,
+            scope_rng: StdRng::seed_from_u64(seed ^ 0x5c0e_5c0e_5c0e_5c0e),
             now: Timestamp::from_millis(1_700_000_000_000),
             store,
             database,
