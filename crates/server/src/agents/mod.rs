@@ -280,10 +280,17 @@ impl Registry {
     }
 
     /// Records that a reconciliation pass planned on `node`'s report taken
-    /// at `observed_at`.
+    /// at `observed_at`. Only that report is marked: one that replaced it
+    /// meanwhile (a new session's first report above all) was not planned
+    /// on, and waits for the next pass.
     pub fn mark_reconciled(&self, node: &NodeId, observed_at: Timestamp) {
         let mut inner = self.lock();
-        if let Some(report) = inner.reports.get_mut(node).map(Arc::make_mut) {
+        if let Some(report) = inner
+            .reports
+            .get_mut(node)
+            .filter(|r| r.observed_at == Some(observed_at))
+            .map(Arc::make_mut)
+        {
             report.reconciled_at = Some(
                 report
                     .reconciled_at

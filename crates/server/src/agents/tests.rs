@@ -164,3 +164,23 @@ async fn commands_to_a_node_without_an_agent_fail_at_once() {
         .unwrap_err();
     assert_eq!(err, CommandError::NotConnected(node()));
 }
+
+/// A pass marks only the report it planned on: a new session's first
+/// report, arrived while the pass ran on the old session's, stays
+/// unreconciled until a pass plans on it.
+#[test]
+fn a_pass_on_an_old_report_does_not_mark_the_new_sessions_first_report() {
+    let registry = Registry::default();
+    let (tx, _rx) = mpsc::channel(16);
+    registry.attach(&node(), "a".into(), tx, Timestamp::from_millis(1));
+    registry.full_report(&node(), Timestamp::from_millis(10), vec![]);
+    // A pass reads that report; meanwhile the agent reconnects and
+    // reports again.
+    let (tx, _rx2) = mpsc::channel(16);
+    registry.attach(&node(), "b".into(), tx, Timestamp::from_millis(20));
+    registry.full_report(&node(), Timestamp::from_millis(30), vec![]);
+    registry.mark_reconciled(&node(), Timestamp::from_millis(10));
+    assert_eq!(registry.unreconciled(), vec![node()]);
+    registry.mark_reconciled(&node(), Timestamp::from_millis(30));
+    assert!(registry.unreconciled().is_empty());
+}

@@ -262,7 +262,9 @@ pub struct ReconcileTask {
     /// The task's period: woken by first reports more often than this, a
     /// pass over every row still runs at most twice a period.
     interval: std::time::Duration,
-    last_whole: Option<std::time::Instant>,
+    /// When the last whole pass started, and its summary (the status
+    /// shows it while scoped passes run in between).
+    last_whole: Option<(std::time::Instant, serde_json::Value)>,
 }
 
 impl ReconcileTask {
@@ -312,13 +314,23 @@ impl BackgroundTask for ReconcileTask {
             let whole_due = first.is_none()
                 || self
                     .last_whole
-                    .is_none_or(|t| t.elapsed() >= self.interval / 2);
-            let mut status = if whole_due {
-                self.last_whole = Some(std::time::Instant::now());
-                let (applied, cost) = self.reconciler.apply_measured(None).await?;
-                summary(&applied, cost)
-            } else {
-                serde_json::json!({})
+                    .as_ref()
+                    .is_none_or(|(t, _)| t.elapsed() >= self.interval / 2);
+            let mut status = match &self.last_whole {
+                Some((started, status)) if !whole_due => {
+                    let mut status = status.clone();
+                    status["whole_pass_age_ms"] = u64::try_from(started.elapsed().as_millis())
+                        .unwrap_or(u64::MAX)
+                        .into();
+                    status
+                }
+                _ => {
+                    let started = std::time::Instant::now();
+                    let (applied, cost) = self.reconciler.apply_measured(None).await?;
+                    let status = summary(&applied, cost);
+                    self.last_whole = Some((started, status.clone()));
+                    status
+                }
             };
             if let Some(first) = first {
                 status["first_reports"] = first;

@@ -312,17 +312,18 @@ impl World {
         // Half the passes cover some nodes only, as the server's pass over
         // nodes whose first report is waiting does (never while settling,
         // which needs every node covered).
-        let scope: Option<BTreeSet<NodeId>> = if !self.settling && self.scope_rng.random_bool(0.5) {
-            let nodes: Vec<NodeId> = self.hosts.keys().cloned().collect();
-            let scope: BTreeSet<NodeId> = nodes
-                .into_iter()
-                .filter(|_| self.scope_rng.random_bool(0.5))
-                .collect();
-            self.note(format!("reconcile pass over {scope:?}"));
-            Some(scope)
-        } else {
-            None
-        };
+        let scope: Option<BTreeSet<NodeId>> =
+            if self.scoped_passes && !self.settling && self.scope_rng.random_bool(0.5) {
+                let nodes: Vec<NodeId> = self.hosts.keys().cloned().collect();
+                let scope: BTreeSet<NodeId> = nodes
+                    .into_iter()
+                    .filter(|_| self.scope_rng.random_bool(0.5))
+                    .collect();
+                self.note(format!("reconcile pass over {scope:?}"));
+                Some(scope)
+            } else {
+                None
+            };
         let mut desired = self.read(|i| Desired::gather(i, workloads, scope.as_ref()));
         let observed: BTreeMap<NodeId, Evidence> = self
             .hosts

@@ -99,9 +99,10 @@ pub struct World {
     pub seed: u64,
     pub rng: StdRng,
     /// Which nodes a reconcile pass covers (every one, or a few as a
-    /// node's first report is reconciled): a stream of its own, so that
-    /// the schedules seeds made before it existed stay as they were.
+    /// node's first report is reconciled): a stream of its own.
     pub scope_rng: StdRng,
+    /// Whether passes may be scoped at all.
+    pub scoped_passes: bool,
     pub now: Timestamp,
     pub store: Store,
     /// SQLite, or a PostgreSQL schema when the run is on it.
@@ -211,6 +212,7 @@ impl World {
             seed,
             rng,
             scope_rng: StdRng::seed_from_u64(seed ^ 0x5c0e_5c0e_5c0e_5c0e),
+            scoped_passes: true,
             now: Timestamp::from_millis(1_700_000_000_000),
             store,
             database,

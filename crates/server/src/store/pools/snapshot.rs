@@ -57,7 +57,7 @@ const ROW_CHANNEL: usize = 4096;
 impl Store {
     /// Every container, active claim and reservation.
     pub async fn load_pool_snapshot(&self) -> Result<PoolSnapshot, StoreError> {
-        // Everything read at once on connections of their own: no less
+        // Everything read at once, each on a read connection: no less
         // consistent than one after another, since no pool write is made
         // before the index they build exists. No ORDER BY: the index
         // orders everything itself, and sorting 100,000 rows was a visible
