@@ -35,6 +35,12 @@ pub struct NodeLiveness {
     pub status: NodeStatus,
     /// Its last heartbeat (or connection).
     pub last_heartbeat_at: Timestamp,
+    /// Not to be declared Lost before this. A node kept from Lost while
+    /// too much of the fleet was silent (see [`losses_allowed`]) is given
+    /// a restart's grace once the hold ends, even if it is heard from in
+    /// between: as a partition heals, a stalled connection may deliver a
+    /// last heartbeat before its agent gives up on it and reconnects.
+    pub spared_until: Option<Timestamp>,
 }
 
 /// The status a node should have at `now`. Pure: the caller records any
@@ -63,7 +69,8 @@ pub fn next_status(
     let lost_after = config.suspect_after + config.lost_grace;
     let heard_since_restart = node.last_heartbeat_at > server_started_at;
     let restart_grace_over = now.saturating_since(server_started_at) >= config.restart_grace;
-    if silent_for >= lost_after && (heard_since_restart || restart_grace_over) {
+    let spared = node.spared_until.is_some_and(|until| now < until);
+    if silent_for >= lost_after && (heard_since_restart || restart_grace_over) && !spared {
         NodeStatus::Lost
     } else {
         NodeStatus::Suspect
@@ -122,7 +129,34 @@ mod tests {
         NodeLiveness {
             status,
             last_heartbeat_at: at(last),
+            spared_until: None,
         }
+    }
+
+    #[test]
+    fn a_node_spared_after_a_hold_is_not_lost_before_its_grace_ends_even_if_heard_in_between() {
+        // The hold ended at 1000 with a 60 s grace; the node was heard once
+        // at 1001 (a stalled connection's last heartbeat) and fell silent.
+        let n = NodeLiveness {
+            spared_until: Some(at(1060)),
+            ..node(NodeStatus::Suspect, 1001)
+        };
+        let start = at(0);
+        assert_eq!(
+            next_status(n, at(1017), start, &CONFIG),
+            NodeStatus::Suspect
+        );
+        assert_eq!(
+            next_status(n, at(1059), start, &CONFIG),
+            NodeStatus::Suspect
+        );
+        assert_eq!(next_status(n, at(1060), start, &CONFIG), NodeStatus::Lost);
+        // Unspared, the same node follows the normal windows.
+        let plain = node(NodeStatus::Suspect, 1001);
+        assert_eq!(
+            next_status(plain, at(1017), start, &CONFIG),
+            NodeStatus::Lost
+        );
     }
 
     #[test]

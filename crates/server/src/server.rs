@@ -300,6 +300,8 @@ pub async fn run(
             persisted: Default::default(),
             holding: false,
             hold_ended_at: boilerhouse_core::Timestamp::EPOCH,
+            held: Default::default(),
+            spared: Default::default(),
         },
     );
 

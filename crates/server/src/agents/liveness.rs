@@ -2,7 +2,7 @@
 //! second, persists heartbeats, records each status change as an event,
 //! and publishes node loss for the pools.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use futures::future::BoxFuture;
 
@@ -35,113 +35,149 @@ pub struct LivenessTask {
     /// after its own backoff), and the first to return must not make the
     /// rest Lost in the next second.
     pub hold_ended_at: Timestamp,
+    /// The nodes kept from Lost in the current hold.
+    pub held: BTreeSet<NodeId>,
+    /// Nodes held in the last hold, and until when they are spared: a
+    /// node may be heard once as the partition heals (its old connection's
+    /// queued heartbeat) and go quiet again while its agent reconnects.
+    pub spared: HashMap<NodeId, Timestamp>,
 }
 
 impl BackgroundTask for LivenessTask {
     fn activate(&mut self) -> BoxFuture<'_, anyhow::Result<serde_json::Value>> {
-        Box::pin(async move {
-            let now = crate::clock::now();
-            let live: HashMap<NodeId, Timestamp> = self.registry.heartbeats().into_iter().collect();
-            let fresh: Vec<(NodeId, Timestamp)> = live
-                .iter()
-                .filter(|(node, at)| self.persisted.get(*node) != Some(*at))
-                .map(|(n, t)| (n.clone(), *t))
-                .collect();
-            self.store.record_heartbeats(fresh.clone()).await?;
-            self.persisted.extend(fresh);
-
-            let mut counts = [0u32; 3];
-            let nodes = self.store.list_nodes().await?;
-            let floor = self.started_at.max(self.hold_ended_at);
-            let mut next: Vec<(Node, Timestamp, NodeStatus)> = nodes
-                .into_iter()
-                .map(|node| {
-                    let last = live
-                        .get(&node.id)
-                        .copied()
-                        .unwrap_or(node.last_heartbeat_at)
-                        .max(node.last_heartbeat_at);
-                    let status = next_status(
-                        NodeLiveness {
-                            status: node.status,
-                            last_heartbeat_at: last,
-                        },
-                        now,
-                        floor,
-                        &self.config,
-                    );
-                    (node, last, status)
-                })
-                .collect();
-            let up: Vec<_> = next
-                .iter()
-                .filter(|(node, _, _)| node.status != NodeStatus::Lost)
-                .collect();
-            let silent = up
-                .iter()
-                .filter(|(_, _, status)| *status != NodeStatus::Ready)
-                .count();
-            let allowed = losses_allowed(up.len(), silent, &self.config);
-            let due = up
-                .iter()
-                .filter(|(_, _, status)| *status == NodeStatus::Lost)
-                .count();
-            let up_count = up.len();
-            if !allowed {
-                for (node, _, status) in &mut next {
-                    if node.status != NodeStatus::Lost && *status == NodeStatus::Lost {
-                        *status = NodeStatus::Suspect;
-                    }
-                }
-            }
-            if !allowed && due > 0 && !self.holding {
-                let message = format!(
-                    "{silent} of {up_count} nodes went silent together: more than the partition_threshold ({}), so none is declared lost (this server may be the one cut off); their claims are kept until they return",
-                    self.config.partition_threshold
-                );
-                tracing::error!(silent, up = up_count, "{message}");
-                self.store
-                    .append_event(NewEvent::new(now, EventKind::NodeLossHeld, message))
-                    .await?;
-                self.holding = true;
-            } else if allowed && self.holding {
-                self.holding = false;
-                self.hold_ended_at = now;
-            }
-            for (node, last, status) in next {
-                if status != node.status {
-                    let silent = now.saturating_since(last);
-                    let reason = match status {
-                        NodeStatus::Ready => "heartbeats resumed".to_owned(),
-                        _ => format!("no heartbeat for {}s", silent.as_secs()),
-                    };
-                    tracing::warn!(node = %node.id, from = %node.status, to = %status, %reason, "node liveness changed");
-                    self.store
-                        .set_node_status(node.id.clone(), status, reason.clone(), now)
-                        .await?;
-                    if status == NodeStatus::Lost {
-                        // The pools end the node's claims; they also find
-                        // lost nodes on their own, so a missed signal (or
-                        // a crash right here) only delays that.
-                        self.registry.publish(super::NodeSignal::NodeLost {
-                            node: node.id.clone(),
-                            reason: reason.clone(),
-                        });
-                    }
-                }
-                counts[match status {
-                    NodeStatus::Ready => 0,
-                    NodeStatus::Suspect => 1,
-                    NodeStatus::Lost => 2,
-                }] += 1;
-            }
-            Ok(serde_json::json!({
-                "ready": counts[0],
-                "suspect": counts[1],
-                "lost": counts[2],
-                "connected": live.len(),
-                "losses_held": !allowed,
-            }))
-        })
+        Box::pin(self.step(crate::clock::now()))
     }
 }
+
+impl LivenessTask {
+    /// One pass at `now`.
+    async fn step(&mut self, now: Timestamp) -> anyhow::Result<serde_json::Value> {
+        let live: HashMap<NodeId, Timestamp> = self.registry.heartbeats().into_iter().collect();
+        let fresh: Vec<(NodeId, Timestamp)> = live
+            .iter()
+            .filter(|(node, at)| self.persisted.get(*node) != Some(*at))
+            .map(|(n, t)| (n.clone(), *t))
+            .collect();
+        self.store.record_heartbeats(fresh.clone()).await?;
+        self.persisted.extend(fresh);
+
+        let mut counts = [0u32; 3];
+        let nodes = self.store.list_nodes().await?;
+        self.spared.retain(|_, until| now < *until);
+        let mut next = self.evaluate(nodes, &live, now);
+        let up: Vec<_> = next
+            .iter()
+            .filter(|(node, _, _)| node.status != NodeStatus::Lost)
+            .collect();
+        let silent = up
+            .iter()
+            .filter(|(_, _, status)| *status != NodeStatus::Ready)
+            .count();
+        let allowed = losses_allowed(up.len(), silent, &self.config);
+        let due = up
+            .iter()
+            .filter(|(_, _, status)| *status == NodeStatus::Lost)
+            .count();
+        let up_count = up.len();
+        if !allowed {
+            for (node, _, status) in &mut next {
+                if node.status != NodeStatus::Lost && *status == NodeStatus::Lost {
+                    *status = NodeStatus::Suspect;
+                    self.held.insert(node.id.clone());
+                }
+            }
+        }
+        if !allowed && due > 0 && !self.holding {
+            let message = format!(
+                "{silent} of {up_count} nodes went silent together: more than the partition_threshold ({}), so none is declared lost (this server may be the one cut off); their claims are kept until they return",
+                self.config.partition_threshold
+            );
+            tracing::error!(silent, up = up_count, "{message}");
+            self.store
+                .append_event(NewEvent::new(now, EventKind::NodeLossHeld, message))
+                .await?;
+            self.holding = true;
+        } else if allowed && self.holding {
+            self.holding = false;
+            self.hold_ended_at = now;
+            let until = now.saturating_add(self.config.restart_grace);
+            for node in std::mem::take(&mut self.held) {
+                self.spared.insert(node, until);
+            }
+            // From this very pass: the first node back ends the hold, and
+            // the others, still on their way, must not be Lost by it.
+            let nodes = next.into_iter().map(|(node, _, _)| node).collect();
+            next = self.evaluate(nodes, &live, now);
+        }
+        for (node, last, status) in next {
+            if status != node.status {
+                let silent = now.saturating_since(last);
+                let reason = match status {
+                    NodeStatus::Ready => "heartbeats resumed".to_owned(),
+                    _ => format!("no heartbeat for {}s", silent.as_secs()),
+                };
+                tracing::warn!(node = %node.id, from = %node.status, to = %status, %reason, "node liveness changed");
+                self.store
+                    .set_node_status(node.id.clone(), status, reason.clone(), now)
+                    .await?;
+                if status == NodeStatus::Lost {
+                    // The pools end the node's claims; they also find
+                    // lost nodes on their own, so a missed signal (or
+                    // a crash right here) only delays that.
+                    self.registry.publish(super::NodeSignal::NodeLost {
+                        node: node.id.clone(),
+                        reason: reason.clone(),
+                    });
+                }
+            }
+            counts[match status {
+                NodeStatus::Ready => 0,
+                NodeStatus::Suspect => 1,
+                NodeStatus::Lost => 2,
+            }] += 1;
+        }
+        Ok(serde_json::json!({
+            "ready": counts[0],
+            "suspect": counts[1],
+            "lost": counts[2],
+            "connected": live.len(),
+            "losses_held": !allowed,
+        }))
+    }
+}
+
+impl LivenessTask {
+    /// Each node, its last heartbeat, and the status it should have now.
+    fn evaluate(
+        &self,
+        nodes: Vec<Node>,
+        live: &HashMap<NodeId, Timestamp>,
+        now: Timestamp,
+    ) -> Vec<(Node, Timestamp, NodeStatus)> {
+        let floor = self.started_at.max(self.hold_ended_at);
+        nodes
+            .into_iter()
+            .map(|node| {
+                let last = live
+                    .get(&node.id)
+                    .copied()
+                    .unwrap_or(node.last_heartbeat_at)
+                    .max(node.last_heartbeat_at);
+                let status = next_status(
+                    NodeLiveness {
+                        status: node.status,
+                        last_heartbeat_at: last,
+                        spared_until: self.spared.get(&node.id).copied(),
+                    },
+                    now,
+                    floor,
+                    &self.config,
+                );
+                (node, last, status)
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests;
