@@ -2,7 +2,7 @@
 //! second, persists heartbeats, records each status change as an event,
 //! and publishes node loss for the pools.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{HashMap, HashSet};
 
 use futures::future::BoxFuture;
 
@@ -35,8 +35,8 @@ pub struct LivenessTask {
     /// after its own backoff), and the first to return must not make the
     /// rest Lost in the next second.
     pub hold_ended_at: Timestamp,
-    /// The nodes kept from Lost in the current hold.
-    pub held: BTreeSet<NodeId>,
+    /// The nodes silent during the current hold.
+    pub held: HashSet<NodeId>,
     /// Nodes held in the last hold, and until when they are spared: a
     /// node may be heard once as the partition heals (its old connection's
     /// queued heartbeat) and go quiet again while its agent reconnects.
@@ -81,8 +81,16 @@ impl LivenessTask {
         let up_count = up.len();
         if !allowed {
             for (node, _, status) in &mut next {
-                if node.status != NodeStatus::Lost && *status == NodeStatus::Lost {
+                if node.status == NodeStatus::Lost {
+                    continue;
+                }
+                if *status == NodeStatus::Lost {
                     *status = NodeStatus::Suspect;
+                }
+                // Every silent node, not only those due: one spared by
+                // an earlier hold, or not yet silent long enough, is as
+                // much on its way back when this one ends.
+                if *status != NodeStatus::Ready {
                     self.held.insert(node.id.clone());
                 }
             }
@@ -93,10 +101,12 @@ impl LivenessTask {
                 self.config.partition_threshold
             );
             tracing::error!(silent, up = up_count, "{message}");
+            // Before the event: if recording it fails, the hold has still
+            // begun, and must end (moving the floor) when enough return.
+            self.holding = true;
             self.store
                 .append_event(NewEvent::new(now, EventKind::NodeLossHeld, message))
                 .await?;
-            self.holding = true;
         } else if allowed && self.holding {
             self.holding = false;
             self.hold_ended_at = now;
@@ -104,8 +114,9 @@ impl LivenessTask {
             for node in std::mem::take(&mut self.held) {
                 self.spared.insert(node, until);
             }
-            // From this very pass: the first node back ends the hold, and
-            // the others, still on their way, must not be Lost by it.
+            // Again, with the floor moved to now: the first node back ends
+            // the hold, and the others, still on their way, must not be
+            // Lost in the very pass that ends it.
             let nodes = next.into_iter().map(|(node, _, _)| node).collect();
             next = self.evaluate(nodes, &live, now);
         }
@@ -144,9 +155,7 @@ impl LivenessTask {
             "losses_held": !allowed,
         }))
     }
-}
 
-impl LivenessTask {
     /// Each node, its last heartbeat, and the status it should have now.
     fn evaluate(
         &self,

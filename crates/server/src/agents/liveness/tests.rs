@@ -19,7 +19,7 @@ struct Fleet {
     task: LivenessTask,
     nodes: Vec<NodeId>,
     // Kept so the sessions' channels stay open.
-    _outbound: Vec<tokio::sync::mpsc::Receiver<Box<boilerhouse_proto::pb::ConnectResponse>>>,
+    outbound: Vec<tokio::sync::mpsc::Receiver<Box<boilerhouse_proto::pb::ConnectResponse>>>,
 }
 
 impl Fleet {
@@ -68,7 +68,7 @@ impl Fleet {
         Fleet {
             task,
             nodes,
-            _outbound: Vec::new(),
+            outbound: Vec::new(),
         }
     }
 
@@ -79,7 +79,7 @@ impl Fleet {
         self.task
             .registry
             .attach(&self.nodes[i], format!("s{i}-{t}"), tx, at(t));
-        self._outbound.push(rx);
+        self.outbound.push(rx);
     }
 
     fn beat(&self, i: usize, t: i64) {
@@ -125,6 +125,7 @@ async fn a_node_heard_once_as_a_partition_heals_keeps_its_grace_while_it_reconne
     f.beat(0, 10);
     assert_eq!(f.statuses(10).await, [Ready, Ready, Suspect]);
     assert!(!f.task.holding);
+    assert!(f.task.held.is_empty(), "{:?}", f.task.held);
 
     // c's stalled connection delivers one heartbeat, then its agent gives
     // up on it and takes a while to reconnect.
@@ -146,6 +147,53 @@ async fn a_node_heard_once_as_a_partition_heals_keeps_its_grace_while_it_reconne
     f.beat(0, 30);
     f.beat(1, 30);
     assert_eq!(f.statuses(30).await, [Ready, Ready, Lost]);
+    assert!(f.task.spared.is_empty(), "{:?}", f.task.spared);
+}
+
+#[tokio::test]
+async fn a_node_still_spared_when_a_second_hold_begins_is_spared_from_that_holds_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut f = Fleet::new(dir.path()).await;
+    f.connect(0, 0);
+    for t in 1..=8 {
+        f.beat(0, t);
+        f.statuses(t).await;
+    }
+    // The first hold ends at 10: c is spared until 30.
+    f.connect(1, 10);
+    f.beat(0, 10);
+    assert_eq!(f.statuses(10).await, [Ready, Ready, Suspect]);
+    // b drops again after one heartbeat: with c, two of three are
+    // silent, and b is due at 16, which begins a second hold.
+    f.beat(0, 11);
+    f.beat(1, 11);
+    f.statuses(11).await;
+    f.drop_session(1, 10);
+    for t in 12..20 {
+        f.beat(0, t);
+        let s = f.statuses(t).await;
+        assert_ne!(s[1], Lost, "at {t}s");
+        assert_ne!(s[2], Lost, "at {t}s");
+    }
+    assert!(f.task.holding, "a second hold");
+    // It ends at 20 when b is back; c, silent all along, is spared
+    // until 40, even after being heard once at 21.
+    f.connect(1, 20);
+    f.beat(0, 20);
+    assert_eq!(f.statuses(20).await, [Ready, Ready, Suspect]);
+    f.connect(2, 21);
+    f.beat(0, 21);
+    f.beat(1, 21);
+    assert_eq!(f.statuses(21).await, [Ready, Ready, Ready]);
+    f.drop_session(2, 21);
+    for t in 22..40 {
+        f.beat(0, t);
+        f.beat(1, t);
+        assert_ne!(f.statuses(t).await[2], Lost, "spared until 40, at {t}s");
+    }
+    f.beat(0, 40);
+    f.beat(1, 40);
+    assert_eq!(f.statuses(40).await, [Ready, Ready, Lost]);
 }
 
 #[tokio::test]
