@@ -391,13 +391,8 @@ impl Store {
         let (statements, events) = statements_of(&write, crate::auth::current().as_ref())?;
         self.writer
             .write_statements_then(
-                move |tx| {
-                    async move {
-                        let ids = statements.run(tx).await?;
-                        recorded(tx, ids, events)
-                    }
-                    .boxed()
-                },
+                statements,
+                move |tx, ids| recorded(tx, ids, events),
                 move || on_commit(&write),
             )
             .await

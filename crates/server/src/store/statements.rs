@@ -8,7 +8,10 @@
 //! (through sqlx) runs a text of several statements in one call and
 //! reports each one's changed rows and returned rows, so a short write
 //! travels once, savepoint included, and its checks are made on what
-//! comes back. PostgreSQL takes no parameters in a multi-statement text:
+//! comes back. Writes of the same shape queued one behind another travel
+//! together, up to eight in a text, each in a savepoint of its own
+//! (`writer::transaction::run_together_in_savepoints`). PostgreSQL takes
+//! no parameters in a multi-statement text:
 //! there, and for long writes (whose text would be prepared once and
 //! never reused), the statements run one by one with the same checks.
 //!
@@ -19,15 +22,16 @@
 //!
 //! Sequential meaning is kept: when statements run together, a failed
 //! check or error reports the first statement that failed, as running
-//! them one by one would have; the writer rolls back the operation's
-//! savepoint either way, so what ran after it leaves nothing.
+//! them one by one would have; the writer rolls back that write's
+//! savepoint, which undoes what ran after it (the writes behind it in the
+//! same text too, which it runs again).
 
 use futures::TryStreamExt as _;
 use sqlx::Either;
 use sqlx::any::AnyArguments;
 use sqlx::query::Query;
 
-use super::sql::{self, Backend};
+use super::sql;
 use super::{StoreError, WriteTx};
 
 /// Writes with more statements than this run one statement at a time:
@@ -174,18 +178,28 @@ impl Statements {
         });
     }
 
-    /// Runs the statements inside the operation's savepoint (entering it
-    /// first if the writer left that to this write), checks each, and
-    /// returns the values of the [`Expect::Returns`] statements in order.
-    pub(super) async fn run(self, tx: &mut WriteTx) -> Result<Vec<i64>, StoreError> {
-        if tx.backend == Backend::Sqlite && self.list.len() <= MAX_STATEMENTS_TOGETHER {
-            self.run_together(tx).await
-        } else {
-            self.run_one_by_one(tx).await
-        }
+    /// How many statements.
+    pub(super) fn len(&self) -> usize {
+        self.list.len()
     }
 
-    async fn run_one_by_one(self, tx: &mut WriteTx) -> Result<Vec<i64>, StoreError> {
+    /// Whether `other` has the same statement texts, so that a run of
+    /// such writes makes one text, prepared once and reused.
+    pub(super) fn same_shape(&self, other: &Statements) -> bool {
+        self.list.len() == other.list.len()
+            && self
+                .list
+                .iter()
+                .zip(&other.list)
+                .all(|(a, b)| a.sql == b.sql)
+    }
+
+    /// Runs the statements one at a time inside the operation's savepoint
+    /// (entering it first if the writer left that to this write), checks
+    /// each, and returns the values of the [`Expect::Returns`] statements
+    /// in order. Short writes on SQLite go together instead
+    /// ([`run_writes_together`]).
+    pub(super) async fn run(self, tx: &mut WriteTx) -> Result<Vec<i64>, StoreError> {
         if let Some(enter) = tx.enter.take()
             && let Err(e) = sqlx::raw_sql(enter).execute(&mut tx.conn).await
         {
@@ -207,90 +221,121 @@ impl Statements {
         }
         Ok(returned)
     }
+}
 
-    async fn run_together(self, tx: &mut WriteTx) -> Result<Vec<i64>, StoreError> {
-        // The savepoint's own statements lead, so the whole write is one
-        // round trip; they change nothing and return nothing.
-        let enter = tx.enter.take();
-        let leading = enter.map_or(0, |e| e.matches(';').count() + 1);
-        let mut text = String::with_capacity(512 * self.list.len());
-        if let Some(enter) = enter {
-            text.push_str(enter);
+/// What became of one write of a run sent together
+/// ([`run_writes_together`]).
+#[derive(Debug)]
+pub(super) enum Verdict {
+    /// Its savepoint was entered and its statements ran (or one failed):
+    /// the ids its [`Expect::Returns`] statements gave, or why it fails.
+    Done(Result<Vec<i64>, StoreError>),
+    /// Entering its savepoint failed: the transaction's savepoints are in
+    /// an unknown state.
+    EnterFailed(StoreError),
+    /// Execution stopped before it.
+    NotRun,
+}
+
+/// SQLite: runs several writes in one round trip, each led by the
+/// statements that enter its savepoint, and gives each write's verdict in
+/// order. Execution stops at the first statement that fails; the writes
+/// after it are [`Verdict::NotRun`]. A failed check does not stop
+/// execution (it is found afterwards): the caller rolls back to the
+/// savepoint of the first write that failed, which undoes the writes
+/// after it too, and runs those again.
+pub(super) async fn run_writes_together(
+    conn: &mut sqlx::AnyConnection,
+    writes: Vec<(&'static str, &Statements)>,
+) -> Vec<Verdict> {
+    let mut text = String::with_capacity(writes.iter().map(|(_, s)| 512 * s.list.len()).sum());
+    for (enter, statements) in &writes {
+        if !text.is_empty() {
             text.push_str(";\n");
         }
-        for (i, statement) in self.list.iter().enumerate() {
-            if i > 0 {
-                text.push_str(";\n");
-            }
+        text.push_str(enter);
+        for statement in &statements.list {
+            text.push_str(";\n");
             text.push_str(statement.sql);
         }
-        // Plain `?`s: sqlx binds SQLite's unnumbered parameters in order across
-        // the statements of a text, so no numbering pass is needed.
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(text));
-        let mut expects = Vec::with_capacity(self.list.len());
-        for statement in self.list {
-            for param in statement.params {
-                query = bind(query, param);
+    }
+    // Copies: a write rolled back with one before it runs again.
+    let mut query = sqlx::query(sqlx::AssertSqlSafe(text));
+    for (_, statements) in &writes {
+        for statement in &statements.list {
+            for param in &statement.params {
+                query = bind(query, param.clone());
             }
-            expects.push(statement.expect);
         }
-        let mut outcomes = Vec::with_capacity(expects.len());
+    }
+    // Per write: how many statements enter its savepoint, and its checks.
+    let shapes: Vec<(usize, &[Statement])> = writes
+        .iter()
+        .map(|(enter, statements)| (enter.matches(';').count() + 1, &statements.list[..]))
+        .collect();
+    // One outcome per statement that finished, savepoints' included.
+    let mut outcomes = Vec::new();
+    let mut failure: Option<StoreError> = None;
+    {
         let mut current = Outcome::default();
-        let mut done = 0usize;
-        let mut failure = None;
-        {
-            let mut results = sqlx::Executor::fetch_many(&mut tx.conn, query);
-            loop {
-                match results.try_next().await {
-                    Ok(Some(item)) => {
-                        let finished = matches!(item, Either::Left(_));
-                        record(&mut current, item)?;
-                        if finished {
-                            if done >= leading {
-                                outcomes.push(std::mem::take(&mut current));
-                            } else {
-                                current = Outcome::default();
-                            }
-                            done += 1;
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
+        let mut results = sqlx::Executor::fetch_many(conn, query);
+        loop {
+            match results.try_next().await {
+                Ok(Some(item)) => {
+                    let finished = matches!(item, Either::Left(_));
+                    if let Err(e) = record(&mut current, item) {
                         failure = Some(e);
                         break;
                     }
+                    if finished {
+                        outcomes.push(std::mem::take(&mut current));
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    failure = Some(e.into());
+                    break;
                 }
             }
         }
-        if let Some(e) = failure {
-            if done < leading {
-                // The savepoint was not entered (or the previous one not
-                // released): rolling back to "op" could undo an operation
-                // that already succeeded. Only the whole batch can be.
-                tx.savepoint_lost = true;
-                return Err(e.into());
-            }
-            // The statements before the failing one ran; their checks come
-            // first, as they would have one by one.
-            let mut returned = Vec::new();
-            for (expect, outcome) in expects.iter().zip(&outcomes) {
-                check(expect, *outcome, &mut returned)?;
-            }
-            return Err(e.into());
-        }
-        if outcomes.len() != expects.len() {
-            return Err(StoreError::Internal(format!(
-                "{} statements gave {} results",
-                expects.len(),
-                outcomes.len()
-            )));
-        }
-        let mut returned = Vec::new();
-        for (expect, outcome) in expects.iter().zip(outcomes) {
-            check(expect, outcome, &mut returned)?;
-        }
-        Ok(returned)
     }
+    let mut verdicts = Vec::with_capacity(shapes.len());
+    let mut finished = outcomes.into_iter();
+    let mut failure = failure.map(Some);
+    for (leading, list) in shapes {
+        // A failure has been given to the write it stopped in.
+        if failure.as_ref().is_some_and(Option::is_none) {
+            verdicts.push(Verdict::NotRun);
+            continue;
+        }
+        if finished.len() < leading {
+            verdicts.push(match failure.as_mut().and_then(Option::take) {
+                Some(e) => Verdict::EnterFailed(e),
+                None => Verdict::Done(Err(StoreError::Internal(
+                    "a write's savepoint gave no result".into(),
+                ))),
+            });
+            continue;
+        }
+        finished.nth(leading - 1);
+        let mut returned = Vec::new();
+        let mut result = Ok(());
+        for expect in list.iter().map(|s| &s.expect) {
+            let Some(outcome) = finished.next() else {
+                // Stopped inside this write: its checks so far come first,
+                // as they would one statement at a time.
+                result = result.and(Err(failure.as_mut().and_then(Option::take).unwrap_or_else(
+                    || StoreError::Internal("a statement gave no result".into()),
+                )));
+                break;
+            };
+            if result.is_ok() {
+                result = check(expect, outcome, &mut returned);
+            }
+        }
+        verdicts.push(Verdict::Done(result.map(|()| returned)));
+    }
+    verdicts
 }
 
 fn record(

@@ -12,6 +12,11 @@
 //! Each operation runs inside its own SAVEPOINT, so one failing operation
 //! (a constraint violation, say) is rolled back alone and the rest of the
 //! batch still commits. No caller hears "ok" before the COMMIT returns.
+//! On SQLite, writes that are short lists of statements of one shape
+//! (claims, most often) travel up to eight at a time in one round trip to
+//! SQLite's thread, each in a savepoint nested in the one before; when one
+//! fails, it and those after it are rolled back and the latter run again
+//! (`batch`, `transaction::run_together_in_savepoints`).
 //!
 //! Writes a caller waits on (an RPC's) go ahead of the server's own
 //! (refills, agents' results, housekeeping), and a batch carries at most
@@ -40,8 +45,11 @@ use super::connect::Connector;
 use super::sql::Backend;
 use super::{Fence, StoreError};
 
+mod batch;
 mod transaction;
-use transaction::{Savepoint, begin, check_fence, is_fatal, run_in_savepoint};
+use batch::{Outcome, Published, commit_batch, fail_all};
+
+use super::statements::Statements;
 
 /// What a write operation sees: the write connection, inside a transaction,
 /// and the events it recorded (published to watchers only after commit).
@@ -51,7 +59,6 @@ pub struct WriteTx {
     /// Who caused the operation running now: one transaction carries the
     /// operations of many callers, so each sets this before it runs.
     pub(super) caused_by: Option<boilerhouse_core::auth::Principal>,
-    pub(super) backend: Backend,
     /// The statements that enter the operation's savepoint, when the
     /// writer left them to the operation: its [`Statements`](super::statements::Statements) send them
     /// with its own, in one round trip.
@@ -79,13 +86,24 @@ type WriteOp = Box<dyn for<'c> FnOnce(&'c mut WriteTx) -> BoxFuture<'c, AnyResul
 /// Runs after its operation committed.
 type CommitHook = Box<dyn FnOnce() + Send>;
 
+/// What an operation does once its statements have run: the values of
+/// their [`Returns`](super::statements::Expect::Returns) in, its result out.
+type Finish = Box<dyn FnOnce(&mut WriteTx, Vec<i64>) -> AnyResult + Send>;
+
+/// What a write runs.
+enum Body {
+    /// Any work on the connection.
+    Op(WriteOp),
+    /// A list of statements, then a step that touches nothing. Writes of
+    /// one shape that follow each other in a batch travel to SQLite
+    /// together (see [`run_together_in_savepoints`]).
+    Statements(Statements, Finish),
+}
+
 struct WriteRequest {
-    op: WriteOp,
+    body: Body,
     on_commit: Option<CommitHook>,
     reply: oneshot::Sender<AnyResult>,
-    /// The operation's first database work is [`Statements::run`](super::statements::Statements::run), which
-    /// enters the savepoint itself.
-    defers_entry: bool,
     /// Set on the request [`Writer::close`] sends: once its batch is done
     /// the writer closes the connection, says so here, and stops.
     closing: Option<oneshot::Sender<()>>,
@@ -111,6 +129,9 @@ pub struct WriterStats {
     pub commits: u64,
     /// Operations committed.
     pub operations: u64,
+    /// Writes that travelled to SQLite in the same round trip as the
+    /// write before them (whether or not they committed).
+    pub shared_trips: u64,
 }
 
 impl Writer {
@@ -176,7 +197,7 @@ impl Writer {
         T: Send + 'static,
         F: for<'c> FnOnce(&'c mut WriteTx) -> BoxFuture<'c, Result<T, StoreError>> + Send + 'static,
     {
-        self.submit(op, None, false).await
+        self.submit(op, None).await
     }
 
     /// Like [`Writer::write`], and runs `on_commit` once `op` has committed,
@@ -189,54 +210,66 @@ impl Writer {
         F: for<'c> FnOnce(&'c mut WriteTx) -> BoxFuture<'c, Result<T, StoreError>> + Send + 'static,
         H: FnOnce() + Send + 'static,
     {
-        self.submit(op, Some(Box::new(on_commit)), false).await
+        self.submit(op, Some(Box::new(on_commit))).await
     }
 
-    /// Like [`Writer::write_then`], for an operation whose first database
-    /// work is one [`Statements::run`](super::statements::Statements::run): the savepoint is entered in the
-    /// same round trip as its statements.
+    /// Like [`Writer::write_then`], for a write that is a list of
+    /// statements: `finish` gets the values of their
+    /// [`Returns`](super::statements::Expect::Returns) and gives the
+    /// result. On SQLite its savepoint is entered in the same round trip as
+    /// its statements, and writes of the same shape queued together share
+    /// one.
     pub(super) async fn write_statements_then<T, F, H>(
         &self,
-        op: F,
+        statements: Statements,
+        finish: F,
         on_commit: H,
     ) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: for<'c> FnOnce(&'c mut WriteTx) -> BoxFuture<'c, Result<T, StoreError>> + Send + 'static,
+        F: FnOnce(&mut WriteTx, Vec<i64>) -> Result<T, StoreError> + Send + 'static,
         H: FnOnce() + Send + 'static,
     {
-        self.submit(op, Some(Box::new(on_commit)), true).await
+        let finish: Finish =
+            Box::new(move |tx, ids| finish(tx, ids).map(|v| Box::new(v) as Box<dyn Any + Send>));
+        self.send(
+            Body::Statements(statements, finish),
+            Some(Box::new(on_commit)),
+        )
+        .await
     }
 
-    async fn submit<T, F>(
-        &self,
-        op: F,
-        on_commit: Option<CommitHook>,
-        defers_entry: bool,
-    ) -> Result<T, StoreError>
+    async fn submit<T, F>(&self, op: F, on_commit: Option<CommitHook>) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: for<'c> FnOnce(&'c mut WriteTx) -> BoxFuture<'c, Result<T, StoreError>> + Send + 'static,
     {
-        let (reply, answer) = oneshot::channel();
         // Read here, on the caller's task: the writer task has no caller.
         let caused_by = crate::auth::current();
-        // An RPC has a caller; the server's own tasks have none.
-        let queue = if caused_by.is_some() {
-            &self.urgent
-        } else {
-            &self.routine
-        };
         let op: WriteOp = Box::new(move |tx| {
             tx.caused_by = caused_by;
             Box::pin(async move { op(tx).await.map(|v| Box::new(v) as Box<dyn Any + Send>) })
         });
+        self.send(Body::Op(op), on_commit).await
+    }
+
+    async fn send<T: Send + 'static>(
+        &self,
+        body: Body,
+        on_commit: Option<CommitHook>,
+    ) -> Result<T, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        // An RPC has a caller; the server's own tasks have none.
+        let queue = if crate::auth::current().is_some() {
+            &self.urgent
+        } else {
+            &self.routine
+        };
         queue
             .send(WriteRequest {
-                op,
+                body,
                 on_commit,
                 reply,
-                defers_entry,
                 closing: None,
             })
             .await
@@ -258,10 +291,11 @@ impl Writer {
         let (closing, closed) = oneshot::channel();
         let (reply, _) = oneshot::channel();
         let request = WriteRequest {
-            op: Box::new(|_tx| Box::pin(async { Ok(Box::new(()) as Box<dyn Any + Send>) })),
+            body: Body::Op(Box::new(|_tx| {
+                Box::pin(async { Ok(Box::new(()) as Box<dyn Any + Send>) })
+            })),
             on_commit: None,
             reply,
-            defers_entry: false,
             closing: Some(closing),
         };
         // Behind every routine write, and after the urgent ones.
@@ -343,7 +377,6 @@ async fn run(
         conn,
         new_events: Vec::new(),
         caused_by: None,
-        backend: connector.backend(),
         enter: None,
         savepoint_lost: false,
     };
@@ -417,180 +450,5 @@ async fn checkpoint_the_rest(conn: &mut AnyConnection) {
     }
 }
 
-/// Where a committed batch is announced before its callers hear of it.
-struct Published<'a> {
-    events: &'a broadcast::Sender<Event>,
-    stats: &'a std::sync::Mutex<WriterStats>,
-}
-
-/// How a batch ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Outcome {
-    /// Committed: every operation that succeeded is durable.
-    Committed,
-    /// Rolled back; the connection is fine.
-    RolledBack,
-    /// Rolled back, or never begun, and the connection cannot be trusted
-    /// (I/O error, the database server went away): open a new one.
-    Broken,
-}
-
-/// Runs one batch as one transaction and answers every request in it.
-async fn commit_batch(
-    tx: &mut WriteTx,
-    backend: Backend,
-    fence: Option<&Fence>,
-    published: &Published<'_>,
-    batch: &mut Vec<WriteRequest>,
-) -> Outcome {
-    if let Some(fence) = fence
-        && fence.lost.is_cancelled()
-    {
-        // Stepping down: memory may differ from the database, so nothing
-        // decided from it may be written.
-        fail_all(
-            batch,
-            &StoreError::NotLeader("this server is stepping down".into()),
-        );
-        return Outcome::RolledBack;
-    }
-    // On SQLite without a fence, the first operation that touches the
-    // database begins the transaction in its own round trip; BEGIN
-    // IMMEDIATE waits out another process's write lock for the
-    // connection's busy timeout (5 s), where begin() would retry for
-    // 0.3 s more.
-    let begun_by_first = backend == Backend::Sqlite && fence.is_none();
-    if !begun_by_first && let Err((e, broken)) = begin(&mut tx.conn, backend).await {
-        tracing::error!(error = %e, "store: could not begin a write transaction");
-        fail_all(batch, &e);
-        return if broken {
-            Outcome::Broken
-        } else {
-            Outcome::RolledBack
-        };
-    }
-    if let Some(fence) = fence
-        && let Err((e, broken)) = check_fence(&mut tx.conn, fence).await
-    {
-        let _ = sqlx::query("ROLLBACK").execute(&mut tx.conn).await;
-        fail_all(batch, &e);
-        return if broken {
-            Outcome::Broken
-        } else {
-            Outcome::RolledBack
-        };
-    }
-    type Answer = (oneshot::Sender<AnyResult>, AnyResult, Option<CommitHook>);
-    let mut results: Vec<Answer> = Vec::with_capacity(batch.len());
-    let mut pending = std::mem::take(batch).into_iter();
-    let mut savepoint = if begun_by_first {
-        Savepoint::Unbegun
-    } else {
-        Savepoint::None
-    };
-    while let Some(request) = pending.next() {
-        let events_before = tx.new_events.len();
-        let result = run_in_savepoint(tx, &mut savepoint, request.op, request.defers_entry).await;
-        if result.is_err() {
-            tx.new_events.truncate(events_before);
-        }
-        let result = match result {
-            Err(e) if std::mem::take(&mut tx.savepoint_lost) => {
-                // Not a statement of this operation failed but the
-                // transaction's bookkeeping: the whole batch is rolled
-                // back, as after any fatal error (a protocol error is one).
-                Err(StoreError::Database(std::sync::Arc::new(
-                    sqlx::Error::Protocol(format!("entering a savepoint failed: {e}")),
-                )))
-            }
-            other => other,
-        };
-        match result {
-            Err(StoreError::Database(e)) if is_fatal(&e, backend) => {
-                // The transaction itself is broken (I/O error, disk full):
-                // nothing in it can commit.
-                let message = e.to_string();
-                let _ = sqlx::query("ROLLBACK").execute(&mut tx.conn).await;
-                let err = StoreError::Unavailable(message);
-                let _ = request.reply.send(Err(err.clone()));
-                for (reply, _, _) in results {
-                    let _ = reply.send(Err(err.clone()));
-                }
-                for rest in pending {
-                    let _ = rest.reply.send(Err(err.clone()));
-                }
-                return Outcome::Broken;
-            }
-            other => {
-                let hook = request.on_commit.filter(|_| other.is_ok());
-                results.push((request.reply, other, hook));
-            }
-        }
-    }
-    let committed = if savepoint == Savepoint::Unbegun {
-        // No operation touched the database: nothing to commit.
-        Ok(Default::default())
-    } else {
-        sqlx::query("COMMIT").execute(&mut tx.conn).await
-    };
-    match committed {
-        Ok(_) => {
-            // Every hook first, in commit order: a caller that hears "ok"
-            // finds every mirror already up to date.
-            let mut replies = Vec::with_capacity(results.len());
-            for (reply, result, hook) in results {
-                if let Some(hook) = hook
-                    && std::panic::catch_unwind(std::panic::AssertUnwindSafe(hook)).is_err()
-                {
-                    // A bug in a mirror must not take the database with it.
-                    tracing::error!("store: a commit hook panicked");
-                }
-                replies.push((reply, result));
-            }
-            // Then the figures and the events: a caller that hears "ok"
-            // finds its write counted, and if it then starts watching it
-            // sees only what comes after its write.
-            if let Ok(mut stats) = published.stats.lock() {
-                stats.commits += 1;
-                stats.operations += replies.len() as u64;
-            }
-            for event in tx.new_events.drain(..) {
-                // No receivers is normal: nobody is watching.
-                let _ = published.events.send(event);
-            }
-            for (reply, result) in replies {
-                let _ = reply.send(result);
-            }
-            Outcome::Committed
-        }
-        Err(e) => {
-            let broken = is_fatal(&e, backend);
-            if broken && let Some(fence) = fence {
-                // The connection broke while committing: the database may
-                // or may not have the batch, and the mirrors (which follow
-                // commits) cannot know which. The server must restore
-                // from the database before it decides anything again.
-                tracing::error!(error = %e, "store: the outcome of a commit is unknown; this server must restore from the database");
-                fence.lost.cancel();
-            } else {
-                tracing::error!(error = %e, "store: commit failed; the batch is rolled back");
-            }
-            let _ = sqlx::query("ROLLBACK").execute(&mut tx.conn).await;
-            let err = StoreError::Unavailable(e.to_string());
-            for (reply, _, _) in results {
-                let _ = reply.send(Err(err.clone()));
-            }
-            if broken {
-                Outcome::Broken
-            } else {
-                Outcome::RolledBack
-            }
-        }
-    }
-}
-
-fn fail_all(batch: &mut Vec<WriteRequest>, err: &StoreError) {
-    for request in batch.drain(..) {
-        let _ = request.reply.send(Err(err.clone()));
-    }
-}
+#[cfg(test)]
+mod tests;

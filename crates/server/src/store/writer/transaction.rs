@@ -6,6 +6,7 @@ use std::time::Duration;
 use sqlx::AnyConnection;
 
 use super::super::sql::Backend;
+use super::super::statements::{Statements, Verdict, run_writes_together};
 use super::super::{Fence, StoreError};
 use super::{AnyResult, WriteOp, WriteTx};
 
@@ -27,17 +28,94 @@ pub(super) enum Savepoint {
     Open,
 }
 
+/// The statements that enter the next operation's savepoint, "op".
+fn entry(open: Savepoint) -> &'static str {
+    match open {
+        Savepoint::Unbegun => "BEGIN IMMEDIATE; SAVEPOINT op",
+        Savepoint::None => "SAVEPOINT op",
+        Savepoint::Open => "RELEASE op; SAVEPOINT op",
+    }
+}
+
+/// The savepoints of the writes after the first in a run sent together,
+/// each nested in the one before, so that rolling back to one undoes its
+/// write and every write after it. As many as a run may hold.
+const NESTED: [(&str, &str); MAX_WRITES_TOGETHER - 1] = [
+    ("SAVEPOINT w1", "ROLLBACK TO w1; RELEASE w1"),
+    ("SAVEPOINT w2", "ROLLBACK TO w2; RELEASE w2"),
+    ("SAVEPOINT w3", "ROLLBACK TO w3; RELEASE w3"),
+    ("SAVEPOINT w4", "ROLLBACK TO w4; RELEASE w4"),
+    ("SAVEPOINT w5", "ROLLBACK TO w5; RELEASE w5"),
+    ("SAVEPOINT w6", "ROLLBACK TO w6; RELEASE w6"),
+    ("SAVEPOINT w7", "ROLLBACK TO w7; RELEASE w7"),
+];
+
+/// At most this many writes travel in one round trip.
+pub(super) const MAX_WRITES_TOGETHER: usize = 8;
+
+/// SQLite: runs a run of writes of one shape in one round trip, each in a
+/// savepoint of its own, and returns the results of the writes it
+/// settled, in order: every one, or those up to and including the first
+/// that failed. That one is rolled back to its savepoint, which undoes
+/// the writes after it too; they are the caller's to run again. At
+/// thousands of claims a second, the round trip to SQLite's thread per
+/// write, not the statements, was most of the writer's time per claim.
+pub(super) async fn run_together_in_savepoints(
+    tx: &mut WriteTx,
+    open: &mut Savepoint,
+    writes: &[&Statements],
+) -> Vec<Result<Vec<i64>, StoreError>> {
+    debug_assert!((1..=MAX_WRITES_TOGETHER).contains(&writes.len()));
+    let entries = std::iter::once(entry(*open)).chain(NESTED.iter().map(|(enter, _)| *enter));
+    let verdicts =
+        run_writes_together(&mut tx.conn, entries.zip(writes.iter().copied()).collect()).await;
+    // Whatever happens below, "op" is open only if the first write stood.
+    *open = Savepoint::None;
+    let mut settled = Vec::with_capacity(verdicts.len());
+    for (i, verdict) in verdicts.into_iter().enumerate() {
+        match verdict {
+            Verdict::Done(Ok(ids)) => {
+                if i == 0 {
+                    *open = Savepoint::Open;
+                }
+                settled.push(Ok(ids));
+            }
+            Verdict::Done(Err(e)) => {
+                let undo = if i == 0 {
+                    "ROLLBACK TO op; RELEASE op"
+                } else {
+                    NESTED[i - 1].1
+                };
+                if let Err(undo_failed) = sqlx::raw_sql(undo).execute(&mut tx.conn).await {
+                    // What this write left, and the writes after it, may
+                    // still be in the transaction: only all of it can go.
+                    tx.savepoint_lost = true;
+                    settled.push(Err(undo_failed.into()));
+                } else {
+                    settled.push(Err(e));
+                }
+                break;
+            }
+            Verdict::EnterFailed(e) => {
+                // Which of its statements failed is unknown: only the
+                // whole transaction can be rolled back.
+                tx.savepoint_lost = true;
+                settled.push(Err(e));
+                break;
+            }
+            Verdict::NotRun => break,
+        }
+    }
+    settled
+}
+
 pub(super) async fn run_in_savepoint(
     tx: &mut WriteTx,
     open: &mut Savepoint,
     op: WriteOp,
     defers_entry: bool,
 ) -> AnyResult {
-    let enter = match open {
-        Savepoint::Unbegun => "BEGIN IMMEDIATE; SAVEPOINT op",
-        Savepoint::None => "SAVEPOINT op",
-        Savepoint::Open => "RELEASE op; SAVEPOINT op",
-    };
+    let enter = entry(*open);
     if defers_entry {
         tx.enter = Some(enter);
     } else {
