@@ -30,6 +30,7 @@ pub struct Metrics {
     workload_load_errors: Gauge,
     store_commits: Counter,
     store_writes: Counter,
+    store_shared_trips: Counter,
     store: Store,
     workload_dir: WorkloadDir,
     agents: crate::agents::Registry,
@@ -80,6 +81,12 @@ impl Metrics {
             "store_writes",
             "Database write operations committed (group commit batches several per transaction)",
             store_writes.clone(),
+        );
+        let store_shared_trips = Counter::default();
+        registry.register(
+            "store_shared_trips",
+            "SQLite: writes that went to the database in the same round trip as the write before them",
+            store_shared_trips.clone(),
         );
         let claim_latency =
             Family::<Vec<(String, String)>, Histogram>::new_with_constructor(|| {
@@ -149,6 +156,7 @@ impl Metrics {
             workload_load_errors,
             store_commits,
             store_writes,
+            store_shared_trips,
             store,
             workload_dir,
             agents,
@@ -176,6 +184,11 @@ impl Metrics {
             .inc_by(stats.commits.saturating_sub(self.store_commits.get()));
         self.store_writes
             .inc_by(stats.operations.saturating_sub(self.store_writes.get()));
+        self.store_shared_trips.inc_by(
+            stats
+                .shared_trips
+                .saturating_sub(self.store_shared_trips.get()),
+        );
         if let Ok(workloads) = self.store.list_workloads().await {
             self.workloads.set(workloads.len() as i64);
         }

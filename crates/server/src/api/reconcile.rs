@@ -1,7 +1,11 @@
 //! ReconcileService: the plan (a dry run) and applying it.
 
+use std::collections::{HashMap, HashSet};
+
 use tonic::{Request, Response, Status};
 
+use boilerhouse_core::ContainerId;
+use boilerhouse_core::pool::ContainerRecord;
 use boilerhouse_core::reconcile::{Action, ActionKind, Desired};
 use boilerhouse_proto::convert::{self, timestamp_to_pb};
 use boilerhouse_proto::pb;
@@ -13,7 +17,26 @@ use crate::reconcile::Outcome;
 /// ReconcileService.
 pub struct Reconcile(pub AppState);
 
-fn action_to_pb(a: &Action, desired: &Desired) -> pb::ReconcileAction {
+/// The rows the actions name, by id: one pass over the rows for all of
+/// them. Looking each up in the rows was a scan per action, and a fresh
+/// database under a big fleet plans an adoption per container: 100,000
+/// scans of 100,000 rows.
+type Rows<'a> = HashMap<ContainerId, &'a ContainerRecord>;
+
+fn rows_named<'a>(actions: impl Iterator<Item = &'a Action>, desired: &'a Desired) -> Rows<'a> {
+    let named: HashSet<ContainerId> = actions.filter_map(Action::container_id).collect();
+    if named.is_empty() {
+        return Rows::new();
+    }
+    desired
+        .containers
+        .iter()
+        .filter(|c| named.contains(&c.id))
+        .map(|c| (c.id, &**c))
+        .collect()
+}
+
+fn action_to_pb(a: &Action, rows: &Rows<'_>) -> pb::ReconcileAction {
     let (kind, docker_id, workload) = match &a.kind {
         ActionKind::MarkLost { .. } => ("mark_lost", String::new(), String::new()),
         ActionKind::Drain { .. } => ("drain", String::new(), String::new()),
@@ -30,7 +53,7 @@ fn action_to_pb(a: &Action, desired: &Desired) -> pb::ReconcileAction {
         ActionKind::Destroy { docker_id, .. } => ("destroy", docker_id.clone(), String::new()),
     };
     let container = a.container_id();
-    let row = container.and_then(|id| desired.containers.iter().find(|c| c.id == id));
+    let row = container.and_then(|id| rows.get(&id).copied());
     let tenant = match &a.kind {
         ActionKind::Adopt { observed } => observed
             .state_file
@@ -85,8 +108,9 @@ impl pb::reconcile_service_server::ReconcileService for Reconcile {
             .plan(only.as_ref(), now)
             .await
             .map_err(ApiError::from)?;
+        let rows = rows_named(actions.iter(), &desired);
         Ok(Response::new(pb::PlanReconcileResponse {
-            actions: actions.iter().map(|a| action_to_pb(a, &desired)).collect(),
+            actions: actions.iter().map(|a| action_to_pb(a, &rows)).collect(),
             planned_at: Some(timestamp_to_pb(now)),
         }))
     }
@@ -118,11 +142,12 @@ impl pb::reconcile_service_server::ReconcileService for Reconcile {
                     ..Default::default()
                 };
                 let applied = state.reconciler.apply(only.as_ref()).await?;
+                let rows = rows_named(applied.iter().map(|a| &a.action), &desired);
                 Ok(pb::ApplyReconcileResponse {
                     results: applied
                         .iter()
                         .map(|a| pb::ReconcileActionResult {
-                            action: Some(action_to_pb(&a.action, &desired)),
+                            action: Some(action_to_pb(&a.action, &rows)),
                             ok: a.result.is_ok(),
                             moot: a.result == Ok(Outcome::Moot),
                             error: a.result.clone().err().unwrap_or_default(),
@@ -133,5 +158,85 @@ impl pb::reconcile_service_server::ReconcileService for Reconcile {
         )
         .await?;
         Ok(Response::new(response))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use boilerhouse_core::pool::ContainerState;
+    use boilerhouse_core::workload::Limits;
+    use boilerhouse_core::{NodeId, TenantId, Timestamp, WorkloadId};
+
+    use super::*;
+
+    fn row(n: u128, tenant: Option<&str>) -> Arc<ContainerRecord> {
+        Arc::new(ContainerRecord {
+            id: ContainerId::from_uuid(uuid::Uuid::from_u128(n)),
+            workload_id: WorkloadId::new(format!("w{n}")).unwrap(),
+            node_id: NodeId::new("n1").unwrap(),
+            docker_id: Some(format!("docker-{n}")),
+            state: ContainerState::Claimed,
+            spec_hash: "h".into(),
+            tenant_id: tenant.map(|t| TenantId::new(t).unwrap()),
+            last_tenant_id: None,
+            claim_generation: 1,
+            revision: 1,
+            limits: Limits::default(),
+            state_path: String::new(),
+            comm_path: String::new(),
+            created_at: Timestamp::from_millis(1),
+            updated_at: Timestamp::from_millis(1),
+        })
+    }
+
+    #[test]
+    fn each_action_shows_its_own_rows_docker_id_workload_and_tenant() {
+        let desired = Desired {
+            containers: (0..50)
+                .map(|n| row(n, (n % 2 == 0).then_some("t-even")))
+                .collect(),
+            ..Default::default()
+        };
+        let actions: Vec<Action> = [7u128, 12, 999]
+            .iter()
+            .map(|n| Action {
+                kind: ActionKind::MarkLost {
+                    container_id: ContainerId::from_uuid(uuid::Uuid::from_u128(*n)),
+                },
+                node_id: NodeId::new("n1").unwrap(),
+                reason: "gone".into(),
+                not_before: None,
+            })
+            .collect();
+        let rows = rows_named(actions.iter(), &desired);
+        assert_eq!(rows.len(), 2, "only the rows the actions name");
+        let shown: Vec<_> = actions.iter().map(|a| action_to_pb(a, &rows)).collect();
+        assert_eq!(
+            (
+                shown[0].docker_id.as_str(),
+                shown[0].workload_id.as_str(),
+                shown[0].tenant_id.as_str()
+            ),
+            ("docker-7", "w7", "")
+        );
+        assert_eq!(
+            (
+                shown[1].docker_id.as_str(),
+                shown[1].workload_id.as_str(),
+                shown[1].tenant_id.as_str()
+            ),
+            ("docker-12", "w12", "t-even")
+        );
+        // A container with no row says so by its empty fields.
+        assert_eq!(
+            shown[2].container_id,
+            actions[2].container_id().unwrap().to_string()
+        );
+        assert_eq!(
+            (shown[2].docker_id.as_str(), shown[2].workload_id.as_str()),
+            ("", "")
+        );
     }
 }
