@@ -31,6 +31,7 @@ pub struct Metrics {
     store_commits: Counter,
     store_writes: Counter,
     store_shared_trips: Counter,
+    store_undone_runs: Counter,
     store: Store,
     workload_dir: WorkloadDir,
     agents: crate::agents::Registry,
@@ -87,6 +88,12 @@ impl Metrics {
             "store_shared_trips",
             "SQLite: writes that went to the database in the same round trip as the write before them",
             store_shared_trips.clone(),
+        );
+        let store_undone_runs = Counter::default();
+        registry.register(
+            "store_undone_runs",
+            "SQLite: runs of writes sent together that were rolled back whole because a write after the first failed",
+            store_undone_runs.clone(),
         );
         let claim_latency =
             Family::<Vec<(String, String)>, Histogram>::new_with_constructor(|| {
@@ -157,6 +164,7 @@ impl Metrics {
             store_commits,
             store_writes,
             store_shared_trips,
+            store_undone_runs,
             store,
             workload_dir,
             agents,
@@ -188,6 +196,11 @@ impl Metrics {
             stats
                 .shared_trips
                 .saturating_sub(self.store_shared_trips.get()),
+        );
+        self.store_undone_runs.inc_by(
+            stats
+                .undone_runs
+                .saturating_sub(self.store_undone_runs.get()),
         );
         if let Ok(workloads) = self.store.list_workloads().await {
             self.workloads.set(workloads.len() as i64);

@@ -9,8 +9,8 @@
 //! reports each one's changed rows and returned rows, so a short write
 //! travels once, savepoint included, and its checks are made on what
 //! comes back. Writes of the same shape queued one behind another travel
-//! together, up to eight in a text, each in a savepoint of its own
-//! (`writer::transaction::run_together_in_savepoints`). PostgreSQL takes
+//! together, up to eight in a text, in one savepoint
+//! (`writer::transaction::run_together`). PostgreSQL takes
 //! no parameters in a multi-statement text:
 //! there, and for long writes (whose text would be prepared once and
 //! never reused), the statements run one by one with the same checks.
@@ -22,9 +22,9 @@
 //!
 //! Sequential meaning is kept: when statements run together, a failed
 //! check or error reports the first statement that failed, as running
-//! them one by one would have; the writer rolls back that write's
-//! savepoint, which undoes what ran after it (the writes behind it in the
-//! same text too, which it runs again).
+//! them one by one would have; the writer rolls back the savepoint that
+//! holds it, which undoes what ran after it (and the other writes of its
+//! text, which it runs again).
 
 use futures::TryStreamExt as _;
 use sqlx::Either;
@@ -238,25 +238,29 @@ pub(super) enum Verdict {
 }
 
 /// SQLite: runs several writes in one round trip, each led by the
-/// statements that enter its savepoint, and gives each write's verdict in
-/// order. Execution stops at the first statement that fails; the writes
-/// after it are [`Verdict::NotRun`]. A failed check does not stop
-/// execution (it is found afterwards): the caller rolls back to the
-/// savepoint of the first write that failed, which undoes the writes
-/// after it too, and runs those again.
+/// statements that enter its savepoint (none: it shares the one before),
+/// and gives each write's verdict in order. Execution stops at the first
+/// statement that fails; the writes after it are [`Verdict::NotRun`]. A
+/// failed check does not stop execution (it is found afterwards): the
+/// caller rolls back the savepoint that holds the first write that
+/// failed, which undoes the writes after it too, and runs those again.
 pub(super) async fn run_writes_together(
     conn: &mut sqlx::AnyConnection,
     writes: Vec<(&'static str, &Statements)>,
 ) -> Vec<Verdict> {
     let mut text = String::with_capacity(writes.iter().map(|(_, s)| 512 * s.list.len()).sum());
-    for (enter, statements) in &writes {
+    let mut join = |part: &str| {
         if !text.is_empty() {
             text.push_str(";\n");
         }
-        text.push_str(enter);
+        text.push_str(part);
+    };
+    for (enter, statements) in &writes {
+        if !enter.is_empty() {
+            join(enter);
+        }
         for statement in &statements.list {
-            text.push_str(";\n");
-            text.push_str(statement.sql);
+            join(statement.sql);
         }
     }
     // Copies: a write rolled back with one before it runs again.
@@ -271,7 +275,14 @@ pub(super) async fn run_writes_together(
     // Per write: how many statements enter its savepoint, and its checks.
     let shapes: Vec<(usize, &[Statement])> = writes
         .iter()
-        .map(|(enter, statements)| (enter.matches(';').count() + 1, &statements.list[..]))
+        .map(|(enter, statements)| {
+            let leading = if enter.is_empty() {
+                0
+            } else {
+                enter.matches(';').count() + 1
+            };
+            (leading, &statements.list[..])
+        })
         .collect();
     // One outcome per statement that finished, savepoints' included.
     let mut outcomes = Vec::new();
@@ -317,7 +328,9 @@ pub(super) async fn run_writes_together(
             });
             continue;
         }
-        finished.nth(leading - 1);
+        if leading > 0 {
+            finished.nth(leading - 1);
+        }
         let mut returned = Vec::new();
         let mut result = Ok(());
         for expect in list.iter().map(|s| &s.expect) {

@@ -14,9 +14,9 @@
 //! batch still commits. No caller hears "ok" before the COMMIT returns.
 //! On SQLite, writes that are short lists of statements of one shape
 //! (claims, most often) travel up to eight at a time in one round trip to
-//! SQLite's thread, each in a savepoint nested in the one before; when one
-//! fails, it and those after it are rolled back and the latter run again
-//! (`batch`, `transaction::run_together_in_savepoints`).
+//! SQLite's thread, in one savepoint; when one fails, the run is rolled
+//! back, the writes before it run again without it, and it alone
+//! (`batch`, `transaction::run_together`).
 //!
 //! Writes a caller waits on (an RPC's) go ahead of the server's own
 //! (refills, agents' results, housekeeping), and a batch carries at most
@@ -96,7 +96,7 @@ enum Body {
     Op(WriteOp),
     /// A list of statements, then a step that touches nothing. Writes of
     /// one shape that follow each other in a batch travel to SQLite
-    /// together (see [`run_together_in_savepoints`]).
+    /// together (see [`transaction::run_together`]).
     Statements(Statements, Finish),
 }
 
@@ -132,6 +132,9 @@ pub struct WriterStats {
     /// Writes that travelled to SQLite in the same round trip as the
     /// write before them (whether or not they committed).
     pub shared_trips: u64,
+    /// Runs of writes sent together that were rolled back whole because
+    /// a write after the first failed (its predecessors went again).
+    pub undone_runs: u64,
 }
 
 impl Writer {

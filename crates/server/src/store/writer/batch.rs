@@ -11,8 +11,8 @@ use super::super::sql::Backend;
 use super::super::statements::{MAX_STATEMENTS_TOGETHER, Statements};
 use super::super::{Fence, StoreError};
 use super::transaction::{
-    MAX_WRITES_TOGETHER, Savepoint, begin, check_fence, is_fatal, run_in_savepoint,
-    run_together_in_savepoints,
+    MAX_WRITES_TOGETHER, Savepoint, Together, begin, check_fence, is_fatal, run_in_savepoint,
+    run_together,
 };
 use super::{AnyResult, Body, CommitHook, WriteOp, WriteRequest, WriteTx, WriterStats};
 
@@ -88,8 +88,17 @@ pub(super) async fn commit_batch(
     } else {
         Savepoint::None
     };
+    // After a run was undone: how many writes at the front of `pending`
+    // ran before the one that failed, and go again without it.
+    let mut before_failed: Option<usize> = None;
     while let Some(request) = pending.pop_front() {
-        let run = take_run(request, &mut pending, backend);
+        let most = match before_failed {
+            Some(0) => 1,
+            Some(n) => n,
+            None => MAX_WRITES_TOGETHER,
+        };
+        let run = take_run(request, &mut pending, backend, most);
+        before_failed = before_failed.and_then(|n| n.checked_sub(run.len()).filter(|_| n > 0));
         let settled: Vec<Settled> = if run.len() == 1 && !together(&run[0], backend) {
             let mut run = run;
             let WriteRequest {
@@ -123,12 +132,25 @@ pub(super) async fn commit_batch(
                     Body::Op(_) => unreachable!("a run holds statement writes only"),
                 })
                 .collect();
-            let outcomes = run_together_in_savepoints(tx, &mut savepoint, &lists).await;
+            let together = run_together(tx, &mut savepoint, &lists).await;
             drop(lists);
             if let Ok(mut stats) = published.stats.lock() {
                 stats.shared_trips += run.len() as u64 - 1;
             }
             let mut run = run;
+            let outcomes = match together {
+                Together::Settled(outcomes) => outcomes,
+                Together::Undone { failed } => {
+                    if let Ok(mut stats) = published.stats.lock() {
+                        stats.undone_runs += 1;
+                    }
+                    for again in run.into_iter().rev() {
+                        pending.push_front(again);
+                    }
+                    before_failed = Some(failed);
+                    continue;
+                }
+            };
             // The writes after the one that failed ran, and were rolled
             // back with it: they go again, first.
             for again in run.drain(outcomes.len()..).rev() {
@@ -267,20 +289,21 @@ fn together(request: &WriteRequest, backend: Backend) -> bool {
         && matches!(&request.body, Body::Statements(s, _) if s.len() <= MAX_STATEMENTS_TOGETHER)
 }
 
-/// `first` and the writes of its shape right behind it in `pending`, as
-/// many as a round trip takes and a power of two of them: each count makes
-/// a text of its own, prepared once and kept in the connection's cache, so
-/// few counts keep few texts.
+/// `first` and the writes of its shape right behind it in `pending`, at
+/// most `most` and a power of two of them: each count makes a text of its
+/// own, prepared once and kept in the connection's cache, so few counts
+/// keep few texts.
 fn take_run(
     first: WriteRequest,
     pending: &mut VecDeque<WriteRequest>,
     backend: Backend,
+    most: usize,
 ) -> Vec<WriteRequest> {
     let mut run = vec![first];
     if !together(&run[0], backend) {
         return run;
     }
-    while run.len() < MAX_WRITES_TOGETHER {
+    while run.len() < most.min(MAX_WRITES_TOGETHER) {
         let same = match (shape_of(&run[0]), pending.front().and_then(shape_of)) {
             (Some(a), Some(b)) => a.same_shape(b),
             _ => false,

@@ -207,6 +207,7 @@ async fn state(store: &Store) -> Model {
 async fn writes_sent_together_each_stand_or_fall_as_if_run_one_by_one() {
     let dir = tempfile::tempdir().unwrap();
     let mut shared = 0;
+    let mut undone = 0;
     for seed in 0..24u64 {
         let path = dir.path().join(format!("{seed}.db"));
         let store = Store::open(&path, StoreOptions::default()).await.unwrap();
@@ -226,7 +227,7 @@ async fn writes_sent_together_each_stand_or_fall_as_if_run_one_by_one() {
             })
             .await
             .unwrap();
-        let before = store.writer_stats().shared_trips;
+        let before = store.writer_stats();
 
         let mut rng = StdRng::seed_from_u64(seed);
         let writes = generate(&mut rng, 300);
@@ -264,8 +265,14 @@ async fn writes_sent_together_each_stand_or_fall_as_if_run_one_by_one() {
             );
         }
         assert_eq!(state(&store).await, model, "seed {seed}: the database");
-        shared += store.writer_stats().shared_trips - before;
+        let after = store.writer_stats();
+        shared += after.shared_trips - before.shared_trips;
+        undone += after.undone_runs - before.undone_runs;
         store.close().await;
     }
     assert!(shared > 0, "no write travelled with another");
+    assert!(
+        undone > 0,
+        "no write failed after another in its run: the undoing went untested"
+    );
 }

@@ -37,76 +37,91 @@ fn entry(open: Savepoint) -> &'static str {
     }
 }
 
-/// The savepoints of the writes after the first in a run sent together,
-/// each nested in the one before, so that rolling back to one undoes its
-/// write and every write after it. As many as a run may hold.
-const NESTED: [(&str, &str); MAX_WRITES_TOGETHER - 1] = [
-    ("SAVEPOINT w1", "ROLLBACK TO w1; RELEASE w1"),
-    ("SAVEPOINT w2", "ROLLBACK TO w2; RELEASE w2"),
-    ("SAVEPOINT w3", "ROLLBACK TO w3; RELEASE w3"),
-    ("SAVEPOINT w4", "ROLLBACK TO w4; RELEASE w4"),
-    ("SAVEPOINT w5", "ROLLBACK TO w5; RELEASE w5"),
-    ("SAVEPOINT w6", "ROLLBACK TO w6; RELEASE w6"),
-    ("SAVEPOINT w7", "ROLLBACK TO w7; RELEASE w7"),
-];
-
 /// At most this many writes travel in one round trip.
 pub(super) const MAX_WRITES_TOGETHER: usize = 8;
 
-/// SQLite: runs a run of writes of one shape in one round trip, each in a
-/// savepoint of its own, and returns the results of the writes it
-/// settled, in order: every one, or those up to and including the first
-/// that failed. That one is rolled back to its savepoint, which undoes
-/// the writes after it too; they are the caller's to run again. At
-/// thousands of claims a second, the round trip to SQLite's thread per
-/// write, not the statements, was most of the writer's time per claim.
-pub(super) async fn run_together_in_savepoints(
+/// How a run of writes sent together ended.
+#[derive(Debug)]
+pub(super) enum Together {
+    /// The results of the writes it settled, from the run's first: every
+    /// one, or the first alone if it failed (rolled back to its
+    /// savepoint, with the writes after it, which go again).
+    Settled(Vec<Result<Vec<i64>, StoreError>>),
+    /// The write at this position failed after the ones before it ran,
+    /// and the run was rolled back whole: one savepoint covers it. The
+    /// writes before it go again without it, then it alone.
+    Undone { failed: usize },
+}
+
+/// SQLite: runs a run of writes of one shape in one round trip, inside
+/// one savepoint (or, first in the batch, the transaction itself). At
+/// thousands of claims a second the round trip to SQLite's thread per
+/// write was most of the writer's time per claim; and a savepoint per
+/// write made SQLite copy every page each write touched into the
+/// savepoint's journal again (7 % of the server's time at P2). A write
+/// that fails after others in the run is rare (its decision was made on
+/// a stale view): the run is undone and the writes before it sent again,
+/// one round trip more, so each write still stands or falls as it would
+/// one by one.
+pub(super) async fn run_together(
     tx: &mut WriteTx,
     open: &mut Savepoint,
     writes: &[&Statements],
-) -> Vec<Result<Vec<i64>, StoreError>> {
+) -> Together {
     debug_assert!((1..=MAX_WRITES_TOGETHER).contains(&writes.len()));
-    let entries = std::iter::once(entry(*open)).chain(NESTED.iter().map(|(enter, _)| *enter));
+    let before = *open;
+    let (enter, undo) = match before {
+        // Nothing else in the transaction: rolling it back undoes the run.
+        Savepoint::Unbegun => ("BEGIN IMMEDIATE", "ROLLBACK"),
+        Savepoint::None => ("SAVEPOINT op", "ROLLBACK TO op; RELEASE op"),
+        Savepoint::Open => ("RELEASE op; SAVEPOINT op", "ROLLBACK TO op; RELEASE op"),
+    };
+    let entries = std::iter::once(enter).chain(std::iter::repeat(""));
     let verdicts =
         run_writes_together(&mut tx.conn, entries.zip(writes.iter().copied()).collect()).await;
-    // Whatever happens below, "op" is open only if the first write stood.
+    // Whatever happens below, "op" is open only if every write stood.
     *open = Savepoint::None;
     let mut settled = Vec::with_capacity(verdicts.len());
     for (i, verdict) in verdicts.into_iter().enumerate() {
         match verdict {
-            Verdict::Done(Ok(ids)) => {
-                if i == 0 {
-                    *open = Savepoint::Open;
-                }
-                settled.push(Ok(ids));
-            }
+            Verdict::Done(Ok(ids)) => settled.push(Ok(ids)),
             Verdict::Done(Err(e)) => {
-                let undo = if i == 0 {
-                    "ROLLBACK TO op; RELEASE op"
-                } else {
-                    NESTED[i - 1].1
-                };
                 if let Err(undo_failed) = sqlx::raw_sql(undo).execute(&mut tx.conn).await {
-                    // What this write left, and the writes after it, may
-                    // still be in the transaction: only all of it can go.
+                    // What the run left may still be in the transaction:
+                    // only all of it can go.
                     tx.savepoint_lost = true;
-                    settled.push(Err(undo_failed.into()));
-                } else {
-                    settled.push(Err(e));
+                    return Together::Settled(vec![Err(undo_failed.into())]);
                 }
-                break;
+                if before == Savepoint::Unbegun {
+                    *open = Savepoint::Unbegun;
+                }
+                return if i == 0 {
+                    Together::Settled(vec![Err(e)])
+                } else {
+                    Together::Undone { failed: i }
+                };
             }
             Verdict::EnterFailed(e) => {
                 // Which of its statements failed is unknown: only the
                 // whole transaction can be rolled back.
                 tx.savepoint_lost = true;
-                settled.push(Err(e));
-                break;
+                return Together::Settled(vec![Err(e)]);
             }
-            Verdict::NotRun => break,
+            Verdict::NotRun => {
+                // Execution stops only at a failure, given to the write
+                // it stopped in, which returned above.
+                tx.savepoint_lost = true;
+                return Together::Settled(vec![Err(StoreError::Internal(
+                    "a write sent together did not run".into(),
+                ))]);
+            }
         }
     }
-    settled
+    *open = match before {
+        Savepoint::Unbegun => Savepoint::None,
+        Savepoint::None | Savepoint::Open => Savepoint::Open,
+    };
+    Together::Settled(settled)
 }
 
 pub(super) async fn run_in_savepoint(
