@@ -128,7 +128,7 @@ pub async fn run(
     );
     driver.register(
         "wal_checkpoint",
-        Duration::from_secs(1),
+        crate::store::maintenance::CHECKPOINT_INTERVAL,
         None,
         crate::store::maintenance::CheckpointTask(store.clone()),
     );

@@ -362,7 +362,7 @@ async fn the_wal_starts_over_under_writes_that_never_pause() {
             })
         })
         .collect();
-    // The checkpointer's cadence (every second in the server), faster.
+    // The checkpointer's cadence (every 200 ms in the server), faster.
     let mut checkpointer = tokio::time::interval(Duration::from_millis(5));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     let mut longest = 0;
