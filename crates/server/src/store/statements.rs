@@ -242,8 +242,9 @@ pub(super) enum Verdict {
 /// and gives each write's verdict in order. Execution stops at the first
 /// statement that fails; the writes after it are [`Verdict::NotRun`]. A
 /// failed check does not stop execution (it is found afterwards): the
-/// caller rolls back the savepoint that holds the first write that
-/// failed, which undoes the writes after it too, and runs those again.
+/// caller rolls back the savepoint (or transaction) that holds the first
+/// write that failed, which undoes the other writes of its text too, and
+/// runs those again.
 pub(super) async fn run_writes_together(
     conn: &mut sqlx::AnyConnection,
     writes: Vec<(&'static str, &Statements)>,

@@ -109,7 +109,7 @@ pub(super) async fn commit_batch(
             } = run.remove(0);
             let events_before = tx.new_events.len();
             let result = match body {
-                Body::Op(op) => run_in_savepoint(tx, &mut savepoint, op, false).await,
+                Body::Op(op) => run_in_savepoint(tx, backend, &mut savepoint, op, false).await,
                 Body::Statements(statements, finish) => {
                     let op: WriteOp = Box::new(move |tx| {
                         Box::pin(async move {
@@ -117,7 +117,7 @@ pub(super) async fn commit_batch(
                             finish(tx, ids)
                         })
                     });
-                    run_in_savepoint(tx, &mut savepoint, op, true).await
+                    run_in_savepoint(tx, backend, &mut savepoint, op, true).await
                 }
             };
             if result.is_err() {
@@ -169,9 +169,9 @@ pub(super) async fn commit_batch(
                 };
                 let result = outcome.and_then(|ids| {
                     finish(tx, ids).inspect_err(|_| {
-                        // Its statements stand, and the writes after it
-                        // are nested in its savepoint: only the whole
-                        // batch can be rolled back.
+                        // Its statements stand, in the savepoint it shares
+                        // with the rest of its run: only the whole batch
+                        // can be rolled back.
                         tx.savepoint_lost = true;
                     })
                 });
@@ -187,7 +187,9 @@ pub(super) async fn commit_batch(
                     // transaction's bookkeeping: the whole batch is rolled
                     // back, as after any fatal error (a protocol error is one).
                     Err(StoreError::Database(std::sync::Arc::new(
-                        sqlx::Error::Protocol(format!("entering a savepoint failed: {e}")),
+                        sqlx::Error::Protocol(format!(
+                            "entering or undoing a savepoint failed: {e}"
+                        )),
                     )))
                 }
                 other => other,

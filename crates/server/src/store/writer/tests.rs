@@ -1,7 +1,8 @@
 //! Writes of one shape sent to SQLite together must each stand or fall
 //! alone, exactly as if they ran one by one: a seeded run of writes,
 //! queued at once so that batches and runs form, is checked against a
-//! model applied in queue order.
+//! model applied in queue order; and an error that breaks the
+//! transaction fails the whole batch.
 
 use std::collections::BTreeMap;
 
@@ -203,6 +204,42 @@ async fn state(store: &Store) -> Model {
     }
 }
 
+/// Runs `schema` through the writer.
+async fn create(store: &Store, schema: &'static str) {
+    store
+        .writer
+        .write(move |tx| {
+            async move {
+                sqlx::raw_sql(schema).execute(tx.conn()).await?;
+                Ok(())
+            }
+            .boxed()
+        })
+        .await
+        .unwrap();
+}
+
+/// Queues the writes in order, all at once (a write is queued by its first
+/// poll), so that the writer takes what waits and runs form; then awaits
+/// every answer.
+async fn all_at_once<T>(
+    mut queued: Vec<futures::future::BoxFuture<'_, Result<T, StoreError>>>,
+) -> Vec<Result<T, StoreError>> {
+    let mut results = Vec::with_capacity(queued.len());
+    for write in &mut queued {
+        results.push(match futures::poll!(write.as_mut()) {
+            std::task::Poll::Ready(result) => Some(result),
+            std::task::Poll::Pending => None,
+        });
+    }
+    for (result, write) in results.iter_mut().zip(queued) {
+        if result.is_none() {
+            *result = Some(write.await);
+        }
+    }
+    results.into_iter().flatten().collect()
+}
+
 #[tokio::test]
 async fn writes_sent_together_each_stand_or_fall_as_if_run_one_by_one() {
     let dir = tempfile::tempdir().unwrap();
@@ -211,29 +248,17 @@ async fn writes_sent_together_each_stand_or_fall_as_if_run_one_by_one() {
     for seed in 0..24u64 {
         let path = dir.path().join(format!("{seed}.db"));
         let store = Store::open(&path, StoreOptions::default()).await.unwrap();
-        store
-            .writer
-            .write(|tx| {
-                async move {
-                    sqlx::raw_sql(
-                        "CREATE TABLE kv (k INTEGER PRIMARY KEY, v INTEGER NOT NULL CHECK (v >= 0));
-                         CREATE TABLE log (id INTEGER PRIMARY KEY, k INTEGER NOT NULL)",
-                    )
-                    .execute(tx.conn())
-                    .await?;
-                    Ok(())
-                }
-                .boxed()
-            })
-            .await
-            .unwrap();
+        create(
+            &store,
+            "CREATE TABLE kv (k INTEGER PRIMARY KEY, v INTEGER NOT NULL CHECK (v >= 0));
+             CREATE TABLE log (id INTEGER PRIMARY KEY, k INTEGER NOT NULL)",
+        )
+        .await;
         let before = store.writer_stats();
 
         let mut rng = StdRng::seed_from_u64(seed);
         let writes = generate(&mut rng, 300);
-        // Queued in order, all at once (a write is queued by its first
-        // poll): the writer takes what waits.
-        let mut queued: Vec<_> = writes
+        let queued: Vec<_> = writes
             .iter()
             .map(|w| {
                 store
@@ -242,24 +267,13 @@ async fn writes_sent_together_each_stand_or_fall_as_if_run_one_by_one() {
                     .boxed()
             })
             .collect();
-        let mut results = Vec::with_capacity(queued.len());
-        for write in &mut queued {
-            results.push(match futures::poll!(write.as_mut()) {
-                std::task::Poll::Ready(result) => Some(result),
-                std::task::Poll::Pending => None,
-            });
-        }
-        for (result, write) in results.iter_mut().zip(queued) {
-            if result.is_none() {
-                *result = Some(write.await);
-            }
-        }
+        let results = all_at_once(queued).await;
 
         let mut model = Model::default();
         for (i, (write, result)) in writes.iter().zip(results).enumerate() {
             let expected = model.apply(*write);
             assert_eq!(
-                classify(result.unwrap()),
+                classify(result),
                 expected,
                 "seed {seed}, write {i}: {write:?}"
             );
@@ -275,4 +289,82 @@ async fn writes_sent_together_each_stand_or_fall_as_if_run_one_by_one() {
         undone > 0,
         "no write failed after another in its run: the undoing went untested"
     );
+}
+
+/// A full disk (SQLITE_FULL) breaks the transaction wherever it lands in a
+/// run sent together: every write of its batch fails UNAVAILABLE, nothing
+/// of the batch commits, and the writer goes on with a new connection.
+#[tokio::test]
+async fn a_full_disk_in_a_run_fails_its_whole_batch_and_the_writer_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("full.db"), StoreOptions::default())
+        .await
+        .unwrap();
+    create(
+        &store,
+        "CREATE TABLE blobs (k INTEGER PRIMARY KEY, b BLOB NOT NULL)",
+    )
+    .await;
+    // Room for a few more pages, on the writer's connection only: the one
+    // it opens after a broken batch has no such limit.
+    store
+        .writer
+        .write(|tx| {
+            async move {
+                let (pages,): (i64,) = sqlx::query_as("PRAGMA page_count")
+                    .fetch_one(tx.conn())
+                    .await?;
+                sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                    "PRAGMA max_page_count = {}",
+                    pages + 6
+                )))
+                .execute(tx.conn())
+                .await?;
+                Ok(())
+            }
+            .boxed()
+        })
+        .await
+        .unwrap();
+    let insert = |k: i64| {
+        let mut s = Statements::default();
+        // About a page each.
+        s.push(
+            "INSERT INTO blobs (k, b) VALUES (?, zeroblob(3000))",
+            vec![k.into()],
+            Expect::Anything,
+        );
+        store
+            .writer
+            .write_statements_then(s, |_tx, ids| Ok(ids), || {})
+            .boxed()
+    };
+    let results = all_at_once((0..32).map(insert).collect()).await;
+    let stored: Vec<(i64,)> = sqlx::query_as("SELECT k FROM blobs ORDER BY k")
+        .fetch_all(&store.reads)
+        .await
+        .unwrap();
+    let stored: Vec<i64> = stored.into_iter().map(|(k,)| k).collect();
+    let mut full = 0;
+    for (k, result) in results.iter().enumerate() {
+        match result {
+            Ok(_) => assert!(
+                stored.contains(&(k as i64)),
+                "write {k} was answered ok but is not in the database"
+            ),
+            Err(StoreError::Unavailable(m)) if m.contains("full") => {
+                full += 1;
+                assert!(
+                    !stored.contains(&(k as i64)),
+                    "write {k} failed but is in the database"
+                );
+            }
+            Err(e) => panic!("write {k}: unexpected error: {e}"),
+        }
+    }
+    assert!(full > 0, "no write met the full disk: {results:?}");
+    // A new connection, without the limit.
+    let after = insert(1_000).await;
+    assert!(after.is_ok(), "the writer did not go on: {after:?}");
+    store.close().await;
 }

@@ -14,8 +14,9 @@ use super::{AnyResult, WriteOp, WriteTx};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Savepoint {
     /// No transaction yet: on SQLite the first operation that touches the
-    /// database begins it, in the same round trip as its savepoint and
-    /// (when it defers its entry) its statements. With ~1 write a batch,
+    /// database begins it, in the same round trip as its savepoint (a run
+    /// sent together has none: undoing it is a ROLLBACK) and (when it
+    /// defers its entry) its statements. With ~1 write a batch,
     /// BEGIN alone was a fifth of a claim's time in the writer.
     Unbegun,
     /// None open: the batch's first operation, or one after a rollback.
@@ -44,8 +45,10 @@ pub(super) const MAX_WRITES_TOGETHER: usize = 8;
 #[derive(Debug)]
 pub(super) enum Together {
     /// The results of the writes it settled, from the run's first: every
-    /// one, or the first alone if it failed (rolled back to its
-    /// savepoint, with the writes after it, which go again).
+    /// one, or the first alone if it failed (the run undone, to its
+    /// savepoint or, first in the batch, the transaction's beginning; the
+    /// writes after it go again), or a failure that breaks the
+    /// transaction, as the first's.
     Settled(Vec<Result<Vec<i64>, StoreError>>),
     /// The write at this position failed after the ones before it ran,
     /// and the run was rolled back whole: one savepoint covers it. The
@@ -85,6 +88,14 @@ pub(super) async fn run_together(
     for (i, verdict) in verdicts.into_iter().enumerate() {
         match verdict {
             Verdict::Done(Ok(ids)) => settled.push(Ok(ids)),
+            Verdict::Done(Err(e)) if breaks_transaction(&e, Backend::Sqlite) => {
+                // Wherever in the run it landed, the whole batch fails, as
+                // it would one by one; given as the run's first result,
+                // the batch sees it first. Running the writes before it
+                // again could commit on a transaction that cannot be
+                // trusted.
+                return Together::Settled(vec![Err(e)]);
+            }
             Verdict::Done(Err(e)) => {
                 if let Err(undo_failed) = sqlx::raw_sql(undo).execute(&mut tx.conn).await {
                     // What the run left may still be in the transaction:
@@ -124,8 +135,17 @@ pub(super) async fn run_together(
     Together::Settled(settled)
 }
 
+/// Whether `e` breaks the transaction: the batch is rolled back whole.
+/// Nothing is undone first: SQLite may already have rolled the
+/// transaction back itself (it can on SQLITE_FULL and SQLITE_IOERR), and
+/// a failed undo would hide why the batch failed.
+pub(super) fn breaks_transaction(e: &StoreError, backend: Backend) -> bool {
+    matches!(e, StoreError::Database(d) if is_fatal(d, backend))
+}
+
 pub(super) async fn run_in_savepoint(
     tx: &mut WriteTx,
+    backend: Backend,
     open: &mut Savepoint,
     op: WriteOp,
     defers_entry: bool,
@@ -155,11 +175,17 @@ pub(super) async fn run_in_savepoint(
             *open = Savepoint::Open;
             Ok(value)
         }
-        Err(e) if tx.savepoint_lost => Err(e),
+        Err(e) if tx.savepoint_lost || breaks_transaction(&e, backend) => Err(e),
         Err(e) => {
-            sqlx::raw_sql("ROLLBACK TO op; RELEASE op")
+            if let Err(undo_failed) = sqlx::raw_sql("ROLLBACK TO op; RELEASE op")
                 .execute(&mut tx.conn)
-                .await?;
+                .await
+            {
+                // What the operation left may still be in the
+                // transaction: only all of it can go.
+                tx.savepoint_lost = true;
+                return Err(undo_failed.into());
+            }
             Err(e)
         }
     }
