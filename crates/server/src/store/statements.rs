@@ -227,64 +227,44 @@ impl Statements {
 /// ([`run_writes_together`]).
 #[derive(Debug)]
 pub(super) enum Verdict {
-    /// Its savepoint was entered and its statements ran (or one failed):
-    /// the ids its [`Expect::Returns`] statements gave, or why it fails.
+    /// Its statements ran (or one failed): the ids its
+    /// [`Expect::Returns`] statements gave, or why it fails.
     Done(Result<Vec<i64>, StoreError>),
-    /// Entering its savepoint failed: the transaction's savepoints are in
-    /// an unknown state.
+    /// Entering the savepoint the writes share failed (the first write's
+    /// verdict): the transaction's savepoints are in an unknown state.
     EnterFailed(StoreError),
     /// Execution stopped before it.
     NotRun,
 }
 
-/// SQLite: runs several writes in one round trip, each led by the
-/// statements that enter its savepoint (none: it shares the one before),
-/// and gives each write's verdict in order. Execution stops at the first
-/// statement that fails; the writes after it are [`Verdict::NotRun`]. A
-/// failed check does not stop execution (it is found afterwards): the
-/// caller rolls back the savepoint (or transaction) that holds the first
-/// write that failed, which undoes the other writes of its text too, and
-/// runs those again.
+/// SQLite: runs several writes in one round trip, led by `enter` (the
+/// statements that enter the savepoint, or begin the transaction, they
+/// share), and gives each write's verdict in order. Execution stops at
+/// the first statement that fails; the writes after it are
+/// [`Verdict::NotRun`]. A failed check does not stop execution (it is
+/// found afterwards): the caller rolls back the savepoint (or
+/// transaction), which undoes the other writes of the text too, and runs
+/// again those that must.
 pub(super) async fn run_writes_together(
     conn: &mut sqlx::AnyConnection,
-    writes: Vec<(&'static str, &Statements)>,
+    enter: &'static str,
+    writes: &[&Statements],
 ) -> Vec<Verdict> {
-    let mut text = String::with_capacity(writes.iter().map(|(_, s)| 512 * s.list.len()).sum());
-    let mut join = |part: &str| {
-        if !text.is_empty() {
-            text.push_str(";\n");
-        }
-        text.push_str(part);
-    };
-    for (enter, statements) in &writes {
-        if !enter.is_empty() {
-            join(enter);
-        }
-        for statement in &statements.list {
-            join(statement.sql);
-        }
+    let mut text = String::with_capacity(
+        enter.len() + writes.iter().map(|s| 512 * s.list.len()).sum::<usize>(),
+    );
+    text.push_str(enter);
+    for statement in writes.iter().flat_map(|s| &s.list) {
+        text.push_str(";\n");
+        text.push_str(statement.sql);
     }
     // Copies: a write rolled back with one before it runs again.
     let mut query = sqlx::query(sqlx::AssertSqlSafe(text));
-    for (_, statements) in &writes {
-        for statement in &statements.list {
-            for param in &statement.params {
-                query = bind(query, param.clone());
-            }
+    for statement in writes.iter().flat_map(|s| &s.list) {
+        for param in &statement.params {
+            query = bind(query, param.clone());
         }
     }
-    // Per write: how many statements enter its savepoint, and its checks.
-    let shapes: Vec<(usize, &[Statement])> = writes
-        .iter()
-        .map(|(enter, statements)| {
-            let leading = if enter.is_empty() {
-                0
-            } else {
-                enter.matches(';').count() + 1
-            };
-            (leading, &statements.list[..])
-        })
-        .collect();
     // One outcome per statement that finished, savepoints' included.
     let mut outcomes = Vec::new();
     let mut failure: Option<StoreError> = None;
@@ -311,26 +291,23 @@ pub(super) async fn run_writes_together(
             }
         }
     }
-    let mut verdicts = Vec::with_capacity(shapes.len());
+    let mut verdicts = Vec::with_capacity(writes.len());
     let mut finished = outcomes.into_iter();
     let mut failure = failure.map(Some);
-    for (leading, list) in shapes {
+    let leading = enter.matches(';').count() + 1;
+    if finished.len() < leading {
+        verdicts.push(Verdict::EnterFailed(failure.flatten().unwrap_or_else(
+            || StoreError::Internal("entering the writes' savepoint gave no result".into()),
+        )));
+        verdicts.resize_with(writes.len(), || Verdict::NotRun);
+        return verdicts;
+    }
+    finished.nth(leading - 1);
+    for list in writes.iter().map(|s| &s.list) {
         // A failure has been given to the write it stopped in.
         if failure.as_ref().is_some_and(Option::is_none) {
             verdicts.push(Verdict::NotRun);
             continue;
-        }
-        if finished.len() < leading {
-            verdicts.push(match failure.as_mut().and_then(Option::take) {
-                Some(e) => Verdict::EnterFailed(e),
-                None => Verdict::Done(Err(StoreError::Internal(
-                    "a write's savepoint gave no result".into(),
-                ))),
-            });
-            continue;
-        }
-        if leading > 0 {
-            finished.nth(leading - 1);
         }
         let mut returned = Vec::new();
         let mut result = Ok(());

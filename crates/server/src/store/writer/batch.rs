@@ -98,7 +98,7 @@ pub(super) async fn commit_batch(
             None => MAX_WRITES_TOGETHER,
         };
         let run = take_run(request, &mut pending, backend, most);
-        before_failed = before_failed.and_then(|n| n.checked_sub(run.len()).filter(|_| n > 0));
+        before_failed = before_failed.and_then(|n| n.checked_sub(run.len()));
         let settled: Vec<Settled> = if run.len() == 1 && !together(&run[0], backend) {
             let mut run = run;
             let WriteRequest {

@@ -79,9 +79,7 @@ pub(super) async fn run_together(
         Savepoint::None => ("SAVEPOINT op", "ROLLBACK TO op; RELEASE op"),
         Savepoint::Open => ("RELEASE op; SAVEPOINT op", "ROLLBACK TO op; RELEASE op"),
     };
-    let entries = std::iter::once(enter).chain(std::iter::repeat(""));
-    let verdicts =
-        run_writes_together(&mut tx.conn, entries.zip(writes.iter().copied()).collect()).await;
+    let verdicts = run_writes_together(&mut tx.conn, enter, writes).await;
     // Whatever happens below, "op" is open only if every write stood.
     *open = Savepoint::None;
     let mut settled = Vec::with_capacity(verdicts.len());
