@@ -23,6 +23,7 @@ use boilerhouse_proto::pb;
 
 use crate::policy::LocalPolicy;
 use crate::runtime::{ContainerRuntime, RuntimeError};
+use crate::state_files::StateFiles;
 use crate::sync::{MappingReport, SyncJob, SyncRunner};
 use crate::volumes::VolumeLayout;
 
@@ -100,6 +101,7 @@ impl Outcome {
 pub struct Executor {
     runtime: Arc<dyn ContainerRuntime>,
     layout: VolumeLayout,
+    state_files: StateFiles,
     node: NodeId,
     extra_labels: BTreeMap<String, String>,
     memory: Arc<Mutex<Memory>>,
@@ -117,16 +119,17 @@ impl Executor {
         extra_labels: BTreeMap<String, String>,
         syncs: SyncRunner,
         policy: LocalPolicy,
-    ) -> Self {
-        Self {
+    ) -> std::io::Result<Self> {
+        Ok(Self {
             runtime,
+            state_files: StateFiles::start(layout.clone())?,
             layout,
             node,
             extra_labels,
             memory: Arc::default(),
             syncs,
             policy: Arc::new(policy),
-        }
+        })
     }
 
     /// Runs one container command. `FullReport` is the session's job. A
@@ -268,12 +271,9 @@ impl Executor {
         id: &ContainerId,
         state: &StateFile,
     ) -> Result<Option<ObservedContainer>, String> {
-        let layout = self.layout.clone();
-        let id_copy = *id;
-        let state = state.clone();
-        tokio::task::spawn_blocking(move || layout.write_state(&id_copy, &state))
+        self.state_files
+            .write(*id, state.clone())
             .await
-            .map_err(|e| e.to_string())?
             .map_err(|e| format!("cannot write the state file: {e}"))?;
         // The container itself did not change: no need to ask Docker.
         Ok(None)

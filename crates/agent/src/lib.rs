@@ -17,5 +17,6 @@ pub mod host;
 pub mod policy;
 pub mod runtime;
 pub mod session;
+pub mod state_files;
 pub mod sync;
 pub mod volumes;

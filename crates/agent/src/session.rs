@@ -12,6 +12,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use futures::StreamExt as _;
 use rand::Rng as _;
 use tokio::sync::mpsc;
@@ -88,7 +89,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         config.container_labels.clone(),
         crate::sync::SyncRunner::with_credentials_file(config.s3_credentials_file.clone()),
         config.policy.clone(),
-    );
+    )
+    .context("starting the state-file writer")?;
     // Only a sync pauses a managed container, and only for its length: one
     // still paused now was left so by an agent that died mid-sync.
     executor.thaw_leftovers().await;

@@ -15,7 +15,6 @@
 //! the tenant could edit must not be what rebuilds tenant assignments after
 //! the database is lost.
 
-use std::io::Write as _;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 
@@ -101,47 +100,10 @@ impl VolumeLayout {
         }
     }
 
-    /// Writes the state file atomically: temp file, fsync, rename, fsync
-    /// the directory. A crash leaves the old file or the new one. Writes
-    /// for one container run one at a time, and one older than the file on
-    /// disk (commands resent after a reconnect may arrive out of order) is
-    /// skipped: the file only moves forward.
-    pub fn write_state(&self, id: &ContainerId, state: &StateFile) -> std::io::Result<()> {
-        let _one_at_a_time = state_write_lock(id);
-        if self
-            .read_state(id)
-            .is_some_and(|on_disk| supersedes(&on_disk, state))
-        {
-            tracing::debug!(container = %id, "state file already newer; write skipped");
-            return Ok(());
-        }
-        let dir = self.container_dir(id);
-        std::fs::create_dir_all(&dir)?;
-        let path = dir.join(STATE_FILE);
-        let tmp = dir.join(format!(".{STATE_FILE}.tmp"));
-        let bytes = serde_json::to_vec_pretty(state).map_err(std::io::Error::other)?;
-        {
-            let mut file = std::fs::File::create(&tmp)?;
-            file.write_all(&bytes)?;
-            file.sync_all()?;
-        }
-        std::fs::rename(&tmp, &path)?;
-        std::fs::File::open(&dir)?.sync_all()?;
-        Ok(())
-    }
-
     /// Reads the state file; `None` when missing or unreadable (a report
     /// must not fail because one file is damaged).
     pub fn read_state(&self, id: &ContainerId) -> Option<StateFile> {
-        let path = self.state_file(id);
-        let bytes = std::fs::read(&path).ok()?;
-        match serde_json::from_slice(&bytes) {
-            Ok(state) => Some(state),
-            Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "unreadable state file");
-                None
-            }
-        }
+        crate::state_files::read_state(self, id)
     }
 
     /// The root directory.
@@ -158,24 +120,6 @@ fn numeric_owner(user: Option<&str>) -> Option<(u32, u32)> {
         None => (user, user),
     };
     Some((uid.parse().ok()?, gid.parse().ok()?))
-}
-
-/// Whether the state file `on_disk` is newer than `incoming`: a later
-/// claim generation, or, within one generation, the release after the
-/// claim.
-fn supersedes(on_disk: &StateFile, incoming: &StateFile) -> bool {
-    if on_disk.claim_generation != incoming.claim_generation {
-        return on_disk.claim_generation > incoming.claim_generation;
-    }
-    let released = on_disk.tenant_id.is_none() && on_disk.last_tenant_id.is_some();
-    released && incoming.tenant_id.is_some() && incoming.tenant_id == on_disk.last_tenant_id
-}
-
-/// One lock per container (striped): its state writes never interleave.
-fn state_write_lock(id: &ContainerId) -> std::sync::MutexGuard<'static, ()> {
-    static STRIPES: [std::sync::Mutex<()>; 64] = [const { std::sync::Mutex::new(()) }; 64];
-    let stripe = (id.as_uuid().as_u128() % 64) as usize;
-    STRIPES[stripe].lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]
@@ -230,7 +174,10 @@ mod tests {
             claim_generation: 4,
             ..Default::default()
         };
-        layout.write_state(&id, &state).unwrap();
+        let mut writer = crate::state_files::GroupWriter::open(layout.clone()).unwrap();
+        for written in writer.write_group(&[(id, &state)]) {
+            written.unwrap();
+        }
         assert_eq!(layout.read_state(&id), Some(state));
         let state_dir = layout.volume_dir(&id, &VolumeKind::State);
         assert!(
@@ -255,33 +202,5 @@ mod tests {
             target: "/x".into(),
             read_only: false,
         };
-    }
-
-    #[test]
-    fn a_state_write_older_than_the_file_is_skipped() {
-        let dir = tempfile::tempdir().unwrap();
-        let layout = VolumeLayout::new(dir.path());
-        let spec = spec(None);
-        layout.prepare(&spec).unwrap();
-        let id = spec.container_id;
-        let t1 = TenantId::new("t1").unwrap();
-        let claimed = |g| StateFile {
-            tenant_id: Some(t1.clone()),
-            claim_generation: g,
-            ..Default::default()
-        };
-        let released = StateFile {
-            last_tenant_id: Some(t1.clone()),
-            claim_generation: 3,
-            ..Default::default()
-        };
-        // The release arrives before the claim it ends (resent commands).
-        layout.write_state(&id, &released).unwrap();
-        layout.write_state(&id, &claimed(3)).unwrap();
-        assert_eq!(layout.read_state(&id), Some(released.clone()));
-        layout.write_state(&id, &claimed(2)).unwrap();
-        assert_eq!(layout.read_state(&id), Some(released));
-        layout.write_state(&id, &claimed(4)).unwrap();
-        assert_eq!(layout.read_state(&id), Some(claimed(4)));
     }
 }

@@ -1,0 +1,255 @@
+use super::*;
+use boilerhouse_core::TenantId;
+use rand::rngs::StdRng;
+use rand::{Rng as _, SeedableRng as _};
+
+fn container() -> ContainerId {
+    ContainerId::from_uuid(boilerhouse_core::ids::Uuid::now_v7())
+}
+
+fn tenant(n: u32) -> TenantId {
+    TenantId::new(format!("t{n}")).unwrap()
+}
+
+fn claimed(t: u32, generation: u64) -> StateFile {
+    StateFile {
+        tenant_id: Some(tenant(t)),
+        claim_generation: generation,
+        ..Default::default()
+    }
+}
+
+fn released(t: u32, generation: u64) -> StateFile {
+    StateFile {
+        last_tenant_id: Some(tenant(t)),
+        claim_generation: generation,
+        ..Default::default()
+    }
+}
+
+/// What writing `writes` one at a time leaves: each container's file
+/// moves forward only.
+fn one_by_one(writes: &[(ContainerId, StateFile)]) -> HashMap<ContainerId, StateFile> {
+    let mut files: HashMap<ContainerId, StateFile> = HashMap::new();
+    for (id, incoming) in writes {
+        if !files
+            .get(id)
+            .is_some_and(|current| supersedes(current, incoming))
+        {
+            files.insert(*id, incoming.clone());
+        }
+    }
+    files
+}
+
+fn write_all(writer: &mut GroupWriter, group: &[(ContainerId, StateFile)]) {
+    let borrowed: Vec<(ContainerId, &StateFile)> = group.iter().map(|(id, s)| (*id, s)).collect();
+    for result in writer.write_group(&borrowed) {
+        result.unwrap();
+    }
+}
+
+fn log_lines(layout: &VolumeLayout) -> usize {
+    std::fs::read_to_string(layout.root().join(LOG_FILE))
+        .unwrap()
+        .lines()
+        .count()
+}
+
+fn temp_files_left(layout: &VolumeLayout, ids: &[ContainerId]) -> Vec<ContainerId> {
+    ids.iter()
+        .copied()
+        .filter(|id| layout.container_dir(id).join(TEMP_FILE).exists())
+        .collect()
+}
+
+#[test]
+fn writes_in_groups_leave_the_files_writing_them_one_by_one_would() {
+    for seed in 0..24u64 {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let dir = tempfile::tempdir().unwrap();
+        let layout = VolumeLayout::new(dir.path());
+        let mut writer = GroupWriter::open(layout.clone()).unwrap();
+        let ids: Vec<ContainerId> = (0..5).map(|_| container()).collect();
+        // Claims and releases of each container, in generations, resent
+        // and arriving out of order now and then.
+        let writes: Vec<(ContainerId, StateFile)> = (0..120)
+            .map(|_| {
+                let id = ids[rng.random_range(0..ids.len())];
+                let generation = rng.random_range(1..6);
+                let t = rng.random_range(0..3);
+                let state = if rng.random_bool(0.5) {
+                    claimed(t, generation)
+                } else {
+                    released(t, generation)
+                };
+                (id, state)
+            })
+            .collect();
+        let mut rest = writes.as_slice();
+        while !rest.is_empty() {
+            let size = rng.random_range(1..=rest.len().min(16));
+            let (group, after) = rest.split_at(size);
+            let borrowed: Vec<(ContainerId, &StateFile)> =
+                group.iter().map(|(id, s)| (*id, s)).collect();
+            let results = writer.write_group(&borrowed);
+            assert_eq!(results.len(), group.len(), "seed {seed}");
+            for result in results {
+                result.unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+            }
+            rest = after;
+        }
+        let expected = one_by_one(&writes);
+        for id in &ids {
+            assert_eq!(
+                read_state(&layout, id),
+                expected.get(id).cloned(),
+                "seed {seed}: container {id}"
+            );
+        }
+        assert_eq!(temp_files_left(&layout, &ids), vec![], "seed {seed}");
+        // What the log says after a restart is what the files said.
+        drop(writer);
+        GroupWriter::open(layout.clone()).unwrap();
+        for id in &ids {
+            assert_eq!(
+                read_state(&layout, id),
+                expected.get(id).cloned(),
+                "seed {seed}: container {id} after replay"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_write_that_fails_fails_alone_and_the_rest_of_its_group_lands() {
+    let dir = tempfile::tempdir().unwrap();
+    let layout = VolumeLayout::new(dir.path());
+    let (good, bad, other) = (container(), container(), container());
+    // The bad container's directory is a file: nothing can go in it.
+    std::fs::create_dir_all(layout.container_dir(&bad).parent().unwrap()).unwrap();
+    std::fs::write(layout.container_dir(&bad), b"not a directory").unwrap();
+    let (one, two, three) = (claimed(1, 1), claimed(2, 1), claimed(3, 1));
+    let mut writer = GroupWriter::open(layout.clone()).unwrap();
+    let results = writer.write_group(&[(good, &one), (bad, &two), (other, &three), (bad, &one)]);
+    let failed: Vec<usize> = results
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| r.is_err().then_some(i))
+        .collect();
+    assert_eq!(
+        failed,
+        vec![1, 3],
+        "both writes to the unwritable container fail, only they"
+    );
+    assert_eq!(read_state(&layout, &good), Some(one));
+    assert_eq!(read_state(&layout, &other), Some(three));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_queued_together_are_answered_once_durable_with_the_last_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let layout = VolumeLayout::new(dir.path());
+    let writer = StateFiles::start(layout.clone()).unwrap();
+    let ids: Vec<ContainerId> = (0..20).map(|_| container()).collect();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (n, id) in ids.iter().enumerate() {
+        for generation in 1..=5u64 {
+            let writer = writer.clone();
+            let id = *id;
+            tasks.spawn(async move {
+                writer
+                    .write(id, claimed(n as u32, generation))
+                    .await
+                    .map(|()| (id, generation))
+            });
+        }
+    }
+    let mut answered = 0;
+    while let Some(done) = tasks.join_next().await {
+        let (id, generation) = done.unwrap().unwrap();
+        // Answered means on disk: this generation or a later one.
+        let on_disk = read_state(&layout, &id).expect("written before the answer");
+        assert!(on_disk.claim_generation >= generation);
+        answered += 1;
+    }
+    assert_eq!(answered, 100);
+    for (n, id) in ids.iter().enumerate() {
+        assert_eq!(read_state(&layout, id), Some(claimed(n as u32, 5)));
+    }
+    assert_eq!(temp_files_left(&layout, &ids), vec![]);
+}
+
+#[test]
+fn a_restart_puts_right_from_the_log_the_files_a_power_cut_left_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let layout = VolumeLayout::new(dir.path());
+    let ids: Vec<ContainerId> = (0..4).map(|_| container()).collect();
+    let mut writer = GroupWriter::open(layout.clone()).unwrap();
+    for generation in 1..=3 {
+        let group: Vec<_> = ids.iter().map(|id| (*id, claimed(7, generation))).collect();
+        write_all(&mut writer, &group);
+    }
+    drop(writer);
+    // The files were never synced: after a power cut one may hold an
+    // older state, one half a write, one nothing at all; and the log may
+    // end in half a line no one was answered for. A fourth container was
+    // removed since.
+    std::fs::write(
+        layout.state_file(&ids[0]),
+        serde_json::to_vec(&claimed(7, 1)).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(layout.state_file(&ids[1]), b"{\"tenant_id\": \"t").unwrap();
+    std::fs::remove_file(layout.state_file(&ids[2])).unwrap();
+    std::fs::remove_dir_all(layout.container_dir(&ids[3])).unwrap();
+    let mut log = open_append(&layout.root().join(LOG_FILE)).unwrap();
+    log.write_all(b"{\"container\":\"").unwrap();
+    drop(log);
+
+    let mut writer = GroupWriter::open(layout.clone()).unwrap();
+    for id in &ids[..3] {
+        assert_eq!(
+            read_state(&layout, id),
+            Some(claimed(7, 3)),
+            "container {id}"
+        );
+    }
+    assert!(
+        !layout.container_dir(&ids[3]).exists(),
+        "a removed container's directory is not made again"
+    );
+    assert_eq!(log_lines(&layout), 3, "one line per live container");
+    // The torn line is gone, so the next group's lines parse.
+    write_all(&mut writer, &[(ids[0], released(7, 3))]);
+    drop(writer);
+    std::fs::remove_file(layout.state_file(&ids[0])).unwrap();
+    GroupWriter::open(layout.clone()).unwrap();
+    assert_eq!(read_state(&layout, &ids[0]), Some(released(7, 3)));
+}
+
+#[test]
+fn the_log_stays_about_as_big_as_the_containers_it_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let layout = VolumeLayout::new(dir.path());
+    let ids: Vec<ContainerId> = (0..10).map(|_| container()).collect();
+    let mut writer = GroupWriter::open(layout.clone()).unwrap();
+    let mut largest = 0;
+    for generation in 1..=1500 {
+        let group: Vec<_> = ids.iter().map(|id| (*id, claimed(1, generation))).collect();
+        write_all(&mut writer, &group);
+        largest = largest.max(writer.log.bytes);
+    }
+    // 15,000 lines of some 150 bytes were written in all.
+    assert!(
+        largest < COMPACT_AT_LEAST + 10_000,
+        "the log reached {largest} bytes"
+    );
+    assert!(log_lines(&layout) < 15_000);
+    drop(writer);
+    GroupWriter::open(layout.clone()).unwrap();
+    assert_eq!(log_lines(&layout), 10);
+    for id in &ids {
+        assert_eq!(read_state(&layout, id), Some(claimed(1, 1500)));
+    }
+}
