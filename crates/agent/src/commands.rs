@@ -115,21 +115,22 @@ impl Executor {
     pub fn new(
         runtime: Arc<dyn ContainerRuntime>,
         layout: VolumeLayout,
+        state_files: StateFiles,
         node: NodeId,
         extra_labels: BTreeMap<String, String>,
         syncs: SyncRunner,
         policy: LocalPolicy,
-    ) -> std::io::Result<Self> {
-        Ok(Self {
+    ) -> Self {
+        Self {
             runtime,
-            state_files: StateFiles::start(layout.clone())?,
+            state_files,
             layout,
             node,
             extra_labels,
             memory: Arc::default(),
             syncs,
             policy: Arc::new(policy),
-        })
+        }
     }
 
     /// Runs one container command. `FullReport` is the session's job. A
@@ -246,8 +247,11 @@ impl Executor {
             .await
             .map_err(|e| e.to_string())?;
         if remove_volumes {
-            self.layout
-                .remove(id)
+            // Through the state-file writer: a write queued for the
+            // container cannot make its directory again afterwards.
+            self.state_files
+                .remove(*id)
+                .await
                 .map_err(|e| format!("cannot remove host directories: {e}"))?;
         }
         Ok(None)

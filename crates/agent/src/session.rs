@@ -34,6 +34,7 @@ use crate::config::AgentConfig;
 use crate::docker::DockerRuntime;
 use crate::heartbeat::{Heartbeats, Usage};
 use crate::runtime::{ContainerRuntime, EngineInfo};
+use crate::state_files::StateFiles;
 use crate::volumes::VolumeLayout;
 
 /// How long a session must last before its end resets the backoff.
@@ -82,15 +83,24 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
             None
         }
     };
+    let layout = VolumeLayout::new(&config.state_root);
+    // Replays the state files' log (before any report reads them).
+    let state_files = {
+        let layout = layout.clone();
+        tokio::task::spawn_blocking(move || StateFiles::start(layout))
+            .await
+            .context("starting the state-file writer")?
+            .context("starting the state-file writer")?
+    };
     let executor = Executor::new(
         runtime.clone(),
-        VolumeLayout::new(&config.state_root),
+        layout,
+        state_files,
         config.node_id.clone(),
         config.container_labels.clone(),
         crate::sync::SyncRunner::with_credentials_file(config.s3_credentials_file.clone()),
         config.policy.clone(),
-    )
-    .context("starting the state-file writer")?;
+    );
     // Only a sync pauses a managed container, and only for its length: one
     // still paused now was left so by an agent that died mid-sync.
     executor.thaw_leftovers().await;

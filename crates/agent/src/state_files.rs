@@ -4,19 +4,22 @@
 //! must be durable before the agent answers. Written one by one, atomically,
 //! that was two fsyncs a file (the temp file, then its directory after the
 //! rename): at 1,000 claims/s, 2,000 journal commits a second on the disk
-//! the server's WAL often shares, and the WAL's fsyncs waited behind them
-//! (with them gone, a warm claim's p50 in `claim_bench` halved).
+//! the server's WAL often shares, and the WAL's fsyncs waited behind them.
 //!
 //! Here one thread writes them, in groups: the writes that queue while it
 //! works (groups begin at most every [`GROUP_SPACING`]) are appended to
 //! one log, `<state-root>/state-files.log`, which is synced once for the
 //! group; then each container's file is replaced (temp file and rename,
-//! not synced). The log is what is durable; the files are what reports
-//! read. When the agent starts it replays the log over the files, so a
-//! file a power cut left stale or torn is put right before the first
-//! report. The log is rewritten with only each live container's last
-//! state when it has grown ([`Log::compact`]), so it stays about as big as
-//! the node's containers.
+//! not synced). The log is what is durable, and what a write is judged
+//! against (a copy in memory); the files are what reports read. When the
+//! agent starts it replays the log over the files, so a file a power cut
+//! left stale or torn is put right before the first report. The log is
+//! rewritten with only each live container's last state when it has grown
+//! ([`Log::compact`]), so it stays about as big as the node's containers.
+//!
+//! The same thread deletes a removed container's directories, so a write
+//! still queued for it can never make them again: a state file is only
+//! ever written into a directory that exists.
 //!
 //! Nothing is lost by the wait: the server keeps each command pending
 //! until the agent answers it, and the claim itself is already durable in
@@ -24,8 +27,7 @@
 //! being restored from an older backup.
 
 use std::collections::HashMap;
-use std::io::{BufRead as _, Write as _};
-use std::path::{Path, PathBuf};
+use std::io::Write as _;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -36,6 +38,9 @@ use tokio::sync::oneshot;
 
 use crate::volumes::VolumeLayout;
 
+mod log;
+use log::Log;
+
 /// The shortest time between the starts of two groups.
 pub const GROUP_SPACING: Duration = Duration::from_millis(10);
 
@@ -45,12 +50,6 @@ const GROUP_MAX: usize = 1024;
 /// Beside the state file, in its directory, so the rename is atomic.
 const TEMP_FILE: &str = ".boilerhouse-state.json.tmp";
 
-const LOG_FILE: &str = "state-files.log";
-
-/// The log is rewritten once it is this big, or four times what it was
-/// after the last rewrite, whichever is more.
-const COMPACT_AT_LEAST: u64 = 1 << 20;
-
 /// The agent's state-file writer: a thread that writes what is queued to
 /// it in groups. Cheap to clone; the thread ends when the last clone is
 /// dropped.
@@ -59,17 +58,24 @@ pub struct StateFiles {
     queue: mpsc::Sender<Job>,
 }
 
-struct Job {
-    id: ContainerId,
-    state: StateFile,
-    done: oneshot::Sender<std::io::Result<()>>,
+enum Job {
+    Write {
+        id: ContainerId,
+        state: StateFile,
+        done: oneshot::Sender<std::io::Result<()>>,
+    },
+    /// Delete a container's directories.
+    Remove {
+        id: ContainerId,
+        done: oneshot::Sender<std::io::Result<()>>,
+    },
 }
 
 impl StateFiles {
     /// Replays the log under `layout` over its state files, then starts
-    /// the writer.
+    /// the writer. It blocks on the disk: call it off the runtime.
     pub fn start(layout: VolumeLayout) -> std::io::Result<Self> {
-        let mut writer = GroupWriter::open(layout)?;
+        let writer = GroupWriter::open(layout);
         let (queue, jobs) = mpsc::channel();
         std::thread::Builder::new()
             .name("state-files".into())
@@ -78,14 +84,27 @@ impl StateFiles {
     }
 
     /// Writes `state` as the state file of `id` and returns once it is
-    /// durable (or was skipped as older than the file).
+    /// durable (or was skipped as older than the file). The container's
+    /// directory must exist.
     pub async fn write(&self, id: ContainerId, state: StateFile) -> std::io::Result<()> {
+        let (done, answer) = oneshot::channel();
+        self.send(Job::Write { id, state, done }, answer).await
+    }
+
+    /// Deletes the directories of `id`, after every write queued before.
+    pub async fn remove(&self, id: ContainerId) -> std::io::Result<()> {
+        let (done, answer) = oneshot::channel();
+        self.send(Job::Remove { id, done }, answer).await
+    }
+
+    async fn send(
+        &self,
+        job: Job,
+        answer: oneshot::Receiver<std::io::Result<()>>,
+    ) -> std::io::Result<()> {
         let stopped = || std::io::Error::other("the state-file writer has stopped");
-        let (done, written) = oneshot::channel();
-        self.queue
-            .send(Job { id, state, done })
-            .map_err(|_| stopped())?;
-        written.await.map_err(|_| stopped())?
+        self.queue.send(job).map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
     }
 }
 
@@ -93,19 +112,43 @@ impl StateFiles {
 pub struct GroupWriter {
     layout: VolumeLayout,
     log: Log,
+    /// Groups written, for tests.
+    groups: u64,
 }
 
 impl GroupWriter {
-    /// Opens the log under `layout` (creating it), replays it over the
-    /// state files and compacts it.
-    pub fn open(layout: VolumeLayout) -> std::io::Result<Self> {
-        let log = Log::open(&layout)?;
-        Ok(Self { layout, log })
+    /// Opens the log under `layout`, replays it over the state files and
+    /// compacts it. Never fails: what goes wrong is logged, and the writes
+    /// fail until the log can be written.
+    pub fn open(layout: VolumeLayout) -> Self {
+        let log = Log::open(&layout);
+        Self {
+            layout,
+            log,
+            groups: 0,
+        }
     }
 
-    fn run(&mut self, jobs: &mpsc::Receiver<Job>) {
+    fn run(mut self, jobs: &mpsc::Receiver<Job>) {
+        // A writer that panicked would fail every write while the agent
+        // looked healthy; a restart replays the log and starts it again.
+        struct AbortOnPanic;
+        impl Drop for AbortOnPanic {
+            fn drop(&mut self) {
+                if std::thread::panicking() {
+                    eprintln!("boilerhouse-agent: the state-file writer panicked; aborting");
+                    std::process::abort();
+                }
+            }
+        }
+        let _abort = AbortOnPanic;
         let mut last_start: Option<Instant> = None;
-        while let Ok(first) = jobs.recv() {
+        let mut next = None;
+        while let Some(first) = next.take().or_else(|| jobs.recv().ok()) {
+            if let Job::Remove { id, done } = first {
+                let _ = done.send(self.remove(&id));
+                continue;
+            }
             // A deliberate pause, not a wait for a condition: it is what
             // lets the writes of the next few milliseconds share a sync.
             if let Some(wait) =
@@ -115,12 +158,29 @@ impl GroupWriter {
             }
             last_start = Some(Instant::now());
             let mut group = vec![first];
-            group.extend(jobs.try_iter().take(GROUP_MAX - 1));
-            let writes: Vec<(ContainerId, &StateFile)> =
-                group.iter().map(|j| (j.id, &j.state)).collect();
+            // A removal ends the group: it goes after the writes before it.
+            while group.len() < GROUP_MAX {
+                match jobs.try_recv() {
+                    Ok(remove @ Job::Remove { .. }) => {
+                        next = Some(remove);
+                        break;
+                    }
+                    Ok(write) => group.push(write),
+                    Err(_) => break,
+                }
+            }
+            let writes: Vec<(ContainerId, &StateFile)> = group
+                .iter()
+                .filter_map(|job| match job {
+                    Job::Write { id, state, .. } => Some((*id, state)),
+                    Job::Remove { .. } => None,
+                })
+                .collect();
             let results = self.write_group(&writes);
             for (job, result) in group.into_iter().zip(results) {
-                let _ = job.done.send(result);
+                if let Job::Write { done, .. } = job {
+                    let _ = done.send(result);
+                }
             }
         }
     }
@@ -134,6 +194,7 @@ impl GroupWriter {
         &mut self,
         writes: &[(ContainerId, &StateFile)],
     ) -> Vec<std::io::Result<()>> {
+        self.groups += 1;
         // Each container's file after the group, and which writes it answers.
         let mut files: Vec<File> = Vec::new();
         let mut by_container: HashMap<ContainerId, usize> = HashMap::new();
@@ -141,7 +202,7 @@ impl GroupWriter {
             let file = *by_container.entry(*id).or_insert_with(|| {
                 files.push(File {
                     id: *id,
-                    state: read_state(&self.layout, id),
+                    state: self.log.current(&self.layout, id),
                     changed: false,
                     answers: Vec::new(),
                     outcome: Ok(()),
@@ -161,39 +222,47 @@ impl GroupWriter {
             file.state = Some((*incoming).clone());
             file.changed = true;
         }
+        // Into a directory that exists only: a removed container's is
+        // never made again.
+        for file in files.iter_mut().filter(|f| f.changed) {
+            if !self.layout.container_dir(&file.id).is_dir() {
+                file.outcome = Err(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "the container's directory is gone (removed, or never prepared)",
+                ));
+            }
+        }
 
         let changed: Vec<(ContainerId, &StateFile)> = files
             .iter()
-            .filter(|f| f.changed)
+            .filter(|f| f.changed && f.outcome.is_ok())
             .filter_map(|f| Some((f.id, f.state.as_ref()?)))
             .collect();
         if !changed.is_empty() {
             match self.log.append(&self.layout, &changed) {
+                // Logged is durable: a file that cannot be replaced now
+                // fails its writes, and a resend (the server's) or the
+                // next start puts it right.
                 Ok(()) => {
-                    for file in files.iter_mut().filter(|f| f.changed) {
+                    for file in files.iter_mut().filter(|f| f.changed && f.outcome.is_ok()) {
                         if let Some(state) = &file.state {
                             file.outcome = replace_file(&self.layout, &file.id, state);
                         }
                     }
                 }
                 Err(e) => {
-                    for file in files.iter_mut().filter(|f| f.changed) {
-                        file.outcome = Err(std::io::Error::new(e.kind(), e.to_string()));
+                    for file in files.iter_mut().filter(|f| f.changed && f.outcome.is_ok()) {
+                        file.outcome = Err(copy_error(&e));
                     }
                 }
             }
-            if let Err(e) = self.log.compact_if_due(&self.layout) {
-                tracing::warn!(error = %e, "cannot rewrite the state-file log; it goes on growing");
-            }
+            self.log.compact_if_due(&self.layout);
         }
 
         let mut results: Vec<Option<std::io::Result<()>>> = writes.iter().map(|_| None).collect();
         for file in files {
             for index in file.answers {
-                results[index] = Some(match &file.outcome {
-                    Ok(()) => Ok(()),
-                    Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
-                });
+                results[index] = Some(file.outcome.as_ref().map_err(copy_error).copied());
             }
         }
         results
@@ -201,13 +270,23 @@ impl GroupWriter {
             .map(|r| r.expect("every write belongs to one file"))
             .collect()
     }
+
+    /// Deletes the directories of `id` and forgets its state.
+    fn remove(&mut self, id: &ContainerId) -> std::io::Result<()> {
+        self.log.forget(id);
+        self.layout.remove(id)
+    }
+}
+
+fn copy_error(e: &std::io::Error) -> std::io::Error {
+    std::io::Error::new(e.kind(), e.to_string())
 }
 
 /// One container's state file within a group.
 struct File {
     id: ContainerId,
-    /// What the file holds after the group (on disk before it, if no write
-    /// of the group is newer).
+    /// What the file holds after the group (before it, if no write of the
+    /// group is newer).
     state: Option<StateFile>,
     /// A write of the group changed it (then `state` is that write).
     changed: bool,
@@ -223,169 +302,12 @@ struct Record {
     state: StateFile,
 }
 
-/// The durable record of every state file written since the last
-/// compaction: one JSON line per write, appended and synced per group.
-struct Log {
-    path: PathBuf,
-    file: std::fs::File,
-    /// Its length: where the next group's lines begin.
-    bytes: u64,
-    compact_at: u64,
-    /// An append failed: it may have left part of a line, which the next
-    /// group's first line would be glued to. It is rewritten first.
-    damaged: bool,
-}
-
-impl Log {
-    fn open(layout: &VolumeLayout) -> std::io::Result<Self> {
-        std::fs::create_dir_all(layout.root())?;
-        let path = layout.root().join(LOG_FILE);
-        let replayed = Self::replay(layout, &path)?;
-        if replayed > 0 {
-            tracing::info!(files = replayed, "state files put right from their log");
-        }
-        let mut log = Self {
-            file: open_append(&path)?,
-            path,
-            bytes: 0,
-            compact_at: 0,
-            damaged: false,
-        };
-        log.compact(layout)?;
-        Ok(log)
-    }
-
-    /// The last state each container of the log was given, in the order
-    /// first written. A line that does not parse (the tail of a write a
-    /// crash cut short: it was never answered) is skipped.
-    fn latest(path: &Path) -> std::io::Result<Vec<(ContainerId, StateFile)>> {
-        let file = match std::fs::File::open(path) {
-            Ok(file) => file,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(e),
-        };
-        let mut latest: Vec<(ContainerId, StateFile)> = Vec::new();
-        let mut index: HashMap<ContainerId, usize> = HashMap::new();
-        for line in std::io::BufReader::new(file).split(b'\n') {
-            let Ok(record) = serde_json::from_slice::<Record>(&line?) else {
-                continue;
-            };
-            // Each line is what the file became (a write older than the
-            // file was never logged), so the last one is the file; judging
-            // the lines against each other again would not be: whether a
-            // write is newer depends on the file it met.
-            match index.get(&record.container) {
-                Some(&i) => latest[i].1 = record.state,
-                None => {
-                    index.insert(record.container, latest.len());
-                    latest.push((record.container, record.state));
-                }
-            }
-        }
-        Ok(latest)
-    }
-
-    /// Puts every state file of a live container right from the log;
-    /// returns how many it changed. A removed container's directory is
-    /// not made again.
-    fn replay(layout: &VolumeLayout, path: &Path) -> std::io::Result<usize> {
-        let mut replayed = 0;
-        for (id, state) in Self::latest(path)? {
-            if !layout.container_dir(&id).is_dir() {
-                continue;
-            }
-            if read_state(layout, &id).as_ref() == Some(&state) {
-                continue;
-            }
-            replace_file(layout, &id, &state)?;
-            replayed += 1;
-        }
-        Ok(replayed)
-    }
-
-    fn append(
-        &mut self,
-        layout: &VolumeLayout,
-        records: &[(ContainerId, &StateFile)],
-    ) -> std::io::Result<()> {
-        if self.damaged {
-            self.compact(layout)?;
-        }
-        let mut lines = Vec::new();
-        for (container, state) in records {
-            serde_json::to_writer(
-                &mut lines,
-                &Record {
-                    container: *container,
-                    state: (*state).clone(),
-                },
-            )
-            .map_err(std::io::Error::other)?;
-            lines.push(b'\n');
-        }
-        let appended = self
-            .file
-            .write_all(&lines)
-            .and_then(|()| self.file.sync_data());
-        match appended {
-            Ok(()) => self.bytes += lines.len() as u64,
-            // Cut what it may have left; if that fails too, the whole log
-            // is rewritten before the next append (whole lines only).
-            Err(_) => self.damaged = self.file.set_len(self.bytes).is_err(),
-        }
-        appended
-    }
-
-    fn compact_if_due(&mut self, layout: &VolumeLayout) -> std::io::Result<()> {
-        if self.bytes < self.compact_at {
-            return Ok(());
-        }
-        self.compact(layout)
-    }
-
-    /// Rewrites the log with the last state of each container whose
-    /// directory is still there, atomically: a temp file, synced, renamed
-    /// over the log, the directory synced.
-    fn compact(&mut self, layout: &VolumeLayout) -> std::io::Result<()> {
-        let mut lines = Vec::new();
-        for (container, state) in Self::latest(&self.path)? {
-            if layout.container_dir(&container).is_dir() {
-                serde_json::to_writer(&mut lines, &Record { container, state })
-                    .map_err(std::io::Error::other)?;
-                lines.push(b'\n');
-            }
-        }
-        let temp = self.path.with_extension("log.tmp");
-        {
-            let mut file = std::fs::File::create(&temp)?;
-            file.write_all(&lines)?;
-            file.sync_all()?;
-        }
-        std::fs::rename(&temp, &self.path)?;
-        std::fs::File::open(layout.root())?.sync_all()?;
-        self.file = open_append(&self.path)?;
-        self.damaged = false;
-        self.bytes = lines.len() as u64;
-        self.compact_at = COMPACT_AT_LEAST.max(4 * self.bytes);
-        Ok(())
-    }
-}
-
-fn open_append(path: &Path) -> std::io::Result<std::fs::File> {
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-}
-
 /// Replaces the state file of `id` with `state`, atomically but not
 /// durably (the log is what is durable): a reader sees the old file or
 /// the new one.
 fn replace_file(layout: &VolumeLayout, id: &ContainerId, state: &StateFile) -> std::io::Result<()> {
-    let dir = layout.container_dir(id);
-    std::fs::create_dir_all(&dir)?;
     let bytes = serde_json::to_vec_pretty(state).map_err(std::io::Error::other)?;
-    let temp = dir.join(TEMP_FILE);
+    let temp = layout.container_dir(id).join(TEMP_FILE);
     std::fs::File::create(&temp)?.write_all(&bytes)?;
     std::fs::rename(&temp, layout.state_file(id))
 }

@@ -174,7 +174,7 @@ mod tests {
             claim_generation: 4,
             ..Default::default()
         };
-        let mut writer = crate::state_files::GroupWriter::open(layout.clone()).unwrap();
+        let mut writer = crate::state_files::GroupWriter::open(layout.clone());
         for written in writer.write_group(&[(id, &state)]) {
             written.unwrap();
         }

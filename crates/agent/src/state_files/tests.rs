@@ -1,10 +1,14 @@
+use super::log::{COMPACT_AT_LEAST, LOG_FILE, open_append, read_latest};
 use super::*;
 use boilerhouse_core::TenantId;
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
 
-fn container() -> ContainerId {
-    ContainerId::from_uuid(boilerhouse_core::ids::Uuid::now_v7())
+/// A container whose directory exists, as `prepare` leaves it.
+fn container(layout: &VolumeLayout) -> ContainerId {
+    let id = ContainerId::from_uuid(boilerhouse_core::ids::Uuid::now_v7());
+    std::fs::create_dir_all(layout.container_dir(&id)).unwrap();
+    id
 }
 
 fn tenant(n: u32) -> TenantId {
@@ -69,8 +73,8 @@ fn writes_in_groups_leave_the_files_writing_them_one_by_one_would() {
         let mut rng = StdRng::seed_from_u64(seed);
         let dir = tempfile::tempdir().unwrap();
         let layout = VolumeLayout::new(dir.path());
-        let mut writer = GroupWriter::open(layout.clone()).unwrap();
-        let ids: Vec<ContainerId> = (0..5).map(|_| container()).collect();
+        let mut writer = GroupWriter::open(layout.clone());
+        let ids: Vec<ContainerId> = (0..5).map(|_| container(&layout)).collect();
         // Claims and releases of each container, in generations, resent
         // and arriving out of order now and then.
         let writes: Vec<(ContainerId, StateFile)> = (0..120)
@@ -108,9 +112,13 @@ fn writes_in_groups_leave_the_files_writing_them_one_by_one_would() {
             );
         }
         assert_eq!(temp_files_left(&layout, &ids), vec![], "seed {seed}");
-        // What the log says after a restart is what the files said.
+        // The log says what the files said: with every file gone, a
+        // restart writes them again from it.
         drop(writer);
-        GroupWriter::open(layout.clone()).unwrap();
+        for id in &ids {
+            let _ = std::fs::remove_file(layout.state_file(id));
+        }
+        GroupWriter::open(layout.clone());
         for id in &ids {
             assert_eq!(
                 read_state(&layout, id),
@@ -125,12 +133,12 @@ fn writes_in_groups_leave_the_files_writing_them_one_by_one_would() {
 fn a_write_that_fails_fails_alone_and_the_rest_of_its_group_lands() {
     let dir = tempfile::tempdir().unwrap();
     let layout = VolumeLayout::new(dir.path());
-    let (good, bad, other) = (container(), container(), container());
-    // The bad container's directory is a file: nothing can go in it.
-    std::fs::create_dir_all(layout.container_dir(&bad).parent().unwrap()).unwrap();
-    std::fs::write(layout.container_dir(&bad), b"not a directory").unwrap();
+    let (good, bad, other) = (container(&layout), container(&layout), container(&layout));
+    // Nothing can go in the bad container's directory: its temp file's
+    // name is taken by a directory.
+    std::fs::create_dir_all(layout.container_dir(&bad).join(TEMP_FILE).join("x")).unwrap();
     let (one, two, three) = (claimed(1, 1), claimed(2, 1), claimed(3, 1));
-    let mut writer = GroupWriter::open(layout.clone()).unwrap();
+    let mut writer = GroupWriter::open(layout.clone());
     let results = writer.write_group(&[(good, &one), (bad, &two), (other, &three), (bad, &one)]);
     let failed: Vec<usize> = results
         .iter()
@@ -144,37 +152,101 @@ fn a_write_that_fails_fails_alone_and_the_rest_of_its_group_lands() {
     );
     assert_eq!(read_state(&layout, &good), Some(one));
     assert_eq!(read_state(&layout, &other), Some(three));
+    // A container whose directory is gone (removed) gets no file, and no
+    // directory.
+    let gone = container(&layout);
+    std::fs::remove_dir_all(layout.container_dir(&gone)).unwrap();
+    let results = writer.write_group(&[(gone, &two)]);
+    assert_eq!(
+        results[0].as_ref().unwrap_err().kind(),
+        std::io::ErrorKind::NotFound
+    );
+    assert!(!layout.container_dir(&gone).exists());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn writes_queued_together_are_answered_once_durable_with_the_last_state() {
+#[test]
+fn a_write_older_than_the_file_is_skipped() {
     let dir = tempfile::tempdir().unwrap();
     let layout = VolumeLayout::new(dir.path());
-    let writer = StateFiles::start(layout.clone()).unwrap();
-    let ids: Vec<ContainerId> = (0..20).map(|_| container()).collect();
-    let mut tasks = tokio::task::JoinSet::new();
-    for (n, id) in ids.iter().enumerate() {
-        for generation in 1..=5u64 {
-            let writer = writer.clone();
-            let id = *id;
-            tasks.spawn(async move {
-                writer
-                    .write(id, claimed(n as u32, generation))
-                    .await
-                    .map(|()| (id, generation))
-            });
+    let mut writer = GroupWriter::open(layout.clone());
+    let id = container(&layout);
+    // The release arrives before the claim it ends (resent commands).
+    write_all(&mut writer, &[(id, released(1, 3))]);
+    write_all(&mut writer, &[(id, claimed(1, 3))]);
+    assert_eq!(read_state(&layout, &id), Some(released(1, 3)));
+    write_all(&mut writer, &[(id, claimed(1, 2))]);
+    assert_eq!(read_state(&layout, &id), Some(released(1, 3)));
+    // Another tenant's claim in the same generation is not the one the
+    // release ended.
+    write_all(&mut writer, &[(id, claimed(2, 3))]);
+    assert_eq!(read_state(&layout, &id), Some(claimed(2, 3)));
+    write_all(&mut writer, &[(id, claimed(1, 4))]);
+    assert_eq!(read_state(&layout, &id), Some(claimed(1, 4)));
+    // Within one group too.
+    write_all(
+        &mut writer,
+        &[
+            (id, released(1, 5)),
+            (id, claimed(1, 5)),
+            (id, claimed(3, 4)),
+        ],
+    );
+    assert_eq!(read_state(&layout, &id), Some(released(1, 5)));
+}
+
+#[test]
+fn writes_queued_together_share_a_group_and_are_answered_once_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    let layout = VolumeLayout::new(dir.path());
+    let ids: Vec<ContainerId> = (0..20).map(|_| container(&layout)).collect();
+    let writer = GroupWriter::open(layout.clone());
+    // Everything is queued before the writer looks, then a removal, then
+    // a write for the removed container.
+    let (queue, jobs) = mpsc::channel();
+    let mut answers = Vec::new();
+    for generation in 1..=5u64 {
+        for (n, id) in ids.iter().enumerate() {
+            let (done, answer) = oneshot::channel();
+            let state = claimed(n as u32, generation);
+            queue
+                .send(Job::Write {
+                    id: *id,
+                    state,
+                    done,
+                })
+                .unwrap();
+            answers.push(answer);
         }
     }
-    let mut answered = 0;
-    while let Some(done) = tasks.join_next().await {
-        let (id, generation) = done.unwrap().unwrap();
-        // Answered means on disk: this generation or a later one.
-        let on_disk = read_state(&layout, &id).expect("written before the answer");
-        assert!(on_disk.claim_generation >= generation);
-        answered += 1;
+    let (done, removed) = oneshot::channel();
+    queue.send(Job::Remove { id: ids[0], done }).unwrap();
+    let (done, late) = oneshot::channel();
+    let state = claimed(0, 6);
+    queue
+        .send(Job::Write {
+            id: ids[0],
+            state,
+            done,
+        })
+        .unwrap();
+    drop(queue);
+    writer.run(&jobs);
+
+    for answer in answers {
+        answer.blocking_recv().unwrap().unwrap();
     }
-    assert_eq!(answered, 100);
-    for (n, id) in ids.iter().enumerate() {
+    removed.blocking_recv().unwrap().unwrap();
+    assert_eq!(
+        late.blocking_recv().unwrap().unwrap_err().kind(),
+        std::io::ErrorKind::NotFound,
+        "a write after the removal finds no directory"
+    );
+    assert!(!layout.container_dir(&ids[0]).exists(), "not made again");
+    // One group: one line a container, not one a write.
+    assert_eq!(log_lines(&layout), 20);
+    let logged = read_latest(&layout.root().join(LOG_FILE)).unwrap();
+    for (n, id) in ids.iter().enumerate().skip(1) {
+        assert_eq!(logged.get(id), Some(&claimed(n as u32, 5)), "durable");
         assert_eq!(read_state(&layout, id), Some(claimed(n as u32, 5)));
     }
     assert_eq!(temp_files_left(&layout, &ids), vec![]);
@@ -184,8 +256,8 @@ async fn writes_queued_together_are_answered_once_durable_with_the_last_state() 
 fn a_restart_puts_right_from_the_log_the_files_a_power_cut_left_behind() {
     let dir = tempfile::tempdir().unwrap();
     let layout = VolumeLayout::new(dir.path());
-    let ids: Vec<ContainerId> = (0..4).map(|_| container()).collect();
-    let mut writer = GroupWriter::open(layout.clone()).unwrap();
+    let ids: Vec<ContainerId> = (0..4).map(|_| container(&layout)).collect();
+    let mut writer = GroupWriter::open(layout.clone());
     for generation in 1..=3 {
         let group: Vec<_> = ids.iter().map(|id| (*id, claimed(7, generation))).collect();
         write_all(&mut writer, &group);
@@ -207,7 +279,7 @@ fn a_restart_puts_right_from_the_log_the_files_a_power_cut_left_behind() {
     log.write_all(b"{\"container\":\"").unwrap();
     drop(log);
 
-    let mut writer = GroupWriter::open(layout.clone()).unwrap();
+    let mut writer = GroupWriter::open(layout.clone());
     for id in &ids[..3] {
         assert_eq!(
             read_state(&layout, id),
@@ -224,7 +296,7 @@ fn a_restart_puts_right_from_the_log_the_files_a_power_cut_left_behind() {
     write_all(&mut writer, &[(ids[0], released(7, 3))]);
     drop(writer);
     std::fs::remove_file(layout.state_file(&ids[0])).unwrap();
-    GroupWriter::open(layout.clone()).unwrap();
+    GroupWriter::open(layout.clone());
     assert_eq!(read_state(&layout, &ids[0]), Some(released(7, 3)));
 }
 
@@ -232,8 +304,8 @@ fn a_restart_puts_right_from_the_log_the_files_a_power_cut_left_behind() {
 fn the_log_stays_about_as_big_as_the_containers_it_names() {
     let dir = tempfile::tempdir().unwrap();
     let layout = VolumeLayout::new(dir.path());
-    let ids: Vec<ContainerId> = (0..10).map(|_| container()).collect();
-    let mut writer = GroupWriter::open(layout.clone()).unwrap();
+    let ids: Vec<ContainerId> = (0..10).map(|_| container(&layout)).collect();
+    let mut writer = GroupWriter::open(layout.clone());
     let mut largest = 0;
     for generation in 1..=1500 {
         let group: Vec<_> = ids.iter().map(|id| (*id, claimed(1, generation))).collect();
@@ -247,7 +319,7 @@ fn the_log_stays_about_as_big_as_the_containers_it_names() {
     );
     assert!(log_lines(&layout) < 15_000);
     drop(writer);
-    GroupWriter::open(layout.clone()).unwrap();
+    GroupWriter::open(layout.clone());
     assert_eq!(log_lines(&layout), 10);
     for id in &ids {
         assert_eq!(read_state(&layout, id), Some(claimed(1, 1500)));

@@ -1,0 +1,235 @@
+//! The state files' log: one JSON line per write, appended and synced once
+//! a group, and each container's last state in memory.
+
+use std::io::BufRead as _;
+use std::path::{Path, PathBuf};
+
+use super::*;
+
+pub(super) const LOG_FILE: &str = "state-files.log";
+
+/// The log is rewritten once it is this big, or four times what it was
+/// after the last rewrite, whichever is more.
+pub(super) const COMPACT_AT_LEAST: u64 = 1 << 20;
+
+pub(super) struct Log {
+    path: PathBuf,
+    /// Each container's last logged state, once the log has been read:
+    /// what a write is judged against, and what a rewrite writes.
+    latest: Option<HashMap<ContainerId, StateFile>>,
+    /// The log, open for appending; `None` when it must be rewritten
+    /// before the next append (an append failed and may have left part of
+    /// a line, or a rewrite's rename may not be durable yet).
+    file: Option<std::fs::File>,
+    /// Its length: where the next group's lines begin.
+    pub(super) bytes: u64,
+    compact_at: u64,
+}
+
+impl Log {
+    /// Reads the log, replays it over the files and rewrites it. What
+    /// fails is logged and tried again on the next append.
+    pub(super) fn open(layout: &VolumeLayout) -> Self {
+        let mut log = Self {
+            path: layout.root().join(LOG_FILE),
+            latest: None,
+            file: None,
+            bytes: 0,
+            compact_at: 0,
+        };
+        if let Err(e) = log.ready(layout) {
+            tracing::error!(path = %log.path.display(), error = %e, "the state-file log is not usable yet; state writes fail until it is");
+        }
+        log
+    }
+
+    /// What a write to `id` is judged against.
+    pub(super) fn current(&self, layout: &VolumeLayout, id: &ContainerId) -> Option<StateFile> {
+        match self.latest.as_ref().and_then(|latest| latest.get(id)) {
+            Some(state) => Some(state.clone()),
+            // Written before the log existed, or the log is unread (and
+            // nothing is written until it is).
+            None => read_state(layout, id),
+        }
+    }
+
+    /// Forgets a removed container.
+    pub(super) fn forget(&mut self, id: &ContainerId) {
+        if let Some(latest) = &mut self.latest {
+            latest.remove(id);
+        }
+    }
+
+    /// Reads the log if it is not yet, and rewrites it if it must be.
+    fn ready(&mut self, layout: &VolumeLayout) -> std::io::Result<()> {
+        if self.latest.is_none() {
+            let mut latest = read_latest(&self.path)?;
+            let replayed = replay(layout, &mut latest);
+            if replayed > 0 {
+                tracing::info!(files = replayed, "state files put right from their log");
+            }
+            self.latest = Some(latest);
+            self.file = None;
+        }
+        if self.file.is_none() {
+            self.compact(layout)?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn append(
+        &mut self,
+        layout: &VolumeLayout,
+        records: &[(ContainerId, &StateFile)],
+    ) -> std::io::Result<()> {
+        self.ready(layout)?;
+        let mut lines = Vec::new();
+        for (container, state) in records {
+            serde_json::to_writer(
+                &mut lines,
+                &Record {
+                    container: *container,
+                    state: (*state).clone(),
+                },
+            )
+            .map_err(std::io::Error::other)?;
+            lines.push(b'\n');
+        }
+        let file = self.file.as_mut().expect("ready opens the log");
+        let appended = file.write_all(&lines).and_then(|()| file.sync_data());
+        match &appended {
+            Ok(()) => {
+                self.bytes += lines.len() as u64;
+                let latest = self.latest.as_mut().expect("ready reads the log");
+                for (container, state) in records {
+                    latest.insert(*container, (*state).clone());
+                }
+            }
+            // Cut what it may have left; if that fails too, the log is
+            // rewritten from memory (which has none of this group) first.
+            Err(_) => {
+                if file.set_len(self.bytes).is_err() {
+                    self.file = None;
+                }
+            }
+        }
+        appended
+    }
+
+    pub(super) fn compact_if_due(&mut self, layout: &VolumeLayout) {
+        if self.bytes < self.compact_at {
+            return;
+        }
+        if let Err(e) = self.compact(layout) {
+            // Not again until it has grown as much once more.
+            self.compact_at = self.bytes.saturating_mul(2);
+            tracing::warn!(error = %e, "cannot rewrite the state-file log; it grows until it can");
+        }
+    }
+
+    /// Rewrites the log with the last state of each container whose
+    /// directory is still there: a temp file, synced, renamed over the
+    /// log, the directory synced. The temp file's handle, open for
+    /// appending, is the log's from the rename on.
+    fn compact(&mut self, layout: &VolumeLayout) -> std::io::Result<()> {
+        let latest = self
+            .latest
+            .as_mut()
+            .ok_or_else(|| std::io::Error::other("the log has not been read"))?;
+        latest.retain(|container, _| layout.container_dir(container).is_dir());
+        let mut lines = Vec::new();
+        for (container, state) in latest.iter() {
+            serde_json::to_writer(
+                &mut lines,
+                &Record {
+                    container: *container,
+                    state: state.clone(),
+                },
+            )
+            .map_err(std::io::Error::other)?;
+            lines.push(b'\n');
+        }
+        std::fs::create_dir_all(layout.root())?;
+        let temp = self.path.with_extension("log.tmp");
+        let written = open_append(&temp).and_then(|mut file| {
+            file.set_len(0)?;
+            file.write_all(&lines)?;
+            file.sync_all()?;
+            Ok(file)
+        });
+        let file = match written.and_then(|file| std::fs::rename(&temp, &self.path).map(|()| file))
+        {
+            Ok(file) => file,
+            Err(e) => {
+                let _ = std::fs::remove_file(&temp);
+                return Err(e);
+            }
+        };
+        self.file = Some(file);
+        self.bytes = lines.len() as u64;
+        self.compact_at = COMPACT_AT_LEAST.max(4 * self.bytes);
+        if let Err(e) = std::fs::File::open(layout.root()).and_then(|dir| dir.sync_all()) {
+            // The rename may not be durable: rewrite before the next append.
+            self.file = None;
+            return Err(e);
+        }
+        Ok(())
+    }
+}
+
+pub(super) fn open_append(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+}
+
+/// The last state each container of the log was given. A line that does
+/// not parse (the tail of an append a crash cut short: it was never
+/// answered) is skipped.
+pub(super) fn read_latest(path: &Path) -> std::io::Result<HashMap<ContainerId, StateFile>> {
+    let file = match std::fs::File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(HashMap::new()),
+        Err(e) => return Err(e),
+    };
+    let mut latest = HashMap::new();
+    for line in std::io::BufReader::new(file).split(b'\n') {
+        // Each line is what the file became (a write older than the file
+        // is never logged), so the last one is the file; judging the lines
+        // against each other again would not be: whether a write is newer
+        // depends on the file it met.
+        if let Ok(record) = serde_json::from_slice::<Record>(&line?) {
+            latest.insert(record.container, record.state);
+        }
+    }
+    Ok(latest)
+}
+
+/// Puts every state file of a live container right from the log; returns
+/// how many it changed. A removed container's directory is not made
+/// again, and a file newer than the log (written by an agent before this
+/// one) is kept, and taken into the log.
+fn replay(layout: &VolumeLayout, latest: &mut HashMap<ContainerId, StateFile>) -> usize {
+    let mut replayed = 0;
+    for (id, state) in latest.iter_mut() {
+        if !layout.container_dir(id).is_dir() {
+            continue;
+        }
+        match read_state(layout, id) {
+            Some(on_disk) if on_disk == *state => continue,
+            Some(on_disk) if supersedes(&on_disk, state) => {
+                *state = on_disk;
+                continue;
+            }
+            _ => {}
+        }
+        match replace_file(layout, id, state) {
+            Ok(()) => replayed += 1,
+            Err(e) => {
+                tracing::warn!(container = %id, error = %e, "cannot put the state file right from its log")
+            }
+        }
+    }
+    replayed
+}
