@@ -193,6 +193,12 @@ impl Executor {
             spec.labels.entry(k.clone()).or_insert_with(|| v.clone());
         }
         let name = id.docker_name();
+        // Also when the container exists: its directories are made again
+        // if they went (a state file is only written into its directory).
+        let binds = self
+            .layout
+            .prepare(&spec)
+            .map_err(|e| format!("cannot prepare host directories: {e}"))?;
         if self
             .runtime
             .inspect(&name)
@@ -200,10 +206,6 @@ impl Executor {
             .map_err(|e| e.to_string())?
             .is_none()
         {
-            let binds = self
-                .layout
-                .prepare(&spec)
-                .map_err(|e| format!("cannot prepare host directories: {e}"))?;
             match self.runtime.create(&spec, &binds).await {
                 Ok(_) => {}
                 // A concurrent or earlier create won: that container is ours.

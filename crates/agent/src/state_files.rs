@@ -17,17 +17,19 @@
 //! rewritten with only each live container's last state when it has grown
 //! ([`Log::compact`]), so it stays about as big as the node's containers.
 //!
-//! The same thread deletes a removed container's directories, so a write
-//! still queued for it can never make them again: a state file is only
-//! ever written into a directory that exists.
+//! The same thread takes a removed container's directories away (moved
+//! aside, deleted by another thread), so a write still queued for it can
+//! never make them again: a state file is only ever written into a
+//! directory that exists.
 //!
 //! Nothing is lost by the wait: the server keeps each command pending
 //! until the agent answers it, and the claim itself is already durable in
 //! the server's database; the state file is what survives that database
 //! being restored from an older backup.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::Write as _;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -75,7 +77,12 @@ impl StateFiles {
     /// Replays the log under `layout` over its state files, then starts
     /// the writer. It blocks on the disk: call it off the runtime.
     pub fn start(layout: VolumeLayout) -> std::io::Result<Self> {
-        let writer = GroupWriter::open(layout);
+        let mut writer = GroupWriter::open(layout.clone());
+        let (trash, moved) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("state-files-trash".into())
+            .spawn(move || empty_trash(&layout, &moved))?;
+        writer.trash = Some(trash);
         let (queue, jobs) = mpsc::channel();
         std::thread::Builder::new()
             .name("state-files".into())
@@ -84,8 +91,8 @@ impl StateFiles {
     }
 
     /// Writes `state` as the state file of `id` and returns once it is
-    /// durable (or was skipped as older than the file). The container's
-    /// directory must exist.
+    /// durable (or was skipped as older than the container's last state).
+    /// The container's directory must exist.
     pub async fn write(&self, id: ContainerId, state: StateFile) -> std::io::Result<()> {
         let (done, answer) = oneshot::channel();
         self.send(Job::Write { id, state, done }, answer).await
@@ -112,20 +119,33 @@ impl StateFiles {
 pub struct GroupWriter {
     layout: VolumeLayout,
     log: Log,
-    /// Groups written, for tests.
-    groups: u64,
+    /// Files whose line is logged but whose replacement failed: tried
+    /// again with every group until it works or the container goes.
+    unreplaced: HashSet<ContainerId>,
+    /// Where removed directories are deleted, off this thread; `None`
+    /// deletes them here.
+    trash: Option<mpsc::Sender<PathBuf>>,
+}
+
+/// What one job of a group does.
+pub enum Op<'a> {
+    /// Write a state file.
+    Write(ContainerId, &'a StateFile),
+    /// Delete a container's directories.
+    Remove(ContainerId),
 }
 
 impl GroupWriter {
     /// Opens the log under `layout`, replays it over the state files and
     /// compacts it. Never fails: what goes wrong is logged, and the writes
-    /// fail until the log can be written.
+    /// fail until the log can be used.
     pub fn open(layout: VolumeLayout) -> Self {
         let log = Log::open(&layout);
         Self {
             layout,
             log,
-            groups: 0,
+            unreplaced: HashSet::new(),
+            trash: None,
         }
     }
 
@@ -143,12 +163,7 @@ impl GroupWriter {
         }
         let _abort = AbortOnPanic;
         let mut last_start: Option<Instant> = None;
-        let mut next = None;
-        while let Some(first) = next.take().or_else(|| jobs.recv().ok()) {
-            if let Job::Remove { id, done } = first {
-                let _ = done.send(self.remove(&id));
-                continue;
-            }
+        while let Ok(first) = jobs.recv() {
             // A deliberate pause, not a wait for a condition: it is what
             // lets the writes of the next few milliseconds share a sync.
             if let Some(wait) =
@@ -158,51 +173,70 @@ impl GroupWriter {
             }
             last_start = Some(Instant::now());
             let mut group = vec![first];
-            // A removal ends the group: it goes after the writes before it.
-            while group.len() < GROUP_MAX {
-                match jobs.try_recv() {
-                    Ok(remove @ Job::Remove { .. }) => {
-                        next = Some(remove);
-                        break;
-                    }
-                    Ok(write) => group.push(write),
-                    Err(_) => break,
-                }
-            }
-            let writes: Vec<(ContainerId, &StateFile)> = group
+            group.extend(jobs.try_iter().take(GROUP_MAX - 1));
+            let ops: Vec<Op<'_>> = group
                 .iter()
-                .filter_map(|job| match job {
-                    Job::Write { id, state, .. } => Some((*id, state)),
-                    Job::Remove { .. } => None,
+                .map(|job| match job {
+                    Job::Write { id, state, .. } => Op::Write(*id, state),
+                    Job::Remove { id, .. } => Op::Remove(*id),
                 })
                 .collect();
-            let results = self.write_group(&writes);
+            let results = self.apply_group(&ops);
             for (job, result) in group.into_iter().zip(results) {
-                if let Job::Write { done, .. } = job {
-                    let _ = done.send(result);
-                }
+                let (Job::Write { done, .. } | Job::Remove { done, .. }) = job;
+                let _ = done.send(result);
             }
         }
     }
 
-    /// Writes a group of state files, all durable together, and returns
-    /// one result per write, in order. Writes for one container apply in
-    /// order, and a write older than the file (commands resent after a
-    /// reconnect may arrive out of order) is skipped: the file only moves
-    /// forward.
+    /// [`GroupWriter::apply_group`] of writes alone.
     pub fn write_group(
         &mut self,
         writes: &[(ContainerId, &StateFile)],
     ) -> Vec<std::io::Result<()>> {
-        self.groups += 1;
+        let ops: Vec<Op<'_>> = writes
+            .iter()
+            .map(|(id, state)| Op::Write(*id, state))
+            .collect();
+        self.apply_group(&ops)
+    }
+
+    /// Applies a group, all its writes durable together, and returns one
+    /// result per job, in order. Jobs for one container apply in order. A
+    /// write older than the container's last logged state (commands
+    /// resent after a reconnect may arrive out of order) is skipped: the
+    /// file only moves forward. A write after its container's removal
+    /// fails.
+    pub fn apply_group(&mut self, ops: &[Op<'_>]) -> Vec<std::io::Result<()>> {
+        let ready = self.log.ready(&self.layout);
         // Each container's file after the group, and which writes it answers.
         let mut files: Vec<File> = Vec::new();
         let mut by_container: HashMap<ContainerId, usize> = HashMap::new();
-        for (index, (id, incoming)) in writes.iter().enumerate() {
-            let file = *by_container.entry(*id).or_insert_with(|| {
+        let mut results: Vec<Option<std::io::Result<()>>> = ops.iter().map(|_| None).collect();
+        let mut removals: Vec<(usize, ContainerId)> = Vec::new();
+        for (index, op) in ops.iter().enumerate() {
+            let (id, incoming) = match op {
+                Op::Remove(id) => {
+                    removals.push((index, *id));
+                    continue;
+                }
+                Op::Write(id, incoming) => (*id, *incoming),
+            };
+            if removals.iter().any(|(_, removed)| *removed == id) {
+                results[index] = Some(Err(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "the container was removed",
+                )));
+                continue;
+            }
+            if let Err(e) = &ready {
+                results[index] = Some(Err(copy_error(e)));
+                continue;
+            }
+            let file = *by_container.entry(id).or_insert_with(|| {
                 files.push(File {
-                    id: *id,
-                    state: self.log.current(&self.layout, id),
+                    id,
+                    state: self.log.current(&self.layout, &id),
                     changed: false,
                     answers: Vec::new(),
                     outcome: Ok(()),
@@ -219,18 +253,20 @@ impl GroupWriter {
                 tracing::debug!(container = %id, "state file already newer; write skipped");
                 continue;
             }
-            file.state = Some((*incoming).clone());
+            file.state = Some(incoming.clone());
             file.changed = true;
         }
         // Into a directory that exists only: a removed container's is
         // never made again.
         for file in files.iter_mut().filter(|f| f.changed) {
-            if !self.layout.container_dir(&file.id).is_dir() {
-                file.outcome = Err(std::io::Error::new(
+            file.outcome = match exists(&self.layout.container_dir(&file.id)) {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(std::io::Error::new(
                     std::io::ErrorKind::NotFound,
                     "the container's directory is gone (removed, or never prepared)",
-                ));
-            }
+                )),
+                Err(e) => Err(e),
+            };
         }
 
         let changed: Vec<(ContainerId, &StateFile)> = files
@@ -239,42 +275,117 @@ impl GroupWriter {
             .filter_map(|f| Some((f.id, f.state.as_ref()?)))
             .collect();
         if !changed.is_empty() {
-            match self.log.append(&self.layout, &changed) {
-                // Logged is durable: a file that cannot be replaced now
-                // fails its writes, and a resend (the server's) or the
-                // next start puts it right.
-                Ok(()) => {
-                    for file in files.iter_mut().filter(|f| f.changed && f.outcome.is_ok()) {
-                        if let Some(state) = &file.state {
-                            file.outcome = replace_file(&self.layout, &file.id, state);
-                        }
-                    }
+            if let Err(e) = self.log.append(&self.layout, &changed) {
+                for file in files.iter_mut().filter(|f| f.changed && f.outcome.is_ok()) {
+                    file.outcome = Err(copy_error(&e));
                 }
-                Err(e) => {
-                    for file in files.iter_mut().filter(|f| f.changed && f.outcome.is_ok()) {
-                        file.outcome = Err(copy_error(&e));
-                    }
-                }
+            }
+            // Logged is durable, and the log is what a write is judged
+            // against and what a start replays: a file that cannot be
+            // replaced now is tried again with the next groups.
+            for file in files.iter().filter(|f| f.changed && f.outcome.is_ok()) {
+                self.unreplaced.insert(file.id);
             }
             self.log.compact_if_due(&self.layout);
         }
+        self.replace_files();
 
-        let mut results: Vec<Option<std::io::Result<()>>> = writes.iter().map(|_| None).collect();
         for file in files {
             for index in file.answers {
                 results[index] = Some(file.outcome.as_ref().map_err(copy_error).copied());
             }
         }
+        for (index, id) in removals {
+            results[index] = Some(self.remove(&id));
+        }
         results
             .into_iter()
-            .map(|r| r.expect("every write belongs to one file"))
+            .map(|r| r.expect("every job is answered"))
             .collect()
     }
 
-    /// Deletes the directories of `id` and forgets its state.
+    /// Replaces the files whose lines are logged with what they say.
+    fn replace_files(&mut self) {
+        let layout = &self.layout;
+        let log = &self.log;
+        self.unreplaced.retain(|id| {
+            let Some(state) = log.logged(id) else {
+                return false;
+            };
+            match replace_file(layout, id, state) {
+                Ok(()) => false,
+                Err(_) if !layout.container_dir(id).exists() => false,
+                Err(e) => {
+                    tracing::warn!(container = %id, error = %e, "state file logged but not replaced yet; tried again with the next writes");
+                    true
+                }
+            }
+        });
+    }
+
+    /// Moves the directories of `id` out of the way, to be deleted off this
+    /// thread, and forgets its state.
     fn remove(&mut self, id: &ContainerId) -> std::io::Result<()> {
+        let dir = self.layout.container_dir(id);
+        if !exists(&dir)? {
+            self.log.forget(id);
+            return Ok(());
+        }
+        let bin = trash_dir(&self.layout);
+        let moved = bin.join(format!("{id}-{}", uuid_suffix()));
+        match &self.trash {
+            // Deleted here when it cannot be moved (the trash on another
+            // filesystem, say).
+            Some(trash)
+                if std::fs::create_dir_all(&bin)
+                    .and_then(|()| std::fs::rename(&dir, &moved))
+                    .is_ok() =>
+            {
+                let _ = trash.send(moved);
+            }
+            _ => self.layout.remove(id)?,
+        }
         self.log.forget(id);
-        self.layout.remove(id)
+        self.unreplaced.remove(id);
+        Ok(())
+    }
+}
+
+/// Where removed container directories wait to be deleted: beside
+/// `containers/`, on the same filesystem (a rename), outside what the
+/// activity watcher watches.
+fn trash_dir(layout: &VolumeLayout) -> PathBuf {
+    layout.root().join("removed")
+}
+
+fn uuid_suffix() -> String {
+    boilerhouse_core::ids::Uuid::now_v7().simple().to_string()
+}
+
+/// Deletes what is put in the trash, and what a previous run left there.
+fn empty_trash(layout: &VolumeLayout, moved: &mpsc::Receiver<PathBuf>) {
+    if let Ok(left) = std::fs::read_dir(trash_dir(layout)) {
+        for entry in left.flatten() {
+            delete_tree(&entry.path());
+        }
+    }
+    for path in moved {
+        delete_tree(&path);
+    }
+}
+
+fn delete_tree(path: &Path) {
+    if let Err(e) = std::fs::remove_dir_all(path) {
+        tracing::warn!(path = %path.display(), error = %e, "cannot delete a removed container's directories");
+    }
+}
+
+/// Whether `path` exists; an error other than its absence is an error.
+fn exists(path: &Path) -> std::io::Result<bool> {
+    match std::fs::metadata(path) {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
     }
 }
 

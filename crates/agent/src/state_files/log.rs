@@ -1,10 +1,8 @@
 //! The state files' log: one JSON line per write, appended and synced once
 //! a group, and each container's last state in memory.
 
-use std::io::BufRead as _;
-use std::path::{Path, PathBuf};
-
 use super::*;
+use std::io::BufRead as _;
 
 pub(super) const LOG_FILE: &str = "state-files.log";
 
@@ -43,14 +41,19 @@ impl Log {
         log
     }
 
-    /// What a write to `id` is judged against.
+    /// What a write to `id` is judged against, once the log is
+    /// [ready](Log::ready).
     pub(super) fn current(&self, layout: &VolumeLayout, id: &ContainerId) -> Option<StateFile> {
-        match self.latest.as_ref().and_then(|latest| latest.get(id)) {
+        match self.logged(id) {
             Some(state) => Some(state.clone()),
-            // Written before the log existed, or the log is unread (and
-            // nothing is written until it is).
+            // Written before the log existed.
             None => read_state(layout, id),
         }
+    }
+
+    /// The last state logged for `id`.
+    pub(super) fn logged(&self, id: &ContainerId) -> Option<&StateFile> {
+        self.latest.as_ref()?.get(id)
     }
 
     /// Forgets a removed container.
@@ -61,10 +64,10 @@ impl Log {
     }
 
     /// Reads the log if it is not yet, and rewrites it if it must be.
-    fn ready(&mut self, layout: &VolumeLayout) -> std::io::Result<()> {
+    pub(super) fn ready(&mut self, layout: &VolumeLayout) -> std::io::Result<()> {
         if self.latest.is_none() {
-            let mut latest = read_latest(&self.path)?;
-            let replayed = replay(layout, &mut latest);
+            let latest = read_latest(&self.path)?;
+            let replayed = replay(layout, &latest);
             if replayed > 0 {
                 tracing::info!(files = replayed, "state files put right from their log");
             }
@@ -105,19 +108,17 @@ impl Log {
                     latest.insert(*container, (*state).clone());
                 }
             }
-            // Cut what it may have left; if that fails too, the log is
-            // rewritten from memory (which has none of this group) first.
-            Err(_) => {
-                if file.set_len(self.bytes).is_err() {
-                    self.file = None;
-                }
-            }
+            // It may have left part of this group on disk, and a cut
+            // would not be durable without a sync of its own: the log is
+            // rewritten from memory (which has none of this group) before
+            // the next append.
+            Err(_) => self.file = None,
         }
         appended
     }
 
     pub(super) fn compact_if_due(&mut self, layout: &VolumeLayout) {
-        if self.bytes < self.compact_at {
+        if self.bytes < self.compact_at || self.latest.is_none() {
             return;
         }
         if let Err(e) = self.compact(layout) {
@@ -136,7 +137,9 @@ impl Log {
             .latest
             .as_mut()
             .ok_or_else(|| std::io::Error::other("the log has not been read"))?;
-        latest.retain(|container, _| layout.container_dir(container).is_dir());
+        // A container is gone when its directory is; one that cannot be
+        // looked at now is kept.
+        latest.retain(|container, _| exists(&layout.container_dir(container)).unwrap_or(true));
         let mut lines = Vec::new();
         for (container, state) in latest.iter() {
             serde_json::to_writer(
@@ -208,21 +211,16 @@ pub(super) fn read_latest(path: &Path) -> std::io::Result<HashMap<ContainerId, S
 
 /// Puts every state file of a live container right from the log; returns
 /// how many it changed. A removed container's directory is not made
-/// again, and a file newer than the log (written by an agent before this
-/// one) is kept, and taken into the log.
-fn replay(layout: &VolumeLayout, latest: &mut HashMap<ContainerId, StateFile>) -> usize {
+/// again. The log wins over the file: every change to a file is logged
+/// first, so a file that differs is one a power cut left behind.
+fn replay(layout: &VolumeLayout, latest: &HashMap<ContainerId, StateFile>) -> usize {
     let mut replayed = 0;
-    for (id, state) in latest.iter_mut() {
-        if !layout.container_dir(id).is_dir() {
+    for (id, state) in latest {
+        if !exists(&layout.container_dir(id)).unwrap_or(false) {
             continue;
         }
-        match read_state(layout, id) {
-            Some(on_disk) if on_disk == *state => continue,
-            Some(on_disk) if supersedes(&on_disk, state) => {
-                *state = on_disk;
-                continue;
-            }
-            _ => {}
+        if read_state(layout, id).as_ref() == Some(state) {
+            continue;
         }
         match replace_file(layout, id, state) {
             Ok(()) => replayed += 1,
