@@ -114,7 +114,6 @@ impl Executor {
     /// container; `policy` judges every create and local sync.
     pub fn new(
         runtime: Arc<dyn ContainerRuntime>,
-        layout: VolumeLayout,
         state_files: StateFiles,
         node: NodeId,
         extra_labels: BTreeMap<String, String>,
@@ -123,8 +122,8 @@ impl Executor {
     ) -> Self {
         Self {
             runtime,
+            layout: state_files.layout().clone(),
             state_files,
-            layout,
             node,
             extra_labels,
             memory: Arc::default(),
@@ -193,12 +192,6 @@ impl Executor {
             spec.labels.entry(k.clone()).or_insert_with(|| v.clone());
         }
         let name = id.docker_name();
-        // Also when the container exists: its directories are made again
-        // if they went (a state file is only written into its directory).
-        let binds = self
-            .layout
-            .prepare(&spec)
-            .map_err(|e| format!("cannot prepare host directories: {e}"))?;
         if self
             .runtime
             .inspect(&name)
@@ -206,12 +199,23 @@ impl Executor {
             .map_err(|e| e.to_string())?
             .is_none()
         {
+            let binds = self
+                .layout
+                .prepare(&spec)
+                .map_err(|e| format!("cannot prepare host directories: {e}"))?;
             match self.runtime.create(&spec, &binds).await {
                 Ok(_) => {}
                 // A concurrent or earlier create won: that container is ours.
                 Err(RuntimeError::Conflict(_)) => {}
                 Err(e) => return Err(e.to_string()),
             }
+        } else {
+            // Its directory, made again if it went (a state file is only
+            // written into its container's directory); the volumes it
+            // mounts are left as they are.
+            self.layout
+                .ensure_container_dir(&id)
+                .map_err(|e| format!("cannot make the container's directory: {e}"))?;
         }
         if start {
             self.runtime.start(&name).await.map_err(|e| e.to_string())?;

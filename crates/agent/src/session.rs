@@ -12,7 +12,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use futures::StreamExt as _;
 use rand::Rng as _;
 use tokio::sync::mpsc;
@@ -83,18 +82,10 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
             None
         }
     };
-    let layout = VolumeLayout::new(&config.state_root);
     // Replays the state files' log (before any report reads them).
-    let state_files = {
-        let layout = layout.clone();
-        tokio::task::spawn_blocking(move || StateFiles::start(layout))
-            .await
-            .context("starting the state-file writer")?
-            .context("starting the state-file writer")?
-    };
+    let state_files = StateFiles::spawn(VolumeLayout::new(&config.state_root)).await?;
     let executor = Executor::new(
         runtime.clone(),
-        layout,
         state_files,
         config.node_id.clone(),
         config.container_labels.clone(),

@@ -13,7 +13,8 @@
 //! not synced). The log is what is durable, and what a write is judged
 //! against (a copy in memory); the files are what reports read. When the
 //! agent starts it replays the log over the files, so a file a power cut
-//! left stale or torn is put right before the first report. The log is
+//! left stale or torn is put right before the first report (if the log
+//! cannot be read then, writes fail and the replay waits until it can). The log is
 //! rewritten with only each live container's last state when it has grown
 //! ([`Log::compact`]), so it stays about as big as the node's containers.
 //!
@@ -27,7 +28,7 @@
 //! the server's database; the state file is what survives that database
 //! being restored from an older backup.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -58,6 +59,7 @@ const TEMP_FILE: &str = ".boilerhouse-state.json.tmp";
 #[derive(Clone)]
 pub struct StateFiles {
     queue: mpsc::Sender<Job>,
+    layout: VolumeLayout,
 }
 
 enum Job {
@@ -79,15 +81,28 @@ impl StateFiles {
     pub fn start(layout: VolumeLayout) -> std::io::Result<Self> {
         let mut writer = GroupWriter::open(layout.clone());
         let (trash, moved) = mpsc::channel();
+        let trash_layout = layout.clone();
         std::thread::Builder::new()
             .name("state-files-trash".into())
-            .spawn(move || empty_trash(&layout, &moved))?;
+            .spawn(move || empty_trash(&trash_layout, &moved))?;
         writer.trash = Some(trash);
         let (queue, jobs) = mpsc::channel();
         std::thread::Builder::new()
             .name("state-files".into())
             .spawn(move || writer.run(&jobs))?;
-        Ok(Self { queue })
+        Ok(Self { queue, layout })
+    }
+
+    /// [`StateFiles::start`], on the runtime's blocking threads.
+    pub async fn spawn(layout: VolumeLayout) -> std::io::Result<Self> {
+        tokio::task::spawn_blocking(move || Self::start(layout))
+            .await
+            .map_err(std::io::Error::other)?
+    }
+
+    /// Where its state files are.
+    pub fn layout(&self) -> &VolumeLayout {
+        &self.layout
     }
 
     /// Writes `state` as the state file of `id` and returns once it is
@@ -119,9 +134,10 @@ impl StateFiles {
 pub struct GroupWriter {
     layout: VolumeLayout,
     log: Log,
-    /// Files whose line is logged but whose replacement failed: tried
-    /// again with every group until it works or the container goes.
-    unreplaced: HashSet<ContainerId>,
+    /// Files whose line is logged but not yet in the file, and how often
+    /// replacing them failed: tried again with every group until it works
+    /// or the container goes.
+    unreplaced: HashMap<ContainerId, u32>,
     /// Where removed directories are deleted, off this thread; `None`
     /// deletes them here.
     trash: Option<mpsc::Sender<PathBuf>>,
@@ -144,7 +160,7 @@ impl GroupWriter {
         Self {
             layout,
             log,
-            unreplaced: HashSet::new(),
+            unreplaced: HashMap::new(),
             trash: None,
         }
     }
@@ -284,7 +300,7 @@ impl GroupWriter {
             // against and what a start replays: a file that cannot be
             // replaced now is tried again with the next groups.
             for file in files.iter().filter(|f| f.changed && f.outcome.is_ok()) {
-                self.unreplaced.insert(file.id);
+                self.unreplaced.entry(file.id).or_insert(0);
             }
             self.log.compact_if_due(&self.layout);
         }
@@ -295,8 +311,21 @@ impl GroupWriter {
                 results[index] = Some(file.outcome.as_ref().map_err(copy_error).copied());
             }
         }
+        let removed_any = !removals.is_empty();
         for (index, id) in removals {
             results[index] = Some(self.remove(&id));
+        }
+        if removed_any {
+            // The moves, durable: a power cut does not bring a removed
+            // container's directory (and the log's line for it) back.
+            for dir in [
+                self.layout.root().join("containers"),
+                trash_dir(&self.layout),
+            ] {
+                if let Err(e) = std::fs::File::open(&dir).and_then(|d| d.sync_all()) {
+                    tracing::warn!(dir = %dir.display(), error = %e, "cannot sync a removal");
+                }
+            }
         }
         results
             .into_iter()
@@ -308,7 +337,7 @@ impl GroupWriter {
     fn replace_files(&mut self) {
         let layout = &self.layout;
         let log = &self.log;
-        self.unreplaced.retain(|id| {
+        self.unreplaced.retain(|id, failures| {
             let Some(state) = log.logged(id) else {
                 return false;
             };
@@ -316,7 +345,11 @@ impl GroupWriter {
                 Ok(()) => false,
                 Err(_) if !layout.container_dir(id).exists() => false,
                 Err(e) => {
-                    tracing::warn!(container = %id, error = %e, "state file logged but not replaced yet; tried again with the next writes");
+                    *failures += 1;
+                    // At the first failure, the second, the fourth...
+                    if failures.is_power_of_two() {
+                        tracing::warn!(container = %id, error = %e, failures = *failures, "state file logged but not replaced yet; tried again with the next writes");
+                    }
                     true
                 }
             }
@@ -332,7 +365,7 @@ impl GroupWriter {
             return Ok(());
         }
         let bin = trash_dir(&self.layout);
-        let moved = bin.join(format!("{id}-{}", uuid_suffix()));
+        let moved = bin.join(format!("{id}.{}", uuid_suffix()));
         match &self.trash {
             // Deleted here when it cannot be moved (the trash on another
             // filesystem, say).
@@ -362,11 +395,22 @@ fn uuid_suffix() -> String {
     boilerhouse_core::ids::Uuid::now_v7().simple().to_string()
 }
 
-/// Deletes what is put in the trash, and what a previous run left there.
+/// Deletes what is put in the trash, and what a previous run left there
+/// (only names this writer gives: `<container id>.<uuid>`).
 fn empty_trash(layout: &VolumeLayout, moved: &mpsc::Receiver<PathBuf>) {
     if let Ok(left) = std::fs::read_dir(trash_dir(layout)) {
         for entry in left.flatten() {
-            delete_tree(&entry.path());
+            let name = entry.file_name();
+            let ours = name
+                .to_str()
+                .and_then(|n| n.split_once('.'))
+                .is_some_and(|(id, n)| {
+                    id.parse::<ContainerId>().is_ok()
+                        && n.parse::<boilerhouse_core::ids::Uuid>().is_ok()
+                });
+            if ours {
+                delete_tree(&entry.path());
+            }
         }
     }
     for path in moved {
@@ -375,8 +419,12 @@ fn empty_trash(layout: &VolumeLayout, moved: &mpsc::Receiver<PathBuf>) {
 }
 
 fn delete_tree(path: &Path) {
-    if let Err(e) = std::fs::remove_dir_all(path) {
-        tracing::warn!(path = %path.display(), error = %e, "cannot delete a removed container's directories");
+    match std::fs::remove_dir_all(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot delete a removed container's directories")
+        }
     }
 }
 

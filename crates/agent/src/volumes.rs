@@ -92,6 +92,18 @@ impl VolumeLayout {
         Ok(binds)
     }
 
+    /// Makes the container's own directory if it is missing, private to
+    /// the agent as [`VolumeLayout::prepare`] makes it; its volumes are
+    /// left alone.
+    pub fn ensure_container_dir(&self, id: &ContainerId) -> std::io::Result<()> {
+        let dir = self.container_dir(id);
+        if dir.is_dir() {
+            return Ok(());
+        }
+        std::fs::create_dir_all(&dir)?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))
+    }
+
     /// Deletes the container's directories.
     pub fn remove(&self, id: &ContainerId) -> std::io::Result<()> {
         match std::fs::remove_dir_all(self.container_dir(id)) {

@@ -2,7 +2,6 @@
 //! a group, and each container's last state in memory.
 
 use super::*;
-use std::io::BufRead as _;
 
 pub(super) const LOG_FILE: &str = "state-files.log";
 
@@ -138,8 +137,11 @@ impl Log {
             .as_mut()
             .ok_or_else(|| std::io::Error::other("the log has not been read"))?;
         // A container is gone when its directory is; one that cannot be
-        // looked at now is kept.
-        latest.retain(|container, _| exists(&layout.container_dir(container)).unwrap_or(true));
+        // looked at now is kept, and so is every one while `containers/`
+        // itself is missing (a mount not up yet, say).
+        if exists(&layout.root().join("containers")).unwrap_or(false) {
+            latest.retain(|container, _| exists(&layout.container_dir(container)).unwrap_or(true));
+        }
         let mut lines = Vec::new();
         for (container, state) in latest.iter() {
             serde_json::to_writer(
@@ -187,23 +189,40 @@ pub(super) fn open_append(path: &Path) -> std::io::Result<std::fs::File> {
         .open(path)
 }
 
-/// The last state each container of the log was given. A line that does
-/// not parse (the tail of an append a crash cut short: it was never
-/// answered) is skipped.
+/// The last state each container of the log was given. Only the last line
+/// may fail to parse, and only when it has no newline: the tail of an
+/// append a crash cut short, which was never answered. Any other line that
+/// does not parse is damage, and the log is not used (nor rewritten)
+/// until someone looks: skipping it could take a file back past a write
+/// that was answered.
 pub(super) fn read_latest(path: &Path) -> std::io::Result<HashMap<ContainerId, StateFile>> {
-    let file = match std::fs::File::open(path) {
-        Ok(file) => file,
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(HashMap::new()),
         Err(e) => return Err(e),
     };
     let mut latest = HashMap::new();
-    for line in std::io::BufReader::new(file).split(b'\n') {
+    let mut lines = bytes.split(|b| *b == b'\n').enumerate().peekable();
+    while let Some((number, line)) = lines.next() {
+        let last = lines.peek().is_none();
+        if line.is_empty() && last {
+            break;
+        }
         // Each line is what the file became (a write older than the file
         // is never logged), so the last one is the file; judging the lines
         // against each other again would not be: whether a write is newer
         // depends on the file it met.
-        if let Ok(record) = serde_json::from_slice::<Record>(&line?) {
-            latest.insert(record.container, record.state);
+        match serde_json::from_slice::<Record>(line) {
+            Ok(record) => {
+                latest.insert(record.container, record.state);
+            }
+            Err(_) if last => {}
+            Err(e) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("line {} of {} is damaged: {e}", number + 1, path.display()),
+                ));
+            }
         }
     }
     Ok(latest)

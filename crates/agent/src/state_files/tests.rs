@@ -212,9 +212,12 @@ async fn writes_and_removals_through_the_agents_writer() {
     let layout = VolumeLayout::new(dir.path());
     let id = container(&layout);
     std::fs::create_dir_all(layout.container_dir(&id).join("state/deep/er")).unwrap();
-    // A previous run's removal, moved aside but not yet deleted.
-    let left = layout.root().join("removed").join("left-over");
+    // A previous run's removal, moved aside but not yet deleted, and
+    // something else someone put there.
+    let trash = layout.root().join("removed");
+    let left = trash.join(format!("{}.{}", container(&layout), uuid_suffix()));
     std::fs::create_dir_all(left.join("x")).unwrap();
+    std::fs::create_dir_all(trash.join("not-ours")).unwrap();
     let writer = tokio::task::spawn_blocking({
         let layout = layout.clone();
         move || StateFiles::start(layout)
@@ -229,9 +232,14 @@ async fn writes_and_removals_through_the_agents_writer() {
     let late = writer.write(id, claimed(1, 2)).await.unwrap_err();
     assert_eq!(late.kind(), std::io::ErrorKind::NotFound);
     assert!(!layout.container_dir(&id).exists(), "not made again");
-    let trash = layout.root().join("removed");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while std::fs::read_dir(&trash).unwrap().count() > 0 {
+    let names = || {
+        std::fs::read_dir(&trash)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect::<Vec<_>>()
+    };
+    while names() != ["not-ours"] {
         assert!(
             std::time::Instant::now() < deadline,
             "the removed directories were not deleted"
@@ -400,4 +408,65 @@ fn the_log_stays_about_as_big_as_the_containers_it_names() {
     for id in &ids {
         assert_eq!(read_state(&layout, id), Some(claimed(1, 1500)));
     }
+}
+
+#[test]
+fn a_damaged_line_inside_the_log_stops_writes_and_is_not_rewritten_away() {
+    let dir = tempfile::tempdir().unwrap();
+    let layout = VolumeLayout::new(dir.path());
+    let id = container(&layout);
+    let mut writer = GroupWriter::open(layout.clone());
+    write_all(&mut writer, &[(id, claimed(1, 1))]);
+    write_all(&mut writer, &[(id, claimed(1, 2))]);
+    drop(writer);
+    let path = layout.root().join(LOG_FILE);
+    let text = std::fs::read_to_string(&path).unwrap();
+    // The first line damaged: skipping it would be harmless here, but a
+    // damaged line may be the last word on some container.
+    let damaged = text.replacen("claim_generation", "claim_gen\u{0}ration", 1);
+    std::fs::write(&path, &damaged).unwrap();
+    let mut writer = GroupWriter::open(layout.clone());
+    let results = writer.write_group(&[(id, &claimed(1, 3))]);
+    let error = results[0].as_ref().unwrap_err();
+    assert_eq!(error.kind(), std::io::ErrorKind::InvalidData, "{error}");
+    assert!(error.to_string().contains("line 1"), "{error}");
+    assert_eq!(
+        std::fs::read_to_string(&path).unwrap(),
+        damaged,
+        "left as found"
+    );
+    assert_eq!(read_state(&layout, &id), Some(claimed(1, 2)));
+}
+
+#[test]
+fn a_removal_moves_the_directories_aside_and_forgets_the_container() {
+    let dir = tempfile::tempdir().unwrap();
+    let layout = VolumeLayout::new(dir.path());
+    let (id, other) = (container(&layout), container(&layout));
+    std::fs::write(layout.container_dir(&id).join("tenant-data"), b"x").unwrap();
+    let mut writer = GroupWriter::open(layout.clone());
+    let (trash, moved) = mpsc::channel();
+    writer.trash = Some(trash);
+    let results = writer.apply_group(&[
+        Op::Write(id, &claimed(1, 1)),
+        Op::Write(other, &claimed(2, 1)),
+        Op::Remove(id),
+        Op::Write(id, &claimed(1, 2)),
+    ]);
+    assert!(results[0].is_ok() && results[1].is_ok() && results[2].is_ok());
+    assert_eq!(
+        results[3].as_ref().unwrap_err().kind(),
+        std::io::ErrorKind::NotFound
+    );
+    assert!(!layout.container_dir(&id).exists());
+    let aside = moved.try_recv().expect("moved aside, not deleted here");
+    assert!(aside.starts_with(layout.root().join("removed")));
+    assert!(aside.join("tenant-data").exists());
+    assert!(writer.log.logged(&id).is_none(), "forgotten");
+    // A rewrite of the log keeps only the container still there.
+    drop(writer);
+    GroupWriter::open(layout.clone());
+    let logged = read_latest(&layout.root().join(LOG_FILE)).unwrap();
+    assert_eq!(logged.keys().collect::<Vec<_>>(), vec![&other]);
+    assert!(!layout.container_dir(&id).exists(), "not made again");
 }
