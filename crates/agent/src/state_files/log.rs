@@ -9,6 +9,18 @@ pub(super) const LOG_FILE: &str = "state-files.log";
 /// after the last rewrite, whichever is more.
 pub(super) const COMPACT_AT_LEAST: u64 = 1 << 20;
 
+/// Where a test makes the log fail.
+#[cfg_attr(not(test), allow(dead_code))]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum Fault {
+    /// An append writes half its lines, then fails.
+    Append,
+    /// A rewrite fails before its rename.
+    RewriteWrite,
+    /// A rewrite's directory sync fails, after its rename.
+    RewriteDirSync,
+}
+
 pub(super) struct Log {
     path: PathBuf,
     /// Each container's last logged state, once the log has been read:
@@ -20,7 +32,10 @@ pub(super) struct Log {
     file: Option<std::fs::File>,
     /// Its length: where the next group's lines begin.
     pub(super) bytes: u64,
-    compact_at: u64,
+    pub(super) compact_at: u64,
+    /// The next failure a test asked for.
+    #[cfg(test)]
+    pub(super) fault: Option<Fault>,
 }
 
 impl Log {
@@ -33,11 +48,28 @@ impl Log {
             file: None,
             bytes: 0,
             compact_at: 0,
+            #[cfg(test)]
+            fault: None,
         };
         if let Err(e) = log.ready(layout) {
             tracing::error!(path = %log.path.display(), error = %e, "the state-file log is not usable yet; state writes fail until it is");
         }
         log
+    }
+
+    /// Whether a test asked for a failure at `at` (once).
+    #[cfg(test)]
+    fn take_fault(&mut self, at: Fault) -> bool {
+        let take = self.fault == Some(at);
+        if take {
+            self.fault = None;
+        }
+        take
+    }
+
+    #[cfg(not(test))]
+    fn take_fault(&mut self, _at: Fault) -> bool {
+        false
     }
 
     /// What a write to `id` is judged against, once the log is
@@ -97,8 +129,15 @@ impl Log {
             .map_err(std::io::Error::other)?;
             lines.push(b'\n');
         }
+        let torn = self.take_fault(Fault::Append);
         let file = self.file.as_mut().expect("ready opens the log");
-        let appended = file.write_all(&lines).and_then(|()| file.sync_data());
+        let appended = if torn {
+            // Half the group on disk, then a failure.
+            file.write_all(&lines[..lines.len() / 2])
+                .and_then(|()| Err(std::io::Error::other("injected: the append failed")))
+        } else {
+            file.write_all(&lines).and_then(|()| file.sync_data())
+        };
         match &appended {
             Ok(()) => {
                 self.bytes += lines.len() as u64;
@@ -156,9 +195,13 @@ impl Log {
         }
         std::fs::create_dir_all(layout.root())?;
         let temp = self.path.with_extension("log.tmp");
+        let fail_write = self.take_fault(Fault::RewriteWrite);
         let written = open_append(&temp).and_then(|mut file| {
             file.set_len(0)?;
             file.write_all(&lines)?;
+            if fail_write {
+                return Err(std::io::Error::other("injected: the rewrite failed"));
+            }
             file.sync_all()?;
             Ok(file)
         });
@@ -173,7 +216,14 @@ impl Log {
         self.file = Some(file);
         self.bytes = lines.len() as u64;
         self.compact_at = COMPACT_AT_LEAST.max(4 * self.bytes);
-        if let Err(e) = std::fs::File::open(layout.root()).and_then(|dir| dir.sync_all()) {
+        let dir_synced = if self.take_fault(Fault::RewriteDirSync) {
+            Err(std::io::Error::other(
+                "injected: the directory's sync failed",
+            ))
+        } else {
+            std::fs::File::open(layout.root()).and_then(|dir| dir.sync_all())
+        };
+        if let Err(e) = dir_synced {
             // The rename may not be durable: rewrite before the next append.
             self.file = None;
             return Err(e);

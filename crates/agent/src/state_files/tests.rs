@@ -1,4 +1,4 @@
-use super::log::{COMPACT_AT_LEAST, LOG_FILE, open_append, read_latest};
+use super::log::{COMPACT_AT_LEAST, Fault, LOG_FILE, open_append, read_latest};
 use super::*;
 use boilerhouse_core::TenantId;
 use rand::rngs::StdRng;
@@ -469,4 +469,57 @@ fn a_removal_moves_the_directories_aside_and_forgets_the_container() {
     let logged = read_latest(&layout.root().join(LOG_FILE)).unwrap();
     assert_eq!(logged.keys().collect::<Vec<_>>(), vec![&other]);
     assert!(!layout.container_dir(&id).exists(), "not made again");
+}
+
+#[test]
+fn a_failed_append_loses_nothing_answered_and_leaves_no_half_line_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let layout = VolumeLayout::new(dir.path());
+    let (id, other) = (container(&layout), container(&layout));
+    let mut writer = GroupWriter::open(layout.clone());
+    write_all(&mut writer, &[(id, claimed(1, 1))]);
+    writer.log.fault = Some(Fault::Append);
+    let results = writer.write_group(&[(id, &claimed(1, 2)), (other, &claimed(2, 1))]);
+    assert!(results.iter().all(Result::is_err), "{results:?}");
+    // Half a group is on disk now; the next group's lines must not be
+    // glued to it.
+    write_all(&mut writer, &[(other, claimed(2, 2))]);
+    drop(writer);
+    let logged = read_latest(&layout.root().join(LOG_FILE)).unwrap();
+    assert_eq!(
+        logged.get(&id),
+        Some(&claimed(1, 1)),
+        "the failed write is not logged"
+    );
+    assert_eq!(logged.get(&other), Some(&claimed(2, 2)));
+    GroupWriter::open(layout.clone());
+    assert_eq!(read_state(&layout, &id), Some(claimed(1, 1)));
+    assert_eq!(read_state(&layout, &other), Some(claimed(2, 2)));
+}
+
+#[test]
+fn a_rewrite_that_fails_at_any_step_loses_nothing_answered() {
+    for fault in [Fault::RewriteWrite, Fault::RewriteDirSync] {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = VolumeLayout::new(dir.path());
+        let (id, other) = (container(&layout), container(&layout));
+        let mut writer = GroupWriter::open(layout.clone());
+        write_all(&mut writer, &[(id, claimed(1, 1))]);
+        // The next group's append makes a rewrite due, which fails.
+        writer.log.compact_at = 0;
+        writer.log.fault = Some(fault);
+        write_all(&mut writer, &[(id, claimed(1, 2))]);
+        // No rewrite from here on but one the log needs: what is
+        // appended next must reach the file the log's name points to
+        // (a rewrite from memory would hide it if it did not).
+        writer.log.compact_at = u64::MAX;
+        write_all(&mut writer, &[(other, claimed(2, 1))]);
+        write_all(&mut writer, &[(id, claimed(1, 3))]);
+        drop(writer);
+        let temp = layout.root().join(LOG_FILE).with_extension("log.tmp");
+        assert!(!temp.exists(), "{fault:?}: the rewrite's temp file is gone");
+        let logged = read_latest(&layout.root().join(LOG_FILE)).unwrap();
+        assert_eq!(logged.get(&id), Some(&claimed(1, 3)), "{fault:?}");
+        assert_eq!(logged.get(&other), Some(&claimed(2, 1)), "{fault:?}");
+    }
 }
