@@ -318,10 +318,7 @@ impl GroupWriter {
         if removed_any {
             // The moves, durable: a power cut does not bring a removed
             // container's directory (and the log's line for it) back.
-            for dir in [
-                self.layout.root().join("containers"),
-                trash_dir(&self.layout),
-            ] {
+            for dir in [self.layout.containers_dir(), trash_dir(&self.layout)] {
                 if let Err(e) = std::fs::File::open(&dir).and_then(|d| d.sync_all()) {
                     tracing::warn!(dir = %dir.display(), error = %e, "cannot sync a removal");
                 }

@@ -37,9 +37,14 @@ impl VolumeLayout {
         Self { root: root.into() }
     }
 
+    /// Where the containers' directories are.
+    pub fn containers_dir(&self) -> PathBuf {
+        self.root.join("containers")
+    }
+
     /// The directory of one container.
     pub fn container_dir(&self, id: &ContainerId) -> PathBuf {
-        self.root.join("containers").join(id.to_string())
+        self.containers_dir().join(id.to_string())
     }
 
     /// The host path of one of its volumes; the layout is defined once, in

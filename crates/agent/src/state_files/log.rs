@@ -178,7 +178,7 @@ impl Log {
         // A container is gone when its directory is; one that cannot be
         // looked at now is kept, and so is every one while `containers/`
         // itself is missing (a mount not up yet, say).
-        if exists(&layout.root().join("containers")).unwrap_or(false) {
+        if exists(&layout.containers_dir()).unwrap_or(false) {
             latest.retain(|container, _| exists(&layout.container_dir(container)).unwrap_or(true));
         }
         let mut lines = Vec::new();
