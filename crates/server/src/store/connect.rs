@@ -8,7 +8,9 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyConnection, AnyPool, ConnectOptions, Executor};
 
 use super::StoreError;
+use super::native::NativeSqlite;
 use super::sql::{Backend, DatabaseLocation};
+use super::writer::WriteConn;
 
 /// Makes write connections (and the read pool) for one database.
 #[derive(Clone)]
@@ -90,6 +92,38 @@ impl Connector {
                 .map_err(|e| unavailable(&self.location, e))?;
         }
         Ok(conn)
+    }
+
+    /// The writer's connection: SQLite run on the caller's thread (see
+    /// [`NativeSqlite`]), or sqlx's to PostgreSQL; configured as
+    /// [`Connector::connect`]'s.
+    pub(super) async fn connect_writer(&self) -> Result<WriteConn, StoreError> {
+        let DatabaseLocation::Sqlite(path) = &self.location else {
+            return Ok(WriteConn::Sqlx(self.connect().await?));
+        };
+        let path = std::path::absolute(path).map_err(|e| {
+            StoreError::Unavailable(format!("database path {}: {e}", path.display()))
+        })?;
+        let settings = self.session_settings(true);
+        let location = self.location.clone();
+        let opened = tokio::task::spawn_blocking(move || {
+            let mut native = NativeSqlite::open(&path)?;
+            for statement in settings {
+                if let Some(Err(e)) = native
+                    .run(statement, None, false, None)
+                    .into_iter()
+                    .find(Result::is_err)
+                {
+                    return Err(e);
+                }
+            }
+            Ok(native)
+        })
+        .await
+        .map_err(|e| StoreError::Internal(format!("opening the write connection: {e}")))?;
+        opened
+            .map(WriteConn::Sqlite)
+            .map_err(|e| unavailable(&location, e))
     }
 
     /// A connection for maintenance (checkpoints): as the writer's, but

@@ -53,6 +53,7 @@ mod idempotency;
 pub mod integrity;
 mod lenient;
 pub mod maintenance;
+mod native;
 mod nodes;
 mod pools;
 pub mod retention;
@@ -256,8 +257,16 @@ impl Store {
         }
         let connector = connect::Connector::new(location.clone(), options.synchronous_full)
             .idle_transaction_limit(options.fence.as_ref().map(|f| f.lease));
-        let mut write_conn = connector.connect().await?;
-        migrate(&mut write_conn, location.backend()).await?;
+        let mut migrating = connector.connect().await?;
+        migrate(&mut migrating, location.backend()).await?;
+        let write_conn = match location.backend() {
+            // The writer calls SQLite itself (store/native.rs).
+            Backend::Sqlite => {
+                let _ = migrating.close().await;
+                connector.connect_writer().await?
+            }
+            Backend::Postgres => writer::WriteConn::Sqlx(migrating),
+        };
 
         let reads = connector.read_pool(options.read_connections).await?;
         let checkpointer = match location.backend() {

@@ -31,7 +31,10 @@ use sqlx::Either;
 use sqlx::any::AnyArguments;
 use sqlx::query::Query;
 
+use sqlx::any::{AnyQueryResult, AnyRow};
+
 use super::sql;
+use super::writer::WriteConn;
 use super::{StoreError, WriteTx};
 
 /// Writes with more statements than this run one statement at a time:
@@ -246,46 +249,76 @@ pub(super) enum Verdict {
 /// transaction), which undoes the other writes of the text too, and runs
 /// again those that must.
 pub(super) async fn run_writes_together(
-    conn: &mut sqlx::AnyConnection,
+    conn: &mut WriteConn,
     enter: &'static str,
     writes: &[&Statements],
 ) -> Vec<Verdict> {
-    let mut text = String::with_capacity(
-        enter.len() + writes.iter().map(|s| 512 * s.list.len()).sum::<usize>(),
-    );
-    text.push_str(enter);
-    for statement in writes.iter().flat_map(|s| &s.list) {
-        text.push_str(";\n");
-        text.push_str(statement.sql);
-    }
-    // Copies: a write rolled back with one before it runs again.
-    let mut query = sqlx::query(sqlx::AssertSqlSafe(text));
-    for statement in writes.iter().flat_map(|s| &s.list) {
-        for param in &statement.params {
-            query = bind(query, param.clone());
-        }
-    }
     // One outcome per statement that finished, savepoints' included.
     let mut outcomes = Vec::new();
     let mut failure: Option<StoreError> = None;
-    {
-        let mut current = Outcome::default();
+    let mut take = |item: Result<Either<AnyQueryResult, AnyRow>, sqlx::Error>,
+                    current: &mut Outcome|
+     -> bool {
+        match item {
+            Ok(item) => {
+                let finished = matches!(item, Either::Left(_));
+                if let Err(e) = record(current, item) {
+                    failure = Some(e);
+                    return false;
+                }
+                if finished {
+                    outcomes.push(std::mem::take(current));
+                }
+                true
+            }
+            Err(e) => {
+                failure = Some(e.into());
+                false
+            }
+        }
+    };
+    let mut current = Outcome::default();
+    if let Some(native) = conn.native() {
+        // No trip to make: each statement is prepared once and kept, and
+        // run with its own parameters.
+        let statements = enter.split(';').map(|s| (s.trim(), &[][..])).chain(
+            writes
+                .iter()
+                .flat_map(|s| &s.list)
+                .map(|s| (s.sql, s.params.as_slice())),
+        );
+        for item in native.run_each(statements) {
+            if !take(item, &mut current) {
+                break;
+            }
+        }
+    } else {
+        let mut text = String::with_capacity(
+            enter.len() + writes.iter().map(|s| 512 * s.list.len()).sum::<usize>(),
+        );
+        text.push_str(enter);
+        for statement in writes.iter().flat_map(|s| &s.list) {
+            text.push_str(";\n");
+            text.push_str(statement.sql);
+        }
+        // Copies: a write rolled back with one before it runs again.
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(text));
+        for statement in writes.iter().flat_map(|s| &s.list) {
+            for param in &statement.params {
+                query = bind(query, param.clone());
+            }
+        }
         let mut results = sqlx::Executor::fetch_many(conn, query);
         loop {
             match results.try_next().await {
                 Ok(Some(item)) => {
-                    let finished = matches!(item, Either::Left(_));
-                    if let Err(e) = record(&mut current, item) {
-                        failure = Some(e);
+                    if !take(Ok(item), &mut current) {
                         break;
-                    }
-                    if finished {
-                        outcomes.push(std::mem::take(&mut current));
                     }
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    failure = Some(e.into());
+                    take(Err(e), &mut current);
                     break;
                 }
             }

@@ -36,7 +36,6 @@ use std::any::Any;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures::future::BoxFuture;
-use sqlx::{AnyConnection, Connection};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use boilerhouse_core::event::Event;
@@ -46,15 +45,17 @@ use super::sql::Backend;
 use super::{Fence, StoreError};
 
 mod batch;
+mod conn;
 mod transaction;
 use batch::{Outcome, Published, commit_batch, fail_all};
+pub use conn::WriteConn;
 
 use super::statements::Statements;
 
 /// What a write operation sees: the write connection, inside a transaction,
 /// and the events it recorded (published to watchers only after commit).
 pub struct WriteTx {
-    pub(super) conn: AnyConnection,
+    pub(super) conn: WriteConn,
     pub(super) new_events: Vec<Event>,
     /// Who caused the operation running now: one transaction carries the
     /// operations of many callers, so each sets this before it runs.
@@ -71,7 +72,7 @@ pub struct WriteTx {
 
 impl WriteTx {
     /// The connection, for queries.
-    pub fn conn(&mut self) -> &mut AnyConnection {
+    pub fn conn(&mut self) -> &mut WriteConn {
         debug_assert!(
             self.enter.is_none(),
             "an operation that defers its savepoint runs its statements first"
@@ -148,7 +149,7 @@ impl Writer {
     /// flight, some 100 µs a trip, most of a claim's cost). On its own
     /// thread the writer runs the moment its answer comes.
     pub(super) fn spawn(
-        conn: AnyConnection,
+        conn: WriteConn,
         connector: Connector,
         fence: Option<Fence>,
         max_batch: usize,
@@ -368,7 +369,7 @@ impl Queues {
 }
 
 async fn run(
-    conn: AnyConnection,
+    conn: WriteConn,
     connector: Connector,
     fence: Option<Fence>,
     mut queues: Queues,
@@ -392,7 +393,7 @@ async fn run(
     while closing.is_empty() && queues.next_batch(&mut batch, max_batch).await {
         closing.extend(batch.iter_mut().filter_map(|r| r.closing.take()));
         if broken {
-            match connector.connect().await {
+            match connector.connect_writer().await {
                 Ok(conn) => {
                     tracing::info!(
                         backend = connector.backend().as_str(),
@@ -440,7 +441,7 @@ async fn run(
 /// bound (2 GiB in 90 s of churn at 100,000 containers). Only the writer
 /// can copy with no commit landing meanwhile. A failure changes nothing
 /// and is tried again when the checkpointer next asks.
-async fn checkpoint_the_rest(conn: &mut AnyConnection) {
+async fn checkpoint_the_rest(conn: &mut WriteConn) {
     let outcome: Result<(i64, i64, i64), sqlx::Error> =
         sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
             .fetch_one(conn)

@@ -3,12 +3,10 @@
 
 use std::time::Duration;
 
-use sqlx::AnyConnection;
-
 use super::super::sql::Backend;
 use super::super::statements::{Statements, Verdict, run_writes_together};
 use super::super::{Fence, StoreError};
-use super::{AnyResult, WriteOp, WriteTx};
+use super::{AnyResult, WriteConn, WriteOp, WriteTx};
 
 /// Whether the operation before left its savepoint open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -194,7 +192,7 @@ pub(super) async fn run_in_savepoint(
 /// server's. Another epoch means another replica took the lease; the
 /// share lock means no replica can take it while this transaction is open.
 pub(super) async fn check_fence(
-    conn: &mut AnyConnection,
+    conn: &mut WriteConn,
     fence: &Fence,
 ) -> Result<(), (StoreError, bool)> {
     let row: Result<(i64, String), sqlx::Error> =
@@ -230,7 +228,7 @@ pub(super) async fn check_fence(
 /// task is the only writer of its server. The error says whether the
 /// connection is broken.
 pub(super) async fn begin(
-    conn: &mut AnyConnection,
+    conn: &mut WriteConn,
     backend: Backend,
 ) -> Result<(), (StoreError, bool)> {
     let statement = match backend {
