@@ -96,7 +96,9 @@ impl NativeSqlite {
             limit,
             out: &mut out,
         };
-        if !sql.contains(';') {
+        if sql.trim().is_empty() {
+            // sqlx runs nothing for it either.
+        } else if !sql.contains(';') {
             let prepared = if persistent {
                 self.conn.prepare_cached(sql).map(Prepared::Cached)
             } else {
@@ -203,20 +205,17 @@ impl Values<'_> {
         }
     }
 
+    /// Binds the value at `position` to placeholder `index`.
     fn bind(
         &self,
         statement: &mut rusqlite::Statement<'_>,
-        from: usize,
-        count: usize,
+        index: usize,
+        position: usize,
     ) -> rusqlite::Result<()> {
-        for i in 0..count {
-            let index = i + 1;
-            match self {
-                Values::Any(v) => bind_any(statement, index, &v[from + i])?,
-                Values::Params(v) => bind_param(statement, index, &v[from + i])?,
-            }
+        match self {
+            Values::Any(v) => bind_any(statement, index, &v[position]),
+            Values::Params(v) => bind_param(statement, index, &v[position]),
         }
-        Ok(())
     }
 }
 
@@ -235,19 +234,38 @@ impl Run<'_> {
     /// Binds and steps one statement; false once the call must stop (it
     /// failed, or the row limit was reached).
     fn statement(&mut self, statement: &mut rusqlite::Statement<'_>) -> bool {
-        let wanted = statement.parameter_count();
-        let left = self.values.len().saturating_sub(self.next);
-        if wanted > left {
-            self.out.push(Err(sqlx::Error::AnyDriverError(
-                format!("a statement wants {wanted} arguments; {left} are left").into(),
-            )));
-            return false;
-        }
-        let bound = self.values.bind(statement, self.next, wanted);
-        self.next += wanted;
-        if let Err(e) = bound {
-            self.out.push(Err(error(e)));
-            return false;
+        // As sqlx binds: `?NNN` and `$NNN` name an argument by its number
+        // in the whole call's list, a plain `?` takes the next one, and a
+        // placeholder past the last argument stays unbound (NULL).
+        for index in 1..=statement.parameter_count() {
+            let number = match statement.parameter_name(index) {
+                None => {
+                    self.next += 1;
+                    self.next
+                }
+                Some(name) => {
+                    let number = name
+                        .strip_prefix('?')
+                        .or_else(|| name.strip_prefix('$'))
+                        .and_then(|n| n.parse::<usize>().ok());
+                    match number {
+                        Some(number) => number,
+                        None => {
+                            self.out.push(Err(sqlx::Error::AnyDriverError(
+                                format!("unsupported SQL parameter: {name}").into(),
+                            )));
+                            return false;
+                        }
+                    }
+                }
+            };
+            if number == 0 || number > self.values.len() {
+                break;
+            }
+            if let Err(e) = self.values.bind(statement, index, number - 1) {
+                self.out.push(Err(error(e)));
+                return false;
+            }
         }
         let columns: Option<Arc<sqlx_core::HashMap<UStr, usize>>> = (statement.column_count() > 0)
             .then(|| {

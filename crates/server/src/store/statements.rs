@@ -281,12 +281,17 @@ pub(super) async fn run_writes_together(
     if let Some(native) = conn.native() {
         // No trip to make: each statement is prepared once and kept, and
         // run with its own parameters.
-        let statements = enter.split(';').map(|s| (s.trim(), &[][..])).chain(
-            writes
-                .iter()
-                .flat_map(|s| &s.list)
-                .map(|s| (s.sql, s.params.as_slice())),
-        );
+        let statements = enter
+            .split(';')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| (s, &[][..]))
+            .chain(
+                writes
+                    .iter()
+                    .flat_map(|s| &s.list)
+                    .map(|s| (s.sql, s.params.as_slice())),
+            );
         for item in native.run_each(statements) {
             if !take(item, &mut current) {
                 break;

@@ -161,10 +161,9 @@ impl Writer {
         let (routine, routine_rx) = mpsc::channel(4096);
         let mut runtime = tokio::runtime::Builder::new_current_thread();
         match connector.backend() {
-            // SQLite answers through a channel from its own thread: no
-            // sockets, so the thread parks on a futex, which is cheaper to
-            // wake than the I/O driver's epoll (4 % of the SQLite thread's
-            // time went to waking this one).
+            // SQLite runs on this thread (store/native.rs): no sockets,
+            // so the thread parks on a futex between batches, which is
+            // cheaper to wake than the I/O driver's epoll.
             Backend::Sqlite => runtime.enable_time(),
             Backend::Postgres => runtime.enable_all(),
         };

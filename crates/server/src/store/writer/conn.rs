@@ -85,18 +85,15 @@ impl<'c> sqlx::Executor<'c> for &'c mut WriteConn {
     {
         match self {
             WriteConn::Sqlite(native) => {
-                let mut row = None;
-                for item in run_native(native, query, Some(1)) {
-                    match item {
-                        Ok(Either::Right(first)) => {
-                            row = Some(first);
-                            break;
-                        }
-                        Ok(Either::Left(_)) => {}
-                        Err(e) => return futures::future::ready(Err(e)).boxed(),
-                    }
-                }
-                futures::future::ready(Ok(row)).boxed()
+                // As sqlx's: the first thing the text gives decides, a row
+                // or (a statement that returned none) nothing.
+                let first = run_native(native, query, Some(1)).into_iter().next();
+                let row = match first {
+                    Some(Ok(Either::Right(row))) => Ok(Some(row)),
+                    Some(Ok(Either::Left(_))) | None => Ok(None),
+                    Some(Err(e)) => Err(e),
+                };
+                futures::future::ready(row).boxed()
             }
             WriteConn::Sqlx(conn) => conn.fetch_optional(query),
         }
