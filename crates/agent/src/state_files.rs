@@ -311,16 +311,20 @@ impl GroupWriter {
                 results[index] = Some(file.outcome.as_ref().map_err(copy_error).copied());
             }
         }
-        let removed_any = !removals.is_empty();
-        for (index, id) in removals {
-            results[index] = Some(self.remove(&id));
+        for (index, id) in &removals {
+            results[*index] = Some(self.remove(id));
         }
-        if removed_any {
-            // The moves, durable: a power cut does not bring a removed
-            // container's directory (and the log's line for it) back.
-            for dir in [self.layout.containers_dir(), trash_dir(&self.layout)] {
-                if let Err(e) = std::fs::File::open(&dir).and_then(|d| d.sync_all()) {
-                    tracing::warn!(dir = %dir.display(), error = %e, "cannot sync a removal");
+        // The moves, durable before any removal is answered: a power cut
+        // must not bring a removed container's directory (and the log's
+        // line for it) back. A removal whose moves may not be durable
+        // fails; the server sends it again, and that group syncs them
+        // again (the directory, already moved, is not found).
+        if !removals.is_empty()
+            && let Err(e) = self.sync_removals()
+        {
+            for (index, _) in &removals {
+                if matches!(results[*index], Some(Ok(()))) {
+                    results[*index] = Some(Err(copy_error(&e)));
                 }
             }
         }
@@ -351,6 +355,25 @@ impl GroupWriter {
                 }
             }
         });
+    }
+
+    /// Syncs the directories a group's removals moved entries out of and
+    /// into. One that is not there had nothing moved.
+    fn sync_removals(&mut self) -> std::io::Result<()> {
+        if self.log.take_fault(log::Fault::RemovalSync) {
+            return Err(std::io::Error::other("injected: a removal's sync failed"));
+        }
+        for dir in [self.layout.containers_dir(), trash_dir(&self.layout)] {
+            match std::fs::File::open(&dir).and_then(|d| d.sync_all()) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), error = %e, "cannot sync a removal; it fails and is tried again");
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Moves the directories of `id` out of the way, to be deleted off this

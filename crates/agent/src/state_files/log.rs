@@ -19,6 +19,8 @@ pub(super) enum Fault {
     RewriteWrite,
     /// A rewrite's directory sync fails, after its rename.
     RewriteDirSync,
+    /// The sync of a group's removals fails.
+    RemovalSync,
 }
 
 pub(super) struct Log {
@@ -59,7 +61,7 @@ impl Log {
 
     /// Whether a test asked for a failure at `at` (once).
     #[cfg(test)]
-    fn take_fault(&mut self, at: Fault) -> bool {
+    pub(super) fn take_fault(&mut self, at: Fault) -> bool {
         let take = self.fault == Some(at);
         if take {
             self.fault = None;
@@ -68,7 +70,7 @@ impl Log {
     }
 
     #[cfg(not(test))]
-    fn take_fault(&mut self, _at: Fault) -> bool {
+    pub(super) fn take_fault(&mut self, _at: Fault) -> bool {
         false
     }
 

@@ -472,6 +472,34 @@ fn a_removal_moves_the_directories_aside_and_forgets_the_container() {
 }
 
 #[test]
+fn a_removal_whose_moves_cannot_be_synced_fails_and_goes_through_when_sent_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let layout = VolumeLayout::new(dir.path());
+    let (id, other) = (container(&layout), container(&layout));
+    let mut writer = GroupWriter::open(layout.clone());
+    let (trash, _moved) = mpsc::channel();
+    writer.trash = Some(trash);
+    writer.log.fault = Some(Fault::RemovalSync);
+    let results = writer.apply_group(&[Op::Write(other, &claimed(2, 1)), Op::Remove(id)]);
+    assert!(results[0].is_ok(), "a write of the group stands");
+    assert!(
+        results[1].is_err(),
+        "not answered as done while its move may not be durable"
+    );
+    assert!(!layout.container_dir(&id).exists(), "moved all the same");
+    // The server sends it again: the directory is gone, the sync works.
+    let again = writer.apply_group(&[Op::Remove(id)]);
+    assert!(again[0].is_ok(), "{again:?}");
+    // A removal of a container that never had directories, before any
+    // trash exists, is no failure.
+    let fresh = tempfile::tempdir().unwrap();
+    let mut writer = GroupWriter::open(VolumeLayout::new(fresh.path()));
+    let never = ContainerId::from_uuid(boilerhouse_core::ids::Uuid::now_v7());
+    let results = writer.apply_group(&[Op::Remove(never)]);
+    assert!(results[0].is_ok(), "{results:?}");
+}
+
+#[test]
 fn a_failed_append_loses_nothing_answered_and_leaves_no_half_line_behind() {
     let dir = tempfile::tempdir().unwrap();
     let layout = VolumeLayout::new(dir.path());
