@@ -260,10 +260,15 @@ impl Store {
         let mut migrating = connector.connect().await?;
         migrate(&mut migrating, location.backend()).await?;
         let write_conn = match location.backend() {
-            // The writer calls SQLite itself (store/native.rs).
+            // The writer calls SQLite itself (store/native.rs). Opened
+            // before the migration's connection closes: the last
+            // connection to close checkpoints the whole WAL, which after a
+            // kill -9 holds whatever the checkpointer had not copied yet,
+            // and the restart would wait for it.
             Backend::Sqlite => {
+                let native = connector.connect_writer().await?;
                 let _ = migrating.close().await;
-                connector.connect_writer().await?
+                native
             }
             Backend::Postgres => writer::WriteConn::Sqlx(migrating),
         };
