@@ -1,44 +1,33 @@
-//! A write as a list of statements, each with what it must find, sent to
-//! SQLite in one round trip.
+//! A write as a list of statements, each with what it must find.
 //!
-//! Why: sqlx runs SQLite on a thread of its own, and every statement is a
-//! round trip to it (a channel send, a thread wake-up, a reply). A claim
-//! is four or five statements plus its savepoint; at thousands of claims a
-//! second the trips, not the statements, were the writer's cost. SQLite
-//! (through sqlx) runs a text of several statements in one call and
-//! reports each one's changed rows and returned rows, so a short write
-//! travels once, savepoint included, and its checks are made on what
-//! comes back. Writes of the same shape queued one behind another travel
-//! together, up to eight in a text, in one savepoint
-//! (`writer::transaction::run_together`). PostgreSQL takes
-//! no parameters in a multi-statement text:
-//! there, and for long writes (whose text would be prepared once and
-//! never reused), the statements run one by one with the same checks.
+//! Why: a claim is four or five statements plus its savepoint, and at
+//! thousands of claims a second how they reach the database was the
+//! writer's cost. As a list, a write's checks are made on what each
+//! statement reports (changed rows, returned rows), so on SQLite, where
+//! the writer calls SQLite itself (`store::native`), writes of the same
+//! shape queued one behind another run together, up to eight, in one
+//! savepoint (`writer::transaction::run_together`): a savepoint per write
+//! made SQLite copy every page each write touched into the savepoint's
+//! journal again. On PostgreSQL, and for long writes, the statements run
+//! one by one in their own savepoint with the same checks.
 //!
-//! sqlx marks several statements in one prepared text as a SQLite-only
-//! behaviour it may drop (launchbadge/sqlx#3108); if it does, setting
-//! [`MAX_STATEMENTS_TOGETHER`] to 0 keeps everything working at the old
-//! cost.
-//!
-//! Sequential meaning is kept: when statements run together, a failed
-//! check or error reports the first statement that failed, as running
-//! them one by one would have; the writer rolls back the savepoint that
-//! holds it, which undoes what ran after it (and the other writes of its
-//! text, which it runs again).
+//! Sequential meaning is kept: when writes run together, a failed check
+//! or error reports the first statement that failed, as running them one
+//! by one would have; the writer rolls back the savepoint that holds it,
+//! which undoes the other writes of the run (which it runs again).
 
 use futures::TryStreamExt as _;
 use sqlx::Either;
 use sqlx::any::AnyArguments;
 use sqlx::query::Query;
 
-use sqlx::any::{AnyQueryResult, AnyRow};
-
+use super::native::NativeSqlite;
 use super::sql;
-use super::writer::WriteConn;
 use super::{StoreError, WriteTx};
 
-/// Writes with more statements than this run one statement at a time:
-/// their text would fill the statement cache and never be used again.
+/// Writes with more statements than this run on their own, in their own
+/// savepoint: the rare long write (a fill's batch, say) is not worth
+/// holding others' savepoint for.
 pub(super) const MAX_STATEMENTS_TOGETHER: usize = 8;
 
 /// A value bound to a `?`, owned so the list can be run either way.
@@ -240,7 +229,7 @@ pub(super) enum Verdict {
     NotRun,
 }
 
-/// SQLite: runs several writes in one round trip, led by `enter` (the
+/// SQLite: runs several writes one after another, led by `enter` (the
 /// statements that enter the savepoint, or begin the transaction, they
 /// share), and gives each write's verdict in order. Execution stops at
 /// the first statement that fails; the writes after it are
@@ -248,84 +237,44 @@ pub(super) enum Verdict {
 /// found afterwards): the caller rolls back the savepoint (or
 /// transaction), which undoes the other writes of the text too, and runs
 /// again those that must.
-pub(super) async fn run_writes_together(
-    conn: &mut WriteConn,
+pub(super) fn run_writes_together(
+    native: &mut NativeSqlite,
     enter: &'static str,
     writes: &[&Statements],
 ) -> Vec<Verdict> {
+    // Each statement prepared once and kept, run with its own parameters;
+    // `enter` is one of the writer's fixed texts, split where it joins
+    // statements.
+    let statements = enter
+        .split(';')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| (s, &[][..]))
+        .chain(
+            writes
+                .iter()
+                .flat_map(|s| &s.list)
+                .map(|s| (s.sql, s.params.as_slice())),
+        );
     // One outcome per statement that finished, savepoints' included.
     let mut outcomes = Vec::new();
     let mut failure: Option<StoreError> = None;
-    let mut take = |item: Result<Either<AnyQueryResult, AnyRow>, sqlx::Error>,
-                    current: &mut Outcome|
-     -> bool {
+    let mut current = Outcome::default();
+    for item in native.run_each(statements) {
         match item {
             Ok(item) => {
                 let finished = matches!(item, Either::Left(_));
-                if let Err(e) = record(current, item) {
+                if let Err(e) = record(&mut current, item) {
                     failure = Some(e);
-                    return false;
+                    break;
                 }
                 if finished {
-                    outcomes.push(std::mem::take(current));
+                    outcomes.push(std::mem::take(&mut current));
                 }
-                true
             }
             Err(e) => {
                 failure = Some(e.into());
-                false
-            }
-        }
-    };
-    let mut current = Outcome::default();
-    if let Some(native) = conn.native() {
-        // No trip to make: each statement is prepared once and kept, and
-        // run with its own parameters.
-        let statements = enter
-            .split(';')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(|s| (s, &[][..]))
-            .chain(
-                writes
-                    .iter()
-                    .flat_map(|s| &s.list)
-                    .map(|s| (s.sql, s.params.as_slice())),
-            );
-        for item in native.run_each(statements) {
-            if !take(item, &mut current) {
                 break;
-            }
-        }
-    } else {
-        let mut text = String::with_capacity(
-            enter.len() + writes.iter().map(|s| 512 * s.list.len()).sum::<usize>(),
-        );
-        text.push_str(enter);
-        for statement in writes.iter().flat_map(|s| &s.list) {
-            text.push_str(";\n");
-            text.push_str(statement.sql);
-        }
-        // Copies: a write rolled back with one before it runs again.
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(text));
-        for statement in writes.iter().flat_map(|s| &s.list) {
-            for param in &statement.params {
-                query = bind(query, param.clone());
-            }
-        }
-        let mut results = sqlx::Executor::fetch_many(conn, query);
-        loop {
-            match results.try_next().await {
-                Ok(Some(item)) => {
-                    if !take(Ok(item), &mut current) {
-                        break;
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    take(Err(e), &mut current);
-                    break;
-                }
             }
         }
     }

@@ -77,7 +77,13 @@ pub(super) async fn run_together(
         Savepoint::None => ("SAVEPOINT op", "ROLLBACK TO op; RELEASE op"),
         Savepoint::Open => ("RELEASE op; SAVEPOINT op", "ROLLBACK TO op; RELEASE op"),
     };
-    let verdicts = run_writes_together(&mut tx.conn, enter, writes).await;
+    let Some(native) = tx.conn.native() else {
+        // Runs are formed on SQLite only (batch.rs `together`).
+        return Together::Settled(vec![Err(StoreError::Internal(
+            "writes are sent together on SQLite only".into(),
+        ))]);
+    };
+    let verdicts = run_writes_together(native, enter, writes);
     // Whatever happens below, "op" is open only if every write stood.
     *open = Savepoint::None;
     let mut settled = Vec::with_capacity(verdicts.len());
