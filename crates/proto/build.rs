@@ -31,6 +31,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // generated `XClient::connect` helper; clients are built from a
         // Channel instead.
         .build_transport(false)
+        // prost's codec with stream buffers sized for long-lived streams
+        // (src/codec.rs).
+        .codec_path("crate::codec::Codec")
         .compile_fds(fds)?;
 
     println!("cargo:rerun-if-changed={}", proto_root.display());

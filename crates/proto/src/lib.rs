@@ -10,6 +10,7 @@ pub mod pb {
     tonic::include_proto!("boilerhouse.v1");
 }
 
+pub mod codec;
 pub mod convert;
 pub mod leader;
 pub mod servers;
