@@ -2,18 +2,20 @@
 //! tonic's stream buffers sized for streams that live for days.
 //!
 //! tonic's default encoder gathers the messages a stream has ready into one
-//! chunk of up to 32 KiB before handing it to HTTP/2, and the receiving
-//! side keeps its buffer at the largest size it ever held (a gRPC stream's
-//! receive buffer is never shrunk). An agent's full report is a burst of
-//! ~5 KiB parts, so every agent stream's buffer on the server grew to the
-//! size of a gathered chunk, ~32 KiB, and kept it for the session: 1,000
-//! agents held ~35 MB of buffers that were empty between reports
-//! (docs/BENCHMARKS.md, P5). Here each message goes as a chunk of its own
-//! once it reaches [`YIELD_AT`], so a stream's receive buffer is sized by
-//! its largest message rather than by how many arrived together. Messages
-//! smaller than that (heartbeats, events) are still gathered, up to about
-//! `YIELD_AT` plus one message, so a burst of small ones is not one frame
-//! each.
+//! chunk of up to 32 KiB before handing it to HTTP/2, and both ends keep a
+//! stream's buffer at the largest size it ever held: the sender's at the
+//! largest chunk it gathered, the receiver's at about twice the largest
+//! piece HTTP/2 handed it (tonic reserves a message's length again once
+//! its header is read). An agent's full report is a burst of ~5 KiB parts
+//! all ready at once, so each agent stream's buffers grew to ~32 KiB or
+//! more and kept that for the session: on the server, 1,000 agents held
+//! ~35 MB of receive buffers that were empty between reports
+//! (docs/BENCHMARKS.md, P5). Here each message of [`YIELD_AT`] or more
+//! goes as a chunk of its own, so a stream's buffers follow its largest
+//! message (about twice it, rounded up) rather than how many were sent
+//! together. Messages smaller than that (heartbeats, events) are still
+//! gathered, up to about `YIELD_AT` plus one message, so a burst of small
+//! ones is not one frame each.
 
 use std::marker::PhantomData;
 
@@ -24,7 +26,7 @@ use tonic_prost::{ProstDecoder, ProstEncoder};
 /// Where the encoder stops gathering messages into one chunk.
 pub const YIELD_AT: usize = 2 * 1024;
 
-/// The buffer a stream begins with, and grows by (tonic's default).
+/// The buffer a stream begins with (tonic's default); it doubles as needed.
 const BUFFER_SIZE: usize = 8 * 1024;
 
 fn settings() -> BufferSettings {
@@ -182,8 +184,8 @@ mod tests {
             "each part is at least YIELD_AT, so none is gathered with another"
         );
         let chunks = chunks_of(parts.clone()).await;
-        // Gathered (tonic's default gathers up to 32 KiB), the receiver's
-        // buffer would grow to the size of a gathered chunk and keep it.
+        // Gathered (tonic's default gathers up to 32 KiB), both ends'
+        // buffers would grow with the chunks and keep that size.
         assert_eq!(chunks.len(), parts.len(), "chunks: {chunks:?}");
         assert!(
             chunks.iter().all(|c| *c <= largest + FRAMING),
