@@ -55,9 +55,11 @@ enum Decided {
         Option<boilerhouse_core::ContainerId>,
     ),
     Cold(Option<Reservation>),
-    /// The tenant's reservation is on a node whose agent has reconnected
-    /// and not yet been reconciled: the container is very likely there
-    /// and the tenant's; wait for the node rather than end it.
+    /// What the claim would get is on a node whose agent has reconnected
+    /// and not yet been reconciled: the tenant's reservation (very likely
+    /// still there and the tenant's; wait rather than end it), or, with
+    /// nothing else idle, the pool's idle containers (wait rather than
+    /// start one cold beside them, or be refused at `max_size`).
     AwaitNode(NodeId),
 }
 
@@ -149,8 +151,28 @@ impl Pools {
                         Decided::Grant(grant, ClaimSource::Pool, Some(c.id))
                     }
                     Choice::Cold(superseded) => {
-                        self.check_superseded(superseded.as_ref())?;
-                        Decided::Cold(superseded)
+                        // Idle containers on a node whose agent just
+                        // reconnected are offered once its report is
+                        // reconciled (well under a second after Hello): a
+                        // cold start now would make a container beside
+                        // them, or be refused at max_size while they sit
+                        // idle.
+                        let waiting = index
+                            .idle(workload_id)
+                            .find(|c| {
+                                !c.used()
+                                    && unreconciled.contains(&c.node_id)
+                                    && !inflight.busy.contains(&c.id)
+                                    && self.node_live(&c.node_id, now)
+                            })
+                            .map(|c| c.node_id.clone());
+                        match waiting {
+                            Some(node) => Decided::AwaitNode(node),
+                            None => {
+                                self.check_superseded(superseded.as_ref())?;
+                                Decided::Cold(superseded)
+                            }
+                        }
                     }
                 }
             };
@@ -230,8 +252,9 @@ impl Pools {
 
     /// Waits until `node` (whose agent reconnected) has had its first
     /// report reconciled, or `deadline`. A restarted server must not end a
-    /// tenant's reservation, and destroy its container, only because the
-    /// node's report has not been read yet.
+    /// tenant's reservation, and destroy its container, nor refuse a claim
+    /// while the pool's idle containers are there, only because the node's
+    /// report has not been read yet.
     async fn await_reconciled(
         &self,
         node: &NodeId,
@@ -252,7 +275,7 @@ impl Pools {
             let _ = tokio::time::timeout_at(wake.into(), changed).await;
             if Instant::now() >= deadline {
                 return Err(PoolError::Unavailable(format!(
-                    "{tenant}'s reserved container is on node {node}, whose agent reconnected and has not been reconciled yet; retry shortly"
+                    "the container for {tenant} is on node {node}, whose agent reconnected and has not been reconciled yet; retry shortly"
                 )));
             }
         }

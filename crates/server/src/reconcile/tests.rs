@@ -62,6 +62,25 @@ async fn reconciler(dir: &std::path::Path) -> Reconciler {
     }
 }
 
+/// The node's row, as its agent's Hello makes it.
+async fn register(r: &Reconciler, node: &NodeId) {
+    r.store
+        .register_node(
+            crate::store::NodeHello {
+                id: node.clone(),
+                boot_id: "boot".into(),
+                agent_version: "test".into(),
+                engine_version: "test".into(),
+                capacity: Default::default(),
+                labels: BTreeMap::new(),
+                state_root: "/var/lib/boilerhouse".into(),
+            },
+            crate::clock::now(),
+        )
+        .await
+        .unwrap();
+}
+
 /// The container as a full report shows it: labelled, running, never
 /// claimed.
 fn reported(id: ContainerId, node: &NodeId, hash: &str) -> ObservedContainer {
@@ -194,21 +213,7 @@ async fn a_first_report_is_reconciled_by_a_pass_over_its_node_alone() {
     let now = crate::clock::now();
     let mut sessions = Vec::new();
     for n in [&a, &b] {
-        r.store
-            .register_node(
-                crate::store::NodeHello {
-                    id: n.clone(),
-                    boot_id: "boot".into(),
-                    agent_version: "test".into(),
-                    engine_version: "test".into(),
-                    capacity: Default::default(),
-                    labels: BTreeMap::new(),
-                    state_root: "/var/lib/boilerhouse".into(),
-                },
-                now,
-            )
-            .await
-            .unwrap();
+        register(&r, n).await;
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         r.agents.attach(n, format!("session-{n}"), tx, now);
         sessions.push(rx);
@@ -264,4 +269,75 @@ async fn a_first_report_is_reconciled_by_a_pass_over_its_node_alone() {
         Some(ContainerState::Idle)
     );
     drop(sessions);
+}
+
+/// A claim whose pool's idle containers are all on a node whose agent
+/// just reconnected waits for that node's report to be reconciled and
+/// then gets one: it neither starts a container cold beside them nor, with
+/// the pool at `max_size`, is refused while they sit idle.
+#[tokio::test]
+async fn a_claim_waits_for_the_idle_containers_of_a_reconnected_node() {
+    use crate::tasks::BackgroundTask as _;
+    let dir = tempfile::tempdir().unwrap();
+    let r = reconciler(dir.path()).await;
+    let workload = r
+        .pools
+        .workload_record(&"demo".parse().unwrap())
+        .await
+        .unwrap();
+    let hash = workload.spec_hash.clone();
+    let a = NodeId::new("node-a").unwrap();
+    register(&r, &a).await;
+    let (tx, _first) = tokio::sync::mpsc::channel(16);
+    r.agents
+        .attach(&a, "session-1".into(), tx, crate::clock::now());
+    // The pool at its max_size (4), every container idle on node a.
+    let ids: Vec<ContainerId> = (0..4)
+        .map(|_| ContainerId::from_uuid(Uuid::now_v7()))
+        .collect();
+    let report = || ids.iter().map(|id| reported(*id, &a, &hash)).collect();
+    r.agents.full_report(&a, crate::clock::now(), report());
+    let mut task = super::ReconcileTask::new(r.clone(), Duration::from_secs(60));
+    task.activate().await.unwrap();
+    for id in &ids {
+        assert_eq!(
+            r.pools.container(id).map(|c| c.state),
+            Some(ContainerState::Idle)
+        );
+    }
+
+    // The agent reconnects: its containers are offered again only once
+    // its first report on the new session is reconciled.
+    let (tx, _second) = tokio::sync::mpsc::channel(16);
+    r.agents
+        .attach(&a, "session-2".into(), tx, crate::clock::now());
+    assert_eq!(r.agents.unreconciled(), vec![a.clone()]);
+    let tenant: boilerhouse_core::TenantId = "alice".parse().unwrap();
+    let claim = |timeout: Duration| {
+        let (pools, tenant, workload) = (r.pools.clone(), tenant.clone(), workload.clone());
+        tokio::spawn(async move {
+            let guard = pools.lock_tenant(&tenant, &workload.spec.id).await;
+            pools
+                .claim_locked(&guard, &tenant, &workload, Some(timeout), None)
+                .await
+        })
+    };
+    // Until then a claim waits, and says why when its time is up.
+    let waited = claim(Duration::from_millis(300)).await.unwrap();
+    match waited {
+        Err(crate::pools::PoolError::Unavailable(why)) => assert!(
+            why.contains("node-a") && why.contains("not been reconciled"),
+            "{why}"
+        ),
+        other => panic!("expected the claim to wait for node-a, got {other:?}"),
+    }
+
+    // A claim waiting when the report is reconciled gets an idle one.
+    let waiting = claim(Duration::from_secs(30));
+    r.agents.full_report(&a, crate::clock::now(), report());
+    task.activate().await.unwrap();
+    let (granted, source) = waiting.await.unwrap().unwrap();
+    assert_eq!(source, boilerhouse_core::pool::ClaimSource::Pool);
+    assert!(ids.contains(&granted.container.id), "{granted:?}");
+    assert_eq!(granted.claim.tenant_id, tenant);
 }
