@@ -34,6 +34,9 @@ pub struct Expected {
     pub claim_generation: u64,
     /// When the row last changed.
     pub updated_at: Timestamp,
+    /// The Docker container it names: an update that keeps it need not
+    /// write it (nor the index on it).
+    pub docker_id: Option<String>,
 }
 
 impl Expected {
@@ -45,6 +48,7 @@ impl Expected {
             tenant_id: c.tenant_id.clone(),
             claim_generation: c.claim_generation,
             updated_at: c.updated_at,
+            docker_id: c.docker_id.clone(),
         }
     }
 

@@ -12,23 +12,19 @@
 
 use futures::FutureExt as _;
 
-use boilerhouse_core::auth::Principal;
 use boilerhouse_core::event::NewEvent;
-use boilerhouse_core::pool::write::{
-    ClaimChange, ContainerChange, Expected, PoolWrite, ReservationChange,
-};
+use boilerhouse_core::pool::write::PoolWrite;
 use boilerhouse_core::pool::{ClaimRecord, ContainerRecord, Reservation};
 use boilerhouse_core::{ContainerId, TenantId, Timestamp, WorkloadId};
 
-use super::events::{insert_event, push_event, recorded};
-use super::idempotency::push_idempotent;
+use super::events::{insert_event, recorded};
 use super::lenient;
 use super::sql;
-use super::statements::{Expect, Param, Statements};
 use super::{Store, StoreError};
 
 mod rows;
 mod snapshot;
+mod writes;
 use rows::{ClaimRow, ContainerRow, ReservationRow, corrupt};
 
 /// Operator overrides of a pool.
@@ -115,268 +111,6 @@ fn reservation_key(row: &sqlx::any::AnyRow) -> String {
     )
 }
 
-/// The `WHERE` of a conditional container change: the row is as the
-/// decision saw it. Bound from [`expected_params`], in this order.
-macro_rules! container_is {
-    () => {
-        "container_id = ? AND revision = ? AND state = ? AND tenant_id IS NOT DISTINCT FROM ? AND claim_generation = ? \
-         AND updated_at = ?"
-    };
-}
-
-/// The values [`container_is!`] compares, in its order.
-fn expected_params(id: &ContainerId, e: &Expected) -> [Param; 6] {
-    [
-        id.to_string().into(),
-        (e.revision as i64).into(),
-        e.state.as_str().into(),
-        e.tenant_id.as_ref().map(TenantId::as_str).into(),
-        (e.claim_generation as i64).into(),
-        e.updated_at.as_millis().into(),
-    ]
-}
-
-fn push_reservation(statements: &mut Statements, change: &ReservationChange) {
-    let (sql, params): (&'static str, Vec<Param>) = match change {
-        ReservationChange::Insert(r) => (
-            "INSERT INTO affinity_reservations (tenant_id, workload_id, container_id, node_id, reserved_at, \
-             expires_at) VALUES (?, ?, ?, ?, ?, ?)",
-            vec![
-                r.tenant_id.as_str().into(),
-                r.workload_id.as_str().into(),
-                r.container_id.to_string().into(),
-                r.node_id.as_str().into(),
-                r.reserved_at.as_millis().into(),
-                r.expires_at.as_millis().into(),
-            ],
-        ),
-        ReservationChange::Update { expected, new } => (
-            "UPDATE affinity_reservations SET node_id = ?, reserved_at = ?, expires_at = ? \
-             WHERE tenant_id = ? AND workload_id = ? AND container_id = ? AND expires_at = ?",
-            vec![
-                new.node_id.as_str().into(),
-                new.reserved_at.as_millis().into(),
-                new.expires_at.as_millis().into(),
-                expected.tenant_id.as_str().into(),
-                expected.workload_id.as_str().into(),
-                expected.container_id.to_string().into(),
-                expected.expires_at.as_millis().into(),
-            ],
-        ),
-        ReservationChange::Remove { expected } => (
-            "DELETE FROM affinity_reservations \
-             WHERE tenant_id = ? AND workload_id = ? AND container_id = ? AND expires_at = ?",
-            vec![
-                expected.tenant_id.as_str().into(),
-                expected.workload_id.as_str().into(),
-                expected.container_id.to_string().into(),
-                expected.expires_at.as_millis().into(),
-            ],
-        ),
-    };
-    statements.push(
-        sql,
-        params,
-        Expect::Changes(format!(
-            "the reservation changed since it was read ({change:?})"
-        )),
-    );
-}
-
-/// The columns a change may set, in the order the statements list them:
-/// docker_id through updated_at.
-fn changing_params(c: &ContainerRecord) -> [Param; 11] {
-    [
-        (&c.docker_id).into(),
-        c.state.as_str().into(),
-        c.tenant_id.as_ref().map(TenantId::as_str).into(),
-        c.last_tenant_id.as_ref().map(TenantId::as_str).into(),
-        (c.claim_generation as i64).into(),
-        (c.revision as i64).into(),
-        c.limits.cpus.into(),
-        c.limits.memory_bytes.map(|m| m as i64).into(),
-        (&c.state_path).into(),
-        (&c.comm_path).into(),
-        c.updated_at.as_millis().into(),
-    ]
-}
-
-fn push_container(statements: &mut Statements, change: &ContainerChange) {
-    let changed = || format!("container {} changed since it was read", change.id());
-    match change {
-        ContainerChange::Insert(c) => {
-            // A row comes back only with the history its claims wrote: a
-            // stale adoption never revives a used container as unused.
-            // The check is part of the statement.
-            let mut params: Vec<Param> = vec![
-                c.id.to_string().into(),
-                c.workload_id.as_str().into(),
-                c.workload_id.as_str().into(),
-                c.node_id.as_str().into(),
-                (&c.spec_hash).into(),
-                c.created_at.as_millis().into(),
-            ];
-            params.extend(changing_params(c));
-            params.push(c.id.to_string().into());
-            params.push((c.claim_generation as i64).into());
-            statements.push(
-                "INSERT INTO containers (container_id, pool_id, workload_id, node_id, spec_hash, created_at, \
-                 docker_id, state, tenant_id, last_tenant_id, claim_generation, revision, limits_cpus, \
-                 limits_memory, state_path, comm_path, updated_at) \
-                 SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? \
-                 WHERE NOT EXISTS (SELECT 1 FROM claims WHERE container_id = ? AND generation > ?)",
-                params,
-                Expect::Changes(format!("container {} had newer claims", c.id)),
-            );
-        }
-        ContainerChange::Update {
-            expected,
-            record: c,
-        } => {
-            let mut params: Vec<Param> = Vec::with_capacity(17);
-            params.extend(changing_params(c));
-            params.extend(expected_params(&c.id, expected));
-            statements.push(
-                concat!(
-                    "UPDATE containers SET docker_id = ?, state = ?, tenant_id = ?, last_tenant_id = ?, ",
-                    "claim_generation = ?, revision = ?, limits_cpus = ?, limits_memory = ?, state_path = ?, ",
-                    "comm_path = ?, updated_at = ? WHERE ",
-                    container_is!()
-                ),
-                params,
-                Expect::Changes(changed()),
-            );
-        }
-        ContainerChange::Remove { id, expected } => {
-            statements.push(
-                concat!("DELETE FROM containers WHERE ", container_is!()),
-                expected_params(id, expected).into(),
-                Expect::Changes(changed()),
-            );
-        }
-    }
-}
-
-fn push_claim(statements: &mut Statements, change: &ClaimChange) {
-    match change {
-        ClaimChange::Insert(c) => {
-            // Two checks, in the statement itself: a fencing token is
-            // never handed out twice, and a tenant never holds a claim and
-            // a reservation of one workload (reservation changes are
-            // applied before claim changes, so this sees what the write
-            // leaves; the unique index claims_one_per_tenant rules out two
-            // claims).
-            statements.push(
-                "INSERT INTO claims (claim_id, tenant_id, workload_id, container_id, node_id, generation, source, \
-                 status, claimed_at, last_activity_at, released_at, restored) \
-                 SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? \
-                 WHERE NOT EXISTS (SELECT 1 FROM claims WHERE container_id = ? AND generation >= ?) \
-                 AND NOT EXISTS (SELECT 1 FROM affinity_reservations WHERE tenant_id = ? AND workload_id = ?)",
-                vec![
-                    (&c.claim_id).into(),
-                    c.tenant_id.as_str().into(),
-                    c.workload_id.as_str().into(),
-                    c.container_id.to_string().into(),
-                    c.node_id.as_str().into(),
-                    (c.generation as i64).into(),
-                    c.source.as_str().into(),
-                    c.status.as_str().into(),
-                    c.claimed_at.as_millis().into(),
-                    c.last_activity_at.as_millis().into(),
-                    c.released_at.map(|t| t.as_millis()).into(),
-                    c.restored.into(),
-                    c.container_id.to_string().into(),
-                    (c.generation as i64).into(),
-                    c.tenant_id.as_str().into(),
-                    c.workload_id.as_str().into(),
-                ],
-                Expect::Changes(format!(
-                    "generation {} on container {} was used, or {}/{} holds a reservation",
-                    c.generation, c.container_id, c.tenant_id, c.workload_id
-                )),
-            );
-        }
-        ClaimChange::End(c) => statements.push(
-            "UPDATE claims SET status = ?, released_at = ? \
-             WHERE claim_id = ? AND status = 'active' AND generation = ?",
-            vec![
-                c.status.as_str().into(),
-                c.released_at.map(|t| t.as_millis()).into(),
-                (&c.claim_id).into(),
-                (c.generation as i64).into(),
-            ],
-            Expect::Changes(format!(
-                "claim {} of {} is no longer active at generation {}",
-                c.claim_id, c.tenant_id, c.generation
-            )),
-        ),
-        ClaimChange::Touch { claim_id, at } => statements.push(
-            // Only ever forward; no scalar max() on PostgreSQL.
-            "UPDATE claims SET last_activity_at = ? WHERE claim_id = ? AND last_activity_at < ?",
-            vec![
-                at.as_millis().into(),
-                claim_id.into(),
-                at.as_millis().into(),
-            ],
-            Expect::Anything,
-        ),
-        ClaimChange::Restored { claim_id } => statements.push(
-            "UPDATE claims SET restored = TRUE WHERE claim_id = ?",
-            vec![claim_id.into()],
-            Expect::Anything,
-        ),
-    }
-}
-
-/// The statements of `write`, and the events they insert, made on the
-/// caller's task: the writer, which runs everything in series, only sends
-/// them.
-fn statements_of(
-    write: &PoolWrite,
-    caused_by: Option<&Principal>,
-) -> Result<(Statements, Vec<NewEvent>), StoreError> {
-    let mut statements = Statements::default();
-    for change in &write.reservations {
-        push_reservation(&mut statements, change);
-    }
-    for change in &write.containers {
-        push_container(&mut statements, change);
-    }
-    for change in &write.claims {
-        push_claim(&mut statements, change);
-    }
-    // Checked on what the write leaves: a release (which reserves) that
-    // lands after a claim decided before it is refused. Claim inserts
-    // check the same in their own statement.
-    for (tenant, workload) in write.reservations.iter().filter_map(|r| match r {
-        ReservationChange::Insert(r) => Some((&r.tenant_id, &r.workload_id)),
-        _ => None,
-    }) {
-        statements.push(
-            "SELECT (SELECT COUNT(*) FROM claims WHERE tenant_id = ? AND workload_id = ? AND status = 'active') \
-             + (SELECT COUNT(*) FROM affinity_reservations WHERE tenant_id = ? AND workload_id = ?)",
-            vec![
-                tenant.as_str().into(),
-                workload.as_str().into(),
-                tenant.as_str().into(),
-                workload.as_str().into(),
-            ],
-            Expect::AtMost(
-                1,
-                format!("{tenant}/{workload} would hold a claim and a reservation"),
-            ),
-        );
-    }
-    if let Some(record) = &write.idempotency {
-        push_idempotent(&mut statements, record);
-    }
-    let mut events = Vec::with_capacity(write.events.len());
-    for event in &write.events {
-        events.push(push_event(&mut statements, caused_by, event.clone())?);
-    }
-    Ok((statements, events))
-}
-
 impl Store {
     /// Commits one pool decision atomically, or refuses it whole with
     /// [`StoreError::Conflict`] when a row is not as the decision saw it.
@@ -388,7 +122,8 @@ impl Store {
         write: PoolWrite,
         on_commit: impl FnOnce(&PoolWrite) + Send + 'static,
     ) -> Result<(), StoreError> {
-        let (statements, events) = statements_of(&write, crate::auth::current().as_ref())?;
+        let (statements, events) =
+            writes::statements_of(&write, self.backend(), crate::auth::current().as_ref())?;
         self.writer
             .write_statements_then(
                 statements,
