@@ -55,11 +55,9 @@ enum Decided {
         Option<boilerhouse_core::ContainerId>,
     ),
     Cold(Option<Reservation>),
-    /// What the claim would get is on a node whose agent has reconnected
-    /// and not yet been reconciled: the tenant's reservation (very likely
-    /// still there and the tenant's; wait rather than end it), or, with
-    /// nothing else idle, the pool's idle containers (wait rather than
-    /// start one cold beside them, or be refused at `max_size`).
+    /// The tenant's reservation is on a node whose agent has reconnected
+    /// and not yet been reconciled: the container is very likely there
+    /// and the tenant's; wait for the node rather than end it.
     AwaitNode(NodeId),
 }
 
@@ -151,28 +149,8 @@ impl Pools {
                         Decided::Grant(grant, ClaimSource::Pool, Some(c.id))
                     }
                     Choice::Cold(superseded) => {
-                        // Idle containers on a node whose agent just
-                        // reconnected are offered once its report is
-                        // reconciled (well under a second after Hello): a
-                        // cold start now would make a container beside
-                        // them, or be refused at max_size while they sit
-                        // idle.
-                        let waiting = index
-                            .idle(workload_id)
-                            .find(|c| {
-                                !c.used()
-                                    && unreconciled.contains(&c.node_id)
-                                    && !inflight.busy.contains(&c.id)
-                                    && self.node_live(&c.node_id, now)
-                            })
-                            .map(|c| c.node_id.clone());
-                        match waiting {
-                            Some(node) => Decided::AwaitNode(node),
-                            None => {
-                                self.check_superseded(superseded.as_ref())?;
-                                Decided::Cold(superseded)
-                            }
-                        }
+                        self.check_superseded(superseded.as_ref())?;
+                        Decided::Cold(superseded)
                     }
                 }
             };
@@ -199,7 +177,27 @@ impl Pools {
                 Decided::Cold(superseded) => {
                     // The container is ours (busy) while it warms; it is
                     // granted once ready, on the state as it then is.
-                    let (id, busy) = self.cold_start(workload, deadline).await?;
+                    let (id, busy) = match self.cold_start(workload, deadline).await {
+                        Ok(started) => started,
+                        // No room for one more while idle containers sit
+                        // on a node whose agent just reconnected: they are
+                        // offered once its report is reconciled (well
+                        // under a second after Hello), so wait for that
+                        // rather than refuse. Below max_size the cold
+                        // start goes ahead, as it must when such a node
+                        // never settles (an agent that keeps reconnecting).
+                        Err(PoolError::Exhausted(why)) => {
+                            match self.idle_awaiting_reconcile(workload_id, &unreconciled) {
+                                Some(node) => {
+                                    self.await_reconciled(&node, deadline, tenant).await?;
+                                    unreconciled = self.inner.agents.unreconciled();
+                                    continue;
+                                }
+                                None => return Err(PoolError::Exhausted(why)),
+                            }
+                        }
+                        Err(e) => return Err(e),
+                    };
                     // The claim begins when it is granted, not when the
                     // cold start began (the idle reaper counts from it).
                     now = crate::clock::now();
@@ -275,10 +273,31 @@ impl Pools {
             let _ = tokio::time::timeout_at(wake.into(), changed).await;
             if Instant::now() >= deadline {
                 return Err(PoolError::Unavailable(format!(
-                    "the container for {tenant} is on node {node}, whose agent reconnected and has not been reconciled yet; retry shortly"
+                    "{tenant}'s claim waits for node {node} (its reservation, or the pool's only idle containers, are there), whose agent reconnected and has not been reconciled yet; retry shortly"
                 )));
             }
         }
+    }
+
+    /// A live node, not reconciled since its agent reconnected, with an
+    /// idle container of `workload` that no claim is taking.
+    fn idle_awaiting_reconcile(
+        &self,
+        workload: &WorkloadId,
+        unreconciled: &[NodeId],
+    ) -> Option<NodeId> {
+        let now = crate::clock::now();
+        let state = self.state();
+        state
+            .index
+            .idle(workload)
+            .find(|c| {
+                !c.used()
+                    && unreconciled.contains(&c.node_id)
+                    && !state.inflight.busy.contains(&c.id)
+                    && self.node_live(&c.node_id, now)
+            })
+            .map(|c| c.node_id.clone())
     }
 
     /// A tenant claiming away from a reservation on an unreachable node
