@@ -98,8 +98,7 @@ impl Pools {
                     index, inflight, ..
                 } = &mut *state;
                 let offerable = |c: &boilerhouse_core::pool::ContainerRecord| {
-                    !inflight.busy.contains(&c.id)
-                        && self.node_live(&c.node_id, now)
+                    self.free_on_live_node(c, &inflight.busy, now)
                         && !unreconciled.contains(&c.node_id)
                 };
                 match decide::choose(index, tenant, workload_id, &workload.spec_hash, offerable)? {
@@ -294,10 +293,19 @@ impl Pools {
             .find(|c| {
                 !c.used()
                     && unreconciled.contains(&c.node_id)
-                    && !state.inflight.busy.contains(&c.id)
-                    && self.node_live(&c.node_id, now)
+                    && self.free_on_live_node(c, &state.inflight.busy, now)
             })
             .map(|c| c.node_id.clone())
+    }
+
+    /// No claim is taking `c`, and its node's agent heartbeats.
+    fn free_on_live_node(
+        &self,
+        c: &boilerhouse_core::pool::ContainerRecord,
+        busy: &std::collections::HashSet<boilerhouse_core::ContainerId>,
+        now: Timestamp,
+    ) -> bool {
+        !busy.contains(&c.id) && self.node_live(&c.node_id, now)
     }
 
     /// A tenant claiming away from a reservation on an unreachable node

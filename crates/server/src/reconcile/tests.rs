@@ -66,15 +66,7 @@ async fn reconciler(dir: &std::path::Path) -> Reconciler {
 async fn register(r: &Reconciler, node: &NodeId) {
     r.store
         .register_node(
-            crate::store::NodeHello {
-                id: node.clone(),
-                boot_id: "boot".into(),
-                agent_version: "test".into(),
-                engine_version: "test".into(),
-                capacity: Default::default(),
-                labels: BTreeMap::new(),
-                state_root: "/var/lib/boilerhouse".into(),
-            },
+            crate::store::NodeHello::for_tests(node.clone()),
             crate::clock::now(),
         )
         .await
@@ -271,10 +263,10 @@ async fn a_first_report_is_reconciled_by_a_pass_over_its_node_alone() {
     drop(sessions);
 }
 
-/// A claim whose pool's idle containers are all on a node whose agent
-/// just reconnected waits for that node's report to be reconciled and
-/// then gets one: it neither starts a container cold beside them nor, with
-/// the pool at `max_size`, is refused while they sit idle.
+/// A claim at the pool's `max_size` whose idle containers are all on a
+/// node whose agent just reconnected waits for that node's report to be
+/// reconciled and then gets one, rather than be refused while they sit
+/// idle.
 #[tokio::test]
 async fn a_claim_waits_for_the_idle_containers_of_a_reconnected_node() {
     use crate::tasks::BackgroundTask as _;

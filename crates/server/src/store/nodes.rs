@@ -158,6 +158,22 @@ pub struct NodeHello {
     pub state_root: String,
 }
 
+#[cfg(test)]
+impl NodeHello {
+    /// A plain node's Hello, for tests.
+    pub(crate) fn for_tests(id: NodeId) -> Self {
+        Self {
+            id,
+            boot_id: "boot".into(),
+            agent_version: "test".into(),
+            engine_version: "test".into(),
+            capacity: Default::default(),
+            labels: BTreeMap::new(),
+            state_root: "/var/lib/boilerhouse".into(),
+        }
+    }
+}
+
 /// How a node arrived.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arrival {

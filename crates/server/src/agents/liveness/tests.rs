@@ -1,6 +1,5 @@
 //! The liveness task over a real store, stepped at chosen instants.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use boilerhouse_core::liveness::LivenessConfig;
@@ -33,18 +32,7 @@ impl Fleet {
             .collect();
         for n in &nodes {
             store
-                .register_node(
-                    NodeHello {
-                        id: n.clone(),
-                        boot_id: "boot".into(),
-                        agent_version: "test".into(),
-                        engine_version: "test".into(),
-                        capacity: Default::default(),
-                        labels: BTreeMap::new(),
-                        state_root: "/var/lib/boilerhouse".into(),
-                    },
-                    at(0),
-                )
+                .register_node(NodeHello::for_tests(n.clone()), at(0))
                 .await
                 .unwrap();
         }
