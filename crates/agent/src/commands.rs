@@ -55,8 +55,8 @@ pub enum Command {
     },
     /// Change limits in place.
     UpdateLimits(ContainerId, Limits),
-    /// Write the state file.
-    WriteState(ContainerId, StateFile),
+    /// Write state files, made durable together.
+    WriteStates(Vec<(ContainerId, StateFile)>),
     /// Sync a container's state directory with the sink.
     Sync(ContainerId, crate::sync::SyncJob),
     /// Send a full report now.
@@ -148,7 +148,7 @@ impl Executor {
             Command::Stop(id, timeout) => self.stop(&id, timeout).await,
             Command::Remove { id, remove_volumes } => self.remove(&id, remove_volumes).await,
             Command::UpdateLimits(id, limits) => self.update_limits(&id, &limits).await,
-            Command::WriteState(id, state) => self.write_state(&id, &state).await,
+            Command::WriteStates(files) => self.write_states(files).await,
             Command::FullReport => Err("a full report is sent by the session".to_owned()),
             Command::Sync(..) => unreachable!("handled above"),
         };
@@ -276,17 +276,30 @@ impl Executor {
         self.observe(id).await
     }
 
-    async fn write_state(
+    async fn write_states(
         &self,
-        id: &ContainerId,
-        state: &StateFile,
+        files: Vec<(ContainerId, StateFile)>,
     ) -> Result<Option<ObservedContainer>, String> {
-        self.state_files
-            .write(*id, state.clone())
-            .await
-            .map_err(|e| format!("cannot write the state file: {e}"))?;
-        // The container itself did not change: no need to ask Docker.
-        Ok(None)
+        let ids: Vec<ContainerId> = files.iter().map(|(id, _)| *id).collect();
+        let results = self.state_files.write_all(files).await;
+        let failed: Vec<String> = ids
+            .iter()
+            .zip(&results)
+            .filter_map(|(id, r)| r.as_ref().err().map(|e| format!("{id}: {e}")))
+            .collect();
+        match failed.as_slice() {
+            // The containers themselves did not change: no need to ask Docker.
+            [] => Ok(None),
+            [one] if ids.len() == 1 => Err(format!("cannot write the state file of {one}")),
+            // Every failure is named: the server logs the answer, and a
+            // file it names is one whose tenant record is still stale.
+            _ => Err(format!(
+                "cannot write {} of {} state files: {}",
+                failed.len(),
+                ids.len(),
+                failed.join("; ")
+            )),
+        }
     }
 
     /// Runs a sync of the container's state directory. The report comes
@@ -460,6 +473,16 @@ fn container_id(s: &str) -> Result<ContainerId, String> {
         .map_err(|e: boilerhouse_core::IdError| e.to_string())
 }
 
+fn state_file(w: &pb::WriteStateFile) -> Result<(ContainerId, StateFile), String> {
+    let state = w
+        .state
+        .as_ref()
+        .map(StateFile::try_from)
+        .transpose()
+        .map_err(|e| e.to_string())?;
+    Ok((container_id(&w.container_id)?, state.unwrap_or_default()))
+}
+
 /// Turns a wire command into a domain one.
 pub fn decode_command(command: &pb::Command) -> Result<Command, String> {
     use pb::command::Command as C;
@@ -493,15 +516,14 @@ pub fn decode_command(command: &pb::Command) -> Result<Command, String> {
             container_id(&u.container_id)?,
             convert::limits_from_pb_resources(u.limits.as_ref()),
         ),
-        C::WriteStateFile(w) => {
-            let state = w
-                .state
-                .as_ref()
-                .map(StateFile::try_from)
-                .transpose()
-                .map_err(|e| e.to_string())?;
-            Command::WriteState(container_id(&w.container_id)?, state.unwrap_or_default())
-        }
+        C::WriteStateFile(w) => Command::WriteStates(vec![state_file(w)?]),
+        C::WriteStateFiles(batch) => Command::WriteStates(
+            batch
+                .files
+                .iter()
+                .map(state_file)
+                .collect::<Result<_, _>>()?,
+        ),
         C::RequestFullReport(_) => Command::FullReport,
         C::RunSync(r) => {
             let spec: boilerhouse_core::workload::SyncSpec =

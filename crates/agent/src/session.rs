@@ -232,6 +232,7 @@ fn hello(config: &AgentConfig, engine: &EngineInfo) -> pb::ConnectRequest {
                 .unwrap_or_else(|_| config.state_root.clone())
                 .display()
                 .to_string(),
+            state_file_batches: true,
         })),
     }
 }

@@ -113,6 +113,32 @@ impl StateFiles {
         self.send(Job::Write { id, state, done }, answer).await
     }
 
+    /// Writes each of `files`, as [`StateFiles::write`] does, queued
+    /// together so they share a group (one sync of the log); one result
+    /// each, in order.
+    pub async fn write_all(
+        &self,
+        files: Vec<(ContainerId, StateFile)>,
+    ) -> Vec<std::io::Result<()>> {
+        let answers: Vec<_> = files
+            .into_iter()
+            .map(|(id, state)| {
+                let (done, answer) = oneshot::channel();
+                let queued = self.queue.send(Job::Write { id, state, done }).is_ok();
+                (queued, answer)
+            })
+            .collect();
+        let mut results = Vec::with_capacity(answers.len());
+        for (queued, answer) in answers {
+            let stopped = || std::io::Error::other("the state-file writer has stopped");
+            results.push(match queued {
+                true => answer.await.unwrap_or_else(|_| Err(stopped())),
+                false => Err(stopped()),
+            });
+        }
+        results
+    }
+
     /// Deletes the directories of `id`, after every write queued before.
     pub async fn remove(&self, id: ContainerId) -> std::io::Result<()> {
         let (done, answer) = oneshot::channel();
@@ -264,7 +290,7 @@ impl GroupWriter {
             if file
                 .state
                 .as_ref()
-                .is_some_and(|current| supersedes(current, incoming))
+                .is_some_and(|current| current.supersedes(incoming))
             {
                 tracing::debug!(container = %id, "state file already newer; write skipped");
                 continue;
@@ -503,17 +529,6 @@ pub fn read_state(layout: &VolumeLayout, id: &ContainerId) -> Option<StateFile> 
             None
         }
     }
-}
-
-/// Whether the state file `on_disk` is newer than `incoming`: a later
-/// claim generation, or, within one generation, the release after the
-/// claim.
-fn supersedes(on_disk: &StateFile, incoming: &StateFile) -> bool {
-    if on_disk.claim_generation != incoming.claim_generation {
-        return on_disk.claim_generation > incoming.claim_generation;
-    }
-    let released = on_disk.tenant_id.is_none() && on_disk.last_tenant_id.is_some();
-    released && incoming.tenant_id.is_some() && incoming.tenant_id == on_disk.last_tenant_id
 }
 
 #[cfg(test)]

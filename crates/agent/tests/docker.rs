@@ -154,7 +154,8 @@ async fn state_files_limits_and_removal() {
     let Some(h) = Harness::start().await else {
         return;
     };
-    h.wait_connected(0).await;
+    let hello = h.wait_connected(0).await;
+    assert!(hello.state_file_batches, "the agent says it takes batches");
     let spec = h.spec("deploy: {resources: {limits: {cpus: 0.5, memory: 64M}}}\n");
     let id = spec.container_id.to_string();
     let created = h
@@ -181,6 +182,39 @@ async fn state_files_limits_and_removal() {
         .await
         .unwrap();
     assert!(result.ok, "{result:?}");
+
+    // A batch: this container's next state is written though another
+    // file of the batch cannot be (no such container), and the answer
+    // fails naming that one only.
+    let state = StateFile {
+        claim_generation: 8,
+        last_tenant_id: Some(TenantId::new("t1").unwrap()),
+        ..state
+    };
+    let missing =
+        boilerhouse_core::ContainerId::from_uuid(boilerhouse_core::ids::Uuid::now_v7()).to_string();
+    let batch = pb::command::Command::WriteStateFiles(pb::WriteStateFiles {
+        files: [&id, &missing]
+            .into_iter()
+            .map(|c| pb::WriteStateFile {
+                container_id: c.clone(),
+                state: Some(pb::ContainerStateFile::from(&state)),
+            })
+            .collect(),
+    });
+    let result = h
+        .fake
+        .run(&h.node, command("c2b", batch), WAIT)
+        .await
+        .unwrap();
+    assert!(!result.ok, "{result:?}");
+    assert!(
+        result.error.contains("1 of 2")
+            && result.error.contains(&missing)
+            && !result.error.contains(&id),
+        "{}",
+        result.error
+    );
     let cursor = h.fake.cursor();
     h.fake
         .send(

@@ -204,6 +204,21 @@ pub struct StateFile {
     pub claim_generation: u64,
 }
 
+impl StateFile {
+    /// Whether this state is newer than `incoming`, which must then not
+    /// replace it: a later claim generation, or, within one generation,
+    /// the release after the claim. Writes may arrive in any order (a
+    /// resend after a reconnect, two batches in flight), and a state file
+    /// only moves forward.
+    pub fn supersedes(&self, incoming: &StateFile) -> bool {
+        if self.claim_generation != incoming.claim_generation {
+            return self.claim_generation > incoming.claim_generation;
+        }
+        let released = self.tenant_id.is_none() && self.last_tenant_id.is_some();
+        released && incoming.tenant_id.is_some() && incoming.tenant_id == self.last_tenant_id
+    }
+}
+
 /// A managed container as Docker reports it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ObservedContainer {

@@ -38,7 +38,7 @@ fn one_by_one(writes: &[(ContainerId, StateFile)]) -> HashMap<ContainerId, State
     for (id, incoming) in writes {
         if !files
             .get(id)
-            .is_some_and(|current| supersedes(current, incoming))
+            .is_some_and(|current| current.supersedes(incoming))
         {
             files.insert(*id, incoming.clone());
         }

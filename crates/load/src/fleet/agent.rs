@@ -153,6 +153,7 @@ async fn session(
         }),
         labels: Default::default(),
         state_root: format!("/fleet/{node}"),
+        state_file_batches: true,
     };
     out.send(up(Up::Hello(hello)))
         .await

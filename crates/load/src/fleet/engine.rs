@@ -39,6 +39,7 @@ pub fn kind_name(command: &pb::Command) -> &'static str {
         Some(Kind::Remove(_)) => "remove",
         Some(Kind::UpdateResources(_)) => "update_resources",
         Some(Kind::WriteStateFile(_)) => "write_state_file",
+        Some(Kind::WriteStateFiles(_)) => "write_state_files",
         Some(Kind::RunSync(_)) => "run_sync",
         Some(Kind::RequestFullReport(_)) => "request_full_report",
         None => "empty",
@@ -129,6 +130,7 @@ impl Engine {
                 // The real agent answers a state file write without the
                 // container: the container itself did not change.
                 .map(|_| None),
+            Some(Kind::WriteStateFiles(batch)) => self.write_state_files(batch),
             // Nothing to move: the fleet has no files. An empty report is
             // what a sync of empty directories says.
             Some(Kind::RunSync(_)) => Ok(None),
@@ -268,6 +270,30 @@ impl Engine {
             events.push(event(pb::ContainerEventKind::Destroy, &c, now));
         }
         None
+    }
+
+    /// Each file of the batch, as the real agent answers: one failure
+    /// fails the answer and names the container.
+    fn write_state_files(
+        &mut self,
+        batch: &pb::WriteStateFiles,
+    ) -> Result<Option<pb::ObservedContainer>, String> {
+        let mut missing = Vec::new();
+        for w in &batch.files {
+            match self.containers.get_mut(&format!("bh-{}", w.container_id)) {
+                Some(c) => c.state_file = w.state.clone(),
+                None => missing.push(format!("{}: not found", w.container_id)),
+            }
+        }
+        match missing.is_empty() {
+            true => Ok(None),
+            false => Err(format!(
+                "cannot write {} of {} state files: {}",
+                missing.len(),
+                batch.files.len(),
+                missing.join("; ")
+            )),
+        }
     }
 
     fn with(

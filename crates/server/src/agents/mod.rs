@@ -9,6 +9,7 @@
 pub mod liveness;
 mod report;
 pub mod service;
+mod state_files;
 pub use report::ReportedContainers;
 
 use std::collections::{BTreeMap, HashMap};
@@ -51,6 +52,8 @@ struct Session {
     container_count: u32,
     /// When this session began.
     attached: std::time::Instant,
+    /// Its agent takes many state files in one command.
+    state_file_batches: bool,
 }
 
 /// How long the refiller waits for a new session's first reconciled
@@ -74,6 +77,8 @@ struct Inner {
     /// what [`Registry::unreconciled`] answers: every claim asks, and
     /// asking the whole fleet each time cost a pass over every session.
     awaiting: std::collections::HashSet<NodeId>,
+    /// State files not yet acknowledged, by node; kept across sessions.
+    state_files: HashMap<NodeId, state_files::StateFileQueue>,
 }
 
 /// Why a command could not be delivered or answered.
@@ -153,6 +158,14 @@ impl Default for Registry {
     }
 }
 
+/// What an agent said, in its Hello, that it takes beyond the oldest
+/// agents' protocol. The default is none of it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AgentFeatures {
+    /// `WriteStateFiles`, many state files in one command.
+    pub state_file_batches: bool,
+}
+
 /// A live session's view, for NodeService and metrics.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SessionInfo {
@@ -190,6 +203,18 @@ impl Registry {
         outbound: Outbound,
         now: Timestamp,
     ) -> CancellationToken {
+        self.attach_agent(node, session_id, outbound, now, AgentFeatures::default())
+    }
+
+    /// [`Registry::attach`], for an agent that has said what it takes.
+    pub fn attach_agent(
+        &self,
+        node: &NodeId,
+        session_id: String,
+        outbound: Outbound,
+        now: Timestamp,
+        features: AgentFeatures,
+    ) -> CancellationToken {
         let cancel = CancellationToken::new();
         let mut inner = self.lock();
         let pending: Vec<pb::Command> = inner
@@ -220,9 +245,12 @@ impl Registry {
                 usage: Resources::default(),
                 container_count: 0,
                 attached: std::time::Instant::now(),
+                state_file_batches: features.state_file_batches,
             },
         );
+        let state_files = inner.resend_state_files(node);
         drop(inner);
+        state_files::deliver(state_files);
         if let Some(old) = old {
             tracing::info!(node = %node, old_session = %old.session_id, "a new session replaces the old one");
             old.cancel.cancel();
@@ -369,6 +397,7 @@ impl Registry {
     /// of this node's report (NodeRestriction), and the caller records it.
     pub fn complete(&self, node: &NodeId, result: pb::CommandResult) -> Option<String> {
         let mut inner = self.lock();
+        let next_state_files = inner.state_files_answered(node, &result);
         let done = inner
             .pending
             .get_mut(node)
@@ -403,6 +432,7 @@ impl Registry {
             }
         }
         drop(inner);
+        state_files::deliver(next_state_files);
         self.reports_changed.notify_waiters();
         if let Some(PendingCommand {
             reply: Some(reply), ..

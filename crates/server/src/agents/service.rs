@@ -99,6 +99,9 @@ impl AgentService for Agents {
                 "the first message on the stream must be Hello",
             ));
         };
+        let features = super::AgentFeatures {
+            state_file_batches: hello.state_file_batches,
+        };
         let hello = hello_from_pb(&hello)?;
         let node = hello.id.clone();
         if let Some(certified) = certified
@@ -142,9 +145,9 @@ impl AgentService for Agents {
             .send(Box::new(welcome))
             .await
             .map_err(|_| Status::unavailable("the agent closed the stream"))?;
-        let session_cancel = self
-            .registry
-            .attach(&node, session_id.clone(), outbound, now);
+        let session_cancel =
+            self.registry
+                .attach_agent(&node, session_id.clone(), outbound, now, features);
         match arrival {
             Arrival::Joined => {
                 tracing::info!(node = %node, session = %session_id, cpus = record.capacity.cpus, "node joined")

@@ -50,7 +50,6 @@ use boilerhouse_core::pool::write::PoolWrite;
 use boilerhouse_core::pool::{ClaimRecord, ContainerRecord};
 use boilerhouse_core::workload::WorkloadRecord;
 use boilerhouse_core::{ContainerId, NodeId, TenantId, Timestamp, WorkloadId};
-use boilerhouse_proto::pb;
 
 use crate::agents::Registry;
 use crate::locks::{KeyGuard, KeyedLocks};
@@ -450,9 +449,10 @@ impl Pools {
             .unwrap_or_else(|e| e.into_inner()) = fresh;
     }
 
-    /// Records the tenant in the container's state file, in the background:
-    /// the change is already durable and acknowledged. The command id names
-    /// the generation and holder, so a resend never writes an older state.
+    /// Records the tenant in the container's state file, in the background
+    /// (the change is already durable and acknowledged): queued for the
+    /// node's next batch of state files, which its agent makes durable
+    /// together.
     pub fn write_state_file(&self, container: &ContainerRecord, now: Timestamp) {
         let state = StateFile {
             tenant_id: container.tenant_id.clone(),
@@ -461,27 +461,12 @@ impl Pools {
             last_activity_at: Some(now),
             claim_generation: container.claim_generation,
         };
-        let agents = self.inner.agents.clone();
-        let node = container.node_id.clone();
-        let timeout = self.inner.config.command_timeout;
-        let command = pb::Command {
-            command_id: format!(
-                "state-{}-{}-{}",
-                container.id,
-                container.claim_generation,
-                state.tenant_id.is_some()
-            ),
-            generation: container.claim_generation,
-            command: Some(pb::command::Command::WriteStateFile(pb::WriteStateFile {
-                container_id: container.id.to_string(),
-                state: Some(pb::ContainerStateFile::from(&state)),
-            })),
-        };
-        tokio::spawn(async move {
-            if let Err(e) = agents.send(&node, command, timeout).await {
-                tracing::warn!(node = %node, error = %e, "state file not written yet; it stays pending for the agent");
-            }
-        });
+        self.inner.agents.write_state_file(
+            &container.node_id,
+            container.id,
+            state,
+            self.inner.config.command_timeout,
+        );
     }
 
     /// A pool's operator overrides.
