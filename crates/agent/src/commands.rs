@@ -556,6 +556,42 @@ mod tests {
     use super::*;
 
     #[test]
+    fn state_files_decode_one_or_many_and_a_bad_one_names_itself() {
+        let id = ContainerId::from_uuid(boilerhouse_core::ids::Uuid::from_u128(7));
+        let state = StateFile {
+            tenant_id: Some(boilerhouse_core::TenantId::new("t1").unwrap()),
+            claim_generation: 3,
+            ..Default::default()
+        };
+        let file = |container_id: String| pb::WriteStateFile {
+            container_id,
+            state: Some(pb::ContainerStateFile::from(&state)),
+        };
+        let command = |c| pb::Command {
+            command_id: "s".into(),
+            generation: 3,
+            command: Some(c),
+        };
+        let one = command(pb::command::Command::WriteStateFile(file(id.to_string())));
+        assert_eq!(
+            decode_command(&one).unwrap(),
+            Command::WriteStates(vec![(id, state.clone())])
+        );
+        let many = command(pb::command::Command::WriteStateFiles(pb::WriteStateFiles {
+            files: vec![file(id.to_string()), file(id.to_string())],
+        }));
+        assert_eq!(
+            decode_command(&many).unwrap(),
+            Command::WriteStates(vec![(id, state.clone()), (id, state.clone())])
+        );
+        let bad = command(pb::command::Command::WriteStateFiles(pb::WriteStateFiles {
+            files: vec![file(id.to_string()), file("nope".into())],
+        }));
+        let error = decode_command(&bad).unwrap_err();
+        assert!(error.contains("nope"), "{error}");
+    }
+
+    #[test]
     fn unknown_or_empty_commands_are_rejected_with_a_reason() {
         let empty = pb::Command {
             command_id: "c1".into(),

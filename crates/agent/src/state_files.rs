@@ -23,10 +23,11 @@
 //! never make them again: a state file is only ever written into a
 //! directory that exists.
 //!
-//! Nothing is lost by the wait: the server keeps each command pending
-//! until the agent answers it, and the claim itself is already durable in
-//! the server's database; the state file is what survives that database
-//! being restored from an older backup.
+//! Nothing is lost by the wait: the server keeps each node's state files
+//! queued until the agent answers for them (sending them again to a new
+//! session), and the claim itself is already durable in the server's
+//! database; the state file is what survives that database being
+//! restored from an older backup.
 
 use std::collections::HashMap;
 use std::io::Write as _;

@@ -4,7 +4,8 @@
 //! Pending commands belong to the node, not to the session: when an agent
 //! reconnects, everything it has not acknowledged is sent again. The agent
 //! answers a command id it already handled from memory, and every command
-//! is idempotent, so a resend never acts twice.
+//! is idempotent, so a resend never acts twice. State files go their own
+//! way, in batches per node (`state_files`).
 
 pub mod liveness;
 mod report;
@@ -281,6 +282,9 @@ impl Registry {
             s.usage = usage;
             s.container_count = container_count;
         }
+        let stalled = inner.resend_stalled_state_files(node);
+        drop(inner);
+        state_files::deliver(stalled);
     }
 
     /// Replaces a node's report.

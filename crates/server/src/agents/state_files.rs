@@ -3,8 +3,8 @@
 //! Every claim and release rewrites its container's state file on the
 //! node (the record that survives the database being restored from an
 //! older backup). Sent one command each, that was a task, a message and
-//! an answer per claim, on the server and the agent alike: at the limit
-//! of claims a second, a fifth of what the machine did.
+//! an answer per claim, on the server and the agent alike: sending none
+//! at all gave about a fifth more claims a second at the limit.
 //!
 //! Here a node's writes queue while its last batch is in flight and go as
 //! the next batch when it is answered, so a batch holds what arrived in
@@ -17,11 +17,14 @@
 //! for its next one; a session's start sends again what the last one left
 //! unanswered, as new commands (so an agent that answers a command id
 //! from memory cannot answer for files it never wrote); and a batch left
-//! unanswered for `stalled_after` is sent again with the next write.
-//! Writes may therefore arrive twice or out of order, which the agent's
-//! rule makes harmless.
+//! unanswered for `stalled_after` is sent again with the next write or
+//! heartbeat. Writes may therefore arrive twice or out of order, which the
+//! agent's rule makes harmless. A file the agent answers it could not
+//! write (its container removed since, a full disk) is not sent again:
+//! the container's next claim or release writes it anew.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use boilerhouse_core::container::StateFile;
@@ -42,10 +45,16 @@ pub(super) struct StateFileQueue {
     /// Not sent yet, by container.
     waiting: HashMap<ContainerId, StateFile>,
     /// Sent and unanswered, by command id.
-    in_flight: HashMap<String, Vec<(ContainerId, StateFile)>>,
+    in_flight: HashMap<String, Files>,
     /// When what is in flight was sent.
     sent_at: Option<Instant>,
+    /// How long an answer may take before what is in flight goes again.
+    stalled_after: Duration,
 }
+
+/// The files of one command, shared by the queue (until answered) and
+/// whoever encodes the command.
+type Files = Arc<[(ContainerId, StateFile)]>;
 
 impl StateFileQueue {
     /// Queues `state` unless what waits for the container is newer.
@@ -66,8 +75,10 @@ impl StateFileQueue {
     /// since (which is newer), to be sent again as new commands.
     fn take_back(&mut self) {
         let newer = std::mem::take(&mut self.waiting);
-        for (container, state) in std::mem::take(&mut self.in_flight).into_values().flatten() {
-            self.put(container, state);
+        for files in std::mem::take(&mut self.in_flight).into_values() {
+            for (container, state) in files.iter() {
+                self.put(*container, state.clone());
+            }
         }
         for (container, state) in newer {
             self.put(container, state);
@@ -75,14 +86,62 @@ impl StateFileQueue {
         self.sent_at = None;
     }
 
+    /// Whether what is in flight has waited longer than it should.
+    fn stalled(&self) -> Option<Duration> {
+        self.sent_at
+            .map(|at| at.elapsed())
+            .filter(|waited| *waited >= self.stalled_after)
+    }
+
     /// How many files wait or are in flight.
     pub(super) fn len(&self) -> usize {
-        self.waiting.len() + self.in_flight.values().map(Vec::len).sum::<usize>()
+        self.waiting.len() + self.in_flight.values().map(|f| f.len()).sum::<usize>()
     }
 }
 
-/// Messages for one session's outbound channel.
-pub(super) type Sends = Option<(Outbound, Vec<Box<pb::ConnectResponse>>)>;
+/// Commands for one session's outbound channel, encoded by
+/// [`deliver`] once the registry's lock is released.
+pub(super) type Sends = Option<(Outbound, Vec<Outgoing>)>;
+
+/// One state-file command to send.
+pub(super) struct Outgoing {
+    command_id: String,
+    /// A `WriteStateFiles`; else a `WriteStateFile` of its one file.
+    batch: bool,
+    files: Files,
+}
+
+impl Outgoing {
+    fn encode(self) -> Box<pb::ConnectResponse> {
+        let mut wire = self
+            .files
+            .iter()
+            .map(|(container, state)| pb::WriteStateFile {
+                container_id: container.to_string(),
+                state: Some(pb::ContainerStateFile::from(state)),
+            });
+        let command = match self.batch {
+            true => pb::command::Command::WriteStateFiles(pb::WriteStateFiles {
+                files: wire.collect(),
+            }),
+            false => pb::command::Command::WriteStateFile(
+                wire.next().expect("a command's files are never empty"),
+            ),
+        };
+        Box::new(pb::ConnectResponse {
+            message: Some(pb::connect_response::Message::Command(pb::Command {
+                command_id: self.command_id,
+                generation: self
+                    .files
+                    .iter()
+                    .map(|(_, s)| s.claim_generation)
+                    .max()
+                    .unwrap_or(0),
+                command: Some(command),
+            })),
+        })
+    }
+}
 
 impl Inner {
     /// Sends what waits for `node`, when it has a session: in batches if
@@ -98,41 +157,32 @@ impl Inner {
         // Taken, not drained: an idle node keeps no room for its last burst.
         let files: Vec<(ContainerId, StateFile)> =
             std::mem::take(&mut queue.waiting).into_iter().collect();
-        let per_command = if session.state_file_batches {
-            BATCH_MAX
-        } else {
-            1
-        };
-        let mut messages = Vec::with_capacity(files.len().div_ceil(per_command));
+        let batch = session.state_file_batches;
+        let per_command = if batch { BATCH_MAX } else { 1 };
+        let mut commands = Vec::with_capacity(files.len().div_ceil(per_command));
         for chunk in files.chunks(per_command) {
-            let wire = chunk.iter().map(|(container, state)| pb::WriteStateFile {
-                container_id: container.to_string(),
-                state: Some(pb::ContainerStateFile::from(state)),
-            });
-            let command = match session.state_file_batches {
-                true => pb::command::Command::WriteStateFiles(pb::WriteStateFiles {
-                    files: wire.collect(),
-                }),
-                false => pb::command::Command::WriteStateFile(
-                    wire.into_iter().next().expect("a chunk is never empty"),
-                ),
-            };
             let command_id = format!("state-{}", boilerhouse_core::ids::Uuid::now_v7());
-            queue.in_flight.insert(command_id.clone(), chunk.to_vec());
-            messages.push(Box::new(pb::ConnectResponse {
-                message: Some(pb::connect_response::Message::Command(pb::Command {
-                    command_id,
-                    generation: chunk
-                        .iter()
-                        .map(|(_, s)| s.claim_generation)
-                        .max()
-                        .unwrap_or(0),
-                    command: Some(command),
-                })),
-            }));
+            let files: Files = chunk.into();
+            queue.in_flight.insert(command_id.clone(), files.clone());
+            commands.push(Outgoing {
+                command_id,
+                batch,
+                files,
+            });
         }
         queue.sent_at = Some(Instant::now());
-        Some((session.outbound.clone(), messages))
+        Some((session.outbound.clone(), commands))
+    }
+
+    /// What is in flight to `node` goes again, with what waits, when its
+    /// answer is overdue: the heartbeat's check, for a node no write
+    /// comes to.
+    pub(super) fn resend_stalled_state_files(&mut self, node: &NodeId) -> Sends {
+        let queue = self.state_files.get_mut(node)?;
+        let waited = queue.stalled()?;
+        tracing::warn!(node = %node, ?waited, "state files unanswered; sending them again");
+        queue.take_back();
+        self.flush_state_files(node)
     }
 
     /// A new session for `node`: what the last one left unanswered goes
@@ -155,7 +205,7 @@ impl Inner {
             // The agent could not write them (a container removed since,
             // a full disk): the next claim or release of each writes it
             // again; until then the file is behind the database.
-            tracing::warn!(node = %node, files = files.len(), error = %result.error, "state files not written");
+            tracing::warn!(node = %node, sent = files.len(), error = %result.error, "state files not written");
         }
         if !queue.in_flight.is_empty() {
             return None;
@@ -180,14 +230,11 @@ impl Registry {
         let mut inner = self.lock();
         let queue = inner.state_files.entry(node.clone()).or_default();
         queue.put(container, state);
-        if let Some(sent_at) = queue.sent_at {
-            if sent_at.elapsed() < stalled_after {
-                return;
-            }
-            tracing::warn!(node = %node, after = ?sent_at.elapsed(), "state files unanswered; sending them again");
-            queue.take_back();
-        }
-        let sends = inner.flush_state_files(node);
+        queue.stalled_after = stalled_after;
+        let sends = match queue.sent_at {
+            None => inner.flush_state_files(node),
+            Some(_) => inner.resend_stalled_state_files(node),
+        };
         drop(inner);
         deliver(sends);
     }
@@ -206,10 +253,10 @@ impl Registry {
 /// session's read loop waits on it. A closed one loses nothing: the files
 /// stay in flight and the next session sends them again.
 pub(super) fn deliver(sends: Sends) {
-    let Some((outbound, messages)) = sends else {
+    let Some((outbound, commands)) = sends else {
         return;
     };
-    let mut messages = messages.into_iter();
+    let mut messages = commands.into_iter().map(Outgoing::encode);
     while let Some(message) = messages.next() {
         match outbound.try_send(message) {
             Ok(()) => {}

@@ -53,34 +53,56 @@ fn attach(registry: &Registry, session: &str, batches: bool) -> Inbox {
 }
 
 /// A file as sent: container, tenant, generation.
-type Sent = (ContainerId, Option<String>, u64);
+type File = (ContainerId, Option<String>, u64);
 
-/// The commands the session has been sent so far, each with its files.
-fn sent(rx: &mut Inbox) -> Vec<(String, Vec<Sent>)> {
-    let mut commands = Vec::new();
-    while let Ok(message) = rx.try_recv() {
-        let Some(pb::connect_response::Message::Command(c)) = message.message else {
-            panic!("expected a command, got {message:?}");
-        };
-        let files = match c.command {
-            Some(pb::command::Command::WriteStateFiles(b)) => b.files,
-            Some(pb::command::Command::WriteStateFile(w)) => vec![w],
-            other => panic!("expected state files, got {other:?}"),
-        };
-        let files = files
-            .into_iter()
-            .map(|w| {
-                let state = w.state.unwrap();
-                (
-                    w.container_id.parse().unwrap(),
-                    Some(state.tenant_id).filter(|t| !t.is_empty()),
-                    state.claim_generation,
-                )
-            })
-            .collect();
-        commands.push((c.command_id, files));
+/// A state-file command as sent.
+#[derive(Debug)]
+struct Sent {
+    id: String,
+    /// A `WriteStateFiles`, not a `WriteStateFile`.
+    batch: bool,
+    /// Sorted.
+    files: Vec<File>,
+}
+
+fn decode(message: Box<pb::ConnectResponse>) -> Sent {
+    let Some(pb::connect_response::Message::Command(c)) = message.message else {
+        panic!("expected a command, got {message:?}");
+    };
+    let (batch, files) = match c.command {
+        Some(pb::command::Command::WriteStateFiles(b)) => (true, b.files),
+        Some(pb::command::Command::WriteStateFile(w)) => (false, vec![w]),
+        other => panic!("expected state files, got {other:?}"),
+    };
+    let mut files: Vec<File> = files
+        .into_iter()
+        .map(|w| {
+            let state = w.state.unwrap();
+            (
+                w.container_id.parse().unwrap(),
+                Some(state.tenant_id).filter(|t| !t.is_empty()),
+                state.claim_generation,
+            )
+        })
+        .collect();
+    files.sort();
+    Sent {
+        id: c.command_id,
+        batch,
+        files,
     }
-    commands
+}
+
+/// The commands the session has been sent so far.
+fn sent(rx: &mut Inbox) -> Vec<Sent> {
+    std::iter::from_fn(|| rx.try_recv().ok())
+        .map(decode)
+        .collect()
+}
+
+/// Whether `commands` are all batches (`batch`) or all single files.
+fn all(commands: &[Sent], batch: bool) -> bool {
+    commands.iter().all(|c| c.batch == batch)
 }
 
 fn answer(registry: &Registry, command_id: &str, ok: bool) {
@@ -107,7 +129,8 @@ async fn writes_that_arrive_while_a_batch_is_in_flight_go_together_when_it_is_an
     registry.write_state_file(&node(), container(1), claimed("t1", 1), PATIENT);
     let first = sent(&mut rx);
     assert_eq!(first.len(), 1, "nothing in flight: sent at once");
-    assert_eq!(first[0].1, vec![(container(1), Some("t1".into()), 1)]);
+    assert!(all(&first, true));
+    assert_eq!(first[0].files, vec![(container(1), Some("t1".into()), 1)]);
 
     for n in 2..=4 {
         registry.write_state_file(&node(), container(n), claimed("t2", 1), PATIENT);
@@ -120,19 +143,19 @@ async fn writes_that_arrive_while_a_batch_is_in_flight_go_together_when_it_is_an
     );
     assert_eq!(registry.state_files_unacknowledged(&node()), 4);
 
-    answer(&registry, &first[0].0, true);
-    let mut second = sent(&mut rx);
+    answer(&registry, &first[0].id, true);
+    let second = sent(&mut rx);
     assert_eq!(second.len(), 1, "one command for all that waited");
-    second[0].1.sort();
+    assert!(all(&second, true));
     assert_eq!(
-        second[0].1,
+        second[0].files,
         vec![
             (container(2), None, 1),
             (container(3), Some("t2".into()), 1),
             (container(4), Some("t2".into()), 1),
         ]
     );
-    answer(&registry, &second[0].0, true);
+    answer(&registry, &second[0].id, true);
     assert_eq!(registry.state_files_unacknowledged(&node()), 0);
     assert!(sent(&mut rx).is_empty());
 }
@@ -148,8 +171,8 @@ async fn a_late_claim_never_replaces_the_queued_release_after_it() {
     registry.write_state_file(&node(), container(1), released("t1", 3), PATIENT);
     registry.write_state_file(&node(), container(1), claimed("t1", 3), PATIENT);
     registry.write_state_file(&node(), container(1), claimed("t1", 2), PATIENT);
-    answer(&registry, &first[0].0, true);
-    assert_eq!(sent(&mut rx)[0].1, vec![(container(1), None, 3)]);
+    answer(&registry, &first[0].id, true);
+    assert_eq!(sent(&mut rx)[0].files, vec![(container(1), None, 3)]);
 }
 
 #[tokio::test]
@@ -158,21 +181,21 @@ async fn an_older_agent_gets_one_command_per_file() {
     let mut rx = attach(&registry, "a", false);
     registry.write_state_file(&node(), container(1), claimed("t1", 1), PATIENT);
     let first = sent(&mut rx);
+    assert!(all(&first, false), "{first:?}");
     registry.write_state_file(&node(), container(2), claimed("t1", 1), PATIENT);
     registry.write_state_file(&node(), container(3), claimed("t1", 1), PATIENT);
-    answer(&registry, &first[0].0, true);
+    answer(&registry, &first[0].id, true);
     let next = sent(&mut rx);
     assert_eq!(next.len(), 2, "each file its own WriteStateFile");
-    assert!(next.iter().all(|(_, files)| files.len() == 1));
+    assert!(all(&next, false), "{next:?}");
     // What waits goes only when all of those are answered.
     registry.write_state_file(&node(), container(4), claimed("t1", 1), PATIENT);
-    answer(&registry, &next[0].0, true);
+    answer(&registry, &next[0].id, true);
     assert!(sent(&mut rx).is_empty());
-    answer(&registry, &next[1].0, true);
-    assert_eq!(
-        sent(&mut rx)[0].1,
-        vec![(container(4), Some("t1".into()), 1)]
-    );
+    answer(&registry, &next[1].id, true);
+    let last = sent(&mut rx);
+    assert!(all(&last, false));
+    assert_eq!(last[0].files, vec![(container(4), Some("t1".into()), 1)]);
 }
 
 #[tokio::test]
@@ -185,11 +208,11 @@ async fn a_batch_is_at_most_batch_max_files() {
     for n in 1..=many {
         registry.write_state_file(&node(), container(n), claimed("t1", 1), PATIENT);
     }
-    answer(&registry, &first[0].0, true);
+    answer(&registry, &first[0].id, true);
     let next = sent(&mut rx);
-    let sizes: Vec<usize> = next.iter().map(|(_, f)| f.len()).collect();
-    assert_eq!(sizes.iter().sum::<usize>(), many as usize);
-    assert!(sizes.iter().all(|&s| s <= super::BATCH_MAX), "{sizes:?}");
+    let mut sizes: Vec<usize> = next.iter().map(|c| c.files.len()).collect();
+    sizes.sort();
+    assert_eq!(sizes, vec![5, super::BATCH_MAX]);
 }
 
 /// Nothing is dropped: writes for a node with no session wait for it, and
@@ -204,49 +227,57 @@ async fn unanswered_and_unsent_state_files_go_to_the_next_session() {
 
     let mut a = attach(&registry, "a", true);
     let first = sent(&mut a);
-    assert_eq!(first[0].1, vec![(container(1), Some("t1".into()), 1)]);
+    assert!(all(&first, true));
+    assert_eq!(first[0].files, vec![(container(1), Some("t1".into()), 1)]);
     registry.write_state_file(&node(), container(2), claimed("t2", 1), PATIENT);
-    registry.detach(&node(), "a");
 
-    // An older agent now: the same files, one command each.
+    // An older agent now, replacing the session without a detach: the
+    // same files, one command each.
     let mut b = attach(&registry, "b", false);
     let mut again = sent(&mut b);
-    again.sort_by_key(|(_, f)| f[0].0);
+    again.sort_by_key(|c| c.files[0].0);
     assert_eq!(again.len(), 2);
-    assert_eq!(again[0].1, vec![(container(1), Some("t1".into()), 1)]);
-    assert_eq!(again[1].1, vec![(container(2), Some("t2".into()), 1)]);
-    assert_ne!(again[0].0, first[0].0, "a new command id");
+    assert!(all(&again, false), "{again:?}");
+    assert_eq!(again[0].files, vec![(container(1), Some("t1".into()), 1)]);
+    assert_eq!(again[1].files, vec![(container(2), Some("t2".into()), 1)]);
+    assert_ne!(again[0].id, first[0].id, "a new command id");
+    assert!(sent(&mut a).is_empty(), "nothing more to the old session");
 
-    answer(&registry, &first[0].0, true);
+    answer(&registry, &first[0].id, true);
     assert_eq!(
         registry.state_files_unacknowledged(&node()),
         2,
         "a stale answer counts for nothing"
     );
-    answer(&registry, &again[0].0, true);
-    answer(&registry, &again[1].0, true);
+    answer(&registry, &again[0].id, true);
+    answer(&registry, &again[1].id, true);
     assert_eq!(registry.state_files_unacknowledged(&node()), 0);
 }
 
 #[tokio::test]
-async fn a_batch_unanswered_too_long_goes_again_with_the_next_write() {
+async fn a_batch_unanswered_too_long_goes_again_with_the_next_write_or_heartbeat() {
     let registry = Registry::default();
     let mut rx = attach(&registry, "a", true);
     registry.write_state_file(&node(), container(1), claimed("t1", 1), Duration::ZERO);
     let first = sent(&mut rx);
     registry.write_state_file(&node(), container(2), claimed("t1", 1), Duration::ZERO);
-    let mut again = sent(&mut rx);
+    let again = sent(&mut rx);
     assert_eq!(again.len(), 1);
-    again[0].1.sort();
     assert_eq!(
-        again[0].1,
+        again[0].files,
         vec![
             (container(1), Some("t1".into()), 1),
             (container(2), Some("t1".into()), 1)
         ]
     );
-    answer(&registry, &first[0].0, true);
+    answer(&registry, &first[0].id, true);
     assert_eq!(registry.state_files_unacknowledged(&node()), 2);
+    // With no write to carry it, the node's heartbeat sends it again.
+    registry.heartbeat(&node(), Timestamp::from_millis(2), Default::default(), 0);
+    let third = sent(&mut rx);
+    assert_eq!(third.len(), 1);
+    assert_eq!(third[0].files, again[0].files);
+    assert_ne!(third[0].id, again[0].id);
 }
 
 #[tokio::test]
@@ -256,9 +287,47 @@ async fn a_failed_batch_is_not_held_against_the_next() {
     registry.write_state_file(&node(), container(1), claimed("t1", 1), PATIENT);
     let first = sent(&mut rx);
     registry.write_state_file(&node(), container(2), claimed("t1", 1), PATIENT);
-    answer(&registry, &first[0].0, false);
+    answer(&registry, &first[0].id, false);
     assert_eq!(
-        sent(&mut rx)[0].1,
+        sent(&mut rx)[0].files,
         vec![(container(2), Some("t1".into()), 1)]
     );
+    assert_eq!(
+        registry.state_files_unacknowledged(&node()),
+        1,
+        "the failed file is not kept"
+    );
+}
+
+/// A session whose channel is full (its agent reads slowly) gets the rest
+/// once there is room; nothing is dropped and no caller waits.
+#[tokio::test]
+async fn a_full_channel_gets_the_rest_when_the_agent_reads_again() {
+    let registry = Registry::default();
+    let (tx, mut rx) = mpsc::channel(2);
+    registry.attach_agent(
+        &node(),
+        "a".into(),
+        tx,
+        Timestamp::from_millis(1),
+        AgentFeatures::default(),
+    );
+    registry.write_state_file(&node(), container(0), claimed("t1", 1), PATIENT);
+    let first = sent(&mut rx);
+    for n in 1..=10 {
+        registry.write_state_file(&node(), container(n), claimed("t1", 1), PATIENT);
+    }
+    answer(&registry, &first[0].id, true);
+    let mut got = Vec::new();
+    while got.len() < 10 {
+        let message = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("the rest arrives")
+            .unwrap();
+        let command = decode(message);
+        assert!(!command.batch, "an older agent gets single files");
+        got.extend(command.files.into_iter().map(|f| f.0));
+    }
+    got.sort();
+    assert_eq!(got, (1..=10).map(container).collect::<Vec<_>>());
 }
