@@ -133,7 +133,7 @@ impl Client {
         if format != Format::Table {
             return print_structured(format, &view).map_err(CliError::Output);
         }
-        println!(
+        out!(
             "backup of {} written to {}: {} ({} bytes), integrity {} (PRAGMA integrity_check of the copy), sha256 {} verified",
             view.database,
             view.file,

@@ -64,7 +64,7 @@ impl Client {
             return print_structured(format, &views).map_err(CliError::Output);
         }
         if views.is_empty() {
-            println!("No reservations.");
+            out!("No reservations.");
             return Ok(());
         }
         let mut t = table(&[
@@ -114,9 +114,11 @@ impl Client {
         if format != Format::Table {
             return print_structured(format, &view).map_err(CliError::Output);
         }
-        println!(
+        out!(
             "reservation of {} for {} now expires at {}",
-            view.tenant, view.workload, view.expires_at
+            view.tenant,
+            view.workload,
+            view.expires_at
         );
         Ok(())
     }
@@ -142,9 +144,11 @@ impl Client {
         if format != Format::Table {
             return print_structured(format, &view).map_err(CliError::Output);
         }
-        println!(
+        out!(
             "reservation of {} for {} revoked; container {} will be destroyed",
-            view.tenant, view.workload, view.container
+            view.tenant,
+            view.workload,
+            view.container
         );
         Ok(())
     }

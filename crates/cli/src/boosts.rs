@@ -171,7 +171,7 @@ fn print_boosts(boosts: &[pb::Boost], format: Format) -> Result<(), CliError> {
         return print_structured(format, &views).map_err(CliError::Output);
     }
     if views.is_empty() {
-        println!("No boosts.");
+        out!("No boosts.");
         return Ok(());
     }
     let mut t = table(&[
@@ -247,7 +247,7 @@ impl Client {
         }
         // The id alone on stdout, so `id=$(bh boost request ...)` works;
         // the sentence for people on stderr.
-        println!("{}", boost.boost_id);
+        out!("{}", boost.boost_id);
         let view = BoostView::from(&boost);
         eprintln!(
             "{} {} {} boost for {} from node {}, {}; expires {} (in {})",
@@ -324,9 +324,12 @@ impl Client {
             return print_boosts(std::slice::from_ref(&boost), format);
         }
         let view = BoostView::from(&boost);
-        println!(
+        out!(
             "boost {} released ({} {} for {})",
-            view.id, view.amount_text, view.resource, view.target
+            view.id,
+            view.amount_text,
+            view.resource,
+            view.target
         );
         Ok(())
     }

@@ -200,7 +200,7 @@ impl Client {
             return print_structured(format, &nodes).map_err(CliError::Output);
         }
         if nodes.is_empty() {
-            println!("No nodes. Start boilerhouse-agent on a Docker host to add one.");
+            out!("No nodes. Start boilerhouse-agent on a Docker host to add one.");
             return Ok(());
         }
         let mut t = table(&[
@@ -281,7 +281,7 @@ impl Client {
         if format != Format::Table {
             return print_structured(format, &view).map_err(CliError::Output);
         }
-        println!(
+        out!(
             "node/{} {}",
             view.name,
             if cordon { "cordoned" } else { "uncordoned" }
@@ -299,23 +299,27 @@ impl Client {
         if format != Format::Table {
             return print_structured(format, &view).map_err(CliError::Output);
         }
-        println!("Server:     {} (boilerhoused {})", self.server(), s.version);
-        println!(
+        out!("Server:     {} (boilerhoused {})", self.server(), s.version);
+        out!(
             "Up since:   {} ({})",
             output::time(s.started_at.as_ref()),
             output::age(s.started_at.as_ref())
         );
-        println!("Database:   {}", s.database_path);
-        println!(
+        out!("Database:   {}", s.database_path);
+        out!(
             "Workloads:  {} loaded, {} failing, from {}",
-            s.workload_count, s.workload_load_errors, s.workloads_dir
+            s.workload_count,
+            s.workload_load_errors,
+            s.workloads_dir
         );
-        println!(
+        out!(
             "Nodes:      {} known, {} ready, {} agents connected",
-            s.node_count, s.nodes_ready, s.agents_connected
+            s.node_count,
+            s.nodes_ready,
+            s.agents_connected
         );
-        println!("Last event: {}", s.last_event_id);
-        println!();
+        out!("Last event: {}", s.last_event_id);
+        out!();
         let mut t = table(&["TASK", "PERIOD", "RUNS", "LAST RUN", "TOOK", "RESULT"]);
         for task in &s.tasks {
             let result = if task.last_error.is_empty() {

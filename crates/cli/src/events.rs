@@ -52,7 +52,7 @@ impl Client {
                 return print_structured(format, &views).map_err(CliError::Output);
             }
             if views.is_empty() {
-                println!("No events.");
+                out!("No events.");
                 return Ok(());
             }
             let mut t = table(&["ID", "TIME", "SEVERITY", "KIND", "SUBJECT", "MESSAGE"]);
@@ -73,9 +73,13 @@ impl Client {
         // Follow: print what was listed, then stream from the last id seen so
         // nothing between the listing and the watch is missed.
         if format == Format::Table {
-            println!(
+            out!(
                 "{:<8} {:<20} {:<8} {:<20} {:<24} MESSAGE",
-                "ID", "TIME", "SEVERITY", "KIND", "SUBJECT"
+                "ID",
+                "TIME",
+                "SEVERITY",
+                "KIND",
+                "SUBJECT"
             );
         }
         for e in &views {
@@ -118,7 +122,7 @@ impl Client {
 fn print_event_line(e: &EventView, format: Format) -> Result<(), CliError> {
     match format {
         Format::Table => {
-            println!(
+            out!(
                 "{:<8} {:<20} {:<8} {:<20} {:<24} {}",
                 e.id,
                 e.at,
@@ -129,12 +133,12 @@ fn print_event_line(e: &EventView, format: Format) -> Result<(), CliError> {
             );
         }
         // One object per line, so a follow stream is valid NDJSON.
-        Format::Json => println!(
+        Format::Json => out!(
             "{}",
             serde_json::to_string(e).map_err(|x| CliError::Output(x.to_string()))?
         ),
         Format::Yaml => {
-            println!("---");
+            out!("---");
             print_structured(Format::Yaml, e).map_err(CliError::Output)?;
         }
     }

@@ -2,6 +2,25 @@
 //! nothing else: every command is one or two RPCs, so anything bh does,
 //! grpcurl or any other client can do too.
 
+/// `println!`, except that a reader gone away (`bh events | head`) ends bh
+/// quietly, as it ends Unix tools, where `println!` panics on the next
+/// line (Rust ignores SIGPIPE). See [`output::write_stdout`].
+macro_rules! out {
+    () => {
+        $crate::output::write_stdout(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::output::write_stdout(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `print!`, as [`out!`] is `println!`.
+macro_rules! out_text {
+    ($($arg:tt)*) => {
+        $crate::output::write_stdout(format_args!($($arg)*))
+    };
+}
+
 mod admin;
 mod affinity;
 mod boosts;
@@ -429,7 +448,9 @@ async fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<(), CliError> {
     let format = cli.output;
     if let Command::Completions { shell } = cli.command {
-        clap_complete::generate(shell, &mut Cli::command(), "bh", &mut std::io::stdout());
+        let mut script = Vec::new();
+        clap_complete::generate(shell, &mut Cli::command(), "bh", &mut script);
+        out_text!("{}", String::from_utf8_lossy(&script));
         return Ok(());
     }
     let client = Client::connect(

@@ -16,6 +16,23 @@ pub enum Format {
     Yaml,
 }
 
+/// Writes to stdout. A reader that has gone away (a closed pipe: `bh
+/// events --follow | head -3`) ends bh at once with the status a shell
+/// reports for a process SIGPIPE killed (141), as `git log | head` ends
+/// git; whatever was asked of the server was done. Any other failure to
+/// write ends it with a message and status 1.
+pub fn write_stdout(args: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout.write_fmt(args).and_then(|()| stdout.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(141);
+        }
+        eprintln!("bh: cannot write to stdout: {e}");
+        std::process::exit(1);
+    }
+}
+
 /// A kubectl-style table: header row, no borders.
 pub fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
@@ -28,7 +45,7 @@ pub fn table(header: &[&str]) -> Table {
 /// Prints a table without the leading space comfy-table's preset leaves.
 pub fn print_table(t: &Table) {
     for line in t.to_string().lines() {
-        println!("{}", line.strip_prefix(' ').unwrap_or(line).trim_end());
+        out!("{}", line.strip_prefix(' ').unwrap_or(line).trim_end());
     }
 }
 
@@ -37,13 +54,13 @@ pub fn print_structured<T: Serialize>(format: Format, value: &T) -> Result<(), S
     match format {
         Format::Json => {
             let text = serde_json::to_string_pretty(value).map_err(|e| e.to_string())?;
-            println!("{text}");
+            out!("{text}");
         }
         Format::Yaml => {
             let text = serde_saphyr::to_string(value).map_err(|e| e.to_string())?;
-            print!("{text}");
+            out_text!("{text}");
             if !text.ends_with('\n') {
-                println!();
+                out!();
             }
         }
         Format::Table => {}

@@ -215,7 +215,7 @@ impl Client {
             .into_inner()
             .pools;
         if pools.is_empty() && format == Format::Table {
-            println!("No pools.");
+            out!("No pools.");
             return Ok(());
         }
         print_pools(&pools, format)
@@ -312,7 +312,7 @@ impl Client {
         if format != Format::Table {
             return print_structured(format, &view).map_err(CliError::Output);
         }
-        println!(
+        out!(
             "{} claimed {} on {} ({}, {} in the server)",
             view.tenant,
             view.container,
@@ -320,13 +320,13 @@ impl Client {
             view.source,
             output::duration(response.server_latency.as_ref())
         );
-        println!("  docker id:   {}", view.docker_id);
-        println!("  generation:  {}", view.generation);
+        out!("  docker id:   {}", view.docker_id);
+        out!("  generation:  {}", view.generation);
         if !view.state_path.is_empty() {
-            println!("  state path:  {}", view.state_path);
+            out!("  state path:  {}", view.state_path);
         }
         if !view.comm_path.is_empty() {
-            println!("  comm path:   {}", view.comm_path);
+            out!("  comm path:   {}", view.comm_path);
         }
         if !response.restore_warning.is_empty() {
             eprintln!("bh: warning: {}", response.restore_warning);
@@ -374,16 +374,17 @@ impl Client {
             return print_structured(format, &view).map_err(CliError::Output);
         }
         match response.affinity_expires_at {
-            Some(t) => println!(
+            Some(t) => out!(
                 "{} released {}; kept for {} until {}",
                 view.tenant,
                 view.container,
                 view.tenant,
                 output::time(Some(&t))
             ),
-            None => println!(
+            None => out!(
                 "{} released {}; it will be destroyed",
-                view.tenant, view.container
+                view.tenant,
+                view.container
             ),
         }
         Ok(())
@@ -412,7 +413,7 @@ impl Client {
             return print_structured(format, &views).map_err(CliError::Output);
         }
         if views.is_empty() {
-            println!("No claims.");
+            out!("No claims.");
             return Ok(());
         }
         let mut t = table(&[
@@ -463,7 +464,7 @@ impl Client {
             return print_structured(format, &views).map_err(CliError::Output);
         }
         if views.is_empty() {
-            println!("No containers.");
+            out!("No containers.");
             return Ok(());
         }
         let mut t = table(&[
@@ -534,7 +535,7 @@ impl Client {
         if format != Format::Table {
             return print_structured(format, &view).map_err(CliError::Output);
         }
-        println!("container/{} is being destroyed", view.id);
+        out!("container/{} is being destroyed", view.id);
         Ok(())
     }
 }

@@ -63,7 +63,7 @@ impl Client {
             return print_structured(format, &views).map_err(CliError::Output);
         }
         if views.is_empty() {
-            println!("Nothing to do: the database and the agents' reports agree.");
+            out!("Nothing to do: the database and the agents' reports agree.");
             return Ok(());
         }
         let mut t = table(&["ACTION", "NODE", "CONTAINER", "WORKLOAD", "DUE", "REASON"]);
@@ -126,7 +126,7 @@ impl Client {
             return print_structured(format, &views).map_err(CliError::Output);
         }
         if views.is_empty() {
-            println!("Nothing was due.");
+            out!("Nothing was due.");
             return Ok(());
         }
         let mut t = table(&["ACTION", "NODE", "CONTAINER", "RESULT", "REASON"]);

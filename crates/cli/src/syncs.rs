@@ -82,7 +82,7 @@ fn print_statuses(statuses: &[pb::SyncStatus], format: Format) -> Result<(), Cli
         return print_structured(format, &views).map_err(CliError::Output);
     }
     if views.is_empty() {
-        println!("No syncs yet.");
+        out!("No syncs yet.");
         return Ok(());
     }
     let mut t = table(&[
@@ -196,7 +196,7 @@ impl Client {
             let status = item.status.unwrap_or_default();
             let view = SyncView::from(&status);
             if format == Format::Table {
-                println!(
+                out!(
                     "{} {}/{} {} {} pending={} bytes={}",
                     view.last_sync_at,
                     view.tenant,
@@ -239,9 +239,11 @@ impl Client {
         let mut drained = false;
         while let Some(step) = stream.message().await.map_err(|s| self.fail(s))? {
             if format == Format::Table {
-                println!(
+                out!(
                     "{} (containers left: {}, claims left: {})",
-                    step.message, step.containers_remaining, step.claims_remaining
+                    step.message,
+                    step.containers_remaining,
+                    step.claims_remaining
                 );
             } else {
                 #[derive(Serialize)]

@@ -60,7 +60,7 @@ impl Client {
             ]);
         }
         if workloads.is_empty() {
-            println!("No workloads.");
+            out!("No workloads.");
         } else {
             print_table(&t);
         }
@@ -114,11 +114,11 @@ impl Client {
             ("Updated", view.updated_at.clone()),
         ];
         for (k, v) in rows {
-            println!("{:<17} {v}", format!("{k}:"));
+            out!("{:<17} {v}", format!("{k}:"));
         }
-        println!("YAML:");
+        out!("YAML:");
         for line in w.yaml.lines() {
-            println!("  {line}");
+            out!("  {line}");
         }
         Ok(())
     }
@@ -153,7 +153,7 @@ impl Client {
             Ok(pb::ApplyOutcome::Valid) => "valid (dry run)",
             _ => "applied",
         };
-        println!("workload/{} {outcome}", w.id);
+        out!("workload/{} {outcome}", w.id);
         Ok(())
     }
 
@@ -178,7 +178,7 @@ impl Client {
         if format != Format::Table {
             return print_structured(format, &WorkloadView::from(&w)).map_err(CliError::Output);
         }
-        println!("workload/{} deleted", w.id);
+        out!("workload/{} deleted", w.id);
         Ok(())
     }
 }
