@@ -2,32 +2,15 @@
 //! nothing else: every command is one or two RPCs, so anything bh does,
 //! grpcurl or any other client can do too.
 
-/// `println!`, except that a reader gone away (`bh events | head`) ends bh
-/// quietly, as it ends Unix tools, where `println!` panics on the next
-/// line (Rust ignores SIGPIPE). See [`output::write_stdout`].
-macro_rules! out {
-    () => {
-        $crate::output::write_stdout(format_args!("\n"))
-    };
-    ($($arg:tt)*) => {
-        $crate::output::write_stdout(format_args!("{}\n", format_args!($($arg)*)))
-    };
-}
-
-/// `print!`, as [`out!`] is `println!`.
-macro_rules! out_text {
-    ($($arg:tt)*) => {
-        $crate::output::write_stdout(format_args!($($arg)*))
-    };
-}
-
+// First: its `out!` and `out_text!` are used by every module after it.
+#[macro_use]
+mod output;
 mod admin;
 mod affinity;
 mod boosts;
 mod client;
 mod events;
 mod failover;
-mod output;
 mod pools;
 mod reconcile;
 mod syncs;

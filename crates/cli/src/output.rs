@@ -1,5 +1,24 @@
 //! Output formats: aligned tables for people, JSON and YAML for programs.
 
+/// `println!`, except that a reader gone away (`bh events | head`) ends bh
+/// quietly, as it ends Unix tools, where `println!` panics on the next
+/// line (Rust ignores SIGPIPE). See [`output::write_stdout`].
+macro_rules! out {
+    () => {
+        $crate::output::write_stdout(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::output::write_stdout(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `print!`, as [`out!`] is `println!`.
+macro_rules! out_text {
+    ($($arg:tt)*) => {
+        $crate::output::write_stdout(format_args!($($arg)*))
+    };
+}
+
 use std::time::{Duration, SystemTime};
 
 use comfy_table::{ContentArrangement, Table, presets};
