@@ -228,7 +228,17 @@ impl Registry {
         stalled_after: Duration,
     ) {
         let mut inner = self.lock();
-        let queue = inner.state_files.entry(node.clone()).or_default();
+        // Looked up before it is made: this runs for every claim, and the
+        // entry exists for every node but a new one's first write.
+        if !inner.state_files.contains_key(node) {
+            inner
+                .state_files
+                .insert(node.clone(), StateFileQueue::default());
+        }
+        let queue = inner
+            .state_files
+            .get_mut(node)
+            .expect("the queue was just made if it was missing");
         queue.put(container, state);
         queue.stalled_after = stalled_after;
         let sends = match queue.sent_at {
