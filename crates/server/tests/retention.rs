@@ -281,3 +281,63 @@ async fn the_node_list_shows_every_write_at_once() {
     .await;
     assert!(seen.is_ok(), "an outside write never showed");
 }
+
+fn event(at: i64) -> String {
+    format!(
+        "INSERT INTO events (at, kind, severity, message) VALUES ({at}, 'test.trim', 'info', 'm')"
+    )
+}
+
+/// The activity log has no index on time: the trim takes the events
+/// before the first young one, reading from the oldest, over several
+/// transactions; an old stamp after a young one waits for it, and the
+/// newest `keep_newest` stay whatever their age.
+#[tokio::test]
+async fn old_events_go_in_log_order_and_the_newest_stay() {
+    let db = TestDatabase::fresh().await.unwrap();
+    let store = open(&db).await;
+    let old = (BATCH as usize) + 300;
+    for chunk in (0..old).collect::<Vec<_>>().chunks(1000) {
+        exec(&store, chunk.iter().map(|_| event(OLD)).collect()).await;
+    }
+    // A young event, then one stamped old after it (the clock stepped
+    // back), then more young ones.
+    let mut tail = vec![event(RECENT), event(OLD)];
+    tail.extend((0..5).map(|_| event(RECENT)));
+    exec(&store, tail).await;
+    let first_young = store.last_event_id().await.unwrap() - 6;
+
+    let trimmed = store
+        .trim_events(Timestamp::from_millis(CUTOFF), 3)
+        .await
+        .expect("trim");
+    assert_eq!(trimmed, old as u64);
+    let left = ids(&store, "SELECT CAST(id AS TEXT) FROM events").await;
+    let mut expected: Vec<String> = (first_young..first_young + 7)
+        .map(|i| i.to_string())
+        .collect();
+    expected.sort();
+    assert_eq!(left, expected);
+    assert_eq!(
+        store
+            .trim_events(Timestamp::from_millis(CUTOFF), 3)
+            .await
+            .expect("trim again"),
+        0,
+        "the old stamp after a young event waits for it"
+    );
+
+    // Everything old now: all but the newest three go.
+    let trimmed = store
+        .trim_events(Timestamp::from_millis(RECENT + 1), 3)
+        .await
+        .expect("trim all");
+    assert_eq!(trimmed, 4);
+    let left = ids(&store, "SELECT CAST(id AS TEXT) FROM events").await;
+    let mut expected: Vec<String> = (first_young + 4..first_young + 7)
+        .map(|i| i.to_string())
+        .collect();
+    expected.sort();
+    assert_eq!(left, expected);
+    store.close().await;
+}

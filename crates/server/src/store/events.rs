@@ -242,13 +242,27 @@ impl Store {
         before: Timestamp,
         keep_newest: u64,
     ) -> Result<u64, StoreError> {
+        // The log has no index on time (one more page for every claim's
+        // commit to write): it is in id order, which is time order up to
+        // the clock, so the old events are those before the first young
+        // one, found by reading from the oldest: only what is about to go.
+        // An event stamped earlier than one before it waits for that one.
+        // With none young, the old are those up to the newest now, not
+        // every one: events committed while the trim runs are young.
+        let (first_young,): (i64,) = sql::query_as(
+            "SELECT coalesce((SELECT id FROM events WHERE at >= ? ORDER BY id LIMIT 1), \
+             (SELECT coalesce(max(id), 0) FROM events) + 1)",
+        )
+        .bind(before.as_millis())
+        .fetch_one(&self.reads)
+        .await?;
         // In batches (see `retention`): an hour of a busy day's events is
         // millions of rows, too many for one transaction in the writer.
         let statement = format!(
-            "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE at < ? \
+            "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE id < ? \
              AND id <= (SELECT coalesce(max(id), 0) FROM events) - {keep_newest} \
              ORDER BY id LIMIT ?)"
         );
-        self.delete_in_batches(&statement, before.as_millis()).await
+        self.delete_in_batches(&statement, first_young).await
     }
 }
