@@ -341,3 +341,23 @@ async fn old_events_go_in_log_order_and_the_newest_stay() {
     assert_eq!(left, expected);
     store.close().await;
 }
+
+/// A stamp far in the future (the server's clock was ahead, then set
+/// right) does not hold back the trim of every event after it.
+#[tokio::test]
+async fn an_event_stamped_in_the_future_does_not_stall_the_trim() {
+    let db = TestDatabase::fresh().await.unwrap();
+    let store = open(&db).await;
+    let next_century = 4_102_444_800_000; // 2100-01-01
+    let mut rows: Vec<String> = (0..5).map(|_| event(OLD)).collect();
+    rows.push(event(next_century));
+    rows.extend((0..3).map(|_| event(OLD)));
+    rows.extend((0..2).map(|_| event(RECENT)));
+    exec(&store, rows).await;
+    let trimmed = store
+        .trim_events(Timestamp::from_millis(CUTOFF), 1)
+        .await
+        .expect("trim");
+    assert_eq!(trimmed, 9, "the old ones and the one from the future");
+    assert_eq!(count(&store, "events").await, 2);
+}

@@ -409,20 +409,23 @@ async fn a_claims_rows_are_checked_without_temporary_indexes() {
     // SQLite's own schema, whatever the run's backend.
     let dir = tempfile::tempdir().unwrap();
     let (store, mut raw) = sqlite_in(dir.path()).await;
-    for (table, insert) in [
+    for (table, insert, allowed) in [
         (
             "containers",
             "INSERT INTO containers (container_id, pool_id, workload_id, node_id, spec_hash, created_at, \
              state, claim_generation, revision, updated_at) VALUES ('c', 'p', 'w', 'n', 'h', 1, ?, 0, 1, 1)",
+            &["warming", "idle", "claimed", "reserved", "draining", "lost"][..],
         ),
         (
             "claims",
             "INSERT INTO claims (claim_id, tenant_id, workload_id, container_id, node_id, generation, \
              source, status, claimed_at, last_activity_at) VALUES ('k', 't', 'w', 'c', 'n', 1, 'pool', ?, 1, 1)",
+            &["active", "released", "lost"][..],
         ),
         (
             "events",
             "INSERT INTO events (at, kind, severity, message) VALUES (1, 'k', ?, 'm')",
+            &["info", "warning", "error"][..],
         ),
     ] {
         let (schema,): (String,) =
@@ -454,6 +457,16 @@ async fn a_claims_rows_are_checked_without_temporary_indexes() {
             refused.to_string().contains("CHECK constraint failed"),
             "{table}: {refused}"
         );
+        // Every value of the set is still taken (each undone after).
+        for value in allowed {
+            sqlx::query("BEGIN").execute(&mut raw).await.unwrap();
+            sqlx::query(insert)
+                .bind(*value)
+                .execute(&mut raw)
+                .await
+                .unwrap_or_else(|e| panic!("{table}: {value} refused: {e}"));
+            sqlx::query("ROLLBACK").execute(&mut raw).await.unwrap();
+        }
     }
     let (foreign_key_problems,): (i64,) =
         sqlx::query_as("SELECT count(*) FROM pragma_foreign_key_check")

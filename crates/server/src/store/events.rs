@@ -70,6 +70,10 @@ impl TryFrom<EventRow> for Event {
     }
 }
 
+/// How far ahead of the server's clock an event's stamp may be and still
+/// count as young for the trim.
+const FUTURE_STAMP_SLACK_MS: i64 = 60_000;
+
 /// The attribute naming who caused an event, on every event an RPC caused.
 pub const PRINCIPAL_ATTRIBUTE: &str = "principal";
 
@@ -247,13 +251,18 @@ impl Store {
         // the clock, so the old events are those before the first young
         // one, found by reading from the oldest: only what is about to go.
         // An event stamped earlier than one before it waits for that one.
-        // With none young, the old are those up to the newest now, not
-        // every one: events committed while the trim runs are young.
+        // A stamp in the future (the server's clock was ahead, then set
+        // right) is not young: it would hold back every event after it
+        // for as long as the clock was ahead. With none young, the old
+        // are those up to the newest now, not every one: events
+        // committed while the trim runs are young.
+        let latest_believable = crate::clock::now().as_millis() + FUTURE_STAMP_SLACK_MS;
         let (first_young,): (i64,) = sql::query_as(
-            "SELECT coalesce((SELECT id FROM events WHERE at >= ? ORDER BY id LIMIT 1), \
+            "SELECT coalesce((SELECT id FROM events WHERE at >= ? AND at <= ? ORDER BY id LIMIT 1), \
              (SELECT coalesce(max(id), 0) FROM events) + 1)",
         )
         .bind(before.as_millis())
+        .bind(latest_believable)
         .fetch_one(&self.reads)
         .await?;
         // In batches (see `retention`): an hour of a busy day's events is
