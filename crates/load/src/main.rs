@@ -88,6 +88,10 @@ struct Args {
     /// record of each for `idempotency_retention`).
     #[arg(long)]
     request_ids: bool,
+    /// HTTP/2 connections the claims spread over, one after another: as
+    /// many clients would (one carries every call by default)
+    #[arg(long, default_value_t = 1)]
+    connections: usize,
     /// Every call's deadline.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     timeout: Duration,
@@ -112,7 +116,10 @@ type Client = ClaimServiceClient<Authed>;
 
 /// What the workers share.
 struct Shared {
-    client: Client,
+    /// One client a connection.
+    clients: Vec<Client>,
+    /// The next cycle's client.
+    next_client: std::sync::atomic::AtomicUsize,
     workloads: Vec<String>,
     idle_tenants: Mutex<VecDeque<String>>,
     report: Mutex<Report>,
@@ -173,7 +180,10 @@ async fn floor(channel: Authed, calls: u32) -> report::Operation {
 /// One cycle for a tenant that is free; `due` is when the open loop meant
 /// to send it.
 async fn cycle(shared: &Shared, tenant: &str, workload: &str, due: Option<Instant>) {
-    let mut client = shared.client.clone();
+    let n = shared
+        .next_client
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut client = shared.clients[n % shared.clients.len()].clone();
     let sent = Instant::now();
     if let Some(due) = due {
         let lag = sent.saturating_duration_since(due);
@@ -354,13 +364,18 @@ async fn main() -> anyhow::Result<()> {
     );
     let channel = connect(&args).await?;
     let floor = floor(channel.clone(), args.floor_calls).await;
-    let client = ClaimServiceClient::new(channel);
+    anyhow::ensure!(args.connections > 0, "--connections: at least 1");
+    let mut clients = vec![ClaimServiceClient::new(channel)];
+    for _ in 1..args.connections {
+        clients.push(ClaimServiceClient::new(connect(&args).await?));
+    }
     let mode = match args.rate {
         Some(rate) => format!("open loop at {rate}/s"),
         None => format!("closed loop, concurrency {concurrency}"),
     };
     let shared = Arc::new(Shared {
-        client,
+        clients,
+        next_client: std::sync::atomic::AtomicUsize::new(0),
         workloads: args.workloads.clone(),
         idle_tenants: Mutex::new(
             (0..args.tenants)

@@ -3,9 +3,10 @@
 //! given a PostgreSQL database, on PostgreSQL in the same run.
 //!
 //! cargo run --release -p boilerhouse-server --example claim_bench -- \
-//!     [pool-size] [quiet|churn] [--postgres URL]
+//!     [claims] [quiet|churn] [--postgres URL]
 //!
-//! `quiet` sizes the pool so nothing refills during the measurement
+//! Each POOL run makes `claims` claims (default 150), from one pool of
+//! twice that. `quiet` sizes the pool so nothing refills during the measurement
 //! (max_size = min_size): it measures the control plane alone. `churn`
 //! lets the pool refill while claims arrive, so on a single machine Docker
 //! creating replacements competes with the server for the CPU, as it would
@@ -17,8 +18,12 @@
 //! a pool of busybox containers (the registry-free test image), then:
 //! - cold: creates and starts containers straight through the Docker API,
 //!   one after another, as a claim without a pool would have to;
-//! - warm POOL claims: one claim per new tenant, issued open-loop at
-//!   1,000 claims/s until the pool is used up;
+//! - warm POOL claims one at a time: one claim per new tenant, each sent
+//!   when the one before is answered, as the cold creates are timed: what
+//!   one claim costs (P1 in docs/BENCHMARKS.md);
+//! - warm POOL claims offered open-loop at 1,000 claims/s, one per new
+//!   tenant, until the pool is used up: a claim that lands while the one
+//!   before is still committing waits for it;
 //! - EXISTING claims: the same tenants claiming again at 1,000 claims/s
 //!   for 3 seconds (the path a reconnecting client takes).
 //!
@@ -85,11 +90,64 @@ struct Run {
 }
 
 impl Run {
+    /// The run that gave `answers` over `wall`.
+    fn of(answers: Vec<Answer>, wall: Duration) -> Self {
+        let mut run = Run {
+            client: Vec::new(),
+            server: Vec::new(),
+            sources: HashMap::new(),
+            wall,
+            failures: 0,
+        };
+        for (latency, result) in answers {
+            match result {
+                Ok((source, server)) => {
+                    run.client.push(latency);
+                    run.server.push(server);
+                    *run.sources.entry(source).or_insert(0) += 1;
+                }
+                Err(_) => run.failures += 1,
+            }
+        }
+        run.client.sort();
+        run.server.sort();
+        run
+    }
+
     /// Granted claims per second of wall time, from the first offer to
     /// the last answer.
     fn rate(&self) -> f64 {
         self.client.len() as f64 / self.wall.as_secs_f64()
     }
+}
+
+/// A claim's latency around the call, and the source and server-side
+/// latency its answer reports.
+type Answer = (Duration, Result<(i32, Duration), tonic::Status>);
+
+/// One claim as `tenant`, timed around the call: its latency, and the
+/// source and server-side latency the answer reports.
+async fn claim_once(channel: boilerhouse_proto::tls::AuthedChannel, tenant: String) -> Answer {
+    let mut client = ClaimServiceClient::new(channel);
+    let t = Instant::now();
+    let result = client
+        .claim(pb::ClaimRequest {
+            tenant_id: tenant,
+            workload_id: "bench".into(),
+            ..Default::default()
+        })
+        .await;
+    (
+        t.elapsed(),
+        result.map(|r| {
+            let r = r.into_inner();
+            let server = r
+                .server_latency
+                .map(|d| Duration::new(d.seconds as u64, d.nanos as u32))
+                .unwrap_or_default();
+            (r.claim.map(|c| c.source).unwrap_or_default(), server)
+        }),
+    )
 }
 
 /// Issues one claim per entry of `tenants`, open-loop at `rate` per second.
@@ -105,51 +163,28 @@ async fn open_loop(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     for tenant in tenants {
         ticker.tick().await;
-        let mut client = ClaimServiceClient::new(channel.clone());
-        tasks.push(tokio::spawn(async move {
-            let t = Instant::now();
-            let result = client
-                .claim(pb::ClaimRequest {
-                    tenant_id: tenant,
-                    workload_id: "bench".into(),
-                    ..Default::default()
-                })
-                .await;
-            (
-                t.elapsed(),
-                result.map(|r| {
-                    let r = r.into_inner();
-                    let server = r
-                        .server_latency
-                        .map(|d| Duration::new(d.seconds as u64, d.nanos as u32))
-                        .unwrap_or_default();
-                    (r.claim.map(|c| c.source).unwrap_or_default(), server)
-                }),
-            )
-        }));
+        tasks.push(tokio::spawn(claim_once(channel.clone(), tenant)));
     }
-    let mut run = Run {
-        client: Vec::new(),
-        server: Vec::new(),
-        sources: HashMap::new(),
-        wall: Duration::ZERO,
-        failures: 0,
-    };
+    let mut answers = Vec::with_capacity(tasks.len());
     for t in tasks {
-        let (latency, result) = t.await.expect("claim task");
-        match result {
-            Ok((source, server)) => {
-                run.client.push(latency);
-                run.server.push(server);
-                *run.sources.entry(source).or_insert(0) += 1;
-            }
-            Err(_) => run.failures += 1,
-        }
+        answers.push(t.await.expect("claim task"));
     }
-    run.wall = started.elapsed();
-    run.client.sort();
-    run.server.sort();
-    run
+    Run::of(answers, started.elapsed())
+}
+
+/// Issues one claim per entry of `tenants`, each after the one before has
+/// been answered: the latency of a claim that waits for no other, as the
+/// cold creates it is set beside are timed one after another.
+async fn one_at_a_time(
+    channel: boilerhouse_proto::tls::AuthedChannel,
+    tenants: Vec<String>,
+) -> Run {
+    let started = Instant::now();
+    let mut answers = Vec::with_capacity(tenants.len());
+    for tenant in tenants {
+        answers.push(claim_once(channel.clone(), tenant).await);
+    }
+    Run::of(answers, started.elapsed())
 }
 
 /// What a claim costs without a pool: `COLD` containers created and
@@ -215,13 +250,18 @@ impl Backend {
 struct Phase {
     fill: Duration,
     cold: Vec<Duration>,
+    /// POOL claims one at a time.
+    single: Run,
+    /// POOL claims offered at [`RATE`].
     pool: Run,
     existing: Run,
 }
 
 /// Starts a cluster on `backend`, fills its pool and measures it; the
 /// cluster and its database are gone when this returns.
-async fn measure(backend: &Backend, pool_size: u32, churn: bool) -> anyhow::Result<Phase> {
+async fn measure(backend: &Backend, claims: u32, churn: bool) -> anyhow::Result<Phase> {
+    // Both POOL runs take `claims` each from the same pool.
+    let pool_size = claims * 2;
     let max_size = if churn { pool_size * 2 } else { pool_size };
     let builder = Cluster::builder()
         .config("heartbeat_interval = \"1s\"")
@@ -274,7 +314,9 @@ async fn measure(backend: &Backend, pool_size: u32, churn: bool) -> anyhow::Resu
 
     let cold = cold_floor(cluster.docker(), cluster.image()).await?;
     let tenants: Vec<String> = (0..pool_size).map(|i| format!("tenant-{i}")).collect();
-    let pool = open_loop(channel.clone(), tenants.clone(), RATE).await;
+    let (first, second) = tenants.split_at(claims as usize);
+    let single = one_at_a_time(channel.clone(), first.to_vec()).await;
+    let pool = open_loop(channel.clone(), second.to_vec(), RATE).await;
     let repeat: Vec<String> = (0..EXISTING_CLAIMS)
         .map(|i| tenants[i % tenants.len()].clone())
         .collect();
@@ -286,6 +328,7 @@ async fn measure(backend: &Backend, pool_size: u32, churn: bool) -> anyhow::Resu
     Ok(Phase {
         fill,
         cold,
+        single,
         pool,
         existing,
     })
@@ -354,17 +397,18 @@ fn print_table(results: &[(&Backend, Phase)]) {
         ));
     }
     println!("{cold}");
-    for (what, existing) in [
-        ("warm claim, POOL, offered at 1000/s (gRPC)", false),
-        ("warm claim, EXISTING, offered at 1000/s (gRPC)", true),
-    ] {
+    type RunOf = fn(&Phase) -> &Run;
+    let runs: [(&str, RunOf); 3] = [
+        ("warm claim, POOL, one at a time (gRPC)", |p| &p.single),
+        ("warm claim, POOL, offered at 1000/s (gRPC)", |p| &p.pool),
+        ("warm claim, EXISTING, offered at 1000/s (gRPC)", |p| {
+            &p.existing
+        }),
+    ];
+    for (what, run_of) in runs {
         let mut row = format!("| {what} |");
         for (_, phase) in results {
-            let run = if existing {
-                &phase.existing
-            } else {
-                &phase.pool
-            };
+            let run = run_of(phase);
             row.push_str(&format!(
                 " {} | {:.0} | {} | {} |",
                 run.client.len(),
@@ -378,13 +422,22 @@ fn print_table(results: &[(&Backend, Phase)]) {
     println!();
     for (backend, phase) in results {
         let cold_p50 = percentile(&phase.cold, 50.0).as_secs_f64();
+        let ratio = |run: &Run| {
+            format!(
+                "{:.0}x ({:.0}x server-side)",
+                cold_p50 / percentile(&run.client, 50.0).as_secs_f64(),
+                cold_p50 / percentile(&run.server, 50.0).as_secs_f64()
+            )
+        };
         println!(
-            "{}: cold p50 / warm POOL p50 = {:.0}x ({:.0}x server-side); sources: POOL run {}, EXISTING run {}; failures: {} and {}",
+            "{}: cold p50 / warm POOL p50 = {} one at a time, {} offered at 1000/s; sources: POOL runs {} and {}, EXISTING run {}; failures: {}, {} and {}",
             backend.title(),
-            cold_p50 / percentile(&phase.pool.client, 50.0).as_secs_f64(),
-            cold_p50 / percentile(&phase.pool.server, 50.0).as_secs_f64(),
+            ratio(&phase.single),
+            ratio(&phase.pool),
+            sources(&phase.single),
             sources(&phase.pool),
             sources(&phase.existing),
+            phase.single.failures,
             phase.pool.failures,
             phase.existing.failures,
         );
@@ -393,7 +446,7 @@ fn print_table(results: &[(&Backend, Phase)]) {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let mut pool_size = 150u32;
+    let mut claims = 150u32;
     let mut churn = false;
     let mut postgres = std::env::var("BOILERHOUSE_POSTGRES_URL")
         .ok()
@@ -405,9 +458,9 @@ async fn main() -> anyhow::Result<()> {
             "churn" => churn = true,
             "--postgres" => postgres = Some(args.next().context("--postgres needs a URL")?),
             other => {
-                pool_size = other
-                    .parse()
-                    .with_context(|| format!("{other:?}: expected a pool size, quiet or churn"))?;
+                claims = other.parse().with_context(|| {
+                    format!("{other:?}: expected a number of claims a run, quiet or churn")
+                })?;
             }
         }
     }
@@ -430,12 +483,13 @@ async fn main() -> anyhow::Result<()> {
             Backend::Sqlite => "WAL, synchronous=FULL".to_owned(),
             Backend::Postgres(url) => postgres_settings(url).await?,
         };
-        let phase = measure(backend, pool_size, churn).await?;
+        let phase = measure(backend, claims, churn).await?;
         println!(
-            "{}: {settings}; pool of {pool_size} filled in {:.1} s ({:.1} containers/s)",
+            "{}: {settings}; pool of {} filled in {:.1} s ({:.1} containers/s)",
             backend.title(),
+            claims * 2,
             phase.fill.as_secs_f64(),
-            f64::from(pool_size) / phase.fill.as_secs_f64()
+            f64::from(claims * 2) / phase.fill.as_secs_f64()
         );
         results.push((backend, phase));
     }
