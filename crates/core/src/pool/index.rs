@@ -545,11 +545,14 @@ impl Index {
 
     /// A pool's idle containers, oldest first.
     pub fn idle(&self, pool: &WorkloadId) -> impl Iterator<Item = &ContainerRecord> {
-        self.idle
-            .get(pool)
-            .into_iter()
-            .flatten()
-            .filter_map(|(_, id)| self.container(id))
+        self.idle_ids(pool).filter_map(|id| self.container(id))
+    }
+
+    /// The ids of a pool's idle containers, oldest first, without looking
+    /// each record up: a claim passes over the ones other claims are
+    /// taking (as many as are in flight) by id alone.
+    pub fn idle_ids(&self, pool: &WorkloadId) -> impl Iterator<Item = &ContainerId> {
+        self.idle.get(pool).into_iter().flatten().map(|(_, id)| id)
     }
 
     /// How many containers of a pool are in each state.

@@ -97,11 +97,18 @@ impl Pools {
                 let super::State {
                     index, inflight, ..
                 } = &mut *state;
+                let taken = |id: &boilerhouse_core::ContainerId| inflight.busy.contains(id);
                 let offerable = |c: &boilerhouse_core::pool::ContainerRecord| {
-                    self.free_on_live_node(c, &inflight.busy, now)
-                        && !unreconciled.contains(&c.node_id)
+                    self.node_live(&c.node_id, now) && !unreconciled.contains(&c.node_id)
                 };
-                match decide::choose(index, tenant, workload_id, &workload.spec_hash, offerable)? {
+                match decide::choose(
+                    index,
+                    tenant,
+                    workload_id,
+                    &workload.spec_hash,
+                    taken,
+                    offerable,
+                )? {
                     Choice::Existing(claim, container) => {
                         // Claiming again is activity, as a Touch is: it
                         // resets the idle clock. Kept in memory with the

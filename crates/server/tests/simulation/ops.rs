@@ -105,9 +105,14 @@ impl World {
         let hosts = self.hosts.clone();
         let hash = self.workloads[&workload].hash.clone();
         let choice = self.read(|i| {
-            decide::choose(i, &tenant, &workload, &hash, |c| {
-                hosts.get(&c.node_id).is_some_and(|h| h.up) && !warming.contains(&c.id)
-            })
+            decide::choose(
+                i,
+                &tenant,
+                &workload,
+                &hash,
+                |id| warming.contains(id),
+                |c| hosts.get(&c.node_id).is_some_and(|h| h.up),
+            )
         });
         // A rollout never hands out a stale container while a current one
         // is idle and offerable.

@@ -86,7 +86,9 @@ async fn pool_claim(w: &mut World, tenant: &TenantId) -> (ContainerId, u64) {
     let now = w.now;
     let claim_id = w.uuid().to_string();
     let write = w.read(|i| {
-        let Choice::Pool(c, _) = decide::choose(i, tenant, &w0(), "h1", |_| true).unwrap() else {
+        let Choice::Pool(c, _) =
+            decide::choose(i, tenant, &w0(), "h1", |_| false, |_| true).unwrap()
+        else {
             panic!("expected an idle container");
         };
         decide::grant(i, tenant, &c, ClaimSource::Pool, None, None, claim_id, now).unwrap()
@@ -146,7 +148,7 @@ async fn a_reserved_container_back_from_a_lost_node_is_never_offered_to_another_
     let c = w.read(|i| i.container(&container).cloned()).unwrap();
     assert_eq!(c.state, ContainerState::Draining, "{c:?}");
     let choice = w
-        .read(|i| decide::choose(i, &t("t1"), &w0(), "h1", |_| true))
+        .read(|i| decide::choose(i, &t("t1"), &w0(), "h1", |_| false, |_| true))
         .unwrap();
     assert!(
         matches!(choice, Choice::Cold(None)),

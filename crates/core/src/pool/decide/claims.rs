@@ -2,7 +2,7 @@
 //! cold start), granting it, releasing it and recording activity.
 
 use crate::event::EventKind;
-use crate::ids::{TenantId, WorkloadId};
+use crate::ids::{ContainerId, TenantId, WorkloadId};
 use crate::pool::index::Index;
 use crate::pool::write::{ClaimChange, ContainerChange, PoolWrite, ReservationChange};
 use crate::pool::{
@@ -29,14 +29,16 @@ pub enum Choice {
 }
 
 /// EXISTING → AFFINITY → POOL → cold, over what was committed.
-/// `offerable` says whether a container may be handed out now (its node is
-/// live and no operation in flight owns it); `spec_hash` is the workload's
-/// current spec, preferred among idle containers.
+/// `taken` says whether an operation in flight owns a container (asked of
+/// idle ones before anything else), `offerable` whether it may be handed
+/// out now (its node is live, say); `spec_hash` is the workload's current
+/// spec, preferred among idle containers.
 pub fn choose(
     index: &Index,
     tenant: &TenantId,
     workload: &WorkloadId,
     spec_hash: &str,
+    taken: impl Fn(&ContainerId) -> bool,
     offerable: impl Fn(&ContainerRecord) -> bool,
 ) -> Result<Choice, Refusal> {
     if let Some(claim) = index.claim(tenant, workload) {
@@ -60,7 +62,14 @@ pub fn choose(
     // of an older spec (a rollout under way) only rather than a cold start.
     let mut stale = None;
     let mut idle = None;
-    for c in index.idle(workload).filter(|c| !c.used() && offerable(c)) {
+    // Containers other claims are taking sit at the front (they are the
+    // oldest idle, as this one's would be): passed over by id, before
+    // their records are looked up.
+    let candidates = index
+        .idle_ids(workload)
+        .filter(|id| !taken(id))
+        .filter_map(|id| index.container(id));
+    for c in candidates.filter(|c| !c.used() && offerable(c)) {
         if c.spec_hash == spec_hash {
             idle = Some(c.clone());
             break;

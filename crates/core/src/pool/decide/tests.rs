@@ -75,7 +75,8 @@ fn live(_: &ContainerRecord) -> bool {
 }
 
 fn claim_pool(index: &mut Index, tenant: &TenantId, workload: &WorkloadId, n: u64) -> ContainerId {
-    let Ok(Choice::Pool(c, superseded)) = choose(index, tenant, workload, "h", live) else {
+    let Ok(Choice::Pool(c, superseded)) = choose(index, tenant, workload, "h", |_| false, live)
+    else {
         panic!("no pool choice for {tenant}");
     };
     let (write, _, _) = grant(
@@ -134,7 +135,7 @@ fn a_used_container_is_never_offered_to_the_pool_again() {
     assert!(commit(&mut index, &write));
     assert_eq!(index.container(&c).unwrap().state, ContainerState::Draining);
     assert!(matches!(
-        choose(&index, &t(2), &wl, "h", live),
+        choose(&index, &t(2), &wl, "h", |_| false, live),
         Ok(Choice::Cold(None))
     ));
     assert!(index.check().is_empty(), "{:?}", index.check());
@@ -323,7 +324,7 @@ fn two_claims_decided_on_one_snapshot_cannot_both_take_a_container() {
     idle(&mut index, 1, &wl, &node(1));
     let snapshot = index.clone();
     let decide = |tenant: &TenantId, n| {
-        let Ok(Choice::Pool(c, _)) = choose(&snapshot, tenant, &wl, "h", live) else {
+        let Ok(Choice::Pool(c, _)) = choose(&snapshot, tenant, &wl, "h", |_| false, live) else {
             panic!()
         };
         grant(
@@ -353,7 +354,8 @@ fn a_claim_away_from_an_unreachable_reservation_ends_it_and_destroys_its_contain
     claim_pool(&mut index, &a, &wl, 1);
     release_reserve(&mut index, &a, &wl);
     let reachable = |c: &ContainerRecord| c.node_id != node(1);
-    let Ok(Choice::Pool(c, Some(superseded))) = choose(&index, &a, &wl, "h", reachable) else {
+    let Ok(Choice::Pool(c, Some(superseded))) = choose(&index, &a, &wl, "h", |_| false, reachable)
+    else {
         panic!("expected a pool claim superseding the reservation");
     };
     let (write, _, _) = grant(
@@ -431,7 +433,7 @@ fn a_lost_node_keeps_claims_its_workloads_do_not_give_up_and_sets_idle_container
         ContainerState::Claimed
     );
     assert!(matches!(
-        choose(&index, &a, &kept, "h", |_| false),
+        choose(&index, &a, &kept, "h", |_| false, |_| false),
         Ok(Choice::Existing(claim, _)) if claim.container_id == held
     ));
     // The replaced one is LOST and set aside; its tenant may claim anew.
@@ -439,4 +441,28 @@ fn a_lost_node_keeps_claims_its_workloads_do_not_give_up_and_sets_idle_container
     assert_eq!(index.container(&moved).unwrap().state, ContainerState::Lost);
     assert_eq!(index.container(&spare).unwrap().state, ContainerState::Lost);
     assert!(index.check().is_empty(), "{:?}", index.check());
+}
+
+#[test]
+fn containers_other_claims_are_taking_are_passed_over_by_id() {
+    let mut index = Index::default();
+    let wl = w(1);
+    let ids: Vec<ContainerId> = (1..=3)
+        .map(|i| idle(&mut index, i, &wl, &node(1)))
+        .collect();
+    let asked = std::cell::RefCell::new(Vec::new());
+    let offerable = |c: &ContainerRecord| {
+        asked.borrow_mut().push(c.id);
+        true
+    };
+    let taken = |id: &ContainerId| ids[..2].contains(id);
+    let Ok(Choice::Pool(c, None)) = choose(&index, &t(1), &wl, "h", taken, offerable) else {
+        panic!("the one container no claim is taking is offered");
+    };
+    assert_eq!(c.id, ids[2]);
+    assert_eq!(*asked.borrow(), [ids[2]], "taken ones are not looked at");
+    assert!(matches!(
+        choose(&index, &t(1), &wl, "h", |_| true, live),
+        Ok(Choice::Cold(None))
+    ));
 }

@@ -95,7 +95,7 @@ fn decide(
         }
         Op::Promote { container } => promote(view, &nth(*container)?, now),
         Op::Claim { tenant, workload } => {
-            match choose(view, &t(*tenant), &w(*workload), "h", live).ok()? {
+            match choose(view, &t(*tenant), &w(*workload), "h", |_| false, live).ok()? {
                 Choice::Existing(..) | Choice::Cold(_) => None,
                 Choice::Affinity(r, c) => grant(
                     view,
