@@ -22,8 +22,8 @@
 //!   when the one before is answered, as the cold creates are timed: what
 //!   one claim costs (P1 in docs/BENCHMARKS.md);
 //! - warm POOL claims offered open-loop at 1,000 claims/s, one per new
-//!   tenant, until the pool is used up: a claim that lands while the one
-//!   before is still committing waits for it;
+//!   tenant (in `quiet` mode, until the pool is used up): a claim that
+//!   lands while the one before is still committing waits for it;
 //! - EXISTING claims: the same tenants claiming again at 1,000 claims/s
 //!   for 3 seconds (the path a reconnecting client takes).
 //!
@@ -49,7 +49,8 @@ use boilerhouse_testkit::database::TestDatabase;
 use boilerhouse_testkit::docker::{TEST_RUN_LABEL, test_run_id};
 use boilerhouse_testkit::eventually;
 
-/// Claims offered per second, open-loop, in both warm runs.
+/// Claims offered per second, open-loop, in the second POOL run and the
+/// EXISTING run.
 const RATE: f64 = 1000.0;
 /// EXISTING claims: 3 seconds at [`RATE`].
 const EXISTING_CLAIMS: usize = 3000;
@@ -78,7 +79,7 @@ fn spread(sorted: &[Duration]) -> String {
     )
 }
 
-/// What one open-loop run measured.
+/// What one run of claims measured.
 struct Run {
     /// Client-side latency of each granted claim, sorted.
     client: Vec<Duration>,
@@ -458,8 +459,10 @@ async fn main() -> anyhow::Result<()> {
             "churn" => churn = true,
             "--postgres" => postgres = Some(args.next().context("--postgres needs a URL")?),
             other => {
-                claims = other.parse().with_context(|| {
-                    format!("{other:?}: expected a number of claims a run, quiet or churn")
+                claims = other.parse().ok().filter(|n| *n > 0).with_context(|| {
+                    format!(
+                        "{other:?}: expected a number of claims a run (1 or more), quiet or churn"
+                    )
                 })?;
             }
         }

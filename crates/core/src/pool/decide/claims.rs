@@ -30,8 +30,9 @@ pub enum Choice {
 
 /// EXISTING → AFFINITY → POOL → cold, over what was committed.
 /// `taken` says whether an operation in flight owns a container (asked of
-/// idle ones before anything else), `offerable` whether it may be handed
-/// out now (its node is live, say); `spec_hash` is the workload's current
+/// idle ones before their records are looked up), `offerable` whether it
+/// may be handed out now (its node is live, say): a reserved or idle
+/// container is offered only if it is not taken and offerable; `spec_hash` is the workload's current
 /// spec, preferred among idle containers.
 pub fn choose(
     index: &Index,
@@ -51,7 +52,7 @@ pub fn choose(
     }
     let superseded = match index.reservation(tenant, workload) {
         Some(r) => match index.container(&r.container_id) {
-            Some(c) if c.state == ContainerState::Reserved && offerable(c) => {
+            Some(c) if c.state == ContainerState::Reserved && !taken(&c.id) && offerable(c) => {
                 return Ok(Choice::Affinity(r.clone(), c.clone()));
             }
             _ => Some(r.clone()),
