@@ -101,7 +101,19 @@ impl World {
             .random_bool(0.3)
             .then(|| format!("r{}", self.uuid().simple()));
         let now = self.now;
-        let warming: Vec<ContainerId> = self.warming_for.keys().copied().collect();
+        // Containers an operation owns, as the server's busy set: the ones
+        // warming for a cold start and, in half the claims, the ones the
+        // writes not yet settled change (the server marks a POOL choice
+        // busy until its write commits; the other half decide as if two
+        // servers' views raced, which the writes' conditions must catch).
+        let mut taken: Vec<ContainerId> = self.warming_for.keys().copied().collect();
+        if self.rng.random_bool(0.5) {
+            taken.extend(
+                self.pending
+                    .iter()
+                    .flat_map(|p| p.write.containers.iter().map(|c| c.id())),
+            );
+        }
         let hosts = self.hosts.clone();
         let hash = self.workloads[&workload].hash.clone();
         let choice = self.read(|i| {
@@ -110,10 +122,19 @@ impl World {
                 &tenant,
                 &workload,
                 &hash,
-                |id| warming.contains(id),
+                |id| taken.contains(id),
                 |c| hosts.get(&c.node_id).is_some_and(|h| h.up),
             )
         });
+        if let Ok(Choice::Pool(c, _) | Choice::Affinity(_, c)) = &choice {
+            assert!(
+                !taken.contains(&c.id),
+                "seed {}: claim given {}, which an operation in flight owns\n{}",
+                self.seed,
+                c.id,
+                self.trace.join("\n")
+            );
+        }
         // A rollout never hands out a stale container while a current one
         // is idle and offerable.
         if let Ok(Choice::Pool(c, _)) = &choice
@@ -123,7 +144,7 @@ impl World {
                 i.idle(&workload)
                     .filter(|o| o.spec_hash == hash && !o.used())
                     .filter(|o| hosts.get(&o.node_id).is_some_and(|h| h.up))
-                    .any(|o| !warming.contains(&o.id))
+                    .any(|o| !taken.contains(&o.id))
             });
             assert!(
                 !current_idle,
