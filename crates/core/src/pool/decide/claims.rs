@@ -32,8 +32,9 @@ pub enum Choice {
 /// `taken` says whether an operation in flight owns a container (asked of
 /// idle ones before their records are looked up), `offerable` whether it
 /// may be handed out now (its node is live, say): a reserved or idle
-/// container is offered only if it is not taken and offerable; `spec_hash` is the workload's current
-/// spec, preferred among idle containers.
+/// container is offered only if it is not taken and offerable.
+/// `spec_hash` is the workload's current spec, preferred among idle
+/// containers.
 pub fn choose(
     index: &Index,
     tenant: &TenantId,
