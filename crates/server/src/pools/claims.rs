@@ -45,14 +45,21 @@ pub struct Release<'a> {
 /// A claim decided on one view of the index.
 enum Decided {
     Existing(Granted),
-    Grant(
+    /// An affinity claim, granted under the lock (its container is
+    /// reserved for this tenant, whose lock the caller holds).
+    Affinity(
         (
             PoolWrite,
             ClaimRecord,
             boilerhouse_core::pool::ContainerRecord,
         ),
-        ClaimSource,
-        Option<boilerhouse_core::ContainerId>,
+    ),
+    /// An idle container, marked busy: granted after the index's lock is
+    /// let go, with the reservation it supersedes and that reservation's
+    /// container as the view had them.
+    Pool(
+        boilerhouse_core::pool::ContainerRecord,
+        Option<(Reservation, Option<boilerhouse_core::pool::ContainerRecord>)>,
     ),
     Cold(Option<Reservation>),
     /// The tenant's reservation is on a node whose agent has reconnected
@@ -120,20 +127,16 @@ impl Pools {
                         *seen = (*seen).max(now);
                         Decided::Existing(Granted { claim, container })
                     }
-                    Choice::Affinity(r, c) => Decided::Grant(
-                        decide::grant(
-                            index,
-                            tenant,
-                            &c,
-                            ClaimSource::Affinity,
-                            Some(&r),
-                            None,
-                            claim_id(),
-                            now,
-                        )?,
+                    Choice::Affinity(r, c) => Decided::Affinity(decide::grant(
+                        index,
+                        tenant,
+                        &c,
                         ClaimSource::Affinity,
+                        Some(&r),
                         None,
-                    ),
+                        claim_id(),
+                        now,
+                    )?),
                     Choice::Pool(_, Some(r)) | Choice::Cold(Some(r))
                         if unreconciled.contains(&r.node_id) =>
                     {
@@ -141,18 +144,18 @@ impl Pools {
                     }
                     Choice::Pool(c, superseded) => {
                         self.check_superseded(superseded.as_ref())?;
-                        let grant = decide::grant(
-                            index,
-                            tenant,
-                            &c,
-                            ClaimSource::Pool,
-                            None,
-                            superseded.as_ref(),
-                            claim_id(),
-                            now,
-                        )?;
+                        // Marked busy now, granted once the lock is let go:
+                        // building the write (its event's sentence, the
+                        // records' copies, a claim id) is most of a claim's
+                        // time under this lock, which every claim and every
+                        // commit's index update takes. The write is
+                        // conditional on the rows as seen here.
+                        let superseded = superseded.map(|r| {
+                            let old = index.container(&r.container_id).cloned();
+                            (r, old)
+                        });
                         inflight.busy.insert(c.id);
-                        Decided::Grant(grant, ClaimSource::Pool, Some(c.id))
+                        Decided::Pool(c, superseded)
                     }
                     Choice::Cold(superseded) => {
                         self.check_superseded(superseded.as_ref())?;
@@ -168,12 +171,22 @@ impl Pools {
                     }
                     return Ok((granted, ClaimSource::Existing));
                 }
-                Decided::Grant(grant, source, busy) => {
-                    let busy = busy.map(|id| super::BusyGuard {
+                Decided::Affinity(grant) => (grant, ClaimSource::Affinity, None),
+                Decided::Pool(c, superseded) => {
+                    let busy = super::BusyGuard {
                         pools: self.clone(),
-                        id,
-                    });
-                    (grant, source, busy)
+                        id: c.id,
+                    };
+                    let grant = decide::grant_resolved(
+                        tenant,
+                        &c,
+                        ClaimSource::Pool,
+                        None,
+                        superseded.as_ref().map(|(r, old)| (r, old.as_ref())),
+                        claim_id(),
+                        now,
+                    )?;
+                    (grant, ClaimSource::Pool, Some(busy))
                 }
                 Decided::AwaitNode(node) => {
                     self.await_reconciled(&node, deadline, tenant).await?;

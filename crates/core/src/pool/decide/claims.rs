@@ -102,6 +102,27 @@ pub fn grant(
     claim_id: String,
     now: Timestamp,
 ) -> Result<(PoolWrite, ClaimRecord, ContainerRecord), Refusal> {
+    let superseded = superseded.map(|r| (r, index.container(&r.container_id)));
+    grant_resolved(
+        tenant, container, source, consumed, superseded, claim_id, now,
+    )
+}
+
+/// [`grant`] with the superseded reservation's container already looked
+/// up (`None` if it has no row): it reads no index, so a server can build
+/// the write after letting go of the index's lock. The write is
+/// conditional on the rows as given, so a view that changed meanwhile is
+/// refused at commit, not written over.
+#[allow(clippy::too_many_arguments)]
+pub fn grant_resolved(
+    tenant: &TenantId,
+    container: &ContainerRecord,
+    source: ClaimSource,
+    consumed: Option<&Reservation>,
+    superseded: Option<(&Reservation, Option<&ContainerRecord>)>,
+    claim_id: String,
+    now: Timestamp,
+) -> Result<(PoolWrite, ClaimRecord, ContainerRecord), Refusal> {
     let fits = match source {
         ClaimSource::Pool => container.state == ContainerState::Idle && !container.used(),
         ClaimSource::Cold => container.state == ContainerState::Warming && !container.used(),
@@ -125,9 +146,9 @@ pub fn grant(
     if let Some(r) = consumed {
         write.reservations.push(ReservationChange::remove(r));
     }
-    if let Some(r) = superseded {
+    if let Some((r, old)) = superseded {
         write.reservations.push(ReservationChange::remove(r));
-        if let Some(old) = index.container(&r.container_id) {
+        if let Some(old) = old {
             let mut gone = old.successor(now);
             gone.state = ContainerState::Draining;
             write.containers.push(ContainerChange::update(old, gone));

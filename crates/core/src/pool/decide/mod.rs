@@ -20,7 +20,7 @@ mod lifecycle;
 mod recovery;
 
 pub use affinity::{ReservationEnd, end_reservation, extend_reservation, restart_reservation};
-pub use claims::{AfterRelease, Choice, Released, choose, grant, release, touch};
+pub use claims::{AfterRelease, Choice, Released, choose, grant, grant_resolved, release, touch};
 pub use lifecycle::{DrainScope, drain, insert, promote, removed, set_docker_id};
 pub use recovery::{adopt, destroyed, mark_lost, node_lost, reclaim, resume};
 
