@@ -45,8 +45,10 @@ pub struct Release<'a> {
 /// A claim decided on one view of the index.
 enum Decided {
     Existing(Granted),
-    /// An affinity claim, granted under the lock (its container is
-    /// reserved for this tenant, whose lock the caller holds).
+    /// An affinity claim, granted under the lock. Its container is not
+    /// marked busy: it is reserved for this tenant, whose lock the caller
+    /// holds, and anything else that changes it meanwhile (the
+    /// reservation's expiry, a drain) makes this write a conflict.
     Affinity(
         (
             PoolWrite,
@@ -96,9 +98,10 @@ impl Pools {
         let mut unreconciled = self.inner.agents.unreconciled();
         for _ in 0..8 {
             let mut now = crate::clock::now();
-            // Choose and grant on one view of the index. A pool container
-            // is marked busy in the same breath, so concurrent claims pass
-            // it by instead of colliding on it.
+            // Choose on one view of the index. A pool container is marked
+            // busy in the same breath, so concurrent claims pass it by
+            // instead of colliding on it; its write is built after the
+            // lock is let go, conditional on the rows as seen here.
             let decided = {
                 let mut state = self.state();
                 let super::State {

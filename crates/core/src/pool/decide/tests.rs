@@ -12,7 +12,7 @@ use crate::container::StateFile;
 use crate::ids::{ContainerId, NodeId, TenantId, WorkloadId};
 use crate::pool::index::Index;
 use crate::pool::write::PoolWrite;
-use crate::pool::{ClaimSource, ClaimStatus, ContainerRecord, ContainerState};
+use crate::pool::{ClaimSource, ClaimStatus, ContainerRecord, ContainerState, Reservation};
 use crate::time::Timestamp;
 use crate::workload::Limits;
 
@@ -345,8 +345,10 @@ fn two_claims_decided_on_one_snapshot_cannot_both_take_a_container() {
     assert!(!commit(&mut index, &second), "the second is a conflict");
 }
 
-#[test]
-fn a_claim_away_from_an_unreachable_reservation_ends_it_and_destroys_its_container() {
+/// Tenant t1's reservation on n1, which stopped answering, and the pool
+/// choice of its new claim (an idle container on n2) superseding it; the
+/// index, and the reserved container's id.
+fn superseding_choice() -> (Index, ContainerId, ContainerRecord, Reservation) {
     let mut index = Index::default();
     let (a, wl) = (t(1), w(1));
     let first = idle(&mut index, 1, &wl, &node(1));
@@ -358,22 +360,82 @@ fn a_claim_away_from_an_unreachable_reservation_ends_it_and_destroys_its_contain
     else {
         panic!("expected a pool claim superseding the reservation");
     };
-    let (write, _, _) = grant(
-        &index,
-        &a,
-        &c,
+    (index, first, c, superseded)
+}
+
+/// t1's claim of `c`, granted under the lock, ending `superseded`.
+fn grant_superseding(
+    index: &Index,
+    c: &ContainerRecord,
+    superseded: &Reservation,
+) -> (PoolWrite, crate::pool::ClaimRecord, ContainerRecord) {
+    grant(
+        index,
+        &t(1),
+        c,
         ClaimSource::Pool,
         None,
-        Some(&superseded),
+        Some(superseded),
         "c2".into(),
         at(50),
     )
-    .unwrap();
+    .unwrap()
+}
+
+#[test]
+fn a_claim_away_from_an_unreachable_reservation_ends_it_and_destroys_its_container() {
+    let (mut index, first, c, superseded) = superseding_choice();
+    let (a, wl) = (t(1), w(1));
+    let (write, _, _) = grant_superseding(&index, &c, &superseded);
     assert!(commit(&mut index, &write));
     assert!(index.reservation(&a, &wl).is_none());
     assert_eq!(
         index.container(&first).unwrap().state,
         ContainerState::Draining
+    );
+    assert!(index.check().is_empty(), "{:?}", index.check());
+}
+
+#[test]
+fn a_grant_built_outside_the_pools_lock_is_the_same_write_and_still_conditional() {
+    // The server chooses under the pools' lock and builds the write after
+    // letting it go (`grant_resolved`, the superseded reservation's
+    // container looked up under the lock): it must be the write `grant`
+    // builds, and a change committed in between must refuse it.
+    let (mut index, first, c, superseded) = superseding_choice();
+    let (a, wl) = (t(1), w(1));
+    let old = index.container(&superseded.container_id).cloned();
+    assert_eq!(old.as_ref().map(|o| o.id), Some(first));
+    let resolved = grant_resolved(
+        &a,
+        &c,
+        ClaimSource::Pool,
+        None,
+        Some((&superseded, old.as_ref())),
+        "c2".into(),
+        at(50),
+    )
+    .unwrap();
+    let under_lock = grant_superseding(&index, &c, &superseded);
+    assert_eq!(resolved, under_lock);
+    assert!(
+        resolved
+            .0
+            .containers
+            .iter()
+            .any(|change| change.id() == first),
+        "the superseded reservation's container is drained by the same write"
+    );
+    // Another tenant takes the chosen container before the write commits.
+    claim_pool(&mut index, &t(2), &wl, 3);
+    assert!(
+        !commit(&mut index, &resolved.0),
+        "a write built on a view that changed is a conflict"
+    );
+    assert_eq!(
+        index.reservation(&a, &wl).map(|r| r.container_id),
+        Some(first),
+        "the refused write ended nothing"
     );
     assert!(index.check().is_empty(), "{:?}", index.check());
 }
