@@ -147,12 +147,10 @@ impl Pools {
                     }
                     Choice::Pool(c, superseded) => {
                         self.check_superseded(superseded.as_ref())?;
-                        // Marked busy now, granted once the lock is let go:
-                        // building the write (its event's sentence, the
-                        // records' copies, a claim id) is most of a claim's
-                        // time under this lock, which every claim and every
-                        // commit's index update takes. The write is
-                        // conditional on the rows as seen here.
+                        // Building the write (its event's sentence, the
+                        // records' copies, a claim id) was most of a
+                        // claim's time under this lock, which every claim
+                        // and every commit's index update takes.
                         let superseded = superseded.map(|r| {
                             let old = index.container(&r.container_id).cloned();
                             (r, old)
