@@ -22,6 +22,12 @@
 mod probe;
 mod report;
 
+/// jemalloc, as the server uses: with glibc's malloc a quarter of the
+/// generator's CPU went to malloc and free, on cores it shares with the
+/// server it measures (docs/BENCHMARKS.md, P2).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};

@@ -25,6 +25,11 @@ mod engine;
 mod procstat;
 mod stats;
 
+/// jemalloc, as the server uses: the fleet shares the server's cores, so
+/// what it spends in malloc is taken from what is measured.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
