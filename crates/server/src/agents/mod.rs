@@ -294,12 +294,25 @@ impl Registry {
         observed_at: Timestamp,
         containers: Vec<ObservedContainer>,
     ) {
+        // Built, and the old report dropped, outside the registry's lock,
+        // which every claim takes: a report of 6,000 containers (and a
+        // copy of the old one, when a pass still shared it) kept claims
+        // waiting for milliseconds every full report (P3's tail).
+        let containers: ReportedContainers = containers.into_iter().collect();
         let mut inner = self.lock();
-        let report = Arc::make_mut(inner.reports.entry(node.clone()).or_default());
-        let first = report.reconciled_at.is_none();
-        report.observed_at = Some(observed_at);
-        report.containers = containers.into_iter().collect();
+        let slot = inner.reports.entry(node.clone()).or_default();
+        let reconciled_at = slot.reconciled_at;
+        let old = std::mem::replace(
+            slot,
+            Arc::new(NodeReport {
+                observed_at: Some(observed_at),
+                reconciled_at,
+                containers,
+            }),
+        );
         drop(inner);
+        drop(old);
+        let first = reconciled_at.is_none();
         self.reports_changed.notify_waiters();
         if first {
             self.first_report.notify_one();
