@@ -22,7 +22,8 @@ pub struct Operation {
     pub client: Histogram<u64>,
     /// What the server reported it spent (claims only).
     pub server: Histogram<u64>,
-    /// Answers by status code ("OK", "RESOURCE_EXHAUSTED", ...).
+    /// Answers by status code, named as tonic names them ("OK",
+    /// "ResourceExhausted", ...): `dev/bench-claims` reads these names.
     pub answers: BTreeMap<String, u64>,
 }
 
