@@ -435,13 +435,13 @@ impl Index {
         &self,
         after: Option<ContainerId>,
         n: usize,
-    ) -> impl Iterator<Item = &ContainerRecord> {
+    ) -> impl Iterator<Item = &Arc<ContainerRecord>> {
         use std::ops::Bound;
         let from = after.map_or(Bound::Unbounded, Bound::Excluded);
         self.containers
             .range((from, Bound::Unbounded))
             .take(n)
-            .map(|(_, c)| c.as_ref())
+            .map(|(_, c)| c)
     }
 
     /// Whether containers in `state` are kept in a set of their own: the

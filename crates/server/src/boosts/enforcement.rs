@@ -74,7 +74,7 @@ impl Boosts {
             })
         };
         let differ: Vec<(ContainerId, NodeId, String, String)> = match &targets {
-            None => inner.pools.scan(|_, c| compare(c)),
+            None => inner.pools.scan(&mut compare),
             Some(ids) => {
                 let (present, gone): (Vec<_>, Vec<_>) = ids
                     .iter()

@@ -6,7 +6,6 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use boilerhouse_core::node::Resources;
-use boilerhouse_core::pool::index::Index;
 use boilerhouse_core::pool::{ContainerRecord, PoolCounts, Reservation};
 use boilerhouse_core::{ContainerId, NodeId, TenantId, WorkloadId};
 
@@ -17,24 +16,28 @@ use super::{Granted, Pools, granted};
 pub const SCAN_SLICE: usize = 512;
 
 impl Pools {
-    /// Calls `f` on every container, a slice of [`SCAN_SLICE`] at a time
-    /// under the index lock, and collects what it returns. Not one
+    /// Calls `f` on every container and collects what it returns. The
+    /// records are taken a slice of [`SCAN_SLICE`] at a time under the
+    /// index lock (shared, not copied) and `f` runs outside it. Not one
     /// snapshot: each container is seen as it was when its slice was read,
     /// and one added meanwhile may be missed; for passes that decide each
     /// container on its own and check again before acting. A claim waits
-    /// for one slice, never for the whole pass.
-    pub fn scan<T>(&self, mut f: impl FnMut(&Index, &ContainerRecord) -> Option<T>) -> Vec<T> {
+    /// for the taking of one slice, never for `f` or the whole pass, and
+    /// a pass on a low-priority thread (see `background`) holds the lock
+    /// for microseconds at a time.
+    pub fn scan<T>(&self, mut f: impl FnMut(&ContainerRecord) -> Option<T>) -> Vec<T> {
         let mut found = Vec::new();
-        let mut after = None;
+        let mut slice: Vec<Arc<ContainerRecord>> = Vec::with_capacity(SCAN_SLICE);
         loop {
+            let after = slice.last().map(|c| c.id);
+            slice.clear();
             let state = self.state();
-            let mut seen = 0;
-            for c in state.index.containers_after(after, SCAN_SLICE) {
-                seen += 1;
-                after = Some(c.id);
-                found.extend(f(&state.index, c));
-            }
-            if seen < SCAN_SLICE {
+            slice.extend(state.index.containers_after(after, SCAN_SLICE).cloned());
+            // To whoever waits (a claim, the writer applying a commit):
+            // an ordinary unlock let this loop take it straight back.
+            parking_lot::MutexGuard::unlock_fair(state);
+            found.extend(slice.iter().filter_map(|c| f(c)));
+            if slice.len() < SCAN_SLICE {
                 return found;
             }
         }
