@@ -6,6 +6,7 @@ pub mod admission;
 pub mod agents;
 pub mod api;
 pub mod auth;
+pub mod background;
 pub mod boosts;
 pub mod clock;
 pub mod config;
