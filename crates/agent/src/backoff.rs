@@ -5,6 +5,17 @@ use std::time::Duration;
 
 use rand::Rng as _;
 
+/// When a session's first periodic full report is due: at a random point
+/// between half a period and one and a half, then every period. Agents
+/// that connected together (every one of them, after the server
+/// restarts) would otherwise report together for ever after, each round
+/// a burst of whole reports on the server at one instant, which delayed
+/// claims by tens of milliseconds with ten nodes of 6,000 containers.
+pub fn first_full_report(period: Duration) -> Duration {
+    let half = period / 2;
+    half + Duration::from_millis(rand::rng().random_range(0..=period.as_millis() as u64))
+}
+
 /// Exponential backoff with full jitter.
 #[derive(Debug)]
 pub struct Backoff {
@@ -43,6 +54,27 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn first_full_reports_spread_over_a_whole_period() {
+        let period = Duration::from_secs(30);
+        let draws: Vec<Duration> = (0..400).map(|_| first_full_report(period)).collect();
+        assert!(
+            draws
+                .iter()
+                .all(|d| *d >= period / 2 && *d <= period * 3 / 2),
+            "a draw outside [15s, 45s]: {draws:?}"
+        );
+        // Spread over the period, not bunched: each third of it is drawn.
+        for third in 0..3 {
+            let from = period / 2 + period * third / 3;
+            let to = from + period / 3;
+            assert!(
+                draws.iter().any(|d| *d >= from && *d < to),
+                "nothing drawn in [{from:?}, {to:?})"
+            );
+        }
+    }
 
     #[test]
     fn backoff_grows_with_full_jitter_and_respects_the_cap() {

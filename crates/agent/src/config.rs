@@ -48,7 +48,9 @@ pub struct Args {
         value_delimiter = ','
     )]
     pub container_labels: Vec<String>,
-    /// How often a full report is sent even without a request.
+    /// How often a full report is sent even without a request; a
+    /// session's first one at a random point between half this and one
+    /// and a half, so agents that connected together do not report in step.
     #[arg(long, env = "BOILERHOUSE_FULL_REPORT_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
     pub full_report_interval: Duration,
     /// Longest wait between reconnection attempts.

@@ -324,7 +324,8 @@ async fn session(
 
     let mut events = executor.runtime().events(&config.node_id);
     let mut resync = tokio::time::interval_at(
-        tokio::time::Instant::now() + config.full_report_interval,
+        tokio::time::Instant::now()
+            + crate::backoff::first_full_report(config.full_report_interval),
         config.full_report_interval,
     );
     // When a full report is owed for a container someone else made.

@@ -12,7 +12,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Endpoint;
 
-use boilerhouse_agent::backoff::Backoff;
+use boilerhouse_agent::backoff::{Backoff, first_full_report};
 use boilerhouse_proto::pb;
 use boilerhouse_proto::pb::agent_service_client::AgentServiceClient;
 use boilerhouse_proto::pb::connect_request::Message as Up;
@@ -190,7 +190,9 @@ async fn session(
     let mut heartbeat = tokio::time::interval(heartbeat_every);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let start = tokio::time::Instant::now();
-    let mut resync = tokio::time::interval_at(start + report_every, report_every);
+    // As the real agent: agents connected together do not report together.
+    let mut resync =
+        tokio::time::interval_at(start + first_full_report(report_every), report_every);
     let activity_every = if config.activity_every.is_zero() {
         Duration::from_secs(86_400 * 365)
     } else {
