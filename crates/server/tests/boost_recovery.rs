@@ -199,3 +199,51 @@ async fn boosts_that_expire_while_the_server_is_down_are_reverted_at_startup() {
     )
     .await;
 }
+
+/// Limits someone changed behind the server's back (`docker update`) on a
+/// container with no boost are put back by the comparison of every
+/// container (every second here), which runs on the server's niced
+/// background thread and spawns the correction from there.
+#[tokio::test]
+async fn limits_changed_behind_the_servers_back_are_put_back_by_the_full_pass() {
+    let Some(c) = Cluster::builder()
+        .workload("demo", |image| {
+            boost_support::workload(image, "{min_size: 1, max_size: 2}")
+        })
+        .config("boost_full_pass_interval = \"1s\"\n")
+        .node("boostdrift")
+        // The agent sees a changed limit in its next full report.
+        .agent_args(&["--full-report-interval", "1s"])
+        .start()
+        .await
+    else {
+        return;
+    };
+    let (_container, docker_id) = claim(&c, "t1").await;
+    assert_eq!(limits(&c, &docker_id).await, (BASE_NANO_CPUS, BASE_MEMORY));
+    c.docker()
+        .update_container(
+            &docker_id,
+            bollard::models::ContainerUpdateBody {
+                nano_cpus: Some(BASE_NANO_CPUS + 300_000_000),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    wait_limits(
+        &c,
+        &docker_id,
+        (BASE_NANO_CPUS, BASE_MEMORY),
+        "the base limits back after a docker update",
+    )
+    .await;
+    // The boost task lived through it (a failing pass would end it): it
+    // still runs, and its last pass was a full one without error.
+    let status = c.bh_ok(&["status"]);
+    let boost = status
+        .lines()
+        .find(|l| l.starts_with("boost_expiry"))
+        .unwrap_or_else(|| panic!("no boost_expiry task in:\n{status}"));
+    assert!(!boost.contains("error"), "{boost}");
+}

@@ -10,7 +10,7 @@ pub const BASE_NANO_CPUS: i64 = 250_000_000;
 pub const BASE_MEMORY: i64 = 64 << 20;
 
 /// The `demo` workload, limited to BASE_NANO_CPUS and BASE_MEMORY.
-fn workload(image: &str, pool: &str) -> String {
+pub fn workload(image: &str, pool: &str) -> String {
     format!(
         "id: demo\nimage: {image}\ncommand: [sleep, infinity]\n\
          volumes: {{state: {{target: /state}}}}\n\
