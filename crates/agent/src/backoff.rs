@@ -1,5 +1,6 @@
 //! Reconnection backoff: exponential, with full jitter, so agents that
-//! lost the server together do not come back together.
+//! lost the server together do not come back together; and, for the same
+//! reason, when a session's periodic full reports begin.
 
 use std::time::Duration;
 
