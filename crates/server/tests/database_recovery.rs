@@ -191,16 +191,6 @@ async fn a_removed_database_is_refused_and_rebuilt_from_the_agents_only_on_purpo
     assert_eq!(back.container_id, t1.container_id);
 }
 
-/// Overwrites 8 KiB in the middle of `db`.
-fn damage_middle(db: &Path) {
-    use std::io::{Seek as _, SeekFrom, Write as _};
-    let len = std::fs::metadata(db).unwrap().len();
-    let mut file = std::fs::OpenOptions::new().write(true).open(db).unwrap();
-    file.seek(SeekFrom::Start(len / 2)).unwrap();
-    file.write_all(&[0x5A; 8192]).unwrap();
-    file.sync_all().unwrap();
-}
-
 /// Files beside `db` whose name starts with `<db>.damaged-`.
 fn moved_aside(db: &Path) -> Vec<PathBuf> {
     let prefix = format!("{}.damaged-", db.file_name().unwrap().to_string_lossy());
@@ -249,7 +239,8 @@ async fn a_damaged_or_truncated_database_is_refused_in_one_sentence() {
     let len = pristine.len();
     assert!(len >= 64 * 1024, "a database of {len} bytes");
 
-    damage_middle(&db);
+    // Garbage where serving starts from: the container rows' first page.
+    boilerhouse_server::store::damage::overwrite_root_page(&db, "containers").await;
     let sentence = refused(&c, &[]);
     assert!(
         sentence.contains(&format!("the database {} is damaged", db.display())),
@@ -274,7 +265,7 @@ async fn a_damaged_or_truncated_database_is_refused_in_one_sentence() {
 
     // The damage back as it was; a rebuild keeps the damaged file.
     std::fs::write(&db, &pristine).unwrap();
-    damage_middle(&db);
+    boilerhouse_server::store::damage::overwrite_root_page(&db, "containers").await;
     let damaged = std::fs::read(&db).unwrap();
     c.start_server_with(&["--rebuild-from-agents"]).await;
     let aside = moved_aside(&db);
@@ -303,10 +294,10 @@ fn refused_run(c: &Cluster) -> (String, String, String) {
     (log, sentence, text)
 }
 
-/// Before it serves, startup checks every page and the whole of every
-/// table but the containers and the history; those it checks whole just
-/// after. An emptied claims index (one active claim per tenant) is refused
-/// before serving. An emptied container index is found once the server
+/// Before it serves, startup checks what serving rests on (the claims'
+/// guards entry for entry, the container rows' pages); the whole file
+/// just after. An emptied claims index (one active claim per tenant) is
+/// refused before serving. An emptied container index is found once the server
 /// serves: it stops with the same refusal, records it, and the next start
 /// checks the whole file before serving, so a supervisor that restarts it
 /// does not serve the damage again.
@@ -338,16 +329,20 @@ async fn an_index_that_disagrees_with_its_table_is_never_served_twice() {
         .unwrap();
     sqlx::Connection::close(conn).await.unwrap();
     let pristine = std::fs::read(&db).unwrap();
-    let damaged = |sentence: &str| {
+    let damaged_by = |sentence: &str, summary: &str| {
         sentence.contains(&format!(
-            "the database {} is damaged (it fails SQLite's integrity check)",
+            "the database {} is damaged ({summary})",
             db.display()
         )) && sentence.contains("--rebuild-from-agents")
     };
+    let damaged = |sentence: &str| damaged_by(sentence, "it fails SQLite's integrity check");
 
     boilerhouse_server::store::damage::empty_index(&db, "claims_one_per_tenant").await;
     let (log, sentence, text) = refused_run(&c);
-    assert!(damaged(&sentence), "{sentence}");
+    assert!(
+        damaged_by(&sentence, "an index disagrees with its table"),
+        "{sentence}"
+    );
     assert!(!log.contains("boilerhoused serving"), "served:\n{text}");
     assert!(text.contains("claims_one_per_tenant"), "{text}");
 

@@ -97,14 +97,35 @@ async fn damage_in_the_middle_and_truncation_are_refused_and_a_rebuild_moves_the
     assert!(len > 64 * 1024, "{len} bytes");
     let original = std::fs::read(&db).unwrap();
 
-    // 8 KiB of garbage in the middle.
+    // 8 KiB of garbage in the middle: the history (the events fill the
+    // file). The start serves; the whole check that follows refuses it.
     let mut file = std::fs::OpenOptions::new().write(true).open(&db).unwrap();
     file.seek(SeekFrom::Start(len / 2)).unwrap();
     file.write_all(&[0xA5; 8192]).unwrap();
     drop(file);
+    let (store, guard) = open_at(&db, false).await.unwrap();
+    let opened = Opened::Sqlite(guard);
+    let r = tokio::time::timeout(std::time::Duration::from_secs(30), opened.full_check())
+        .await
+        .expect("the whole check never found the damage");
+    assert!(r.sentence.contains("is damaged"), "{r:?}");
+    assert!(r.detail.is_some(), "{r:?}");
+    store.close().await;
+    drop(store);
+    drop(opened);
+    // Marked: the next start checks the whole file first.
+    let r = refused(open_at(&db, false).await);
+    assert!(r.sentence.contains("is damaged"), "{r:?}");
+
+    // Garbage in what serving rests on (the container rows): refused
+    // before serving, unmarked.
+    std::fs::write(&db, &original).unwrap();
+    std::fs::remove_file(files::check_whole_marker(&db)).unwrap();
+    crate::store::damage::overwrite_root_page(&db, "containers").await;
     let r = refused(open_at(&db, false).await);
     assert!(r.sentence.contains("is damaged"), "{r:?}");
     assert!(r.detail.is_some(), "{r:?}");
+    assert!(!files::check_whole_marker(&db).exists());
 
     // Cut in half.
     std::fs::write(&db, &original[..original.len() / 2]).unwrap();
@@ -203,7 +224,9 @@ fn the_backend_is_told_from_the_location_and_postgres_gets_its_own_recipe() {
 
 /// A database whose container index (one row per Docker id, partial, so
 /// `quick_check` cannot count it) disagrees with its table.
-async fn with_a_damaged_container_index(db: &Path) {
+/// [`filled`], and a container row with a Docker id (an entry in the
+/// partial index `containers_docker_id`).
+async fn filled_with_a_container(db: &Path) {
     filled(db).await;
     let mut conn = crate::store::open_raw(db).await.unwrap();
     sqlx::query(
@@ -213,6 +236,10 @@ async fn with_a_damaged_container_index(db: &Path) {
     .await
     .unwrap();
     sqlx::Connection::close(conn).await.unwrap();
+}
+
+async fn with_a_damaged_container_index(db: &Path) {
+    filled_with_a_container(db).await;
     crate::store::damage::empty_index(db, "containers_docker_id").await;
 }
 
@@ -227,12 +254,15 @@ async fn set_within_10s(flag: &AtomicBool) {
 
 /// A sound existing file opens before its whole check, which runs after:
 /// until it passes, `whole_checked` is false (the history trim waits on
-/// it); then true.
+/// it); then true. The whole check comes back while the server runs:
+/// damage that arises after the first one passed (here an index emptied
+/// under the open store) is found by the next, and ends in the refusal
+/// and the mark.
 #[tokio::test]
-async fn the_whole_check_of_a_sound_file_follows_the_open_and_is_recorded() {
+async fn the_whole_check_follows_the_open_and_comes_back_for_damage_that_arises_later() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("boilerhouse.db");
-    filled(&db).await;
+    filled_with_a_container(&db).await;
     let (store, opened) = open(
         &DatabaseLocation::Sqlite(db.clone()),
         false,
@@ -242,10 +272,32 @@ async fn the_whole_check_of_a_sound_file_follows_the_open_and_is_recorded() {
     .unwrap();
     let whole_checked = opened.whole_checked();
     assert!(!whole_checked.load(Ordering::Acquire));
+    let mut check = opened.full_check_every(std::time::Duration::from_millis(50));
     tokio::select! {
-        refused = opened.full_check() => panic!("a sound file refused: {refused:?}"),
+        refused = &mut check => panic!("a sound file refused: {refused:?}"),
         () = set_within_10s(&whole_checked) => {}
     }
+    assert!(!files::check_whole_marker(&db).exists());
+
+    crate::store::damage::empty_index(&db, "containers_docker_id").await;
+    let refused = tokio::time::timeout(std::time::Duration::from_secs(30), check)
+        .await
+        .expect("the damage was never found");
+    assert!(
+        refused
+            .sentence
+            .contains(&format!("the database {} is damaged", db.display())),
+        "{}",
+        refused.sentence
+    );
+    assert!(
+        refused
+            .detail
+            .as_deref()
+            .is_some_and(|d| d.contains("containers_docker_id")),
+        "{refused:?}"
+    );
+    assert!(files::check_whole_marker(&db).exists());
     store.close().await;
 }
 

@@ -47,3 +47,30 @@ pub async fn empty_index(path: &Path, name: &str) {
     }
     sqlx::Connection::close(conn).await.expect("closing");
 }
+
+/// Overwrites the first page of `table`'s b-tree in the SQLite file at
+/// `path` with garbage: damage where SQLite's own reading finds it (the
+/// page is not a b-tree page any more). The file must be checkpointed
+/// (no WAL holding a newer copy of that page).
+pub async fn overwrite_root_page(path: &Path, table: &str) {
+    use std::io::{Seek as _, SeekFrom, Write as _};
+    let mut conn = super::open_raw(path).await.expect("opening the database");
+    let (root, page_size): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT rootpage FROM sqlite_schema WHERE type = 'table' AND name = ?), \
+                (SELECT page_size FROM pragma_page_size)",
+    )
+    .bind(table)
+    .fetch_one(&mut conn)
+    .await
+    .expect("the table's first page");
+    sqlx::Connection::close(conn).await.expect("closing");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("opening the file");
+    file.seek(SeekFrom::Start(((root - 1) * page_size) as u64))
+        .expect("seeking");
+    file.write_all(&vec![0x5A; page_size as usize])
+        .expect("writing");
+    file.sync_all().expect("syncing");
+}
