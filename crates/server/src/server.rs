@@ -234,18 +234,10 @@ pub async fn run(
             "ended boosts that could not survive the restart"
         );
     }
-    // Reservations that expired while the server was down end now, before
-    // anyone can claim through them.
-    let expired = pools
-        .expire_reservations()
-        .await
-        .context("expiring reservations")?;
-    if expired > 0 {
-        tracing::info!(
-            expired,
-            "dropped affinity reservations that expired during downtime"
-        );
-    }
+    // Reservations that expired while the server was down end in the
+    // affinity_expiry task's first pass, which starts below and runs
+    // beside serving: a claim never goes through one past its expiry
+    // (it ends it first), and a serving server need not wait for them.
     let refiller = driver.register(
         "pool_refiller",
         Duration::from_secs(1),

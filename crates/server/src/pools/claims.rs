@@ -68,6 +68,8 @@ enum Decided {
     /// and not yet been reconciled: the container is very likely there
     /// and the tenant's; wait for the node rather than end it.
     AwaitNode(NodeId),
+    /// The tenant's reservation is past its expiry: end it first.
+    Expired,
 }
 
 fn claim_id() -> String {
@@ -111,60 +113,77 @@ impl Pools {
                 let offerable = |c: &boilerhouse_core::pool::ContainerRecord| {
                     self.node_live(&c.node_id, now) && !unreconciled.contains(&c.node_id)
                 };
-                match decide::choose(
-                    index,
-                    tenant,
-                    workload_id,
-                    &workload.spec_hash,
-                    taken,
-                    offerable,
-                )? {
-                    Choice::Existing(claim, container) => {
-                        // Claiming again is activity, as a Touch is: it
-                        // resets the idle clock. Kept in memory with the
-                        // activity seen on containers and flushed with it.
-                        let seen = inflight
-                            .activity
-                            .entry(claim.claim_id.clone())
-                            .or_insert(now);
-                        *seen = (*seen).max(now);
-                        Decided::Existing(Granted { claim, container })
-                    }
-                    Choice::Affinity(r, c) => Decided::Affinity(decide::grant(
+                // A reservation past its expiry is never claimed through:
+                // it ends here as the expiry task would end it (container
+                // destroyed, `affinity.expired`), whichever comes first.
+                // So the task's first pass after a restart, over what
+                // expired during the downtime, runs beside serving.
+                let expired = index
+                    .reservation(tenant, workload_id)
+                    .is_some_and(|r| r.expires_at <= now && !self.retained(&r.container_id));
+                if expired {
+                    Decided::Expired
+                } else {
+                    match decide::choose(
                         index,
                         tenant,
-                        &c,
-                        ClaimSource::Affinity,
-                        Some(&r),
-                        None,
-                        claim_id(),
-                        now,
-                    )?),
-                    Choice::Pool(_, Some(r)) | Choice::Cold(Some(r))
-                        if unreconciled.contains(&r.node_id) =>
-                    {
-                        Decided::AwaitNode(r.node_id.clone())
-                    }
-                    Choice::Pool(c, superseded) => {
-                        self.check_superseded(superseded.as_ref())?;
-                        // Building the write (its event's sentence, the
-                        // records' copies, a claim id) was most of a
-                        // claim's time under this lock, which every claim
-                        // and every commit's index update takes.
-                        let superseded = superseded.map(|r| {
-                            let old = index.container(&r.container_id).cloned();
-                            (r, old)
-                        });
-                        inflight.busy.insert(c.id);
-                        Decided::Pool(c, superseded)
-                    }
-                    Choice::Cold(superseded) => {
-                        self.check_superseded(superseded.as_ref())?;
-                        Decided::Cold(superseded)
+                        workload_id,
+                        &workload.spec_hash,
+                        taken,
+                        offerable,
+                    )? {
+                        Choice::Existing(claim, container) => {
+                            // Claiming again is activity, as a Touch is: it
+                            // resets the idle clock. Kept in memory with the
+                            // activity seen on containers and flushed with it.
+                            let seen = inflight
+                                .activity
+                                .entry(claim.claim_id.clone())
+                                .or_insert(now);
+                            *seen = (*seen).max(now);
+                            Decided::Existing(Granted { claim, container })
+                        }
+                        Choice::Affinity(r, c) => Decided::Affinity(decide::grant(
+                            index,
+                            tenant,
+                            &c,
+                            ClaimSource::Affinity,
+                            Some(&r),
+                            None,
+                            claim_id(),
+                            now,
+                        )?),
+                        Choice::Pool(_, Some(r)) | Choice::Cold(Some(r))
+                            if unreconciled.contains(&r.node_id) =>
+                        {
+                            Decided::AwaitNode(r.node_id.clone())
+                        }
+                        Choice::Pool(c, superseded) => {
+                            self.check_superseded(superseded.as_ref())?;
+                            // Building the write (its event's sentence, the
+                            // records' copies, a claim id) was most of a
+                            // claim's time under this lock, which every claim
+                            // and every commit's index update takes.
+                            let superseded = superseded.map(|r| {
+                                let old = index.container(&r.container_id).cloned();
+                                (r, old)
+                            });
+                            inflight.busy.insert(c.id);
+                            Decided::Pool(c, superseded)
+                        }
+                        Choice::Cold(superseded) => {
+                            self.check_superseded(superseded.as_ref())?;
+                            Decided::Cold(superseded)
+                        }
                     }
                 }
             };
             let (grant, source, busy) = match decided {
+                Decided::Expired => {
+                    self.end_expired(vec![(tenant.clone(), workload_id.clone())])
+                        .await?;
+                    continue;
+                }
                 Decided::Existing(granted) => {
                     if let Some(record) = recorder.and_then(|r| r(&granted, ClaimSource::Existing))
                     {
