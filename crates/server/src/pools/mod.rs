@@ -34,6 +34,8 @@ mod removal;
 mod rollout;
 mod shortfall;
 pub mod tasks;
+#[cfg(test)]
+pub(crate) mod tests;
 mod views;
 
 pub use views::SCAN_SLICE;

@@ -1,7 +1,6 @@
 //! Actions planned on a view that has since moved on.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use boilerhouse_core::container::{ObservedContainer, labels};
@@ -13,43 +12,10 @@ use boilerhouse_core::workload::Limits;
 use boilerhouse_core::{ContainerId, NodeId, Timestamp};
 
 use super::{Applied, Outcome, Reconciler};
-use crate::agents::Registry;
-use crate::pools::{Plain, Pools, PoolsConfig};
-use crate::store::{Store, StoreOptions};
-
-const WORKLOAD: &str = "id: demo\nimage: demo:1\npool: {min_size: 0, max_size: 4}\n";
+use crate::pools::Pools;
 
 async fn reconciler(dir: &std::path::Path) -> Reconciler {
-    let store = Store::open(&dir.join("t.db"), StoreOptions::default())
-        .await
-        .unwrap();
-    let spec = boilerhouse_core::workload::parse_workload("demo.yaml", WORKLOAD).unwrap();
-    store
-        .put_workload(
-            spec,
-            WORKLOAD.into(),
-            "demo.yaml".into(),
-            Timestamp::from_millis(1),
-            false,
-        )
-        .await
-        .unwrap();
-    let agents = Registry::default();
-    let pools = Pools::load(
-        store.clone(),
-        agents.clone(),
-        PoolsConfig {
-            suspect_after: Duration::from_secs(15),
-            command_timeout: Duration::from_secs(5),
-            acquire_timeout: Duration::from_secs(5),
-            surplus_grace: Duration::from_secs(60),
-        },
-        Arc::new(Plain),
-        Arc::new(Plain),
-        None,
-    )
-    .await
-    .unwrap();
+    let (store, agents, pools) = crate::pools::tests::pools_on(dir).await;
     Reconciler {
         store,
         pools,
