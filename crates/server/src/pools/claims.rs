@@ -104,7 +104,7 @@ impl Pools {
             // busy in the same breath, so concurrent claims pass it by
             // instead of colliding on it; its write is built after the
             // lock is let go, conditional on the rows as seen here.
-            let decided = {
+            let decided = 'decide: {
                 let mut state = self.state();
                 let super::State {
                     index, inflight, ..
@@ -122,59 +122,58 @@ impl Pools {
                     .reservation(tenant, workload_id)
                     .is_some_and(|r| r.expires_at <= now && !self.retained(&r.container_id));
                 if expired {
-                    Decided::Expired
-                } else {
-                    match decide::choose(
+                    break 'decide Decided::Expired;
+                }
+                match decide::choose(
+                    index,
+                    tenant,
+                    workload_id,
+                    &workload.spec_hash,
+                    taken,
+                    offerable,
+                )? {
+                    Choice::Existing(claim, container) => {
+                        // Claiming again is activity, as a Touch is: it
+                        // resets the idle clock. Kept in memory with the
+                        // activity seen on containers and flushed with it.
+                        let seen = inflight
+                            .activity
+                            .entry(claim.claim_id.clone())
+                            .or_insert(now);
+                        *seen = (*seen).max(now);
+                        Decided::Existing(Granted { claim, container })
+                    }
+                    Choice::Affinity(r, c) => Decided::Affinity(decide::grant(
                         index,
                         tenant,
-                        workload_id,
-                        &workload.spec_hash,
-                        taken,
-                        offerable,
-                    )? {
-                        Choice::Existing(claim, container) => {
-                            // Claiming again is activity, as a Touch is: it
-                            // resets the idle clock. Kept in memory with the
-                            // activity seen on containers and flushed with it.
-                            let seen = inflight
-                                .activity
-                                .entry(claim.claim_id.clone())
-                                .or_insert(now);
-                            *seen = (*seen).max(now);
-                            Decided::Existing(Granted { claim, container })
-                        }
-                        Choice::Affinity(r, c) => Decided::Affinity(decide::grant(
-                            index,
-                            tenant,
-                            &c,
-                            ClaimSource::Affinity,
-                            Some(&r),
-                            None,
-                            claim_id(),
-                            now,
-                        )?),
-                        Choice::Pool(_, Some(r)) | Choice::Cold(Some(r))
-                            if unreconciled.contains(&r.node_id) =>
-                        {
-                            Decided::AwaitNode(r.node_id.clone())
-                        }
-                        Choice::Pool(c, superseded) => {
-                            self.check_superseded(superseded.as_ref())?;
-                            // Building the write (its event's sentence, the
-                            // records' copies, a claim id) was most of a
-                            // claim's time under this lock, which every claim
-                            // and every commit's index update takes.
-                            let superseded = superseded.map(|r| {
-                                let old = index.container(&r.container_id).cloned();
-                                (r, old)
-                            });
-                            inflight.busy.insert(c.id);
-                            Decided::Pool(c, superseded)
-                        }
-                        Choice::Cold(superseded) => {
-                            self.check_superseded(superseded.as_ref())?;
-                            Decided::Cold(superseded)
-                        }
+                        &c,
+                        ClaimSource::Affinity,
+                        Some(&r),
+                        None,
+                        claim_id(),
+                        now,
+                    )?),
+                    Choice::Pool(_, Some(r)) | Choice::Cold(Some(r))
+                        if unreconciled.contains(&r.node_id) =>
+                    {
+                        Decided::AwaitNode(r.node_id.clone())
+                    }
+                    Choice::Pool(c, superseded) => {
+                        self.check_superseded(superseded.as_ref())?;
+                        // Building the write (its event's sentence, the
+                        // records' copies, a claim id) was most of a
+                        // claim's time under this lock, which every claim
+                        // and every commit's index update takes.
+                        let superseded = superseded.map(|r| {
+                            let old = index.container(&r.container_id).cloned();
+                            (r, old)
+                        });
+                        inflight.busy.insert(c.id);
+                        Decided::Pool(c, superseded)
+                    }
+                    Choice::Cold(superseded) => {
+                        self.check_superseded(superseded.as_ref())?;
+                        Decided::Cold(superseded)
                     }
                 }
             };
