@@ -43,7 +43,7 @@ fn sender() -> &'static mpsc::Sender<Job> {
         std::thread::Builder::new()
             .name("background".into())
             .spawn(move || {
-                lower_priority();
+                lower_priority(NICER_BY);
                 // Ends when the process does: the sender is never dropped.
                 for job in rx {
                     job();
@@ -54,17 +54,50 @@ fn sender() -> &'static mpsc::Sender<Job> {
     })
 }
 
-fn lower_priority() {
+/// Raises the calling thread's nice value by `by`, relative to what the
+/// thread started with (a server run under `nice` keeps its background
+/// below itself), and at most to 19.
+fn lower_priority(by: i32) {
     let me = Some(rustix::thread::gettid());
-    // Relative to what the thread started with (a server run under
-    // `nice` keeps its background below itself), and at most 19.
     let result = rustix::process::getpriority_process(me)
-        .and_then(|now| rustix::process::setpriority_process(me, (now + NICER_BY).min(19)));
+        .and_then(|now| rustix::process::setpriority_process(me, (now + by).min(19)));
     if let Err(e) = result {
-        // Not fatal: the passes then share the cores as equals, as before.
-        tracing::warn!(error = %e, "cannot lower the background thread's priority");
+        // Not fatal: the work then shares the cores as an equal, as before.
+        let name = std::thread::current().name().map(str::to_owned);
+        tracing::warn!(error = %e, thread = ?name, "cannot lower a background thread's priority");
     }
 }
+
+/// Runs one long job `f` on a thread of its own at the lowest priority
+/// (nice 19), and waits for it without holding a worker: for work of
+/// seconds that must not delay the passes of the background thread (a
+/// restart's first reconciliation above all) nor take a core from the
+/// claim path while it is busy; on an idle machine it still runs at full
+/// speed. `None` if `f` panicked or the thread could not start (said in
+/// the log).
+pub async fn run_alone<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Option<T> {
+    let (tx, rx) = tokio::sync::oneshot::channel::<T>();
+    let spawned = std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || {
+            lower_priority(LOWEST);
+            // The caller may have gone (its task was dropped): nothing to tell.
+            let _ = tx.send(f());
+        });
+    if let Err(e) = spawned {
+        tracing::error!(thread = name, error = %e, "cannot start a background thread");
+        return None;
+    }
+    // A panic drops the sender: the thread's panic message is in the log.
+    rx.await.ok()
+}
+
+/// The nice value's range is -20..=19: raised by this much, a thread
+/// sits at 19 from anywhere at or above 0.
+const LOWEST: i32 = 19;
 
 /// Runs `f` on the background thread and waits for it without holding a
 /// worker. `f` runs inside the caller's runtime, so it may spawn tasks
@@ -120,5 +153,24 @@ mod tests {
         assert!(panic.is_panic());
         // The thread survives a job's panic and runs the next one.
         assert_eq!(run(|| 7).await, 7);
+    }
+
+    #[tokio::test]
+    async fn a_long_job_runs_alone_at_the_lowest_priority() {
+        let mine = rustix::process::getpriority_process(Some(rustix::thread::gettid()))
+            .expect("getpriority");
+        let (name, nice) = run_alone("whole-check", || {
+            (
+                std::thread::current().name().map(str::to_owned),
+                rustix::process::getpriority_process(Some(rustix::thread::gettid())),
+            )
+        })
+        .await
+        .expect("the job answers");
+        assert_eq!(name.as_deref(), Some("whole-check"));
+        assert_eq!(nice.expect("getpriority"), (mine + LOWEST).min(19));
+
+        let panicked = run_alone("failing", || -> u32 { panic!("a failing job") }).await;
+        assert_eq!(panicked, None);
     }
 }

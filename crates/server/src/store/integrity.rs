@@ -224,23 +224,57 @@ async fn query(path: &Path, depth: Depth) -> Result<Verdict, sqlx::Error> {
 /// The whole check of a database the server has open: read-only, so it
 /// runs beside the writer (WAL: it reads one snapshot, writes go on).
 /// `None` when it is sound, the damage when not.
+///
+/// It runs on a thread of its own at the lowest CPU priority
+/// ([`crate::background::run_alone`]): on a day's database it is seconds
+/// of a core, and it starts as the server starts serving, when a
+/// restarted fleet's agents reconnect and their first reports wait to be
+/// reconciled (a node's containers are offered only then). As an equal it
+/// took half of a two-core machine from them; now it takes what serving
+/// leaves. On a busy machine it runs longer, and its read snapshot keeps
+/// the WAL from starting over as long.
 pub async fn full_check_open(path: &Path) -> Result<Option<Verdict>, sqlx::Error> {
+    let path = path.to_owned();
+    crate::background::run_alone("whole-check", move || whole_check_native(&path))
+        .await
+        .unwrap_or(Err(sqlx::Error::WorkerCrashed))
+}
+
+/// [`full_check_open`]'s work, on the calling thread: `PRAGMA
+/// integrity_check` through a read-only connection of SQLite's own (the
+/// library sqlx links), whose errors read as sqlx's would.
+fn whole_check_native(path: &Path) -> Result<Option<Verdict>, sqlx::Error> {
+    use rusqlite::OpenFlags;
     let damaged = |e: &sqlx::Error| Verdict::Damaged {
         summary: damage_summary(&e.to_string()),
         detail: sqlite_words(e),
     };
-    let mut conn = match connect(path, true).await {
+    let opened = rusqlite::Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .and_then(|conn| {
+        conn.busy_timeout(Duration::from_secs(5))?;
+        Ok(conn)
+    });
+    let conn = match opened.map_err(super::native::error) {
         Ok(conn) => conn,
         Err(e) if is_damage(&e) => return Ok(Some(damaged(&e))),
         Err(e) => return Err(e),
     };
-    let found = match pragma_check(&mut conn, "integrity_check", None).await {
-        Ok(found) => found,
-        Err(e) if is_damage(&e) => Some(damaged(&e)),
-        Err(e) => return Err(e),
-    };
-    let _ = conn.close().await;
-    Ok(found)
+    let lines = conn
+        .prepare("PRAGMA integrity_check")
+        .and_then(|mut statement| {
+            statement
+                .query_map([], |row| row.get::<_, String>(0))?
+                .collect::<Result<Vec<String>, _>>()
+        })
+        .map_err(super::native::error);
+    match lines {
+        Ok(lines) => Ok(verdict_of("integrity_check", &lines)),
+        Err(e) if is_damage(&e) => Ok(Some(damaged(&e))),
+        Err(e) => Err(e),
+    }
 }
 
 async fn examine(conn: &mut sqlx::SqliteConnection, depth: Depth) -> Result<Verdict, sqlx::Error> {
@@ -308,22 +342,28 @@ async fn pragma_check(
         Some(t) => format!("PRAGMA {pragma}({})", quoted(t)),
         None => format!("PRAGMA {pragma}"),
     };
-    let lines: Vec<(String,)> = sqlx::query_as(sqlx::AssertSqlSafe(statement))
+    let lines: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(statement))
         .fetch_all(&mut *conn)
         .await?;
-    if lines.len() == 1 && lines[0].0 == "ok" {
-        return Ok(None);
+    Ok(verdict_of(pragma, &lines))
+}
+
+/// What a check pragma's lines say: `None` for its one "ok", else the
+/// damage, with its first few findings.
+fn verdict_of(pragma: &str, lines: &[String]) -> Option<Verdict> {
+    if lines.len() == 1 && lines[0] == "ok" {
+        return None;
     }
-    let shown: Vec<String> = lines.iter().take(3).map(|(l,)| l.clone()).collect();
-    let more = lines.len().saturating_sub(shown.len());
+    let shown = &lines[..lines.len().min(3)];
+    let more = lines.len() - shown.len();
     let mut detail = format!("PRAGMA {pragma} found: {}", shown.join("; "));
     if more > 0 {
         detail.push_str(&format!(" (and {more} more)"));
     }
-    Ok(Some(Verdict::Damaged {
+    Some(Verdict::Damaged {
         summary: "it fails SQLite's integrity check",
         detail,
-    }))
+    })
 }
 
 /// Each of [`CLAIM_GUARDS`] against the claims table: as many entries as

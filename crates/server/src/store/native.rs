@@ -401,7 +401,7 @@ fn any_row(
 /// (busy, a full disk, a broken connection, a unique violation)
 /// classifies these the same way. Anything else rusqlite refuses (a
 /// value it cannot bind or read) is the driver's.
-fn error(e: rusqlite::Error) -> sqlx::Error {
+pub(super) fn error(e: rusqlite::Error) -> sqlx::Error {
     match e {
         rusqlite::Error::SqliteFailure(failure, message) => {
             sqlx::Error::Database(Box::new(SqliteFailure {
