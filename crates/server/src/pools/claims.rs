@@ -2,6 +2,7 @@
 //! it, and tenant activity. Restores and uploads are not done here: the
 //! claim flow in `crate::tenancy` wraps these with the tenant's files.
 
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use boilerhouse_core::idempotency::IdempotentRecord;
@@ -97,7 +98,7 @@ impl Pools {
         // first report is reconciled: the database may be older than what
         // runs there (a restored backup), and reconciliation is what sets
         // such containers aside.
-        let mut unreconciled = self.inner.agents.unreconciled();
+        let mut unreconciled = self.unreconciled();
         for _ in 0..8 {
             let mut now = crate::clock::now();
             // Choose on one view of the index. A pool container is marked
@@ -208,8 +209,9 @@ impl Pools {
                     (grant, ClaimSource::Pool, Some(busy))
                 }
                 Decided::AwaitNode(node) => {
-                    self.await_reconciled(&node, deadline, tenant).await?;
-                    unreconciled = self.inner.agents.unreconciled();
+                    self.await_reconciled(std::slice::from_ref(&node), deadline, tenant)
+                        .await?;
+                    unreconciled = self.unreconciled();
                     continue;
                 }
                 Decided::Cold(superseded) => {
@@ -225,14 +227,13 @@ impl Pools {
                         // start goes ahead, as it must when such a node
                         // never settles (an agent that keeps reconnecting).
                         Err(PoolError::Exhausted(why)) => {
-                            match self.idle_awaiting_reconcile(workload_id, &unreconciled) {
-                                Some(node) => {
-                                    self.await_reconciled(&node, deadline, tenant).await?;
-                                    unreconciled = self.inner.agents.unreconciled();
-                                    continue;
-                                }
-                                None => return Err(PoolError::Exhausted(why)),
+                            let nodes = self.idle_awaiting_reconcile(workload_id, &unreconciled);
+                            if nodes.is_empty() {
+                                return Err(PoolError::Exhausted(why));
                             }
+                            self.await_reconciled(&nodes, deadline, tenant).await?;
+                            unreconciled = self.unreconciled();
+                            continue;
                         }
                         Err(e) => return Err(e),
                     };
@@ -286,14 +287,17 @@ impl Pools {
         )))
     }
 
-    /// Waits until `node` (whose agent reconnected) has had its first
-    /// report reconciled, or `deadline`. A restarted server must not end a
-    /// tenant's reservation, and destroy its container, nor refuse a claim
-    /// while the pool's idle containers are there, only because the node's
-    /// report has not been read yet.
+    /// Waits until one of `nodes` (whose agents reconnected) has had its
+    /// first report reconciled, or `deadline`. A restarted server must not
+    /// end a tenant's reservation, and destroy its container, nor refuse a
+    /// claim while the pool's idle containers are there, only because the
+    /// node's report has not been read yet. Any of the nodes will do: after
+    /// a restart a thousand come back over a second or two, reconciled a
+    /// batch at a time, and the claim takes the first idle container that
+    /// is offered again rather than wait for one node in particular.
     async fn await_reconciled(
         &self,
-        node: &NodeId,
+        nodes: &[NodeId],
         deadline: Instant,
         tenant: &TenantId,
     ) -> Result<(), PoolError> {
@@ -302,7 +306,8 @@ impl Pools {
             let changed = agents.report_changed();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            if !agents.unreconciled().contains(node) {
+            let unreconciled = agents.unreconciled();
+            if nodes.iter().any(|n| !unreconciled.contains(n)) {
                 return Ok(());
             }
             // Reconciliation marks a report after it changed: look again
@@ -310,31 +315,50 @@ impl Pools {
             let wake = (Instant::now() + Duration::from_millis(100)).min(deadline);
             let _ = tokio::time::timeout_at(wake.into(), changed).await;
             if Instant::now() >= deadline {
+                let named = match nodes {
+                    [node] => format!("node {node}"),
+                    [first, rest @ ..] => format!("node {first} (or {} more)", rest.len()),
+                    [] => "a node".to_owned(),
+                };
                 return Err(PoolError::Unavailable(format!(
-                    "{tenant}'s claim waits for node {node} (its reservation, or the pool's only idle containers, are there), whose agent reconnected and has not been reconciled yet; retry shortly"
+                    "{tenant}'s claim waits for {named} (its reservation, or the pool's only idle containers, are there), whose agent reconnected and has not been reconciled yet; retry shortly"
                 )));
             }
         }
     }
 
-    /// A live node, not reconciled since its agent reconnected, with an
-    /// idle container of `workload` that no claim is taking.
+    /// The nodes whose agents reconnected and whose first reports are not
+    /// reconciled yet, as a set: a claim asks of every candidate container
+    /// whether its node is one, and after a restart there are a thousand.
+    fn unreconciled(&self) -> HashSet<NodeId> {
+        self.inner.agents.unreconciled().into_iter().collect()
+    }
+
+    /// Live nodes, not reconciled since their agents reconnected, with an
+    /// idle container of `workload` that no claim is taking: a few are
+    /// enough for a claim to wait on, and the search holds the pool's lock.
     fn idle_awaiting_reconcile(
         &self,
         workload: &WorkloadId,
-        unreconciled: &[NodeId],
-    ) -> Option<NodeId> {
+        unreconciled: &HashSet<NodeId>,
+    ) -> Vec<NodeId> {
+        const ENOUGH: usize = 16;
         let now = crate::clock::now();
         let state = self.state();
-        state
-            .index
-            .idle(workload)
-            .find(|c| {
-                !c.used()
-                    && unreconciled.contains(&c.node_id)
-                    && self.free_on_live_node(c, &state.inflight.busy, now)
-            })
-            .map(|c| c.node_id.clone())
+        let mut nodes: Vec<NodeId> = Vec::new();
+        for c in state.index.idle(workload) {
+            if !c.used()
+                && unreconciled.contains(&c.node_id)
+                && !nodes.contains(&c.node_id)
+                && self.free_on_live_node(c, &state.inflight.busy, now)
+            {
+                nodes.push(c.node_id.clone());
+                if nodes.len() == ENOUGH {
+                    break;
+                }
+            }
+        }
+        nodes
     }
 
     /// No claim is taking `c`, and its node's agent heartbeats.

@@ -178,15 +178,20 @@ async fn a_first_report_is_reconciled_by_a_pass_over_its_node_alone() {
     }
     let mut task = super::ReconcileTask::new(r.clone(), Duration::from_secs(60));
 
-    // Node a's first report: a pass over it, and the first whole pass.
+    // Node a's first report: a pass over it alone; the first whole pass
+    // waits while first reports keep coming (for half a period at most).
     r.agents.full_report(&a, now, vec![]);
     let status = task.activate().await.unwrap();
     assert_eq!(status["first_reports"]["nodes"], 1, "{status}");
+    assert_eq!(status["whole_pass"], "none yet", "{status}");
+    assert_eq!(r.agents.unreconciled(), vec![b.clone()]);
+    // With no first report waiting, the whole pass runs.
+    let status = task.activate().await.unwrap();
+    assert!(status.get("first_reports").is_none(), "{status}");
     assert!(
         status.get("cost").is_some(),
         "the first whole pass: {status}"
     );
-    assert_eq!(r.agents.unreconciled(), vec![b.clone()]);
 
     // Then a container with no row on a (reconciled already) and node b's
     // first report, with one of its own.
@@ -298,4 +303,101 @@ async fn a_claim_waits_for_the_idle_containers_of_a_reconnected_node() {
     assert_eq!(source, boilerhouse_core::pool::ClaimSource::Pool);
     assert!(ids.contains(&granted.container.id), "{granted:?}");
     assert_eq!(granted.claim.tenant_id, tenant);
+}
+
+/// After a restart many nodes come back at once, each with idle
+/// containers: a claim at the pool's `max_size` takes the first node
+/// reconciled, whichever it is, and does not wait for one in particular
+/// (node a here, whose containers the pool lists first, is never
+/// reconciled while the claim waits).
+#[tokio::test]
+async fn a_waiting_claim_takes_the_first_reconnected_node_that_is_reconciled() {
+    use crate::tasks::BackgroundTask as _;
+    let dir = tempfile::tempdir().unwrap();
+    let r = reconciler(dir.path()).await;
+    let workload = r
+        .pools
+        .workload_record(&"demo".parse().unwrap())
+        .await
+        .unwrap();
+    let hash = workload.spec_hash.clone();
+    let (a, b) = (
+        NodeId::new("node-a").unwrap(),
+        NodeId::new("node-b").unwrap(),
+    );
+    // The pool at its max_size (4): three idle on a, then one on b.
+    let on_a: Vec<ContainerId> = (0..3)
+        .map(|_| ContainerId::from_uuid(Uuid::now_v7()))
+        .collect();
+    let on_b = ContainerId::from_uuid(Uuid::now_v7());
+    let mut sessions = Vec::new();
+    for (n, ids) in [(&a, on_a.clone()), (&b, vec![on_b])] {
+        register(&r, n).await;
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        r.agents
+            .attach(n, format!("{n}-1"), tx, crate::clock::now());
+        sessions.push(rx);
+        let report = ids.iter().map(|id| reported(*id, n, &hash)).collect();
+        r.agents.full_report(n, crate::clock::now(), report);
+    }
+    let mut task = super::ReconcileTask::new(r.clone(), Duration::from_secs(60));
+    task.activate().await.unwrap();
+    assert!(r.agents.unreconciled().is_empty());
+
+    // Both agents reconnect (the server restarted, say).
+    for n in [&a, &b] {
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        r.agents
+            .attach(n, format!("{n}-2"), tx, crate::clock::now());
+        sessions.push(rx);
+    }
+    let tenant: boilerhouse_core::TenantId = "alice".parse().unwrap();
+    let waiting = {
+        let (pools, tenant, workload) = (r.pools.clone(), tenant.clone(), workload.clone());
+        tokio::spawn(async move {
+            let guard = pools.lock_tenant(&tenant, &workload.spec.id).await;
+            pools
+                .claim_locked(
+                    &guard,
+                    &tenant,
+                    &workload,
+                    Some(Duration::from_secs(30)),
+                    None,
+                )
+                .await
+        })
+    };
+    // Only node b's first report arrives and is reconciled.
+    r.agents
+        .full_report(&b, crate::clock::now(), vec![reported(on_b, &b, &hash)]);
+    let status = task.activate().await.unwrap();
+    assert_eq!(status["first_reports"]["nodes"], 1, "{status}");
+    assert_eq!(r.agents.unreconciled(), vec![a.clone()]);
+    let (granted, source) = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the claim still waits for node a")
+        .unwrap()
+        .unwrap();
+    assert_eq!(source, boilerhouse_core::pool::ClaimSource::Pool);
+    assert_eq!(granted.container.id, on_b);
+    drop(sessions);
+}
+
+/// First reports put the whole pass off only for half a period: with a
+/// period of nothing, a first report's activation runs both.
+#[tokio::test]
+async fn first_reports_put_the_whole_pass_off_for_half_a_period_at_most() {
+    use crate::tasks::BackgroundTask as _;
+    let dir = tempfile::tempdir().unwrap();
+    let r = reconciler(dir.path()).await;
+    let a = NodeId::new("node-a").unwrap();
+    register(&r, &a).await;
+    let (tx, _session) = tokio::sync::mpsc::channel(16);
+    r.agents
+        .attach(&a, "session-1".into(), tx, crate::clock::now());
+    r.agents.full_report(&a, crate::clock::now(), vec![]);
+    let mut task = super::ReconcileTask::new(r.clone(), Duration::ZERO);
+    let status = task.activate().await.unwrap();
+    assert_eq!(status["first_reports"]["nodes"], 1, "{status}");
+    assert!(status.get("cost").is_some(), "no whole pass: {status}");
 }
