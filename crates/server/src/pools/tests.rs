@@ -52,17 +52,10 @@ pub(crate) async fn pools_on(dir: &std::path::Path) -> (Store, Registry, Pools) 
     (store, agents, pools)
 }
 
-/// A claim never goes through its tenant's reservation once it is past
-/// its expiry, though no expiry pass has come to it (after a restart,
-/// the first pass runs beside serving): the claim ends it as the pass
-/// would, its container to be destroyed, one `affinity.expired`.
-#[tokio::test]
-async fn a_claim_ends_an_expired_reservation_itself_and_never_goes_through_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let (store, _agents, pools) = pools_on(dir.path()).await;
+/// A container of `demo` kept for `tenant` on node n1 until `expires_at`.
+async fn reserve(pools: &Pools, tenant: &TenantId, expires_at: Timestamp) -> ContainerId {
     let workload_id = WorkloadId::new("demo").unwrap();
     let workload = pools.workload_record(&workload_id).await.unwrap();
-    let tenant = TenantId::new("t1").unwrap();
     let node = NodeId::new("n1").unwrap();
     let id = ContainerId::from_uuid(Uuid::now_v7());
     let mut kept = Pools::new_container(
@@ -75,22 +68,37 @@ async fn a_claim_ends_an_expired_reservation_itself_and_never_goes_through_it() 
     kept.state = ContainerState::Reserved;
     kept.last_tenant_id = Some(tenant.clone());
     kept.claim_generation = 1;
-    let expired = Reservation {
+    let reservation = Reservation {
         tenant_id: tenant.clone(),
-        workload_id: workload_id.clone(),
+        workload_id,
         container_id: id,
         node_id: node,
         reserved_at: Timestamp::from_millis(1000),
-        expires_at: Timestamp::from_millis(2000),
+        expires_at,
     };
     pools
         .commit(PoolWrite {
             containers: vec![ContainerChange::Insert(kept)],
-            reservations: vec![ReservationChange::Insert(expired)],
+            reservations: vec![ReservationChange::Insert(reservation)],
             ..Default::default()
         })
         .await
         .unwrap();
+    id
+}
+
+/// A claim never goes through its tenant's reservation once it is past
+/// its expiry, though no expiry pass has come to it (after a restart,
+/// the first pass runs beside serving): the claim ends it as the pass
+/// would, its container to be destroyed, one `affinity.expired`.
+#[tokio::test]
+async fn a_claim_ends_an_expired_reservation_itself_and_never_goes_through_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _agents, pools) = pools_on(dir.path()).await;
+    let workload_id = WorkloadId::new("demo").unwrap();
+    let workload = pools.workload_record(&workload_id).await.unwrap();
+    let tenant = TenantId::new("t1").unwrap();
+    let id = reserve(&pools, &tenant, Timestamp::from_millis(2000)).await;
 
     let lock = pools.lock_tenant(&tenant, &workload_id).await;
     // No node can take a cold start here: the claim itself fails, after
@@ -129,4 +137,46 @@ async fn a_claim_ends_an_expired_reservation_itself_and_never_goes_through_it() 
         .filter(|e| e.event.kind == EventKind::AffinityExpired.as_str())
         .collect();
     assert_eq!(ended.len(), 1, "{events:?}");
+}
+
+/// An operator's extension does not bring back a reservation past its
+/// expiry that no expiry pass has reached yet: it is refused, saying so,
+/// and the reservation is left for the pass to end. One still running is
+/// extended from its expiry.
+#[tokio::test]
+async fn an_expired_reservation_cannot_be_extended_back_to_life() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_store, _agents, pools) = pools_on(dir.path()).await;
+    let workload_id = WorkloadId::new("demo").unwrap();
+    let late = TenantId::new("late").unwrap();
+    let expired_at = Timestamp::from_millis(2000);
+    reserve(&pools, &late, expired_at).await;
+
+    let refused = pools
+        .extend(&late, &workload_id, Duration::from_secs(300))
+        .await
+        .expect_err("an expired reservation was extended");
+    let message = refused.to_string();
+    assert!(
+        message.contains("expired at") && message.contains("late"),
+        "{message}"
+    );
+    assert_eq!(
+        pools.read(|index| index.reservation(&late, &workload_id).map(|r| r.expires_at)),
+        Some(expired_at),
+        "the refusal changed the reservation"
+    );
+    assert_eq!(pools.expire_reservations().await.unwrap(), 1);
+
+    let on_time = TenantId::new("on-time").unwrap();
+    let until = crate::clock::now().saturating_add(Duration::from_secs(60));
+    reserve(&pools, &on_time, until).await;
+    let extended = pools
+        .extend(&on_time, &workload_id, Duration::from_secs(300))
+        .await
+        .unwrap();
+    assert_eq!(
+        extended.expires_at,
+        until.saturating_add(Duration::from_secs(300))
+    );
 }
