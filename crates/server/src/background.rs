@@ -68,13 +68,17 @@ fn lower_priority(by: i32) {
     }
 }
 
-/// Runs one long job `f` on a thread of its own at the lowest priority
-/// (nice 19), and waits for it without holding a worker: for work of
-/// seconds that must not delay the passes of the background thread (a
-/// restart's first reconciliation above all) nor take a core from the
-/// claim path while it is busy; on an idle machine it still runs at full
-/// speed. `None` if `f` panicked or the thread could not start (said in
-/// the log).
+/// Runs one long job `f` on a thread of its own, as niced as the
+/// background thread, and waits for it without holding a worker: for work
+/// of seconds that must not hold up the passes of the background thread
+/// (a restart's first reconciliation above all) nor take a core from the
+/// claim path as an equal; on an idle machine it still runs at full
+/// speed. Not niced further: such a job may hold a lock the claim path
+/// needs (SQLite's page cache has one mutex for the whole process), and a
+/// holder at the lowest priority could wait long for a core while the
+/// writer waits for it. `None` if `f` panicked (the panic is printed by
+/// the panic hook, to standard error) or the thread could not start
+/// (said in the log).
 pub async fn run_alone<T: Send + 'static>(
     name: &str,
     f: impl FnOnce() -> T + Send + 'static,
@@ -83,7 +87,7 @@ pub async fn run_alone<T: Send + 'static>(
     let spawned = std::thread::Builder::new()
         .name(name.to_owned())
         .spawn(move || {
-            lower_priority(LOWEST);
+            lower_priority(NICER_BY);
             // The caller may have gone (its task was dropped): nothing to tell.
             let _ = tx.send(f());
         });
@@ -94,10 +98,6 @@ pub async fn run_alone<T: Send + 'static>(
     // A panic drops the sender: the thread's panic message is in the log.
     rx.await.ok()
 }
-
-/// The nice value's range is -20..=19: raised by this much, a thread
-/// sits at 19 from anywhere at or above 0.
-const LOWEST: i32 = 19;
 
 /// Runs `f` on the background thread and waits for it without holding a
 /// worker. `f` runs inside the caller's runtime, so it may spawn tasks
@@ -156,7 +156,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_long_job_runs_alone_at_the_lowest_priority() {
+    async fn a_long_job_runs_on_a_thread_of_its_own_niced_like_the_background() {
         let mine = rustix::process::getpriority_process(Some(rustix::thread::gettid()))
             .expect("getpriority");
         let (name, nice) = run_alone("whole-check", || {
@@ -168,7 +168,7 @@ mod tests {
         .await
         .expect("the job answers");
         assert_eq!(name.as_deref(), Some("whole-check"));
-        assert_eq!(nice.expect("getpriority"), (mine + LOWEST).min(19));
+        assert_eq!(nice.expect("getpriority"), (mine + NICER_BY).min(19));
 
         let panicked = run_alone("failing", || -> u32 { panic!("a failing job") }).await;
         assert_eq!(panicked, None);

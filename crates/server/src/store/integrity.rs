@@ -225,30 +225,18 @@ async fn query(path: &Path, depth: Depth) -> Result<Verdict, sqlx::Error> {
 /// runs beside the writer (WAL: it reads one snapshot, writes go on).
 /// `None` when it is sound, the damage when not.
 ///
-/// It runs on a thread of its own at the lowest CPU priority
+/// It runs on a thread of its own at a nice value 10 above the server's
 /// ([`crate::background::run_alone`]): on a day's database it is seconds
 /// of a core, and it starts as the server starts serving, when a
 /// restarted fleet's agents reconnect and their first reports wait to be
-/// reconciled (a node's containers are offered only then). As an equal it
-/// took half of a two-core machine from them; now it takes what serving
-/// leaves. On a busy machine it runs longer, and its read snapshot keeps
-/// the WAL from starting over as long.
+/// reconciled (a node's containers are offered only then), then comes
+/// back every day whatever the load. The claim path gets the cores first.
+/// On a busy machine it runs longer, and its read snapshot keeps the WAL
+/// from starting over as long.
 pub async fn full_check_open(path: &Path) -> Result<Option<Verdict>, sqlx::Error> {
-    let path = path.to_owned();
-    crate::background::run_alone("whole-check", move || whole_check_native(&path))
-        .await
-        .unwrap_or(Err(sqlx::Error::WorkerCrashed))
-}
-
-/// [`full_check_open`]'s work, on the calling thread: `PRAGMA
-/// integrity_check` through a read-only connection of SQLite's own (the
-/// library sqlx links), whose errors read as sqlx's would.
-fn whole_check_native(path: &Path) -> Result<Option<Verdict>, sqlx::Error> {
     use rusqlite::OpenFlags;
-    let damaged = |e: &sqlx::Error| Verdict::Damaged {
-        summary: damage_summary(&e.to_string()),
-        detail: sqlite_words(e),
-    };
+    // Opening reads nothing yet (SQLite opens lazily): done here, so the
+    // check can be stopped from here.
     let opened = rusqlite::Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -262,6 +250,40 @@ fn whole_check_native(path: &Path) -> Result<Option<Verdict>, sqlx::Error> {
         Err(e) if is_damage(&e) => return Ok(Some(damaged(&e))),
         Err(e) => return Err(e),
     };
+    // Dropped with this future (the server stopping), the check stops at
+    // its next step rather than hold its read snapshot, and so the WAL,
+    // to its end. Harmless once the check is over.
+    let _stop = InterruptOnDrop(conn.get_interrupt_handle());
+    crate::background::run_alone("whole-check", move || whole_check_native(&conn))
+        .await
+        .unwrap_or_else(|| {
+            Err(sqlx::Error::Protocol(
+                "the whole check's thread panicked or could not start".into(),
+            ))
+        })
+}
+
+/// Interrupts a connection's statement when dropped.
+struct InterruptOnDrop(rusqlite::InterruptHandle);
+
+impl Drop for InterruptOnDrop {
+    fn drop(&mut self) {
+        self.0.interrupt();
+    }
+}
+
+/// A damage error as a verdict.
+fn damaged(e: &sqlx::Error) -> Verdict {
+    Verdict::Damaged {
+        summary: damage_summary(&e.to_string()),
+        detail: sqlite_words(e),
+    }
+}
+
+/// [`full_check_open`]'s work, on the calling thread: `PRAGMA
+/// integrity_check` through a read-only connection of SQLite's own (the
+/// library sqlx links), whose errors read as sqlx's would.
+fn whole_check_native(conn: &rusqlite::Connection) -> Result<Option<Verdict>, sqlx::Error> {
     let lines = conn
         .prepare("PRAGMA integrity_check")
         .and_then(|mut statement| {
