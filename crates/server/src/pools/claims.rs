@@ -93,13 +93,17 @@ impl Pools {
         let deadline =
             Instant::now() + acquire_timeout.unwrap_or(self.inner.config.acquire_timeout);
         // Each conflict means another change committed first; decide again
-        // on the newer state, a bounded number of times.
+        // on the newer state, a bounded number of times. A wait for a
+        // reconnected node's reconciliation is no conflict: the deadline
+        // bounds those (after a restart a claim may wake several times as
+        // nodes come back and other claims take their idle containers).
         // A node whose agent just (re)connected offers nothing until its
         // first report is reconciled: the database may be older than what
         // runs there (a restored backup), and reconciliation is what sets
         // such containers aside.
         let mut unreconciled = self.unreconciled();
-        for _ in 0..8 {
+        let mut stale_views = 0;
+        while stale_views < 8 {
             let mut now = crate::clock::now();
             // Choose on one view of the index. A pool container is marked
             // busy in the same breath, so concurrent claims pass it by
@@ -182,6 +186,7 @@ impl Pools {
                 Decided::Expired => {
                     self.end_expired(vec![(tenant.clone(), workload_id.clone())])
                         .await?;
+                    stale_views += 1;
                     continue;
                 }
                 Decided::Existing(granted) => {
@@ -227,10 +232,13 @@ impl Pools {
                         // start goes ahead, as it must when such a node
                         // never settles (an agent that keeps reconnecting).
                         Err(PoolError::Exhausted(why)) => {
-                            let nodes = self.idle_awaiting_reconcile(workload_id, &unreconciled);
-                            if nodes.is_empty() {
+                            if !self.idle_awaiting_reconcile(workload_id, &unreconciled) {
                                 return Err(PoolError::Exhausted(why));
                             }
+                            // Any of them reconciled may offer one (or
+                            // another claim takes it first, and this one
+                            // waits again).
+                            let nodes: Vec<NodeId> = unreconciled.iter().cloned().collect();
                             self.await_reconciled(&nodes, deadline, tenant).await?;
                             unreconciled = self.unreconciled();
                             continue;
@@ -258,7 +266,10 @@ impl Pools {
                     match grant {
                         Some(Ok(grant)) => (grant, ClaimSource::Cold, Some(busy)),
                         // Removed or changed while warming: start over.
-                        _ => continue,
+                        _ => {
+                            stale_views += 1;
+                            continue;
+                        }
                     }
                 }
             };
@@ -278,6 +289,7 @@ impl Pools {
                 }
                 Err(StoreError::Conflict(why)) => {
                     tracing::debug!(tenant = %tenant, %why, "claim decided on a stale view; deciding again");
+                    stale_views += 1;
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -291,10 +303,10 @@ impl Pools {
     /// first report reconciled, or `deadline`. A restarted server must not
     /// end a tenant's reservation, and destroy its container, nor refuse a
     /// claim while the pool's idle containers are there, only because the
-    /// node's report has not been read yet. Any of the nodes will do: after
-    /// a restart a thousand come back over a second or two, reconciled a
-    /// batch at a time, and the claim takes the first idle container that
-    /// is offered again rather than wait for one node in particular.
+    /// node's report has not been read yet. A claim for the pool waits on
+    /// every such node: after a restart a thousand come back over a second
+    /// or two, reconciled a batch at a time, and it takes the first idle
+    /// container offered again rather than wait for one node in particular.
     async fn await_reconciled(
         &self,
         nodes: &[NodeId],
@@ -306,7 +318,7 @@ impl Pools {
             let changed = agents.report_changed();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            let unreconciled = agents.unreconciled();
+            let unreconciled = self.unreconciled();
             if nodes.iter().any(|n| !unreconciled.contains(n)) {
                 return Ok(());
             }
@@ -334,31 +346,20 @@ impl Pools {
         self.inner.agents.unreconciled().into_iter().collect()
     }
 
-    /// Live nodes, not reconciled since their agents reconnected, with an
-    /// idle container of `workload` that no claim is taking: a few are
-    /// enough for a claim to wait on, and the search holds the pool's lock.
+    /// Whether a live node, not reconciled since its agent reconnected,
+    /// holds an idle container of `workload` that no claim is taking.
     fn idle_awaiting_reconcile(
         &self,
         workload: &WorkloadId,
         unreconciled: &HashSet<NodeId>,
-    ) -> Vec<NodeId> {
-        const ENOUGH: usize = 16;
+    ) -> bool {
         let now = crate::clock::now();
         let state = self.state();
-        let mut nodes: Vec<NodeId> = Vec::new();
-        for c in state.index.idle(workload) {
-            if !c.used()
+        state.index.idle(workload).any(|c| {
+            !c.used()
                 && unreconciled.contains(&c.node_id)
-                && !nodes.contains(&c.node_id)
                 && self.free_on_live_node(c, &state.inflight.busy, now)
-            {
-                nodes.push(c.node_id.clone());
-                if nodes.len() == ENOUGH {
-                    break;
-                }
-            }
-        }
-        nodes
+        })
     }
 
     /// No claim is taking `c`, and its node's agent heartbeats.

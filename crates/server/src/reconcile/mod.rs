@@ -269,8 +269,9 @@ fn rebuilt(applied: &[Applied]) -> Option<(usize, usize, String)> {
 /// reconciled rather than after a pass over every row of the fleet.
 pub struct ReconcileTask {
     reconciler: Reconciler,
-    /// The task's period: woken by first reports more often than this, a
-    /// pass over every row still runs at most twice a period.
+    /// The task's period. Woken by first reports more often than this, it
+    /// passes over their nodes alone; the pass over every row waits while
+    /// agents are coming back, for half a period at most.
     interval: std::time::Duration,
     /// When the task began: until its first whole pass, that pass is
     /// counted as due from here.
@@ -325,20 +326,22 @@ impl BackgroundTask for ReconcileTask {
                 s["nodes"] = waiting.len().into();
                 Some(s)
             };
-            // While first reports keep coming (a restarted server's
-            // agents come back over a second or two), their scoped passes
-            // go first: a whole pass (0.3-0.4 s at 100,000 rows) would
-            // hold up every node reporting behind it, and would plan
+            // While agents are coming back (a restarted server's 1,000
+            // return over a second or two), their first reports' scoped
+            // passes go first: a whole pass (0.3-0.4 s at 100,000 rows)
+            // would hold up every node reporting behind it, and would plan
             // nothing new for the nodes already reconciled nor for those
-            // not yet back. It waits until no first report does, or for
-            // half a period since the last whole pass (or the task's
-            // start), whichever comes first.
+            // not yet back. So it waits while any connected node is not
+            // reconciled yet, or none is connected (the task's first run,
+            // as the server starts), for half a period at most since the
+            // last whole pass or the task's start.
             let since_whole = self
                 .last_whole
                 .as_ref()
                 .map_or(self.created, |(t, _)| *t)
                 .elapsed();
-            let whole_due = first.is_none() || since_whole >= self.interval / 2;
+            let returning = agents.connected() == 0 || !agents.unreconciled().is_empty();
+            let whole_due = since_whole >= self.interval / 2 || (first.is_none() && !returning);
             let mut status = if whole_due {
                 let started = std::time::Instant::now();
                 let (applied, cost) = self.reconciler.apply_measured(None).await?;
