@@ -31,22 +31,13 @@ impl Pools {
     ) -> Result<Reservation, PoolError> {
         let now = crate::clock::now();
         self.commit_decided(|index| {
-            // A reservation past its expiry is over, whether or not the
-            // expiry pass has reached it yet (a claim never goes through
-            // one): extended, it would come back to life. One kept past
-            // its expiry for files still owed upstream is still held.
-            if let Some(r) = index.reservation(tenant, workload)
-                && r.expires_at <= now
-                && !self.retained(&r.container_id)
-            {
-                return Err(Refusal::Precondition(format!(
-                    "the reservation of {tenant} for {workload} expired at {}; it is ending, and its container with it",
-                    r.expires_at
-                ))
-                .into());
-            }
             Ok(Some(decide::extend_reservation(
-                index, tenant, workload, by, now,
+                index,
+                tenant,
+                workload,
+                by,
+                now,
+                |c| self.retained(c),
             )?))
         })
         .await?

@@ -429,6 +429,8 @@ impl World {
                     &r.workload_id,
                     Duration::from_secs(30),
                     now,
+                    // The simulation owes no uploads.
+                    |_| false,
                 )
             })
         } else {

@@ -68,17 +68,28 @@ pub fn end_reservation(
     Ok((write, r.clone()))
 }
 
-/// Pushes a reservation's expiry later by `by`.
+/// Pushes a reservation's expiry later by `by`. One past its expiry is
+/// over, whether or not the expiry pass has reached it yet (a claim never
+/// goes through it): it is refused, not brought back to life, unless
+/// `kept` says its container outlives its expiry (its tenant's files are
+/// still owed upstream), in which case `by` counts from `now`.
 pub fn extend_reservation(
     index: &Index,
     tenant: &TenantId,
     workload: &WorkloadId,
     by: Duration,
     now: Timestamp,
+    kept: impl Fn(&ContainerId) -> bool,
 ) -> Result<(PoolWrite, Reservation), Refusal> {
     let r = held(index, tenant, workload)?;
+    if r.expires_at <= now && !kept(&r.container_id) {
+        return Err(Refusal::Precondition(format!(
+            "the reservation of {tenant} for {workload} expired at {}; it is ending, and its container with it",
+            r.expires_at
+        )));
+    }
     let mut new = r.clone();
-    new.expires_at = r.expires_at.saturating_add(by);
+    new.expires_at = r.expires_at.max(now).saturating_add(by);
     let message = format!(
         "reservation of {tenant} for {workload} extended to {}",
         new.expires_at

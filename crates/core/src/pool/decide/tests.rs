@@ -459,10 +459,24 @@ fn stale_generations_and_missing_claims_are_refused() {
     ));
     let (write, r) = {
         release_reserve(&mut index, &a, &wl);
-        extend_reservation(&index, &a, &wl, Duration::from_secs(5), at(30)).unwrap()
+        extend_reservation(&index, &a, &wl, Duration::from_secs(5), at(30), |_| false).unwrap()
     };
     assert_eq!(r.expires_at, at(6_000));
     assert!(commit(&mut index, &write));
+
+    // Past its expiry it is over: not extended back to life...
+    let refused = extend_reservation(&index, &a, &wl, Duration::from_secs(5), at(6_000), |_| {
+        false
+    })
+    .unwrap_err();
+    assert!(
+        matches!(&refused, Refusal::Precondition(why) if why.contains("expired at")),
+        "{refused:?}"
+    );
+    // ...unless its container is kept for files still owed: then from now.
+    let (_, kept) =
+        extend_reservation(&index, &a, &wl, Duration::from_secs(5), at(9_000), |_| true).unwrap();
+    assert_eq!(kept.expires_at, at(14_000));
 }
 
 mod property;
