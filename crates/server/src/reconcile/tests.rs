@@ -39,6 +39,33 @@ async fn register(r: &Reconciler, node: &NodeId) {
         .unwrap();
 }
 
+/// The workload `demo`, as the pools hold it.
+async fn demo(r: &Reconciler) -> std::sync::Arc<boilerhouse_core::workload::WorkloadRecord> {
+    r.pools
+        .workload_record(&"demo".parse().unwrap())
+        .await
+        .unwrap()
+}
+
+/// `tenant`'s claim of `workload`, made on a task of its own, waiting up
+/// to `timeout`.
+fn claim_in_background(
+    r: &Reconciler,
+    tenant: &boilerhouse_core::TenantId,
+    workload: &std::sync::Arc<boilerhouse_core::workload::WorkloadRecord>,
+    timeout: Duration,
+) -> tokio::task::JoinHandle<
+    Result<(crate::pools::Granted, boilerhouse_core::pool::ClaimSource), crate::pools::PoolError>,
+> {
+    let (pools, tenant, workload) = (r.pools.clone(), tenant.clone(), workload.clone());
+    tokio::spawn(async move {
+        let guard = pools.lock_tenant(&tenant, &workload.spec.id).await;
+        pools
+            .claim_locked(&guard, &tenant, &workload, Some(timeout), None)
+            .await
+    })
+}
+
 /// The container as a full report shows it: labelled, running, never
 /// claimed.
 fn reported(id: ContainerId, node: &NodeId, hash: &str) -> ObservedContainer {
@@ -75,11 +102,7 @@ async fn an_adoption_planned_before_the_row_was_committed_is_moot() {
     let dir = tempfile::tempdir().unwrap();
     let r = reconciler(dir.path()).await;
     let node = NodeId::new("node-a").unwrap();
-    let workload = r
-        .pools
-        .workload_record(&"demo".parse().unwrap())
-        .await
-        .unwrap();
+    let workload = demo(&r).await;
     let adopt = |id| Action {
         kind: ActionKind::Adopt {
             observed: Box::new(reported(id, &node, &workload.spec_hash)),
@@ -157,13 +180,7 @@ async fn a_first_report_is_reconciled_by_a_pass_over_its_node_alone() {
     use crate::tasks::BackgroundTask as _;
     let dir = tempfile::tempdir().unwrap();
     let r = reconciler(dir.path()).await;
-    let hash = r
-        .pools
-        .workload_record(&"demo".parse().unwrap())
-        .await
-        .unwrap()
-        .spec_hash
-        .clone();
+    let hash = demo(&r).await.spec_hash.clone();
     let (a, b) = (
         NodeId::new("node-a").unwrap(),
         NodeId::new("node-b").unwrap(),
@@ -243,11 +260,7 @@ async fn a_claim_waits_for_the_idle_containers_of_a_reconnected_node() {
     use crate::tasks::BackgroundTask as _;
     let dir = tempfile::tempdir().unwrap();
     let r = reconciler(dir.path()).await;
-    let workload = r
-        .pools
-        .workload_record(&"demo".parse().unwrap())
-        .await
-        .unwrap();
+    let workload = demo(&r).await;
     let hash = workload.spec_hash.clone();
     let a = NodeId::new("node-a").unwrap();
     register(&r, &a).await;
@@ -276,15 +289,7 @@ async fn a_claim_waits_for_the_idle_containers_of_a_reconnected_node() {
         .attach(&a, "session-2".into(), tx, crate::clock::now());
     assert_eq!(r.agents.unreconciled(), vec![a.clone()]);
     let tenant: boilerhouse_core::TenantId = "alice".parse().unwrap();
-    let claim = |timeout: Duration| {
-        let (pools, tenant, workload) = (r.pools.clone(), tenant.clone(), workload.clone());
-        tokio::spawn(async move {
-            let guard = pools.lock_tenant(&tenant, &workload.spec.id).await;
-            pools
-                .claim_locked(&guard, &tenant, &workload, Some(timeout), None)
-                .await
-        })
-    };
+    let claim = |timeout: Duration| claim_in_background(&r, &tenant, &workload, timeout);
     // Until then a claim waits, and says why when its time is up.
     let waited = claim(Duration::from_millis(300)).await.unwrap();
     match waited {
@@ -315,11 +320,7 @@ async fn a_waiting_claim_takes_the_first_reconnected_node_that_is_reconciled() {
     use crate::tasks::BackgroundTask as _;
     let dir = tempfile::tempdir().unwrap();
     let r = reconciler(dir.path()).await;
-    let workload = r
-        .pools
-        .workload_record(&"demo".parse().unwrap())
-        .await
-        .unwrap();
+    let workload = demo(&r).await;
     let hash = workload.spec_hash.clone();
     let (a, b) = (
         NodeId::new("node-a").unwrap(),
@@ -352,21 +353,7 @@ async fn a_waiting_claim_takes_the_first_reconnected_node_that_is_reconciled() {
         sessions.push(rx);
     }
     let tenant: boilerhouse_core::TenantId = "alice".parse().unwrap();
-    let waiting = {
-        let (pools, tenant, workload) = (r.pools.clone(), tenant.clone(), workload.clone());
-        tokio::spawn(async move {
-            let guard = pools.lock_tenant(&tenant, &workload.spec.id).await;
-            pools
-                .claim_locked(
-                    &guard,
-                    &tenant,
-                    &workload,
-                    Some(Duration::from_secs(30)),
-                    None,
-                )
-                .await
-        })
-    };
+    let waiting = claim_in_background(&r, &tenant, &workload, Duration::from_secs(30));
     // Only node b's first report arrives and is reconciled.
     r.agents
         .full_report(&b, crate::clock::now(), vec![reported(on_b, &b, &hash)]);

@@ -158,10 +158,7 @@ pub async fn check_file(path: &Path, depth: Depth) -> std::io::Result<Verdict> {
     }
     Ok(match query(path, depth).await {
         Ok(v) => v,
-        Err(e) if is_damage(&e) => Verdict::Damaged {
-            summary: damage_summary(&e.to_string()),
-            detail: sqlite_words(&e),
-        },
+        Err(e) if is_damage(&e) => damaged(&e),
         Err(e) => {
             return Err(std::io::Error::other(format!(
                 "cannot examine {}: {e}",
